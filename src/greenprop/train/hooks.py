@@ -1,0 +1,62 @@
+"""The hook interface through which method controllers act on a training run.
+
+The reference trainer calls these hooks; a user with a hand-written loop calls the
+same methods on the controller directly. Every hook is optional: the base class does
+nothing, so a controller overrides only what it needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Controller:
+    """Base class for method controllers (GradSamp, SSProp, VCAS, ...).
+
+    Epochs and steps are counted from 0. The trainer calls, in order::
+
+        on_train_start(total_epochs, steps_per_epoch)
+        for each epoch:
+            on_epoch_start(epoch)
+            if skip_epoch(epoch):            # any controller may take the epoch over
+                info = replace_epoch(epoch)  # no data, no forward, no backward
+            else:
+                for each step: on_step_start(epoch, step); ...; on_step_end(epoch, step, loss)
+            on_epoch_end(epoch, record)      # record: the epoch's metrics, may be extended
+    """
+
+    #: Short name used in logs and metrics.json.
+    name: str = "controller"
+
+    def on_train_start(self, total_epochs: int, steps_per_epoch: int) -> None:
+        """Called once before the first epoch (also after a resume)."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before every epoch, real or replaced."""
+
+    def skip_epoch(self, epoch: int) -> bool:
+        """Return True to replace this epoch by :meth:`replace_epoch`."""
+        return False
+
+    def replace_epoch(self, epoch: int) -> dict[str, Any]:
+        """Do the epoch's work without data (e.g. apply a sampled update).
+
+        Returns extra fields for the epoch's record.
+        """
+        raise NotImplementedError(f"{type(self).__name__} skips epochs but cannot replace them")
+
+    def on_step_start(self, epoch: int, step: int) -> None:
+        """Called before the forward pass of every training step."""
+
+    def on_step_end(self, epoch: int, step: int, loss: float) -> None:
+        """Called after the optimizer step of every training step."""
+
+    def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
+        """Called after every epoch (and its evaluation); may add fields to ``record``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly after a resume."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
