@@ -1,8 +1,10 @@
 """The one exception type the CLI turns into a single clear line and exit code 2."""
 
 
-class GreenpropError(Exception):
+class GreenpropError(ValueError):
     """A problem the user can fix (bad option, missing data, unwritable output).
+
+    It subclasses ValueError so library users can catch bad input the usual way.
 
     The CLI prints ``greenprop: error: <message>`` and exits with code 2 instead of
     showing a traceback.
