@@ -1,0 +1,21 @@
+"""Honest measurement of what a training run costs: FLOPs, wall time, energy.
+
+Every figure is a :class:`Quantity` that says whether it was counted, measured,
+estimated or is unavailable.
+"""
+
+from greenprop.metering.energy import EnergyMeter, NvmlReader, RaplReader
+from greenprop.metering.flops import FlopCount, count_flops, count_flops_per_sample
+from greenprop.metering.quantity import Quantity
+from greenprop.metering.timing import PhaseTimer
+
+__all__ = [
+    "EnergyMeter",
+    "FlopCount",
+    "NvmlReader",
+    "PhaseTimer",
+    "Quantity",
+    "RaplReader",
+    "count_flops",
+    "count_flops_per_sample",
+]

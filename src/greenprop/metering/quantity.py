@@ -47,7 +47,8 @@ class Quantity:
         if self.unit != other.unit:
             raise ValueError(f"cannot add {self.unit} to {other.unit}")
         if self.value is None or other.value is None:
-            return Quantity.unavailable(self.unit, self.source if self.value is None else other.source)
+            missing = self if self.value is None else other
+            return Quantity.unavailable(self.unit, missing.source)
         order = ["counted", "measured", "estimated"]
         kind = max(self.kind, other.kind, key=order.index)
         source = self.source if self.source == other.source else f"{self.source}; {other.source}"

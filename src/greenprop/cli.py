@@ -1,0 +1,221 @@
+"""The ``greenprop`` command line: train, compare, and list what is available."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from greenprop.errors import GreenpropError
+from greenprop.train.config import LR_SCHEDULES, OPTIMIZERS, TrainConfig
+
+# (flag, TrainConfig field, argparse kwargs); defaults live in TrainConfig only.
+_TRAIN_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--model", "model", {"help": "zoo model: mlp, cnn, resnet18, resnet18-narrow, mixer, vit"}),
+    ("--dataset", "dataset", {"help": "fashion-mnist or digits"}),
+    (
+        "--method",
+        "method",
+        {"help": "method spec, e.g. baseline or ssprop:keep=0.6 (see `greenprop methods`)"},
+    ),
+    ("--epochs", "epochs", {"type": int}),
+    ("--batch-size", "batch_size", {"type": int}),
+    ("--lr", "lr", {"type": float, "help": "peak learning rate"}),
+    ("--optimizer", "optimizer", {"choices": OPTIMIZERS}),
+    ("--momentum", "momentum", {"type": float}),
+    ("--weight-decay", "weight_decay", {"type": float}),
+    ("--lr-schedule", "lr_schedule", {"choices": LR_SCHEDULES}),
+    ("--step-size", "step_size", {"type": int, "help": "epochs between LR drops (step schedule)"}),
+    ("--gamma", "gamma", {"type": float, "help": "LR drop factor (step schedule)"}),
+    ("--label-smoothing", "label_smoothing", {"type": float}),
+    ("--seed", "seed", {"type": int}),
+    (
+        "--deterministic",
+        "deterministic",
+        {"action": "store_true", "help": "torch.use_deterministic_algorithms(True)"},
+    ),
+    ("--subset", "subset", {"type": int, "help": "number of training examples"}),
+    ("--test-subset", "test_subset", {"type": int, "help": "number of test examples"}),
+    ("--data-dir", "data_dir", {"help": "folder with the dataset files"}),
+    ("--width", "width", {"type": int, "help": "model width override"}),
+    ("--dropout", "dropout", {"type": float}),
+    (
+        "--channels-last",
+        "channels_last",
+        {"action": "store_true", "help": "NHWC memory layout (baseline and methods alike)"},
+    ),
+    ("--compile", "compile", {"action": "store_true", "help": "torch.compile the model"}),
+    (
+        "--watts",
+        "watts",
+        {
+            "type": float,
+            "help": "average power draw, to ESTIMATE energy when no RAPL/NVML counter is readable",
+        },
+    ),
+    ("--flops-samples", "flops_samples", {"type": int, "help": "samples per FLOP count"}),
+    ("--eval-batch-size", "eval_batch_size", {"type": int}),
+    ("--device", "device", {"help": "auto, cpu, cuda, cuda:1, ..."}),
+]
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    group = parser.add_argument_group("training options")
+    for flag, dest, kwargs in _TRAIN_OPTIONS:
+        help_text = kwargs.pop("help", "")
+        kwargs = {**kwargs, "help": f"{help_text} (default: {defaults[dest]})".strip()}
+        group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, **kwargs)
+    group.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="no progress bars or per-epoch lines",
+    )
+
+
+def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    known = {f.name for f in fields(TrainConfig)}
+    return {k: v for k, v in vars(args).items() if k in known}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="greenprop",
+        description="Train with less backpropagation and measure what it saves.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser(
+        "train",
+        help="train one configuration",
+        description="Train one configuration; writes OUT/metrics.json and OUT/checkpoint.pt every epoch.",
+    )
+    _add_train_options(train)
+    train.add_argument("--out", type=Path, help="output folder (default: runs/<model>-<method>-seed<N>)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+
+    compare = sub.add_parser(
+        "compare",
+        help="baseline vs methods, several seeds, Table-2 report",
+        description="Run a baseline and methods on the same model, data and "
+        "seeds; print a table and write CSV/JSON/Markdown/plots.",
+    )
+    compare.add_argument("--preset", help="named preset (see `greenprop presets`), e.g. demo")
+    compare.add_argument("--methods", nargs="+", help="method specs (default: the preset's, or baseline)")
+    compare.add_argument("--seeds", nargs="+", type=int, help="seeds (default: the preset's, or 0)")
+    _add_train_options(compare)
+    compare.add_argument("--out", type=Path, help="output folder (default: runs/compare-<preset|model>)")
+    compare.add_argument("--overwrite", action="store_true", help="rerun runs already in --out")
+
+    sub.add_parser("methods", help="list the methods and their options")
+    sub.add_parser("presets", help="list the compare presets")
+    return parser
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from greenprop.train.trainer import Trainer
+
+    config = TrainConfig(**_config_overrides(args))
+    out = args.out or Path("runs") / f"{config.model}-{_slug(config.method)}-seed{config.seed}"
+    trainer = Trainer(config, out, resume=args.resume, overwrite=args.overwrite)
+    if config.progress:
+        print(
+            f"training {config.model} on {config.dataset} with {config.method} "
+            f"({trainer.steps_per_epoch} steps/epoch) -> {out}"
+        )
+    metrics = trainer.fit()
+    s = metrics["summary"]
+    print(
+        f"done: acc@1 {s['acc1']:.2f}%  acc@5 {s['acc5']:.2f}%  "
+        f"FLOPs fwd {_fmt(s['flops']['forward'], 1e12, 'TFLOP')}  "
+        f"bwd {_fmt(s['flops']['backward'], 1e12, 'TFLOP')}  "
+        f"train time {_fmt(s['time']['train'], 1, 's')}  "
+        f"energy {_fmt(s['energy'], 1, 'J')} [{s['energy']['kind']}]"
+    )
+    print(f"metrics: {out / 'metrics.json'}  checkpoint: {out / 'checkpoint.pt'}")
+
+
+def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from greenprop.experiments.compare import run_compare
+    from greenprop.experiments.presets import get_preset
+    from greenprop.experiments.report import aggregate, format_table, write_report
+
+    preset = get_preset(args.preset) if args.preset else None
+    base = dict(preset.config) if preset else {}
+    base.update(_config_overrides(args))
+    config = TrainConfig(**base)
+    methods = args.methods or (list(preset.methods) if preset else ["baseline"])
+    seeds = args.seeds or (list(preset.seeds) if preset else [0])
+    out = args.out or Path("runs") / f"compare-{args.preset or config.model}"
+    results = run_compare(config, methods, seeds, out, overwrite=args.overwrite)
+    command = "greenprop " + shlex.join(argv)
+    title = f"greenprop compare: {args.preset or config.model}"
+    paths = write_report(results, out, title=title, command=command)
+    print()
+    print(format_table(aggregate(results)))
+    print()
+    print("report: " + "  ".join(str(p) for p in paths.values()))
+
+
+def _cmd_methods() -> None:
+    from greenprop.methods import available_methods, get_method
+
+    for name in available_methods():
+        method = get_method(name)
+        print(f"{name}: {method.help}")
+        for option, help_text in method.options.items():
+            print(f"    {option}: {help_text}")
+
+
+def _cmd_presets() -> None:
+    from greenprop.experiments.presets import PRESETS
+
+    for name, preset in PRESETS.items():
+        print(f"{name}: {preset.description}")
+        print(f"    methods: {' '.join(preset.methods)}; seeds: {' '.join(map(str, preset.seeds))}")
+
+
+def _slug(text: str) -> str:
+    from greenprop.experiments.compare import run_dir_name
+
+    return run_dir_name(text)
+
+
+def _fmt(quantity: dict[str, Any] | None, scale: float, unit: str) -> str:
+    from greenprop.metering import Quantity
+
+    if quantity is None:
+        return "n/a"
+    return Quantity.from_dict(quantity).format(scale, unit, digits=4)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            _cmd_train(args)
+        elif args.command == "compare":
+            _cmd_compare(args, argv)
+        elif args.command == "methods":
+            _cmd_methods()
+        elif args.command == "presets":
+            _cmd_presets()
+    except GreenpropError as err:
+        print(f"greenprop: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("greenprop: interrupted; what was saved is kept (continue with --resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Run a baseline and methods on the same model, data and seeds; collect their metrics.
+
+Each run lives in ``OUT/<method>/seed<N>/``. A finished run is reused and an
+interrupted one is resumed, so re-running the same command after a crash loses
+nothing that was saved.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from greenprop import data as gp_data
+from greenprop.errors import GreenpropError
+from greenprop.methods import parse_method
+from greenprop.train.checkpoint import ensure_writable_dir
+from greenprop.train.config import TrainConfig
+from greenprop.train.trainer import CHECKPOINT, METRICS, Trainer
+
+
+@dataclass(frozen=True)
+class RunResult:
+    method: str
+    seed: int
+    path: Path
+    metrics: dict[str, Any]
+
+
+def run_dir_name(method_label: str) -> str:
+    """A filesystem-safe folder name for a method label."""
+    return re.sub(r"[^A-Za-z0-9.=_-]+", "_", method_label)
+
+
+def _existing_metrics(run_dir: Path, config: TrainConfig, overwrite: bool) -> dict[str, Any] | None:
+    """Finished metrics for exactly this config, or None if the run must (re)start."""
+    path = run_dir / METRICS
+    if not path.exists() or overwrite:
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise GreenpropError(f"{path} is unreadable ({err}); remove it or pass --overwrite") from err
+    saved = TrainConfig.from_dict(metrics["config"])
+    diff = saved.differences(config)
+    if diff:
+        raise GreenpropError(
+            f"{run_dir} holds a run with other options ({', '.join(diff)}); "
+            "use another --out or pass --overwrite"
+        )
+    return metrics if metrics.get("complete") else None
+
+
+def run_compare(
+    base: TrainConfig,
+    methods: list[str],
+    seeds: list[int],
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+) -> list[RunResult]:
+    """Train every method x seed (baseline first) and return their metrics."""
+    if not methods:
+        raise GreenpropError("compare needs at least one method")
+    if not seeds:
+        raise GreenpropError("compare needs at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise GreenpropError(f"seeds must be distinct, got {seeds}")
+    specs = [parse_method(m) for m in methods]
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise GreenpropError(f"methods must be distinct, got {labels}")
+    out = ensure_writable_dir(out_dir)
+    data = gp_data.load(
+        base.dataset, data_dir=base.data_dir, subset=base.subset, test_subset=base.test_subset
+    )
+    results = []
+    total = len(specs) * len(seeds)
+    for i, (spec, seed) in enumerate(((s, seed) for s in specs for seed in seeds), start=1):
+        config = base.replace(method=spec.label, seed=seed)
+        run_dir = out / run_dir_name(spec.label) / f"seed{seed}"
+        metrics = _existing_metrics(run_dir, config, overwrite)
+        if metrics is not None:
+            print(f"[{i}/{total}] {spec.label} seed {seed}: finished earlier, reusing {run_dir}")
+        else:
+            resume = (run_dir / CHECKPOINT).exists() and not overwrite
+            verb = "resuming" if resume else "training"
+            print(f"[{i}/{total}] {verb} {spec.label} seed {seed} -> {run_dir}", flush=True)
+            trainer = Trainer(config, run_dir, resume=resume, overwrite=overwrite, data=data)
+            metrics = trainer.fit()
+        results.append(RunResult(spec.label, seed, run_dir, metrics))
+    return results

@@ -1,0 +1,71 @@
+"""Plots people would rather look at than read: accuracy vs saving, training curves."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless machines; must precede pyplot
+import matplotlib.pyplot as plt
+import numpy as np
+
+from greenprop.experiments.compare import RunResult
+
+
+def plot_accuracy_vs_saving(rows: list[dict[str, Any]], path: Path) -> None:
+    """Final top-1 accuracy (mean ± std over seeds) against the FLOPs saved."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in rows:
+        saving = row["flops_saved_pct"] or 0.0
+        ax.errorbar(
+            saving, row["acc1_mean"], yerr=row["acc1_std"] or 0.0, fmt="o", capsize=4, label=row["method"]
+        )
+    ax.set_xlabel("training FLOPs saved vs baseline (%)")
+    ax.set_ylabel("test accuracy @1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _mean_or_nan(values: list[float | None]) -> float:
+    """Mean of the known values; NaN (a gap in the line) for an epoch without training."""
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else float("nan")
+
+
+def plot_curves(results: list[RunResult], path: Path) -> None:
+    """Per-epoch test accuracy and losses, averaged over seeds, one line per method."""
+    by_method: dict[str, list[RunResult]] = defaultdict(list)
+    for r in results:
+        by_method[r.method].append(r)
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for method, runs in by_method.items():
+        epochs = [r.metrics["epochs"] for r in runs]
+        n = min(len(e) for e in epochs)
+        x = np.arange(1, n + 1)
+        acc = np.mean([[rec["acc1"] for rec in e[:n]] for e in epochs], axis=0)
+        test_loss = np.mean([[rec["loss"] for rec in e[:n]] for e in epochs], axis=0)
+        (line,) = ax_acc.plot(x, acc, marker="o", label=method)
+        ax_loss.plot(x, test_loss, marker="o", color=line.get_color(), label=f"{method} (test)")
+        train = [_mean_or_nan([e[i]["train_loss"] for e in epochs]) for i in range(n)]
+        ax_loss.plot(x, train, linestyle="--", color=line.get_color(), label=f"{method} (train)")
+        replaced = [i + 1 for i, rec in enumerate(epochs[0][:n]) if rec["replaced_by"]]
+        if replaced:
+            ax_acc.scatter(replaced, acc[np.array(replaced) - 1], marker="x", s=60, color=line.get_color())
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("test accuracy @1 (%)")
+    ax_acc.set_title("accuracy (x: epoch without backprop)")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title("loss")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

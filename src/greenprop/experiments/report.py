@@ -1,0 +1,193 @@
+"""Aggregate compare runs into a Table-2-style summary: CSV, JSON, Markdown and plots."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from greenprop.experiments.compare import RunResult
+from greenprop.train.checkpoint import write_json
+
+TERA = 1e12
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample std (None for a single run, so no fake '± 0' is shown)."""
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _total(metrics: dict[str, Any], *path: str) -> dict[str, Any] | None:
+    node: Any = metrics["summary"]
+    for key in path:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
+def aggregate(results: list[RunResult], baseline: str = "baseline") -> list[dict[str, Any]]:
+    """One row per method: accuracy mean/std, FLOPs, time, energy and savings vs baseline."""
+    by_method: dict[str, list[RunResult]] = defaultdict(list)
+    for r in results:
+        by_method[r.method].append(r)
+    rows = []
+    for method, runs in by_method.items():
+        summaries = [r.metrics["summary"] for r in runs]
+        acc1, acc1_std = _mean_std([s["acc1"] for s in summaries])
+        acc5, acc5_std = _mean_std([s["acc5"] for s in summaries])
+        fwd = statistics.fmean(s["flops"]["forward"]["value"] for s in summaries)
+        bwd = statistics.fmean(s["flops"]["backward"]["value"] for s in summaries)
+        train_time = statistics.fmean(s["time"]["train"]["value"] for s in summaries)
+        energies = [s["energy"] for s in summaries]
+        energy_known = all(e["value"] is not None for e in energies)
+        rows.append(
+            {
+                "method": method,
+                "seeds": [r.seed for r in runs],
+                "epochs": summaries[0]["epochs_run"],
+                "epochs_replaced": statistics.fmean(s["epochs_replaced"] for s in summaries),
+                "acc1_mean": acc1,
+                "acc1_std": acc1_std,
+                "acc5_mean": acc5,
+                "acc5_std": acc5_std,
+                "tflops_forward": fwd / TERA,
+                "tflops_backward": bwd / TERA,
+                "train_time_s": train_time,
+                "energy_j": statistics.fmean(e["value"] for e in energies) if energy_known else None,
+                "energy_kind": energies[0]["kind"] if energy_known else "unavailable",
+                "energy_source": energies[0]["source"],
+            }
+        )
+    base = next((row for row in rows if row["method"] == baseline), None)
+    for row in rows:
+        if base is None:
+            row.update(flops_saved_pct=None, backward_saved_pct=None, time_ratio=None)
+            continue
+        base_total = base["tflops_forward"] + base["tflops_backward"]
+        total = row["tflops_forward"] + row["tflops_backward"]
+        row["flops_saved_pct"] = 100.0 * (1 - total / base_total)
+        row["backward_saved_pct"] = 100.0 * (1 - row["tflops_backward"] / base["tflops_backward"])
+        row["time_ratio"] = row["train_time_s"] / base["train_time_s"]
+    return rows
+
+
+def _pm(mean: float, std: float | None) -> str:
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def _opt(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+COLUMNS = (
+    "Method",
+    "Saved (FLOPs)",
+    "Saved (bwd)",
+    "Acc@1 (%)",
+    "Acc@5 (%)",
+    "TFLOPs fwd / bwd",
+    "Train time (s)",
+    "Time vs base",
+    "Energy (J)",
+)
+
+
+def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    out = []
+    for r in rows:
+        energy = _opt(r["energy_j"], ".4g")
+        if r["energy_kind"] == "estimated":
+            energy += " (est.)"
+        out.append(
+            [
+                r["method"],
+                _opt(r["flops_saved_pct"], ".1f") + ("%" if r["flops_saved_pct"] is not None else ""),
+                _opt(r["backward_saved_pct"], ".1f") + ("%" if r["backward_saved_pct"] is not None else ""),
+                _pm(r["acc1_mean"], r["acc1_std"]),
+                _pm(r["acc5_mean"], r["acc5_std"]),
+                f"{r['tflops_forward']:.4g} / {r['tflops_backward']:.4g}",
+                f"{r['train_time_s']:.1f}",
+                _opt(r["time_ratio"], ".3f"),
+                energy,
+            ]
+        )
+    return out
+
+
+def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
+    """The comparison as aligned text (terminal) or a Markdown table."""
+    body = table_rows(rows)
+    if markdown:
+        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(c[i]) for c in body)) for i, h in enumerate(COLUMNS)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(
+        [fmt.format(*COLUMNS), fmt.format(*("-" * w for w in widths))]
+        + [fmt.format(*cells) for cells in body]
+    )
+
+
+def write_report(
+    results: list[RunResult], out_dir: str | Path, *, title: str, command: str | None = None
+) -> dict[str, Path]:
+    """Write results.csv, results.json, report.md and the plots; returns their paths."""
+    from greenprop.experiments.plots import plot_accuracy_vs_saving, plot_curves
+
+    out = Path(out_dir)
+    rows = aggregate(results)
+    paths = {
+        "csv": out / "results.csv",
+        "json": out / "results.json",
+        "markdown": out / "report.md",
+        "saving_plot": out / "accuracy_vs_saving.png",
+        "curves_plot": out / "curves.png",
+    }
+    with paths["csv"].open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[k for k in rows[0] if k != "seeds"] + ["seeds"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "seeds": " ".join(map(str, row["seeds"]))})
+    first = results[0].metrics
+    write_json(
+        {
+            "rows": rows,
+            "config": first["config"],
+            "environment": first["environment"],
+            "runs": [{"method": r.method, "seed": r.seed, "path": str(r.path)} for r in results],
+        },
+        paths["json"],
+    )
+    plot_accuracy_vs_saving(rows, paths["saving_plot"])
+    plot_curves(results, paths["curves_plot"])
+    env = first["environment"]
+    cfg = first["config"]
+    lines = [f"# {title}", ""]
+    if command:
+        lines += ["Reproduce with:", "", "```", command, "```", ""]
+    lines += [
+        f"Model `{cfg['model']}` on `{cfg['dataset']}` (train subset {cfg['subset'] or 'all'}, "
+        f"test subset {cfg['test_subset'] or 'all'}), {cfg['epochs']} epochs, batch {cfg['batch_size']}, "
+        f"{cfg['optimizer']} lr {cfg['lr']} ({cfg['lr_schedule']}), seeds "
+        f"{', '.join(map(str, rows[0]['seeds']))}.",
+        f"Machine: {env['platform']}, torch {env['torch']}, device {env['device']}, "
+        f"{env['threads']} threads, GLIBC_TUNABLES={env['GLIBC_TUNABLES'] or 'unset'}.",
+        "",
+        format_table(rows, markdown=True),
+        "",
+        "Accuracy is the final epoch's test accuracy, mean ± sample std over seeds. "
+        "FLOPs are counted with PyTorch's FlopCounterMode (training forward and backward only) "
+        "and savings are relative to the baseline's counted FLOPs. Train time is measured wall "
+        "time of the training phases (data, forward, backward, optimizer, epoch replacement), "
+        f"without evaluation. Energy: {rows[0]['energy_kind']} ({rows[0]['energy_source']}).",
+        "",
+        f"![accuracy vs saving]({paths['saving_plot'].name})",
+        "",
+        f"![training curves]({paths['curves_plot'].name})",
+        "",
+    ]
+    paths["markdown"].write_text("\n".join(lines))
+    return paths

@@ -1,0 +1,232 @@
+"""Forward and backward FLOPs of one training step, counted by aten dispatch.
+
+We count with :class:`torch.utils.flop_counter.FlopCounterMode` rather than with
+formulas per layer type, because the methods in this library replace the backward
+pass with custom ``autograd.Function`` s: dispatch sees every aten op those run
+(``mm``, ``convolution_backward``, ...), so a sparser backward shows up as fewer
+FLOPs without any per-method bookkeeping.
+
+What the counter counts: matrix products and convolutions (and attention kernels),
+2 FLOPs per multiply-add. It ignores elementwise work (bias adds, activations,
+normalisation, the optimizer step), which is small next to the matmuls in the
+models we train but means a ``backward / forward`` ratio is not exactly 2.
+
+Counting is slow (a Python hook on every op): never run it inside a timed step.
+The reference trainer counts once, on a small slice of a batch, outside timing.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from greenprop.metering.quantity import Quantity
+
+SOURCE = "torch.utils.flop_counter.FlopCounterMode"
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """FLOPs of one forward (including the loss) and one backward pass.
+
+    Values are ints when counted on a batch and floats once scaled (e.g. per sample).
+    """
+
+    forward: float
+    backward: float
+
+    @property
+    def total(self) -> float:
+        return self.forward + self.backward
+
+    @property
+    def backward_ratio(self) -> float | None:
+        """``backward / forward``; about 2 for a dense network, less when backprop is cut."""
+        return self.backward / self.forward if self.forward else None
+
+    def scale(self, factor: float) -> FlopCount:
+        """Both passes multiplied by ``factor`` (e.g. a number of samples)."""
+        return FlopCount(self.forward * factor, self.backward * factor)
+
+    def per_sample(self, n: int) -> FlopCount:
+        """This count, taken on ``n`` samples, divided down to one sample."""
+        if n <= 0:
+            raise ValueError(f"n must be a positive number of samples, got {n!r}")
+        return FlopCount(self.forward / n, self.backward / n)
+
+    def __add__(self, other: FlopCount) -> FlopCount:
+        return FlopCount(self.forward + other.forward, self.backward + other.backward)
+
+    def to_quantities(self) -> dict[str, Quantity]:
+        """``forward``, ``backward`` and ``total`` as counted Quantities in FLOP."""
+        return {
+            name: Quantity(float(value), "FLOP", "counted", SOURCE)
+            for name, value in (
+                ("forward", self.forward),
+                ("backward", self.backward),
+                ("total", self.total),
+            )
+        }
+
+
+def count_flops(
+    model: nn.Module,
+    inputs: Any,
+    targets: Any,
+    loss_fn: LossFn,
+    *,
+    train: bool | None = True,
+) -> FlopCount:
+    """Count the FLOPs of ``loss_fn(model(inputs), targets).backward()``.
+
+    ``inputs`` is a tensor (``model(inputs)``), a tuple/list (``model(*inputs)``) or
+    a mapping (``model(**inputs)``). ``train`` puts the model in that mode for the
+    count (None leaves every module's mode as it is); the count reflects a training
+    step, so the default is True.
+
+    The pass runs on the live model but leaves no trace on the training run: RNG
+    streams (torch CPU/CUDA, ``random``, numpy), buffers (e.g. BatchNorm running
+    statistics), the ``.grad`` (including None) of every parameter and of every input
+    tensor that requires grad, and every module's training flag are restored
+    afterwards, also when the pass raises. Python
+    attributes that a module changes on its own (step counters and the like) are
+    not restored: such modules should not count steps during ``count_flops``.
+    """
+    devices = _cuda_devices(model, inputs, targets)
+    leaves = [t for t in _tensors((inputs, targets)) if t.requires_grad and t.is_leaf]
+    with _preserved_state(model, train, devices, leaves), torch.enable_grad():
+        with FlopCounterMode(display=False) as fwd_mode:
+            loss = loss_fn(_call(model, inputs), targets)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError("loss_fn must return a scalar tensor to count the backward pass")
+        if not loss.requires_grad:
+            raise ValueError("the loss does not require grad: no parameter takes part in it")
+        with FlopCounterMode(display=False) as bwd_mode:
+            loss.backward()
+    return FlopCount(fwd_mode.get_total_flops(), bwd_mode.get_total_flops())
+
+
+def count_flops_per_sample(
+    model: nn.Module,
+    inputs: Any,
+    targets: Any,
+    loss_fn: LossFn,
+    *,
+    max_samples: int = 16,
+    train: bool | None = True,
+) -> FlopCount:
+    """FLOPs of one training sample, counted on the first ``max_samples`` of a batch.
+
+    Assumes FLOPs are linear in batch size (true for convolutions, linear layers and
+    attention, whose cost is per sample), so counting a slice is exact and cheap.
+    It is not exact for layers whose work depends on the batch as a whole, e.g. a
+    sampler that keeps ``ceil(ratio * batch)`` rows rounds differently on a slice.
+    Every tensor in ``inputs`` and ``targets`` (also inside tuples, lists and
+    mappings) is sliced along dim 0; other values are passed through.
+    """
+    if max_samples < 1:
+        raise ValueError(f"max_samples must be at least 1, got {max_samples!r}")
+    n = min(_batch_size(inputs), max_samples)
+    count = count_flops(model, _head(inputs, n), _head(targets, n), loss_fn, train=train)
+    return count.per_sample(n)
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (tuple, list)):
+        for value in obj:
+            yield from _tensors(value)
+
+
+def _batch_size(inputs: Any) -> int:
+    for tensor in _tensors(inputs):
+        if tensor.dim() > 0:
+            if tensor.shape[0] == 0:
+                raise ValueError("cannot count FLOPs on an empty batch")
+            return tensor.shape[0]
+    raise ValueError("inputs hold no tensor with a batch dimension")
+
+
+def _head(obj: Any, n: int) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj[:n] if obj.dim() > 0 else obj
+    if isinstance(obj, Mapping):
+        return {key: _head(value, n) for key, value in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(_head(value, n) for value in obj)
+    if isinstance(obj, list):
+        return [_head(value, n) for value in obj]
+    return obj
+
+
+def _cuda_devices(*objs: Any) -> list[int]:
+    """CUDA devices whose RNG the pass may use; empty on CPU so CUDA is never touched."""
+    found: set[int] = set()
+    for obj in objs:
+        tensors = (
+            list(obj.parameters()) + list(obj.buffers())
+            if isinstance(obj, nn.Module)
+            else _tensors(obj)
+        )
+        for tensor in tensors:
+            if tensor.device.type == "cuda":
+                index = tensor.device.index
+                found.add(torch.cuda.current_device() if index is None else index)
+    return sorted(found)
+
+
+@contextmanager
+def _preserved_state(
+    model: nn.Module, train: bool | None, devices: list[int], leaves: list[torch.Tensor]
+) -> Iterator[None]:
+    modes = [(module, module.training) for module in model.modules()]
+    buffers = [
+        (module._buffers, name, buf, buf.detach().clone())
+        for module in model.modules()
+        for name, buf in module._buffers.items()
+        if buf is not None
+    ]
+    params = list({id(t): t for t in [*model.parameters(), *leaves]}.values())  # unique
+    grads = [p.grad for p in params]
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    with torch.random.fork_rng(devices=devices):
+        try:
+            for p in params:
+                p.grad = None  # so backward allocates new grads and the old stay untouched
+            if train is not None:
+                model.train(train)
+            yield
+        finally:
+            with torch.no_grad():
+                for store, name, original, saved in buffers:
+                    store[name] = original
+                    original.copy_(saved)
+            for p, grad in zip(params, grads, strict=True):
+                p.grad = grad
+            for module, mode in modes:
+                module.training = mode
+            random.setstate(py_state)
+            np.random.set_state(np_state)

@@ -1,0 +1,164 @@
+"""Everything that defines a training run, validated up front so mistakes fail fast."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from greenprop.errors import GreenpropError
+
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("cosine", "step", "none")
+
+# Fields that may differ between an interrupted run and its resumption.
+RESUMABLE_CHANGES = frozenset({"progress", "device"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run. Defaults are a reasonable small-CNN recipe on Fashion-MNIST.
+
+    Attributes:
+        model: zoo model name (``greenprop.models.MODELS``).
+        dataset: dataset name (``greenprop.data.DATASETS``).
+        method: method spec, e.g. ``"baseline"`` or ``"ssprop:keep=0.6"``.
+        epochs: number of epochs (> 0).
+        batch_size: training batch size (> 0).
+        lr: peak learning rate (> 0).
+        optimizer: ``"sgd"`` (momentum 0.9, Nesterov off) or ``"adamw"``.
+        momentum: SGD momentum.
+        weight_decay: L2 / decoupled weight decay.
+        lr_schedule: ``"cosine"`` (to 0 over all epochs), ``"step"`` or ``"none"``.
+        step_size: epochs between LR drops for ``"step"``.
+        gamma: LR multiplier at each drop for ``"step"``.
+        label_smoothing: cross-entropy label smoothing in [0, 1).
+        seed: seeds model init, data order, dropout and the method's randomness.
+        deterministic: ``torch.use_deterministic_algorithms(True)``.
+        subset: number of training examples (None = all).
+        test_subset: number of test examples (None = all).
+        data_dir: folder with the dataset files (None = search the usual places).
+        width: model width override (None = the model's default).
+        dropout: dropout rate where the model has dropout.
+        channels_last: NHWC memory layout for model and inputs.
+        compile: ``torch.compile`` the model (after the method is applied).
+        watts: average power draw to *estimate* energy when no counter is readable.
+        flops_samples: samples per FLOP count (FLOPs scale per sample).
+        eval_batch_size: batch size for evaluation.
+        device: ``"cpu"``, ``"cuda"``, ... (``"auto"`` picks CUDA when present).
+        progress: show progress bars.
+    """
+
+    model: str = "cnn"
+    dataset: str = "fashion-mnist"
+    method: str = "baseline"
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"
+    step_size: int = 30
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    seed: int = 0
+    deterministic: bool = False
+    subset: int | None = None
+    test_subset: int | None = None
+    data_dir: str | None = None
+    width: int | None = None
+    dropout: float = 0.0
+    channels_last: bool = False
+    compile: bool = False
+    watts: float | None = None
+    flops_samples: int = 16
+    eval_batch_size: int = 512
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "step_size", "flops_samples", "eval_batch_size"):
+            _require(
+                isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                name,
+                getattr(self, name),
+                "must be a positive integer",
+            )
+        for name in ("subset", "test_subset", "width"):
+            value = getattr(self, name)
+            _require(
+                value is None or (isinstance(value, int) and value > 0),
+                name,
+                value,
+                "must be a positive integer",
+            )
+        _require(_finite(self.lr) and self.lr > 0, "lr", self.lr, "must be a positive number")
+        _require(
+            _finite(self.weight_decay) and self.weight_decay >= 0,
+            "weight_decay",
+            self.weight_decay,
+            "must be >= 0",
+        )
+        _require(
+            _finite(self.momentum) and 0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)"
+        )
+        _require(_finite(self.gamma) and 0 < self.gamma <= 1, "gamma", self.gamma, "must be in (0, 1]")
+        _require(
+            _finite(self.label_smoothing) and 0 <= self.label_smoothing < 1,
+            "label_smoothing",
+            self.label_smoothing,
+            "must be in [0, 1)",
+        )
+        _require(
+            _finite(self.dropout) and 0 <= self.dropout < 1, "dropout", self.dropout, "must be in [0, 1)"
+        )
+        _require(
+            self.watts is None or (_finite(self.watts) and self.watts > 0),
+            "watts",
+            self.watts,
+            "must be a positive number of watts",
+        )
+        _require(
+            self.optimizer in OPTIMIZERS,
+            "optimizer",
+            self.optimizer,
+            f"must be one of {', '.join(OPTIMIZERS)}",
+        )
+        _require(
+            self.lr_schedule in LR_SCHEDULES,
+            "lr_schedule",
+            self.lr_schedule,
+            f"must be one of {', '.join(LR_SCHEDULES)}",
+        )
+        _require(
+            isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed, "must be a non-negative integer"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise GreenpropError(f"unknown training option(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return replace(self, **changes)
+
+    def differences(self, other: TrainConfig) -> dict[str, tuple[Any, Any]]:
+        """Fields (other than RESUMABLE_CHANGES) whose values differ."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {k: (mine[k], theirs[k]) for k in mine if k not in RESUMABLE_CHANGES and mine[k] != theirs[k]}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(ok: bool, name: str, value: Any, why: str) -> None:
+    if not ok:
+        raise GreenpropError(f"{name}={value!r} {why}")

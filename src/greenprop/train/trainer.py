@@ -1,0 +1,390 @@
+"""The reference trainer: a plain PyTorch loop with metering, checkpoints and resume.
+
+It is the engine of ``greenprop train`` and ``greenprop compare``. Methods act only
+through their controllers' hooks (:class:`greenprop.train.hooks.Controller`), so the
+same controllers work in a user's own loop.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from greenprop import data as gp_data
+from greenprop import models as gp_models
+from greenprop.errors import GreenpropError
+from greenprop.metering import EnergyMeter, PhaseTimer, Quantity, count_flops_per_sample
+from greenprop.methods import build_method, parse_method
+from greenprop.train.checkpoint import (
+    ensure_writable_dir,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+)
+from greenprop.train.config import TrainConfig
+from greenprop.train.evaluate import evaluate, iterate_batches, prepare_inputs
+from greenprop.train.hooks import Controller
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.json"
+_SEED_STRIDE = 1_000_003  # keeps (seed, epoch) streams apart
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise GreenpropError(f"device={name!r} is not a valid torch device") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GreenpropError(f"device={name!r} requested but CUDA is not available")
+    return device
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What the timings depend on, recorded next to them."""
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+class Trainer:
+    """Train one configuration, writing ``metrics.json`` and a checkpoint every epoch.
+
+    Args:
+        config: the run.
+        out_dir: where metrics and checkpoints go (None: keep nothing on disk).
+        resume: continue from ``out_dir/checkpoint.pt``; the result is the same as an
+            uninterrupted run.
+        overwrite: allow replacing results already in ``out_dir``.
+        controllers: extra controllers, after those of ``config.method``.
+        data: preloaded datasets (otherwise loaded from ``config.dataset``).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        out_dir: str | Path | None = None,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        controllers: list[Controller] | None = None,
+        data: gp_data.DatasetPair | None = None,
+    ) -> None:
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        checkpoint = self._check_out_dir(resume, overwrite)
+        if checkpoint is not None:
+            saved = TrainConfig.from_dict(checkpoint["config"])
+            diff = saved.differences(config)
+            if diff:
+                shown = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+                raise GreenpropError(f"cannot resume {self.out_dir}: options differ ({shown})")
+        self.config = config
+        self.device = resolve_device(config.device)
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.method = parse_method(config.method)
+        self.data = data or gp_data.load(
+            config.dataset,
+            data_dir=config.data_dir,
+            subset=config.subset,
+            test_subset=config.test_subset,
+        )
+        info = self.data.info
+        torch.manual_seed(config.seed)
+        self.model: nn.Module = gp_models.create(
+            config.model,
+            num_classes=info.num_classes,
+            in_channels=info.in_channels,
+            image_size=info.image_size,
+            width=config.width,
+            dropout=config.dropout,
+        ).to(self.device)
+        if config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.steps_per_epoch = math.ceil(len(self.data.train) / config.batch_size)
+        self.controllers = build_method(
+            self.method,
+            self.model,
+            epochs=config.epochs,
+            steps_per_epoch=self.steps_per_epoch,
+            seed=config.seed,
+        ) + list(controllers or [])
+        self.train_model: nn.Module = torch.compile(self.model) if config.compile else self.model
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.optimizer = self._make_optimizer()
+        self.scheduler = self._make_scheduler()
+        self.energy_meter = EnergyMeter(self.device, watts=config.watts)
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch = 0
+        if checkpoint is not None:
+            self._restore(checkpoint)
+
+    # ----------------------------------------------------------------- setup
+    def _check_out_dir(self, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+        if self.out_dir is None:
+            if resume:
+                raise GreenpropError("resume needs an output directory")
+            return None
+        if resume:
+            return load_checkpoint(self.out_dir / CHECKPOINT)
+        if (self.out_dir / METRICS).exists() and not overwrite:
+            raise GreenpropError(
+                f"{self.out_dir} already holds results; pass --resume to continue them "
+                "or --overwrite to replace them"
+            )
+        ensure_writable_dir(self.out_dir)
+        return None
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        params = self.model.parameters()
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+
+    def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        c = self.config
+        if c.lr_schedule == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=c.epochs)
+        if c.lr_schedule == "step":
+            return torch.optim.lr_scheduler.StepLR(self.optimizer, c.step_size, c.gamma)
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            saved_controllers = state.get("controllers", [])
+            if len(saved_controllers) != len(self.controllers):
+                raise ValueError("the checkpoint was written with other method controllers")
+            for controller, saved in zip(self.controllers, saved_controllers, strict=True):
+                controller.load_state_dict(saved)
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise GreenpropError(f"checkpoint in {self.out_dir} does not match this run: {err}") from err
+        self.history = list(state.get("history", []))
+        self.start_epoch = int(state["epoch"])
+
+    def _checkpoint_state(self, next_epoch: int) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "epoch": next_epoch,
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "controllers": [c.state_dict() for c in self.controllers],
+            "history": self.history,
+        }
+
+    # ----------------------------------------------------------------- loop
+    def fit(self) -> dict[str, Any]:
+        """Run the remaining epochs; returns the metrics written to ``metrics.json``."""
+        c = self.config
+        for controller in self.controllers:
+            controller.on_train_start(c.epochs, self.steps_per_epoch)
+        energy_meter = self.energy_meter
+        for epoch in range(self.start_epoch, c.epochs):
+            torch.manual_seed(c.seed * _SEED_STRIDE + epoch)
+            energy_meter.start()
+            record = self._run_epoch(epoch)
+            record["energy"] = energy_meter.stop().to_dict()
+            for controller in self.controllers:
+                controller.on_epoch_end(epoch, record)
+            self.history.append(record)
+            self._report_epoch(record)
+            if self.out_dir is not None:
+                save_checkpoint(self._checkpoint_state(epoch + 1), self.out_dir / CHECKPOINT)
+                write_json(self.metrics(complete=epoch + 1 == c.epochs), self.out_dir / METRICS)
+        metrics = self.metrics(complete=True)
+        if self.out_dir is not None and self.start_epoch == c.epochs:
+            write_json(metrics, self.out_dir / METRICS)
+        return metrics
+
+    def _run_epoch(self, epoch: int) -> dict[str, Any]:
+        for controller in self.controllers:
+            controller.on_epoch_start(epoch)
+        timer = PhaseTimer(self.device)
+        record: dict[str, Any] = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
+        replacer = next((ctl for ctl in self.controllers if ctl.skip_epoch(epoch)), None)
+        if replacer is not None:
+            with timer.phase("replace"):
+                record.update(replacer.replace_epoch(epoch))
+            record.update(replaced_by=replacer.name, steps=0, samples=0, train_loss=None)
+            flops = {"forward": 0.0, "backward": 0.0}
+            source = f"no steps executed (epoch replaced by {replacer.name})"
+        else:
+            record["replaced_by"] = None
+            flops, source = self._train_epoch(epoch, timer, record)
+        self.scheduler.step()
+        with timer.phase("eval"):
+            record.update(
+                evaluate(
+                    self.train_model,
+                    self.data.test,
+                    batch_size=self.config.eval_batch_size,
+                    device=self.device,
+                    channels_last=self.config.channels_last,
+                )
+            )
+        record["flops"] = {k: Quantity(v, "FLOP", "counted", source).to_dict() for k, v in flops.items()}
+        record["time"] = {k: q.to_dict() for k, q in timer.to_quantities().items()}
+        return record
+
+    def _train_epoch(
+        self, epoch: int, timer: PhaseTimer, record: dict[str, Any]
+    ) -> tuple[dict[str, float], str]:
+        c = self.config
+        model, optimizer = self.train_model, self.optimizer
+        model.train()
+        generator = torch.Generator().manual_seed(c.seed * _SEED_STRIDE + epoch)
+        batches = iterate_batches(self.data.train, c.batch_size, generator=generator)
+        per_sample = None
+        loss_sum, samples, correct = 0.0, 0, 0
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{c.epochs}",
+            unit="step",
+            disable=not c.progress,
+            leave=False,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        start = time.perf_counter()
+        for step in range(self.steps_per_epoch):
+            with timer.phase("data"):
+                x, y = next(batches)
+                x, y = prepare_inputs(x, self.device, c.channels_last), y.to(self.device)
+            if per_sample is None:  # counted outside the timed phases; it is slow
+                per_sample = count_flops_per_sample(
+                    self.model, x, y, self.loss_fn, max_samples=c.flops_samples
+                )
+            for controller in self.controllers:
+                controller.on_step_start(epoch, step)
+            with timer.phase("forward"):
+                logits = model(x)
+                loss = self.loss_fn(logits, y)
+            with timer.phase("backward"):
+                loss.backward()
+            with timer.phase("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise GreenpropError(
+                    f"training diverged: loss is {loss_value} at epoch {epoch + 1} step {step + 1} "
+                    f"(try a lower lr than {c.lr}); the last good checkpoint is kept"
+                )
+            for controller in self.controllers:
+                controller.on_step_end(epoch, step, loss_value)
+            loss_sum += loss_value * len(y)
+            correct += int((logits.detach().argmax(1) == y).sum())
+            samples += len(y)
+            bar.update()
+            if step % 10 == 0 or step + 1 == self.steps_per_epoch:
+                rate = samples / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{rate:.0f}")
+        bar.close()
+        record.update(
+            steps=self.steps_per_epoch,
+            samples=samples,
+            train_loss=loss_sum / samples,
+            train_acc=100.0 * correct / samples,
+        )
+        assert per_sample is not None
+        flops = {"forward": per_sample.forward * samples, "backward": per_sample.backward * samples}
+        source = (
+            f"torch.utils.flop_counter.FlopCounterMode on {min(c.flops_samples, c.batch_size)} "
+            f"samples at epoch start, x {samples} samples"
+        )
+        return flops, source
+
+    # ----------------------------------------------------------------- reporting
+    def _report_epoch(self, record: dict[str, Any]) -> None:
+        if not self.config.progress:
+            return
+        c = self.config
+        parts = [f"epoch {record['epoch'] + 1}/{c.epochs}"]
+        if record["replaced_by"]:
+            parts.append(f"[{record['replaced_by']}: no backprop]")
+        else:
+            parts.append(f"train loss {record['train_loss']:.4f}")
+        parts += [
+            f"test loss {record['loss']:.4f}",
+            f"acc@1 {record['acc1']:.2f}%",
+            f"acc@5 {record['acc5']:.2f}%",
+        ]
+        seconds = sum(q["value"] for q in record["time"].values())
+        parts.append(f"{seconds:.1f} s")
+        print("  ".join(parts), flush=True)
+
+    def metrics(self, *, complete: bool) -> dict[str, Any]:
+        """The run's metrics: config, environment, per-epoch records and a summary."""
+        return {
+            "format": 1,
+            "complete": complete,
+            "config": self.config.to_dict(),
+            "method": {"name": self.method.name, "options": self.method.options, "label": self.method.label},
+            "environment": environment(self.device),
+            "energy_source": self.energy_meter.describe(),
+            "model_parameters": sum(p.numel() for p in self.model.parameters()),
+            "epochs": self.history,
+            "summary": summarize(self.history),
+        }
+
+
+def _sum_quantities(items: list[dict[str, Any]], unit: str) -> dict[str, Any]:
+    total = None
+    for item in items:
+        q = Quantity.from_dict(item)
+        total = q if total is None else total + q
+    return (total or Quantity(0.0, unit, "counted", "no epochs")).to_dict()
+
+
+def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals over the epochs run so far: accuracy at the end, FLOPs, time, energy."""
+    if not history:
+        return {}
+    last = history[-1]
+    phases = sorted({name for r in history for name in r["time"]})
+    time_by_phase = {
+        p: _sum_quantities([r["time"][p] for r in history if p in r["time"]], "s") for p in phases
+    }
+    train_phases = [time_by_phase[p] for p in phases if p != "eval"]
+    return {
+        "epochs_run": len(history),
+        "epochs_replaced": sum(1 for r in history if r["replaced_by"]),
+        "steps": sum(r["steps"] for r in history),
+        "acc1": last["acc1"],
+        "acc5": last["acc5"],
+        "test_loss": last["loss"],
+        "best_acc1": max(r["acc1"] for r in history),
+        "flops": {
+            k: _sum_quantities([r["flops"][k] for r in history], "FLOP") for k in ("forward", "backward")
+        },
+        "time": {
+            "phases": time_by_phase,
+            "train": _sum_quantities(train_phases, "s") if train_phases else None,
+        },
+        "energy": _sum_quantities([r["energy"] for r in history], "J"),
+    }

@@ -1,0 +1,31 @@
+"""Shared fixtures: small real data (scikit-learn digits) and quick configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from greenprop import data as gp_data
+from greenprop.train.config import TrainConfig
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def digits() -> gp_data.DatasetPair:
+    return gp_data.load("digits")
+
+
+@pytest.fixture
+def quick_config() -> TrainConfig:
+    """Two fast epochs of a small CNN on digits, no progress output."""
+    return TrainConfig(
+        model="cnn",
+        dataset="digits",
+        epochs=2,
+        batch_size=64,
+        lr=0.05,
+        progress=False,
+        subset=512,
+        test_subset=128,
+    )

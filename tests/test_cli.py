@@ -1,0 +1,123 @@
+"""The command line: a real run, the comparison report, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from greenprop.cli import main
+
+QUICK = [
+    "--dataset",
+    "digits",
+    "--model",
+    "mlp",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "64",
+    "--subset",
+    "256",
+    "--test-subset",
+    "128",
+    "--no-progress",
+]
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("greenprop: error: ")
+    return err[0]
+
+
+def test_train_writes_metrics_and_checkpoint(tmp_path, capsys):
+    assert main(["train", *QUICK, "--out", str(tmp_path / "run")]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["complete"] and metrics["config"]["model"] == "mlp"
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
+    out = capsys.readouterr().out
+    assert "acc@1" in out and "metrics:" in out
+
+
+def test_compare_writes_table_report_and_plots(tmp_path, capsys):
+    out_dir = tmp_path / "cmp"
+    args = ["compare", *QUICK, "--methods", "baseline", "--seeds", "0", "1", "--out", str(out_dir)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "Acc@1" in printed and "baseline" in printed
+    for name in ("results.csv", "results.json", "report.md", "accuracy_vs_saving.png", "curves.png"):
+        assert (out_dir / name).stat().st_size > 0, name
+    rows = json.loads((out_dir / "results.json").read_text())["rows"]
+    assert rows[0]["method"] == "baseline" and rows[0]["seeds"] == [0, 1]
+    assert rows[0]["flops_saved_pct"] == pytest.approx(0.0)
+    assert rows[0]["acc1_std"] is not None
+    report = (out_dir / "report.md").read_text()
+    assert "greenprop compare" in report and "| baseline |" in report
+    # Running the same command again reuses the finished runs instead of training.
+    assert main(args) == 0
+    assert "finished earlier, reusing" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--model", "nosuchnet"], "nosuchnet"),
+        (["--dataset", "imagenet"], "imagenet"),
+        (["--method", "magic"], "magic"),
+        (["--epochs", "0"], "epochs=0"),
+        (["--batch-size", "0"], "batch_size=0"),
+    ],
+)
+def test_bad_options_give_one_error_line_and_exit_2(tmp_path, capsys, args, fragment):
+    base = [a for a in QUICK]
+    assert main(["train", *base, *args, "--out", str(tmp_path / "x")]) == 2
+    assert fragment in _error_line(capsys)
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path, capsys):
+    missing = tmp_path / "nothing-here"
+    args = [
+        "train",
+        "--dataset",
+        "fashion-mnist",
+        "--data-dir",
+        str(missing),
+        "--no-progress",
+        "--out",
+        str(tmp_path / "x"),
+    ]
+    assert main(args) == 2
+    assert str(missing) in _error_line(capsys)
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    assert main(["train", *QUICK, "--out", str(blocker / "run")]) == 2
+    assert "not writable" in _error_line(capsys)
+
+
+def test_corrupt_checkpoint_on_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"\x00garbage")
+    assert main(["train", *QUICK, "--out", str(run), "--resume"]) == 2
+    assert "corrupt" in _error_line(capsys)
+    assert (run / "checkpoint.pt").read_bytes() == b"\x00garbage"
+
+
+def test_existing_results_need_resume_or_overwrite(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert main(["train", *QUICK, "--out", run]) == 0
+    capsys.readouterr()
+    assert main(["train", *QUICK, "--out", run]) == 2
+    assert "--resume" in _error_line(capsys)
+
+
+def test_methods_and_presets_list(capsys):
+    assert main(["methods"]) == 0
+    assert "baseline" in capsys.readouterr().out
+    assert main(["presets"]) == 0
+    assert "demo" in capsys.readouterr().out

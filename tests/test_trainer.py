@@ -1,0 +1,206 @@
+"""The reference trainer: metrics, hooks, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+
+from greenprop import Controller, GreenpropError
+from greenprop.train import checkpoint as ckpt
+from greenprop.train.config import TrainConfig
+from greenprop.train.trainer import CHECKPOINT, METRICS, Trainer
+
+
+class Recorder(Controller):
+    """Logs every hook call; optionally takes over one epoch or stops the run."""
+
+    name = "recorder"
+
+    def __init__(self, replace: int | None = None, stop_at: int | None = None) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.replace, self.stop_at = replace, stop_at
+
+    def on_train_start(self, total_epochs: int, steps_per_epoch: int) -> None:
+        self.calls.append(("train_start", total_epochs, steps_per_epoch))
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if epoch == self.stop_at:
+            raise KeyboardInterrupt
+        self.calls.append(("epoch_start", epoch))
+
+    def skip_epoch(self, epoch: int) -> bool:
+        return epoch == self.replace
+
+    def replace_epoch(self, epoch: int) -> dict[str, Any]:
+        self.calls.append(("replace", epoch))
+        return {"sampled": True}
+
+    def on_step_start(self, epoch: int, step: int) -> None:
+        self.calls.append(("step_start", epoch, step))
+
+    def on_step_end(self, epoch: int, step: int, loss: float) -> None:
+        self.calls.append(("step_end", epoch, step))
+
+    def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
+        record["seen_by_recorder"] = True
+        self.calls.append(("epoch_end", epoch))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n_calls": len(self.calls)}
+
+
+def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_fit_writes_metrics_with_counted_flops(tmp_path, quick_config, digits):
+    metrics = Trainer(quick_config, tmp_path, data=digits).fit()
+    on_disk = json.loads((tmp_path / METRICS).read_text())
+    assert on_disk["complete"] and on_disk["summary"] == metrics["summary"]
+    assert len(metrics["epochs"]) == 2
+    for record in metrics["epochs"]:
+        assert 0 <= record["acc1"] <= record["acc5"] <= 100
+        assert record["flops"]["forward"]["kind"] == "counted"
+        assert set(record["time"]) >= {"data", "forward", "backward", "optimizer", "eval"}
+    flops = metrics["summary"]["flops"]
+    ratio = flops["backward"]["value"] / flops["forward"]["value"]
+    # Dense backward costs about twice the forward (input and weight gradients); the
+    # first layer needs no input gradient, so slightly less.
+    assert 1.6 < ratio <= 2.05
+    energy = metrics["summary"]["energy"]
+    assert energy["kind"] in {"measured", "unavailable"}
+    assert (energy["value"] is None) == (energy["kind"] == "unavailable")
+    assert metrics["summary"]["acc1"] > 30  # it learned something on digits
+    assert (tmp_path / CHECKPOINT).exists()
+
+
+def test_estimated_energy_is_labelled(quick_config, digits):
+    metrics = Trainer(quick_config.replace(epochs=1, watts=10.0), data=digits).fit()
+    energy = metrics["summary"]["energy"]
+    if energy["kind"] != "measured":
+        assert energy["kind"] == "estimated" and energy["value"] > 0
+        assert "10" in energy["source"]
+
+
+def test_hooks_are_called_in_order_and_can_replace_an_epoch(quick_config, digits):
+    recorder = Recorder(replace=1)
+    trainer = Trainer(quick_config.replace(epochs=3), controllers=[recorder], data=digits)
+    steps = trainer.steps_per_epoch
+    before_epoch_1 = None
+
+    class Snapshot(Controller):
+        def on_epoch_start(self, epoch: int) -> None:
+            nonlocal before_epoch_1
+            if epoch == 1:
+                before_epoch_1 = _weights(trainer)
+
+    trainer.controllers.append(Snapshot())
+    metrics = trainer.fit()
+    names = [c[0] for c in recorder.calls]
+    assert names[0] == "train_start" and recorder.calls[0][1:] == (3, steps)
+    assert names.count("step_start") == names.count("step_end") == 2 * steps
+    assert ("replace", 1) in recorder.calls
+    assert not any(c[0] == "step_start" and c[1] == 1 for c in recorder.calls)
+    replaced = metrics["epochs"][1]
+    assert replaced["replaced_by"] == "recorder" and replaced["sampled"]
+    assert replaced["steps"] == 0 and replaced["flops"]["backward"]["value"] == 0
+    assert all(r["seen_by_recorder"] for r in metrics["epochs"])
+    assert metrics["summary"]["epochs_replaced"] == 1
+    assert before_epoch_1 is not None
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, digits):
+    # Dropout (RNG), BatchNorm (buffers), momentum (optimizer state), cosine LR (scheduler).
+    config = TrainConfig(
+        model="cnn",
+        dataset="digits",
+        epochs=3,
+        batch_size=64,
+        lr=0.05,
+        dropout=0.2,
+        progress=False,
+        subset=512,
+        test_subset=128,
+    )
+    whole = Trainer(config, tmp_path / "whole", data=digits)
+    whole.fit()
+
+    interrupted = Trainer(config, tmp_path / "cut", controllers=[Recorder(stop_at=2)], data=digits)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    saved = json.loads((tmp_path / "cut" / METRICS).read_text())
+    assert not saved["complete"] and len(saved["epochs"]) == 2
+
+    resumed = Trainer(config, tmp_path / "cut", resume=True, controllers=[Recorder()], data=digits)
+    assert resumed.start_epoch == 2
+    metrics = resumed.fit()
+    assert metrics["complete"] and len(metrics["epochs"]) == 3
+    expected, got = _weights(whole), _weights(resumed)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_existing_results_are_not_overwritten(tmp_path, quick_config, digits):
+    config = quick_config.replace(epochs=1)
+    Trainer(config, tmp_path, data=digits).fit()
+    before = (tmp_path / METRICS).read_bytes()
+    with pytest.raises(GreenpropError, match="already holds results"):
+        Trainer(config, tmp_path, data=digits)
+    assert (tmp_path / METRICS).read_bytes() == before
+    Trainer(config, tmp_path, overwrite=True, data=digits).fit()
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_left_alone(tmp_path, quick_config, digits):
+    (tmp_path / CHECKPOINT).write_bytes(b"not a checkpoint")
+    with pytest.raises(GreenpropError, match="corrupt or unreadable"):
+        Trainer(quick_config, tmp_path, resume=True, data=digits)
+    assert (tmp_path / CHECKPOINT).read_bytes() == b"not a checkpoint"
+
+
+def test_resume_with_other_options_is_refused(tmp_path, quick_config, digits):
+    Trainer(quick_config.replace(epochs=1), tmp_path, data=digits).fit()
+    with pytest.raises(GreenpropError, match="lr"):
+        Trainer(quick_config.replace(epochs=1, lr=0.1), tmp_path, resume=True, data=digits)
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "state.pt"
+    ckpt.save_checkpoint({"epoch": 1, "model": {}}, path)
+    good = path.read_bytes()
+
+    def broken_save(obj: Any, handle: Any) -> None:
+        handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint({"epoch": 2, "model": {}}, path)
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temp file left
+
+
+def test_divergence_is_reported_not_silent(quick_config, digits):
+    config = quick_config.replace(epochs=1, lr=1e8, model="mlp", momentum=0.0)
+    with pytest.raises(GreenpropError, match="diverged"):
+        Trainer(config, data=digits).fit()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("epochs", 0),
+        ("batch_size", -1),
+        ("lr", float("nan")),
+        ("optimizer", "lbfgs"),
+        ("watts", 0.0),
+        ("subset", 0),
+        ("label_smoothing", 1.0),
+    ],
+)
+def test_bad_config_values_name_the_option(field, value):
+    with pytest.raises(GreenpropError, match=field):
+        TrainConfig(**{field: value})
