@@ -1,0 +1,119 @@
+"""``create(name)``: build any zoo model from a name plus validated options."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Any
+
+from torch import nn
+
+from greenprop.errors import GreenpropError
+from greenprop.models.cnn import SmallCNN
+from greenprop.models.mixer import MLPMixer
+from greenprop.models.mlp import MLP
+from greenprop.models.resnet import ResNet18
+from greenprop.models.vit import ViT
+
+
+def _positive_int(option: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:
+        raise GreenpropError(f"{option} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _positive_float(option: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not value > 0:
+        raise GreenpropError(f"{option} must be a positive number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    build: Callable[..., nn.Module]  # called with num_classes, in_channels, image_size, ...
+    default_width: int
+    width_arg: str  # the constructor argument that `width` sets
+    options: dict[str, Callable[[str, Any], Any]]  # extra keyword -> validator
+    uses_image_size: bool = True
+
+
+_ENTRIES: dict[str, _Entry] = {
+    "mlp": _Entry(MLP, 256, "hidden", {"depth": _positive_int}),
+    "cnn": _Entry(SmallCNN, 32, "width", {"hidden": _positive_int}),
+    "resnet18": _Entry(ResNet18, 64, "width", {}, uses_image_size=False),
+    "resnet18-narrow": _Entry(ResNet18, 16, "width", {}, uses_image_size=False),
+    "mixer": _Entry(MLPMixer, 128, "dim", {"depth": _positive_int, "patch_size": _positive_int}),
+    "vit": _Entry(
+        ViT,
+        128,
+        "dim",
+        {
+            "depth": _positive_int,
+            "heads": _positive_int,
+            "mlp_ratio": _positive_float,
+            "patch_size": _positive_int,
+        },
+    ),
+}
+
+MODELS: tuple[str, ...] = tuple(_ENTRIES)
+
+
+def create(
+    name: str,
+    *,
+    num_classes: int = 10,
+    in_channels: int = 1,
+    image_size: int = 28,
+    width: int | None = None,
+    dropout: float = 0.0,
+    **options: Any,
+) -> nn.Module:
+    """Build a freshly initialised model from the zoo.
+
+    Args:
+        name: one of :data:`MODELS` (case-insensitive; ``_`` works for ``-``).
+        num_classes: outputs of the final ``head`` Linear.
+        in_channels: image channels (1 for grey, 3 for ``pad_to_32`` data).
+        image_size: side of the square input; mlp, cnn, mixer and vit are built for
+            exactly this size, the ResNets accept any size.
+        width: the model's main width; None uses its default: mlp hidden units (256),
+            cnn first conv channels (32, second 2x), resnet18 base channels (64;
+            ``resnet18-narrow`` 16), mixer/vit embedding dim (128).
+        dropout: dropout probability just before ``head`` (0 disables it).
+        **options: model-specific extras: mlp ``depth`` (2); cnn ``hidden`` (128);
+            mixer ``depth`` (4), ``patch_size`` (4 for 16+ pixels, else 2); vit
+            ``depth`` (6), ``heads`` (4), ``mlp_ratio`` (2.0), ``patch_size`` (as mixer).
+
+    Raises:
+        GreenpropError: unknown name or option, or an invalid value (named).
+    """
+    key = str(name).strip().lower().replace("_", "-")
+    entry = _ENTRIES.get(key)
+    if entry is None:
+        raise GreenpropError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    kwargs: dict[str, Any] = {
+        "num_classes": _positive_int("num_classes", num_classes),
+        "in_channels": _positive_int("in_channels", in_channels),
+        entry.width_arg: _positive_int("width", entry.default_width if width is None else width),
+        "dropout": _dropout(dropout),
+    }
+    image_size = _positive_int("image_size", image_size)
+    if entry.uses_image_size:
+        kwargs["image_size"] = image_size
+    if key == "cnn" and image_size < 4:
+        raise GreenpropError(f"cnn pools twice by 2, so image_size must be >= 4, got {image_size}")
+    for option, value in options.items():
+        validate = entry.options.get(option)
+        if validate is None:
+            valid = ", ".join(sorted(entry.options)) or "none"
+            raise GreenpropError(f"model {key!r} has no option {option!r} (its extra options: {valid})")
+        kwargs[option] = validate(option, value)
+    return entry.build(**kwargs)
+
+
+def _dropout(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= value < 1.0:
+        raise GreenpropError(f"dropout must be a number in [0, 1), got {value!r}")
+    return float(value)
