@@ -265,7 +265,7 @@ class Trainer:
             total=self.steps_per_epoch,
             desc=f"epoch {epoch + 1}/{c.epochs}",
             unit="step",
-            disable=not c.progress,
+            disable=None if c.progress else True,
             leave=False,
             file=sys.stderr,
             dynamic_ncols=True,
