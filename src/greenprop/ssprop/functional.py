@@ -1,0 +1,415 @@
+"""Pure functions of ssProp: channel selection and the channel-sparse backward.
+
+Everything here is stateless and works on plain tensors, so it can be tested against
+dense autograd directly. The autograd Functions at the bottom only wire these into a
+forward/backward pair; the modules in :mod:`greenprop.ssprop.layers` hold the state.
+
+Why the code looks the way it does (all of it is about not losing the saving to
+overhead):
+
+* The backward runs *smaller dense kernels*: one ``aten.convolution_backward`` call
+  with ``k`` output channels computes grad_input (a ``C_in x k`` contraction) and the
+  ``k`` kept rows of grad_weight/grad_bias. Nothing is masked.
+* Scoring, gathering and scattering happen on the tensor's *physical* layout: a
+  channels_last ``dy`` is viewed as a contiguous ``(N*H*W, C)`` matrix, an NCHW ``dy``
+  as ``(N, C, H*W)``. Generic reductions and gathers over a channels_last tensor's
+  logical channel dim are several times slower on CPU.
+* Under :class:`torch.utils.flop_counter.FlopCounterMode` the counted backward ops are
+  the small ones actually run, so counted FLOPs show the saving.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SELECTIONS",
+    "ChannelSelector",
+    "channel_scores",
+    "conv2d_sparse_backward",
+    "gather_channels",
+    "keep_count",
+    "linear_sparse_backward",
+    "select_channels",
+    "sparse_conv2d",
+    "sparse_linear",
+]
+
+#: How kept channels are chosen: the paper's top-k by mean |dy|, or its random ablation.
+SELECTIONS: tuple[str, ...] = ("topk", "random")
+
+# floor(keep * C) must not lose a channel to binary rounding (0.29 * 100 = 28.999...).
+_FLOOR_EPS = 1e-9
+
+
+def keep_count(keep: float, channels: int, round_to: int = 1) -> int:
+    """Number of channels kept: ``max(1, floor(keep * channels))``, then rounded up.
+
+    Rounding up to a multiple of ``round_to`` (capped at ``channels``) exists because
+    oneDNN and tensor cores pad channel counts to a multiple (16 on oneDNN): an odd ``k``
+    costs as much as the next multiple, so the extra channels come for free.
+    """
+    if channels < 1:
+        raise ValueError(f"channels must be >= 1, got {channels}")
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be in (0, 1], got {keep!r}")
+    if round_to < 1:
+        raise ValueError(f"round_to must be >= 1, got {round_to!r}")
+    k = max(1, math.floor(keep * channels + _FLOOR_EPS))
+    if round_to > 1:
+        k = -(-k // round_to) * round_to
+    return min(k, channels)
+
+
+def _physical_channels_last(t: Tensor) -> bool:
+    """True when a 4-D tensor's channels are its innermost physical dimension."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def channel_scores(grad_output: Tensor, channel_dim: int = 1) -> Tensor:
+    """Importance of each output channel: sum of ``|dy|`` over all other dims (float32).
+
+    A sum ranks exactly like the paper's mean. The reduction follows the physical
+    layout (see the module docstring) and accumulates in float32 so bfloat16 gradients
+    do not produce spurious ties.
+    """
+    dy = grad_output
+    if channel_dim < 0:
+        channel_dim += dy.dim()
+    c = dy.shape[channel_dim]
+    if channel_dim == dy.dim() - 1:
+        flat = dy.reshape(-1, c)  # Linear: rows are samples/tokens, columns are features
+        return flat.abs().sum(0, dtype=torch.float32)
+    if channel_dim == 1 and _physical_channels_last(dy):
+        flat = dy.permute(0, 2, 3, 1).reshape(-1, c)
+        return flat.abs().sum(0, dtype=torch.float32)
+    dy = dy.contiguous()
+    lead = math.prod(dy.shape[:channel_dim])
+    return dy.view(lead, c, -1).abs().sum(dim=(0, 2), dtype=torch.float32)
+
+
+def select_channels(
+    grad_output: Tensor,
+    k: int,
+    *,
+    channel_dim: int = 1,
+    selection: str = "topk",
+    groups: int = 1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Indices (int64, ascending) of the ``k`` channels *per group* to keep.
+
+    ``topk`` ranks channels by :func:`channel_scores` of ``grad_output``; ``random``
+    draws uniformly from ``generator`` (a CPU generator, indices moved to the
+    gradient's device) and never reads the gradient, so the ablation is reproducible.
+    With ``groups > 1`` the channels split into ``groups`` equal blocks and ``k`` are
+    kept in every block, so the gathered weight is again a valid grouped-conv weight.
+    """
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    c = grad_output.shape[channel_dim]
+    if groups < 1 or c % groups:
+        raise ValueError(f"groups={groups} does not divide {c} channels")
+    per_group = c // groups
+    if not 1 <= k <= per_group:
+        raise ValueError(f"k must be in [1, {per_group}], got {k}")
+    if selection == "topk":
+        scores = channel_scores(grad_output, channel_dim).view(groups, per_group)
+        chosen = torch.topk(scores, k, dim=1, sorted=False).indices
+    else:
+        chosen = torch.stack([torch.randperm(per_group, generator=generator)[:k] for _ in range(groups)]).to(
+            grad_output.device, non_blocking=True
+        )
+    chosen = chosen.sort(dim=1).values  # ascending indices keep the gathers cache-friendly
+    if groups > 1:
+        chosen = chosen + torch.arange(0, c, per_group, device=chosen.device).unsqueeze(1)
+    return chosen.reshape(-1)
+
+
+def gather_channels(t: Tensor, idx: Tensor, channel_dim: int = 1) -> Tensor:
+    """``t`` restricted to channels ``idx``, dense, in the same memory format as ``t``.
+
+    Gathers run on a contiguous physical view: for channels_last the ``(N*H*W, C)``
+    matrix, otherwise the tensor itself (NCHW rows are contiguous blocks of ``H*W``).
+    """
+    if channel_dim < 0:
+        channel_dim += t.dim()
+    if channel_dim == 1 and _physical_channels_last(t):
+        n, c, h, w = t.shape
+        flat = t.permute(0, 2, 3, 1).reshape(-1, c)
+        return flat.index_select(1, idx).view(n, h, w, -1).permute(0, 3, 1, 2)
+    return t.contiguous().index_select(channel_dim, idx)
+
+
+def _scatter_rows(full_like: Tensor, idx: Tensor, rows: Tensor) -> Tensor:
+    """Zeros shaped like ``full_like`` with ``rows`` written at ``idx`` (dim 0)."""
+    out = torch.zeros_like(full_like)
+    out.index_copy_(0, idx, rows.to(out.dtype))
+    return out
+
+
+def _bias_sizes(bias_present: bool, channels: int) -> list[int] | None:
+    return [channels] if bias_present else None
+
+
+def conv2d_sparse_backward(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    idx: Tensor | None,
+    *,
+    stride: tuple[int, int] | list[int],
+    padding: tuple[int, int] | list[int],
+    dilation: tuple[int, int] | list[int],
+    groups: int = 1,
+    has_bias: bool = True,
+    output_mask: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of ``conv2d(input, weight, bias)`` using only output channels ``idx``.
+
+    ``idx=None`` means all channels (the dense backward, no gather). Returns
+    ``(grad_input, grad_weight, grad_bias)`` with ``None`` where ``output_mask`` is
+    False (and for the bias when ``has_bias`` is False). grad_input is the input
+    gradient of the kept channels alone; grad_weight / grad_bias hold the kept rows and
+    zeros elsewhere. ``padding`` must be numeric (resolve ``"same"`` beforehand).
+    """
+    need_in, need_w, need_b = output_mask
+    need_b = need_b and has_bias
+    if not (need_in or need_w or need_b):
+        return None, None, None
+    c_out = weight.shape[0]
+    if idx is None:
+        dy, w = grad_output, weight
+    else:
+        dy = gather_channels(grad_output, idx)
+        w = weight.index_select(0, idx)
+    gi, gw, gb = torch.ops.aten.convolution_backward(
+        dy,
+        input,
+        w,
+        _bias_sizes(has_bias, w.shape[0]),
+        list(stride),
+        list(padding),
+        list(dilation),
+        False,
+        [0, 0],
+        groups,
+        [need_in, need_w, need_b],
+    )
+    if idx is not None:
+        if need_w:
+            gw = _scatter_rows(weight, idx, gw)
+        if need_b:
+            gb = _scatter_rows(weight.new_empty(c_out), idx, gb)
+    return (gi if need_in else None, gw if need_w else None, gb if need_b else None)
+
+
+def linear_sparse_backward(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    idx: Tensor | None,
+    *,
+    has_bias: bool = True,
+    output_mask: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of ``linear(input, weight, bias)`` using only output features ``idx``.
+
+    Any leading dims are flattened into rows. grad_input = ``dy[:, idx] @ W[idx]`` (an
+    ``in x k`` contraction), grad_weight rows ``idx`` = ``dy[:, idx]^T @ x``, zeros
+    elsewhere. ``idx=None`` is the dense backward.
+    """
+    need_in, need_w, need_b = output_mask
+    need_b = need_b and has_bias
+    out_f, in_f = weight.shape
+    dy = grad_output.reshape(-1, out_f)
+    if idx is not None:
+        dy = dy.index_select(1, idx)
+        w = weight.index_select(0, idx)
+    else:
+        w = weight
+    gi = gw = gb = None
+    if need_in:
+        gi = (dy @ w).view(*grad_output.shape[:-1], in_f)
+    if need_w:
+        gw = dy.t() @ input.reshape(-1, in_f)
+    if need_b:
+        gb = dy.sum(0)
+    if idx is not None:
+        if gw is not None:
+            gw = _scatter_rows(weight, idx, gw)
+        if gb is not None:
+            gb = _scatter_rows(weight.new_empty(out_f), idx, gb)
+    return gi, gw, gb
+
+
+Grads = tuple[Tensor | None, Tensor | None, Tensor | None]
+
+
+class ChannelSelector:
+    """Chooses the kept channels inside a backward and runs the (sparse) gradient.
+
+    The default picks ``k`` channels per group with :func:`select_channels`; the
+    layers subclass it to add their one-off timing calibration. ``run(idx)`` computes
+    the gradients for indices ``idx`` (``None`` = dense).
+    """
+
+    def __init__(self, selection: str = "topk", generator: torch.Generator | None = None):
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        self.selection = selection
+        self.generator = generator
+
+    def indices(self, grad_output: Tensor, k: int, groups: int, channel_dim: int) -> Tensor:
+        return select_channels(
+            grad_output,
+            k,
+            channel_dim=channel_dim,
+            selection=self.selection,
+            groups=groups,
+            generator=self.generator,
+        )
+
+    def __call__(
+        self,
+        grad_output: Tensor,
+        k: int,
+        groups: int,
+        channel_dim: int,
+        run: Callable[[Tensor | None], Grads],
+    ) -> Grads:
+        return run(self.indices(grad_output, k, groups, channel_dim))
+
+
+class _SparseConv2dFunction(torch.autograd.Function):
+    """conv2d whose backward keeps only ``k`` output channels per group."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        input: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+        groups: int,
+        k: int,
+        selector: ChannelSelector,
+    ) -> Tensor:
+        ctx.save_for_backward(input, weight)
+        ctx.conv = (stride, padding, dilation, groups, bias is not None)
+        ctx.k, ctx.selector = k, selector
+        return torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        input, weight = ctx.saved_tensors
+        stride, padding, dilation, groups, has_bias = ctx.conv
+        mask = tuple(ctx.needs_input_grad[:3])
+
+        def run(idx: Tensor | None) -> Grads:
+            return conv2d_sparse_backward(
+                grad_output,
+                input,
+                weight,
+                idx,
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
+                groups=groups,
+                has_bias=has_bias,
+                output_mask=mask,
+            )
+
+        grads = ctx.selector(grad_output, ctx.k, groups, 1, run)
+        return (*grads, None, None, None, None, None, None)
+
+
+class _SparseLinearFunction(torch.autograd.Function):
+    """linear whose backward keeps only ``k`` output features."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        input: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        k: int,
+        selector: ChannelSelector,
+    ) -> Tensor:
+        ctx.save_for_backward(input, weight)
+        ctx.has_bias = bias is not None
+        ctx.k, ctx.selector = k, selector
+        return torch.nn.functional.linear(input, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        input, weight = ctx.saved_tensors
+        mask = tuple(ctx.needs_input_grad[:3])
+
+        def run(idx: Tensor | None) -> Grads:
+            return linear_sparse_backward(
+                grad_output, input, weight, idx, has_bias=ctx.has_bias, output_mask=mask
+            )
+
+        grads = ctx.selector(grad_output, ctx.k, 1, -1, run)
+        return (*grads, None, None)
+
+
+def sparse_conv2d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    *,
+    keep: float = 1.0,
+    round_to: int = 1,
+    selector: ChannelSelector | None = None,
+) -> Tensor:
+    """``F.conv2d`` with an ssProp backward that keeps a ``keep`` fraction of channels.
+
+    The forward is exactly ``F.conv2d``. When ``k`` reaches every channel (``keep=1``)
+    this *is* ``F.conv2d`` under plain autograd: no ranking, no custom Function. With
+    ``groups > 1``, ``k`` is counted per group. ``padding`` must be numeric.
+    """
+    c_per_group = weight.shape[0] // groups
+    k = keep_count(keep, c_per_group, round_to)
+    if k >= c_per_group:
+        return torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    pair = torch.nn.modules.utils._pair
+    return _SparseConv2dFunction.apply(
+        input,
+        weight,
+        bias,
+        pair(stride),
+        pair(padding),
+        pair(dilation),
+        groups,
+        k,
+        selector or ChannelSelector(),
+    )
+
+
+def sparse_linear(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    keep: float = 1.0,
+    round_to: int = 1,
+    selector: ChannelSelector | None = None,
+) -> Tensor:
+    """``F.linear`` with an ssProp backward that keeps a ``keep`` fraction of features."""
+    k = keep_count(keep, weight.shape[0], round_to)
+    if k >= weight.shape[0]:
+        return torch.nn.functional.linear(input, weight, bias)
+    return _SparseLinearFunction.apply(input, weight, bias, k, selector or ChannelSelector())
