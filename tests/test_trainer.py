@@ -204,3 +204,46 @@ def test_divergence_is_reported_not_silent(quick_config, digits):
 def test_bad_config_values_name_the_option(field, value):
     with pytest.raises(GreenpropError, match=field):
         TrainConfig(**{field: value})
+
+
+def test_a_controller_can_undo_an_epoch_after_evaluation(quick_config, digits):
+    class Undo(Controller):
+        name = "undo"
+
+        def on_epoch_start(self, epoch: int) -> None:
+            self.saved = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+        def after_evaluation(self, epoch: int, record: dict[str, Any]) -> bool:
+            if epoch != 1:
+                return False
+            trainer.model.load_state_dict(self.saved)
+            return True
+
+    trainer = Trainer(quick_config, controllers=[Undo()], data=digits)
+    metrics = trainer.fit()
+    first, second = metrics["epochs"]
+    assert first["rolled_back_by"] is None and second["rolled_back_by"] == "undo"
+    # The second record was re-evaluated on the restored weights: it equals the first's.
+    assert second["loss"] == pytest.approx(first["loss"]) and second["acc1"] == first["acc1"]
+
+
+def test_gradsamp_runs_through_the_trainer(quick_config, digits):
+    config = quick_config.replace(epochs=4, method="gradsamp:strategy=pe:2,guard=0.5")
+    metrics = Trainer(config, data=digits).fit()
+    sampled = [r["epoch"] for r in metrics["epochs"] if r["replaced_by"]]
+    assert sampled == [2]
+    record = metrics["epochs"][2]
+    assert record["sampled"] and record["steps"] == 0 and "guard" in record
+    assert metrics["summary"]["flops"]["backward"]["value"] == pytest.approx(
+        3 * metrics["epochs"][0]["flops"]["backward"]["value"]
+    )
+
+
+def test_ssprop_runs_through_the_trainer_and_saves_counted_flops(quick_config, digits):
+    dense = Trainer(quick_config.replace(epochs=1), data=digits).fit()
+    sparse = Trainer(quick_config.replace(epochs=1, method="ssprop:keep=0.5"), data=digits).fit()
+    fwd = [m["summary"]["flops"]["forward"]["value"] for m in (dense, sparse)]
+    bwd = [m["summary"]["flops"]["backward"]["value"] for m in (dense, sparse)]
+    assert fwd[0] == fwd[1]
+    assert bwd[1] < 0.85 * bwd[0]
+    assert sparse["epochs"][0]["keep"] == pytest.approx(0.5)

@@ -22,6 +22,7 @@ class Controller:
                 info = replace_epoch(epoch)  # no data, no forward, no backward
             else:
                 for each step: on_step_start(epoch, step); ...; on_step_end(epoch, step, loss)
+            evaluate; if any after_evaluation(epoch, record): evaluate again
             on_epoch_end(epoch, record)      # record: the epoch's metrics, may be extended
     """
 
@@ -50,6 +51,14 @@ class Controller:
 
     def on_step_end(self, epoch: int, step: int, loss: float) -> None:
         """Called after the optimizer step of every training step."""
+
+    def after_evaluation(self, epoch: int, record: dict[str, Any]) -> bool:
+        """Called after the epoch's evaluation (``record`` holds ``loss``, ``acc1``, ...).
+
+        Return True if the controller changed the model (e.g. rolled a sampled epoch
+        back); the trainer then evaluates again so the record describes the model kept.
+        """
+        return False
 
     def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
         """Called after every epoch (and its evaluation); may add fields to ``record``."""

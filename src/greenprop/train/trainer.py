@@ -238,18 +238,25 @@ class Trainer:
             flops, source = self._train_epoch(epoch, timer, record)
         self.scheduler.step()
         with timer.phase("eval"):
-            record.update(
-                evaluate(
-                    self.train_model,
-                    self.data.test,
-                    batch_size=self.config.eval_batch_size,
-                    device=self.device,
-                    channels_last=self.config.channels_last,
-                )
-            )
+            record.update(self._evaluate())
+        record["rolled_back_by"] = None
+        for controller in self.controllers:
+            if controller.after_evaluation(epoch, record):
+                record["rolled_back_by"] = controller.name
+                with timer.phase("eval"):
+                    record.update(self._evaluate())
         record["flops"] = {k: Quantity(v, "FLOP", "counted", source).to_dict() for k, v in flops.items()}
         record["time"] = {k: q.to_dict() for k, q in timer.to_quantities().items()}
         return record
+
+    def _evaluate(self) -> dict[str, float]:
+        return evaluate(
+            self.train_model,
+            self.data.test,
+            batch_size=self.config.eval_batch_size,
+            device=self.device,
+            channels_last=self.config.channels_last,
+        )
 
     def _train_epoch(
         self, epoch: int, timer: PhaseTimer, record: dict[str, Any]

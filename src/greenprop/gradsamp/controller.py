@@ -1,0 +1,532 @@
+"""The GradSamp controller: skip whole epochs and apply an update sampled from a GGD instead.
+
+Algorithm 1 of the GradSamp paper, for any training loop. In a real epoch the controller
+remembers the pre-epoch parameters and, at the epoch's end, turns that copy into the
+epoch's update ``delta = theta(k) - theta(k-1)``. In a sampled epoch (no data, no forward,
+no backward) it fits a GGD to each parameter tensor's ``delta`` and adds a draw of the same
+shape. Parameters only: buffers (BatchNorm statistics, ...) are left as they are.
+
+Memory: one extra copy of the trainable parameters (the same buffer holds the snapshot,
+then the update). The guard with ``allow_consecutive=True`` is the one case that needs a
+second copy.
+
+Why the default differs from the paper's literal rule: the paper draws from
+``GGD(mu, sigma + eps, beta)`` with ``eps = 1e-3``. A GGD's variance is
+``sigma^2 Gamma(3/beta) / Gamma(1/beta)``, so at small ``beta`` any absolute addition to the
+scale explodes: a measured update with ``beta = 0.27`` and std ~2e-3 gave draws with std
+1.05 (max 150), and one sampled epoch took accuracy from 94.6% to 22% for good
+(``shared/METHODS.md`` section 1). Our default keeps each draw's standard deviation at the
+real update's (``tolerance_mode="relative"``: ``std * (1 + tolerance)``), clamps every draw
+to the real update's largest step and bounds ``beta`` to ``[0.2, 8]``. The literal rule is
+``tolerance_mode="paper"`` (no clamp, no bounds unless asked for).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import warnings
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from greenprop import ggd
+from greenprop.errors import GreenpropError
+from greenprop.schedules.strategies import Strategy, parse_strategy
+from greenprop.train.hooks import Controller
+
+__all__ = [
+    "DEFAULT_BETA_BOUNDS",
+    "TOLERANCE_MODES",
+    "UPDATE_VARIANTS",
+    "GradSamp",
+]
+
+#: Update variants: the paper's i.i.d. draw, and two ablations of ours.
+UPDATE_VARIANTS: tuple[str, ...] = ("ggd", "ggd-signed", "extrapolate")
+#: How ``tolerance`` enters the draw (see :class:`GradSamp`).
+TOLERANCE_MODES: tuple[str, ...] = ("relative", "absolute", "paper")
+#: Shape bounds used by the safe modes: below 0.2 a draw is a few huge values among zeros.
+DEFAULT_BETA_BOUNDS: tuple[float, float] = (0.2, 8.0)
+
+UpdateVariant = Literal["ggd", "ggd-signed", "extrapolate"]
+ToleranceMode = Literal["relative", "absolute", "paper"]
+
+_DRAW_STREAM = 0x6D5A_D7A3  # separates the draws from the strategy's coins for one seed
+_STATE_FORMAT = 1
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit torch seed derived from (seed, epoch) only, so a resumed run draws the same."""
+    words = np.random.SeedSequence([seed % (1 << 64), epoch, _DRAW_STREAM]).generate_state(2)
+    return (int(words[0]) << 31 ^ int(words[1])) & ((1 << 63) - 1)
+
+
+class GradSamp(Controller):
+    """Replace some epochs by a GGD-sampled update (GradSamp, Algorithm 1).
+
+    Use it from the reference trainer (it implements the :class:`Controller` hooks) or from
+    any loop::
+
+        gs = GradSamp(model, "pe:5", total_epochs=E, seed=0)
+        for epoch in range(E):
+            gs.on_epoch_start(epoch)
+            if gs.should_skip(epoch):
+                gs.sampled_update()          # no data, no forward, no backward
+            else:
+                train_one_epoch(model)
+            gs.on_epoch_end(epoch)
+
+    Args:
+        model: its trainable parameters (``requires_grad`` at construction) are sampled.
+        strategy: a :class:`~greenprop.schedules.strategies.Strategy` or a spec such as
+            ``"pe:5"``, ``"pr:0.2"``, ``"dp:5"``, ``"dr:0.2"``. The first and last epoch are
+            always real; a sampled epoch always follows a real one unless
+            ``allow_consecutive``.
+        total_epochs: the run's length (the delayed strategies need it; the last epoch real).
+        tolerance: the paper's ``eps`` (1e-3), applied as ``tolerance_mode`` says.
+        tolerance_mode: ``"relative"`` (default): draw std = real std * (1 + tolerance);
+            ``"absolute"``: draw std = real std + tolerance; ``"paper"``: the literal rule,
+            GGD scale + tolerance (documented hazard: explodes at small beta; no clamp and no
+            beta bounds unless given).
+        update: ``"ggd"`` (the paper: i.i.d. draw), ``"ggd-signed"`` (magnitudes from the
+            GGD, signs of the last real update), ``"extrapolate"`` (repeat the last real
+            update).
+        update_scale: multiplies every sampled update (1.0).
+        clamp: clamp each draw to ``[-m, m]``, ``m`` = the real update's largest ``|step|``.
+            ``None``: on, except in ``"paper"`` mode.
+        beta_bounds: bounds for the fitted shape; ``None``: ``(0.2, 8.0)``, unbounded in
+            ``"paper"`` mode.
+        fit_method: ``"moments"`` (fast, torch) or ``"mle"`` (SciPy, subsampled; the paper's).
+        guard_threshold: enables :meth:`guard`: after a sampled epoch, roll back if the
+            validation loss rose by more than this fraction of its previous value.
+        allow_consecutive: only used when ``strategy`` is a string.
+        seed: seeds the strategy's coins and the draws; each epoch's come from
+            ``(seed, epoch)``, so a resumed run samples identically.
+        record_fits: add every tensor's fitted (loc, scale, beta) to the epoch record.
+    """
+
+    name = "gradsamp"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        strategy: Strategy | str,
+        *,
+        total_epochs: int,
+        tolerance: float = 1e-3,
+        tolerance_mode: ToleranceMode = "relative",
+        update: UpdateVariant = "ggd",
+        update_scale: float = 1.0,
+        clamp: bool | None = None,
+        beta_bounds: tuple[float, float] | None = None,
+        fit_method: Literal["moments", "mle"] = "moments",
+        guard_threshold: float | None = None,
+        allow_consecutive: bool = False,
+        seed: int = 0,
+        record_fits: bool = False,
+    ) -> None:
+        if isinstance(total_epochs, bool) or not isinstance(total_epochs, int) or total_epochs < 1:
+            raise GreenpropError(f"total_epochs must be an integer >= 1, got {total_epochs!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise GreenpropError(f"seed must be an integer, got {seed!r}")
+        if not _is_number(tolerance) or not math.isfinite(tolerance) or tolerance < 0:
+            raise GreenpropError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
+        if tolerance_mode not in TOLERANCE_MODES:
+            raise GreenpropError(
+                f"tolerance_mode must be one of {', '.join(TOLERANCE_MODES)}, got {tolerance_mode!r}"
+            )
+        if update not in UPDATE_VARIANTS:
+            raise GreenpropError(f"update must be one of {', '.join(UPDATE_VARIANTS)}, got {update!r}")
+        if not _is_number(update_scale) or not math.isfinite(update_scale) or update_scale < 0:
+            raise GreenpropError(f"update_scale must be a finite number >= 0, got {update_scale!r}")
+        if clamp is not None and not isinstance(clamp, bool):
+            raise GreenpropError(f"clamp must be True, False or None, got {clamp!r}")
+        if fit_method not in ("moments", "mle"):
+            raise GreenpropError(f"fit_method must be 'moments' or 'mle', got {fit_method!r}")
+        if guard_threshold is not None and (
+            not _is_number(guard_threshold) or not math.isfinite(guard_threshold) or guard_threshold < 0
+        ):
+            raise GreenpropError(
+                f"guard_threshold must be a finite number >= 0 or None, got {guard_threshold!r}"
+            )
+        paper = tolerance_mode == "paper"
+        if beta_bounds is None:
+            beta_bounds = (0.0, math.inf) if paper else DEFAULT_BETA_BOUNDS
+        lo, hi = _check_bounds(beta_bounds)
+
+        self.strategy: Strategy = parse_strategy(
+            strategy, total_epochs=total_epochs, seed=seed, allow_consecutive=allow_consecutive
+        )
+        self.total_epochs = total_epochs
+        self.seed = seed
+        self.tolerance = float(tolerance)
+        self.tolerance_mode: ToleranceMode = tolerance_mode
+        self.update: UpdateVariant = update
+        self.update_scale = float(update_scale)
+        self.clamp = (not paper) if clamp is None else clamp
+        self.beta_bounds = (lo, hi)
+        self.fit_method: Literal["moments", "mle"] = fit_method
+        self.guard_threshold = None if guard_threshold is None else float(guard_threshold)
+        self.record_fits = record_fits
+
+        self._params: list[tuple[str, nn.Parameter]] = [
+            (n, p) for n, p in model.named_parameters() if p.requires_grad
+        ]
+        if not self._params:
+            raise GreenpropError("GradSamp: the model has no trainable parameters")
+        # One buffer: the pre-epoch snapshot during a real epoch, its update afterwards, and
+        # (with the guard) the pre-sample parameters after a sampled epoch.
+        self._buf: list[torch.Tensor] | None = None
+        self._buf_kind: str = "empty"  # empty | snapshot | delta | pre_sample
+        self._buf_epoch: int | None = None
+        self._pre: list[torch.Tensor] | None = None  # guard + allow_consecutive only
+        self._pending_rollback: int | None = None
+        self._current_epoch: int | None = None
+        self._last_finished: int | None = None
+        self.sampled_epochs: list[int] = []
+        self.rolled_back_epochs: list[int] = []
+        self.fallback_count = 0
+        self._last_val_loss: float | None = None  # the guard's reference
+        #: Fitted GGD per tensor name at the last sampled epoch.
+        self.last_fits: dict[str, ggd.GGDParams] = {}
+
+    # ------------------------------------------------------------------ schedule
+    def should_skip(self, epoch: int) -> bool:
+        """Whether ``epoch`` is sampled instead of trained."""
+        return self.strategy.should_skip(epoch, self.total_epochs)
+
+    def skipped_epochs(self) -> list[int]:
+        """The epochs this run samples."""
+        return self.strategy.skipped_epochs(self.total_epochs)
+
+    def expected_saving(self) -> float:
+        """Expected fraction of epochs sampled (their forward and backward are not done)."""
+        return self.strategy.expected_saving(self.total_epochs)
+
+    def describe(self) -> dict[str, Any]:
+        """Strategy, savings and settings, for reports and metrics.json."""
+        out = dict(self.strategy.describe(self.total_epochs))
+        out.update(
+            update=self.update,
+            tolerance=self.tolerance,
+            tolerance_mode=self.tolerance_mode,
+            clamp=self.clamp,
+            beta_bounds=[b if math.isfinite(b) else None for b in self.beta_bounds],  # JSON-safe
+            update_scale=self.update_scale,
+            fit_method=self.fit_method,
+            guard_threshold=self.guard_threshold,
+        )
+        return out
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_start(self, total_epochs: int, steps_per_epoch: int) -> None:
+        if total_epochs != self.total_epochs:
+            warnings.warn(
+                f"GradSamp was built for {self.total_epochs} epochs but the run has "
+                f"{total_epochs}; using {total_epochs}",
+                stacklevel=2,
+            )
+            self.total_epochs = total_epochs
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Snapshot the parameters before a real epoch (into the reused buffer)."""
+        self._current_epoch = epoch
+        self._pending_rollback = None
+        if self.should_skip(epoch):
+            return
+        buf = self._buffer()
+        with torch.no_grad():
+            for b, (_, p) in zip(buf, self._params, strict=True):
+                b.copy_(p)
+        self._buf_kind, self._buf_epoch = "snapshot", epoch
+
+    def skip_epoch(self, epoch: int) -> bool:
+        return self.should_skip(epoch)
+
+    def replace_epoch(self, epoch: int) -> dict[str, Any]:
+        return self.sampled_update(epoch)
+
+    def after_evaluation(self, epoch: int, record: dict[str, Any]) -> bool:
+        """Trainer hook: apply the guard (if enabled) to a sampled epoch's validation loss."""
+        if self.guard_threshold is None or self._pending_rollback != epoch or self._last_val_loss is None:
+            return False
+        rolled_back = self.guard(self._last_val_loss, record["loss"])
+        record["guard"] = {
+            "loss_before": self._last_val_loss,
+            "loss_after": record["loss"],
+            "rolled_back": rolled_back,
+        }
+        return rolled_back
+
+    def on_epoch_end(self, epoch: int, record: dict[str, Any] | None = None) -> None:
+        """After a real epoch, turn the snapshot into the epoch's update (in place)."""
+        if record is not None and "loss" in record:
+            self._last_val_loss = float(record["loss"])
+        self._last_finished = epoch
+        if self._buf_kind == "snapshot" and self._buf_epoch == epoch:
+            assert self._buf is not None
+            with torch.no_grad():
+                for b, (_, p) in zip(self._buf, self._params, strict=True):
+                    b.neg_().add_(p)  # p - snapshot, exactly, without a temporary
+            self._buf_kind = "delta"
+
+    # ------------------------------------------------------------------ sampling
+    def sampled_update(self, epoch: int | None = None) -> dict[str, Any]:
+        """Add a sampled update to every trainable parameter; returns record fields.
+
+        The GGD of each tensor is fitted to the update of the most recent real epoch; the draw
+        comes from a generator seeded by ``(seed, epoch)``.
+        """
+        epoch = self._current_epoch if epoch is None else epoch
+        if epoch is None:
+            raise GreenpropError("sampled_update: pass the epoch (or call on_epoch_start first)")
+        if self._buf_kind != "delta" or self._buf is None:
+            raise RuntimeError(
+                "GradSamp has no real update to sample from: call on_epoch_start(epoch) and "
+                "on_epoch_end(epoch) around at least one real epoch first"
+            )
+        from_epoch = self._buf_epoch
+        guard = self.guard_threshold is not None
+        if guard and self.strategy.allow_consecutive and self._pre is None:
+            self._pre = [torch.empty_like(p) for _, p in self._params]
+        generators: dict[torch.device, torch.Generator] = {}
+        seed = _epoch_seed(self.seed, epoch)
+        mle_gen = torch.Generator().manual_seed(seed)
+        fits: dict[str, ggd.GGDParams] = {}
+        fallbacks: list[str] = []
+        ratios: list[float] = []
+        betas: list[float] = []
+        with torch.no_grad():
+            for i, (name, p) in enumerate(self._params):
+                delta = self._buf[i]
+                gen = generators.get(delta.device)
+                if gen is None:
+                    gen = torch.Generator(device=delta.device).manual_seed(seed)
+                    generators[delta.device] = gen
+                draw, fitted = self._draw(name, delta, gen, mle_gen)
+                if fitted is not None:
+                    fits[name] = fitted
+                    if fitted.fallback is not None:
+                        fallbacks.append(name)
+                    else:
+                        betas.append(fitted.beta)
+                real_std = float(delta.float().std()) if delta.numel() > 1 else 0.0
+                if real_std > 0 and math.isfinite(real_std):
+                    ratio = float(draw.float().std()) / real_std
+                    if math.isfinite(ratio):
+                        ratios.append(ratio)
+                if guard:
+                    (self._pre if self.strategy.allow_consecutive else self._buf)[i].copy_(p)
+                p.add_(draw.to(p.dtype))
+                del draw
+        if guard:
+            if not self.strategy.allow_consecutive:
+                self._buf_kind, self._buf_epoch = "pre_sample", epoch
+            self._pending_rollback = epoch
+        self.last_fits = fits
+        self.sampled_epochs.append(epoch)
+        self.fallback_count += len(fallbacks)
+        summary: dict[str, Any] = {
+            "from_epoch": from_epoch,
+            "update": self.update,
+            "tensors": len(self._params),
+            "fallbacks": len(fallbacks),
+            "fallback_tensors": fallbacks,
+            "beta_median": statistics.median(betas) if betas else None,
+            "draw_std_ratio_max": max(ratios) if ratios else None,
+        }
+        if self.record_fits:
+            summary["fits"] = {
+                n: {"loc": f.loc, "scale": f.scale, "beta": f.beta, "fallback": f.fallback}
+                for n, f in fits.items()
+            }
+        return {"sampled": True, "ggd": summary}
+
+    def _draw(
+        self,
+        name: str,
+        delta: torch.Tensor,
+        gen: torch.Generator,
+        mle_gen: torch.Generator,
+    ) -> tuple[torch.Tensor, ggd.GGDParams | None]:
+        work = torch.float64 if delta.dtype == torch.float64 else torch.float32
+        if self.update == "extrapolate":
+            if not bool(torch.isfinite(delta).all()):
+                warnings.warn(
+                    f"GradSamp: the last real update of {name!r} has NaN/Inf; using a zero update",
+                    ggd.GGDFitWarning,
+                    stacklevel=3,
+                )
+                return torch.zeros_like(delta, dtype=work), None
+            return delta.to(work) * self.update_scale, None
+
+        fitted = ggd.fit(delta, method=self.fit_method, name=name, generator=mle_gen)
+        if fitted.fallback is not None:
+            return torch.full_like(delta, fitted.loc, dtype=work) * self.update_scale, fitted
+        lo, hi = self.beta_bounds
+        beta = min(max(fitted.beta, lo), hi)
+        if self.tolerance_mode == "paper":
+            scale = fitted.scale + self.tolerance
+        elif self.tolerance_mode == "absolute":
+            scale = ggd.scale_for_std(fitted.std + self.tolerance, beta)
+        else:
+            scale = ggd.scale_for_std(fitted.std * (1.0 + self.tolerance), beta)
+        if self.update == "ggd":
+            draw = ggd.sample(ggd.GGDParams(fitted.loc, scale, beta), delta.shape, gen, dtype=work)
+        else:  # ggd-signed: magnitudes from the GGD, signs of the last real update
+            draw = ggd.sample(ggd.GGDParams(0.0, scale, beta), delta.shape, gen, dtype=work)
+            draw.abs_().mul_(torch.sign(delta.to(work) - fitted.loc)).add_(fitted.loc)
+        if self.clamp:
+            largest = float(delta.abs().max())
+            draw.clamp_(-largest, largest)
+        if self.update_scale != 1.0:
+            draw.mul_(self.update_scale)
+        return draw, fitted
+
+    # ------------------------------------------------------------------ guard
+    def guard(self, val_loss_before: float, val_loss_after: float) -> bool:
+        """Roll the last sampled epoch back if it made the validation loss worse.
+
+        Call it after evaluating a sampled epoch (before the next epoch starts). Rolls back
+        (restores the pre-sample parameters exactly) and returns True when ``val_loss_after``
+        is NaN/Inf or exceeds ``val_loss_before`` by more than ``guard_threshold *
+        |val_loss_before|``; otherwise returns False. Returns False when the last epoch was
+        not sampled.
+        """
+        if self.guard_threshold is None:
+            raise GreenpropError("GradSamp.guard needs guard_threshold (it is off)")
+        epoch = self._pending_rollback
+        if epoch is None:
+            return False
+        before, after = float(val_loss_before), float(val_loss_after)
+        rose = not math.isfinite(after) or (
+            math.isfinite(before) and after - before > self.guard_threshold * abs(before)
+        )
+        if not rose:
+            return False
+        source = self._pre if self.strategy.allow_consecutive else self._buf
+        assert source is not None
+        with torch.no_grad():
+            for s, (_, p) in zip(source, self._params, strict=True):
+                p.copy_(s)
+        self._pending_rollback = None
+        self.rolled_back_epochs.append(epoch)
+        return True
+
+    # ------------------------------------------------------------------ state
+    def _buffer(self) -> list[torch.Tensor]:
+        if self._buf is None:
+            self._buf = [torch.empty_like(p, memory_format=torch.preserve_format) for _, p in self._params]
+        return self._buf
+
+    def _next_epoch_samples(self) -> bool:
+        nxt = 0 if self._last_finished is None else self._last_finished + 1
+        return nxt < self.total_epochs and self.should_skip(nxt)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to skip the same epochs and draw the same samples.
+
+        The buffer (one copy of the parameters) is included only when it is still needed:
+        the next epoch is sampled, a rollback is pending, or a real epoch is in progress.
+        Tensors are returned by reference, like ``nn.Module.state_dict``.
+        """
+        need_buf = self._buf is not None and (
+            self._buf_kind == "snapshot"
+            or (self._buf_kind == "delta" and self._next_epoch_samples())
+            or (self._buf_kind == "pre_sample" and self._pending_rollback is not None)
+        )
+        need_pre = self._pre is not None and self._pending_rollback is not None
+        return {
+            "format": _STATE_FORMAT,
+            "strategy": self.strategy.spec,
+            "allow_consecutive": self.strategy.allow_consecutive,
+            "strategy_seed": int(self.strategy.seed),
+            "seed": self.seed,
+            "total_epochs": self.total_epochs,
+            "names": [n for n, _ in self._params],
+            "buffer_kind": self._buf_kind if need_buf else "empty",
+            "buffer_epoch": self._buf_epoch if need_buf else None,
+            "buffer": list(self._buf) if need_buf and self._buf is not None else None,
+            "pre_buffer": list(self._pre) if need_pre and self._pre is not None else None,
+            "pending_rollback": self._pending_rollback,
+            "current_epoch": self._current_epoch,
+            "last_finished": self._last_finished,
+            "sampled_epochs": list(self.sampled_epochs),
+            "rolled_back_epochs": list(self.rolled_back_epochs),
+            "fallback_count": self.fallback_count,
+            "last_val_loss": self._last_val_loss,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; refuses a state from another strategy, seed or model."""
+        if state.get("format") != _STATE_FORMAT:
+            raise GreenpropError(f"GradSamp state has format {state.get('format')!r}, expected 1")
+        mine = (self.strategy.spec, self.strategy.allow_consecutive, int(self.strategy.seed), self.seed)
+        theirs = (state["strategy"], state["allow_consecutive"], state["strategy_seed"], state["seed"])
+        if mine != theirs:
+            raise GreenpropError(
+                "GradSamp state was saved with (strategy, allow_consecutive, strategy seed, seed) "
+                f"= {theirs}, this run uses {mine}"
+            )
+        names = [n for n, _ in self._params]
+        if list(state["names"]) != names:
+            raise GreenpropError("GradSamp state was saved for a model with other parameters")
+        kind = state["buffer_kind"]
+        if kind != "empty":
+            buf = self._buffer()
+            with torch.no_grad():
+                for b, saved in zip(buf, _checked(state["buffer"], buf), strict=True):
+                    b.copy_(saved)
+        if state.get("pre_buffer") is not None:
+            if self._pre is None:
+                self._pre = [torch.empty_like(p) for _, p in self._params]
+            with torch.no_grad():
+                for b, saved in zip(self._pre, _checked(state["pre_buffer"], self._pre), strict=True):
+                    b.copy_(saved)
+        self._buf_kind = kind
+        self._buf_epoch = state["buffer_epoch"]
+        self._pending_rollback = state["pending_rollback"]
+        self._current_epoch = state["current_epoch"]
+        self._last_finished = state["last_finished"]
+        self.sampled_epochs = list(state["sampled_epochs"])
+        self.rolled_back_epochs = list(state["rolled_back_epochs"])
+        self.fallback_count = int(state["fallback_count"])
+        self._last_val_loss = state.get("last_val_loss")
+
+    def extra_repr(self) -> str:
+        return (
+            f"strategy={self.strategy.label}, update={self.update}, tolerance={self.tolerance:g} "
+            f"({self.tolerance_mode}), clamp={self.clamp}, beta_bounds={self.beta_bounds}"
+        )
+
+    def __repr__(self) -> str:
+        return f"GradSamp({self.extra_repr()})"
+
+
+def _checked(saved: list[torch.Tensor] | None, like: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    if saved is None or len(saved) != len(like):
+        raise GreenpropError("GradSamp state has a missing or mismatched buffer")
+    for s, b in zip(saved, like, strict=True):
+        if tuple(s.shape) != tuple(b.shape):
+            raise GreenpropError(
+                f"GradSamp state buffer has shape {tuple(s.shape)}, expected {tuple(b.shape)}"
+            )
+        yield s
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_bounds(bounds: object) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in bounds)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise GreenpropError(f"beta_bounds must be a pair (low, high), got {bounds!r}") from None
+    if not (0.0 <= lo < hi) or math.isnan(hi):
+        raise GreenpropError(f"beta_bounds must satisfy 0 <= low < high, got {bounds!r}")
+    return lo, hi
