@@ -36,5 +36,14 @@ test-slow: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 
+# Speed benchmarks (minutes; run on a quiet machine). The malloc tunables avoid page
+# faults on fresh allocations in backward; they apply to every variant alike.
+BENCH_ENV := GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184
+bench: setup
+	mkdir -p runs/bench
+	$(BENCH_ENV) $(PY) benchmarks/ssprop_layers.py --threads 2 --round-to 1 16 --json runs/bench/layers.json
+	$(BENCH_ENV) $(PY) benchmarks/ssprop_step.py --threads 2 --json runs/bench/step.json
+	$(BENCH_ENV) $(PY) benchmarks/ssprop_step.py --threads 2 --channels-last --json runs/bench/step_cl.json
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,139 @@
+"""The ssProp benchmark scripts run, and their zero-overhead reference is a correct floor.
+
+The reference (``NarrowConv2d``, first-k channels, no ranking/gather/scatter) must
+compute exactly what greenprop's sparse backward computes when greenprop's top-k
+happens to be the first k channels; otherwise the step benchmark's "b within 3% of
+c" compares two different computations.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from greenprop.ssprop import SparseConv2d
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _import(name: str) -> ModuleType:
+    """Import a benchmark script as a module (they import each other by plain name)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The scripts' --threads calls torch.set_num_threads, which is process-wide."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def step_module() -> ModuleType:
+    return _import("ssprop_step")
+
+
+@pytest.fixture(scope="module")
+def layers_module() -> ModuleType:
+    return _import("ssprop_layers")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_reference_equals_greenprop_when_topk_is_first_k(step_module, channels_last, stride):
+    torch.manual_seed(0)
+    c_in, c_out, keep = 6, 10, 0.4
+    sparse = SparseConv2d(c_in, c_out, 3, stride=stride, padding=1, bias=True, keep=keep)
+    k = sparse.k_for()
+    reference = step_module.NarrowConv2d(c_in, c_out, 3, stride=stride, padding=1, bias=True, narrow_k=k)
+    reference.load_state_dict(sparse.state_dict())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    sparse.to(memory_format=fmt)
+    reference.to(memory_format=fmt)
+    x = torch.randn(3, c_in, 9, 9).contiguous(memory_format=fmt).requires_grad_(True)
+
+    out_s, out_r = sparse(x), reference(x)
+    assert torch.equal(out_s, out_r)
+    dy = torch.randn_like(out_s)
+    dy[:, :k] *= 100.0  # the first k channels dominate, so greenprop's top-k is exactly them
+    grads_s = torch.autograd.grad(out_s, (x, sparse.weight, sparse.bias), dy)
+    grads_r = torch.autograd.grad(out_r, (x, reference.weight, reference.bias), dy)
+
+    for name, gs, gr in zip(("input", "weight", "bias"), grads_s, grads_r, strict=True):
+        assert torch.equal(gs, gr), name
+    assert not grads_r[1][k:].any() and not grads_r[2][k:].any()
+    assert grads_r[1][:k].abs().sum() > 0
+
+
+def test_reference_is_dense_at_full_k_and_without_grad(step_module):
+    conv = step_module.NarrowConv2d(4, 8, 3, padding=1, narrow_k=8)
+    plain = torch.nn.Conv2d(4, 8, 3, padding=1)
+    plain.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 4, 5, 5)
+    assert torch.equal(conv(x), plain(x))
+    conv.narrow_k = 3
+    with torch.no_grad():
+        assert conv(x).grad_fn is None
+
+
+def test_apply_reference_converts_the_same_layers_in_place(step_module):
+    base = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+    first = base[0]
+    step_module.apply_reference(base, {"0": 5})
+    assert base[0] is first and type(first) is step_module.NarrowConv2d and first.narrow_k == 5
+    assert type(base[2]) is torch.nn.Conv2d
+    with pytest.raises(TypeError, match="expected a plain"):
+        step_module.apply_reference(base, {"1": 2})
+
+
+def test_step_benchmark_runs_tiny(step_module, tmp_path, capsys):
+    out = tmp_path / "step.json"
+    argv = ["--batch", "2", "--rounds", "1", "--warmup", "0", "--width", "8", "--image-size", "16"]
+    result = step_module.main([*argv, "--keeps", "0.4", "--threads", "1", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "GLIBC_TUNABLES" in printed and "| keep |" in printed and "--image-size 16" in printed
+    (row,) = result["results"]
+    assert row["layers_converted"] == 20  # every conv of ResNet-18; the head stays dense
+    assert row["k_total"] < row["channels_total"]
+    assert row["flops_b_over_a"] == pytest.approx(row["flops_c_over_a"])  # same k, same counted work
+    assert row["flops_b_over_a"] < 1.0
+    assert all(len(t) == 1 and t[0] > 0 for t in row["per_round_s"].values())
+    assert json.loads(out.read_text())["results"][0]["keep"] == 0.4
+
+
+def test_layer_benchmark_runs_tiny(layers_module, tmp_path, capsys):
+    out = tmp_path / "layers.json"
+    argv = ["--shapes", "small", "--batch", "2", "--repeats", "1", "--warmup", "0", "--keeps", "1", "0.4"]
+    result = layers_module.main([*argv, "--round-to", "1", "16", "--threads", "1", "--json", str(out)])
+    assert "| conv" in capsys.readouterr().out
+    rows = result["results"]
+    shapes = layers_module.resnet18_shapes(8, 8)
+    assert len(rows) == len(shapes) * 2 * 2
+    for row in rows:
+        assert 1 <= row["k"] <= row["channels"]
+        assert row["of_ideal"] == pytest.approx(row["speedup"] * row["k"] / row["channels"])
+    assert any(row["reused_from_round_to"] == 1 for row in rows)  # round_to 16 caps at C for tiny layers
+    assert len(json.loads(out.read_text())["results"]) == len(rows)
+
+
+def test_resnet18_shapes_match_the_model():
+    from greenprop import models
+
+    layers = _import("ssprop_layers")
+    model = models.create("resnet18", in_channels=3, image_size=32)
+    convs = {
+        (m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0])
+        for m in model.modules()
+        if isinstance(m, torch.nn.Conv2d) and m.in_channels != 3
+    }
+    listed = {(s.c_in, s.c_out, s.kernel, s.stride) for s in layers.resnet18_shapes()}
+    assert listed == convs
