@@ -1,4 +1,4 @@
-"""The ``greenprop`` command line: train, compare, and list what is available."""
+"""The ``greenprop`` command line: train, compare, check GradSamp's GGD hypothesis, list what exists."""
 
 from __future__ import annotations
 
@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, help="output folder (default: runs/<model>-<method>-seed<N>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
     train.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    train.add_argument(
+        "--strategy",
+        help="GradSamp shorthand: --strategy pe:5 means --method gradsamp:strategy=pe:5 "
+        "(only with --method gradsamp[:...] or no --method)",
+    )
 
     compare = sub.add_parser(
         "compare",
@@ -114,15 +119,53 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", type=Path, help="output folder (default: runs/compare-<preset|model>)")
     compare.add_argument("--overwrite", action="store_true", help="rerun runs already in --out")
 
+    check = sub.add_parser(
+        "ggd-check",
+        help="test GradSamp's GGD hypothesis on a run's epoch updates (paper Figs. 2-3)",
+        description="Train one configuration and, for chosen epochs, fit a Generalized Gaussian to "
+        "every parameter tensor's update theta(k) - theta(k-1) and run a KS test; writes "
+        "OUT/ggd_check.{csv,json,md} and OUT/ggd_hist_epoch<k>.png (the run itself in OUT/run).",
+    )
+    _add_train_options(check)
+    check.add_argument(
+        "--check-epochs", nargs="+", type=int, help="1-based epochs to check (default: first, middle, last)"
+    )
+    check.add_argument("--layers", nargs="+", help="parameter names or glob patterns (default: all)")
+    check.add_argument("--max-layers", type=int, help="check at most this many tensors (model order)")
+    check.add_argument("--alpha", type=float, default=0.05, help="KS significance level (default: 0.05)")
+    check.add_argument(
+        "--fit", choices=("moments", "mle"), default="moments", help="GGD estimator (default: moments)"
+    )
+    check.add_argument("--log-y", action="store_true", help="log-scale density axes in the histograms")
+    check.add_argument(
+        "--out", type=Path, help="output folder (default: runs/ggd-check-<model>-<method>-seed<N>)"
+    )
+    check.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+
     sub.add_parser("methods", help="list the methods and their options")
     sub.add_parser("presets", help="list the compare presets")
     return parser
 
 
+def _with_strategy(method: str | None, strategy: str) -> str:
+    """``--strategy X`` is sugar for ``gradsamp:strategy=X`` (merged into a gradsamp --method)."""
+    from greenprop.methods import MethodSpec, parse_method
+
+    spec = parse_method(method or "gradsamp")
+    if spec.name != "gradsamp":
+        raise GreenpropError(f"--strategy is a GradSamp option but --method is {method!r}")
+    if "strategy" in spec.options:
+        raise GreenpropError(f"--strategy {strategy} and a strategy in --method {method!r}: give it once")
+    return MethodSpec("gradsamp", {**spec.options, "strategy": strategy.strip()}).label
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     from greenprop.train.trainer import Trainer
 
-    config = TrainConfig(**_config_overrides(args))
+    overrides = _config_overrides(args)
+    if args.strategy is not None:
+        overrides["method"] = _with_strategy(overrides.get("method"), args.strategy)
+    config = TrainConfig(**overrides)
     out = args.out or Path("runs") / f"{config.model}-{_slug(config.method)}-seed{config.seed}"
     trainer = Trainer(config, out, resume=args.resume, overwrite=args.overwrite)
     if config.progress:
@@ -162,6 +205,36 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> None:
     print(format_table(aggregate(results)))
     print()
     print("report: " + "  ".join(str(p) for p in paths.values()))
+
+
+def _cmd_ggd_check(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from greenprop.gradsamp.check import format_rows, ggd_check, summary_lines
+
+    config = TrainConfig(**_config_overrides(args))
+    out = args.out or Path("runs") / f"ggd-check-{config.model}-{_slug(config.method)}-seed{config.seed}"
+    result = ggd_check(
+        config,
+        out,
+        epochs_to_check=args.check_epochs,
+        layers=args.layers,
+        max_layers=args.max_layers,
+        alpha=args.alpha,
+        fit_method=args.fit,
+        progress=config.progress,
+        log_y=args.log_y,
+        overwrite=args.overwrite,
+        command="greenprop " + shlex.join(argv),
+    )
+    print()
+    if len(result.rows) <= 40:
+        print(format_rows(result.rows))
+    else:
+        worst = sorted(result.rows, key=lambda r: r.p)[:10]
+        print(f"{len(result.rows)} rows (all in {result.paths['csv']}); the 10 lowest p-values:")
+        print(format_rows(worst))
+    print()
+    print("\n".join(summary_lines(result)))
+    print("report: " + "  ".join(str(p) for p in result.paths.values()))
 
 
 def _cmd_methods() -> None:
@@ -204,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _cmd_train(args)
         elif args.command == "compare":
             _cmd_compare(args, argv)
+        elif args.command == "ggd-check":
+            _cmd_ggd_check(args, argv)
         elif args.command == "methods":
             _cmd_methods()
         elif args.command == "presets":
