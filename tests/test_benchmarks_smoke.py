@@ -137,3 +137,9 @@ def test_resnet18_shapes_match_the_model():
     }
     listed = {(s.c_in, s.c_out, s.kernel, s.stride) for s in layers.resnet18_shapes()}
     assert listed == convs
+
+
+def test_gradsamp_epoch_benchmark_runs():
+    result = _import("gradsamp_epoch").main(["--model", "mlp", "--steps", "1", "--repeats", "1", "--batch", "8"])
+    assert result["sampled_epoch_s"] > 0 and result["real_epoch_s"] > 0
+    assert result["ratio"] == pytest.approx(result["sampled_epoch_s"] / result["real_epoch_s"])
