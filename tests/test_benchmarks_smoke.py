@@ -140,6 +140,8 @@ def test_resnet18_shapes_match_the_model():
 
 
 def test_gradsamp_epoch_benchmark_runs():
-    result = _import("gradsamp_epoch").main(["--model", "mlp", "--steps", "1", "--repeats", "1", "--batch", "8"])
+    result = _import("gradsamp_epoch").main(
+        ["--model", "mlp", "--steps", "1", "--repeats", "1", "--batch", "8"]
+    )
     assert result["sampled_epoch_s"] > 0 and result["real_epoch_s"] > 0
     assert result["ratio"] == pytest.approx(result["sampled_epoch_s"] / result["real_epoch_s"])
