@@ -121,3 +121,10 @@ def test_methods_and_presets_list(capsys):
     assert "baseline" in capsys.readouterr().out
     assert main(["presets"]) == 0
     assert "demo" in capsys.readouterr().out
+
+
+def test_compare_checks_every_method_before_training(tmp_path, capsys):
+    args = ["compare", *QUICK, "--methods", "baseline", "ssprop:keep=1.5", "--out", str(tmp_path / "c")]
+    assert main(args) == 2
+    assert "keep" in _error_line(capsys)
+    assert not (tmp_path / "c" / "baseline").exists()  # nothing was trained

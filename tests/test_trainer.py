@@ -122,8 +122,6 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, digits)
         lr=0.05,
         dropout=0.2,
         progress=False,
-        subset=512,
-        test_subset=128,
     )
     whole = Trainer(config, tmp_path / "whole", data=digits)
     whole.fit()
@@ -247,3 +245,38 @@ def test_ssprop_runs_through_the_trainer_and_saves_counted_flops(quick_config, d
     assert fwd[0] == fwd[1]
     assert bwd[1] < 0.85 * bwd[0]
     assert sparse["epochs"][0]["keep"] == pytest.approx(0.5)
+
+
+def test_flops_are_recounted_when_the_keep_changes_within_an_epoch(quick_config, digits):
+    # bar schedule stepped per iteration with period 2: dense step, sparse step, ...
+    config = quick_config.replace(epochs=1, method="ssprop:keep=1,schedule=bar,min_keep=0.25,period=2")
+    steady = quick_config.replace(epochs=1, method="ssprop:keep=0.25")
+    dense = Trainer(quick_config.replace(epochs=1), data=digits).fit()["summary"]["flops"]["backward"]
+    mixed = Trainer(config, data=digits).fit()["summary"]["flops"]["backward"]
+    sparse = Trainer(steady, data=digits).fit()["summary"]["flops"]["backward"]
+    assert sparse["value"] < mixed["value"] < dense["value"]
+    # 1437 samples in 23 steps of 64: even steps are dense (11 full + the last 29), odd sparse.
+    n = len(digits.train)
+    dense_samples = 11 * 64 + (n - 22 * 64)
+    expected = (dense["value"] * dense_samples + sparse["value"] * (n - dense_samples)) / n
+    assert mixed["value"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_nan_test_loss_stops_the_run_before_saving(tmp_path, quick_config, digits):
+    class Poison(Controller):
+        name = "poison"
+
+        def skip_epoch(self, epoch: int) -> bool:
+            return epoch == 1
+
+        def replace_epoch(self, epoch: int) -> dict[str, Any]:
+            with torch.no_grad():
+                next(trainer.model.parameters()).fill_(float("nan"))
+            return {}
+
+    trainer = Trainer(quick_config, tmp_path, controllers=[Poison()], data=digits)
+    with pytest.raises(GreenpropError, match="test loss is nan after epoch 2"):
+        trainer.fit()
+    saved = json.loads((tmp_path / METRICS).read_text())
+    assert len(saved["epochs"]) == 1
+    assert ckpt.load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 1

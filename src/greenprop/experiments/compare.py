@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from greenprop import data as gp_data
+from greenprop import models as gp_models
 from greenprop.errors import GreenpropError
-from greenprop.methods import parse_method
+from greenprop.methods import MethodSpec, build_method, parse_method
 from greenprop.train.checkpoint import ensure_writable_dir
 from greenprop.train.config import TrainConfig
 from greenprop.train.trainer import CHECKPOINT, METRICS, Trainer
@@ -53,6 +55,28 @@ def _existing_metrics(run_dir: Path, config: TrainConfig, overwrite: bool) -> di
     return metrics if metrics.get("complete") else None
 
 
+def _validate_up_front(
+    base: TrainConfig, specs: list[MethodSpec], seeds: list[int], data: gp_data.DatasetPair
+) -> None:
+    """Fail on a bad seed or method option now, not hours into the comparison."""
+    for seed in seeds:
+        base.replace(seed=seed)
+    info = data.info
+    steps = -(-len(data.train) // base.batch_size)
+    for spec in specs:
+        scratch = gp_models.create(
+            base.model,
+            num_classes=info.num_classes,
+            in_channels=info.in_channels,
+            image_size=info.image_size,
+            width=base.width,
+            dropout=base.dropout,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            build_method(spec, scratch, epochs=base.epochs, steps_per_epoch=steps, seed=seeds[0])
+
+
 def run_compare(
     base: TrainConfig,
     methods: list[str],
@@ -69,6 +93,9 @@ def run_compare(
     if len(set(seeds)) != len(seeds):
         raise GreenpropError(f"seeds must be distinct, got {seeds}")
     specs = [parse_method(m) for m in methods]
+    if "baseline" not in [s.name for s in specs]:
+        print("compare: adding the dense baseline, which every saving is measured against")
+        specs.insert(0, parse_method("baseline"))
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
         raise GreenpropError(f"methods must be distinct, got {labels}")
@@ -76,6 +103,7 @@ def run_compare(
     data = gp_data.load(
         base.dataset, data_dir=base.data_dir, subset=base.subset, test_subset=base.test_subset
     )
+    _validate_up_front(base, specs, seeds, data)
     results = []
     total = len(specs) * len(seeds)
     for i, (spec, seed) in enumerate(((s, seed) for s in specs for seed in seeds), start=1):

@@ -136,6 +136,10 @@ class SSProp(Controller):
         self._epoch_steps += 1
         self._epoch_keep_sum += keep
 
+    def flops_key(self, epoch: int, step: int) -> float | None:
+        """The step's keep: the trainer recounts FLOPs whenever it changes."""
+        return self._current
+
     def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
         if self._epoch_steps:
             keep = self._epoch_keep_sum / self._epoch_steps

@@ -7,6 +7,7 @@ nothing, so a controller overrides only what it needs.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 
@@ -48,6 +49,15 @@ class Controller:
 
     def on_step_start(self, epoch: int, step: int) -> None:
         """Called before the forward pass of every training step."""
+
+    def flops_key(self, epoch: int, step: int) -> Hashable:
+        """What the step's FLOPs depend on (e.g. ssProp's current keep), after on_step_start.
+
+        The trainer counts FLOPs again (outside the timed phases) whenever the key of
+        any controller changes, so schedules that change within an epoch are counted
+        right. The default, None, means the controller never changes the FLOPs.
+        """
+        return None
 
     def on_step_end(self, epoch: int, step: int, loss: float) -> None:
         """Called after the optimizer step of every training step."""

@@ -12,6 +12,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from greenprop import data as gp_data
 from greenprop import models as gp_models
 from greenprop.errors import GreenpropError
-from greenprop.metering import EnergyMeter, PhaseTimer, Quantity, count_flops_per_sample
+from greenprop.metering import EnergyMeter, FlopCount, PhaseTimer, Quantity, count_flops_per_sample
 from greenprop.methods import build_method, parse_method
 from greenprop.train.checkpoint import (
     ensure_writable_dir,
@@ -103,6 +104,8 @@ class Trainer:
         if config.deterministic:
             torch.use_deterministic_algorithms(True)
         self.method = parse_method(config.method)
+        if data is not None:
+            _check_preloaded(data, config)
         self.data = data or gp_data.load(
             config.dataset,
             data_dir=config.data_dir,
@@ -134,6 +137,7 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
         self.energy_meter = EnergyMeter(self.device, watts=config.watts)
+        self._flops_cache: dict[tuple[Hashable, ...], FlopCount] = {}
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         if checkpoint is not None:
@@ -146,7 +150,9 @@ class Trainer:
                 raise GreenpropError("resume needs an output directory")
             return None
         if resume:
-            return load_checkpoint(self.out_dir / CHECKPOINT)
+            state = load_checkpoint(self.out_dir / CHECKPOINT)
+            ensure_writable_dir(self.out_dir)
+            return state
         if (self.out_dir / METRICS).exists() and not overwrite:
             raise GreenpropError(
                 f"{self.out_dir} already holds results; pass --resume to continue them "
@@ -222,9 +228,10 @@ class Trainer:
         return metrics
 
     def _run_epoch(self, epoch: int) -> dict[str, Any]:
-        for controller in self.controllers:
-            controller.on_epoch_start(epoch)
         timer = PhaseTimer(self.device)
+        with timer.phase("hooks"):  # a method's own overhead counts in its train time
+            for controller in self.controllers:
+                controller.on_epoch_start(epoch)
         record: dict[str, Any] = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
         replacer = next((ctl for ctl in self.controllers if ctl.skip_epoch(epoch)), None)
         if replacer is not None:
@@ -245,6 +252,12 @@ class Trainer:
                 record["rolled_back_by"] = controller.name
                 with timer.phase("eval"):
                     record.update(self._evaluate())
+        if not math.isfinite(record["loss"]):
+            what = f"the update of {record['replaced_by']}" if record["replaced_by"] else "training"
+            raise GreenpropError(
+                f"test loss is {record['loss']} after epoch {epoch + 1} ({what}); "
+                "the last good checkpoint is kept"
+            )
         record["flops"] = {k: Quantity(v, "FLOP", "counted", source).to_dict() for k, v in flops.items()}
         record["time"] = {k: q.to_dict() for k, q in timer.to_quantities().items()}
         return record
@@ -266,7 +279,7 @@ class Trainer:
         model.train()
         generator = torch.Generator().manual_seed(c.seed * _SEED_STRIDE + epoch)
         batches = iterate_batches(self.data.train, c.batch_size, generator=generator)
-        per_sample = None
+        flops = {"forward": 0.0, "backward": 0.0}
         loss_sum, samples, correct = 0.0, 0, 0
         bar = tqdm(
             total=self.steps_per_epoch,
@@ -282,12 +295,12 @@ class Trainer:
             with timer.phase("data"):
                 x, y = next(batches)
                 x, y = prepare_inputs(x, self.device, c.channels_last), y.to(self.device)
-            if per_sample is None:  # counted outside the timed phases; it is slow
-                per_sample = count_flops_per_sample(
-                    self.model, x, y, self.loss_fn, max_samples=c.flops_samples
-                )
-            for controller in self.controllers:
-                controller.on_step_start(epoch, step)
+            with timer.phase("hooks"):
+                for controller in self.controllers:
+                    controller.on_step_start(epoch, step)
+            per_sample = self._flops_per_sample(epoch, step, x, y)
+            flops["forward"] += per_sample.forward * len(y)
+            flops["backward"] += per_sample.backward * len(y)
             with timer.phase("forward"):
                 logits = model(x)
                 loss = self.loss_fn(logits, y)
@@ -302,8 +315,9 @@ class Trainer:
                     f"training diverged: loss is {loss_value} at epoch {epoch + 1} step {step + 1} "
                     f"(try a lower lr than {c.lr}); the last good checkpoint is kept"
                 )
-            for controller in self.controllers:
-                controller.on_step_end(epoch, step, loss_value)
+            with timer.phase("hooks"):
+                for controller in self.controllers:
+                    controller.on_step_end(epoch, step, loss_value)
             loss_sum += loss_value * len(y)
             correct += int((logits.detach().argmax(1) == y).sum())
             samples += len(y)
@@ -318,13 +332,23 @@ class Trainer:
             train_loss=loss_sum / samples,
             train_acc=100.0 * correct / samples,
         )
-        assert per_sample is not None
-        flops = {"forward": per_sample.forward * samples, "backward": per_sample.backward * samples}
         source = (
             f"torch.utils.flop_counter.FlopCounterMode on {min(c.flops_samples, c.batch_size)} "
-            f"samples at epoch start, x {samples} samples"
+            "samples, recounted whenever a method changes what a step computes, x samples run"
         )
         return flops, source
+
+    def _flops_per_sample(self, epoch: int, step: int, x: torch.Tensor, y: torch.Tensor) -> FlopCount:
+        """Counted FLOPs of one sample's step, cached by the controllers' flops keys.
+
+        Counting runs outside the timed phases: FlopCounterMode slows a step many times.
+        """
+        key = tuple(controller.flops_key(epoch, step) for controller in self.controllers)
+        if key not in self._flops_cache:
+            self._flops_cache[key] = count_flops_per_sample(
+                self.model, x, y, self.loss_fn, max_samples=self.config.flops_samples
+            )
+        return self._flops_cache[key]
 
     # ----------------------------------------------------------------- reporting
     def _report_epoch(self, record: dict[str, Any]) -> None:
@@ -358,6 +382,16 @@ class Trainer:
             "epochs": self.history,
             "summary": summarize(self.history),
         }
+
+
+def _check_preloaded(data: gp_data.DatasetPair, config: TrainConfig) -> None:
+    """Preloaded data must be what the config describes, or metrics.json would lie."""
+    if data.info.name != config.dataset.lower().replace("_", "-"):
+        raise GreenpropError(f"preloaded data is {data.info.name!r} but dataset={config.dataset!r}")
+    for name, split, wanted in (("subset", data.train, config.subset),
+                                ("test_subset", data.test, config.test_subset)):
+        if wanted is not None and len(split) != wanted:
+            raise GreenpropError(f"preloaded data has {len(split)} examples but {name}={wanted}")
 
 
 def _sum_quantities(items: list[dict[str, Any]], unit: str) -> dict[str, Any]:
