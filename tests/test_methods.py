@@ -16,6 +16,7 @@ def _echo(model, options, *, epochs, steps_per_epoch, seed):
 
 
 register_method("echo-test", _echo, help="test method")
+register_method("echo-test2", _echo, help="second test method")
 
 
 def test_parse_plain_name():
@@ -45,3 +46,16 @@ def test_baseline_rejects_options():
     spec = parse_method("baseline:keep=0.5")
     with pytest.raises(GreenpropError, match="keep"):
         build_method(spec, nn.Linear(2, 2), epochs=1, steps_per_epoch=1, seed=0)
+
+
+def test_methods_combine_with_semicolons():
+    spec = parse_method("echo-test:a=1; echo-test2:b=2")
+    assert [p.name for p in spec.parts] == ["echo-test", "echo-test2"]
+    assert spec.label == "echo-test:a=1;echo-test2:b=2"
+    assert parse_method(spec.label) == spec
+
+
+@pytest.mark.parametrize("bad", ["baseline;echo-test", "echo-test;echo-test", "echo-test;"])
+def test_bad_combinations_are_errors(bad):
+    with pytest.raises(GreenpropError):
+        parse_method(bad)

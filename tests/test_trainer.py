@@ -280,3 +280,12 @@ def test_a_nan_test_loss_stops_the_run_before_saving(tmp_path, quick_config, dig
     saved = json.loads((tmp_path / METRICS).read_text())
     assert len(saved["epochs"]) == 1
     assert ckpt.load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 1
+
+
+def test_gradsamp_and_ssprop_combine(quick_config, digits):
+    config = quick_config.replace(epochs=4, method="gradsamp:strategy=pe:2;ssprop:keep=0.5")
+    trainer = Trainer(config, data=digits)
+    assert [c.name for c in trainer.controllers] == ["gradsamp", "ssprop"]
+    metrics = trainer.fit()
+    assert [r["replaced_by"] for r in metrics["epochs"]] == [None, None, "gradsamp", None]
+    assert metrics["epochs"][0]["keep"] == pytest.approx(0.5)

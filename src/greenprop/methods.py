@@ -20,14 +20,21 @@ from greenprop.train.hooks import Controller
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A parsed method spec: its registered name and raw string options."""
+    """A parsed method spec: its registered name and raw string options.
+
+    Several methods combine with ``;`` (``gradsamp:strategy=pe:5;ssprop:keep=0.6``):
+    the combination's ``parts`` are applied in order and their controllers all run.
+    """
 
     name: str
     options: dict[str, str] = field(default_factory=dict)
+    parts: tuple[MethodSpec, ...] = ()
 
     @property
     def label(self) -> str:
         """The spec as written back, used to name runs and table rows."""
+        if self.parts:
+            return ";".join(part.label for part in self.parts)
         if not self.options:
             return self.name
         return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.options.items())
@@ -97,7 +104,19 @@ def available_methods() -> list[str]:
 
 
 def parse_method(spec: str) -> MethodSpec:
-    """Parse ``name[:key=value,...]``; errors name the malformed part."""
+    """Parse ``name[:key=value,...]`` or several joined by ``;``; errors name the bad part."""
+    if ";" in spec:
+        parts = tuple(_parse_single(part) for part in spec.split(";"))
+        names = [part.name for part in parts]
+        if "baseline" in names:
+            raise GreenpropError(f"'baseline' cannot be combined with other methods ({spec!r})")
+        if len(set(names)) != len(names):
+            raise GreenpropError(f"a method appears twice in {spec!r}")
+        return MethodSpec("+".join(names), {}, parts)
+    return _parse_single(spec)
+
+
+def _parse_single(spec: str) -> MethodSpec:
     spec = spec.strip()
     name, _, rest = spec.partition(":")
     if not name:
@@ -117,6 +136,14 @@ def build_method(
     spec: MethodSpec, model: nn.Module, *, epochs: int, steps_per_epoch: int, seed: int
 ) -> list[Controller]:
     """Apply ``spec`` to ``model`` in place; bad options become one clear GreenpropError."""
+    if spec.parts:
+        return [
+            controller
+            for part in spec.parts
+            for controller in build_method(
+                part, model, epochs=epochs, steps_per_epoch=steps_per_epoch, seed=seed
+            )
+        ]
     method = get_method(spec.name)
     try:
         return method.builder(
