@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from greenprop import data as gp_data
-from greenprop import models as gp_models
 from greenprop.errors import GreenpropError
 from greenprop.methods import MethodSpec, build_method, parse_method
 from greenprop.train.checkpoint import ensure_writable_dir
 from greenprop.train.config import TrainConfig
-from greenprop.train.trainer import CHECKPOINT, METRICS, Trainer
+from greenprop.train.trainer import CHECKPOINT, METRICS, Trainer, create_model
 
 
 @dataclass(frozen=True)
@@ -61,17 +60,9 @@ def _validate_up_front(
     """Fail on a bad seed or method option now, not hours into the comparison."""
     for seed in seeds:
         base.replace(seed=seed)
-    info = data.info
     steps = -(-len(data.train) // base.batch_size)
     for spec in specs:
-        scratch = gp_models.create(
-            base.model,
-            num_classes=info.num_classes,
-            in_channels=info.in_channels,
-            image_size=info.image_size,
-            width=base.width,
-            dropout=base.dropout,
-        )
+        scratch = create_model(base, data.info)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             build_method(spec, scratch, epochs=base.epochs, steps_per_epoch=steps, seed=seeds[0])

@@ -52,6 +52,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def create_model(config: TrainConfig, info: gp_data.DatasetInfo) -> nn.Module:
+    """The zoo model ``config`` names, shaped for the dataset ``info`` describes."""
+    return gp_models.create(
+        config.model,
+        num_classes=info.num_classes,
+        in_channels=info.in_channels,
+        image_size=info.image_size,
+        width=config.width,
+        dropout=config.dropout,
+    )
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """What the timings depend on, recorded next to them."""
     info: dict[str, Any] = {
@@ -112,16 +124,8 @@ class Trainer:
             subset=config.subset,
             test_subset=config.test_subset,
         )
-        info = self.data.info
         torch.manual_seed(config.seed)
-        self.model: nn.Module = gp_models.create(
-            config.model,
-            num_classes=info.num_classes,
-            in_channels=info.in_channels,
-            image_size=info.image_size,
-            width=config.width,
-            dropout=config.dropout,
-        ).to(self.device)
+        self.model: nn.Module = create_model(config, self.data.info).to(self.device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.steps_per_epoch = math.ceil(len(self.data.train) / config.batch_size)
