@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
+from greenprop import Controller
 from greenprop.cli import main
+from greenprop.methods import register_method
 
 QUICK = [
     "--dataset",
@@ -128,3 +131,41 @@ def test_compare_checks_every_method_before_training(tmp_path, capsys):
     assert main(args) == 2
     assert "keep" in _error_line(capsys)
     assert not (tmp_path / "c" / "baseline").exists()  # nothing was trained
+
+
+class _Poison(Controller):
+    """Replaces epoch 1 by setting every weight to NaN: a method that diverges."""
+
+    name = "poison"
+
+    def __init__(self, model):
+        self.model = model
+
+    def skip_epoch(self, epoch: int) -> bool:
+        return epoch == 1
+
+    def replace_epoch(self, epoch: int) -> dict:
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.fill_(float("nan"))
+        return {}
+
+
+register_method("poison-test", lambda model, options, **_: [_Poison(model)], help="diverges")
+
+
+def test_compare_records_a_diverged_method_and_goes_on(tmp_path, capsys):
+    out_dir = tmp_path / "cmp"
+    args = ["compare", *QUICK, "--epochs", "2", "--methods", "baseline", "poison-test",
+            "--seeds", "0", "1", "--out", str(out_dir)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "diverged" in printed
+    rows = {r["method"]: r for r in json.loads((out_dir / "results.json").read_text())["rows"]}
+    assert rows["poison-test"]["diverged"] == 2 and rows["poison-test"]["acc1_mean"] is None
+    assert rows["baseline"]["diverged"] == 0 and rows["baseline"]["acc1_mean"] > 0
+    saved = json.loads((out_dir / "poison-test" / "seed0" / "metrics.json").read_text())
+    assert saved["diverged"]["epoch"] == 1 and len(saved["epochs"]) == 1
+    # A second run reuses the recorded divergence instead of diverging again.
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("finished earlier, reusing") == 4

@@ -9,3 +9,10 @@ class GreenpropError(ValueError):
     The CLI prints ``greenprop: error: <message>`` and exits with code 2 instead of
     showing a traceback.
     """
+
+
+class TrainingDiverged(GreenpropError):
+    """Training produced a non-finite loss; the last good checkpoint is kept.
+
+    ``compare`` records such a run as diverged and goes on with the others.
+    """

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from greenprop import data as gp_data
-from greenprop.errors import GreenpropError
+from greenprop.errors import GreenpropError, TrainingDiverged
 from greenprop.methods import MethodSpec, build_method, parse_method
 from greenprop.train.checkpoint import ensure_writable_dir
 from greenprop.train.config import TrainConfig
@@ -51,7 +51,7 @@ def _existing_metrics(run_dir: Path, config: TrainConfig, overwrite: bool) -> di
             f"{run_dir} holds a run with other options ({', '.join(diff)}); "
             "use another --out or pass --overwrite"
         )
-    return metrics if metrics.get("complete") else None
+    return metrics if metrics.get("complete") or metrics.get("diverged") else None
 
 
 def _validate_up_front(
@@ -108,6 +108,10 @@ def run_compare(
             verb = "resuming" if resume else "training"
             print(f"[{i}/{total}] {verb} {spec.label} seed {seed} -> {run_dir}", flush=True)
             trainer = Trainer(config, run_dir, resume=resume, overwrite=overwrite, data=data)
-            metrics = trainer.fit()
+            try:
+                metrics = trainer.fit()
+            except TrainingDiverged as err:
+                print(f"[{i}/{total}] {spec.label} seed {seed} diverged ({err}); recorded, going on")
+                metrics = json.loads((run_dir / METRICS).read_text())
         results.append(RunResult(spec.label, seed, run_dir, metrics))
     return results

@@ -19,7 +19,9 @@ def plot_accuracy_vs_saving(rows: list[dict[str, Any]], path: Path) -> None:
     """Final top-1 accuracy (mean ± std over seeds) against the FLOPs saved."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in rows:
-        saving = row["flops_saved_pct"] or 0.0
+        if row["acc1_mean"] is None or row["flops_saved_pct"] is None:
+            continue  # diverged everywhere, or no baseline to measure a saving against
+        saving = row["flops_saved_pct"]
         ax.errorbar(
             saving, row["acc1_mean"], yerr=row["acc1_std"] or 0.0, fmt="o", capsize=4, label=row["method"]
         )
@@ -45,7 +47,9 @@ def plot_curves(results: list[RunResult], path: Path) -> None:
         by_method[r.method].append(r)
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for method, runs in by_method.items():
-        epochs = [r.metrics["epochs"] for r in runs]
+        epochs = [r.metrics["epochs"] for r in runs if not r.metrics.get("diverged")]
+        if not epochs:
+            continue
         n = min(len(e) for e in epochs)
         x = np.arange(1, n + 1)
         acc = np.mean([[rec["acc1"] for rec in e[:n]] for e in epochs], axis=0)

@@ -27,42 +27,47 @@ def _total(metrics: dict[str, Any], *path: str) -> dict[str, Any] | None:
     return node
 
 
+def _method_row(method: str, runs: list[RunResult]) -> dict[str, Any]:
+    """Statistics over the runs that finished; diverged runs are only counted."""
+    finished = [r for r in runs if not r.metrics.get("diverged")]
+    row: dict[str, Any] = {"method": method, "seeds": [r.seed for r in runs],
+                           "diverged": len(runs) - len(finished)}
+    if not finished:
+        return {**row, "epochs": None, "epochs_replaced": None, "acc1_mean": None, "acc1_std": None,
+                "acc5_mean": None, "acc5_std": None, "tflops_forward": None, "tflops_backward": None,
+                "train_time_s": None, "energy_j": None, "energy_kind": "unavailable",
+                "energy_source": "every run diverged"}
+    summaries = [r.metrics["summary"] for r in finished]
+    acc1, acc1_std = _mean_std([s["acc1"] for s in summaries])
+    acc5, acc5_std = _mean_std([s["acc5"] for s in summaries])
+    energies = [s["energy"] for s in summaries]
+    energy_known = all(e["value"] is not None for e in energies)
+    return {
+        **row,
+        "epochs": summaries[0]["epochs_run"],
+        "epochs_replaced": statistics.fmean(s["epochs_replaced"] for s in summaries),
+        "acc1_mean": acc1,
+        "acc1_std": acc1_std,
+        "acc5_mean": acc5,
+        "acc5_std": acc5_std,
+        "tflops_forward": statistics.fmean(s["flops"]["forward"]["value"] for s in summaries) / TERA,
+        "tflops_backward": statistics.fmean(s["flops"]["backward"]["value"] for s in summaries) / TERA,
+        "train_time_s": statistics.fmean(s["time"]["train"]["value"] for s in summaries),
+        "energy_j": statistics.fmean(e["value"] for e in energies) if energy_known else None,
+        "energy_kind": energies[0]["kind"] if energy_known else "unavailable",
+        "energy_source": energies[0]["source"],
+    }
+
+
 def aggregate(results: list[RunResult], baseline: str = "baseline") -> list[dict[str, Any]]:
     """One row per method: accuracy mean/std, FLOPs, time, energy and savings vs baseline."""
     by_method: dict[str, list[RunResult]] = defaultdict(list)
     for r in results:
         by_method[r.method].append(r)
-    rows = []
-    for method, runs in by_method.items():
-        summaries = [r.metrics["summary"] for r in runs]
-        acc1, acc1_std = _mean_std([s["acc1"] for s in summaries])
-        acc5, acc5_std = _mean_std([s["acc5"] for s in summaries])
-        fwd = statistics.fmean(s["flops"]["forward"]["value"] for s in summaries)
-        bwd = statistics.fmean(s["flops"]["backward"]["value"] for s in summaries)
-        train_time = statistics.fmean(s["time"]["train"]["value"] for s in summaries)
-        energies = [s["energy"] for s in summaries]
-        energy_known = all(e["value"] is not None for e in energies)
-        rows.append(
-            {
-                "method": method,
-                "seeds": [r.seed for r in runs],
-                "epochs": summaries[0]["epochs_run"],
-                "epochs_replaced": statistics.fmean(s["epochs_replaced"] for s in summaries),
-                "acc1_mean": acc1,
-                "acc1_std": acc1_std,
-                "acc5_mean": acc5,
-                "acc5_std": acc5_std,
-                "tflops_forward": fwd / TERA,
-                "tflops_backward": bwd / TERA,
-                "train_time_s": train_time,
-                "energy_j": statistics.fmean(e["value"] for e in energies) if energy_known else None,
-                "energy_kind": energies[0]["kind"] if energy_known else "unavailable",
-                "energy_source": energies[0]["source"],
-            }
-        )
+    rows = [_method_row(method, runs) for method, runs in by_method.items()]
     base = next((row for row in rows if row["method"] == baseline), None)
     for row in rows:
-        if base is None:
+        if base is None or base["acc1_mean"] is None or row["acc1_mean"] is None:
             row.update(flops_saved_pct=None, backward_saved_pct=None, time_ratio=None)
             continue
         base_total = base["tflops_forward"] + base["tflops_backward"]
@@ -73,8 +78,11 @@ def aggregate(results: list[RunResult], baseline: str = "baseline") -> list[dict
     return rows
 
 
-def _pm(mean: float, std: float | None) -> str:
-    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+def _pm(mean: float | None, std: float | None, diverged: int = 0) -> str:
+    if mean is None:
+        return "diverged"
+    text = f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+    return f"{text} ({diverged} diverged)" if diverged else text
 
 
 def _opt(value: float | None, fmt: str) -> str:
@@ -105,10 +113,10 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
                 r["method"],
                 _opt(r["flops_saved_pct"], ".1f") + ("%" if r["flops_saved_pct"] is not None else ""),
                 _opt(r["backward_saved_pct"], ".1f") + ("%" if r["backward_saved_pct"] is not None else ""),
-                _pm(r["acc1_mean"], r["acc1_std"]),
+                _pm(r["acc1_mean"], r["acc1_std"], r["diverged"]),
                 _pm(r["acc5_mean"], r["acc5_std"]),
-                f"{r['tflops_forward']:.4g} / {r['tflops_backward']:.4g}",
-                f"{r['train_time_s']:.1f}",
+                f"{_opt(r['tflops_forward'], '.4g')} / {_opt(r['tflops_backward'], '.4g')}",
+                _opt(r["train_time_s"], ".1f"),
                 _opt(r["time_ratio"], ".3f"),
                 energy,
             ]

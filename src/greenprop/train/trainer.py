@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from greenprop import data as gp_data
 from greenprop import models as gp_models
-from greenprop.errors import GreenpropError
+from greenprop.errors import GreenpropError, TrainingDiverged
 from greenprop.metering import EnergyMeter, FlopCount, PhaseTimer, Quantity, count_flops_per_sample
 from greenprop.methods import build_method, parse_method
 from greenprop.train.checkpoint import (
@@ -217,7 +217,13 @@ class Trainer:
         for epoch in range(self.start_epoch, c.epochs):
             torch.manual_seed(c.seed * _SEED_STRIDE + epoch)
             energy_meter.start()
-            record = self._run_epoch(epoch)
+            try:
+                record = self._run_epoch(epoch)
+            except TrainingDiverged as err:
+                if self.out_dir is not None:  # say so next to the results kept so far
+                    diverged = {"epoch": epoch, "reason": str(err)}
+                    write_json(self.metrics(complete=False, diverged=diverged), self.out_dir / METRICS)
+                raise
             record["energy"] = energy_meter.stop().to_dict()
             for controller in self.controllers:
                 controller.on_epoch_end(epoch, record)
@@ -258,7 +264,7 @@ class Trainer:
                     record.update(self._evaluate())
         if not math.isfinite(record["loss"]):
             what = f"the update of {record['replaced_by']}" if record["replaced_by"] else "training"
-            raise GreenpropError(
+            raise TrainingDiverged(
                 f"test loss is {record['loss']} after epoch {epoch + 1} ({what}); "
                 "the last good checkpoint is kept"
             )
@@ -315,7 +321,7 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
-                raise GreenpropError(
+                raise TrainingDiverged(
                     f"training diverged: loss is {loss_value} at epoch {epoch + 1} step {step + 1} "
                     f"(try a lower lr than {c.lr}); the last good checkpoint is kept"
                 )
@@ -373,11 +379,12 @@ class Trainer:
         parts.append(f"{seconds:.1f} s")
         print("  ".join(parts), flush=True)
 
-    def metrics(self, *, complete: bool) -> dict[str, Any]:
+    def metrics(self, *, complete: bool, diverged: dict[str, Any] | None = None) -> dict[str, Any]:
         """The run's metrics: config, environment, per-epoch records and a summary."""
         return {
             "format": 1,
             "complete": complete,
+            "diverged": diverged,
             "config": self.config.to_dict(),
             "method": {"name": self.method.name, "options": self.method.options, "label": self.method.label},
             "environment": environment(self.device),

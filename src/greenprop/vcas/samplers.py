@@ -1,0 +1,230 @@
+"""Pure samplers of VCAS (variance-controlled adaptive sampling), no state.
+
+VCAS replaces two exact sums in the backward pass by unbiased estimates that touch
+fewer rows:
+
+* **data dimension** (:func:`activation_sample`): a block's input gradient is a stack of
+  per-sample gradients; keep sample ``i`` with probability ``p_i`` and scale it by
+  ``1/p_i``. The weight gradient of every earlier layer is a sum over samples, so its
+  expectation is unchanged while the dropped rows cost nothing further back.
+* **token dimension** (:func:`sampled_weight_grad`): a Linear layer's
+  ``grad_W = dy^T x = sum_t dy_t^T x_t`` is a sum over tokens; keep token ``t`` with
+  probability ``p_t`` from its leverage score ``||dy_t|| * ||x_t||`` and rescale.
+
+Both are Horvitz-Thompson estimators: ``E[sum_{kept} a_i / p_i] = sum_i a_i`` for any
+``p_i > 0`` (and ``p_i = 0`` is harmless where ``a_i = 0``). For an expected count
+``sum p_i = k`` the variance ``sum_i ||a_i||^2 (1/p_i - 1)`` is smallest when ``p_i`` is
+proportional to ``||a_i||`` (Lagrange multiplier), subject to ``p_i <= 1``: that is the
+"soft top-k" of :func:`soft_topk_probabilities`. Large items are kept surely, small
+ones occasionally with a large weight.
+
+All randomness comes from an optional ``torch.Generator`` (on the tensors' device), so
+a seeded generator reproduces a draw exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from greenprop.errors import GreenpropError
+
+__all__ = [
+    "activation_sample",
+    "leverage_sample",
+    "leverage_scores",
+    "sample_mask",
+    "sample_rows",
+    "sampled_weight_grad",
+    "soft_topk_probabilities",
+]
+
+
+def _prob_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 at least (bf16/fp16 probabilities would make 1/p too coarse), float64 kept."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _check_ratio(ratio: float) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 < ratio <= 1.0:
+        raise GreenpropError(f"ratio must be a number in (0, 1], got {ratio!r}")
+    return float(ratio)
+
+
+def soft_topk_probabilities(scores: Tensor, k: float) -> Tensor:
+    """Inclusion probabilities ``p_i = min(1, c * s_i)`` with ``c`` such that ``sum p = k``.
+
+    This "water-filling" solution minimises the Horvitz-Thompson variance
+    ``sum s_i^2 (1/p_i - 1)`` among all ``p`` with expected count ``k`` (see the module
+    docstring); the items capped at 1 are the largest scores, kept surely.
+
+    Zero scores get ``p = 0`` (dropping a zero row adds no variance) unless fewer than
+    ``k`` scores are positive: then every positive item gets 1 and the remaining
+    ``k - n_positive`` is spread uniformly over the zero-score items, so the expected
+    count is still exactly ``k``. At ``k = N`` the result is exactly all ones.
+
+    Args:
+        scores: 1-D, finite, non-negative importance scores (any real dtype).
+        k: expected number of kept items, in ``(0, N]``; need not be an integer.
+
+    Returns:
+        Probabilities in ``[0, 1]`` (float32, or float64 for float64 scores), summing
+        to ``k`` up to float rounding, on the scores' device.
+    """
+    if not isinstance(scores, Tensor) or scores.dim() != 1:
+        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise GreenpropError(f"scores must be a 1-D tensor, got {shape}")
+    n = scores.numel()
+    if n == 0:
+        raise GreenpropError("scores must not be empty")
+    if scores.dtype.is_complex or scores.dtype == torch.bool:
+        raise GreenpropError(f"scores must be real numbers, got dtype {scores.dtype}")
+    if isinstance(k, bool) or not isinstance(k, numbers.Real) or not 0.0 < k <= n:
+        raise GreenpropError(f"k must be a number in (0, {n}], got {k!r}")
+    out_dtype = _prob_dtype(scores.dtype)
+    s = scores.to(torch.float64)
+    if not bool(torch.isfinite(s).all()):
+        raise GreenpropError(f"scores must be finite, got {scores[~torch.isfinite(s)][0].item()!r}")
+    if bool((s < 0).any()):
+        raise GreenpropError(f"scores must be >= 0, got {scores[s < 0][0].item()!r}")
+    k = float(k)
+    if k >= n:
+        return torch.ones(n, dtype=out_dtype, device=scores.device)
+
+    positive = s > 0
+    n_pos = int(positive.sum())
+    if k >= n_pos:
+        # Fewer positive scores than k: keep them all, spread the rest over the zeros.
+        fill = (k - n_pos) / (n - n_pos)  # n_pos <= k < n, so there is at least one zero
+        return torch.where(positive, 1.0, fill).to(out_dtype)
+
+    # k < n_pos. Sort descending; with the m largest capped at 1 the others get
+    # c_m * s_i with c_m = (k - m) / tail_m, tail_m = sum of sorted[m:]. The answer is
+    # the smallest m whose first uncapped item fits: (k - m) * sorted[m] <= tail_m.
+    # m = ceil(k) - 1 always fits (k - m <= 1 and tail_m >= sorted[m]), so one exists.
+    sorted_s, order = torch.sort(s, descending=True)
+    tail = sorted_s.flip(0).cumsum(0).flip(0)
+    m_all = torch.arange(n, device=s.device, dtype=torch.float64)
+    fits = ((k - m_all) * sorted_s <= tail) & (m_all < k)
+    fits[math.ceil(k) - 1] = True  # guard against rounding in the inequality above
+    m = int(fits.to(torch.uint8).argmax())  # first True
+    c = (k - m) / tail[m]
+    p = (c * s).clamp_(max=1.0)
+    p[order[:m]] = 1.0
+    return p.to(out_dtype)
+
+
+def _check_probs(probs: Tensor) -> None:
+    if not isinstance(probs, Tensor) or not probs.dtype.is_floating_point:
+        what = probs.dtype if isinstance(probs, Tensor) else type(probs).__name__
+        raise GreenpropError(f"probs must be a floating-point tensor, got {what}")
+    bad = ~((probs >= 0) & (probs <= 1))  # also catches NaN
+    if bool(bad.any()):
+        raise GreenpropError(f"probs must lie in [0, 1], got {probs[bad][0].item()!r}")
+
+
+def sample_mask(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Independent Bernoulli draws: ``True`` with probability ``probs`` (any shape).
+
+    ``p = 1`` is always kept and ``p = 0`` never (uniform draws lie in ``[0, 1)``).
+    """
+    _check_probs(probs)
+    u = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype)
+    return u < probs
+
+
+def sample_rows(probs: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Kept row indices (int64, ascending) and their Horvitz-Thompson scales ``1/p``.
+
+    Multiplying each kept row by its scale and dropping the others gives an unbiased
+    estimate of any sum over rows. The result may be empty when ``sum p`` is small.
+    """
+    if isinstance(probs, Tensor) and probs.dim() != 1:
+        raise GreenpropError(f"probs must be a 1-D tensor, got shape {tuple(probs.shape)}")
+    idx = sample_mask(probs, generator).nonzero().squeeze(1)
+    return idx, probs.index_select(0, idx).reciprocal()
+
+
+def activation_sample(
+    grad: Tensor, ratio: float, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Sample rows (dim 0, the data dimension) of a gradient by their norms.
+
+    The score of sample ``i`` is ``||grad[i]||`` over all other dims, the expected count
+    is ``ratio * N`` (soft top-k), and the returned ``(idx, scale)`` give the kept rows
+    and their ``1/p`` factors, so ``grad[idx] * scale`` scattered back is an unbiased
+    estimate of ``grad``. At ``ratio = 1`` every row is returned with scale 1, without
+    drawing from ``generator``.
+    """
+    ratio = _check_ratio(ratio)
+    if not isinstance(grad, Tensor) or grad.dim() < 1 or grad.shape[0] == 0:
+        shape = tuple(grad.shape) if isinstance(grad, Tensor) else type(grad).__name__
+        raise GreenpropError(f"grad must be a tensor with at least one row, got {shape}")
+    n = grad.shape[0]
+    dtype = _prob_dtype(grad.dtype)
+    if ratio >= 1.0:
+        return torch.arange(n, device=grad.device), torch.ones(n, dtype=dtype, device=grad.device)
+    norms = torch.linalg.vector_norm(grad.reshape(n, -1), dim=1, dtype=dtype)
+    return sample_rows(soft_topk_probabilities(norms, ratio * n), generator)
+
+
+def _token_matrices(grad_out: Tensor, inp: Tensor) -> tuple[Tensor, Tensor]:
+    """``(T, out)`` and ``(T, in)`` views of a Linear's output gradient and input."""
+    if grad_out.dim() < 1 or inp.dim() < 1 or grad_out.shape[:-1] != inp.shape[:-1]:
+        raise GreenpropError(
+            "grad_out (..., out) and inp (..., in) must share their leading dims, got "
+            f"{tuple(grad_out.shape)} and {tuple(inp.shape)}"
+        )
+    return grad_out.reshape(-1, grad_out.shape[-1]), inp.reshape(-1, inp.shape[-1])
+
+
+def leverage_scores(grad_out: Tensor, inp: Tensor) -> Tensor:
+    """Per-token leverage ``||dy_t|| * ||x_t||`` of a Linear layer (leading dims flattened).
+
+    ``||dy_t^T x_t||_F = ||dy_t|| * ||x_t||``: the norm of token ``t``'s term in
+    ``grad_W``, hence the variance-optimal sampling score for that sum.
+    """
+    dy, x = _token_matrices(grad_out, inp)
+    dtype = _prob_dtype(torch.promote_types(dy.dtype, x.dtype))
+    return torch.linalg.vector_norm(dy, dim=1, dtype=dtype) * torch.linalg.vector_norm(x, dim=1, dtype=dtype)
+
+
+def leverage_sample(
+    grad_out: Tensor, inp: Tensor, ratio: float, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Kept token indices and ``1/p`` scales for ``grad_W``, expected count ``ratio * T``.
+
+    At ``ratio = 1`` all tokens with scale 1, without drawing from ``generator``.
+    """
+    ratio = _check_ratio(ratio)
+    dy, x = _token_matrices(grad_out, inp)
+    t = dy.shape[0]
+    if t == 0:
+        raise GreenpropError("grad_out and inp must hold at least one token")
+    if ratio >= 1.0:
+        dtype = _prob_dtype(torch.promote_types(dy.dtype, x.dtype))
+        return torch.arange(t, device=dy.device), torch.ones(t, dtype=dtype, device=dy.device)
+    scores = leverage_scores(grad_out, inp)
+    return sample_rows(soft_topk_probabilities(scores, ratio * t), generator)
+
+
+def sampled_weight_grad(
+    grad_out: Tensor, inp: Tensor, ratio: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """Unbiased ``grad_W ~= dy^T x`` from a ``ratio`` fraction of tokens (leverage sampling).
+
+    The kept rows of ``dy`` and ``x`` are gathered and ``dy``'s rows scaled by ``1/p``,
+    then ONE dense ``(out x k) @ (k x in)`` matmul runs: the saving is real, nothing is
+    masked. At ``ratio = 1`` this is exactly ``dy^T x`` (no sampling). Returns
+    ``(out, in)`` in ``grad_out``'s dtype.
+    """
+    ratio = _check_ratio(ratio)
+    dy, x = _token_matrices(grad_out, inp)
+    if ratio >= 1.0:
+        return dy.t() @ x
+    idx, scale = leverage_sample(grad_out, inp, ratio, generator)
+    dy_k = dy.index_select(0, idx) * scale.to(dy.dtype).unsqueeze(1)
+    return dy_k.t() @ x.index_select(0, idx)

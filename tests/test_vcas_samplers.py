@@ -1,0 +1,265 @@
+"""VCAS samplers: soft top-k structure, unbiasedness by statistics, exactness, seeding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
+
+from greenprop.errors import GreenpropError
+from greenprop.vcas import (
+    activation_sample,
+    leverage_sample,
+    leverage_scores,
+    sample_mask,
+    sample_rows,
+    sampled_weight_grad,
+    soft_topk_probabilities,
+)
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+DRAWS = 4000
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# soft_topk_probabilities
+
+
+score_lists = st.lists(
+    st.one_of(st.just(0.0), st.floats(2**-10, 1e4, width=32)),
+    min_size=1,
+    max_size=40,
+)
+
+
+@SETTINGS
+@given(values=score_lists, frac=st.floats(0.01, 1.0))
+def test_soft_topk_water_filling_properties(values: list[float], frac: float) -> None:
+    s = torch.tensor(values, dtype=torch.float32)
+    n = s.numel()
+    k = frac * n
+    p = soft_topk_probabilities(s, k)
+    assert p.shape == s.shape and p.dtype == torch.float32
+    assert bool(((p >= 0) & (p <= 1)).all())
+    assert math.isclose(p.sum().item(), k, rel_tol=1e-5, abs_tol=1e-5)
+    pos = s > 0
+    n_pos = int(pos.sum())
+    if k <= n_pos:
+        # zero scores are never sampled; positive ones always can be
+        assert bool((p[~pos] == 0).all())
+        assert bool((p[pos] > 0).all())
+        # uncapped items share one constant c = p / s; capped items have c * s >= 1
+        free = pos & (p < 1)
+        if bool(free.any()):
+            c = p[free] / s[free]
+            torch.testing.assert_close(c, c.expand_as(c).mean().expand_as(c), rtol=1e-4, atol=0)
+            capped = p == 1
+            if bool(capped.any()):
+                assert (c.mean() * s[capped]).min().item() >= 1 - 1e-4
+                # the capped items are the largest scores
+                assert s[capped].min().item() >= s[free].max().item()
+    else:
+        # too few positive scores: all of them kept, the remainder spread evenly over zeros
+        assert bool((p[pos] == 1).all())
+        torch.testing.assert_close(p[~pos], torch.full_like(p[~pos], (k - n_pos) / (n - n_pos)))
+    # monotone: a larger score never gets a smaller probability
+    order = torch.argsort(s)
+    assert bool((p[order].diff() >= -1e-6).all())
+
+
+@SETTINGS
+@given(values=score_lists)
+def test_soft_topk_exact_ones_at_k_equal_n(values: list[float]) -> None:
+    s = torch.tensor(values)
+    p = soft_topk_probabilities(s, s.numel())
+    assert torch.equal(p, torch.ones_like(p))
+
+
+def test_soft_topk_known_values() -> None:
+    s = torch.tensor([10.0, 1.0, 1.0, 1.0])
+    # k = 0.5: nothing capped, p proportional to s
+    torch.testing.assert_close(soft_topk_probabilities(s, 0.5), s * 0.5 / 13)
+    # k = 2: the big item is capped, the other three share the remaining 1
+    torch.testing.assert_close(soft_topk_probabilities(s, 2), torch.tensor([1.0, 1 / 3, 1 / 3, 1 / 3]))
+    # float64 stays float64; integer scores are promoted
+    assert soft_topk_probabilities(s.double(), 2).dtype == torch.float64
+    assert soft_topk_probabilities(torch.tensor([3, 1, 0]), 1).dtype == torch.float32
+
+
+def test_soft_topk_zero_scores() -> None:
+    s = torch.tensor([3.0, 0.0, 0.0, 1.0])
+    torch.testing.assert_close(soft_topk_probabilities(s, 1.0), torch.tensor([0.75, 0.0, 0.0, 0.25]))
+    torch.testing.assert_close(soft_topk_probabilities(s, 2.0), torch.tensor([1.0, 0.0, 0.0, 1.0]))
+    torch.testing.assert_close(soft_topk_probabilities(s, 3.0), torch.tensor([1.0, 0.5, 0.5, 1.0]))
+    torch.testing.assert_close(soft_topk_probabilities(torch.zeros(4), 1.0), torch.full((4,), 0.25))
+
+
+@pytest.mark.parametrize(
+    ("scores", "k", "needle"),
+    [
+        (torch.ones(2, 2), 1, "1-D"),
+        (torch.ones(0), 1, "empty"),
+        (torch.tensor([1.0, float("nan")]), 1, "nan"),
+        (torch.tensor([1.0, float("inf")]), 1, "inf"),
+        (torch.tensor([1.0, -2.5]), 1, "-2.5"),
+        (torch.ones(3), 0, "got 0"),
+        (torch.ones(3), 3.5, "3.5"),
+        (torch.ones(3), -1, "-1"),
+        (torch.ones(3), True, "True"),
+        (torch.ones(3), float("nan"), "nan"),
+    ],
+)
+def test_soft_topk_bad_inputs_name_the_value(scores: torch.Tensor, k: float, needle: str) -> None:
+    with pytest.raises(GreenpropError, match=needle):
+        soft_topk_probabilities(scores, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# sample_mask / sample_rows
+
+
+def test_sample_mask_extremes_and_rates() -> None:
+    p = torch.tensor([0.0, 1.0, 0.3])
+    masks = torch.stack([sample_mask(p, _gen(i)) for i in range(2000)]).float()
+    assert masks[:, 0].sum() == 0 and masks[:, 1].sum() == 2000
+    rate = masks[:, 2].mean().item()
+    assert abs(rate - 0.3) <= 5 * math.sqrt(0.3 * 0.7 / 2000)
+
+
+def test_sample_rows_indices_and_scales() -> None:
+    p = torch.tensor([1.0, 0.5, 0.0, 0.25])
+    idx, scale = sample_rows(p, _gen(3))
+    assert idx.dtype == torch.int64 and bool((idx.diff() > 0).all())
+    assert 0 in idx.tolist() and 2 not in idx.tolist()
+    torch.testing.assert_close(scale, 1 / p[idx])
+
+
+@pytest.mark.parametrize(
+    "bad", [torch.tensor([0.5, 1.5]), torch.tensor([-0.1]), torch.tensor([float("nan")])]
+)
+def test_sample_mask_rejects_bad_probs(bad: torch.Tensor) -> None:
+    with pytest.raises(GreenpropError, match="probs"):
+        sample_mask(bad)
+
+
+def test_sample_rows_rejects_2d() -> None:
+    with pytest.raises(GreenpropError, match="1-D"):
+        sample_rows(torch.full((2, 2), 0.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# unbiasedness by statistics
+
+
+def _skewed_grad() -> torch.Tensor:
+    """(16, 3, 2) gradient with per-sample norms spread over two orders of magnitude."""
+    g = torch.randn(16, 3, 2, generator=_gen(11), dtype=torch.float64)
+    return g * torch.logspace(-1, 1, 16, dtype=torch.float64).view(16, 1, 1)
+
+
+def _assert_within(mean: torch.Tensor, exact: torch.Tensor, var: torch.Tensor, n: int) -> None:
+    bound = 5 * (var / n).sqrt() + 1e-9
+    err = (mean - exact).abs()
+    assert bool((err <= bound).all()), f"max err/bound {(err / bound).max().item():.2f}"
+
+
+def test_activation_sample_is_unbiased() -> None:
+    grad, ratio = _skewed_grad(), 0.3
+    n = grad.shape[0]
+    p = soft_topk_probabilities(grad.reshape(n, -1).norm(dim=1), ratio * n)
+    assert bool((p == 1).any()) and bool((p < 1).any())  # both regimes exercised
+    gen = _gen(1)
+    total = torch.zeros(grad.shape[1:], dtype=grad.dtype)
+    unscaled = torch.zeros_like(total)
+    for _ in range(DRAWS):
+        idx, scale = activation_sample(grad, ratio, gen)
+        rows = grad.index_select(0, idx)
+        total += (rows * scale.view(-1, 1, 1)).sum(0)
+        unscaled += rows.sum(0)
+    exact = grad.sum(0)
+    # Horvitz-Thompson variance per entry: sum_i a_i^2 (1/p_i - 1)
+    var = (grad.pow(2) * (1 / p - 1).view(-1, 1, 1)).sum(0)
+    _assert_within(total / DRAWS, exact, var, DRAWS)
+    # the bound is tight enough to catch the biased estimator without 1/p
+    err = (unscaled / DRAWS - exact).abs()
+    assert bool((err > 5 * (var / DRAWS).sqrt()).any())
+
+
+def test_sampled_weight_grad_is_unbiased() -> None:
+    dy = torch.randn(4, 8, 3, generator=_gen(5), dtype=torch.float64)
+    x = torch.randn(4, 8, 5, generator=_gen(6), dtype=torch.float64)
+    dy = dy * torch.logspace(-2, 1, 32, dtype=torch.float64).view(4, 8, 1)
+    ratio = 0.25
+    p = soft_topk_probabilities(leverage_scores(dy, x), ratio * 32)
+    assert bool((p == 1).any()) and bool((p < 1).any())
+    gen = _gen(2)
+    total = torch.zeros(3, 5, dtype=torch.float64)
+    for _ in range(DRAWS):
+        total += sampled_weight_grad(dy, x, ratio, gen)
+    d2, x2 = dy.reshape(32, 3), x.reshape(32, 5)
+    exact = d2.t() @ x2
+    terms = d2.unsqueeze(2) * x2.unsqueeze(1)  # (T, out, in): token t's term of grad_W
+    var = (terms.pow(2) * (1 / p - 1).view(-1, 1, 1)).sum(0)
+    _assert_within(total / DRAWS, exact, var, DRAWS)
+
+
+# ---------------------------------------------------------------------------------------------
+# exactness at ratio 1, leverage scores, the dense gathered matmul, seeding
+
+
+def test_ratio_one_is_exact_and_draws_nothing() -> None:
+    grad = torch.randn(6, 4)
+    gen = _gen(9)
+    state = gen.get_state()
+    idx, scale = activation_sample(grad, 1.0, gen)
+    assert torch.equal(idx, torch.arange(6)) and torch.equal(scale, torch.ones(6))
+    dy, x = torch.randn(2, 5, 3), torch.randn(2, 5, 4)
+    assert torch.equal(sampled_weight_grad(dy, x, 1.0, gen), dy.reshape(10, 3).t() @ x.reshape(10, 4))
+    idx, scale = leverage_sample(dy, x, 1, gen)
+    assert torch.equal(idx, torch.arange(10)) and torch.equal(scale, torch.ones(10))
+    assert torch.equal(gen.get_state(), state)
+
+
+def test_leverage_scores_are_row_norm_products() -> None:
+    dy, x = torch.randn(2, 5, 3), torch.randn(2, 5, 4)
+    expected = dy.reshape(10, 3).norm(dim=1) * x.reshape(10, 4).norm(dim=1)
+    torch.testing.assert_close(leverage_scores(dy, x), expected)
+    with pytest.raises(GreenpropError, match="leading dims"):
+        leverage_scores(torch.randn(2, 5, 3), torch.randn(2, 4, 4))
+
+
+def test_sampled_weight_grad_runs_one_smaller_matmul() -> None:
+    dy, x = torch.randn(64, 16), torch.randn(64, 32)
+    idx, _ = leverage_sample(dy, x, 0.25, _gen(4))
+    assert 0 < idx.numel() < 64
+    with FlopCounterMode(display=False) as counter:
+        gw = sampled_weight_grad(dy, x, 0.25, _gen(4))
+    assert gw.shape == (16, 32)
+    assert counter.get_total_flops() == 2 * 16 * 32 * idx.numel()
+
+
+def test_seeded_generator_reproduces_draws() -> None:
+    grad = _skewed_grad()
+    a = activation_sample(grad, 0.4, _gen(7))
+    b = activation_sample(grad, 0.4, _gen(7))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    draws = {tuple(activation_sample(grad, 0.4, _gen(s))[0].tolist()) for s in range(10)}
+    assert len(draws) > 1
+    dy, x = torch.randn(40, 3), torch.randn(40, 5)
+    assert torch.equal(sampled_weight_grad(dy, x, 0.3, _gen(8)), sampled_weight_grad(dy, x, 0.3, _gen(8)))
+
+
+@pytest.mark.parametrize("ratio", [0, 1.5, -0.1, True, float("nan")])
+def test_bad_ratio_is_named(ratio: float) -> None:
+    with pytest.raises(GreenpropError, match="ratio"):
+        activation_sample(torch.randn(4, 2), ratio)
+    with pytest.raises(GreenpropError, match="ratio"):
+        sampled_weight_grad(torch.randn(4, 2), torch.randn(4, 3), ratio)
