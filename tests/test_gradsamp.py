@@ -466,3 +466,12 @@ def test_every_option_has_help_and_the_method_registry_finds_it():
     spec = parse_method("gradsamp:strategy=dp:5,update=extrapolate")
     (gs,) = build_method(spec, _model(), epochs=40, steps_per_epoch=2, seed=0)
     assert gs.skipped_epochs() == [25, 31, 37] and gs.update == "extrapolate"
+
+
+def test_guard_zero_is_the_strictest_threshold_not_off():
+    from greenprop.gradsamp.method import build
+
+    model = nn.Linear(4, 2)
+    (strict,) = build(model, {"guard": "0"}, epochs=10, steps_per_epoch=1, seed=0)
+    (off,) = build(model, {"guard": "off"}, epochs=10, steps_per_epoch=1, seed=0)
+    assert strict.guard_threshold == 0.0 and off.guard_threshold is None

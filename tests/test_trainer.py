@@ -112,8 +112,11 @@ def test_hooks_are_called_in_order_and_can_replace_an_epoch(quick_config, digits
     assert before_epoch_1 is not None
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, digits):
-    # Dropout (RNG), BatchNorm (buffers), momentum (optimizer state), cosine LR (scheduler).
+@pytest.mark.parametrize("method", ["baseline", "ssprop:keep=0.5,selection=random"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, digits, method):
+    # Dropout (RNG), BatchNorm (buffers), momentum (optimizer state), cosine LR (scheduler);
+    # random channel selection draws from each layer's own generator, which the FLOP count
+    # (recounted after a resume) must not disturb.
     config = TrainConfig(
         model="cnn",
         dataset="digits",
@@ -122,6 +125,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, digits)
         lr=0.05,
         dropout=0.2,
         progress=False,
+        method=method,
     )
     whole = Trainer(config, tmp_path / "whole", data=digits)
     whole.fit()

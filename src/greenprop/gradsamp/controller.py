@@ -255,6 +255,7 @@ class GradSamp(Controller):
         if self.guard_threshold is None or self._pending_rollback != epoch or self._last_val_loss is None:
             return False
         rolled_back = self.guard(self._last_val_loss, record["loss"])
+        self._pending_rollback = None  # decided: checkpoints need not carry the pre-sample copy
         record["guard"] = {
             "loss_before": self._last_val_loss,
             "loss_after": record["loss"],
@@ -371,10 +372,14 @@ class GradSamp(Controller):
         beta = min(max(fitted.beta, lo), hi)
         if self.tolerance_mode == "paper":
             scale = fitted.scale + self.tolerance
-        elif self.tolerance_mode == "absolute":
-            scale = ggd.scale_for_std(fitted.std + self.tolerance, beta)
-        else:
-            scale = ggd.scale_for_std(fitted.std * (1.0 + self.tolerance), beta)
+        else:  # target the real update's own spread (an MLE fit's std can overflow)
+            real_std = float(delta.float().std())
+            target = (
+                real_std + self.tolerance
+                if self.tolerance_mode == "absolute"
+                else real_std * (1.0 + self.tolerance)
+            )
+            scale = ggd.scale_for_std(target, beta)
         if self.update == "ggd":
             draw = ggd.sample(ggd.GGDParams(fitted.loc, scale, beta), delta.shape, gen, dtype=work)
         else:  # ggd-signed: magnitudes from the GGD, signs of the last real update

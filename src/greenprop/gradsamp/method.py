@@ -108,7 +108,7 @@ def build(
             raise GreenpropError(f"gradsamp options beta_min={lo:g} and beta_max={hi:g}: need min < max")
         beta_bounds = (lo, hi)
     guard_text = opts.get("guard", "off").lower()
-    guard = None if guard_text in _FALSE | {"none"} else _float("guard", guard_text)
+    guard = None if guard_text in {"off", "none", "false", "no"} else _float("guard", guard_text)
     controller = GradSamp(
         model,
         strategy,

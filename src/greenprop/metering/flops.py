@@ -186,9 +186,7 @@ def _cuda_devices(*objs: Any) -> list[int]:
     found: set[int] = set()
     for obj in objs:
         tensors = (
-            list(obj.parameters()) + list(obj.buffers())
-            if isinstance(obj, nn.Module)
-            else _tensors(obj)
+            list(obj.parameters()) + list(obj.buffers()) if isinstance(obj, nn.Module) else _tensors(obj)
         )
         for tensor in tensors:
             if tensor.device.type == "cuda":
@@ -212,6 +210,13 @@ def _preserved_state(
     grads = [p.grad for p in params]
     py_state = random.getstate()
     np_state = np.random.get_state()
+    # Modules with their own generator (e.g. ssProp's random channel selection) must not
+    # see the count either, or a resumed run would draw differently.
+    generators = [
+        (gen, gen.get_state())
+        for module in model.modules()
+        if isinstance(gen := getattr(module, "generator", None), torch.Generator)
+    ]
     with torch.random.fork_rng(devices=devices):
         try:
             for p in params:
@@ -230,3 +235,5 @@ def _preserved_state(
                 module.training = mode
             random.setstate(py_state)
             np.random.set_state(np_state)
+            for gen, state in generators:
+                gen.set_state(state)

@@ -136,9 +136,14 @@ class SSProp(Controller):
         self._epoch_steps += 1
         self._epoch_keep_sum += keep
 
-    def flops_key(self, epoch: int, step: int) -> float | None:
-        """The step's keep: the trainer recounts FLOPs whenever it changes."""
-        return self._current
+    def flops_key(self, epoch: int, step: int) -> tuple[float, ...]:
+        """Each layer's kept fraction (k per layer, calibrated-dense as 1).
+
+        The trainer recounts FLOPs when this changes: integer ``k`` changes far less
+        often than a per-step float keep, and a layer that calibration turned dense is
+        counted dense.
+        """
+        return tuple(layer.kept_fraction() for layer in self.layers.values())
 
     def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
         if self._epoch_steps:
