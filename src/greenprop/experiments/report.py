@@ -30,13 +30,27 @@ def _total(metrics: dict[str, Any], *path: str) -> dict[str, Any] | None:
 def _method_row(method: str, runs: list[RunResult]) -> dict[str, Any]:
     """Statistics over the runs that finished; diverged runs are only counted."""
     finished = [r for r in runs if not r.metrics.get("diverged")]
-    row: dict[str, Any] = {"method": method, "seeds": [r.seed for r in runs],
-                           "diverged": len(runs) - len(finished)}
+    row: dict[str, Any] = {
+        "method": method,
+        "seeds": [r.seed for r in runs],
+        "diverged": len(runs) - len(finished),
+    }
     if not finished:
-        return {**row, "epochs": None, "epochs_replaced": None, "acc1_mean": None, "acc1_std": None,
-                "acc5_mean": None, "acc5_std": None, "tflops_forward": None, "tflops_backward": None,
-                "train_time_s": None, "energy_j": None, "energy_kind": "unavailable",
-                "energy_source": "every run diverged"}
+        return {
+            **row,
+            "epochs": None,
+            "epochs_replaced": None,
+            "acc1_mean": None,
+            "acc1_std": None,
+            "acc5_mean": None,
+            "acc5_std": None,
+            "tflops_forward": None,
+            "tflops_backward": None,
+            "train_time_s": None,
+            "energy_j": None,
+            "energy_kind": "unavailable",
+            "energy_source": "every run diverged",
+        }
     summaries = [r.metrics["summary"] for r in finished]
     acc1, acc1_std = _mean_std([s["acc1"] for s in summaries])
     acc5, acc5_std = _mean_std([s["acc5"] for s in summaries])
@@ -190,7 +204,8 @@ def write_report(
         "FLOPs are counted with PyTorch's FlopCounterMode (training forward and backward only) "
         "and savings are relative to the baseline's counted FLOPs. Train time is measured wall "
         "time of the training phases (data, forward, backward, optimizer, epoch replacement), "
-        f"without evaluation. Energy: {rows[0]['energy_kind']} ({rows[0]['energy_source']}).",
+        f"without evaluation; energy covers the same span. Energy: {rows[0]['energy_kind']} "
+        f"({rows[0]['energy_source']}).",
         "",
         f"![accuracy vs saving]({paths['saving_plot'].name})",
         "",

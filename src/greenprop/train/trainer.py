@@ -213,10 +213,8 @@ class Trainer:
         c = self.config
         for controller in self.controllers:
             controller.on_train_start(c.epochs, self.steps_per_epoch)
-        energy_meter = self.energy_meter
         for epoch in range(self.start_epoch, c.epochs):
             torch.manual_seed(c.seed * _SEED_STRIDE + epoch)
-            energy_meter.start()
             try:
                 record = self._run_epoch(epoch)
             except TrainingDiverged as err:
@@ -224,7 +222,6 @@ class Trainer:
                     diverged = {"epoch": epoch, "reason": str(err)}
                     write_json(self.metrics(complete=False, diverged=diverged), self.out_dir / METRICS)
                 raise
-            record["energy"] = energy_meter.stop().to_dict()
             for controller in self.controllers:
                 controller.on_epoch_end(epoch, record)
             self.history.append(record)
@@ -238,21 +235,15 @@ class Trainer:
         return metrics
 
     def _run_epoch(self, epoch: int) -> dict[str, Any]:
+        """One epoch. Energy covers the same work as "train time": not the evaluation."""
         timer = PhaseTimer(self.device)
-        with timer.phase("hooks"):  # a method's own overhead counts in its train time
-            for controller in self.controllers:
-                controller.on_epoch_start(epoch)
         record: dict[str, Any] = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
-        replacer = next((ctl for ctl in self.controllers if ctl.skip_epoch(epoch)), None)
-        if replacer is not None:
-            with timer.phase("replace"):
-                record.update(replacer.replace_epoch(epoch))
-            record.update(replaced_by=replacer.name, steps=0, samples=0, train_loss=None)
-            flops = {"forward": 0.0, "backward": 0.0}
-            source = f"no steps executed (epoch replaced by {replacer.name})"
-        else:
-            record["replaced_by"] = None
-            flops, source = self._train_epoch(epoch, timer, record)
+        self.energy_meter.start()
+        try:
+            flops, source = self._train_or_replace(epoch, timer, record)
+        finally:  # a failed epoch must not leave the meter running
+            energy = self.energy_meter.stop()
+        record["energy"] = energy.to_dict()
         self.scheduler.step()
         with timer.phase("eval"):
             record.update(self._evaluate())
@@ -271,6 +262,25 @@ class Trainer:
         record["flops"] = {k: Quantity(v, "FLOP", "counted", source).to_dict() for k, v in flops.items()}
         record["time"] = {k: q.to_dict() for k, q in timer.to_quantities().items()}
         return record
+
+    def _train_or_replace(
+        self, epoch: int, timer: PhaseTimer, record: dict[str, Any]
+    ) -> tuple[dict[str, float], str]:
+        """The epoch's work: the hooks, then real steps or a controller's replacement."""
+        with timer.phase("hooks"):  # a method's own overhead counts in its train time
+            for controller in self.controllers:
+                controller.on_epoch_start(epoch)
+        replacer = next((ctl for ctl in self.controllers if ctl.skip_epoch(epoch)), None)
+        if replacer is not None:
+            with timer.phase("replace"):
+                record.update(replacer.replace_epoch(epoch))
+            record.update(replaced_by=replacer.name, steps=0, samples=0, train_loss=None)
+            flops = {"forward": 0.0, "backward": 0.0}
+            source = f"no steps executed (epoch replaced by {replacer.name})"
+        else:
+            record["replaced_by"] = None
+            flops, source = self._train_epoch(epoch, timer, record)
+        return flops, source
 
     def _evaluate(self) -> dict[str, float]:
         return evaluate(
@@ -399,8 +409,10 @@ def _check_preloaded(data: gp_data.DatasetPair, config: TrainConfig) -> None:
     """Preloaded data must be what the config describes, or metrics.json would lie."""
     if data.info.name != config.dataset.lower().replace("_", "-"):
         raise GreenpropError(f"preloaded data is {data.info.name!r} but dataset={config.dataset!r}")
-    for name, split, wanted in (("subset", data.train, config.subset),
-                                ("test_subset", data.test, config.test_subset)):
+    for name, split, wanted in (
+        ("subset", data.train, config.subset),
+        ("test_subset", data.test, config.test_subset),
+    ):
         if wanted is not None and len(split) != wanted:
             raise GreenpropError(f"preloaded data has {len(split)} examples but {name}={wanted}")
 
