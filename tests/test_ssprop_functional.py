@@ -127,7 +127,14 @@ def conv_cases(draw, dtypes=(torch.float32, torch.bfloat16)):
     dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
     stride = (draw(st.integers(1, 3)), draw(st.integers(1, 2)))
     padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    dtype = draw(st.sampled_from(dtypes))
     extent = [dilation[i] * (k[i] - 1) + 1 - 2 * padding[i] for i in range(2)]
+    if dtype == torch.bfloat16:
+        # torch 2.13's CPU bf16 conv backward (oneDNN) returns uninitialised memory for
+        # kernel taps that only ever see padding (e.g. width 1, kernel 3, padding 1): dense
+        # autograd itself is wrong there, nondeterministically. Keep every tap on real
+        # input: the input is at least the dilated kernel and the stride.
+        extent = [max(dilation[i] * (k[i] - 1) + 1, stride[i]) for i in range(2)]
     h = draw(st.integers(max(1, extent[0]), max(1, extent[0]) + 6))
     w = draw(st.integers(max(1, extent[1]), max(1, extent[1]) + 6))
     return {
@@ -142,7 +149,7 @@ def conv_cases(draw, dtypes=(torch.float32, torch.bfloat16)):
         "groups": groups,
         "bias": draw(st.booleans()),
         "channels_last": draw(st.booleans()),
-        "dtype": draw(st.sampled_from(dtypes)),
+        "dtype": dtype,
         "seed": draw(st.integers(0, 2**16)),
     }
 
