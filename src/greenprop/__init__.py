@@ -4,6 +4,7 @@ Public API (methods are imported on first use, so ``import greenprop`` stays lig
 
 - ssProp: :func:`apply_ssprop`, :func:`remove_ssprop`, :class:`SSPropConfig`, :class:`SSProp`
 - GradSamp: :class:`GradSamp` (strategies in :mod:`greenprop.schedules`, GGD in :mod:`greenprop.ggd`)
+- VCAS: :func:`apply_vcas`, :func:`remove_vcas`, :class:`VCASConfig`, :class:`VCAS`
 - the trainer's hook interface :class:`Controller`, and :class:`Quantity` for measured figures
 """
 
@@ -24,6 +25,10 @@ _LAZY = {
     "SSPropConfig": "greenprop.ssprop",
     "SSProp": "greenprop.ssprop",
     "GradSamp": "greenprop.gradsamp",
+    "apply_vcas": "greenprop.vcas",
+    "remove_vcas": "greenprop.vcas",
+    "VCASConfig": "greenprop.vcas",
+    "VCAS": "greenprop.vcas",
 }
 
 __all__ = [
@@ -33,9 +38,13 @@ __all__ = [
     "Quantity",
     "SSProp",
     "SSPropConfig",
+    "VCAS",
+    "VCASConfig",
     "__version__",
     "apply_ssprop",
+    "apply_vcas",
     "remove_ssprop",
+    "remove_vcas",
 ]
 
 

@@ -1,12 +1,13 @@
 """VCAS: variance-controlled adaptive sampling of the backward pass (arXiv:2402.17227).
 
-This package holds the first layer: pure, stateless samplers
-(:mod:`greenprop.vcas.samplers`), the control law's pure functions
-(:mod:`greenprop.vcas.control`) and the settings (:class:`VCASConfig`). Layers, surgery
-and the variance controller come next.
+Layers, from the bottom: pure stateless samplers (:mod:`greenprop.vcas.samplers`), the
+control law's pure functions (:mod:`greenprop.vcas.control`), the settings
+(:class:`VCASConfig`), the autograd layers (:mod:`greenprop.vcas.layers`), the model
+surgery (:func:`apply_vcas`, :func:`remove_vcas`) and the controller (:class:`VCAS`).
 """
 
 from greenprop.vcas.config import VCASConfig
+from greenprop.vcas.controller import VCAS
 from greenprop.vcas.control import (
     block_keep_ratio,
     ema,
@@ -23,9 +24,14 @@ from greenprop.vcas.samplers import (
     sampled_weight_grad,
     soft_topk_probabilities,
 )
+from greenprop.vcas.surgery import apply_vcas, find_blocks, remove_vcas
 
 __all__ = [
+    "VCAS",
     "VCASConfig",
+    "apply_vcas",
+    "find_blocks",
+    "remove_vcas",
     "activation_sample",
     "block_keep_ratio",
     "ema",

@@ -1,0 +1,224 @@
+"""The autograd side of VCAS: a gradient sampler after each block, row-sparse Linear layers.
+
+* :class:`BlockSampler` sits on a block's output (a forward hook). Forward is the
+  identity; backward keeps each sample's gradient with its soft top-k probability
+  (:func:`~greenprop.vcas.samplers.activation_sample`) and zeroes the others, scaling
+  the kept ones by ``1/p``.
+* :class:`VCASLinear` is ``nn.Linear`` with a backward that first finds the samples
+  (rows of dim 0) whose output gradient is not all zero, gathers those into a smaller
+  dense tensor and runs its matmuls on it alone: dropped samples cost nothing here.
+  Its weight gradient additionally samples tokens by leverage score
+  (:func:`~greenprop.vcas.samplers.leverage_sample`) with the layer's own ratio.
+
+Everything between those layers (LayerNorm, attention, GELU, dropout, residual adds)
+acts on each sample separately, so a zero row stays zero on its way back through a
+block; that is what lets the Linear layers skip the rows. (BatchNorm mixes samples in
+its backward and would refill them: :func:`~greenprop.vcas.surgery.apply_vcas`
+refuses blocks that contain it.)
+
+A :class:`VCASRuntime` shared by one model's samplers and layers says what the
+backward pass does (``exact`` / ``activation`` / ``full`` sampling), holds the random
+generators, and tallies the Linear backward FLOPs done versus the dense equivalent.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from greenprop.vcas.samplers import leverage_sample, sample_rows, soft_topk_probabilities
+
+__all__ = ["BlockSampler", "FlopTally", "Mode", "VCASLinear", "VCASRuntime"]
+
+
+class Mode(enum.Enum):
+    """What the backward pass samples."""
+
+    EXACT = "exact"  # dense autograd, nothing sampled (FLOP counting, SGD variance)
+    ACTIVATION = "activation"  # block samplers only (activation-variance estimate)
+    FULL = "full"  # block samplers and token sampling in the Linear layers (training)
+
+
+@dataclass
+class FlopTally:
+    """What sampled backward passes did: Linear FLOPs run vs dense, samples, rows kept per block."""
+
+    done: float = 0.0
+    dense: float = 0.0
+    samples: int = 0  # batch rows entering the backward (counted at the last block)
+    rows: dict[int, list[int]] = field(default_factory=dict)  # block -> [rows kept, rows seen]
+
+    @property
+    def saved(self) -> float:
+        return self.dense - self.done
+
+    def add(self, other: FlopTally) -> None:
+        self.done += other.done
+        self.dense += other.dense
+        self.samples += other.samples
+        for block, (kept, seen) in other.rows.items():
+            mine = self.rows.setdefault(block, [0, 0])
+            mine[0] += kept
+            mine[1] += seen
+
+
+@dataclass
+class VCASRuntime:
+    """State shared by the samplers and Linear layers of one model (not a Parameter)."""
+
+    activation_generator: torch.Generator
+    weight_generator: torch.Generator
+    mode: Mode = Mode.FULL
+    record_norms: bool = False
+    norms: dict[int, Tensor] = field(default_factory=dict)  # block index -> per-sample norms
+    tally: FlopTally = field(default_factory=FlopTally)
+
+    def take_tally(self) -> FlopTally:
+        """The tally since the last call, and a fresh one started."""
+        tally, self.tally = self.tally, FlopTally()
+        return tally
+
+
+class _SampleGradient(torch.autograd.Function):
+    """Identity forward; the block sampler's soft top-k row sampling in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, sampler: BlockSampler) -> Tensor:
+        ctx.sampler = sampler
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return ctx.sampler.sample(grad), None
+
+
+class BlockSampler:
+    """Samples the gradient at one block's output; ``ratio`` is its expected kept fraction."""
+
+    def __init__(
+        self, index: int, name: str, runtime: VCASRuntime, *, ratio: float = 1.0, last: bool = False
+    ) -> None:
+        self.index = index
+        self.name = name
+        self.runtime = runtime
+        self.ratio = ratio
+        self.last = last  # the last block's gradient is the first sampled: it counts the samples
+
+    def hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        """Forward hook: route the block's output (or the first item of a tuple) through the sampler."""
+        if not (module.training and torch.is_grad_enabled()):
+            return output
+        if isinstance(output, Tensor):
+            return _SampleGradient.apply(output, self)
+        if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
+            return (_SampleGradient.apply(output[0], self), *output[1:])
+        return output
+
+    def sample(self, grad: Tensor) -> Tensor:
+        """Soft top-k over the per-sample gradient norms, Horvitz-Thompson rescaled (unbiased)."""
+        runtime = self.runtime
+        n = grad.shape[0]
+        if runtime.mode is Mode.EXACT and not runtime.record_norms:
+            return grad
+        norms = torch.linalg.vector_norm(grad.detach().reshape(n, -1), dim=1, dtype=torch.float32)
+        if runtime.record_norms:
+            runtime.norms[self.index] = norms.double().cpu()
+        if runtime.mode is Mode.EXACT:
+            return grad
+        tally = runtime.tally
+        tally.samples += n if self.last else 0
+        rows = tally.rows.setdefault(self.index, [0, 0])
+        rows[1] += n
+        if self.ratio >= 1.0:
+            rows[0] += int((norms > 0).sum())
+            return grad
+        idx, scale = sample_rows(soft_topk_probabilities(norms, self.ratio * n), runtime.activation_generator)
+        rows[0] += int((norms.index_select(0, idx) > 0).sum())
+        shape = (-1,) + (1,) * (grad.dim() - 1)
+        out = torch.zeros_like(grad)
+        out.index_copy_(0, idx, grad.index_select(0, idx) * scale.to(grad.dtype).view(shape))
+        return out
+
+
+def _nonzero_rows(grad: Tensor) -> Tensor | None:
+    """Indices of the samples (dim 0) whose gradient is not all zero; None if all are."""
+    alive = grad.reshape(grad.shape[0], -1).ne(0).any(dim=1)
+    if bool(alive.all()):
+        return None
+    return alive.nonzero().squeeze(1)
+
+
+class _VCASLinearFunction(torch.autograd.Function):
+    """``y = x W^T + b`` with a backward on the non-zero samples and sampled tokens."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, layer: VCASLinear) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.layer = layer
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        x, weight = ctx.saved_tensors
+        layer: VCASLinear = ctx.layer
+        runtime = layer.vcas_runtime
+        out_features, in_features = weight.shape
+        sparse_rows = runtime.mode is not Mode.EXACT and grad_out.dim() >= 2
+        rows = _nonzero_rows(grad_out) if sparse_rows else None
+        dy, xs = grad_out, x
+        if rows is not None:
+            dy, xs = grad_out.index_select(0, rows), x.index_select(0, rows)
+        tokens_dense = grad_out.numel() // out_features
+        tokens = dy.numel() // out_features
+        dense = done = 0.0
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            part = dy @ weight
+            if rows is None:
+                grad_x = part
+            else:
+                grad_x = part.new_zeros(x.shape).index_copy_(0, rows, part)
+            dense += 2.0 * tokens_dense * out_features * in_features
+            done += 2.0 * tokens * out_features * in_features
+        dy2, x2 = dy.reshape(-1, out_features), xs.reshape(-1, in_features)
+        if ctx.needs_input_grad[1]:
+            ratio = layer.vcas_weight_ratio if runtime.mode is Mode.FULL else 1.0
+            if ratio < 1.0 and tokens > 0:
+                idx, scale = leverage_sample(dy2, x2, ratio, runtime.weight_generator)
+                dy_k = dy2.index_select(0, idx) * scale.to(dy2.dtype).unsqueeze(1)
+                grad_w = dy_k.t() @ x2.index_select(0, idx)
+                kept_tokens = idx.numel()
+            else:
+                grad_w = dy2.t() @ x2
+                kept_tokens = tokens
+            dense += 2.0 * tokens_dense * out_features * in_features
+            done += 2.0 * kept_tokens * out_features * in_features
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = dy2.sum(0)
+        runtime.tally.dense += dense
+        runtime.tally.done += done
+        return grad_x, grad_w, grad_b, None
+
+
+class VCASLinear(nn.Linear):
+    """``nn.Linear`` whose backward skips all-zero samples and samples tokens for ``grad_W``.
+
+    Created only by changing the class of an existing ``nn.Linear`` in place
+    (:func:`~greenprop.vcas.surgery.apply_vcas`), so Parameters and ``state_dict``
+    keys stay the same. ``vcas_weight_ratio`` is the expected fraction of tokens used
+    for the weight gradient (1 = exact).
+    """
+
+    vcas_runtime: VCASRuntime
+    vcas_weight_ratio: float
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and torch.is_grad_enabled()):
+            return F.linear(x, self.weight, self.bias)
+        return _VCASLinearFunction.apply(x, self.weight, self.bias, self)
