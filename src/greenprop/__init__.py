@@ -32,13 +32,13 @@ _LAZY = {
 }
 
 __all__ = [
+    "VCAS",
     "Controller",
     "GradSamp",
     "GreenpropError",
     "Quantity",
     "SSProp",
     "SSPropConfig",
-    "VCAS",
     "VCASConfig",
     "__version__",
     "apply_ssprop",

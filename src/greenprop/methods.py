@@ -58,6 +58,7 @@ _REGISTRY: dict[str, Method] = {}
 _LAZY: dict[str, tuple[str, str]] = {
     "ssprop": ("greenprop.ssprop.method", "channel-sparse backward for Conv2d/Linear"),
     "gradsamp": ("greenprop.gradsamp.method", "skip epochs, apply GGD-sampled updates"),
+    "vcas": ("greenprop.vcas.method", "variance-controlled sampling of activation and weight gradients"),
 }
 
 

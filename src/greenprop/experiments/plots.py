@@ -73,3 +73,45 @@ def plot_curves(results: list[RunResult], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _step_losses(metrics: dict[str, Any]) -> list[float]:
+    return [loss for rec in metrics["epochs"] for loss in rec.get("step_losses") or []]
+
+
+def plot_step_losses(results: list[RunResult], path: Path) -> bool:
+    """Training loss per step (moving average), mean over seeds with min-max band, per method.
+
+    The view that shows whether a method follows the dense loss trajectory step by
+    step. Returns False (no file written) when the runs recorded no per-step losses.
+    """
+    by_method: dict[str, list[list[float]]] = defaultdict(list)
+    for r in results:
+        losses = _step_losses(r.metrics)
+        if losses and not r.metrics.get("diverged"):
+            by_method[r.method].append(losses)
+    if not by_method:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for method, runs in by_method.items():
+        n = min(len(run) for run in runs)
+        window = max(1, n // 25)
+        kernel = np.ones(window) / window
+        smooth = np.array([np.convolve(run[:n], kernel, mode="valid") for run in runs])
+        x = np.arange(window, n + 1)
+        (line,) = ax.plot(x, smooth.mean(axis=0), label=f"{method} ({len(runs)} seeds)")
+        if len(runs) > 1:
+            ax.fill_between(x, smooth.min(axis=0), smooth.max(axis=0), color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"train loss (moving average over {window} steps)")
+    ax.set_title("training loss per step: mean over seeds, band = min..max")
+    steps_per_epoch = len(results[0].metrics["epochs"][0].get("step_losses") or [])
+    if steps_per_epoch:
+        for boundary in range(steps_per_epoch, n, steps_per_epoch):
+            ax.axvline(boundary, color="grey", alpha=0.3, linewidth=0.8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

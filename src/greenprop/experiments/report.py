@@ -157,7 +157,7 @@ def write_report(
     results: list[RunResult], out_dir: str | Path, *, title: str, command: str | None = None
 ) -> dict[str, Path]:
     """Write results.csv, results.json, report.md and the plots; returns their paths."""
-    from greenprop.experiments.plots import plot_accuracy_vs_saving, plot_curves
+    from greenprop.experiments.plots import plot_accuracy_vs_saving, plot_curves, plot_step_losses
 
     out = Path(out_dir)
     rows = aggregate(results)
@@ -167,6 +167,7 @@ def write_report(
         "markdown": out / "report.md",
         "saving_plot": out / "accuracy_vs_saving.png",
         "curves_plot": out / "curves.png",
+        "step_loss_plot": out / "loss_steps.png",
     }
     with paths["csv"].open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=[k for k in rows[0] if k != "seeds"] + ["seeds"])
@@ -185,6 +186,8 @@ def write_report(
     )
     plot_accuracy_vs_saving(rows, paths["saving_plot"])
     plot_curves(results, paths["curves_plot"])
+    if not plot_step_losses(results, paths["step_loss_plot"]):
+        del paths["step_loss_plot"]
     env = first["environment"]
     cfg = first["config"]
     lines = [f"# {title}", ""]
@@ -212,5 +215,7 @@ def write_report(
         f"![training curves]({paths['curves_plot'].name})",
         "",
     ]
+    if "step_loss_plot" in paths:
+        lines += [f"![training loss per step]({paths['step_loss_plot'].name})", ""]
     paths["markdown"].write_text("\n".join(lines))
     return paths

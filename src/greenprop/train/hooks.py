@@ -7,7 +7,8 @@ nothing, so a controller overrides only what it needs.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import contextlib
+from collections.abc import Callable, Hashable
 from typing import Any
 
 
@@ -16,19 +17,30 @@ class Controller:
 
     Epochs and steps are counted from 0. The trainer calls, in order::
 
+        attach_data(draw_batch, loss_fn)     # once, after the controllers are built
         on_train_start(total_epochs, steps_per_epoch)
         for each epoch:
             on_epoch_start(epoch)
             if skip_epoch(epoch):            # any controller may take the epoch over
                 info = replace_epoch(epoch)  # no data, no forward, no backward
             else:
-                for each step: on_step_start(epoch, step); ...; on_step_end(epoch, step, loss)
+                for each step: on_step_start(epoch, step); ...; on_step_end(epoch, step, loss);
+                               flops_delta(epoch, step)
             evaluate; if any after_evaluation(epoch, record): evaluate again
             on_epoch_end(epoch, record)      # record: the epoch's metrics, may be extended
     """
 
     #: Short name used in logs and metrics.json.
     name: str = "controller"
+
+    def attach_data(self, draw_batch: Callable[[Any], Any], loss_fn: Callable[[Any, Any], Any]) -> None:
+        """Receive a way to draw extra training batches and to turn one into a loss.
+
+        ``draw_batch(generator)`` returns a random training batch ``(x, y)`` on the run's
+        device, drawn with the given ``torch.Generator``; ``loss_fn(model, batch)`` returns
+        its scalar loss. Controllers that estimate something on their own batches (VCAS's
+        variance estimation) use them; the default ignores them.
+        """
 
     def on_train_start(self, total_epochs: int, steps_per_epoch: int) -> None:
         """Called once before the first epoch (also after a resume)."""
@@ -59,8 +71,24 @@ class Controller:
         """
         return None
 
+    def flops_context(self) -> contextlib.AbstractContextManager[Any]:
+        """Context the trainer counts a step's FLOPs in (default: none).
+
+        A method whose backward is random (VCAS) makes it dense here and reports what
+        it saved through :meth:`flops_delta` instead.
+        """
+        return contextlib.nullcontext()
+
     def on_step_end(self, epoch: int, step: int, loss: float) -> None:
         """Called after the optimizer step of every training step."""
+
+    def flops_delta(self, epoch: int, step: int) -> dict[str, float]:
+        """FLOPs to add to this step's counted ``forward`` / ``backward`` (negative: saved).
+
+        For work the counter cannot see on its slice: a random backward's saving, or a
+        controller's own extra passes. Default: nothing.
+        """
+        return {}
 
     def after_evaluation(self, epoch: int, record: dict[str, Any]) -> bool:
         """Called after the epoch's evaluation (``record`` holds ``loss``, ``acc1``, ...).

@@ -7,6 +7,7 @@ same controllers work in a user's own loop.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -61,6 +62,7 @@ def create_model(config: TrainConfig, info: gp_data.DatasetInfo) -> nn.Module:
         image_size=info.image_size,
         width=config.width,
         dropout=config.dropout,
+        modality=info.modality,
     )
 
 
@@ -138,6 +140,8 @@ class Trainer:
         ) + list(controllers or [])
         self.train_model: nn.Module = torch.compile(self.model) if config.compile else self.model
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        for controller in self.controllers:
+            controller.attach_data(self._draw_batch, self._batch_loss)
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
         self.energy_meter = EnergyMeter(self.device, watts=config.watts)
@@ -164,6 +168,17 @@ class Trainer:
             )
         ensure_writable_dir(self.out_dir)
         return None
+
+    def _draw_batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random training batch (full batch size) for controllers that estimate on their own."""
+        n = len(self.data.train)
+        index = torch.randperm(n, generator=generator)[: self.config.batch_size]
+        x, y = self.data.train[index]
+        return prepare_inputs(x, self.device, self.config.channels_last), y.to(self.device)
+
+    def _batch_loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return self.loss_fn(model(x), y)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
@@ -301,6 +316,7 @@ class Trainer:
         batches = iterate_batches(self.data.train, c.batch_size, generator=generator)
         flops = {"forward": 0.0, "backward": 0.0}
         loss_sum, samples, correct = 0.0, 0, 0
+        step_losses: list[float] = []
         bar = tqdm(
             total=self.steps_per_epoch,
             desc=f"epoch {epoch + 1}/{c.epochs}",
@@ -338,6 +354,10 @@ class Trainer:
             with timer.phase("hooks"):
                 for controller in self.controllers:
                     controller.on_step_end(epoch, step, loss_value)
+            for controller in self.controllers:
+                for phase, delta in controller.flops_delta(epoch, step).items():
+                    flops[phase] += delta
+            step_losses.append(loss_value)
             loss_sum += loss_value * len(y)
             correct += int((logits.detach().argmax(1) == y).sum())
             samples += len(y)
@@ -351,10 +371,12 @@ class Trainer:
             samples=samples,
             train_loss=loss_sum / samples,
             train_acc=100.0 * correct / samples,
+            step_losses=step_losses,
         )
         source = (
             f"torch.utils.flop_counter.FlopCounterMode on {min(c.flops_samples, c.batch_size)} "
-            "samples, recounted whenever a method changes what a step computes, x samples run"
+            "samples, recounted whenever a method changes what a step computes, x samples run, "
+            "plus what a method reports through flops_delta (VCAS: its sampled backward and overhead)"
         )
         return flops, source
 
@@ -365,9 +387,12 @@ class Trainer:
         """
         key = tuple(controller.flops_key(epoch, step) for controller in self.controllers)
         if key not in self._flops_cache:
-            self._flops_cache[key] = count_flops_per_sample(
-                self.model, x, y, self.loss_fn, max_samples=self.config.flops_samples
-            )
+            with contextlib.ExitStack() as stack:
+                for controller in self.controllers:
+                    stack.enter_context(controller.flops_context())
+                self._flops_cache[key] = count_flops_per_sample(
+                    self.model, x, y, self.loss_fn, max_samples=self.config.flops_samples
+                )
         return self._flops_cache[key]
 
     # ----------------------------------------------------------------- reporting

@@ -7,7 +7,6 @@ surgery (:func:`apply_vcas`, :func:`remove_vcas`) and the controller (:class:`VC
 """
 
 from greenprop.vcas.config import VCASConfig
-from greenprop.vcas.controller import VCAS
 from greenprop.vcas.control import (
     block_keep_ratio,
     ema,
@@ -15,6 +14,7 @@ from greenprop.vcas.control import (
     update_weight_ratio,
     variance_ratio,
 )
+from greenprop.vcas.controller import VCAS
 from greenprop.vcas.samplers import (
     activation_sample,
     leverage_sample,
@@ -29,14 +29,14 @@ from greenprop.vcas.surgery import apply_vcas, find_blocks, remove_vcas
 __all__ = [
     "VCAS",
     "VCASConfig",
-    "apply_vcas",
-    "find_blocks",
-    "remove_vcas",
     "activation_sample",
+    "apply_vcas",
     "block_keep_ratio",
     "ema",
+    "find_blocks",
     "leverage_sample",
     "leverage_scores",
+    "remove_vcas",
     "sample_mask",
     "sample_rows",
     "sampled_weight_grad",

@@ -191,6 +191,12 @@ class VCAS(Controller):
             runtime.norms.clear()
             grads_exact = torch.autograd.grad(loss, weights, retain_graph=True)
             runtime.record_norms = False
+            missing = [s.name for s in self.handle.samplers if s.index not in runtime.norms]
+            if missing:
+                raise GreenpropError(
+                    f"VCAS saw no gradient at block(s) {', '.join(missing)}: estimate with the model "
+                    "in training mode (model.train()) and a loss that uses every block"
+                )
             block_norms = [runtime.norms[s.index] for s in self.handle.samplers]
             replay = runtime.activation_generator.get_state()
             runtime.mode = Mode.ACTIVATION
@@ -242,7 +248,11 @@ class VCAS(Controller):
             sampler.ratio = min(1.0, max(cfg.min_ratio, smoothed))
         for name, layer in self.handle.linears.items():
             layer.vcas_weight_ratio = control.update_weight_ratio(
-                layer.vcas_weight_ratio, weight_ratios[name], cfg.tau_w, cfg.weight_ratio_multiplier, cfg.min_ratio
+                layer.vcas_weight_ratio,
+                weight_ratios[name],
+                cfg.tau_w,
+                cfg.weight_ratio_multiplier,
+                cfg.min_ratio,
             )
         ratios = self.ratios()
         return {
@@ -349,7 +359,10 @@ class VCAS(Controller):
 
     def on_epoch_start(self, epoch: int) -> None:
         self._collect_train_tally()
-        self._epoch_start = (FlopTally(rows={k: list(v) for k, v in self.train_tally.rows.items()}), self.updates)
+        self._epoch_start = (
+            FlopTally(rows={k: list(v) for k, v in self.train_tally.rows.items()}),
+            self.updates,
+        )
 
     def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
         """Adds ``record["vcas"]``: ratios now, rows kept this epoch, the epoch's updates."""
@@ -409,9 +422,7 @@ class VCAS(Controller):
             raise GreenpropError(f"unknown VCAS state format {state.get('format')!r}")
         blocks = [s.name for s in self.handle.samplers]
         if state["blocks"] != blocks or sorted(state["weight_ratios"]) != sorted(self.handle.linears):
-            raise GreenpropError(
-                f"VCAS state is for blocks {state['blocks']} but this model has {blocks}"
-            )
+            raise GreenpropError(f"VCAS state is for blocks {state['blocks']} but this model has {blocks}")
         if VCASConfig.from_dict(state["config"]) != self.config:
             raise GreenpropError("VCAS state was saved with another config")
         runtime = self.runtime

@@ -5,7 +5,7 @@
   (:func:`~greenprop.vcas.samplers.activation_sample`) and zeroes the others, scaling
   the kept ones by ``1/p``.
 * :class:`VCASLinear` is ``nn.Linear`` with a backward that first finds the samples
-  (rows of dim 0) whose output gradient is not all zero, gathers those into a smaller
+  (rows of dim 0) its block's sampler left non-zero, gathers those into a smaller
   dense tensor and runs its matmuls on it alone: dropped samples cost nothing here.
   Its weight gradient additionally samples tokens by leverage score
   (:func:`~greenprop.vcas.samplers.leverage_sample`) with the layer's own ratio.
@@ -77,6 +77,10 @@ class VCASRuntime:
     record_norms: bool = False
     norms: dict[int, Tensor] = field(default_factory=dict)  # block index -> per-sample norms
     tally: FlopTally = field(default_factory=FlopTally)
+    # block -> (batch size, indices of the samples whose gradient is non-zero after that
+    # block's sampler; None = all): set by the sampler, read by the Linears inside the block.
+    # No entry: the Linears find the zero rows themselves (see _rows_to_compute).
+    alive: dict[int, tuple[int, Tensor | None]] = field(default_factory=dict)
 
     def take_tally(self) -> FlopTally:
         """The tally since the last call, and a fresh one started."""
@@ -108,24 +112,37 @@ class BlockSampler:
         self.runtime = runtime
         self.ratio = ratio
         self.last = last  # the last block's gradient is the first sampled: it counts the samples
+        # Whether the sampled output is the only way gradient enters the block's Linears; not
+        # when other items of a tuple output carry gradient (they are not sampled).
+        self.sole_path = True
 
     def hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         """Forward hook: route the block's output (or the first item of a tuple) through the sampler."""
         if not (module.training and torch.is_grad_enabled()):
             return output
         if isinstance(output, Tensor):
+            self.sole_path = True
             return _SampleGradient.apply(output, self)
         if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
+            self.sole_path = not _carries_grad(output[1:])
+            if not self.sole_path:
+                self.runtime.alive.pop(self.index, None)
             return (_SampleGradient.apply(output[0], self), *output[1:])
         return output
+
+    def _record(self, n: int, alive: Tensor | None) -> None:
+        if self.sole_path:
+            self.runtime.alive[self.index] = (n, alive)
 
     def sample(self, grad: Tensor) -> Tensor:
         """Soft top-k over the per-sample gradient norms, Horvitz-Thompson rescaled (unbiased)."""
         runtime = self.runtime
         n = grad.shape[0]
+        self._record(n, None)
         if runtime.mode is Mode.EXACT and not runtime.record_norms:
             return grad
-        norms = torch.linalg.vector_norm(grad.detach().reshape(n, -1), dim=1, dtype=torch.float32)
+        dtype = torch.promote_types(grad.dtype, torch.float32)  # float32 at least, float64 kept
+        norms = torch.linalg.vector_norm(grad.detach().reshape(n, -1), dim=1, dtype=dtype)
         if runtime.record_norms:
             runtime.norms[self.index] = norms.double().cpu()
         if runtime.mode is Mode.EXACT:
@@ -135,14 +152,30 @@ class BlockSampler:
         rows = tally.rows.setdefault(self.index, [0, 0])
         rows[1] += n
         if self.ratio >= 1.0:
-            rows[0] += int((norms > 0).sum())
+            alive = (norms > 0).nonzero().squeeze(1)
+            rows[0] += alive.numel()
+            self._record(n, None if alive.numel() == n else alive)
             return grad
         idx, scale = sample_rows(soft_topk_probabilities(norms, self.ratio * n), runtime.activation_generator)
-        rows[0] += int((norms.index_select(0, idx) > 0).sum())
+        nonzero = norms.index_select(0, idx) > 0
+        alive, scale = idx[nonzero], scale[nonzero]
+        rows[0] += alive.numel()
+        self._record(n, None if alive.numel() == n else alive)
         shape = (-1,) + (1,) * (grad.dim() - 1)
         out = torch.zeros_like(grad)
-        out.index_copy_(0, idx, grad.index_select(0, idx) * scale.to(grad.dtype).view(shape))
+        out.index_copy_(0, alive, grad.index_select(0, alive) * scale.to(grad.dtype).view(shape))
         return out
+
+
+def _carries_grad(obj: Any) -> bool:
+    """Whether a (nested tuple / list / dict of) tensor(s) requires grad."""
+    if isinstance(obj, Tensor):
+        return obj.requires_grad
+    if isinstance(obj, (tuple, list)):
+        return any(_carries_grad(item) for item in obj)
+    if isinstance(obj, dict):
+        return any(_carries_grad(item) for item in obj.values())
+    return False
 
 
 def _nonzero_rows(grad: Tensor) -> Tensor | None:
@@ -151,6 +184,27 @@ def _nonzero_rows(grad: Tensor) -> Tensor | None:
     if bool(alive.all()):
         return None
     return alive.nonzero().squeeze(1)
+
+
+def _rows_to_compute(layer: VCASLinear, grad: Tensor) -> Tensor | None:
+    """The samples (dim 0) whose output gradient may be non-zero; None for all of them.
+
+    The block's sampler recorded which samples it (and every sampler after it) left
+    non-zero; every op between it and this layer acts per sample, so the others' rows
+    here are exactly zero. Reading that record costs nothing, where scanning ``grad``
+    for zero rows would read the whole tensor. If the record does not fit this
+    gradient (another batch size), all rows are computed. Without a record (a tuple
+    output whose other items carry gradient past the sampler, or no sampler ran) the
+    zero rows are found by scanning ``grad``.
+    """
+    runtime = layer.vcas_runtime
+    if runtime.mode is Mode.EXACT or grad.dim() < 2:
+        return None
+    record = runtime.alive.get(layer.vcas_block)
+    if record is None:
+        return _nonzero_rows(grad)
+    batch, rows = record
+    return rows if batch == grad.shape[0] else None
 
 
 class _VCASLinearFunction(torch.autograd.Function):
@@ -169,8 +223,7 @@ class _VCASLinearFunction(torch.autograd.Function):
         layer: VCASLinear = ctx.layer
         runtime = layer.vcas_runtime
         out_features, in_features = weight.shape
-        sparse_rows = runtime.mode is not Mode.EXACT and grad_out.dim() >= 2
-        rows = _nonzero_rows(grad_out) if sparse_rows else None
+        rows = _rows_to_compute(layer, grad_out)
         dy, xs = grad_out, x
         if rows is not None:
             dy, xs = grad_out.index_select(0, rows), x.index_select(0, rows)
@@ -180,10 +233,7 @@ class _VCASLinearFunction(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             part = dy @ weight
-            if rows is None:
-                grad_x = part
-            else:
-                grad_x = part.new_zeros(x.shape).index_copy_(0, rows, part)
+            grad_x = part if rows is None else part.new_zeros(x.shape).index_copy_(0, rows, part)
             dense += 2.0 * tokens_dense * out_features * in_features
             done += 2.0 * tokens * out_features * in_features
         dy2, x2 = dy.reshape(-1, out_features), xs.reshape(-1, in_features)
@@ -217,6 +267,7 @@ class VCASLinear(nn.Linear):
 
     vcas_runtime: VCASRuntime
     vcas_weight_ratio: float
+    vcas_block: int  # index of the block (and its sampler) this layer sits in
 
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and torch.is_grad_enabled()):

@@ -197,7 +197,10 @@ def leverage_sample(
 ) -> tuple[Tensor, Tensor]:
     """Kept token indices and ``1/p`` scales for ``grad_W``, expected count ``ratio * T``.
 
-    At ``ratio = 1`` all tokens with scale 1, without drawing from ``generator``.
+    Drawn tokens whose score is zero (their ``dy_t`` or ``x_t`` is zero, e.g. every
+    token but the class token under a ViT's head) are left out of the result: their
+    term is zero, so this changes no estimate and saves their work. At ``ratio = 1``
+    all tokens with scale 1, without drawing from ``generator``.
     """
     ratio = _check_ratio(ratio)
     dy, x = _token_matrices(grad_out, inp)
@@ -208,7 +211,9 @@ def leverage_sample(
         dtype = _prob_dtype(torch.promote_types(dy.dtype, x.dtype))
         return torch.arange(t, device=dy.device), torch.ones(t, dtype=dtype, device=dy.device)
     scores = leverage_scores(grad_out, inp)
-    return sample_rows(soft_topk_probabilities(scores, ratio * t), generator)
+    idx, scale = sample_rows(soft_topk_probabilities(scores, ratio * t), generator)
+    nonzero = scores.index_select(0, idx) > 0
+    return idx[nonzero], scale[nonzero]
 
 
 def sampled_weight_grad(

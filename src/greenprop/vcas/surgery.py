@@ -122,6 +122,7 @@ def apply_vcas(
                 sub.__class__ = VCASLinear
                 sub.vcas_runtime = runtime
                 sub.vcas_weight_ratio = config.initial_weight_ratio
+                sub.vcas_block = index
                 handle.linears[f"{name}.{sub_name}"] = sub
     setattr(model, _ATTR, handle)
     return handle
@@ -136,5 +137,5 @@ def remove_vcas(model: nn.Module) -> None:
         hook.remove()
     for layer in handle.linears.values():
         layer.__class__ = nn.Linear
-        del layer.vcas_runtime, layer.vcas_weight_ratio
+        del layer.vcas_runtime, layer.vcas_weight_ratio, layer.vcas_block
     delattr(model, _ATTR)

@@ -1,0 +1,238 @@
+"""Backward time of VCAS's sampled Linear vs the dense Linear, at the shapes VCAS is run on.
+
+For every Linear shape of all-MiniLM-L6-v2 (BERT, hidden 384, intermediate 1536) and
+of the zoo tiny ViT (``models.create("vit", num_classes=10, in_channels=1,
+image_size=28)``, shapes read off its first block), and every row keep fraction ``r``
+and token ratio ``nu``, two backwards are timed side by side on the same weights:
+
+* dense: a plain ``nn.Linear``, upstream gradient ``dy`` dense;
+* sampled: the same layer turned into :class:`~greenprop.vcas.layers.VCASLinear` the way
+  ``apply_vcas`` does it (class swap, a seeded ``VCASRuntime`` in mode FULL,
+  ``vcas_weight_ratio = nu``), with ``dy`` zero except a fixed random ``r*B`` subset
+  of samples (what the block sampler hands down; kept rows equal dense ``dy``'s).
+
+Every repetition runs one forward per variant (untimed) and times only
+``torch.autograd.grad`` w.r.t. input, weight and bias; variants alternate and their
+order rotates every repetition. ``ideal = r * (1 + nu) / 2`` is the FLOPs ratio of
+grad_input + grad_weight (``r`` as the realised ``k / B``).
+
+Run from the repository root: ``python benchmarks/vcas_linear.py --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from greenprop import models
+from greenprop.vcas.layers import Mode, VCASLinear, VCASRuntime
+from ssprop_step import environment, header_lines, markdown_table, quartiles, rotated
+
+VARIANTS = ("dense", "sampled")
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    model: str
+    layers: str
+    d_in: int
+    d_out: int
+    batch: int
+    tokens: int  # per sample
+
+
+def minilm_shapes(seq_len: int, batch: int = 32) -> list[LinearShape]:
+    """all-MiniLM-L6-v2's encoder Linears (hidden 384, intermediate 1536)."""
+    return [
+        LinearShape("MiniLM", "query/key/value/attn-out", 384, 384, batch, seq_len),
+        LinearShape("MiniLM", "intermediate", 384, 1536, batch, seq_len),
+        LinearShape("MiniLM", "output", 1536, 384, batch, seq_len),
+    ]
+
+
+def vit_shapes(batch: int = 128) -> list[LinearShape]:
+    """The zoo tiny ViT's block Linears (qkv, proj, fc1, fc2), read off the model."""
+    vit = models.create("vit", num_classes=10, in_channels=1, image_size=28)
+    tokens = vit.patch_embed.num_patches + 1  # + cls token
+    return [
+        LinearShape("ViT", name, m.in_features, m.out_features, batch, tokens)
+        for name, m in vit.blocks[0].named_modules()
+        if isinstance(m, nn.Linear)
+    ]
+
+
+@dataclass
+class Row:
+    """One (shape, r, nu) measurement; times in seconds."""
+
+    model: str
+    layers: str
+    d_in: int
+    d_out: int
+    batch: int
+    tokens: int
+    r: float
+    nu: float
+    kept_rows: int
+    median_s: dict[str, float]
+    ratio: float  # sampled / dense, of medians
+    ratio_per_repeat: float  # median of per-repeat sampled / dense
+    ratio_iqr: tuple[float, float]
+    ideal: float  # (k / B) * (1 + nu) / 2
+    flops_tally: float  # VCASRuntime's FLOPs done / dense over all calls (nu as actually drawn)
+    per_repeat_s: dict[str, list[float]]
+
+
+def measure(shape: LinearShape, r: float, nu: float, args: argparse.Namespace) -> Row:
+    """Time the dense and the sampled backward of one shape, interleaved."""
+    gen = torch.Generator().manual_seed(args.seed)
+    dense = nn.Linear(shape.d_in, shape.d_out)
+    sampled = copy.deepcopy(dense)
+    sampled.__class__ = VCASLinear  # as apply_vcas does
+    runtime = VCASRuntime(
+        activation_generator=torch.Generator().manual_seed(args.seed),
+        weight_generator=torch.Generator().manual_seed(args.seed + 1),
+        mode=Mode.FULL,
+    )
+    sampled.vcas_runtime, sampled.vcas_weight_ratio, sampled.vcas_block = runtime, nu, 0
+    x = torch.randn(shape.batch, shape.tokens, shape.d_in, generator=gen, requires_grad=True)
+    dy = torch.randn(shape.batch, shape.tokens, shape.d_out, generator=gen)
+    k = max(1, round(r * shape.batch))
+    keep = torch.randperm(shape.batch, generator=gen)[:k].sort().values
+    # What the block's sampler records for the layers inside the block: the rows it kept.
+    runtime.alive[0] = (shape.batch, None if k == shape.batch else keep)
+    dy_sampled = torch.zeros_like(dy)
+    dy_sampled[keep] = dy[keep]
+    setups = {"dense": (dense, dy), "sampled": (sampled, dy_sampled)}
+
+    def backward(name: str) -> float:
+        layer, grad = setups[name]
+        out = layer(x)  # untimed forward, a fresh graph every call
+        start = time.perf_counter()
+        torch.autograd.grad(out, (x, layer.weight, layer.bias), grad)
+        return time.perf_counter() - start
+
+    for i in range(args.warmup):
+        for name in rotated(VARIANTS, i):
+            backward(name)
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(args.repeats):
+            for name in rotated(VARIANTS, i):
+                times[name].append(backward(name))
+    finally:
+        gc.enable()
+    tally = runtime.take_tally()
+    med = {name: statistics.median(t) for name, t in times.items()}
+    per_repeat = [s / d for s, d in zip(times["sampled"], times["dense"], strict=True)]
+    q1, q2, q3 = quartiles(per_repeat)
+    return Row(
+        **asdict(shape),
+        r=r,
+        nu=nu,
+        kept_rows=k,
+        median_s=med,
+        ratio=med["sampled"] / med["dense"],
+        ratio_per_repeat=q2,
+        ratio_iqr=(q1, q3),
+        ideal=k / shape.batch * (1 + nu) / 2,
+        flops_tally=tally.done / tally.dense,
+        per_repeat_s=times,
+    )
+
+
+def result_table(rows: Sequence[Row]) -> list[str]:
+    header = ["model: layers (in->out)", "tokens B x T", "r", "nu", "dense (ms)", "sampled (ms)"]
+    header += ["sampled/dense", "per-repeat [IQR]", "ideal", "FLOPs (tally)"]
+    body = [
+        [
+            f"{r.model}: {r.layers} ({r.d_in}->{r.d_out})",
+            f"{r.batch} x {r.tokens}",
+            f"{r.r:g}",
+            f"{r.nu:g}",
+            f"{1e3 * r.median_s['dense']:.2f}",
+            f"{1e3 * r.median_s['sampled']:.2f}",
+            f"{r.ratio:.3f}",
+            f"{r.ratio_per_repeat:.3f} [{r.ratio_iqr[0]:.3f}, {r.ratio_iqr[1]:.3f}]",
+            f"{r.ideal:.3f}",
+            f"{r.flops_tally:.3f}",
+        ]
+        for r in rows
+    ]
+    return markdown_table(header, body)
+
+
+def report(env: dict[str, Any], args: argparse.Namespace, rows: Sequence[Row]) -> str:
+    lines = header_lines(env, "VCAS: sampled vs dense Linear backward (MiniLM and tiny ViT shapes)")
+    lines += [
+        f"Backward only (grad_input + grad_weight + grad_bias), fp32; median of {args.repeats} "
+        f"interleaved repeats after {args.warmup} warm-up calls, a fresh forward (untimed) before "
+        "each. sampled = `VCASLinear` (mode FULL, `vcas_weight_ratio = nu`) with dy zero outside "
+        "a fixed random r*B samples; dense = `nn.Linear` with the dense dy. ideal = r(1 + nu)/2, "
+        "the FLOPs ratio; FLOPs (tally) = the runtime's counted ratio, nu as actually drawn.",
+        "",
+        *result_table(rows),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--shapes", choices=("minilm", "vit", "all"), default="all", help="(default all)")
+    p.add_argument("--seq-len", type=int, default=64, help="MiniLM sequence length L (default 64)")
+    p.add_argument("--rs", type=float, nargs="+", default=[1.0, 0.5, 0.25], help="row keep fractions")
+    p.add_argument("--nus", type=float, nargs="+", default=[1.0, 0.5, 0.25], help="token ratios")
+    p.add_argument("--repeats", type=int, default=30, help="timed repeats per variant (default 30)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls per variant first (default 3)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results here")
+    args = p.parse_args(argv)
+    if args.seq_len < 1 or args.repeats < 1 or args.warmup < 0:
+        p.error("--seq-len and --repeats must be >= 1, --warmup >= 0")
+    if any(not 0.0 < v <= 1.0 for v in (*args.rs, *args.nus)):
+        p.error("--rs and --nus must be in (0, 1]")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, print the Markdown report, return (and optionally save) results."""
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    env = environment(__file__, sys.argv[1:] if argv is None else argv)
+    shapes = minilm_shapes(args.seq_len) if args.shapes in ("minilm", "all") else []
+    shapes += vit_shapes() if args.shapes in ("vit", "all") else []
+    rows = []
+    for shape in shapes:
+        for r in args.rs:
+            for nu in args.nus:
+                print(f"  {shape.model} {shape.layers} r={r:g} nu={nu:g}", file=sys.stderr, flush=True)
+                rows.append(measure(shape, r, nu, args))
+    print(report(env, args, rows), flush=True)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    out = {"benchmark": "vcas_linear", "environment": env, "args": settings}
+    out["results"] = [asdict(row) for row in rows]
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()

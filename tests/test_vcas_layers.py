@@ -1,0 +1,552 @@
+"""VCAS autograd layers and surgery: exact at ratio 1, unbiased when sampling, real FLOP savings."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from greenprop import models as gp_models
+from greenprop.errors import GreenpropError
+from greenprop.models.tokens import Mlp
+from greenprop.models.vit import Attention
+from greenprop.models.vit import Block as ViTBlock
+from greenprop.vcas import VCASConfig, apply_vcas, find_blocks, remove_vcas
+from greenprop.vcas import layers as vcas_layers
+from greenprop.vcas.layers import Mode, VCASLinear
+from greenprop.vcas.surgery import vcas_handle
+
+DRAWS = 2000  # sampled backward passes per unbiasedness check
+NEGATIVE_DRAWS = 400  # enough to expose a biased estimator
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """These tensors are tiny: a second intra-op thread only adds synchronisation (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Block(nn.Module):
+    """``x + fc2(gelu(fc1(norm(x))))``: acts on each sample (dim 0) separately."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = True) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+class BatchNormBlock(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+        self.bn = nn.BatchNorm1d(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.bn(self.fc(x))
+
+
+class TupleBlock(nn.Module):
+    """Returns ``(output, aux)`` like many transformer layers; ``aux`` may carry gradient."""
+
+    def __init__(self, dim: int, aux_grad: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+        self.aux_grad = aux_grad
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.fc(x)
+        aux = h.square().sum(dim=-1)
+        return x + torch.tanh(h), aux if self.aux_grad else aux.detach()
+
+
+class TupleNet(nn.Module):
+    def __init__(self, dim: int, depth: int, aux_grad: bool) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(TupleBlock(dim, aux_grad) for _ in range(depth))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """A scalar loss: the output plus the blocks' aux terms."""
+        total = 0.0
+        for layer in self.layers:
+            x, aux = layer(x)
+            total = total + 0.1 * aux.sum()
+        return x.tanh().sum() + total
+
+
+def _stack(depth: int = 2, dim: int = 6, hidden: int = 8, bias: bool = True, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(*(Block(dim, hidden, bias) for _ in range(depth))).double()
+
+
+def _pair(**kwargs) -> tuple[nn.Sequential, nn.Sequential]:
+    """A VCAS model and a plain copy with the same weights (loaded through state_dict)."""
+    model = _stack(**kwargs)
+    reference = _stack(**{**kwargs, "seed": 99})
+    reference.load_state_dict(model.state_dict())
+    apply_vcas(model, VCASConfig(seed=3))
+    return model, reference
+
+
+def _vit(seed: int = 0, depth: int = 2) -> nn.Module:
+    torch.manual_seed(seed)
+    return gp_models.create(
+        "vit", num_classes=10, in_channels=1, image_size=8, width=32, depth=depth, heads=2
+    )
+
+
+def _skewed(shape: tuple[int, ...], seed: int) -> Tensor:
+    """Random float64 tensor whose samples' norms span two orders of magnitude."""
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return t * torch.logspace(-1, 1, shape[0], dtype=torch.float64).view(-1, *([1] * (len(shape) - 1)))
+
+
+def _grads(loss: Tensor, params: list[Tensor], **kwargs) -> Tensor:
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, **kwargs)])
+
+
+def _grad_dict(model: nn.Module) -> dict[str, Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# exact at ratio 1
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_ratio_one_equals_dense_autograd(dims: int, bias: bool, input_grad: bool) -> None:
+    model, reference = _pair(depth=3, bias=bias)
+    handle = vcas_handle(model)
+    assert handle.runtime.mode is Mode.FULL
+    assert all(s.ratio == 1.0 for s in handle.samplers)
+    assert all(type(m) is VCASLinear and m.vcas_weight_ratio == 1.0 for m in handle.linears.values())
+    shape = (7, 6) if dims == 2 else (7, 4, 6)
+    x = _skewed(shape, seed=1)
+    target = _skewed(shape, seed=2)
+    inputs = []
+    for net in (model, reference):
+        xi = x.clone().requires_grad_(input_grad)
+        (net(xi).tanh() * target).sum().backward()
+        inputs.append(xi)
+    got, expected = _grad_dict(model), _grad_dict(reference)
+    assert got.keys() == expected.keys() and len(got) == 3 * (6 if bias else 4)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    if input_grad:
+        assert torch.equal(inputs[0].grad, inputs[1].grad)
+    else:
+        assert inputs[0].grad is None
+    # Every row was kept and nothing was saved.
+    tally = handle.runtime.take_tally()
+    assert tally.done == tally.dense > 0
+    assert tally.rows == {i: [7, 7] for i in range(3)} and tally.samples == 7
+
+
+def test_ratio_one_vit_equals_dense_autograd_on_digits(digits) -> None:
+    model = _vit().double()
+    reference = _vit(seed=5).double()
+    reference.load_state_dict(model.state_dict())
+    handle = apply_vcas(model)
+    assert [s.name for s in handle.samplers] == ["blocks.0", "blocks.1"]
+    x, y = digits.train[:24]
+    for net in (model, reference):
+        F.cross_entropy(net(x.double()), y).backward()
+    got, expected = _grad_dict(model), _grad_dict(reference)
+    assert got.keys() == expected.keys() == dict(model.named_parameters()).keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+# ---------------------------------------------------------------------------------------------
+# unbiased by statistics (both samplers, every parameter)
+
+
+def _setup_unbiasedness(
+    activation: tuple[float, float], weight: dict[str, float]
+) -> tuple[nn.Module, Tensor, list[Tensor], Tensor]:
+    """A 2-block float64 model with the given ratios, ONE fixed forward graph and the exact gradient."""
+    model, reference = _pair(depth=2, dim=6, hidden=8)
+    handle = vcas_handle(model)
+    for sampler, ratio in zip(handle.samplers, activation, strict=True):
+        sampler.ratio = ratio
+    for name, ratio in weight.items():
+        handle.linears[name].vcas_weight_ratio = ratio
+    x, target = _skewed((10, 3, 6), seed=4), _skewed((10, 3, 6), seed=5)
+    params = list(model.parameters())
+    loss = (model(x).tanh() * target).sum()
+    exact = _grads((reference(x).tanh() * target).sum(), list(reference.parameters()))
+    return model, loss, params, exact
+
+
+def _draw(loss: Tensor, params: list[Tensor], n: int) -> Tensor:
+    return torch.stack([_grads(loss, params, retain_graph=True) for _ in range(n)])
+
+
+def _z_scores(draws: Tensor, exact: Tensor) -> tuple[Tensor, float]:
+    """z-scores of the mean of the draws around ``exact`` for the entries that vary, and the
+    largest relative error of the entries that never vary (those must be exact)."""
+    mean, std = draws.mean(0), draws.std(0)
+    scale = exact.abs().max()
+    varies = std > 1e-12 * scale
+    fixed_err = float(((mean - exact)[~varies]).abs().max() / scale) if bool((~varies).any()) else 0.0
+    z = (mean - exact)[varies] / (std[varies] / math.sqrt(draws.shape[0]))
+    return z, fixed_err
+
+
+def _unbiased(z: Tensor) -> bool:
+    """Mean within a few standard errors everywhere, and the z-scores look like noise."""
+    a = z.abs()
+    return bool(a.max() < 5.5) and float((a > 3).double().mean()) < 0.05 and float(a.mean()) < 1.3
+
+
+CASES = {
+    # activation sampling only: block 0 samples again among the rows block 1 kept
+    "activation": ((0.3, 0.6), {}),
+    # token (leverage) sampling only, on one Linear
+    "token": ((1.0, 1.0), {"1.fc1": 0.3}),
+    # both, every Linear
+    "both": ((0.3, 0.6), dict.fromkeys(["0.fc1", "0.fc2", "1.fc1", "1.fc2"], 0.4)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sampled_gradients_are_unbiased(case: str) -> None:
+    activation, weight = CASES[case]
+    model, loss, params, exact = _setup_unbiasedness(activation, weight)
+    runtime = vcas_handle(model).runtime
+    runtime.take_tally()
+    draws = _draw(loss, params, DRAWS)
+    z, fixed_err = _z_scores(draws, exact)
+    assert _unbiased(z), f"max |z| {z.abs().max():.2f}, mean |z| {z.abs().mean():.2f}"
+    assert fixed_err < 1e-12
+    # The draws really were random and really saved work.
+    tally = runtime.take_tally()
+    assert tally.done < tally.dense
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
+    names = [name for name, n in sizes.items() for _ in range(n)]
+    random_params = {names[i] for i in torch.nonzero(draws.std(0) > 0).squeeze(1).tolist()}
+    if case == "token":
+        # Token sampling changes only grad_W of its own layer: everything else is exact.
+        assert random_params == {"1.fc1.weight"}
+    else:
+        assert random_params == set(sizes)  # every parameter sees the sampled rows
+        kept, seen = tally.rows[1]
+        assert seen == DRAWS * 10
+        assert abs(kept / seen - 0.6) < 0.02  # soft top-k keeps ratio * N rows in expectation
+
+
+@pytest.mark.parametrize("case", ["activation", "token"])
+def test_unbiasedness_check_catches_a_missing_rescale(case: str, monkeypatch) -> None:
+    """Without the 1/p factors the same statistics fail: the check above has teeth."""
+    activation, weight = CASES[case]
+    _, loss, params, exact = _setup_unbiasedness(activation, weight)
+
+    def ones(fn: Callable[..., tuple[Tensor, Tensor]]) -> Callable[..., tuple[Tensor, Tensor]]:
+        def unscaled(*args, **kwargs):
+            idx, scale = fn(*args, **kwargs)
+            return idx, torch.ones_like(scale)
+
+        return unscaled
+
+    target = "sample_rows" if case == "activation" else "leverage_sample"
+    monkeypatch.setattr(vcas_layers, target, ones(getattr(vcas_layers, target)))
+    z, fixed_err = _z_scores(_draw(loss, params, NEGATIVE_DRAWS), exact)
+    assert fixed_err < 1e-12
+    assert not _unbiased(z)
+    assert z.abs().max() > 10
+
+
+def test_two_forwards_then_one_backward_stay_unbiased() -> None:
+    """Each forward's Linears skip exactly the rows its own samplers dropped (e.g. two views)."""
+    model, reference = _pair(depth=2)
+    for sampler in vcas_handle(model).samplers:
+        sampler.ratio = 0.5
+    x1, x2 = _skewed((10, 3, 6), seed=1), _skewed((10, 3, 6), seed=2).flip(0)
+    w1, w2 = _skewed((10, 3, 6), seed=3), _skewed((10, 3, 6), seed=4)
+
+    def loss(net: nn.Module) -> Tensor:
+        return (net(x1).tanh() * w1).sum() + (net(x2).tanh() * w2).sum()
+
+    exact = _grads(loss(reference), list(reference.parameters()))
+    z, fixed_err = _z_scores(_draw(loss(model), list(model.parameters()), DRAWS // 2), exact)
+    assert _unbiased(z), f"max |z| {z.abs().max():.2f}"
+    assert fixed_err < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# real savings: gathered rows, counted FLOPs, dropped rows stay dropped
+
+
+def _spy(monkeypatch, name: str) -> list[Tensor]:
+    calls: list[Tensor] = []
+    original = getattr(vcas_layers, name)
+
+    def spy(*args, **kwargs):
+        idx, scale = original(*args, **kwargs)
+        calls.append(idx)
+        return idx, scale
+
+    monkeypatch.setattr(vcas_layers, name, spy)
+    return calls
+
+
+def test_backward_flops_shrink_with_the_kept_rows_and_tokens(monkeypatch) -> None:
+    n, t, dim, hidden = 16, 4, 8, 16
+    model, reference = _pair(depth=2, dim=dim, hidden=hidden)
+    handle = vcas_handle(model)
+    handle.samplers[1].ratio = 0.5  # last block: drops samples
+    handle.linears["0.fc2"].vcas_weight_ratio = 0.5  # one layer also samples tokens
+    row_draws, token_draws = _spy(monkeypatch, "sample_rows"), _spy(monkeypatch, "leverage_sample")
+    x = _skewed((n, t, dim), seed=6).requires_grad_(True)
+    w = _skewed((n, t, dim), seed=7)
+    loss = (model(x) * w).sum()
+    handle.runtime.take_tally()
+    with FlopCounterMode(display=False) as counter:
+        loss.backward()
+    tally = handle.runtime.take_tally()
+
+    assert len(row_draws) == 1 and len(token_draws) == 1  # block 0 (ratio 1) and the others draw nothing
+    kept = row_draws[0].tolist()
+    assert 0 < len(kept) < n
+    assert tally.rows == {1: [len(kept), n], 0: [len(kept), n]}
+    kept_tokens = token_draws[0].numel()
+    assert 0 < kept_tokens < len(kept) * t
+    expected = 0
+    for name, layer in handle.linears.items():
+        out_f, in_f = layer.weight.shape
+        tokens = kept_tokens if name == "0.fc2" else len(kept) * t
+        expected += 2 * len(kept) * t * out_f * in_f + 2 * tokens * out_f * in_f
+    # Only the Linear layers run matmuls here: the counted backward is exactly their gathered work.
+    assert counter.get_total_flops() == expected == tally.done
+
+    dense_loss = (reference(x.detach()) * w).sum()
+    with FlopCounterMode(display=False) as dense_counter:
+        dense_loss.backward()
+    assert dense_counter.get_total_flops() == tally.dense == 4 * (4 * n * t * dim * hidden)  # 4 Linears
+
+    # Once dropped, a sample's gradient stays exactly zero down to the input.
+    dropped = sorted(set(range(n)) - set(kept))
+    assert bool((x.grad[dropped] == 0).all())
+    assert bool((x.grad[kept].abs().sum(dim=(1, 2)) > 0).all())
+
+
+def test_a_backward_that_drops_every_sample_costs_nothing() -> None:
+    model, _ = _pair(depth=2)
+    handle = vcas_handle(model)
+    handle.samplers[1].ratio = 0.05  # expected 0.2 of 4 samples kept
+    x = _skewed((4, 3, 6), seed=1).requires_grad_(True)
+    for _ in range(50):
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        loss = model(x).sum()
+        handle.runtime.take_tally()
+        with FlopCounterMode(display=False) as counter:
+            loss.backward()
+        tally = handle.runtime.take_tally()
+        if tally.rows[1][0] == 0:
+            break
+    else:
+        pytest.fail("no draw dropped every sample")
+    assert counter.get_total_flops() == tally.done == 0 < tally.dense
+    assert bool((x.grad == 0).all())
+    assert all(bool((p.grad == 0).all()) for p in model.parameters())
+
+
+def test_vit_backward_flops_drop_in_proportion_to_kept_samples(digits) -> None:
+    model, reference = _vit(), _vit(seed=9)
+    reference.load_state_dict(model.state_dict())
+    handle = apply_vcas(model, VCASConfig(seed=1))
+    handle.samplers[1].ratio = 0.5
+    block_inputs: list[Tensor] = []
+    model.blocks[0].register_forward_pre_hook(
+        lambda m, args: block_inputs.append(args[0]) or args[0].retain_grad()
+    )
+    x, y = digits.train[:32]
+    handle.runtime.take_tally()
+    loss = F.cross_entropy(model(x), y)
+    with FlopCounterMode(display=False) as counter:
+        loss.backward()
+    tally = handle.runtime.take_tally()
+    kept, seen = tally.rows[1]
+    assert seen == 32 and 0 < kept < 32 and tally.rows[0] == [kept, 32]
+    # With token ratios 1 every Linear's backward work scales exactly with the kept samples.
+    assert tally.done / tally.dense == kept / 32
+    dense_loss = F.cross_entropy(reference(x), y)
+    with FlopCounterMode(display=False) as dense_counter:
+        dense_loss.backward()
+    # Attention, the head and the patch embedding run dense; only the Linear work is saved.
+    assert counter.get_total_flops() == dense_counter.get_total_flops() - tally.saved
+    assert counter.get_total_flops() < dense_counter.get_total_flops()
+    rows_alive = block_inputs[0].grad.reshape(32, -1).ne(0).any(dim=1)
+    assert int(rows_alive.sum()) == kept
+
+
+@pytest.mark.parametrize("aux_grad", [False, True])
+def test_tuple_outputs_are_sampled_on_their_first_item(aux_grad: bool) -> None:
+    torch.manual_seed(0)
+    model = TupleNet(5, 2, aux_grad).double()
+    reference = TupleNet(5, 2, aux_grad).double()
+    reference.load_state_dict(model.state_dict())
+    handle = apply_vcas(model, block_types=[TupleBlock])
+    assert [s.name for s in handle.samplers] == ["layers.0", "layers.1"]
+    x = _skewed((12, 5), seed=8)
+    model(x).backward()
+    reference(x).backward()
+    for name, grad in _grad_dict(reference).items():
+        assert torch.equal(dict(model.named_parameters())[name].grad, grad), name
+
+    handle.samplers[1].ratio = 0.25
+    handle.runtime.take_tally()
+    xg = x.clone().requires_grad_(True)
+    model(xg).backward()
+    kept = handle.runtime.take_tally().rows[1][0]
+    alive = int(xg.grad.ne(0).any(dim=1).sum())
+    assert 0 < kept < 12
+    if not aux_grad:  # dropped samples stay dropped down to the input
+        assert alive == kept
+        return
+    # The aux items reach each block's Linear around the sampler: every sample still gets a
+    # gradient, and the sampled gradients must stay unbiased.
+    assert alive == 12
+    params = list(model.parameters())
+    loss = model(x)
+    exact = _grads(reference(x), list(reference.parameters()))
+    z, fixed_err = _z_scores(_draw(loss, params, DRAWS // 2), exact)
+    assert _unbiased(z), f"max |z| {z.abs().max():.2f}"
+    assert fixed_err < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# surgery
+
+
+def test_apply_and_remove_keep_parameters_and_state_dict() -> None:
+    model = _vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = list(model.parameters())
+    linear_count = sum(type(m) is nn.Linear for m in model.modules())
+    handle = apply_vcas(model)
+    assert len(handle.linears) == 2 * 4  # qkv, proj, fc1, fc2 per block; the head is outside
+    assert sum(type(m) is nn.Linear for m in model.modules()) == linear_count - 8
+    state = model.state_dict()
+    assert list(state) == list(before) and all(torch.equal(state[k], before[k]) for k in before)
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    with pytest.raises(GreenpropError, match="already applied"):
+        apply_vcas(model)
+
+    for s in handle.samplers:
+        s.ratio = 0.2  # would sample, were it still in place
+    remove_vcas(model)
+    assert vcas_handle(model) is None
+    assert sum(type(m) is nn.Linear for m in model.modules()) == linear_count
+    assert not any(isinstance(m, VCASLinear) or hasattr(m, "vcas_runtime") for m in model.modules())
+    assert all(not m._forward_hooks for m in model.modules())
+    state = model.state_dict()
+    assert list(state) == list(before) and all(torch.equal(state[k], before[k]) for k in before)
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    with pytest.raises(GreenpropError, match="not applied"):
+        remove_vcas(model)
+
+    reference = _vit(seed=4)
+    reference.load_state_dict(before)
+    x = torch.randn(6, 1, 8, 8)
+    out, ref_out = model(x), reference(x)
+    assert torch.equal(out, ref_out)
+    out.square().sum().backward()
+    ref_out.square().sum().backward()
+    for name, grad in _grad_dict(reference).items():
+        assert torch.equal(dict(model.named_parameters())[name].grad, grad), name
+    apply_vcas(model)  # and it can be applied again
+    assert vcas_handle(model) is not None
+
+
+def test_batchnorm_in_a_block_is_refused_naming_it() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(BatchNormBlock(4), BatchNormBlock(4)))
+    with pytest.raises(GreenpropError, match=r"block '1\.0' contains BatchNorm \(1\.0\.bn\)"):
+        apply_vcas(model)
+    # Nothing was changed.
+    assert vcas_handle(model) is None
+    assert not any(isinstance(m, VCASLinear) for m in model.modules())
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_find_blocks_auto_detects_and_respects_block_types() -> None:
+    model = _vit(depth=3)
+    assert find_blocks(model) == ["blocks.0", "blocks.1", "blocks.2"]
+    assert find_blocks(model, [Mlp]) == [f"blocks.{i}.mlp" for i in range(3)]
+    assert find_blocks(model, [Attention]) == [f"blocks.{i}.attn" for i in range(3)]
+    assert find_blocks(model, [ViTBlock, Mlp]) == find_blocks(model)  # outermost only
+    handle = apply_vcas(model, block_types=[Mlp])
+    assert sorted(handle.linears) == sorted(f"blocks.{i}.mlp.fc{j}" for i in range(3) for j in (1, 2))
+    assert type(model.blocks[0].attn.qkv) is nn.Linear
+    assert find_blocks(_stack(depth=3)) == ["0", "1", "2"]
+    with pytest.raises(GreenpropError, match="block_types"):
+        find_blocks(model, [int])
+
+
+@pytest.mark.parametrize(
+    ("model", "block_types", "needle"),
+    [
+        (nn.Sequential(nn.Linear(3, 3)), None, "repeated layers"),
+        (nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3)), None, "repeated layers"),
+        (nn.Sequential(Block(3, 4), Block(3, 4)), [nn.GRU], "given block_types"),
+    ],
+)
+def test_no_block_found_is_a_clear_error(model: nn.Module, block_types, needle: str) -> None:
+    with pytest.raises(GreenpropError, match=f"found no block.*{needle}.*block_types="):
+        apply_vcas(model, block_types=block_types)
+    assert vcas_handle(model) is None
+
+
+def _graph_nodes(t: Tensor) -> set[str]:
+    seen, stack, names = set(), [t.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return names
+
+
+def test_eval_and_no_grad_forwards_are_plain() -> None:
+    model, reference = _pair(depth=2)
+    handle = vcas_handle(model)
+    for s in handle.samplers:
+        s.ratio = 0.2
+    for layer in handle.linears.values():
+        layer.vcas_weight_ratio = 0.2
+    x = _skewed((9, 3, 6), seed=10)
+    train_nodes = _graph_nodes(model(x))
+    assert {"_SampleGradientBackward", "_VCASLinearFunctionBackward"} <= train_nodes
+
+    model.eval()
+    reference.eval()
+    out = model(x)
+    assert not any("VCAS" in n or "SampleGradient" in n for n in _graph_nodes(out))
+    assert torch.equal(out, reference(x))
+    out.sum().backward()
+    reference(x).sum().backward()
+    for name, grad in _grad_dict(reference).items():
+        assert torch.equal(dict(model.named_parameters())[name].grad, grad), name
+    assert handle.runtime.tally.dense == 0  # the VCAS backward never ran
+
+    model.train()
+    with torch.no_grad():
+        out = model(x)
+    assert out.grad_fn is None and torch.equal(out, reference(x))
