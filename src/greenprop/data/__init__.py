@@ -1,21 +1,26 @@
 """Offline datasets: real data installed by system or Python packages, never downloaded.
 
-``load(name)`` returns normalised in-memory tensors wrapped in :class:`ImageDataset`,
-which can return a whole batch in one indexing op.
+``load(name)`` returns in-memory tensors: normalised images in :class:`ImageDataset`,
+tokenised text in :class:`TokenDataset`; both can return a whole batch in one
+indexing op.
 """
 
 from greenprop.data.catalog import DATASETS, load
-from greenprop.data.dataset import DatasetInfo, DatasetPair, ImageDataset
+from greenprop.data.dataset import DatasetInfo, DatasetPair, ImageDataset, InMemoryDataset, TokenDataset
 from greenprop.data.idx import read_idx, write_idx
-from greenprop.data.locate import locate_fashion_mnist
+from greenprop.data.locate import locate_fashion_mnist, locate_minilm, locate_rotten_tomatoes
 
 __all__ = [
     "DATASETS",
     "DatasetInfo",
     "DatasetPair",
     "ImageDataset",
+    "InMemoryDataset",
+    "TokenDataset",
     "load",
     "locate_fashion_mnist",
+    "locate_minilm",
+    "locate_rotten_tomatoes",
     "read_idx",
     "write_idx",
 ]

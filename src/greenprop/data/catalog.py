@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from greenprop.data import sources
-from greenprop.data.dataset import DatasetInfo, DatasetPair, ImageDataset
+from greenprop.data import sources, text
+from greenprop.data.dataset import DatasetInfo, DatasetPair, ImageDataset, TokenDataset
 from greenprop.errors import GreenpropError
 
 # Subsets come from one fixed permutation, independent of the run seed, so every run
@@ -35,7 +35,12 @@ _SPECS: dict[str, _Spec] = {
     "digits": _Spec(10, 8, 0.3053834, 0.3761192, lambda _data_dir: sources.digits()),
 }
 
-DATASETS: tuple[str, ...] = tuple(_SPECS)
+# Text datasets: a reader of tokenised splits, and the number of classes.
+_TEXT: dict[str, tuple[Callable[[], text.RawText], int]] = {
+    "rotten-tomatoes": (text.rotten_tomatoes, len(text.CLASSES)),
+}
+
+DATASETS: tuple[str, ...] = (*_SPECS, *_TEXT)
 
 
 def load(
@@ -46,13 +51,18 @@ def load(
     test_subset: int | None = None,
     pad_to_32: bool = False,
 ) -> DatasetPair:
-    """Load a dataset into memory as normalised tensors; nothing is downloaded or cached.
+    """Load a dataset into memory as tensors; nothing is downloaded.
+
+    Images come normalised in an :class:`ImageDataset`; text (``rotten-tomatoes``, see
+    :mod:`greenprop.data.text`) comes tokenised in a :class:`TokenDataset`, whose
+    tokenised splits are kept in memory for the rest of the process.
 
     Args:
         name: one of :data:`DATASETS` (case-insensitive; ``_`` works for ``-``).
         data_dir: folder holding the Fashion-MNIST IDX files (see
             :func:`greenprop.data.locate.locate_fashion_mnist` for the default search).
-            Ignored for ``digits``, which ships inside scikit-learn.
+            Ignored for ``digits``, which ships inside scikit-learn, and for text, which
+            ships inside Python packages.
         subset: keep this many training examples, chosen by a fixed permutation. None
             keeps all.
         test_subset: the same for the test split.
@@ -61,7 +71,7 @@ def load(
             normalisation); digits are enlarged 4x by nearest neighbour, since an 8x8
             digit in a 32x32 frame would be mostly border. The grey channel is repeated
             to 3 channels as a broadcast view (no extra memory; do not modify
-            ``images`` in place).
+            ``images`` in place). Images only.
 
     Returns:
         A :class:`DatasetPair` with ``train``, ``test`` and ``info``.
@@ -71,7 +81,11 @@ def load(
     """
     key = str(name).strip().lower().replace("_", "-")
     if key not in _SPECS:
-        raise GreenpropError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        if key not in _TEXT:
+            raise GreenpropError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        if pad_to_32:
+            raise GreenpropError(f"pad_to_32 applies to image datasets, not to the text dataset {key}")
+        return _load_text(key, subset, test_subset)
     spec = _SPECS[key]
     raw = spec.read(data_dir)
 
@@ -101,6 +115,30 @@ def load(
         test=build(raw.test_images, raw.test_labels, test_idx),
         info=info,
     )
+
+
+def _load_text(key: str, subset: int | None, test_subset: int | None) -> DatasetPair:
+    read, num_classes = _TEXT[key]
+    raw = read()
+    train_idx = _subset_indices(len(raw.train_labels), subset, "subset", key, "training")
+    test_idx = _subset_indices(len(raw.test_labels), test_subset, "test_subset", key, "test")
+
+    def build(tokens: torch.Tensor, labels: torch.Tensor, idx: np.ndarray | None) -> TokenDataset:
+        # Indexing copies, so the process-wide tokenised splits stay untouched.
+        index = torch.arange(len(labels)) if idx is None else torch.from_numpy(idx)
+        return TokenDataset(tokens[index], labels[index])
+
+    train = build(raw.train_tokens, raw.train_labels, train_idx)
+    info = DatasetInfo(
+        name=key,
+        num_classes=num_classes,
+        in_channels=2,
+        image_size=train.seq_len,
+        mean=0.0,
+        std=1.0,
+        modality="text",
+    )
+    return DatasetPair(train=train, test=build(raw.test_tokens, raw.test_labels, test_idx), info=info)
 
 
 def _subset_indices(total: int, size: int | None, option: str, name: str, split: str) -> np.ndarray | None:

@@ -1,4 +1,4 @@
-"""An in-memory image dataset that can hand out a whole batch in one indexing op.
+"""In-memory datasets (images, tokenised text) that hand out a whole batch in one indexing op.
 
 Small datasets fit in memory as one tensor, so per-sample ``__getitem__`` plus
 collation is pure overhead. Indexing with a list or 1-D LongTensor returns the batch
@@ -20,30 +20,27 @@ from greenprop.errors import GreenpropError
 Index = int | slice | Sequence[int] | torch.Tensor | np.ndarray
 
 
-class ImageDataset(Dataset):
-    """Normalised float32 images ``(N, C, H, W)`` and int64 labels ``(N,)``.
+class InMemoryDataset(Dataset):
+    """Inputs ``(N, ...)`` and int64 labels ``(N,)`` held as two tensors.
 
-    ``ds[i]`` gives ``(x, y)`` with ``x`` of shape ``(C, H, W)`` and ``y`` a 0-d tensor;
+    ``ds[i]`` gives ``(x, y)`` with ``x = inputs[i]`` and ``y`` a 0-d tensor;
     ``ds[[i, j, ...]]`` (list, 1-D tensor or array, or a slice) gives ``(X, Y)`` equal
-    to stacking the single items.
+    to stacking the single items. Subclasses check the inputs' dtype and shape.
     """
 
     #: Tells batch iterators they may index a whole batch at once.
     supports_batch_indexing = True
+    #: What the inputs are called in error messages.
+    _noun = "inputs"
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        if images.ndim != 4 or images.dtype != torch.float32:
-            raise GreenpropError(
-                f"images must be a float32 (N, C, H, W) tensor, got {images.dtype} "
-                f"of shape {tuple(images.shape)}"
-            )
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
         if labels.ndim != 1 or labels.dtype != torch.int64:
             raise GreenpropError(
                 f"labels must be an int64 (N,) tensor, got {labels.dtype} of shape {tuple(labels.shape)}"
             )
-        if len(images) != len(labels):
-            raise GreenpropError(f"{len(images)} images but {len(labels)} labels")
-        self.images = images
+        if len(inputs) != len(labels):
+            raise GreenpropError(f"{len(inputs)} {self._noun} but {len(labels)} labels")
+        self.inputs = inputs
         self.labels = labels
 
     def __len__(self) -> int:
@@ -52,25 +49,85 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: Index) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(index, (int, np.integer)) or (isinstance(index, torch.Tensor) and index.ndim == 0):
             i = int(index)
-            return self.images[i], self.labels[i]
+            return self.inputs[i], self.labels[i]
         if isinstance(index, slice):
-            return self.images[index], self.labels[index]
+            return self.inputs[index], self.labels[index]
         idx = torch.as_tensor(index, dtype=torch.int64)
         if idx.ndim != 1:
             raise GreenpropError(f"batch index must be 1-D, got shape {tuple(idx.shape)}")
-        return self.images[idx], self.labels[idx]
+        return self.inputs[idx], self.labels[idx]
+
+    def __repr__(self) -> str:
+        shape = tuple(self.inputs.shape[1:])
+        return f"{type(self).__name__}(n={len(self)}, input_shape={shape})"
+
+
+class ImageDataset(InMemoryDataset):
+    """Normalised float32 images ``(N, C, H, W)`` and int64 labels ``(N,)``.
+
+    ``ds[i]`` gives ``(x, y)`` with ``x`` of shape ``(C, H, W)`` and ``y`` a 0-d tensor;
+    ``ds[[i, j, ...]]`` (list, 1-D tensor or array, or a slice) gives ``(X, Y)`` equal
+    to stacking the single items.
+    """
+
+    _noun = "images"
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if images.ndim != 4 or images.dtype != torch.float32:
+            raise GreenpropError(
+                f"images must be a float32 (N, C, H, W) tensor, got {images.dtype} "
+                f"of shape {tuple(images.shape)}"
+            )
+        super().__init__(images, labels)
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self.inputs
 
     def __repr__(self) -> str:
         shape = tuple(self.images.shape[1:])
         return f"{type(self).__name__}(n={len(self)}, image_shape={shape})"
 
 
+class TokenDataset(InMemoryDataset):
+    """Tokenised text: int64 ``(N, 2, L)`` inputs and int64 labels ``(N,)``.
+
+    Row 0 of an input holds the token ids (padded to ``L``), row 1 the attention mask
+    (1 for real tokens, 0 for padding), so a batch is one ``(B, 2, L)`` LongTensor, as
+    :class:`greenprop.models.hf.MiniLMClassifier` takes it.
+    """
+
+    _noun = "token rows"
+
+    def __init__(self, tokens: torch.Tensor, labels: torch.Tensor) -> None:
+        if tokens.ndim != 3 or tokens.shape[1] != 2 or tokens.dtype != torch.int64:
+            raise GreenpropError(
+                f"tokens must be an int64 (N, 2, L) tensor (ids, attention mask), got {tokens.dtype} "
+                f"of shape {tuple(tokens.shape)}"
+            )
+        super().__init__(tokens, labels)
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self.inputs
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.tokens.shape[2])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(n={len(self)}, seq_len={self.seq_len})"
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     """What a model needs to know about a dataset to be built for it.
 
-    ``mean`` and ``std`` are the constants the pixels (scaled to [0, 1]) were
-    normalised with; the same value applies to every channel.
+    ``modality`` is ``"image"`` or ``"text"``. For images, ``mean`` and ``std`` are the
+    constants the pixels (scaled to [0, 1]) were normalised with; the same value
+    applies to every channel. For text one input is a ``(2, L)`` LongTensor (token ids,
+    attention mask; see :class:`TokenDataset`): ``in_channels`` is 2, ``image_size``
+    is the sequence length ``L``, and ``mean``/``std`` are 0/1 (ids are not normalised).
     """
 
     name: str
@@ -79,12 +136,13 @@ class DatasetInfo:
     image_size: int
     mean: float
     std: float
+    modality: str = "image"
 
 
 @dataclass(frozen=True)
 class DatasetPair:
     """Train and test splits of one dataset, plus its :class:`DatasetInfo`."""
 
-    train: ImageDataset
-    test: ImageDataset
+    train: InMemoryDataset
+    test: InMemoryDataset
     info: DatasetInfo

