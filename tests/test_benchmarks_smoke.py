@@ -145,3 +145,21 @@ def test_gradsamp_epoch_benchmark_runs():
     )
     assert result["sampled_epoch_s"] > 0 and result["real_epoch_s"] > 0
     assert result["ratio"] == pytest.approx(result["sampled_epoch_s"] / result["real_epoch_s"])
+
+
+def test_vcas_linear_benchmark_runs_tiny(tmp_path, capsys):
+    out = tmp_path / "vcas.json"
+    argv = ["--shapes", "minilm", "--seq-len", "4", "--rs", "1", "0.5", "--nus", "1", "0.5"]
+    result = _import("vcas_linear").main(
+        [*argv, "--repeats", "1", "--warmup", "0", "--threads", "1", "--json", str(out)]
+    )
+    assert "sampled/dense" in capsys.readouterr().out
+    rows = result["results"]
+    assert len(rows) == 3 * 2 * 2  # three MiniLM Linear shapes x r x nu
+    for row in rows:
+        assert row["ideal"] == pytest.approx(row["kept_rows"] / row["batch"] * (1 + row["nu"]) / 2)
+        if row["r"] == 1 and row["nu"] == 1:
+            assert row["flops_tally"] == pytest.approx(1.0)  # nothing sampled: dense work
+        else:
+            assert row["flops_tally"] < 1.0  # fewer FLOPs actually run, as tallied by the layer
+    assert len(json.loads(out.read_text())["results"]) == len(rows)

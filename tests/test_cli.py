@@ -169,3 +169,19 @@ def test_compare_records_a_diverged_method_and_goes_on(tmp_path, capsys):
     # A second run reuses the recorded divergence instead of diverging again.
     assert main(args) == 0
     assert capsys.readouterr().out.count("finished earlier, reusing") == 4
+
+
+def test_compare_with_vcas_plots_step_losses_and_the_controller(tmp_path, capsys):
+    out_dir = tmp_path / "vcas"
+    args = ["compare", "--dataset", "digits", "--model", "vit", "--width", "16", "--epochs", "2"]
+    args += ["--batch-size", "128", "--optimizer", "adamw", "--lr", "0.003", "--seeds", "0"]
+    assert main([*args, "--methods", "baseline", "vcas:update_every=3", "--out", str(out_dir)]) == 0
+    assert "vcas:update_every=3" in capsys.readouterr().out
+    for name in ("loss_steps.png", "vcas_ratios.png"):
+        assert (out_dir / name).stat().st_size > 0, name
+    report = (out_dir / "report.md").read_text()
+    assert "loss_steps.png" in report and "vcas_ratios.png" in report
+    rows = {row["method"]: row for row in json.loads((out_dir / "results.json").read_text())["rows"]}
+    # Forward FLOPs grow by the estimation passes; backward differs by saving and overhead.
+    assert rows["vcas:update_every=3"]["tflops_forward"] > rows["baseline"]["tflops_forward"]
+    assert rows["vcas:update_every=3"]["tflops_backward"] != rows["baseline"]["tflops_backward"]

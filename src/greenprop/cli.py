@@ -15,8 +15,12 @@ from greenprop.train.config import LR_SCHEDULES, OPTIMIZERS, TrainConfig
 
 # (flag, TrainConfig field, argparse kwargs); defaults live in TrainConfig only.
 _TRAIN_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
-    ("--model", "model", {"help": "zoo model: mlp, cnn, resnet18, resnet18-narrow, mixer, vit"}),
-    ("--dataset", "dataset", {"help": "fashion-mnist or digits"}),
+    (
+        "--model",
+        "model",
+        {"help": "zoo model: mlp, cnn, resnet18, resnet18-narrow, mixer, vit; minilm (text)"},
+    ),
+    ("--dataset", "dataset", {"help": "fashion-mnist, digits, or rotten-tomatoes (text, for minilm)"}),
     (
         "--method",
         "method",

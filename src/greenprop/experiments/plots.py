@@ -115,3 +115,53 @@ def plot_step_losses(results: list[RunResult], path: Path) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def plot_vcas_ratios(results: list[RunResult], path: Path) -> bool:
+    """VCAS's controller over training: its keep ratios and the variance ratios they answer to.
+
+    Left: the global norm-mass keep ``s``, the mean block (sample) keep ratio and the
+    mean token ratio of the Linear layers. Right: the measured activation- and
+    weight-sampling variance relative to the SGD variance, against ``tau``. One line per
+    seed. Returns False (no file) when no run recorded VCAS updates.
+    """
+    runs = [
+        (r, [h for rec in r.metrics["epochs"] for h in (rec.get("vcas") or {}).get("history", [])])
+        for r in results
+    ]
+    runs = [(r, history) for r, history in runs if history]
+    if not runs:
+        return False
+    fig, (ax_ratio, ax_var) = plt.subplots(1, 2, figsize=(11, 4))
+    series = (
+        ("s", "s (norm mass kept)"),
+        ("activation_ratio_mean", "mean block keep"),
+        ("weight_ratio_mean", "mean token ratio"),
+    )
+    for r, history in runs:
+        steps = [h["step"] for h in history]
+        for (key, label), style in zip(series, ("-", "--", ":"), strict=True):
+            ax_ratio.plot(steps, [h[key] for h in history], style, label=f"{label}, seed {r.seed}")
+        ax_var.plot(
+            steps, [h["activation_variance_ratio"] for h in history], "-", label=f"activation, seed {r.seed}"
+        )
+        ax_var.plot(
+            steps,
+            [h["weight_variance_ratio_mean"] for h in history],
+            ":",
+            label=f"weight (mean), seed {r.seed}",
+        )
+    tau = (runs[0][0].metrics.get("method") or {}).get("options", {}).get("tau_act", "0.025")
+    ax_var.axhline(float(tau), color="black", linewidth=0.8, label=f"tau = {tau}")
+    ax_ratio.set_title("VCAS ratios at each update")
+    ax_ratio.set_ylabel("ratio")
+    ax_var.set_title("sampling variance / SGD variance")
+    ax_var.set_yscale("symlog", linthresh=1e-3)
+    for ax in (ax_ratio, ax_var):
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

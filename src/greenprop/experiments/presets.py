@@ -139,6 +139,24 @@ PRESETS["vcas-vit"] = Preset(
     seeds=(0, 1, 2),
 )
 
+PRESETS["vcas-minilm"] = Preset(
+    description="VCAS vs exact: fine-tuning all-MiniLM-L6-v2 (6-layer BERT, 22.7M params) on "
+    "4.8k/1k Rotten Tomatoes snippets (length 56), 2 epochs (300 steps of 32), AdamW, 3 seeds",
+    config={
+        "model": "minilm",
+        "dataset": "rotten-tomatoes",
+        "subset": 4_800,
+        "test_subset": 1_000,
+        "epochs": 2,
+        "batch_size": 32,
+        "optimizer": "adamw",
+        "lr": 5e-5,
+        "weight_decay": 0.01,
+    },
+    methods=("baseline", _VCAS_FAST),
+    seeds=(0, 1, 2),
+)
+
 
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:

@@ -157,7 +157,12 @@ def write_report(
     results: list[RunResult], out_dir: str | Path, *, title: str, command: str | None = None
 ) -> dict[str, Path]:
     """Write results.csv, results.json, report.md and the plots; returns their paths."""
-    from greenprop.experiments.plots import plot_accuracy_vs_saving, plot_curves, plot_step_losses
+    from greenprop.experiments.plots import (
+        plot_accuracy_vs_saving,
+        plot_curves,
+        plot_step_losses,
+        plot_vcas_ratios,
+    )
 
     out = Path(out_dir)
     rows = aggregate(results)
@@ -168,6 +173,7 @@ def write_report(
         "saving_plot": out / "accuracy_vs_saving.png",
         "curves_plot": out / "curves.png",
         "step_loss_plot": out / "loss_steps.png",
+        "vcas_plot": out / "vcas_ratios.png",
     }
     with paths["csv"].open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=[k for k in rows[0] if k != "seeds"] + ["seeds"])
@@ -188,6 +194,8 @@ def write_report(
     plot_curves(results, paths["curves_plot"])
     if not plot_step_losses(results, paths["step_loss_plot"]):
         del paths["step_loss_plot"]
+    if not plot_vcas_ratios(results, paths["vcas_plot"]):
+        del paths["vcas_plot"]
     env = first["environment"]
     cfg = first["config"]
     lines = [f"# {title}", ""]
@@ -217,5 +225,7 @@ def write_report(
     ]
     if "step_loss_plot" in paths:
         lines += [f"![training loss per step]({paths['step_loss_plot'].name})", ""]
+    if "vcas_plot" in paths:
+        lines += [f"![VCAS ratios]({paths['vcas_plot'].name})", ""]
     paths["markdown"].write_text("\n".join(lines))
     return paths
