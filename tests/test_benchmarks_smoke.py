@@ -163,3 +163,26 @@ def test_vcas_linear_benchmark_runs_tiny(tmp_path, capsys):
         else:
             assert row["flops_tally"] < 1.0  # fewer FLOPs actually run, as tallied by the layer
     assert len(json.loads(out.read_text())["results"]) == len(rows)
+
+
+def test_vcas_step_benchmark_runs_tiny(tmp_path, capsys):
+    out = tmp_path / "vcas_step.json"
+    argv = ["--models", "vit", "--batch", "4", "--rs", "1", "0.5", "--nus", "1", "0.5"]
+    result = _import("vcas_step").main(
+        [*argv, "--repeats", "1", "--warmup", "0", "--threads", "1", "--json", str(out)]
+    )
+    printed = capsys.readouterr().out
+    assert "GLIBC_TUNABLES" in printed and "#### vit" in printed and "| r | nu |" in printed
+    rows = result["results"]
+    assert [(row["r"], row["nu"]) for row in rows] == [(1, 1), (1, 0.5), (0.5, 1), (0.5, 0.5)]
+    for row in rows:
+        assert len(row["seen_rows"]) == 6 and all(seen == 4 for seen in row["seen_rows"].values())
+        assert all(t[0] > 0 for v in row["per_repeat_s"].values() for t in v.values())
+        if row["r"] == 1 and row["nu"] == 1:
+            assert row["flops_tally"] == pytest.approx(1.0)  # nothing sampled: dense Linear work
+            assert row["flops_counted"] == pytest.approx(1.0)
+        else:
+            assert row["flops_tally"] < 1.0
+        if row["r"] == 1:
+            assert all(kept == 4 for kept in row["kept_rows"].values())
+    assert len(json.loads(out.read_text())["results"]) == len(rows)

@@ -133,30 +133,31 @@ def plot_vcas_ratios(results: list[RunResult], path: Path) -> bool:
     if not runs:
         return False
     fig, (ax_ratio, ax_var) = plt.subplots(1, 2, figsize=(11, 4))
+    # Colour = quantity, line style = seed, so the three quantities stay readable across seeds.
     series = (
-        ("s", "s (norm mass kept)"),
-        ("activation_ratio_mean", "mean block keep"),
-        ("weight_ratio_mean", "mean token ratio"),
+        ("s", "s (norm mass kept)", "tab:blue"),
+        ("activation_ratio_mean", "mean block keep", "tab:orange"),
+        ("weight_ratio_mean", "mean token ratio", "tab:green"),
     )
-    for r, history in runs:
+    variances = (
+        ("activation_variance_ratio", "activation", "tab:orange"),
+        ("weight_variance_ratio_mean", "weight (mean over layers)", "tab:green"),
+    )
+    styles = ("-", "--", ":", "-.")
+    for i, (r, history) in enumerate(runs):
         steps = [h["step"] for h in history]
-        for (key, label), style in zip(series, ("-", "--", ":"), strict=True):
-            ax_ratio.plot(steps, [h[key] for h in history], style, label=f"{label}, seed {r.seed}")
-        ax_var.plot(
-            steps, [h["activation_variance_ratio"] for h in history], "-", label=f"activation, seed {r.seed}"
-        )
-        ax_var.plot(
-            steps,
-            [h["weight_variance_ratio_mean"] for h in history],
-            ":",
-            label=f"weight (mean), seed {r.seed}",
-        )
+        style = styles[i % len(styles)]
+        for ax, lines in ((ax_ratio, series), (ax_var, variances)):
+            for key, label, color in lines:
+                values = [h[key] for h in history]
+                ax.plot(steps, values, style, color=color, label=f"{label}, seed {r.seed}")
     tau = (runs[0][0].metrics.get("method") or {}).get("options", {}).get("tau_act", "0.025")
     ax_var.axhline(float(tau), color="black", linewidth=0.8, label=f"tau = {tau}")
     ax_ratio.set_title("VCAS ratios at each update")
     ax_ratio.set_ylabel("ratio")
     ax_var.set_title("sampling variance / SGD variance")
     ax_var.set_yscale("symlog", linthresh=1e-3)
+    ax_var.set_ylim(bottom=0)
     for ax in (ax_ratio, ax_var):
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
