@@ -150,6 +150,8 @@ def plot_vcas_ratios(results: list[RunResult], path: Path) -> bool:
         for ax, lines in ((ax_ratio, series), (ax_var, variances)):
             for key, label, color in lines:
                 values = [h[key] for h in history]
+                if any(v is None for v in values):  # e.g. no token ratios in a CNN
+                    continue
                 ax.plot(steps, values, style, color=color, label=f"{label}, seed {r.seed}")
     tau = (runs[0][0].metrics.get("method") or {}).get("options", {}).get("tau_act", "0.025")
     ax_var.axhline(float(tau), color="black", linewidth=0.8, label=f"tau = {tau}")

@@ -157,6 +157,14 @@ PRESETS["vcas-minilm"] = Preset(
     seeds=(0, 1, 2),
 )
 
+PRESETS["vcas-resnet"] = Preset(
+    description="VCAS on a CNN (our addition to the paper): ResNet-18 with GroupNorm (width 16) on a "
+    "5k/2k Fashion-MNIST subset, 8 epochs (320 steps), SGD, 3 seeds; residual blocks are the blocks",
+    config={**_SSPROP_BASE, "model": "resnet18-gn", "width": 16, "subset": 5_000, "epochs": 8},
+    methods=("baseline", _VCAS_FAST),
+    seeds=(0, 1, 2),
+)
+
 
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:

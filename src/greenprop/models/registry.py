@@ -6,6 +6,7 @@ Image models (:data:`MODELS`) take ``(B, C, H, W)`` float images; text models
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -53,6 +54,8 @@ _ENTRIES: dict[str, _Entry] = {
     "cnn": _Entry(SmallCNN, 32, "width", {"hidden": _positive_int}),
     "resnet18": _Entry(ResNet18, 64, "width", {}, uses_image_size=False),
     "resnet18-narrow": _Entry(ResNet18, 16, "width", {}, uses_image_size=False),
+    # GroupNorm instead of BatchNorm: per-sample blocks, which VCAS can sample.
+    "resnet18-gn": _Entry(functools.partial(ResNet18, norm="group"), 64, "width", {}, uses_image_size=False),
     "mixer": _Entry(MLPMixer, 128, "dim", {"depth": _positive_int, "patch_size": _positive_int}),
     "vit": _Entry(
         ViT,

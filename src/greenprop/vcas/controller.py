@@ -46,6 +46,12 @@ BatchLoss = Callable[[nn.Module, Any], Tensor]
 _STATE_FORMAT = 1
 
 
+def _mean_or_none(values: Iterable[float]) -> float | None:
+    """Mean, or None for no values (a CNN's blocks have no Linear, hence no token ratios)."""
+    values = list(values)
+    return statistics.fmean(values) if values else None
+
+
 class _LossOf(nn.Module):
     """``forward(batch) = loss_fn(model, batch)``, so the FLOP counter can slice any batch."""
 
@@ -120,10 +126,10 @@ class VCAS(Controller):
         return self.handle.runtime
 
     def _pick_entries(self) -> dict[str, Tensor]:
-        """A fixed random subset of each sampled weight's entries (at least one)."""
+        """A fixed random subset of each converted layer's weight entries (at least one)."""
         gen = torch.Generator().manual_seed(self.config.seed + 3)
         entries = {}
-        for name, layer in self.handle.linears.items():
+        for name, layer in self.handle.layers.items():
             n = layer.weight.numel()
             k = max(1, round(self.config.variance_sample_fraction * n))
             entries[name] = torch.randperm(n, generator=gen)[:k].sort().values
@@ -179,8 +185,9 @@ class VCAS(Controller):
         self, batch: Any, loss_fn: BatchLoss
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor], list[Tensor]]:
         runtime = self.runtime
-        names = list(self.handle.linears)
-        weights = [self.handle.linears[name].weight for name in names]
+        layers = self.handle.layers
+        names = list(layers)
+        weights = [layers[name].weight for name in names]
         with torch.enable_grad():
             loss = loss_fn(self.model, batch)
         if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
@@ -227,7 +234,7 @@ class VCAS(Controller):
         norms: list[list[Tensor]],
     ) -> dict[str, Any]:
         cfg = self.config
-        names = list(self.handle.linears)
+        names = list(self.handle.layers)  # Linear and Conv2d: all see the activation sampler
         # SGD variance per entry: across the M batches' exact gradients (Bessel-corrected).
         per_entry = {name: torch.stack([e[name] for e in exact]).var(dim=0, correction=1) for name in names}
         sgd = {name: float(v.mean()) for name, v in per_entry.items()}
@@ -236,7 +243,7 @@ class VCAS(Controller):
         all_act = torch.cat([a[name] for a in act for name in names])
         act_ratio = control.variance_ratio(all_act[None], all_exact, sgd_all)
         weight_ratios = {}
-        for name in names:
+        for name in self.handle.linears:  # token sampling: Linear layers only
             sampled = torch.cat([f[name] for f in full])[None]
             reference = torch.cat([a[name] for a in act])
             weight_ratios[name] = control.variance_ratio(sampled, reference, sgd[name])
@@ -259,10 +266,10 @@ class VCAS(Controller):
             "step": self.steps,
             "sgd_variance": sgd_all,
             "activation_variance_ratio": act_ratio,
-            "weight_variance_ratio_mean": statistics.fmean(weight_ratios.values()),
+            "weight_variance_ratio_mean": _mean_or_none(weight_ratios.values()),
             "s": self.s,
             "activation_ratio_mean": statistics.fmean(ratios["activation"].values()),
-            "weight_ratio_mean": statistics.fmean(ratios["weight"].values()),
+            "weight_ratio_mean": _mean_or_none(ratios["weight"].values()),
         }
 
     # ------------------------------------------------------------------ FLOPs
@@ -377,7 +384,7 @@ class VCAS(Controller):
             "s": self.s,
             "updates": self.updates,
             "activation_ratios": report["activation"],
-            "weight_ratio_mean": statistics.fmean(report["weight"].values()),
+            "weight_ratio_mean": _mean_or_none(report["weight"].values()),
             "realised_activation_keep": realised,
             "backward_ratio": report["backward_ratio"],
             "total_ratio_with_overhead": report["total_ratio_with_overhead"],

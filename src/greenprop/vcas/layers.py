@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from greenprop.vcas.samplers import leverage_sample, sample_rows, soft_topk_probabilities
 
-__all__ = ["BlockSampler", "FlopTally", "Mode", "VCASLinear", "VCASRuntime"]
+__all__ = ["BlockSampler", "FlopTally", "Mode", "VCASConv2d", "VCASLinear", "VCASRuntime"]
 
 
 class Mode(enum.Enum):
@@ -186,7 +186,7 @@ def _nonzero_rows(grad: Tensor) -> Tensor | None:
     return alive.nonzero().squeeze(1)
 
 
-def _rows_to_compute(layer: VCASLinear, grad: Tensor) -> Tensor | None:
+def _rows_to_compute(layer: VCASLinear | VCASConv2d, grad: Tensor) -> Tensor | None:
     """The samples (dim 0) whose output gradient may be non-zero; None for all of them.
 
     The block's sampler recorded which samples it (and every sampler after it) left
@@ -273,3 +273,69 @@ class VCASLinear(nn.Linear):
         if not (self.training and torch.is_grad_enabled()):
             return F.linear(x, self.weight, self.bias)
         return _VCASLinearFunction.apply(x, self.weight, self.bias, self)
+
+
+class _VCASConv2dFunction(torch.autograd.Function):
+    """``conv2d(x, W, b)`` with one ``convolution_backward`` on the kept samples only."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, layer: VCASConv2d) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.layer = layer
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        x, weight = ctx.saved_tensors
+        layer: VCASConv2d = ctx.layer
+        rows = _rows_to_compute(layer, grad_out)
+        dy, xs = grad_out, x
+        if rows is not None:
+            dy, xs = grad_out.index_select(0, rows), x.index_select(0, rows)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        grad_x = grad_w = grad_b = None
+        if dy.shape[0] > 0 and (need_x or need_w or need_b):
+            grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                dy,
+                xs,
+                weight,
+                [weight.shape[0]] if ctx.has_bias else None,
+                list(layer.stride),
+                list(layer.padding),
+                list(layer.dilation),
+                False,
+                [0, 0],
+                layer.groups,
+                [need_x, need_w, need_b],
+            )
+        elif dy.shape[0] == 0:  # every sample dropped: nothing to compute
+            grad_w = torch.zeros_like(weight) if need_w else None
+            grad_b = weight.new_zeros(weight.shape[0]) if need_b else None
+            grad_x = torch.zeros_like(x) if need_x else None
+        if need_x and rows is not None and dy.shape[0] > 0:
+            grad_x = grad_x.new_zeros(x.shape).index_copy_(0, rows, grad_x)
+        # Each of grad_x and grad_W costs what the forward does: 2 * outputs * (C_in / groups) * kh * kw.
+        per_sample = 2.0 * grad_out[0].numel() * weight[0].numel()
+        passes = int(need_x) + int(need_w)
+        layer.vcas_runtime.tally.dense += passes * per_sample * grad_out.shape[0]
+        layer.vcas_runtime.tally.done += passes * per_sample * dy.shape[0]
+        return (grad_x if need_x else None), (grad_w if need_w else None), grad_b, None
+
+
+class VCASConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose backward runs on the samples its block's sampler kept.
+
+    Convolutions get the data-dimension saving only (no weight-gradient sampling: the
+    paper samples tokens in Linear layers). Created by :func:`~greenprop.vcas.surgery.apply_vcas`
+    changing the class of a plain, zero-padded ``nn.Conv2d`` with numeric padding.
+    """
+
+    vcas_runtime: VCASRuntime
+    vcas_block: int
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and torch.is_grad_enabled()):
+            return super().forward(x)
+        return _VCASConv2dFunction.apply(x, self.weight, self.bias, self)

@@ -3,9 +3,10 @@
 :func:`apply_vcas` registers a forward hook on each selected block (the hook routes
 the block's output through a :class:`~greenprop.vcas.layers.BlockSampler`) and changes
 the class of every ``nn.Linear`` inside those blocks to
-:class:`~greenprop.vcas.layers.VCASLinear`. No module, Parameter or buffer is created
-or renamed, so ``state_dict`` keys, optimizer param groups and checkpoints are the
-same with and without VCAS.
+:class:`~greenprop.vcas.layers.VCASLinear` (and of every zero-padded ``nn.Conv2d`` to
+:class:`~greenprop.vcas.layers.VCASConv2d`, for residual CNN blocks). No module,
+Parameter or buffer is created or renamed, so ``state_dict`` keys, optimizer param
+groups and checkpoints are the same with and without VCAS.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 
 from greenprop.errors import GreenpropError
 from greenprop.vcas.config import VCASConfig
-from greenprop.vcas.layers import BlockSampler, VCASLinear, VCASRuntime
+from greenprop.vcas.layers import BlockSampler, VCASConv2d, VCASLinear, VCASRuntime
 
 __all__ = ["VCASHandle", "apply_vcas", "find_blocks", "remove_vcas", "vcas_handle"]
 
@@ -35,7 +36,13 @@ class VCASHandle:
     runtime: VCASRuntime
     samplers: list[BlockSampler]
     linears: dict[str, VCASLinear]
+    convs: dict[str, VCASConv2d] = field(default_factory=dict)
     hooks: list[RemovableHandle] = field(default_factory=list)
+
+    @property
+    def layers(self) -> dict[str, VCASLinear | VCASConv2d]:
+        """Every converted layer (Linear and Conv2d), by qualified name."""
+        return {**self.linears, **self.convs}
 
 
 def find_blocks(model: nn.Module, block_types: Sequence[type[nn.Module]] | None = None) -> list[str]:
@@ -44,7 +51,8 @@ def find_blocks(model: nn.Module, block_types: Sequence[type[nn.Module]] | None 
     With ``block_types``, every module of those types (outermost only). Without, the
     repeated layers of the model: the children of each ``nn.ModuleList`` /
     ``nn.Sequential`` holding at least two modules of one class that contain an
-    ``nn.Linear`` (a transformer's ``encoder.layer``, the zoo ViT's ``blocks``).
+    ``nn.Linear`` or ``nn.Conv2d`` (a transformer's ``encoder.layer``, the zoo ViT's
+    ``blocks``, a ResNet stage's residual blocks).
     """
     if block_types is not None:
         types = tuple(block_types)
@@ -62,7 +70,7 @@ def find_blocks(model: nn.Module, block_types: Sequence[type[nn.Module]] | None 
             continue
         children = list(module)
         same_class = len({type(child) for child in children}) == 1
-        has_linear = any(isinstance(m, nn.Linear) for m in children[0].modules())
+        has_linear = any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in children[0].modules())
         if same_class and has_linear and not any(name.startswith(outer + ".") for outer in names):
             prefix = f"{name}." if name else ""
             names.extend(f"{prefix}{i}" for i in range(len(children)))
@@ -98,7 +106,7 @@ def apply_vcas(
         raise GreenpropError("VCAS is already applied to this model; call remove_vcas first")
     names = find_blocks(model, block_types)
     if not names:
-        wanted = "the given block_types" if block_types is not None else "repeated layers with nn.Linear"
+        wanted = "the given block_types" if block_types is not None else "repeated layers with Linear/Conv2d"
         raise GreenpropError(f"apply_vcas found no block to sample ({wanted}); pass block_types=")
     modules = dict(model.named_modules())
     for name in names:
@@ -124,12 +132,26 @@ def apply_vcas(
                 sub.vcas_weight_ratio = config.initial_weight_ratio
                 sub.vcas_block = index
                 handle.linears[f"{name}.{sub_name}"] = sub
+            elif type(sub) is nn.Conv2d and _plain_padding(sub):
+                sub.__class__ = VCASConv2d
+                sub.vcas_runtime = runtime
+                sub.vcas_block = index
+                handle.convs[f"{name}.{sub_name}"] = sub
     setattr(model, _ATTR, handle)
     return handle
 
 
+def _plain_padding(conv: nn.Conv2d) -> bool:
+    """Zero padding given as numbers: what the kept-rows backward passes to convolution_backward.
+
+    Other convolutions (``padding="same"``, reflect/circular modes) stay plain
+    ``nn.Conv2d``: still exact, only without the saving.
+    """
+    return conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
+
 def remove_vcas(model: nn.Module) -> None:
-    """Undo :func:`apply_vcas`: hooks removed, Linear layers plain ``nn.Linear`` again."""
+    """Undo :func:`apply_vcas`: hooks removed, layers plain ``nn.Linear`` / ``nn.Conv2d`` again."""
     handle = vcas_handle(model)
     if handle is None:
         raise GreenpropError("VCAS is not applied to this model")
@@ -138,4 +160,7 @@ def remove_vcas(model: nn.Module) -> None:
     for layer in handle.linears.values():
         layer.__class__ = nn.Linear
         del layer.vcas_runtime, layer.vcas_weight_ratio, layer.vcas_block
+    for conv in handle.convs.values():
+        conv.__class__ = nn.Conv2d
+        del conv.vcas_runtime, conv.vcas_block
     delattr(model, _ATTR)

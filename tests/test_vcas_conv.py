@@ -1,0 +1,474 @@
+"""VCAS on residual CNNs: VCASConv2d exact at ratio 1, unbiased when sampling, FLOPs, resnet18-gn."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from greenprop import data as gp_data
+from greenprop import models as gp_models
+from greenprop.errors import GreenpropError
+from greenprop.metering.flops import count_flops_per_sample
+from greenprop.train.config import TrainConfig
+from greenprop.train.trainer import Trainer
+from greenprop.vcas import VCAS, VCASConfig, apply_vcas, find_blocks, remove_vcas
+from greenprop.vcas import layers as vcas_layers
+from greenprop.vcas.layers import Mode, VCASConv2d
+from greenprop.vcas.surgery import vcas_handle
+
+DRAWS = 1600  # sampled backward passes per unbiasedness check
+NEGATIVE_DRAWS = 400  # enough to expose a biased estimator
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: a second intra-op thread only adds synchronisation."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class ConvBlock(nn.Module):
+    """``tanh(conv2(tanh(norm(conv1(x)))) + shortcut(x))``: acts on each sample separately.
+
+    ``conv1`` takes the stride, groups and dilation (and a non-square kernel); the shortcut
+    is a strided 1x1 conv when the shape changes. ``extra`` convs (e.g. reflect padding)
+    are applied after ``conv2``, shape-preserving.
+    """
+
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        *,
+        stride: int = 1,
+        groups: int = 1,
+        dilation: int = 1,
+        bias: bool = True,
+        extra: tuple[nn.Module, ...] = (),
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(
+            cin, cout, (3, 2), stride, padding=(dilation, 1), dilation=dilation, groups=groups, bias=bias
+        )
+        self.norm = nn.GroupNorm(2, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, padding=1, groups=groups, bias=bias)
+        self.extra = nn.Sequential(*extra)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        skip = self.shortcut(x)
+        h = self.conv1(x)[..., : skip.shape[-1]]  # kernel width 2, padding 1: may be one wider
+        h = self.extra(self.conv2(torch.tanh(self.norm(h))))
+        return torch.tanh(h + skip)
+
+
+def _convnet(seed: int = 0, *, groups: int = 2, bias: bool = True, extra: bool = False) -> nn.Sequential:
+    """Two float64 residual conv blocks: 4 -> 4 (stride 2, dilation 2) -> 6."""
+    torch.manual_seed(seed)
+    extras: tuple[nn.Module, ...] = ()
+    if extra:
+        extras = (
+            nn.Conv2d(6, 6, 3, padding="same", bias=bias),
+            nn.Conv2d(6, 6, 3, padding=1, padding_mode="reflect", bias=bias),
+        )
+    return nn.Sequential(
+        ConvBlock(4, 4, stride=2, groups=groups, dilation=2, bias=bias),
+        ConvBlock(4, 6, groups=groups, bias=bias, extra=extras),
+    ).double()
+
+
+def _resnet(seed: int = 0, name: str = "resnet18-gn") -> nn.Module:
+    torch.manual_seed(seed)
+    return gp_models.create(name, in_channels=1, width=8)
+
+
+def _twin(model: nn.Module) -> nn.Module:
+    """A plain copy with the same weights (taken before VCAS is applied)."""
+    assert vcas_handle(model) is None
+    return copy.deepcopy(model)
+
+
+def _skewed(shape: tuple[int, ...], seed: int) -> Tensor:
+    """Random float64 tensor whose samples' norms span two orders of magnitude."""
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return t * torch.logspace(-1, 1, shape[0], dtype=torch.float64).view(-1, *([1] * (len(shape) - 1)))
+
+
+def _grads(loss: Tensor, params: list[Tensor], **kwargs) -> Tensor:
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, **kwargs)])
+
+
+def _grad_dict(model: nn.Module) -> dict[str, Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_grads(model: nn.Module, reference: nn.Module) -> None:
+    got, expected = _grad_dict(model), _grad_dict(reference)
+    assert got.keys() == expected.keys() == dict(reference.named_parameters()).keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-12, atol=1e-14, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# resnet18-gn and the surgery
+
+
+def test_resnet18_gn_has_groupnorm_only_and_vcas_converts_its_block_convs() -> None:
+    bn = _resnet(name="resnet18")
+    assert any(isinstance(m, nn.BatchNorm2d) for m in bn.modules())
+    with pytest.raises(GreenpropError, match=r"block 'layer1\.0' contains BatchNorm \(layer1\.0\.bn1\)"):
+        apply_vcas(bn)
+    assert vcas_handle(bn) is None
+    assert not any(isinstance(m, VCASConv2d) for m in bn.modules())
+    assert all(not m._forward_hooks for m in bn.modules())
+
+    model = _resnet()
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(norms) == 1 + 8 * 2 + 3  # stem, two per block, three shortcuts
+    assert {(m.num_channels, m.num_groups) for m in norms} == {(8, 8), (16, 16), (32, 32), (64, 32)}
+    blocks = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    assert find_blocks(model) == blocks
+    convs = [f"{b}.conv{k}" for b in blocks for k in (1, 2)] + [f"layer{i}.0.shortcut.0" for i in (2, 3, 4)]
+    handle = apply_vcas(model)
+    assert [s.name for s in handle.samplers] == blocks
+    assert handle.linears == {}
+    assert sorted(handle.convs) == sorted(convs) and len(convs) == 19
+    assert handle.layers == handle.convs
+    assert all(type(c) is VCASConv2d for c in handle.convs.values())
+    assert type(model.conv1) is nn.Conv2d and type(model.head) is nn.Linear  # stem and head stay
+    assert [handle.convs[f"layer{i // 2 + 1}.{i % 2}.conv1"].vcas_block for i in range(8)] == list(range(8))
+    assert sum(type(m) is nn.Conv2d for m in model.modules()) == 1
+    remove_vcas(model)
+    assert sum(type(m) is nn.Conv2d for m in model.modules()) == 20
+    assert not any(hasattr(m, "vcas_runtime") for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------
+# exact at ratio 1
+
+
+@pytest.mark.parametrize("kind", ["resnet18-gn", "resnet18-gn-channels-last", "convnet"])
+def test_ratio_one_equals_dense_autograd(kind: str) -> None:
+    if kind == "convnet":
+        model, x = _convnet(), _skewed((5, 4, 9, 11), seed=1)
+    else:
+        model, x = _resnet().double(), _skewed((4, 1, 16, 16), seed=1)
+    if kind.endswith("channels-last"):  # the trainer's channels_last option
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    reference = _twin(model)
+    handle = apply_vcas(model, VCASConfig(seed=3))
+    assert handle.convs and all(s.ratio == 1.0 for s in handle.samplers)
+    if kind == "convnet":
+        conv1 = handle.convs["0.conv1"]
+        assert (conv1.stride, conv1.groups, conv1.dilation, conv1.bias is not None) == (
+            (2, 2),
+            2,
+            (2, 2),
+            True,
+        )
+    inputs = []
+    for net in (model, reference):
+        xi = x.clone().requires_grad_(True)
+        out = net(xi)
+        (out.tanh() * _skewed(tuple(out.shape), seed=2)).sum().backward()
+        inputs.append(xi)
+    _assert_same_grads(model, reference)
+    torch.testing.assert_close(inputs[0].grad, inputs[1].grad, rtol=1e-12, atol=1e-14)
+    tally = handle.runtime.take_tally()
+    assert tally.done == tally.dense > 0  # every conv ran, on every sample
+    assert tally.rows == {i: [len(x), len(x)] for i in range(len(handle.samplers))}
+
+
+def test_unconvertible_convs_stay_plain_and_exact() -> None:
+    model = _convnet(extra=True)
+    reference = _twin(model)
+    handle = apply_vcas(model, VCASConfig(seed=1))
+    same, reflect = model[1].extra
+    assert type(same) is nn.Conv2d and type(reflect) is nn.Conv2d
+    assert not hasattr(same, "vcas_runtime") and not hasattr(reflect, "vcas_runtime")
+    assert sorted(handle.convs) == sorted(f"{b}.{c}" for b in "01" for c in ("conv1", "conv2", "shortcut"))
+    x = _skewed((6, 4, 9, 11), seed=3)
+    for net in (model, reference):
+        net(x).square().sum().backward()
+    _assert_same_grads(model, reference)
+
+    # Sampled, the plain convs pass the dropped samples' zero rows on: they stay dropped.
+    handle.samplers[1].ratio = 0.5
+    model.zero_grad(set_to_none=True)
+    handle.runtime.take_tally()
+    xg = x.clone().requires_grad_(True)
+    model(xg).square().sum().backward()
+    kept = handle.runtime.take_tally().rows[1][0]
+    assert 0 < kept < 6 and int(xg.grad.reshape(6, -1).ne(0).any(dim=1).sum()) == kept
+
+
+# ---------------------------------------------------------------------------------------------
+# unbiased by statistics
+
+
+def _setup_unbiasedness() -> tuple[nn.Module, Tensor, list[Tensor], Tensor]:
+    """The two-block conv net at sampler ratios 0.5, ONE fixed forward graph and the exact gradient."""
+    model = _convnet()
+    reference = _twin(model)
+    handle = apply_vcas(model, VCASConfig(seed=5))
+    for sampler in handle.samplers:
+        sampler.ratio = 0.5
+    x, target = _skewed((8, 4, 7, 7), seed=4), _skewed((8, 6, 4, 4), seed=5)
+    loss = (model(x).tanh() * target).sum()
+    exact = _grads((reference(x).tanh() * target).sum(), list(reference.parameters()))
+    return model, loss, list(model.parameters()), exact
+
+
+def _draw(loss: Tensor, params: list[Tensor], n: int) -> Tensor:
+    return torch.stack([_grads(loss, params, retain_graph=True) for _ in range(n)])
+
+
+def _z_scores(draws: Tensor, exact: Tensor) -> tuple[Tensor, float]:
+    """z-scores of the mean of the draws around ``exact`` for the entries that vary, and the
+    largest relative error of the entries that never vary (those must be exact)."""
+    mean, std = draws.mean(0), draws.std(0)
+    scale = exact.abs().max()
+    varies = std > 1e-12 * scale
+    fixed_err = float(((mean - exact)[~varies]).abs().max() / scale) if bool((~varies).any()) else 0.0
+    z = (mean - exact)[varies] / (std[varies] / math.sqrt(draws.shape[0]))
+    return z, fixed_err
+
+
+def _unbiased(z: Tensor) -> bool:
+    """Mean within a few standard errors everywhere, and the z-scores look like noise."""
+    a = z.abs()
+    return bool(a.max() < 5.5) and float((a > 3).double().mean()) < 0.05 and float(a.mean()) < 1.3
+
+
+def test_sampled_conv_gradients_are_unbiased() -> None:
+    model, loss, params, exact = _setup_unbiasedness()
+    runtime = vcas_handle(model).runtime
+    runtime.take_tally()
+    draws = _draw(loss, params, DRAWS)
+    z, fixed_err = _z_scores(draws, exact)
+    assert _unbiased(z), f"max |z| {z.abs().max():.2f}, mean |z| {z.abs().mean():.2f}"
+    assert fixed_err < 1e-12
+    assert z.numel() == exact.numel()  # every entry of every parameter was sampled
+    tally = runtime.take_tally()
+    assert tally.done < tally.dense
+    kept, seen = tally.rows[1]
+    assert seen == DRAWS * 8 and abs(kept / seen - 0.5) < 0.02
+
+
+def test_unbiasedness_check_catches_a_missing_rescale(monkeypatch) -> None:
+    """Without the 1/p factors the same statistics fail: the check above has teeth."""
+    _, loss, params, exact = _setup_unbiasedness()
+    original: Callable[..., tuple[Tensor, Tensor]] = vcas_layers.sample_rows
+
+    def unscaled(*args, **kwargs):
+        idx, scale = original(*args, **kwargs)
+        return idx, torch.ones_like(scale)
+
+    monkeypatch.setattr(vcas_layers, "sample_rows", unscaled)
+    z, fixed_err = _z_scores(_draw(loss, params, NEGATIVE_DRAWS), exact)
+    assert fixed_err < 1e-12
+    assert not _unbiased(z)
+    assert z.abs().max() > 10
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs: the counted backward is the gathered work
+
+
+def test_conv_backward_flops_equal_the_tally_and_dropped_rows_stay_zero(monkeypatch) -> None:
+    # groups=1: FlopCounterMode counts a grouped conv's grad_weight as if ungrouped.
+    model = _convnet(groups=1)
+    reference = _twin(model)
+    handle = apply_vcas(model, VCASConfig(seed=2))
+    handle.samplers[1].ratio = 0.5
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, conv in handle.convs.items():
+        conv.register_forward_hook(lambda m, a, out, name=name: shapes.__setitem__(name, out.shape))
+    draws: list[Tensor] = []
+    original = vcas_layers.sample_rows
+
+    def spy(*args, **kwargs):
+        idx, scale = original(*args, **kwargs)
+        draws.append(idx)
+        return idx, scale
+
+    monkeypatch.setattr(vcas_layers, "sample_rows", spy)
+    n = 12
+    x = _skewed((n, 4, 9, 11), seed=6).requires_grad_(True)
+    w = _skewed((n, 6, 5, 6), seed=7)
+    loss = (model(x) * w).sum()
+    handle.runtime.take_tally()
+    with FlopCounterMode(display=False) as counter:
+        loss.backward()
+    tally = handle.runtime.take_tally()
+
+    assert len(draws) == 1  # only the last block (ratio 0.5) draws
+    kept = sorted(draws[0].tolist())
+    assert 0 < len(kept) < n
+    assert tally.rows == {1: [len(kept), n], 0: [len(kept), n]}
+    # grad_input and grad_weight each cost what the forward does: 2 * outputs * (C_in/groups) * kh * kw.
+    per_sample = sum(
+        2 * 2 * math.prod(shapes[name][1:]) * conv.weight[0].numel() for name, conv in handle.convs.items()
+    )
+    # Only the convs run FLOP-counted ops here (GroupNorm, tanh, products are not counted).
+    assert counter.get_total_flops() == tally.done == len(kept) * per_sample
+
+    xr = x.detach().clone().requires_grad_(True)
+    dense_loss = (reference(xr) * w).sum()
+    with FlopCounterMode(display=False) as dense_counter:
+        dense_loss.backward()
+    assert dense_counter.get_total_flops() == tally.dense == n * per_sample
+    assert tally.saved == (n - len(kept)) * per_sample
+
+    # A dropped sample's gradient is exactly zero all the way down to the input.
+    dropped = sorted(set(range(n)) - set(kept))
+    assert bool((x.grad[dropped] == 0).all())
+    assert bool((x.grad[kept].abs().sum(dim=(1, 2, 3)) > 0).all())
+
+
+def test_a_backward_that_drops_every_sample_costs_nothing() -> None:
+    model = _convnet()
+    handle = apply_vcas(model)
+    handle.samplers[1].ratio = 0.05  # expected 0.2 of 4 samples kept
+    x = _skewed((4, 4, 9, 11), seed=1).requires_grad_(True)
+    for _ in range(50):
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        loss = model(x).sum()
+        handle.runtime.take_tally()
+        with FlopCounterMode(display=False) as counter:
+            loss.backward()
+        tally = handle.runtime.take_tally()
+        if tally.rows[1][0] == 0:
+            break
+    else:
+        pytest.fail("no draw dropped every sample")
+    assert counter.get_total_flops() == tally.done == 0 < tally.dense
+    assert bool((x.grad == 0).all())
+    assert all(bool((p.grad == 0).all()) for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# the controller on resnet18-gn
+
+
+def _loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def _batches(digits, count: int, size: int = 16, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [digits.train[torch.randperm(len(digits.train), generator=gen)[:size]] for _ in range(count)]
+
+
+def test_controller_on_resnet18_gn(digits) -> None:
+    model = _resnet(seed=1)
+    reference = _twin(model)
+    config = VCASConfig(update_every=1)
+    vcas = VCAS(model, config)
+    assert vcas.ratios()["weight"] == {}
+    assert len(vcas._entries) == 19  # the variance is measured on every converted conv
+    record = vcas.update(iter(_batches(digits, 2)), _loss)
+    assert vcas.s == record["s"] == 1 - config.s_step
+    assert vcas.ratios()["weight"] == {}
+    assert record["weight_ratio_mean"] is None and record["weight_variance_ratio_mean"] is None
+    assert record["activation_variance_ratio"] == 0.0 and record["sgd_variance"] > 0
+    assert all(p.grad is None for p in model.parameters())
+    x, y = _batches(digits, 1, seed=3)[0]
+    dense = count_flops_per_sample(reference, x, y, F.cross_entropy)
+    assert (vcas.dense_per_sample.forward, vcas.dense_per_sample.backward) == (dense.forward, dense.backward)
+
+    for sampler in vcas.handle.samplers:
+        sampler.ratio = 0.5
+    state = vcas.state_dict()
+    batch = _batches(digits, 1, size=32, seed=4)[0]
+    _loss(model, batch).backward()
+    grads = _grad_dict(model)
+    report = vcas.flops_report()
+    assert report["train_samples"] == 32 and report["weight"] == {}
+    saved = report["linear_backward_saved"]
+    assert saved > 0
+    assert report["backward_ratio"] == pytest.approx(1 - saved / (32 * dense.backward), rel=1e-12)
+    assert report["backward_ratio"] < 1
+
+    # state_dict round trip: a fresh controller on a copy resumes the same draws.
+    other = _resnet(seed=9)
+    other.load_state_dict(reference.state_dict())
+    again = VCAS(other, config)
+    again.load_state_dict(state)
+    assert again.ratios() == vcas.ratios() and again.s == vcas.s and again.history == vcas.history
+    _loss(other, batch).backward()
+    for name, grad in _grad_dict(other).items():
+        assert torch.equal(grad, grads[name]), name
+    assert again.flops_report() == report
+    again.load_state_dict(again.state_dict())  # its own state loads too
+    assert again.ratios() == vcas.ratios()
+
+
+# ---------------------------------------------------------------------------------------------
+# the reference trainer
+
+
+def _config(method: str) -> TrainConfig:
+    return TrainConfig(
+        model="resnet18-gn",
+        dataset="digits",
+        epochs=2,
+        batch_size=32,
+        lr=0.05,
+        width=8,
+        subset=64,
+        test_subset=32,
+        flops_samples=4,
+        progress=False,
+        method=method,
+    )
+
+
+def _flops(metrics: dict[str, Any], phase: str) -> float:
+    return metrics["summary"]["flops"][phase]["value"]
+
+
+def test_vcas_trains_resnet18_gn_through_the_trainer() -> None:
+    data = gp_data.load("digits", subset=64, test_subset=32)
+    base = Trainer(_config("baseline"), data=data).fit()
+    trainer = Trainer(_config("vcas:update_every=2"), data=data)
+    metrics = trainer.fit()
+    vcas = trainer.controllers[0]
+    assert isinstance(vcas, VCAS) and len(vcas.handle.convs) == 19
+    records = metrics["epochs"]
+    assert [r["vcas"]["updates"] for r in records] == [1, 2]  # steps 0, 1 | 2, 3: updates at 0 | 2
+    for r in records:
+        assert r["vcas"]["weight_ratio_mean"] is None
+        assert all(h["weight_ratio_mean"] is None for h in r["vcas"]["history"])
+        assert set(r["vcas"]["realised_activation_keep"]) == {
+            f"layer{i}.{j}" for i in range(1, 5) for j in (0, 1)
+        }
+        assert all(math.isfinite(v) for v in r["step_losses"])
+    report = vcas.flops_report()
+    saved = report["linear_backward_saved"]
+    assert saved > 0 and report["backward_ratio"] < 1
+    # The counted backward: dense, minus what the sampled convs saved, plus the estimation passes.
+    overhead_forward = report["overhead_samples"]["forward"] * report["dense_forward_per_sample"]
+    overhead_backward = report["overhead_flops"] - overhead_forward
+    assert _flops(metrics, "forward") == pytest.approx(_flops(base, "forward") + overhead_forward, rel=1e-9)
+    training_backward = _flops(metrics, "backward") - overhead_backward
+    assert training_backward == pytest.approx(_flops(base, "backward") - saved, rel=1e-9)
+    assert training_backward < _flops(base, "backward")
+    assert _flops(metrics, "backward") != _flops(base, "backward")
+    assert vcas.runtime.mode is Mode.FULL
