@@ -18,7 +18,7 @@ _TRAIN_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     (
         "--model",
         "model",
-        {"help": "zoo model: mlp, cnn, resnet18, resnet18-narrow, mixer, vit; minilm (text)"},
+        {"help": "zoo model: mlp, cnn, resnet18, resnet18-narrow, resnet18-gn, mixer, vit; minilm (text)"},
     ),
     ("--dataset", "dataset", {"help": "fashion-mnist, digits, or rotten-tomatoes (text, for minilm)"}),
     (
