@@ -153,8 +153,11 @@ def plot_vcas_ratios(results: list[RunResult], path: Path) -> bool:
                 if any(v is None for v in values):  # e.g. no token ratios in a CNN
                     continue
                 ax.plot(steps, values, style, color=color, label=f"{label}, seed {r.seed}")
-    tau = (runs[0][0].metrics.get("method") or {}).get("options", {}).get("tau_act", "0.025")
-    ax_var.axhline(float(tau), color="black", linewidth=0.8, label=f"tau = {tau}")
+    options = (runs[0][0].metrics.get("method") or {}).get("options", {})
+    tau_act, tau_w = options.get("tau_act", "0.025"), options.get("tau_w", "0.025")
+    ax_var.axhline(float(tau_act), color="tab:orange", linewidth=0.8, label=f"tau_act = {tau_act}")
+    if tau_w != tau_act:
+        ax_var.axhline(float(tau_w), color="tab:green", linewidth=0.8, label=f"tau_w = {tau_w}")
     ax_ratio.set_title("VCAS ratios at each update")
     ax_ratio.set_ylabel("ratio")
     ax_var.set_title("sampling variance / SGD variance")

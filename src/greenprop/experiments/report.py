@@ -212,7 +212,9 @@ def write_report(
         format_table(rows, markdown=True),
         "",
         "Accuracy is the final epoch's test accuracy, mean ± sample std over seeds. "
-        "FLOPs are counted with PyTorch's FlopCounterMode (training forward and backward only) "
+        "FLOPs are counted with PyTorch's FlopCounterMode (training forward and backward; "
+        "for VCAS the dense count minus the work its layers skipped, plus its variance-estimation "
+        "passes) "
         "and savings are relative to the baseline's counted FLOPs. Train time is measured wall "
         "time of the training phases (data, forward, backward, optimizer, epoch replacement), "
         f"without evaluation; energy covers the same span. Energy: {rows[0]['energy_kind']} "

@@ -376,7 +376,8 @@ class Trainer:
         source = (
             f"torch.utils.flop_counter.FlopCounterMode on {min(c.flops_samples, c.batch_size)} "
             "samples, recounted whenever a method changes what a step computes, x samples run, "
-            "plus what a method reports through flops_delta (VCAS: its sampled backward and overhead)"
+            "plus what the method reports through flops_delta, if anything (VCAS: its tallied "
+            "saving and its estimation passes)"
         )
         return flops, source
 

@@ -135,6 +135,10 @@ class VCAS(Controller):
             entries[name] = torch.randperm(n, generator=gen)[:k].sort().values
         return entries
 
+    def _trainable(self) -> dict[str, Any]:
+        """Converted layers whose weight is trained: frozen ones (fine-tuning, LoRA) have no gradient."""
+        return {name: layer for name, layer in self.handle.layers.items() if layer.weight.requires_grad}
+
     def ratios(self) -> dict[str, Any]:
         """The current ``s``, each block's sample keep ratio and each Linear's token ratio."""
         return {
@@ -185,7 +189,9 @@ class VCAS(Controller):
         self, batch: Any, loss_fn: BatchLoss
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor], list[Tensor]]:
         runtime = self.runtime
-        layers = self.handle.layers
+        layers = self._trainable()
+        if not layers:
+            raise GreenpropError("no converted layer inside the VCAS blocks has a trainable weight")
         names = list(layers)
         weights = [layers[name].weight for name in names]
         with torch.enable_grad():
@@ -199,12 +205,13 @@ class VCAS(Controller):
             grads_exact = torch.autograd.grad(loss, weights, retain_graph=True)
             runtime.record_norms = False
             missing = [s.name for s in self.handle.samplers if s.index not in runtime.norms]
-            if missing:
+            if len(missing) == len(self.handle.samplers):
                 raise GreenpropError(
                     f"VCAS saw no gradient at block(s) {', '.join(missing)}: estimate with the model "
                     "in training mode (model.train()) and a loss that uses every block"
                 )
-            block_norms = [runtime.norms[s.index] for s in self.handle.samplers]
+            # Blocks below the lowest trainable layer get no backward at all: nothing to sample.
+            block_norms = [runtime.norms.get(s.index) for s in self.handle.samplers]
             replay = runtime.activation_generator.get_state()
             runtime.mode = Mode.ACTIVATION
             grads_act = torch.autograd.grad(loss, weights, retain_graph=True)
@@ -213,7 +220,7 @@ class VCAS(Controller):
             grads_full = torch.autograd.grad(loss, weights)
         finally:
             runtime.mode, runtime.record_norms = previous, False
-        n = len(block_norms[0]) if block_norms else 0
+        n = len(next(norm for norm in block_norms if norm is not None))
         self.overhead_samples["forward"] += n
         self.overhead_samples["exact_backward"] += n
         self.overhead_samples["sampled_backward"] += 2 * n
@@ -234,7 +241,7 @@ class VCAS(Controller):
         norms: list[list[Tensor]],
     ) -> dict[str, Any]:
         cfg = self.config
-        names = list(self.handle.layers)  # Linear and Conv2d: all see the activation sampler
+        names = list(self._trainable())  # Linear and Conv2d: all see the activation sampler
         # SGD variance per entry: across the M batches' exact gradients (Bessel-corrected).
         per_entry = {name: torch.stack([e[name] for e in exact]).var(dim=0, correction=1) for name in names}
         sgd = {name: float(v.mean()) for name, v in per_entry.items()}
@@ -243,17 +250,22 @@ class VCAS(Controller):
         all_act = torch.cat([a[name] for a in act for name in names])
         act_ratio = control.variance_ratio(all_act[None], all_exact, sgd_all)
         weight_ratios = {}
-        for name in self.handle.linears:  # token sampling: Linear layers only
+        for name in names:
+            if name not in self.handle.linears:  # token sampling: Linear layers only
+                continue
             sampled = torch.cat([f[name] for f in full])[None]
             reference = torch.cat([a[name] for a in act])
             weight_ratios[name] = control.variance_ratio(sampled, reference, sgd[name])
         self.s = control.update_activation_keep(self.s, act_ratio, cfg.tau_act, cfg.s_step)
         for i, sampler in enumerate(self.handle.samplers):
+            if norms[0][i] is None:  # no gradient reaches this block: leave its ratio
+                continue
             new = statistics.fmean(control.block_keep_ratio(n[i], self.s) for n in norms)
             smoothed = control.ema(self._smoothed[i], new, cfg.ema_decay)
             self._smoothed[i] = smoothed
             sampler.ratio = min(1.0, max(cfg.min_ratio, smoothed))
-        for name, layer in self.handle.linears.items():
+        for name in weight_ratios:
+            layer = self.handle.linears[name]
             layer.vcas_weight_ratio = control.update_weight_ratio(
                 layer.vcas_weight_ratio,
                 weight_ratios[name],

@@ -163,7 +163,8 @@ class BlockSampler:
         self._record(n, None if alive.numel() == n else alive)
         shape = (-1,) + (1,) * (grad.dim() - 1)
         out = torch.zeros_like(grad)
-        out.index_copy_(0, alive, grad.index_select(0, alive) * scale.to(grad.dtype).view(shape))
+        kept = (grad.index_select(0, alive) * scale.view(shape)).to(grad.dtype)  # 1/p in fp32 at least
+        out.index_copy_(0, alive, kept)
         return out
 
 
@@ -222,6 +223,9 @@ class _VCASLinearFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         layer: VCASLinear = ctx.layer
         runtime = layer.vcas_runtime
+        # Under autocast the saved fp32 weight meets a bf16/fp16 gradient: compute in the
+        # gradient's dtype, return the weight's gradient in the weight's dtype.
+        x, w = x.to(grad_out.dtype), weight.to(grad_out.dtype)
         out_features, in_features = weight.shape
         rows = _rows_to_compute(layer, grad_out)
         dy, xs = grad_out, x
@@ -232,7 +236,7 @@ class _VCASLinearFunction(torch.autograd.Function):
         dense = done = 0.0
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            part = dy @ weight
+            part = dy @ w
             grad_x = part if rows is None else part.new_zeros(x.shape).index_copy_(0, rows, part)
             dense += 2.0 * tokens_dense * out_features * in_features
             done += 2.0 * tokens * out_features * in_features
@@ -241,7 +245,7 @@ class _VCASLinearFunction(torch.autograd.Function):
             ratio = layer.vcas_weight_ratio if runtime.mode is Mode.FULL else 1.0
             if ratio < 1.0 and tokens > 0:
                 idx, scale = leverage_sample(dy2, x2, ratio, runtime.weight_generator)
-                dy_k = dy2.index_select(0, idx) * scale.to(dy2.dtype).unsqueeze(1)
+                dy_k = (dy2.index_select(0, idx) * scale.unsqueeze(1)).to(dy2.dtype)  # 1/p in fp32
                 grad_w = dy_k.t() @ x2.index_select(0, idx)
                 kept_tokens = idx.numel()
             else:
@@ -249,8 +253,10 @@ class _VCASLinearFunction(torch.autograd.Function):
                 kept_tokens = tokens
             dense += 2.0 * tokens_dense * out_features * in_features
             done += 2.0 * kept_tokens * out_features * in_features
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = dy2.sum(0)
+            grad_b = dy2.sum(0).to(weight.dtype)
         runtime.tally.dense += dense
         runtime.tally.done += done
         return grad_x, grad_w, grad_b, None

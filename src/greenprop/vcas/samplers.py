@@ -132,8 +132,11 @@ def sample_mask(probs: Tensor, generator: torch.Generator | None = None) -> Tens
     ``p = 1`` is always kept and ``p = 0`` never (uniform draws lie in ``[0, 1)``).
     """
     _check_probs(probs)
-    u = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype)
-    return u < probs
+    # Draw where the generator lives (greenprop's are CPU generators), then move: a CUDA
+    # gradient with a CPU generator would otherwise fail, and CPU and GPU draw alike.
+    device = generator.device if generator is not None else probs.device
+    u = torch.rand(probs.shape, generator=generator, device=device, dtype=probs.dtype)
+    return u.to(probs.device) < probs
 
 
 def sample_rows(probs: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:

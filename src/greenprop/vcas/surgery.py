@@ -120,6 +120,14 @@ def apply_vcas(
         activation_generator=torch.Generator().manual_seed(config.seed),
         weight_generator=torch.Generator().manual_seed(config.seed + 1),
     )
+    owners: dict[int, str] = {}
+    for name in names:  # a layer shared by two blocks would read the wrong block's record
+        for sub_name, sub in modules[name].named_modules():
+            if isinstance(sub, (nn.Linear, nn.Conv2d)) and owners.setdefault(id(sub), name) != name:
+                raise GreenpropError(
+                    f"layer {name}.{sub_name} is shared by blocks {owners[id(sub)]!r} and {name!r}; "
+                    "VCAS needs each sampled layer inside one block"
+                )
     handle = VCASHandle(config, runtime, samplers=[], linears={})
     for index, name in enumerate(names):
         sampler = BlockSampler(index, name, runtime, last=index == len(names) - 1)
