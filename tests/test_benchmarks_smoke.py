@@ -186,3 +186,12 @@ def test_vcas_step_benchmark_runs_tiny(tmp_path, capsys):
         if row["r"] == 1:
             assert all(kept == 4 for kept in row["kept_rows"].values())
     assert len(json.loads(out.read_text())["results"]) == len(rows)
+
+
+@pytest.mark.text
+def test_vcas_zero_tokens_script_measures_a_share():
+    result = _import("vcas_zero_tokens").main(["--batches", "1", "--threads", "1"])
+    assert result["layers"] == 36  # 6 Linears in each of MiniLM's 6 layers
+    # Padding and the last layer's non-CLS tokens carry exactly-zero terms: a real share, not all.
+    assert 0.1 < result["share_of_grad_w"] < 0.95
+    assert result["share_of_linear_backward"] == pytest.approx(result["share_of_grad_w"] / 2)
