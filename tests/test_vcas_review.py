@@ -102,3 +102,40 @@ def test_draws_follow_the_generator_not_the_tensor_device():
     b = sample_mask(probs, torch.Generator().manual_seed(5))
     assert torch.equal(a, b) and a.device == probs.device
     assert 200 < int(a.sum()) < 400
+
+
+class _AuxBlock(_Block):
+    """Keeps an auxiliary loss on its internals: gradient that bypasses the block's output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(self.norm(x))
+        self.aux = h.square().mean()
+        return x + h
+
+
+@pytest.mark.parametrize("aux", [False, True])
+def test_check_rows_catches_gradient_that_bypasses_the_sampler(aux: bool):
+    torch.manual_seed(0)
+    block = _AuxBlock if aux else _Block
+    model = nn.Sequential(*(block(nn.Linear(6, 6)) for _ in range(2)))
+    handle = apply_vcas(model, VCASConfig(check_rows=True))
+    for sampler in handle.samplers:
+        sampler.ratio = 0.3
+    x, w = next(_batches())
+    loss = _loss(model, (x, w))
+    if aux:
+        loss = loss + sum(b.aux for b in model)
+        with pytest.raises(GreenpropError, match=r"check_rows: VCASLinear in block 1 received gradient"):
+            loss.backward()
+    else:
+        loss.backward()  # the assumptions hold: nothing to report
+        assert all(p.grad is not None for p in model.parameters())
+
+
+def test_check_rows_option_parses_and_validates():
+    assert VCASConfig.from_dict({"check_rows": "true"}).check_rows is True
+    assert VCASConfig.from_dict({"check_rows": "0"}).check_rows is False
+    with pytest.raises(GreenpropError, match="check_rows must be true or false"):
+        VCASConfig.from_dict({"check_rows": "maybe"})
+    with pytest.raises(GreenpropError, match="check_rows must be true or false"):
+        VCASConfig(check_rows=1)

@@ -181,6 +181,11 @@ def _head(obj: Any, n: int) -> Any:
     return obj
 
 
+def batch_head(obj: Any, n: int) -> Any:
+    """The first ``n`` samples of every tensor in a batch (tensors, tuples, lists, mappings)."""
+    return _head(obj, n)
+
+
 def _cuda_devices(*objs: Any) -> list[int]:
     """CUDA devices whose RNG the pass may use; empty on CPU so CUDA is never touched."""
     found: set[int] = set()

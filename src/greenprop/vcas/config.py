@@ -50,6 +50,11 @@ class VCASConfig:
             samples (almost) nothing; in (0, 1]. Default 0.05 (our choice; the paper
             has no explicit floor).
         seed: seeds the samplers' generators, for reproducible runs. Default 0 (ours).
+        check_rows: debug mode: every sampled layer verifies that the gradient rows it
+            skips are exactly zero, and raises naming the layer if not (a model that
+            breaks the samplers' assumptions, e.g. an auxiliary loss on a block's
+            internals or a sequence-first block). Costs a scan of each gradient. Default
+            False (ours).
     """
 
     tau_act: float = 0.025
@@ -64,6 +69,7 @@ class VCASConfig:
     initial_weight_ratio: float = 1.0
     min_ratio: float = 0.05
     seed: int = 0
+    check_rows: bool = False
 
     def __post_init__(self) -> None:
         for name in _FLOAT_FIELDS:
@@ -71,6 +77,8 @@ class VCASConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
                 raise GreenpropError(f"{name} must be a number, got {value!r}")
             object.__setattr__(self, name, float(value))
+        if not isinstance(self.check_rows, bool):
+            raise GreenpropError(f"check_rows must be true or false, got {self.check_rows!r}")
         for name in _INT_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -108,7 +116,12 @@ class VCASConfig:
         for key, value in values.items():
             if key not in names:
                 raise GreenpropError(f"unknown vcas option {key!r}; known: {', '.join(sorted(names))}")
-            if isinstance(value, str):
+            if isinstance(value, str) and key in _BOOL_FIELDS:
+                words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+                if value.strip().lower() not in words:
+                    raise GreenpropError(f"{key} must be true or false, got {value!r}")
+                value = words[value.strip().lower()]
+            elif isinstance(value, str):
                 parse: Callable[[str], Any] = int if key in _INT_FIELDS else float
                 try:
                     value = parse(value.strip())
@@ -124,6 +137,7 @@ class VCASConfig:
 
 
 _INT_FIELDS: tuple[str, ...] = ("update_every", "mc_repeats", "seed")
+_BOOL_FIELDS: tuple[str, ...] = ("check_rows",)
 _FLOAT_FIELDS: tuple[str, ...] = tuple(
-    f.name for f in dataclasses.fields(VCASConfig) if f.name not in _INT_FIELDS
+    f.name for f in dataclasses.fields(VCASConfig) if f.name not in _INT_FIELDS + _BOOL_FIELDS
 )

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from greenprop.errors import GreenpropError
-from greenprop.metering.flops import FlopCount, count_flops_per_sample
+from greenprop.metering.flops import FlopCount, batch_head, count_flops_per_sample
 from greenprop.train.hooks import Controller
 from greenprop.vcas import control
 from greenprop.vcas.config import VCASConfig
@@ -44,6 +44,7 @@ __all__ = ["VCAS", "BatchLoss"]
 BatchLoss = Callable[[nn.Module, Any], Tensor]
 
 _STATE_FORMAT = 1
+_COUNT_SAMPLES = 16  # the dense FLOP count runs on this many samples of one batch
 
 
 def _mean_or_none(values: Iterable[float]) -> float | None:
@@ -111,7 +112,8 @@ class VCAS(Controller):
         self.train_tally = FlopTally()
         self.overhead_tally = FlopTally()
         self.overhead_samples = {"forward": 0, "exact_backward": 0, "sampled_backward": 0}
-        self.dense_per_sample: FlopCount | None = None
+        self._dense: FlopCount | None = None
+        self._pending_count: tuple[Any, BatchLoss] | None = None
         self._smoothed: list[float | None] = [None] * len(handle.samplers)
         self._entries = self._pick_entries()
         self._estimation_generator = torch.Generator().manual_seed(self.config.seed + 2)
@@ -172,8 +174,10 @@ class VCAS(Controller):
                 raise GreenpropError(
                     f"VCAS needs {cfg.mc_repeats} batches per update, the batch iterator ran out"
                 ) from None
-            if self.dense_per_sample is None:
-                self.dense_per_sample = self._count_dense(batch, loss_fn)
+            if self._dense is None and self._pending_count is None:
+                # Counted later, on first use (flops_delta, flops_report): FlopCounterMode is slow
+                # and the trainer times this method; the FLOPs do not depend on the weights.
+                self._pending_count = (batch_head(batch, _COUNT_SAMPLES), loss_fn)
             e, a, w, n = self._three_backwards(batch, loss_fn)
             exact.append(e)
             act.append(a)
@@ -296,6 +300,15 @@ class VCAS(Controller):
         finally:
             runtime.mode = previous
             runtime.tally = saved
+
+    @property
+    def dense_per_sample(self) -> FlopCount | None:
+        """Dense forward/backward FLOPs of one sample (counted on the first update's batch)."""
+        if self._dense is None and self._pending_count is not None:
+            batch, loss_fn = self._pending_count
+            self._dense = self._count_dense(batch, loss_fn)
+            self._pending_count = None
+        return self._dense
 
     def _count_dense(self, batch: Any, loss_fn: BatchLoss) -> FlopCount:
         with self.exact_backward():
@@ -460,7 +473,8 @@ class VCAS(Controller):
         self.overhead_tally = FlopTally(*state["overhead_tally"])
         self.overhead_samples = dict(state["overhead_samples"])
         d = state["dense_per_sample"]
-        self.dense_per_sample = None if d is None else FlopCount(*d)
+        self._dense = None if d is None else FlopCount(*d)
+        self._pending_count = None
         done, dense, overhead = state["reported"]
         self._reported, self._reported_overhead = FlopTally(done, dense), dict(overhead)
         self.history = list(state["history"])

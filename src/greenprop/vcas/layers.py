@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from greenprop.errors import GreenpropError
 from greenprop.vcas.samplers import leverage_sample, sample_rows, soft_topk_probabilities
 
 __all__ = ["BlockSampler", "FlopTally", "Mode", "VCASConv2d", "VCASLinear", "VCASRuntime"]
@@ -74,6 +75,7 @@ class VCASRuntime:
     activation_generator: torch.Generator
     weight_generator: torch.Generator
     mode: Mode = Mode.FULL
+    check_rows: bool = False  # debug: verify that skipped rows are zero (VCASConfig.check_rows)
     record_norms: bool = False
     norms: dict[int, Tensor] = field(default_factory=dict)  # block index -> per-sample norms
     tally: FlopTally = field(default_factory=FlopTally)
@@ -205,7 +207,25 @@ def _rows_to_compute(layer: VCASLinear | VCASConv2d, grad: Tensor) -> Tensor | N
     if record is None:
         return _nonzero_rows(grad)
     batch, rows = record
-    return rows if batch == grad.shape[0] else None
+    if batch != grad.shape[0]:
+        return None
+    if runtime.check_rows and rows is not None:
+        _check_skipped_rows_are_zero(layer, grad, rows)
+    return rows
+
+
+def _check_skipped_rows_are_zero(layer: nn.Module, grad: Tensor, rows: Tensor) -> None:
+    """Raise if a row the layer is about to skip carries gradient (the samplers' assumptions fail)."""
+    skipped = torch.ones(grad.shape[0], dtype=torch.bool, device=grad.device)
+    skipped[rows] = False
+    leaked = grad[skipped].ne(0).reshape(int(skipped.sum()), -1).any(dim=1)
+    if bool(leaked.any()):
+        raise GreenpropError(
+            f"VCAS check_rows: {type(layer).__name__} in block {layer.vcas_block} received gradient on "
+            f"{int(leaked.sum())} sample(s) its block's sampler dropped; gradient reaches this layer "
+            "other than through the block's output (an auxiliary loss on the block's internals, or "
+            "a block that is not batch-first), so VCAS would be biased here"
+        )
 
 
 class _VCASLinearFunction(torch.autograd.Function):

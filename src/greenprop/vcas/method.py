@@ -25,6 +25,7 @@ OPTIONS: dict[str, str] = {
     "initial_weight_ratio": "starting token ratio (default 1)",
     "min_ratio": "floor of every ratio (default 0.05)",
     "seed": "seed of the samplers (default: the run's seed)",
+    "check_rows": "true: verify that skipped rows carry no gradient (debug; default false)",
 }
 
 

@@ -119,6 +119,7 @@ def apply_vcas(
     runtime = VCASRuntime(
         activation_generator=torch.Generator().manual_seed(config.seed),
         weight_generator=torch.Generator().manual_seed(config.seed + 1),
+        check_rows=config.check_rows,
     )
     owners: dict[int, str] = {}
     for name in names:  # a layer shared by two blocks would read the wrong block's record
