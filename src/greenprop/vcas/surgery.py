@@ -114,7 +114,8 @@ def apply_vcas(
         if coupling:
             raise GreenpropError(
                 f"block {name!r} contains BatchNorm ({name}.{coupling[0]}): its backward mixes samples, "
-                "so rows dropped by VCAS would be refilled and nothing saved; use LayerNorm/GroupNorm blocks"
+                "so rows dropped by VCAS would be refilled and nothing saved; use LayerNorm/GroupNorm blocks "
+                "(the zoo has resnet18-gn)"
             )
     runtime = VCASRuntime(
         activation_generator=torch.Generator().manual_seed(config.seed),
