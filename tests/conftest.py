@@ -36,3 +36,12 @@ def quick_config() -> TrainConfig:
         lr=0.05,
         progress=False,
     )
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds synchronisation (up to 10x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -27,14 +27,7 @@ from greenprop.vcas import VCAS, VCASConfig, apply_vcas, block_keep_ratio
 from greenprop.vcas.method import OPTIONS
 from greenprop.vcas.surgery import vcas_handle
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small tensors: one intra-op thread is faster than two on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _vit(seed: int = 0, depth: int = 2) -> nn.Module:

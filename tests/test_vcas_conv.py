@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -23,18 +23,13 @@ from greenprop.vcas import VCAS, VCASConfig, apply_vcas, find_blocks, remove_vca
 from greenprop.vcas import layers as vcas_layers
 from greenprop.vcas.layers import Mode, VCASConv2d
 from greenprop.vcas.surgery import vcas_handle
+from vcas_helpers import draw, grad_dict, grads, skewed, unbiased, z_scores
 
 DRAWS = 1600  # sampled backward passes per unbiasedness check
 NEGATIVE_DRAWS = 400  # enough to expose a biased estimator
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: a second intra-op thread only adds synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ConvBlock(nn.Module):
@@ -100,22 +95,8 @@ def _twin(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
-def _skewed(shape: tuple[int, ...], seed: int) -> Tensor:
-    """Random float64 tensor whose samples' norms span two orders of magnitude."""
-    t = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return t * torch.logspace(-1, 1, shape[0], dtype=torch.float64).view(-1, *([1] * (len(shape) - 1)))
-
-
-def _grads(loss: Tensor, params: list[Tensor], **kwargs) -> Tensor:
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, **kwargs)])
-
-
-def _grad_dict(model: nn.Module) -> dict[str, Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def _assert_same_grads(model: nn.Module, reference: nn.Module) -> None:
-    got, expected = _grad_dict(model), _grad_dict(reference)
+    got, expected = grad_dict(model), grad_dict(reference)
     assert got.keys() == expected.keys() == dict(reference.named_parameters()).keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-12, atol=1e-14, msg=name)
@@ -163,9 +144,9 @@ def test_resnet18_gn_has_groupnorm_only_and_vcas_converts_its_block_convs() -> N
 @pytest.mark.parametrize("kind", ["resnet18-gn", "resnet18-gn-channels-last", "convnet"])
 def test_ratio_one_equals_dense_autograd(kind: str) -> None:
     if kind == "convnet":
-        model, x = _convnet(), _skewed((5, 4, 9, 11), seed=1)
+        model, x = _convnet(), skewed((5, 4, 9, 11), seed=1)
     else:
-        model, x = _resnet().double(), _skewed((4, 1, 16, 16), seed=1)
+        model, x = _resnet().double(), skewed((4, 1, 16, 16), seed=1)
     if kind.endswith("channels-last"):  # the trainer's channels_last option
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -184,7 +165,7 @@ def test_ratio_one_equals_dense_autograd(kind: str) -> None:
     for net in (model, reference):
         xi = x.clone().requires_grad_(True)
         out = net(xi)
-        (out.tanh() * _skewed(tuple(out.shape), seed=2)).sum().backward()
+        (out.tanh() * skewed(tuple(out.shape), seed=2)).sum().backward()
         inputs.append(xi)
     _assert_same_grads(model, reference)
     torch.testing.assert_close(inputs[0].grad, inputs[1].grad, rtol=1e-12, atol=1e-14)
@@ -201,7 +182,7 @@ def test_unconvertible_convs_stay_plain_and_exact() -> None:
     assert type(same) is nn.Conv2d and type(reflect) is nn.Conv2d
     assert not hasattr(same, "vcas_runtime") and not hasattr(reflect, "vcas_runtime")
     assert sorted(handle.convs) == sorted(f"{b}.{c}" for b in "01" for c in ("conv1", "conv2", "shortcut"))
-    x = _skewed((6, 4, 9, 11), seed=3)
+    x = skewed((6, 4, 9, 11), seed=3)
     for net in (model, reference):
         net(x).square().sum().backward()
     _assert_same_grads(model, reference)
@@ -227,40 +208,19 @@ def _setup_unbiasedness() -> tuple[nn.Module, Tensor, list[Tensor], Tensor]:
     handle = apply_vcas(model, VCASConfig(seed=5))
     for sampler in handle.samplers:
         sampler.ratio = 0.5
-    x, target = _skewed((8, 4, 7, 7), seed=4), _skewed((8, 6, 4, 4), seed=5)
+    x, target = skewed((8, 4, 7, 7), seed=4), skewed((8, 6, 4, 4), seed=5)
     loss = (model(x).tanh() * target).sum()
-    exact = _grads((reference(x).tanh() * target).sum(), list(reference.parameters()))
+    exact = grads((reference(x).tanh() * target).sum(), list(reference.parameters()))
     return model, loss, list(model.parameters()), exact
-
-
-def _draw(loss: Tensor, params: list[Tensor], n: int) -> Tensor:
-    return torch.stack([_grads(loss, params, retain_graph=True) for _ in range(n)])
-
-
-def _z_scores(draws: Tensor, exact: Tensor) -> tuple[Tensor, float]:
-    """z-scores of the mean of the draws around ``exact`` for the entries that vary, and the
-    largest relative error of the entries that never vary (those must be exact)."""
-    mean, std = draws.mean(0), draws.std(0)
-    scale = exact.abs().max()
-    varies = std > 1e-12 * scale
-    fixed_err = float(((mean - exact)[~varies]).abs().max() / scale) if bool((~varies).any()) else 0.0
-    z = (mean - exact)[varies] / (std[varies] / math.sqrt(draws.shape[0]))
-    return z, fixed_err
-
-
-def _unbiased(z: Tensor) -> bool:
-    """Mean within a few standard errors everywhere, and the z-scores look like noise."""
-    a = z.abs()
-    return bool(a.max() < 5.5) and float((a > 3).double().mean()) < 0.05 and float(a.mean()) < 1.3
 
 
 def test_sampled_conv_gradients_are_unbiased() -> None:
     model, loss, params, exact = _setup_unbiasedness()
     runtime = vcas_handle(model).runtime
     runtime.take_tally()
-    draws = _draw(loss, params, DRAWS)
-    z, fixed_err = _z_scores(draws, exact)
-    assert _unbiased(z), f"max |z| {z.abs().max():.2f}, mean |z| {z.abs().mean():.2f}"
+    draws = draw(loss, params, DRAWS)
+    z, fixed_err = z_scores(draws, exact)
+    assert unbiased(z), f"max |z| {z.abs().max():.2f}, mean |z| {z.abs().mean():.2f}"
     assert fixed_err < 1e-12
     assert z.numel() == exact.numel()  # every entry of every parameter was sampled
     tally = runtime.take_tally()
@@ -279,9 +239,9 @@ def test_unbiasedness_check_catches_a_missing_rescale(monkeypatch) -> None:
         return idx, torch.ones_like(scale)
 
     monkeypatch.setattr(vcas_layers, "sample_rows", unscaled)
-    z, fixed_err = _z_scores(_draw(loss, params, NEGATIVE_DRAWS), exact)
+    z, fixed_err = z_scores(draw(loss, params, NEGATIVE_DRAWS), exact)
     assert fixed_err < 1e-12
-    assert not _unbiased(z)
+    assert not unbiased(z)
     assert z.abs().max() > 10
 
 
@@ -308,8 +268,8 @@ def test_conv_backward_flops_equal_the_tally_and_dropped_rows_stay_zero(monkeypa
 
     monkeypatch.setattr(vcas_layers, "sample_rows", spy)
     n = 12
-    x = _skewed((n, 4, 9, 11), seed=6).requires_grad_(True)
-    w = _skewed((n, 6, 5, 6), seed=7)
+    x = skewed((n, 4, 9, 11), seed=6).requires_grad_(True)
+    w = skewed((n, 6, 5, 6), seed=7)
     loss = (model(x) * w).sum()
     handle.runtime.take_tally()
     with FlopCounterMode(display=False) as counter:
@@ -344,7 +304,7 @@ def test_a_backward_that_drops_every_sample_costs_nothing() -> None:
     model = _convnet()
     handle = apply_vcas(model)
     handle.samplers[1].ratio = 0.05  # expected 0.2 of 4 samples kept
-    x = _skewed((4, 4, 9, 11), seed=1).requires_grad_(True)
+    x = skewed((4, 4, 9, 11), seed=1).requires_grad_(True)
     for _ in range(50):
         model.zero_grad(set_to_none=True)
         x.grad = None
@@ -398,7 +358,7 @@ def test_controller_on_resnet18_gn(digits) -> None:
     state = vcas.state_dict()
     batch = _batches(digits, 1, size=32, seed=4)[0]
     _loss(model, batch).backward()
-    grads = _grad_dict(model)
+    grads = grad_dict(model)
     report = vcas.flops_report()
     assert report["train_samples"] == 32 and report["weight"] == {}
     saved = report["linear_backward_saved"]
@@ -413,7 +373,7 @@ def test_controller_on_resnet18_gn(digits) -> None:
     again.load_state_dict(state)
     assert again.ratios() == vcas.ratios() and again.s == vcas.s and again.history == vcas.history
     _loss(other, batch).backward()
-    for name, grad in _grad_dict(other).items():
+    for name, grad in grad_dict(other).items():
         assert torch.equal(grad, grads[name]), name
     assert again.flops_report() == report
     again.load_state_dict(again.state_dict())  # its own state loads too

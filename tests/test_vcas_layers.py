@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -20,18 +19,13 @@ from greenprop.vcas import VCASConfig, apply_vcas, find_blocks, remove_vcas
 from greenprop.vcas import layers as vcas_layers
 from greenprop.vcas.layers import Mode, VCASLinear
 from greenprop.vcas.surgery import vcas_handle
+from vcas_helpers import draw, grad_dict, grads, skewed, unbiased, z_scores
 
 DRAWS = 2000  # sampled backward passes per unbiasedness check
 NEGATIVE_DRAWS = 400  # enough to expose a biased estimator
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These tensors are tiny: a second intra-op thread only adds synchronisation (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Block(nn.Module):
@@ -107,20 +101,6 @@ def _vit(seed: int = 0, depth: int = 2) -> nn.Module:
     )
 
 
-def _skewed(shape: tuple[int, ...], seed: int) -> Tensor:
-    """Random float64 tensor whose samples' norms span two orders of magnitude."""
-    t = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return t * torch.logspace(-1, 1, shape[0], dtype=torch.float64).view(-1, *([1] * (len(shape) - 1)))
-
-
-def _grads(loss: Tensor, params: list[Tensor], **kwargs) -> Tensor:
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, **kwargs)])
-
-
-def _grad_dict(model: nn.Module) -> dict[str, Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 # ---------------------------------------------------------------------------------------------
 # exact at ratio 1
 
@@ -135,14 +115,14 @@ def test_ratio_one_equals_dense_autograd(dims: int, bias: bool, input_grad: bool
     assert all(s.ratio == 1.0 for s in handle.samplers)
     assert all(type(m) is VCASLinear and m.vcas_weight_ratio == 1.0 for m in handle.linears.values())
     shape = (7, 6) if dims == 2 else (7, 4, 6)
-    x = _skewed(shape, seed=1)
-    target = _skewed(shape, seed=2)
+    x = skewed(shape, seed=1)
+    target = skewed(shape, seed=2)
     inputs = []
     for net in (model, reference):
         xi = x.clone().requires_grad_(input_grad)
         (net(xi).tanh() * target).sum().backward()
         inputs.append(xi)
-    got, expected = _grad_dict(model), _grad_dict(reference)
+    got, expected = grad_dict(model), grad_dict(reference)
     assert got.keys() == expected.keys() and len(got) == 3 * (6 if bias else 4)
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
@@ -165,7 +145,7 @@ def test_ratio_one_vit_equals_dense_autograd_on_digits(digits) -> None:
     x, y = digits.train[:24]
     for net in (model, reference):
         F.cross_entropy(net(x.double()), y).backward()
-    got, expected = _grad_dict(model), _grad_dict(reference)
+    got, expected = grad_dict(model), grad_dict(reference)
     assert got.keys() == expected.keys() == dict(model.named_parameters()).keys()
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
@@ -185,32 +165,11 @@ def _setup_unbiasedness(
         sampler.ratio = ratio
     for name, ratio in weight.items():
         handle.linears[name].vcas_weight_ratio = ratio
-    x, target = _skewed((10, 3, 6), seed=4), _skewed((10, 3, 6), seed=5)
+    x, target = skewed((10, 3, 6), seed=4), skewed((10, 3, 6), seed=5)
     params = list(model.parameters())
     loss = (model(x).tanh() * target).sum()
-    exact = _grads((reference(x).tanh() * target).sum(), list(reference.parameters()))
+    exact = grads((reference(x).tanh() * target).sum(), list(reference.parameters()))
     return model, loss, params, exact
-
-
-def _draw(loss: Tensor, params: list[Tensor], n: int) -> Tensor:
-    return torch.stack([_grads(loss, params, retain_graph=True) for _ in range(n)])
-
-
-def _z_scores(draws: Tensor, exact: Tensor) -> tuple[Tensor, float]:
-    """z-scores of the mean of the draws around ``exact`` for the entries that vary, and the
-    largest relative error of the entries that never vary (those must be exact)."""
-    mean, std = draws.mean(0), draws.std(0)
-    scale = exact.abs().max()
-    varies = std > 1e-12 * scale
-    fixed_err = float(((mean - exact)[~varies]).abs().max() / scale) if bool((~varies).any()) else 0.0
-    z = (mean - exact)[varies] / (std[varies] / math.sqrt(draws.shape[0]))
-    return z, fixed_err
-
-
-def _unbiased(z: Tensor) -> bool:
-    """Mean within a few standard errors everywhere, and the z-scores look like noise."""
-    a = z.abs()
-    return bool(a.max() < 5.5) and float((a > 3).double().mean()) < 0.05 and float(a.mean()) < 1.3
 
 
 CASES = {
@@ -229,9 +188,9 @@ def test_sampled_gradients_are_unbiased(case: str) -> None:
     model, loss, params, exact = _setup_unbiasedness(activation, weight)
     runtime = vcas_handle(model).runtime
     runtime.take_tally()
-    draws = _draw(loss, params, DRAWS)
-    z, fixed_err = _z_scores(draws, exact)
-    assert _unbiased(z), f"max |z| {z.abs().max():.2f}, mean |z| {z.abs().mean():.2f}"
+    draws = draw(loss, params, DRAWS)
+    z, fixed_err = z_scores(draws, exact)
+    assert unbiased(z), f"max |z| {z.abs().max():.2f}, mean |z| {z.abs().mean():.2f}"
     assert fixed_err < 1e-12
     # The draws really were random and really saved work.
     tally = runtime.take_tally()
@@ -264,9 +223,9 @@ def test_unbiasedness_check_catches_a_missing_rescale(case: str, monkeypatch) ->
 
     target = "sample_rows" if case == "activation" else "leverage_sample"
     monkeypatch.setattr(vcas_layers, target, ones(getattr(vcas_layers, target)))
-    z, fixed_err = _z_scores(_draw(loss, params, NEGATIVE_DRAWS), exact)
+    z, fixed_err = z_scores(draw(loss, params, NEGATIVE_DRAWS), exact)
     assert fixed_err < 1e-12
-    assert not _unbiased(z)
+    assert not unbiased(z)
     assert z.abs().max() > 10
 
 
@@ -275,15 +234,15 @@ def test_two_forwards_then_one_backward_stay_unbiased() -> None:
     model, reference = _pair(depth=2)
     for sampler in vcas_handle(model).samplers:
         sampler.ratio = 0.5
-    x1, x2 = _skewed((10, 3, 6), seed=1), _skewed((10, 3, 6), seed=2).flip(0)
-    w1, w2 = _skewed((10, 3, 6), seed=3), _skewed((10, 3, 6), seed=4)
+    x1, x2 = skewed((10, 3, 6), seed=1), skewed((10, 3, 6), seed=2).flip(0)
+    w1, w2 = skewed((10, 3, 6), seed=3), skewed((10, 3, 6), seed=4)
 
     def loss(net: nn.Module) -> Tensor:
         return (net(x1).tanh() * w1).sum() + (net(x2).tanh() * w2).sum()
 
-    exact = _grads(loss(reference), list(reference.parameters()))
-    z, fixed_err = _z_scores(_draw(loss(model), list(model.parameters()), DRAWS // 2), exact)
-    assert _unbiased(z), f"max |z| {z.abs().max():.2f}"
+    exact = grads(loss(reference), list(reference.parameters()))
+    z, fixed_err = z_scores(draw(loss(model), list(model.parameters()), DRAWS // 2), exact)
+    assert unbiased(z), f"max |z| {z.abs().max():.2f}"
     assert fixed_err < 1e-12
 
 
@@ -311,8 +270,8 @@ def test_backward_flops_shrink_with_the_kept_rows_and_tokens(monkeypatch) -> Non
     handle.samplers[1].ratio = 0.5  # last block: drops samples
     handle.linears["0.fc2"].vcas_weight_ratio = 0.5  # one layer also samples tokens
     row_draws, token_draws = _spy(monkeypatch, "sample_rows"), _spy(monkeypatch, "leverage_sample")
-    x = _skewed((n, t, dim), seed=6).requires_grad_(True)
-    w = _skewed((n, t, dim), seed=7)
+    x = skewed((n, t, dim), seed=6).requires_grad_(True)
+    w = skewed((n, t, dim), seed=7)
     loss = (model(x) * w).sum()
     handle.runtime.take_tally()
     with FlopCounterMode(display=False) as counter:
@@ -348,7 +307,7 @@ def test_a_backward_that_drops_every_sample_costs_nothing() -> None:
     model, _ = _pair(depth=2)
     handle = vcas_handle(model)
     handle.samplers[1].ratio = 0.05  # expected 0.2 of 4 samples kept
-    x = _skewed((4, 3, 6), seed=1).requires_grad_(True)
+    x = skewed((4, 3, 6), seed=1).requires_grad_(True)
     for _ in range(50):
         model.zero_grad(set_to_none=True)
         x.grad = None
@@ -403,10 +362,10 @@ def test_tuple_outputs_are_sampled_on_their_first_item(aux_grad: bool) -> None:
     reference.load_state_dict(model.state_dict())
     handle = apply_vcas(model, block_types=[TupleBlock])
     assert [s.name for s in handle.samplers] == ["layers.0", "layers.1"]
-    x = _skewed((12, 5), seed=8)
+    x = skewed((12, 5), seed=8)
     model(x).backward()
     reference(x).backward()
-    for name, grad in _grad_dict(reference).items():
+    for name, grad in grad_dict(reference).items():
         assert torch.equal(dict(model.named_parameters())[name].grad, grad), name
 
     handle.samplers[1].ratio = 0.25
@@ -424,9 +383,9 @@ def test_tuple_outputs_are_sampled_on_their_first_item(aux_grad: bool) -> None:
     assert alive == 12
     params = list(model.parameters())
     loss = model(x)
-    exact = _grads(reference(x), list(reference.parameters()))
-    z, fixed_err = _z_scores(_draw(loss, params, DRAWS // 2), exact)
-    assert _unbiased(z), f"max |z| {z.abs().max():.2f}"
+    exact = grads(reference(x), list(reference.parameters()))
+    z, fixed_err = z_scores(draw(loss, params, DRAWS // 2), exact)
+    assert unbiased(z), f"max |z| {z.abs().max():.2f}"
     assert fixed_err < 1e-12
 
 
@@ -468,7 +427,7 @@ def test_apply_and_remove_keep_parameters_and_state_dict() -> None:
     assert torch.equal(out, ref_out)
     out.square().sum().backward()
     ref_out.square().sum().backward()
-    for name, grad in _grad_dict(reference).items():
+    for name, grad in grad_dict(reference).items():
         assert torch.equal(dict(model.named_parameters())[name].grad, grad), name
     apply_vcas(model)  # and it can be applied again
     assert vcas_handle(model) is not None
@@ -531,7 +490,7 @@ def test_eval_and_no_grad_forwards_are_plain() -> None:
         s.ratio = 0.2
     for layer in handle.linears.values():
         layer.vcas_weight_ratio = 0.2
-    x = _skewed((9, 3, 6), seed=10)
+    x = skewed((9, 3, 6), seed=10)
     train_nodes = _graph_nodes(model(x))
     assert {"_SampleGradientBackward", "_VCASLinearFunctionBackward"} <= train_nodes
 
@@ -542,7 +501,7 @@ def test_eval_and_no_grad_forwards_are_plain() -> None:
     assert torch.equal(out, reference(x))
     out.sum().backward()
     reference(x).sum().backward()
-    for name, grad in _grad_dict(reference).items():
+    for name, grad in grad_dict(reference).items():
         assert torch.equal(dict(model.named_parameters())[name].grad, grad), name
     assert handle.runtime.tally.dense == 0  # the VCAS backward never ran
 

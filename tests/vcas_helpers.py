@@ -1,0 +1,45 @@
+"""Shared helpers of the VCAS gradient tests: skewed inputs, flat gradients, unbiasedness statistics."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def skewed(shape: tuple[int, ...], seed: int) -> Tensor:
+    """Random float64 tensor whose samples' norms span two orders of magnitude."""
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return t * torch.logspace(-1, 1, shape[0], dtype=torch.float64).view(-1, *([1] * (len(shape) - 1)))
+
+
+def grads(loss: Tensor, params: list[Tensor], **kwargs) -> Tensor:
+    """The gradients of ``loss`` w.r.t. ``params``, flattened into one vector."""
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, **kwargs)])
+
+
+def grad_dict(model: nn.Module) -> dict[str, Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def draw(loss: Tensor, params: list[Tensor], n: int) -> Tensor:
+    """``n`` sampled gradients of the same graph, one per row."""
+    return torch.stack([grads(loss, params, retain_graph=True) for _ in range(n)])
+
+
+def z_scores(draws: Tensor, exact: Tensor) -> tuple[Tensor, float]:
+    """z-scores of the mean of the draws around ``exact`` for the entries that vary, and the
+    largest relative error of the entries that never vary (those must be exact)."""
+    mean, std = draws.mean(0), draws.std(0)
+    scale = exact.abs().max()
+    varies = std > 1e-12 * scale
+    fixed_err = float(((mean - exact)[~varies]).abs().max() / scale) if bool((~varies).any()) else 0.0
+    z = (mean - exact)[varies] / (std[varies] / math.sqrt(draws.shape[0]))
+    return z, fixed_err
+
+
+def unbiased(z: Tensor) -> bool:
+    """Mean within a few standard errors everywhere, and the z-scores look like noise."""
+    a = z.abs()
+    return bool(a.max() < 5.5) and float((a > 3).double().mean()) < 0.05 and float(a.mean()) < 1.3
