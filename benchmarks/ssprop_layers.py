@@ -21,7 +21,6 @@ Run from the repository root: ``python benchmarks/ssprop_layers.py --help``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections.abc import Callable, Sequence
@@ -33,7 +32,14 @@ import torch
 from torch import Tensor, nn
 
 from greenprop.ssprop import SparseConv2d, keep_count
-from ssprop_step import NarrowConv2d, environment, header_lines, interleaved_times, markdown_table
+from ssprop_step import (
+    NarrowConv2d,
+    environment,
+    header_lines,
+    interleaved_times,
+    markdown_table,
+    save_results,
+)
 
 DEFAULT_KEEPS = (1.0, 0.8, 0.6, 0.4, 0.2)
 VARIANTS = ("dense", "sparse", "floor")
@@ -281,13 +287,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     env = environment(__file__, sys.argv[1:] if argv is None else argv)
     results = run(args)
     print(report(env, args, results), flush=True)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    out = {"benchmark": "ssprop_layers", "environment": env, "args": settings}
-    out["results"] = [asdict(r) for r in results]
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-    return out
+    out = {"benchmark": "ssprop_layers", "environment": env, "results": [asdict(r) for r in results]}
+    return save_results(out, args)
 
 
 if __name__ == "__main__":

@@ -549,16 +549,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"timing keep={keep:g} ...", file=sys.stderr, flush=True)
         results.append(benchmark_keep(base, keep, args))
     print(report(env, args, results), flush=True)
-    out = {"benchmark": "ssprop_step", "environment": env, "args": _jsonable(vars(args))}
-    out["results"] = [asdict(r) for r in results]
+    out = {"benchmark": "ssprop_step", "environment": env, "results": [asdict(r) for r in results]}
+    return save_results(out, args)
+
+
+def save_results(out: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Add the run's arguments to ``out`` and write it to ``--json`` when given; returns ``out``."""
+    out["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return out
-
-
-def _jsonable(d: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
 
 if __name__ == "__main__":

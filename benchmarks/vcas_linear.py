@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import statistics
 import sys
 import time
@@ -38,7 +37,7 @@ from torch import nn
 
 from greenprop import models
 from greenprop.vcas.layers import Mode, VCASLinear, VCASRuntime
-from ssprop_step import environment, header_lines, markdown_table, quartiles, rotated
+from ssprop_step import environment, header_lines, markdown_table, quartiles, rotated, save_results
 
 VARIANTS = ("dense", "sampled")
 
@@ -225,13 +224,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 print(f"  {shape.model} {shape.layers} r={r:g} nu={nu:g}", file=sys.stderr, flush=True)
                 rows.append(measure(shape, r, nu, args))
     print(report(env, args, rows), flush=True)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    out = {"benchmark": "vcas_linear", "environment": env, "args": settings}
-    out["results"] = [asdict(row) for row in rows]
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-    return out
+    out = {"benchmark": "vcas_linear", "environment": env, "results": [asdict(row) for row in rows]}
+    return save_results(out, args)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import statistics
 import sys
 import time
@@ -42,7 +41,15 @@ from greenprop import data, models
 from greenprop.errors import GreenpropError
 from greenprop.vcas import VCASConfig, apply_vcas
 from greenprop.vcas.surgery import VCASHandle
-from ssprop_step import environment, forward_backward_flops, header_lines, markdown_table, quartiles, rotated
+from ssprop_step import (
+    environment,
+    forward_backward_flops,
+    header_lines,
+    markdown_table,
+    quartiles,
+    rotated,
+    save_results,
+)
 
 VARIANTS = ("dense", "vcas")
 DEFAULT_BATCH = {"minilm": 32, "vit": 128}
@@ -259,11 +266,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "",
         ]
     print("\n".join(lines), flush=True)
-    out["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-    return out
+    return save_results(out, args)
 
 
 if __name__ == "__main__":
