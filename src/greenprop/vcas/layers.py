@@ -228,6 +228,16 @@ def _check_skipped_rows_are_zero(layer: nn.Module, grad: Tensor, rows: Tensor) -
         )
 
 
+def _gather_rows(rows: Tensor | None, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """The kept samples of each tensor as a smaller dense tensor (all of them if ``rows`` is None)."""
+    return tensors if rows is None else tuple(t.index_select(0, rows) for t in tensors)
+
+
+def _scatter_rows(rows: Tensor | None, part: Tensor, like: Tensor) -> Tensor:
+    """``part`` (the kept samples' rows) back in place in a zero tensor shaped like ``like``."""
+    return part if rows is None else part.new_zeros(like.shape).index_copy_(0, rows, part)
+
+
 class _VCASLinearFunction(torch.autograd.Function):
     """``y = x W^T + b`` with a backward on the non-zero samples and sampled tokens."""
 
@@ -248,16 +258,13 @@ class _VCASLinearFunction(torch.autograd.Function):
         x, w = x.to(grad_out.dtype), weight.to(grad_out.dtype)
         out_features, in_features = weight.shape
         rows = _rows_to_compute(layer, grad_out)
-        dy, xs = grad_out, x
-        if rows is not None:
-            dy, xs = grad_out.index_select(0, rows), x.index_select(0, rows)
+        dy, xs = _gather_rows(rows, grad_out, x)
         tokens_dense = grad_out.numel() // out_features
         tokens = dy.numel() // out_features
         dense = done = 0.0
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            part = dy @ w
-            grad_x = part if rows is None else part.new_zeros(x.shape).index_copy_(0, rows, part)
+            grad_x = _scatter_rows(rows, dy @ w, x)
             dense += 2.0 * tokens_dense * out_features * in_features
             done += 2.0 * tokens * out_features * in_features
         dy2, x2 = dy.reshape(-1, out_features), xs.reshape(-1, in_features)
@@ -316,9 +323,7 @@ class _VCASConv2dFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         layer: VCASConv2d = ctx.layer
         rows = _rows_to_compute(layer, grad_out)
-        dy, xs = grad_out, x
-        if rows is not None:
-            dy, xs = grad_out.index_select(0, rows), x.index_select(0, rows)
+        dy, xs = _gather_rows(rows, grad_out, x)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
         grad_x = grad_w = grad_b = None
@@ -340,8 +345,8 @@ class _VCASConv2dFunction(torch.autograd.Function):
             grad_w = torch.zeros_like(weight) if need_w else None
             grad_b = weight.new_zeros(weight.shape[0]) if need_b else None
             grad_x = torch.zeros_like(x) if need_x else None
-        if need_x and rows is not None and dy.shape[0] > 0:
-            grad_x = grad_x.new_zeros(x.shape).index_copy_(0, rows, grad_x)
+        if need_x and dy.shape[0] > 0:
+            grad_x = _scatter_rows(rows, grad_x, x)
         # Each of grad_x and grad_W costs what the forward does: 2 * outputs * (C_in / groups) * kh * kw.
         per_sample = 2.0 * grad_out[0].numel() * weight[0].numel()
         passes = int(need_x) + int(need_w)
