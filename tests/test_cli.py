@@ -141,10 +141,9 @@ class _Poison(Controller):
     def __init__(self, model):
         self.model = model
 
-    def skip_epoch(self, epoch: int) -> bool:
-        return epoch == 1
-
-    def replace_epoch(self, epoch: int) -> dict:
+    def replace_epoch(self, epoch: int) -> dict | None:
+        if epoch != 1:
+            return None
         with torch.no_grad():
             for p in self.model.parameters():
                 p.fill_(float("nan"))

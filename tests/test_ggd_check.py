@@ -11,11 +11,11 @@ import torch
 
 from greenprop import ggd
 from greenprop.cli import main
+from greenprop.controller import Controller
 from greenprop.errors import GreenpropError
 from greenprop.gradsamp.check import ggd_check
 from greenprop.train import trainer as trainer_mod
 from greenprop.train.config import TrainConfig
-from greenprop.train.hooks import Controller
 
 # A width-4 CNN on digits: its first BatchNorm has 4 < 8 elements per tensor (skipped).
 CONFIG = TrainConfig(

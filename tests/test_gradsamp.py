@@ -12,6 +12,7 @@ from scipy import stats
 from torch import nn
 
 from greenprop import ggd
+from greenprop.controller import RunContext
 from greenprop.ggd import GGDFitWarning, GGDParams
 from greenprop.gradsamp import GradSamp
 from greenprop.gradsamp.method import OPTIONS, build
@@ -196,7 +197,7 @@ def test_degenerate_updates_fall_back_to_zero_with_a_named_warning():
 
 def test_first_and_last_epochs_are_real_and_skip_matches_the_strategy():
     gs = GradSamp(_model(), "pe:1", total_epochs=6, seed=0)
-    assert [e for e in range(6) if gs.skip_epoch(e)] == [1, 3] == gs.skipped_epochs()
+    assert [e for e in range(6) if gs.should_skip(e)] == [1, 3] == gs.skipped_epochs()
     assert gs.expected_saving() == pytest.approx(2 / 6)
     info = gs.describe()
     assert info["strategy"] == "Pe=1" and info["realised_saving"] == pytest.approx(2 / 6)
@@ -328,12 +329,10 @@ def _run(spec: str, epochs: range, state: dict | None = None, total: int = 9) ->
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         gs.load_state_dict(state["gs"])
-    gs.on_train_start(total, 4)
+    gs.on_train_start(RunContext(model, epochs=total, steps_per_epoch=4))
     for epoch in epochs:
         gs.on_epoch_start(epoch)
-        if gs.skip_epoch(epoch):
-            gs.replace_epoch(epoch)
-        else:
+        if gs.replace_epoch(epoch) is None:
             _train_epoch(model, opt, epoch)
         gs.on_epoch_end(epoch, {})
     buf = io.BytesIO()  # through torch.save, like a checkpoint

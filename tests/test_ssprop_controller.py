@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from greenprop import GreenpropError
+from greenprop.controller import RunContext
 from greenprop.schedules.keep import KeepSchedule
 from greenprop.ssprop import SSProp, SSPropConfig, apply_ssprop, sparse_layers
 from greenprop.ssprop.method import OPTIONS, build
@@ -46,9 +47,7 @@ def _run(controller: SSProp, model: nn.Module, epochs, steps, opt=None, start=0)
                 opt.step()
                 opt.zero_grad()
             controller.on_step_end(epoch, step, loss.item())
-        record: dict = {}
-        controller.on_epoch_end(epoch, record)
-        records.append(record)
+        records.append(controller.on_epoch_end(epoch, {}))
     return records
 
 
@@ -56,7 +55,7 @@ def test_controller_sets_keep_per_epoch_and_accounts_for_dense_steps():
     config = SSPropConfig(keep=0.5, warmup=1)
     model = _converted(config)
     ctl = SSProp(model, config, epochs=3, steps_per_epoch=2)
-    ctl.on_train_start(3, 2)
+    ctl.on_train_start(RunContext(model, epochs=3, steps_per_epoch=2))
     records = _run(ctl, model, 3, 2)
     assert [r["keep"] for r in records] == [1.0, 0.5, 0.5]
     assert records[-1]["realised_keep"] == pytest.approx((1.0 + 0.5 + 0.5) / 3)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from greenprop import Controller, GreenpropError
+from greenprop.controller import RunContext
 from greenprop.train import checkpoint as ckpt
 from greenprop.train.config import TrainConfig
 from greenprop.train.trainer import CHECKPOINT, METRICS, Trainer
@@ -23,18 +24,17 @@ class Recorder(Controller):
         self.calls: list[tuple[Any, ...]] = []
         self.replace, self.stop_at = replace, stop_at
 
-    def on_train_start(self, total_epochs: int, steps_per_epoch: int) -> None:
-        self.calls.append(("train_start", total_epochs, steps_per_epoch))
+    def on_train_start(self, run: RunContext) -> None:
+        self.calls.append(("train_start", run.epochs, run.steps_per_epoch))
 
     def on_epoch_start(self, epoch: int) -> None:
         if epoch == self.stop_at:
             raise KeyboardInterrupt
         self.calls.append(("epoch_start", epoch))
 
-    def skip_epoch(self, epoch: int) -> bool:
-        return epoch == self.replace
-
-    def replace_epoch(self, epoch: int) -> dict[str, Any]:
+    def replace_epoch(self, epoch: int) -> dict[str, Any] | None:
+        if epoch != self.replace:
+            return None
         self.calls.append(("replace", epoch))
         return {"sampled": True}
 
@@ -44,9 +44,9 @@ class Recorder(Controller):
     def on_step_end(self, epoch: int, step: int, loss: float) -> None:
         self.calls.append(("step_end", epoch, step))
 
-    def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
-        record["seen_by_recorder"] = True
+    def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> dict[str, Any]:
         self.calls.append(("epoch_end", epoch))
+        return {"seen": True, "loss_seen": record["loss"]}
 
     def state_dict(self) -> dict[str, Any]:
         return {"n_calls": len(self.calls)}
@@ -105,9 +105,10 @@ def test_hooks_are_called_in_order_and_can_replace_an_epoch(quick_config, digits
     assert ("replace", 1) in recorder.calls
     assert not any(c[0] == "step_start" and c[1] == 1 for c in recorder.calls)
     replaced = metrics["epochs"][1]
-    assert replaced["replaced_by"] == "recorder" and replaced["sampled"]
+    assert replaced["replaced_by"] == "recorder" and replaced["recorder"]["sampled"]
     assert replaced["steps"] == 0 and replaced["flops"]["backward"]["value"] == 0
-    assert all(r["seen_by_recorder"] for r in metrics["epochs"])
+    # on_epoch_end runs after the evaluation; its fields are namespaced under the name.
+    assert all(r["recorder"]["seen"] and r["recorder"]["loss_seen"] == r["loss"] for r in metrics["epochs"])
     assert metrics["summary"]["epochs_replaced"] == 1
     assert before_epoch_1 is not None
 
@@ -212,19 +213,21 @@ def test_a_controller_can_undo_an_epoch_after_evaluation(quick_config, digits):
     class Undo(Controller):
         name = "undo"
 
+        def on_train_start(self, run: RunContext) -> None:
+            self.run = run
+
         def on_epoch_start(self, epoch: int) -> None:
             self.saved = {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
-        def after_evaluation(self, epoch: int, record: dict[str, Any]) -> bool:
-            if epoch != 1:
-                return False
-            trainer.model.load_state_dict(self.saved)
-            return True
+        def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
+            if epoch == 1:
+                trainer.model.load_state_dict(self.saved)
+                self.run.control.should_evaluate = True
 
     trainer = Trainer(quick_config, controllers=[Undo()], data=digits)
     metrics = trainer.fit()
     first, second = metrics["epochs"]
-    assert first["rolled_back_by"] is None and second["rolled_back_by"] == "undo"
+    assert first["reevaluated_by"] is None and second["reevaluated_by"] == "undo"
     # The second record was re-evaluated on the restored weights: it equals the first's.
     assert second["loss"] == pytest.approx(first["loss"]) and second["acc1"] == first["acc1"]
 
@@ -235,7 +238,7 @@ def test_gradsamp_runs_through_the_trainer(quick_config, digits):
     sampled = [r["epoch"] for r in metrics["epochs"] if r["replaced_by"]]
     assert sampled == [2]
     record = metrics["epochs"][2]
-    assert record["sampled"] and record["steps"] == 0 and "guard" in record
+    assert record["gradsamp"]["sampled"] and record["steps"] == 0 and "guard" in record["gradsamp"]
     assert metrics["summary"]["flops"]["backward"]["value"] == pytest.approx(
         3 * metrics["epochs"][0]["flops"]["backward"]["value"]
     )
@@ -248,7 +251,7 @@ def test_ssprop_runs_through_the_trainer_and_saves_counted_flops(quick_config, d
     bwd = [m["summary"]["flops"]["backward"]["value"] for m in (dense, sparse)]
     assert fwd[0] == fwd[1]
     assert bwd[1] < 0.85 * bwd[0]
-    assert sparse["epochs"][0]["keep"] == pytest.approx(0.5)
+    assert sparse["epochs"][0]["ssprop"]["keep"] == pytest.approx(0.5)
 
 
 def test_flops_are_recounted_when_the_keep_changes_within_an_epoch(quick_config, digits):
@@ -270,10 +273,9 @@ def test_a_nan_test_loss_stops_the_run_before_saving(tmp_path, quick_config, dig
     class Poison(Controller):
         name = "poison"
 
-        def skip_epoch(self, epoch: int) -> bool:
-            return epoch == 1
-
-        def replace_epoch(self, epoch: int) -> dict[str, Any]:
+        def replace_epoch(self, epoch: int) -> dict[str, Any] | None:
+            if epoch != 1:
+                return None
             with torch.no_grad():
                 next(trainer.model.parameters()).fill_(float("nan"))
             return {}
@@ -292,4 +294,4 @@ def test_gradsamp_and_ssprop_combine(quick_config, digits):
     assert [c.name for c in trainer.controllers] == ["gradsamp", "ssprop"]
     metrics = trainer.fit()
     assert [r["replaced_by"] for r in metrics["epochs"]] == [None, None, "gradsamp", None]
-    assert metrics["epochs"][0]["keep"] == pytest.approx(0.5)
+    assert metrics["epochs"][0]["ssprop"]["keep"] == pytest.approx(0.5)

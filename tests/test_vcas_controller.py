@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from greenprop import Controller
 from greenprop import data as gp_data
 from greenprop import models as gp_models
+from greenprop.controller import RunContext
 from greenprop.errors import GreenpropError
 from greenprop.metering.flops import count_flops_per_sample
 from greenprop.methods import build_method, parse_method
@@ -104,7 +105,8 @@ def test_first_update_has_zero_sampling_variance_and_exact_arithmetic(digits, in
         if initial_keep < 1:
             assert ratio < 0.9  # half the norm mass lies in far fewer than all samples
     assert vcas.updates == 1 and vcas.history == [record]
-    assert vcas.overhead_samples == {"forward": 64, "exact_backward": 64, "sampled_backward": 128}
+    overhead = vcas.flop_account.overhead_samples
+    assert overhead == {"forward": 64, "exact_backward": 64, "sampled_backward": 128}
     # The estimation left the model's gradients alone.
     assert all(p.grad is None for p in model.parameters())
 
@@ -186,7 +188,7 @@ def test_flops_report_counts_the_saving_and_the_overhead(digits) -> None:
         dense.forward,
         dense.backward,
     )
-    saved = report["linear_backward_saved"]
+    saved = report["sampled_backward_saved"]
     assert saved > 0
     n = report["train_samples"]
     assert report["backward_ratio"] == pytest.approx(1 - saved / (n * dense.backward), rel=1e-12)
@@ -216,12 +218,12 @@ def test_state_dict_round_trip_resumes_bit_exactly(digits, tmp_path) -> None:
 
     model_a = _vit(seed=1)
     a = VCAS(model_a, config)
-    a.attach_data(_draw_from(digits), _loss)
+    a.on_train_start(RunContext(model_a, 1, 6, draw_batch=_draw_from(digits), loss_fn=_loss))
     opt_a = torch.optim.SGD(model_a.parameters(), lr=0.05, momentum=0.9)
     for step in range(3):
         a.on_step_start(0, step)
         _train_step(model_a, opt_a, train[step])
-        a.flops_delta(0, step)
+        a.flop_account.adjustment(0, step)
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(
         {"epoch": 0, "model": model_a.state_dict(), "optimizer": opt_a.state_dict(), "vcas": a.state_dict()},
@@ -230,7 +232,7 @@ def test_state_dict_round_trip_resumes_bit_exactly(digits, tmp_path) -> None:
 
     model_b = _vit(seed=2)  # other weights, fresh controller: everything comes from the file
     b = VCAS(model_b, config)
-    b.attach_data(_draw_from(digits), _loss)
+    b.on_train_start(RunContext(model_b, 1, 6, draw_batch=_draw_from(digits), loss_fn=_loss))
     opt_b = torch.optim.SGD(model_b.parameters(), lr=0.05, momentum=0.9)
     state = load_checkpoint(path)
     model_b.load_state_dict(state["model"])
@@ -246,7 +248,7 @@ def test_state_dict_round_trip_resumes_bit_exactly(digits, tmp_path) -> None:
         grads_a, grads_b = _train_step(model_a, opt_a, train[step]), _train_step(model_b, opt_b, train[step])
         for name in grads_a:
             assert torch.equal(grads_a[name], grads_b[name]), (step, name)
-        assert a.flops_delta(0, step) == b.flops_delta(0, step)
+        assert a.flop_account.adjustment(0, step) == b.flop_account.adjustment(0, step)
     assert a.updates == b.updates == 3
     assert a.ratios()["s"] < 1.0  # sampling was active during the compared steps
     assert a.flops_report() == b.flops_report()
@@ -271,7 +273,7 @@ def test_misuse_is_a_clear_error(digits) -> None:
     vcas = VCAS(model, VCASConfig(mc_repeats=3))
     with pytest.raises(GreenpropError, match=r"needs 3 batches per update.*ran out"):
         vcas.update(iter(_batches(digits, 2, size=8)), _loss)
-    with pytest.raises(GreenpropError, match="attach_data"):
+    with pytest.raises(GreenpropError, match="RunContext with draw_batch"):
         vcas.on_step_start(0, 0)
     with pytest.raises(GreenpropError, match="scalar loss"):
         vcas.update(iter(_batches(digits, 3, size=8)), lambda m, b: _loss(m, b).detach())
@@ -391,7 +393,7 @@ def test_vcas_trains_through_the_trainer_and_resumes_exactly(tmp_path, small_dig
     assert _flops(metrics, "forward") == pytest.approx(_flops(base, "forward") + overhead_forward, rel=1e-9)
     training_backward = _flops(metrics, "backward") - overhead_backward
     assert training_backward == pytest.approx(
-        _flops(base, "backward") - report["linear_backward_saved"], rel=1e-9
+        _flops(base, "backward") - report["sampled_backward_saved"], rel=1e-9
     )
     assert training_backward < _flops(base, "backward")
     # The estimation is counted too: at F = 2 (2 batches x 3 backwards every other step) it

@@ -5,7 +5,8 @@ Public API (methods are imported on first use, so ``import greenprop`` stays lig
 - ssProp: :func:`apply_ssprop`, :func:`remove_ssprop`, :class:`SSPropConfig`, :class:`SSProp`
 - GradSamp: :class:`GradSamp` (strategies in :mod:`greenprop.schedules`, GGD in :mod:`greenprop.ggd`)
 - VCAS: :func:`apply_vcas`, :func:`remove_vcas`, :class:`VCASConfig`, :class:`VCAS`
-- the trainer's hook interface :class:`Controller`, and :class:`Quantity` for measured figures
+- the hook interface :class:`Controller` (and the :class:`RunContext` it receives), and
+  :class:`Quantity` for measured figures
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from greenprop.controller import Controller, RunContext
 from greenprop.errors import GreenpropError
 from greenprop.metering.quantity import Quantity
-from greenprop.train.hooks import Controller
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,7 @@ __all__ = [
     "GradSamp",
     "GreenpropError",
     "Quantity",
+    "RunContext",
     "SSProp",
     "SSPropConfig",
     "VCASConfig",

@@ -7,15 +7,17 @@ applies the method to a model in place and returns the controllers that drive it
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
+from greenprop.controller import Controller
 from greenprop.errors import GreenpropError
-from greenprop.train.hooks import Controller
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class Method:
     builder: Callable[..., list[Controller]]
     help: str
     options: dict[str, str]
+    #: ``report_extras(results, out_dir) -> [(caption, path)]``: figures for compare's report.
+    report_extras: Callable[..., list[Any]] | None = None
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -91,6 +95,8 @@ def get_method(name: str) -> Method:
         except ModuleNotFoundError as err:
             raise GreenpropError(f"method {name!r} is not available in this install: {err}") from err
         register_method(name, module.build, help=help_text, options=getattr(module, "OPTIONS", {}))
+        extras = getattr(module, "REPORT_EXTRAS", None)
+        _REGISTRY[name] = dataclasses.replace(_REGISTRY[name], report_extras=extras)
     if name not in _REGISTRY:
         raise GreenpropError(f"unknown method {name!r}; choose from {', '.join(available_methods())}")
     return _REGISTRY[name]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from greenprop.experiments.compare import RunResult
+from greenprop.methods import get_method, parse_method
 from greenprop.train.checkpoint import write_json
 
 TERA = 1e12
@@ -161,7 +162,6 @@ def write_report(
         plot_accuracy_vs_saving,
         plot_curves,
         plot_step_losses,
-        plot_vcas_ratios,
     )
 
     out = Path(out_dir)
@@ -173,7 +173,6 @@ def write_report(
         "saving_plot": out / "accuracy_vs_saving.png",
         "curves_plot": out / "curves.png",
         "step_loss_plot": out / "loss_steps.png",
-        "vcas_plot": out / "vcas_ratios.png",
     }
     with paths["csv"].open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=[k for k in rows[0] if k != "seeds"] + ["seeds"])
@@ -194,8 +193,8 @@ def write_report(
     plot_curves(results, paths["curves_plot"])
     if not plot_step_losses(results, paths["step_loss_plot"]):
         del paths["step_loss_plot"]
-    if not plot_vcas_ratios(results, paths["vcas_plot"]):
-        del paths["vcas_plot"]
+    extras = method_extras(results, out)
+    paths.update({path.stem: path for _, path in extras})
     env = first["environment"]
     cfg = first["config"]
     lines = [f"# {title}", ""]
@@ -212,9 +211,8 @@ def write_report(
         format_table(rows, markdown=True),
         "",
         "Accuracy is the final epoch's test accuracy, mean ± sample std over seeds. "
-        "FLOPs are counted with PyTorch's FlopCounterMode (training forward and backward; "
-        "for VCAS the dense count minus the work its layers skipped, plus its variance-estimation "
-        "passes) "
+        "FLOPs are counted with PyTorch's FlopCounterMode (training forward and backward"
+        f"{flop_adjustments(results)}) "
         "and savings are relative to the baseline's counted FLOPs. Train time is measured wall "
         "time of the training phases (data, forward, backward, optimizer, epoch replacement), "
         f"without evaluation; energy covers the same span. Energy: {rows[0]['energy_kind']} "
@@ -227,7 +225,38 @@ def write_report(
     ]
     if "step_loss_plot" in paths:
         lines += [f"![training loss per step]({paths['step_loss_plot'].name})", ""]
-    if "vcas_plot" in paths:
-        lines += [f"![VCAS ratios]({paths['vcas_plot'].name})", ""]
+    for caption, path in extras:
+        lines += [f"![{caption}]({path.name})", ""]
     paths["markdown"].write_text("\n".join(lines))
     return paths
+
+
+def _method_names(results: list[RunResult]) -> list[str]:
+    """Every method taking part in the comparison (the parts of combined ones too)."""
+    names: set[str] = set()
+    for r in results:
+        spec = parse_method(r.method)
+        names.update(part.name for part in (spec.parts or (spec,)))
+    return sorted(names)
+
+
+def method_extras(results: list[RunResult], out_dir: Path) -> list[tuple[str, Path]]:
+    """The figures each method in the comparison adds to the report: ``(caption, path)``."""
+    extras: list[tuple[str, Path]] = []
+    for name in _method_names(results):
+        draw = getattr(get_method(name), "report_extras", None)
+        if draw is not None:
+            extras += draw(results, out_dir)
+    return extras
+
+
+def flop_adjustments(results: list[RunResult]) -> str:
+    """How methods adjusted the counted FLOPs, from the runs' own FLOP provenance."""
+    notes: list[str] = []
+    for r in results:
+        for record in r.metrics.get("epochs", []):
+            source = record.get("flops", {}).get("backward", {}).get("source") or ""
+            for note in source.split("; ")[1:]:
+                if note not in notes:
+                    notes.append(note)
+    return "".join(f"; {note}" for note in notes)

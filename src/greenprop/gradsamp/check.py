@@ -7,7 +7,7 @@ and, for the chosen epochs, fits a GGD to every parameter tensor's update, runs 
 paper's Kolmogorov-Smirnov test (reject at p < alpha = 0.05) and writes a table and
 per-layer histograms with the fitted density overlaid.
 
-The check is an extra :class:`~greenprop.train.hooks.Controller`, so it composes with any
+The check is an extra :class:`~greenprop.controller.Controller`, so it composes with any
 ``config.method`` (the default, ``baseline``, checks plain training). Epochs are counted
 from 1 here, as the trainer prints them: epoch ``k``'s update is ``theta(k) - theta(k-1)``
 with ``theta(0)`` the initial weights. Memory: one copy of the checked tensors, only during
@@ -30,11 +30,11 @@ import torch
 from torch import nn
 
 from greenprop import ggd
+from greenprop.controller import Controller
 from greenprop.data import DatasetPair
 from greenprop.errors import GreenpropError
 from greenprop.train.checkpoint import ensure_writable_dir, write_json
 from greenprop.train.config import TrainConfig
-from greenprop.train.hooks import Controller
 
 __all__ = [
     "DEFAULT_ALPHA",

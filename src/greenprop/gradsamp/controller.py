@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from greenprop import ggd
+from greenprop.controller import Controller, RunContext
 from greenprop.errors import GreenpropError
 from greenprop.schedules.strategies import Strategy, parse_strategy
-from greenprop.train.hooks import Controller
 
 __all__ = [
     "DEFAULT_BETA_BOUNDS",
@@ -191,6 +191,7 @@ class GradSamp(Controller):
         self.rolled_back_epochs: list[int] = []
         self.fallback_count = 0
         self._last_val_loss: float | None = None  # the guard's reference
+        self._run: RunContext | None = None  # set by on_train_start: the guard asks it to re-evaluate
         #: Fitted GGD per tensor name at the last sampled epoch.
         self.last_fits: dict[str, ggd.GGDParams] = {}
 
@@ -223,14 +224,15 @@ class GradSamp(Controller):
         return out
 
     # ------------------------------------------------------------------ hooks
-    def on_train_start(self, total_epochs: int, steps_per_epoch: int) -> None:
-        if total_epochs != self.total_epochs:
+    def on_train_start(self, run: RunContext) -> None:
+        self._run = run
+        if run.epochs != self.total_epochs:
             warnings.warn(
                 f"GradSamp was built for {self.total_epochs} epochs but the run has "
-                f"{total_epochs}; using {total_epochs}",
+                f"{run.epochs}; using {run.epochs}",
                 stacklevel=2,
             )
-            self.total_epochs = total_epochs
+            self.total_epochs = run.epochs
 
     def on_epoch_start(self, epoch: int) -> None:
         """Snapshot the parameters before a real epoch (into the reused buffer)."""
@@ -244,29 +246,30 @@ class GradSamp(Controller):
                 b.copy_(p)
         self._buf_kind, self._buf_epoch = "snapshot", epoch
 
-    def skip_epoch(self, epoch: int) -> bool:
-        return self.should_skip(epoch)
+    def replace_epoch(self, epoch: int) -> dict[str, Any] | None:
+        """Apply the sampled update in a sampled epoch; None in a real one."""
+        return self.sampled_update(epoch) if self.should_skip(epoch) else None
 
-    def replace_epoch(self, epoch: int) -> dict[str, Any]:
-        return self.sampled_update(epoch)
+    def on_epoch_end(self, epoch: int, record: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """After a real epoch, turn the snapshot into the epoch's update (in place).
 
-    def after_evaluation(self, epoch: int, record: dict[str, Any]) -> bool:
-        """Trainer hook: apply the guard (if enabled) to a sampled epoch's validation loss."""
-        if self.guard_threshold is None or self._pending_rollback != epoch or self._last_val_loss is None:
-            return False
-        rolled_back = self.guard(self._last_val_loss, record["loss"])
-        self._pending_rollback = None  # decided: checkpoints need not carry the pre-sample copy
-        record["guard"] = {
-            "loss_before": self._last_val_loss,
-            "loss_after": record["loss"],
-            "rolled_back": rolled_back,
-        }
-        return rolled_back
-
-    def on_epoch_end(self, epoch: int, record: dict[str, Any] | None = None) -> None:
-        """After a real epoch, turn the snapshot into the epoch's update (in place)."""
-        if record is not None and "loss" in record:
-            self._last_val_loss = float(record["loss"])
+        ``record["loss"]`` (the evaluated loss, if given) feeds the guard: after a sampled
+        epoch whose loss rose too much, the guard rolls the sample back, asks the loop to
+        evaluate again (``run.control.should_evaluate``) and returns its decision.
+        """
+        loss = None if record is None else record.get("loss")
+        fields = None
+        if loss is not None and self._guard_pending(epoch):
+            before = self._last_val_loss
+            rolled_back = self.guard(before, loss)  # type: ignore[arg-type]
+            self._pending_rollback = None  # decided: checkpoints need not carry the pre-sample copy
+            fields = {"guard": {"loss_before": before, "loss_after": loss, "rolled_back": rolled_back}}
+            if rolled_back and self._run is not None:
+                self._run.control.should_evaluate = True
+            if not rolled_back:  # rolled back: the model, hence its loss, is the previous one
+                self._last_val_loss = float(loss)
+        elif loss is not None:
+            self._last_val_loss = float(loss)
         self._last_finished = epoch
         if self._buf_kind == "snapshot" and self._buf_epoch == epoch:
             assert self._buf is not None
@@ -274,6 +277,14 @@ class GradSamp(Controller):
                 for b, (_, p) in zip(self._buf, self._params, strict=True):
                     b.neg_().add_(p)  # p - snapshot, exactly, without a temporary
             self._buf_kind = "delta"
+        return fields
+
+    def _guard_pending(self, epoch: int) -> bool:
+        return (
+            self.guard_threshold is not None
+            and self._pending_rollback == epoch
+            and self._last_val_loss is not None
+        )
 
     # ------------------------------------------------------------------ sampling
     def sampled_update(self, epoch: int | None = None) -> dict[str, Any]:

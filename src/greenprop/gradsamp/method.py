@@ -6,10 +6,10 @@ import math
 
 from torch import nn
 
+from greenprop.controller import Controller
 from greenprop.errors import GreenpropError
 from greenprop.gradsamp.controller import DEFAULT_BETA_BOUNDS, TOLERANCE_MODES, UPDATE_VARIANTS, GradSamp
 from greenprop.schedules.strategies import parse_strategy
-from greenprop.train.hooks import Controller
 
 __all__ = ["DEFAULT_STRATEGY", "OPTIONS", "build"]
 

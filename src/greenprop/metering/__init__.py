@@ -4,6 +4,7 @@ Every figure is a :class:`Quantity` that says whether it was counted, measured,
 estimated or is unavailable.
 """
 
+from greenprop.metering.accounting import FlopAccount, flop_accounts
 from greenprop.metering.energy import EnergyMeter, NvmlReader, RaplReader
 from greenprop.metering.flops import FlopCount, count_flops, count_flops_per_sample
 from greenprop.metering.quantity import Quantity
@@ -11,6 +12,7 @@ from greenprop.metering.timing import PhaseTimer
 
 __all__ = [
     "EnergyMeter",
+    "FlopAccount",
     "FlopCount",
     "NvmlReader",
     "PhaseTimer",
@@ -18,4 +20,5 @@ __all__ = [
     "RaplReader",
     "count_flops",
     "count_flops_per_sample",
+    "flop_accounts",
 ]

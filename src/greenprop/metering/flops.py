@@ -100,7 +100,8 @@ def count_flops(
     tensor that requires grad, and every module's training flag are restored
     afterwards, also when the pass raises. Python
     attributes that a module changes on its own (step counters and the like) are
-    not restored: such modules should not count steps during ``count_flops``.
+    not restored: such modules should not count steps during ``count_flops``, and a
+    module's own generators are its method's to protect (``FlopAccount.counting``).
     """
     devices = _cuda_devices(model, inputs, targets)
     leaves = [t for t in _tensors((inputs, targets)) if t.requires_grad and t.is_leaf]
@@ -215,13 +216,6 @@ def _preserved_state(
     grads = [p.grad for p in params]
     py_state = random.getstate()
     np_state = np.random.get_state()
-    # Modules with their own generator (e.g. ssProp's random channel selection) must not
-    # see the count either, or a resumed run would draw differently.
-    generators = [
-        (gen, gen.get_state())
-        for module in model.modules()
-        if isinstance(gen := getattr(module, "generator", None), torch.Generator)
-    ]
     with torch.random.fork_rng(devices=devices):
         try:
             for p in params:
@@ -240,5 +234,3 @@ def _preserved_state(
                 module.training = mode
             random.setstate(py_state)
             np.random.set_state(np_state)
-            for gen, state in generators:
-                gen.set_state(state)

@@ -12,10 +12,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 from greenprop.metering.quantity import Quantity
+
+
+@dataclass
+class Span:
+    """The phase an open timing is charged to."""
+
+    name: str
 
 
 class PhaseTimer:
@@ -54,23 +62,28 @@ class PhaseTimer:
             torch.mps.synchronize()
 
     @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        """Time the body and add its seconds to ``name`` (also when the body raises)."""
+    def phase(self, name: str) -> Iterator[Span]:
+        """Time the body and add its seconds to ``name`` (also when the body raises).
+
+        The body may set the yielded span's ``name`` to charge the time to another phase
+        once it knows what the work was (e.g. an epoch a method might have replaced).
+        """
         if name in self._open:
             raise RuntimeError(
                 f"phase {name!r} is already being timed; close it before entering it again"
             )
         self._open.add(name)
+        span = Span(name)
         try:
             self._synchronize()
             start = self._clock()
             try:
-                yield
+                yield span
             finally:
                 self._synchronize()
                 elapsed = self._clock() - start
-                self._totals[name] = self._totals.get(name, 0.0) + elapsed
-                self._counts[name] = self._counts.get(name, 0) + 1
+                self._totals[span.name] = self._totals.get(span.name, 0.0) + elapsed
+                self._counts[span.name] = self._counts.get(span.name, 0) + 1
         finally:
             self._open.discard(name)
 

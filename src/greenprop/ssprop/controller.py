@@ -8,12 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from greenprop.controller import Controller, RunContext
 from greenprop.errors import GreenpropError
 from greenprop.schedules.keep import KeepSchedule
+from greenprop.ssprop.accounting import SSPropFlops
 from greenprop.ssprop.config import SSPropConfig
 from greenprop.ssprop.layers import SparseLayer
 from greenprop.ssprop.surgery import sparse_layers
-from greenprop.train.hooks import Controller
 
 __all__ = ["SSProp"]
 
@@ -35,13 +36,13 @@ class SSProp(Controller):
             for step, batch in enumerate(loader):
                 ssprop.on_step_start(epoch, step)
                 ...  # forward, backward, optimizer step
-            ssprop.on_epoch_end(epoch, record := {})
+            fields = ssprop.on_epoch_end(epoch, record={})   # keep, realised/effective keep
 
     The schedule is a pure function of (epoch, step), so a resumed run recomputes it;
     ``state_dict`` holds only the accounting, the random-selection generators and any
     calibration decisions.
 
-    Accounting (added to the epoch record by :meth:`on_epoch_end`):
+    Accounting (the epoch record fields :meth:`on_epoch_end` returns):
 
     * ``keep``: this epoch's mean scheduled keep over its steps;
     * ``realised_keep``: mean scheduled keep over every step so far (a dense step
@@ -91,6 +92,8 @@ class SSProp(Controller):
         self._effective_sum = 0.0
         self._epoch_steps = 0
         self._epoch_keep_sum = 0.0
+        #: Recounts FLOPs when a layer's kept channels change (the trainer detects it).
+        self.flop_account = SSPropFlops(self.layers)
 
     # -- driving the layers -------------------------------------------------------
 
@@ -118,8 +121,8 @@ class SSProp(Controller):
 
     # -- hooks ----------------------------------------------------------------------
 
-    def on_train_start(self, total_epochs: int, steps_per_epoch: int) -> None:
-        self.schedule = self.schedule.with_length(total_epochs, steps_per_epoch)
+    def on_train_start(self, run: RunContext) -> None:
+        self.schedule = self.schedule.with_length(run.epochs, run.steps_per_epoch)
         self.schedule.check_length()
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -136,23 +139,16 @@ class SSProp(Controller):
         self._epoch_steps += 1
         self._epoch_keep_sum += keep
 
-    def flops_key(self, epoch: int, step: int) -> tuple[float, ...]:
-        """Each layer's kept fraction (k per layer, calibrated-dense as 1).
-
-        The trainer recounts FLOPs when this changes: integer ``k`` changes far less
-        often than a per-step float keep, and a layer that calibration turned dense is
-        counted dense.
-        """
-        return tuple(layer.kept_fraction() for layer in self.layers.values())
-
-    def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> dict[str, float]:
         if self._epoch_steps:
             keep = self._epoch_keep_sum / self._epoch_steps
         else:
             keep = self.schedule.keep_at(epoch, 0)
-        record["keep"] = _tidy(keep)
-        record["realised_keep"] = _tidy(self.realised_keep)
-        record["effective_keep"] = _tidy(self.effective_keep)
+        return {
+            "keep": _tidy(keep),
+            "realised_keep": _tidy(self.realised_keep),
+            "effective_keep": _tidy(self.effective_keep),
+        }
 
     # -- accounting -----------------------------------------------------------------
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from greenprop.controller import Controller
 from greenprop.errors import GreenpropError
 from greenprop.ssprop.config import SSPropConfig
 from greenprop.ssprop.controller import SSProp
 from greenprop.ssprop.surgery import apply_ssprop
-from greenprop.train.hooks import Controller
 
 __all__ = ["OPTIONS", "build"]
 

@@ -1,19 +1,20 @@
 """The reference trainer: a plain PyTorch loop with metering, checkpoints and resume.
 
 It is the engine of ``greenprop train`` and ``greenprop compare``. Methods act only
-through their controllers' hooks (:class:`greenprop.train.hooks.Controller`), so the
-same controllers work in a user's own loop.
+through their controllers' hooks (:class:`greenprop.controller.Controller`) and, for
+FLOP counting, their :class:`greenprop.metering.FlopAccount`, so the same controllers
+work in a user's own loop.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import platform
 import sys
 import time
 from collections.abc import Hashable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,10 @@ from tqdm.auto import tqdm
 
 from greenprop import data as gp_data
 from greenprop import models as gp_models
+from greenprop.controller import Controller, RunContext
 from greenprop.errors import GreenpropError, TrainingDiverged
 from greenprop.metering import EnergyMeter, FlopCount, PhaseTimer, Quantity, count_flops_per_sample
+from greenprop.metering.accounting import flop_accounts
 from greenprop.methods import build_method, parse_method
 from greenprop.train.checkpoint import (
     ensure_writable_dir,
@@ -34,7 +37,6 @@ from greenprop.train.checkpoint import (
 )
 from greenprop.train.config import TrainConfig
 from greenprop.train.evaluate import evaluate, iterate_batches, prepare_inputs
-from greenprop.train.hooks import Controller
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
@@ -138,10 +140,19 @@ class Trainer:
             steps_per_epoch=self.steps_per_epoch,
             seed=config.seed,
         ) + list(controllers or [])
+        names = [controller.name for controller in self.controllers]
+        if len(set(names)) != len(names):
+            raise GreenpropError(f"controller names must be unique within a run, got {names}")
+        self.flop_accounts = flop_accounts(self.controllers)
         self.train_model: nn.Module = torch.compile(self.model) if config.compile else self.model
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-        for controller in self.controllers:
-            controller.attach_data(self._draw_batch, self._batch_loss)
+        self.run = RunContext(
+            model=self.model,
+            epochs=config.epochs,
+            steps_per_epoch=self.steps_per_epoch,
+            draw_batch=self._draw_batch,
+            loss_fn=self._batch_loss,
+        )
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
         self.energy_meter = EnergyMeter(self.device, watts=config.watts)
@@ -200,11 +211,13 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-            saved_controllers = state.get("controllers", [])
-            if len(saved_controllers) != len(self.controllers):
-                raise ValueError("the checkpoint was written with other method controllers")
-            for controller, saved in zip(self.controllers, saved_controllers, strict=True):
-                controller.load_state_dict(saved)
+            saved_controllers = state.get("controllers", {})
+            names = [controller.name for controller in self.controllers]
+            if not isinstance(saved_controllers, dict) or sorted(saved_controllers) != sorted(names):
+                saved_names = sorted(saved_controllers) if isinstance(saved_controllers, dict) else "?"
+                raise ValueError(f"the checkpoint holds controllers {saved_names}, this run has {names}")
+            for controller in self.controllers:
+                controller.load_state_dict(saved_controllers[controller.name])
         except (KeyError, RuntimeError, ValueError) as err:
             raise GreenpropError(f"checkpoint in {self.out_dir} does not match this run: {err}") from err
         self.history = list(state.get("history", []))
@@ -218,7 +231,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "controllers": [c.state_dict() for c in self.controllers],
+            "controllers": {c.name: c.state_dict() for c in self.controllers},
             "history": self.history,
         }
 
@@ -227,7 +240,7 @@ class Trainer:
         """Run the remaining epochs; returns the metrics written to ``metrics.json``."""
         c = self.config
         for controller in self.controllers:
-            controller.on_train_start(c.epochs, self.steps_per_epoch)
+            controller.on_train_start(self.run)
         for epoch in range(self.start_epoch, c.epochs):
             torch.manual_seed(c.seed * _SEED_STRIDE + epoch)
             try:
@@ -237,8 +250,6 @@ class Trainer:
                     diverged = {"epoch": epoch, "reason": str(err)}
                     write_json(self.metrics(complete=False, diverged=diverged), self.out_dir / METRICS)
                 raise
-            for controller in self.controllers:
-                controller.on_epoch_end(epoch, record)
             self.history.append(record)
             self._report_epoch(record)
             if self.out_dir is not None:
@@ -262,10 +273,15 @@ class Trainer:
         self.scheduler.step()
         with timer.phase("eval"):
             record.update(self._evaluate())
-        record["rolled_back_by"] = None
+        record["reevaluated_by"] = None
+        control = self.run.control
         for controller in self.controllers:
-            if controller.after_evaluation(epoch, record):
-                record["rolled_back_by"] = controller.name
+            fields = controller.on_epoch_end(epoch, record)
+            if fields:
+                record[controller.name] = {**record.get(controller.name, {}), **fields}
+            if control.should_evaluate:  # the controller changed the model after evaluation
+                control.should_evaluate = False
+                record["reevaluated_by"] = controller.name
                 with timer.phase("eval"):
                     record.update(self._evaluate())
         if not math.isfinite(record["loss"]):
@@ -285,10 +301,17 @@ class Trainer:
         with timer.phase("hooks"):  # a method's own overhead counts in its train time
             for controller in self.controllers:
                 controller.on_epoch_start(epoch)
-        replacer = next((ctl for ctl in self.controllers if ctl.skip_epoch(epoch)), None)
+        replacer = None
+        with timer.phase("replace") as span:
+            for controller in self.controllers:
+                fields = controller.replace_epoch(epoch)
+                if fields is not None:
+                    replacer = controller
+                    record[controller.name] = dict(fields)
+                    break
+            if replacer is None:  # nobody replaced the epoch: asking was hook overhead
+                span.name = "hooks"
         if replacer is not None:
-            with timer.phase("replace"):
-                record.update(replacer.replace_epoch(epoch))
             record.update(replaced_by=replacer.name, steps=0, samples=0, train_loss=None)
             flops = {"forward": 0.0, "backward": 0.0}
             source = f"no steps executed (epoch replaced by {replacer.name})"
@@ -354,8 +377,8 @@ class Trainer:
             with timer.phase("hooks"):
                 for controller in self.controllers:
                     controller.on_step_end(epoch, step, loss_value)
-            for controller in self.controllers:
-                for phase, delta in controller.flops_delta(epoch, step).items():
+            for _, account in self.flop_accounts:
+                for phase, delta in account.adjustment(epoch, step).items():
                     flops[phase] += delta
             step_losses.append(loss_value)
             loss_sum += loss_value * len(y)
@@ -375,22 +398,23 @@ class Trainer:
         )
         source = (
             f"torch.utils.flop_counter.FlopCounterMode on {min(c.flops_samples, c.batch_size)} "
-            "samples, recounted whenever a method changes what a step computes, x samples run, "
-            "plus what the method reports through flops_delta, if anything (VCAS: its tallied "
-            "saving and its estimation passes)"
+            "samples, recounted whenever a method changes what a step computes, x samples run"
         )
+        adjusted = [f"{name}: {text}" for name, a in self.flop_accounts if (text := a.describe())]
+        if adjusted:
+            source += "; " + "; ".join(adjusted)
         return flops, source
 
     def _flops_per_sample(self, epoch: int, step: int, x: torch.Tensor, y: torch.Tensor) -> FlopCount:
-        """Counted FLOPs of one sample's step, cached by the controllers' flops keys.
+        """Counted FLOPs of one sample's step, cached by the FLOP accounts' cost keys.
 
         Counting runs outside the timed phases: FlopCounterMode slows a step many times.
         """
-        key = tuple(controller.flops_key(epoch, step) for controller in self.controllers)
+        key = tuple(account.cost_key(epoch, step) for _, account in self.flop_accounts)
         if key not in self._flops_cache:
-            with contextlib.ExitStack() as stack:
-                for controller in self.controllers:
-                    stack.enter_context(controller.flops_context())
+            with ExitStack() as stack:
+                for _, account in self.flop_accounts:
+                    stack.enter_context(account.counting())
                 self._flops_cache[key] = count_flops_per_sample(
                     self.model, x, y, self.loss_fn, max_samples=self.config.flops_samples
                 )

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from torch import nn
 
-from greenprop.train.hooks import Controller
+from greenprop.controller import Controller
 from greenprop.vcas.config import VCASConfig
 from greenprop.vcas.controller import VCAS
+from greenprop.vcas.report import report_extras
 from greenprop.vcas.surgery import apply_vcas
 
-__all__ = ["OPTIONS", "build"]
+__all__ = ["OPTIONS", "REPORT_EXTRAS", "build"]
+
+#: Figures VCAS adds to a comparison report (its controller's ratios over training).
+REPORT_EXTRAS = report_extras
 
 #: Option name -> help text, for ``greenprop methods``.
 OPTIONS: dict[str, str] = {
