@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from greenprop import ggd
+from greenprop.gradsamp import ggd
 from greenprop.cli import main
 from greenprop.errors import GreenpropError
 from greenprop.gradsamp.check import ggd_check

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from greenprop import GreenpropError
-from greenprop.schedules.keep import KeepSchedule
+from greenprop.ssprop.schedule import KeepSchedule
 from greenprop.ssprop import SSProp, SSPropConfig, apply_ssprop, sparse_layers
 from greenprop.ssprop.method import OPTIONS, build
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from greenprop import ggd
+from greenprop.gradsamp import ggd
 from greenprop.data import DatasetPair
 from greenprop.errors import GreenpropError
 from greenprop.train.checkpoint import ensure_writable_dir, write_json

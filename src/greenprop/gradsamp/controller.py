@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from greenprop import ggd
+from greenprop.gradsamp import ggd
 from greenprop.errors import GreenpropError
-from greenprop.schedules.strategies import Strategy, parse_strategy
+from greenprop.gradsamp.schedule import Strategy, parse_strategy
 from greenprop.train.hooks import Controller
 
 __all__ = [
@@ -82,7 +82,7 @@ class GradSamp(Controller):
 
     Args:
         model: its trainable parameters (``requires_grad`` at construction) are sampled.
-        strategy: a :class:`~greenprop.schedules.strategies.Strategy` or a spec such as
+        strategy: a :class:`~greenprop.gradsamp.schedule.Strategy` or a spec such as
             ``"pe:5"``, ``"pr:0.2"``, ``"dp:5"``, ``"dr:0.2"``. The first and last epoch are
             always real; a sampled epoch always follows a real one unless
             ``allow_consecutive``.

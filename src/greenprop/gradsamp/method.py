@@ -8,7 +8,7 @@ from torch import nn
 
 from greenprop.errors import GreenpropError
 from greenprop.gradsamp.controller import DEFAULT_BETA_BOUNDS, TOLERANCE_MODES, UPDATE_VARIANTS, GradSamp
-from greenprop.schedules.strategies import parse_strategy
+from greenprop.gradsamp.schedule import parse_strategy
 from greenprop.train.hooks import Controller
 
 __all__ = ["DEFAULT_STRATEGY", "OPTIONS", "build"]

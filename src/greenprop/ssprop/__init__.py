@@ -9,7 +9,7 @@ Source: Zhong, Huang, Shi, "ssProp: Energy-Efficient Training for Convolutional 
 Networks with Scheduled Sparse Back Propagation".
 """
 
-from greenprop.schedules.keep import SCHEDULE_KINDS, KeepSchedule, keep_shape
+from greenprop.ssprop.schedule import SCHEDULE_KINDS, KeepSchedule, keep_shape
 from greenprop.ssprop.config import LAYER_TYPES, SSPropConfig
 from greenprop.ssprop.controller import SSProp
 from greenprop.ssprop.functional import (

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from greenprop.errors import GreenpropError
-from greenprop.schedules.keep import KeepSchedule
+from greenprop.ssprop.schedule import KeepSchedule
 from greenprop.ssprop.config import SSPropConfig
 from greenprop.ssprop.layers import SparseLayer
 from greenprop.ssprop.surgery import sparse_layers
