@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from greenprop.gradsamp import ggd
 from greenprop.cli import main
 from greenprop.errors import GreenpropError
+from greenprop.gradsamp import ggd
 from greenprop.gradsamp.check import ggd_check
 from greenprop.train import trainer as trainer_mod
 from greenprop.train.config import TrainConfig

@@ -11,9 +11,8 @@ import torch
 from scipy import stats
 from torch import nn
 
-from greenprop.gradsamp import ggd
+from greenprop.gradsamp import GradSamp, ggd
 from greenprop.gradsamp.ggd import GGDFitWarning, GGDParams
-from greenprop.gradsamp import GradSamp
 from greenprop.gradsamp.method import OPTIONS, build
 from greenprop.gradsamp.schedule import Periodic
 

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from greenprop import GreenpropError
-from greenprop.ssprop.schedule import KeepSchedule
 from greenprop.ssprop import SSProp, SSPropConfig, apply_ssprop, sparse_layers
 from greenprop.ssprop.method import OPTIONS, build
+from greenprop.ssprop.schedule import KeepSchedule
 
 
 def _model() -> nn.Module:

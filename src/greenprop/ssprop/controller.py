@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from greenprop.errors import GreenpropError
-from greenprop.ssprop.schedule import KeepSchedule
 from greenprop.ssprop.config import SSPropConfig
 from greenprop.ssprop.layers import SparseLayer
+from greenprop.ssprop.schedule import KeepSchedule
 from greenprop.ssprop.surgery import sparse_layers
 from greenprop.train.hooks import Controller
 
