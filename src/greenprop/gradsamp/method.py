@@ -7,7 +7,8 @@ import math
 from torch import nn
 
 from greenprop.errors import GreenpropError
-from greenprop.gradsamp.controller import DEFAULT_BETA_BOUNDS, TOLERANCE_MODES, UPDATE_VARIANTS, GradSamp
+from greenprop.gradsamp.controller import GradSamp
+from greenprop.gradsamp.sampling import DEFAULT_BETA_BOUNDS, TOLERANCE_MODES, UPDATE_VARIANTS
 from greenprop.gradsamp.schedule import parse_strategy
 from greenprop.train.hooks import Controller
 
