@@ -1,4 +1,4 @@
-"""The GGD-hypothesis check (GradSamp Figures 2-3) and the GradSamp CLI shorthands."""
+"""The ggd-check experiment (GradSamp Figures 2-3) and the GradSamp CLI shorthands."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 
 from greenprop.cli import main
 from greenprop.errors import GreenpropError
+from greenprop.experiments.ggd_check import ggd_check
 from greenprop.gradsamp import ggd
-from greenprop.gradsamp.check import ggd_check
 from greenprop.train import trainer as trainer_mod
 from greenprop.train.config import TrainConfig
 from greenprop.train.hooks import Controller
