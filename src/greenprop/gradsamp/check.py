@@ -4,8 +4,8 @@ GradSamp is only as good as its hypothesis: the elements of one epoch's update o
 parameter tensor, ``theta(k) - theta(k-1)``, look like draws from a Generalized Gaussian.
 :func:`check_update` fits a GGD to one update, runs the paper's Kolmogorov-Smirnov test
 (reject at p < alpha = 0.05) and bins the update for a histogram; :func:`format_rows` turns
-the results into a table. Training runs that collect the updates live in
-:mod:`greenprop.experiments.ggd_check`.
+the results into a table. Training a run and collecting its updates is the job of the
+``greenprop ggd-check`` experiment.
 """
 
 from __future__ import annotations
