@@ -11,12 +11,11 @@ import torch
 from scipy import stats
 from torch import nn
 
-from greenprop import ggd
 from greenprop.controller import RunContext
-from greenprop.ggd import GGDFitWarning, GGDParams
-from greenprop.gradsamp import GradSamp
+from greenprop.gradsamp import GradSamp, ggd
+from greenprop.gradsamp.ggd import GGDFitWarning, GGDParams
 from greenprop.gradsamp.method import OPTIONS, build
-from greenprop.schedules.strategies import Periodic
+from greenprop.gradsamp.schedule import Periodic
 
 # The 4-way head's bias is below ggd.MIN_FIT_SIZE: its documented fallback warns every time.
 pytestmark = pytest.mark.filterwarnings("ignore:GGD fit of '4.bias'")

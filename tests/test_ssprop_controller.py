@@ -10,9 +10,9 @@ from torch import nn
 
 from greenprop import GreenpropError
 from greenprop.controller import RunContext
-from greenprop.schedules.keep import KeepSchedule
 from greenprop.ssprop import SSProp, SSPropConfig, apply_ssprop, sparse_layers
 from greenprop.ssprop.method import OPTIONS, build
+from greenprop.ssprop.schedule import KeepSchedule
 
 
 def _model() -> nn.Module:

@@ -3,7 +3,8 @@
 Public API (methods are imported on first use, so ``import greenprop`` stays light):
 
 - ssProp: :func:`apply_ssprop`, :func:`remove_ssprop`, :class:`SSPropConfig`, :class:`SSProp`
-- GradSamp: :class:`GradSamp` (strategies in :mod:`greenprop.schedules`, GGD in :mod:`greenprop.ggd`)
+- GradSamp: :class:`GradSamp` (strategies in :mod:`greenprop.gradsamp.schedule`, GGD in
+  :mod:`greenprop.gradsamp.ggd`)
 - VCAS: :func:`apply_vcas`, :func:`remove_vcas`, :class:`VCASConfig`, :class:`VCAS`
 - the hook interface :class:`Controller` (and the :class:`RunContext` it receives), and
   :class:`Quantity` for measured figures

@@ -212,7 +212,8 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> None:
 
 
 def _cmd_ggd_check(args: argparse.Namespace, argv: Sequence[str]) -> None:
-    from greenprop.gradsamp.check import format_rows, ggd_check, summary_lines
+    from greenprop.experiments.ggd_check import ggd_check, summary_lines
+    from greenprop.gradsamp.check import format_rows
 
     config = TrainConfig(**_config_overrides(args))
     out = args.out or Path("runs") / f"ggd-check-{config.model}-{_slug(config.method)}-seed{config.seed}"

@@ -1,10 +1,11 @@
-"""GradSamp: skip whole epochs and apply an update sampled from a Generalized Gaussian."""
+"""GradSamp: skip whole epochs and apply an update sampled from a Generalized Gaussian.
 
-from greenprop.gradsamp.controller import (
-    DEFAULT_BETA_BOUNDS,
-    TOLERANCE_MODES,
-    UPDATE_VARIANTS,
-    GradSamp,
-)
+Rooms: ``ggd`` (the distribution: fit, sample, KS test), ``schedule`` (which epochs are
+sampled), ``sampling`` (the draw rule), ``check`` (the GGD hypothesis test on one update),
+``controller`` (:class:`GradSamp`) and ``method`` (``--method gradsamp:...``).
+"""
+
+from greenprop.gradsamp.controller import GradSamp
+from greenprop.gradsamp.sampling import DEFAULT_BETA_BOUNDS, TOLERANCE_MODES, UPDATE_VARIANTS
 
 __all__ = ["DEFAULT_BETA_BOUNDS", "TOLERANCE_MODES", "UPDATE_VARIANTS", "GradSamp"]

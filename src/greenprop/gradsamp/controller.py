@@ -3,66 +3,43 @@
 Algorithm 1 of the GradSamp paper, for any training loop. In a real epoch the controller
 remembers the pre-epoch parameters and, at the epoch's end, turns that copy into the
 epoch's update ``delta = theta(k) - theta(k-1)``. In a sampled epoch (no data, no forward,
-no backward) it fits a GGD to each parameter tensor's ``delta`` and adds a draw of the same
-shape. Parameters only: buffers (BatchNorm statistics, ...) are left as they are.
+no backward) it adds, to each trainable parameter, a draw from the rule in
+:mod:`greenprop.gradsamp.sampling` (a GGD fitted to that tensor's ``delta``). Buffers
+(BatchNorm statistics, ...) are left as they are.
 
 Memory: one extra copy of the trainable parameters (the same buffer holds the snapshot,
 then the update). The guard with ``allow_consecutive=True`` is the one case that needs a
 second copy.
-
-Why the default differs from the paper's literal rule: the paper draws from
-``GGD(mu, sigma + eps, beta)`` with ``eps = 1e-3``. A GGD's variance is
-``sigma^2 Gamma(3/beta) / Gamma(1/beta)``, so at small ``beta`` any absolute addition to the
-scale explodes: a measured update with ``beta = 0.27`` and std ~2e-3 gave draws with std
-1.05 (max 150), and one sampled epoch took accuracy from 94.6% to 22% for good
-(``shared/METHODS.md`` section 1). Our default keeps each draw's standard deviation at the
-real update's (``tolerance_mode="relative"``: ``std * (1 + tolerance)``), clamps every draw
-to the real update's largest step and bounds ``beta`` to ``[0.2, 8]``. The literal rule is
-``tolerance_mode="paper"`` (no clamp, no bounds unless asked for).
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 import warnings
 from collections.abc import Iterator
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
-from greenprop import ggd
 from greenprop.controller import Controller, RunContext
 from greenprop.errors import GreenpropError
-from greenprop.schedules.strategies import Strategy, parse_strategy
+from greenprop.gradsamp import ggd
+from greenprop.gradsamp.sampling import (
+    DEFAULT_BETA_BOUNDS,
+    TOLERANCE_MODES,
+    UPDATE_VARIANTS,
+    DrawStats,
+    ToleranceMode,
+    UpdateVariant,
+    draw_seed,
+    sample_update,
+)
+from greenprop.gradsamp.schedule import Strategy, parse_strategy
 
-__all__ = [
-    "DEFAULT_BETA_BOUNDS",
-    "TOLERANCE_MODES",
-    "UPDATE_VARIANTS",
-    "GradSamp",
-]
+__all__ = ["GradSamp"]
 
-#: Update variants: the paper's i.i.d. draw, and two ablations of ours.
-UPDATE_VARIANTS: tuple[str, ...] = ("ggd", "ggd-signed", "extrapolate")
-#: How ``tolerance`` enters the draw (see :class:`GradSamp`).
-TOLERANCE_MODES: tuple[str, ...] = ("relative", "absolute", "paper")
-#: Shape bounds used by the safe modes: below 0.2 a draw is a few huge values among zeros.
-DEFAULT_BETA_BOUNDS: tuple[float, float] = (0.2, 8.0)
-
-UpdateVariant = Literal["ggd", "ggd-signed", "extrapolate"]
-ToleranceMode = Literal["relative", "absolute", "paper"]
-
-_DRAW_STREAM = 0x6D5A_D7A3  # separates the draws from the strategy's coins for one seed
 _STATE_FORMAT = 1
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    """A 63-bit torch seed derived from (seed, epoch) only, so a resumed run draws the same."""
-    words = np.random.SeedSequence([seed % (1 << 64), epoch, _DRAW_STREAM]).generate_state(2)
-    return (int(words[0]) << 31 ^ int(words[1])) & ((1 << 63) - 1)
 
 
 class GradSamp(Controller):
@@ -82,7 +59,7 @@ class GradSamp(Controller):
 
     Args:
         model: its trainable parameters (``requires_grad`` at construction) are sampled.
-        strategy: a :class:`~greenprop.schedules.strategies.Strategy` or a spec such as
+        strategy: a :class:`~greenprop.gradsamp.schedule.Strategy` or a spec such as
             ``"pe:5"``, ``"pr:0.2"``, ``"dp:5"``, ``"dr:0.2"``. The first and last epoch are
             always real; a sampled epoch always follows a real one unless
             ``allow_consecutive``.
@@ -290,8 +267,9 @@ class GradSamp(Controller):
     def sampled_update(self, epoch: int | None = None) -> dict[str, Any]:
         """Add a sampled update to every trainable parameter; returns record fields.
 
-        The GGD of each tensor is fitted to the update of the most recent real epoch; the draw
-        comes from a generator seeded by ``(seed, epoch)``.
+        Each tensor's draw comes from :func:`~greenprop.gradsamp.sampling.sample_update`,
+        fitted to the update of the most recent real epoch, from a generator seeded by
+        ``(seed, epoch)`` (one per device; the tensors draw from it in model order).
         """
         epoch = self._current_epoch if epoch is None else epoch
         if epoch is None:
@@ -305,32 +283,29 @@ class GradSamp(Controller):
         guard = self.guard_threshold is not None
         if guard and self.strategy.allow_consecutive and self._pre is None:
             self._pre = [torch.empty_like(p) for _, p in self._params]
+        seed = draw_seed(self.seed, epoch)
         generators: dict[torch.device, torch.Generator] = {}
-        seed = _epoch_seed(self.seed, epoch)
-        mle_gen = torch.Generator().manual_seed(seed)
-        fits: dict[str, ggd.GGDParams] = {}
-        fallbacks: list[str] = []
-        ratios: list[float] = []
-        betas: list[float] = []
+        fit_generator = torch.Generator().manual_seed(seed)
+        stats = DrawStats()
         with torch.no_grad():
             for i, (name, p) in enumerate(self._params):
                 delta = self._buf[i]
-                gen = generators.get(delta.device)
-                if gen is None:
-                    gen = torch.Generator(device=delta.device).manual_seed(seed)
-                    generators[delta.device] = gen
-                draw, fitted = self._draw(name, delta, gen, mle_gen)
-                if fitted is not None:
-                    fits[name] = fitted
-                    if fitted.fallback is not None:
-                        fallbacks.append(name)
-                    else:
-                        betas.append(fitted.beta)
-                real_std = float(delta.float().std()) if delta.numel() > 1 else 0.0
-                if real_std > 0 and math.isfinite(real_std):
-                    ratio = float(draw.float().std()) / real_std
-                    if math.isfinite(ratio):
-                        ratios.append(ratio)
+                if delta.device not in generators:
+                    generators[delta.device] = torch.Generator(device=delta.device).manual_seed(seed)
+                draw, fitted = sample_update(
+                    delta,
+                    update=self.update,
+                    tolerance=self.tolerance,
+                    tolerance_mode=self.tolerance_mode,
+                    update_scale=self.update_scale,
+                    clamp=self.clamp,
+                    beta_bounds=self.beta_bounds,
+                    fit_method=self.fit_method,
+                    generator=generators[delta.device],
+                    fit_generator=fit_generator,
+                    name=name,
+                )
+                stats.add(name, delta, draw, fitted)
                 if guard:
                     (self._pre if self.strategy.allow_consecutive else self._buf)[i].copy_(p)
                 p.add_(draw.to(p.dtype))
@@ -339,69 +314,12 @@ class GradSamp(Controller):
             if not self.strategy.allow_consecutive:
                 self._buf_kind, self._buf_epoch = "pre_sample", epoch
             self._pending_rollback = epoch
-        self.last_fits = fits
+        self.last_fits = stats.fits
         self.sampled_epochs.append(epoch)
-        self.fallback_count += len(fallbacks)
-        summary: dict[str, Any] = {
-            "from_epoch": from_epoch,
-            "update": self.update,
-            "tensors": len(self._params),
-            "fallbacks": len(fallbacks),
-            "fallback_tensors": fallbacks,
-            "beta_median": statistics.median(betas) if betas else None,
-            "draw_std_ratio_max": max(ratios) if ratios else None,
-        }
-        if self.record_fits:
-            summary["fits"] = {
-                n: {"loc": f.loc, "scale": f.scale, "beta": f.beta, "fallback": f.fallback}
-                for n, f in fits.items()
-            }
+        self.fallback_count += len(stats.fallbacks)
+        summary = {"from_epoch": from_epoch, "update": self.update, "tensors": len(self._params)}
+        summary.update(stats.summary(record_fits=self.record_fits))
         return {"sampled": True, "ggd": summary}
-
-    def _draw(
-        self,
-        name: str,
-        delta: torch.Tensor,
-        gen: torch.Generator,
-        mle_gen: torch.Generator,
-    ) -> tuple[torch.Tensor, ggd.GGDParams | None]:
-        work = torch.float64 if delta.dtype == torch.float64 else torch.float32
-        if self.update == "extrapolate":
-            if not bool(torch.isfinite(delta).all()):
-                warnings.warn(
-                    f"GradSamp: the last real update of {name!r} has NaN/Inf; using a zero update",
-                    ggd.GGDFitWarning,
-                    stacklevel=3,
-                )
-                return torch.zeros_like(delta, dtype=work), None
-            return delta.to(work) * self.update_scale, None
-
-        fitted = ggd.fit(delta, method=self.fit_method, name=name, generator=mle_gen)
-        if fitted.fallback is not None:
-            return torch.full_like(delta, fitted.loc, dtype=work) * self.update_scale, fitted
-        lo, hi = self.beta_bounds
-        beta = min(max(fitted.beta, lo), hi)
-        if self.tolerance_mode == "paper":
-            scale = fitted.scale + self.tolerance
-        else:  # target the real update's own spread (an MLE fit's std can overflow)
-            real_std = float(delta.float().std())
-            target = (
-                real_std + self.tolerance
-                if self.tolerance_mode == "absolute"
-                else real_std * (1.0 + self.tolerance)
-            )
-            scale = ggd.scale_for_std(target, beta)
-        if self.update == "ggd":
-            draw = ggd.sample(ggd.GGDParams(fitted.loc, scale, beta), delta.shape, gen, dtype=work)
-        else:  # ggd-signed: magnitudes from the GGD, signs of the last real update
-            draw = ggd.sample(ggd.GGDParams(0.0, scale, beta), delta.shape, gen, dtype=work)
-            draw.abs_().mul_(torch.sign(delta.to(work) - fitted.loc)).add_(fitted.loc)
-        if self.clamp:
-            largest = float(delta.abs().max())
-            draw.clamp_(-largest, largest)
-        if self.update_scale != 1.0:
-            draw.mul_(self.update_scale)
-        return draw, fitted
 
     # ------------------------------------------------------------------ guard
     def guard(self, val_loss_before: float, val_loss_after: float) -> bool:

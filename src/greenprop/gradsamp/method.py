@@ -8,8 +8,9 @@ from torch import nn
 
 from greenprop.controller import Controller
 from greenprop.errors import GreenpropError
-from greenprop.gradsamp.controller import DEFAULT_BETA_BOUNDS, TOLERANCE_MODES, UPDATE_VARIANTS, GradSamp
-from greenprop.schedules.strategies import parse_strategy
+from greenprop.gradsamp.controller import GradSamp
+from greenprop.gradsamp.sampling import DEFAULT_BETA_BOUNDS, TOLERANCE_MODES, UPDATE_VARIANTS
+from greenprop.gradsamp.schedule import parse_strategy
 
 __all__ = ["DEFAULT_STRATEGY", "OPTIONS", "build"]
 

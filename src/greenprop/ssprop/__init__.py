@@ -9,7 +9,6 @@ Source: Zhong, Huang, Shi, "ssProp: Energy-Efficient Training for Convolutional 
 Networks with Scheduled Sparse Back Propagation".
 """
 
-from greenprop.schedules.keep import SCHEDULE_KINDS, KeepSchedule, keep_shape
 from greenprop.ssprop.config import LAYER_TYPES, SSPropConfig
 from greenprop.ssprop.controller import SSProp
 from greenprop.ssprop.functional import (
@@ -25,6 +24,7 @@ from greenprop.ssprop.functional import (
     sparse_linear,
 )
 from greenprop.ssprop.layers import SparseConv2d, SparseLayer, SparseLinear, is_sparse_layer
+from greenprop.ssprop.schedule import SCHEDULE_KINDS, KeepSchedule, keep_shape
 from greenprop.ssprop.surgery import (
     apply_ssprop,
     output_layer_names,

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from greenprop.errors import GreenpropError
-from greenprop.schedules.keep import KeepSchedule
 from greenprop.ssprop.functional import SELECTIONS
+from greenprop.ssprop.schedule import KeepSchedule
 
 __all__ = ["LAYER_TYPES", "SSPropConfig"]
 

@@ -10,10 +10,10 @@ from torch import nn
 
 from greenprop.controller import Controller, RunContext
 from greenprop.errors import GreenpropError
-from greenprop.schedules.keep import KeepSchedule
 from greenprop.ssprop.accounting import SSPropFlops
 from greenprop.ssprop.config import SSPropConfig
 from greenprop.ssprop.layers import SparseLayer
+from greenprop.ssprop.schedule import KeepSchedule
 from greenprop.ssprop.surgery import sparse_layers
 
 __all__ = ["SSProp"]

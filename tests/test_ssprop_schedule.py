@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from greenprop.errors import GreenpropError
-from greenprop.schedules.keep import SCHEDULE_KINDS, KeepSchedule, keep_shape
+from greenprop.ssprop.schedule import SCHEDULE_KINDS, KeepSchedule, keep_shape
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,6 @@
 """GradSamp's epoch-sampling strategies: which epochs are replaced by a sampled update.
 
-Four rules from the GradSamp paper (Section 4.1), as ``shared/METHODS.md`` section 1 pins
-them down, over ``E`` epochs counted from 0:
+Four rules from the GradSamp paper (Section 4.1), over ``E`` epochs counted from 0:
 
 ========================  ==========================================  ===================
 strategy                  rule                                        realised saving

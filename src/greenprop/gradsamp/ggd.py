@@ -21,6 +21,7 @@ and issues a :class:`GGDFitWarning` naming the tensor.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -152,8 +153,6 @@ def _central_moments(x: torch.Tensor, loc: float) -> tuple[float, float]:
 
 
 def _fallback(loc: float, reason: str, name: str | None, shape: tuple[int, ...]) -> GGDParams:
-    import warnings
-
     what = repr(name) if name is not None else f"a tensor of shape {shape}"
     result = "draws repeat that value" if loc != 0.0 else "using a zero update"
     warnings.warn(f"GGD fit of {what}: {reason}; {result}", GGDFitWarning, stacklevel=3)
@@ -235,8 +234,6 @@ def _fit_mle(
     generator: torch.Generator | None,
     name: str | None,
 ) -> GGDParams:
-    import warnings
-
     if max_samples < 1:
         raise ValueError(f"max_samples must be >= 1, got {max_samples}")
     data = flat.detach().to("cpu", torch.float64)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy import stats
 
-from greenprop import ggd
-from greenprop.ggd import GGDFitWarning, GGDParams
+from greenprop.gradsamp import ggd
+from greenprop.gradsamp.ggd import GGDFitWarning, GGDParams
 
 BETAS = [0.8, 1.2, 2.0, 3.0]
 

@@ -1,4 +1,4 @@
-"""The GGD-hypothesis check (GradSamp Figures 2-3) and the GradSamp CLI shorthands."""
+"""The ggd-check experiment (GradSamp Figures 2-3) and the GradSamp CLI shorthands."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from greenprop import ggd
 from greenprop.cli import main
 from greenprop.controller import Controller
 from greenprop.errors import GreenpropError
-from greenprop.gradsamp.check import ggd_check
+from greenprop.experiments.ggd_check import ggd_check
+from greenprop.gradsamp import ggd
 from greenprop.train import trainer as trainer_mod
 from greenprop.train.config import TrainConfig
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from greenprop.errors import GreenpropError
-from greenprop.schedules.strategies import (
+from greenprop.gradsamp.schedule import (
     DelayedPeriodic,
     DelayedRandom,
     Periodic,
