@@ -1,0 +1,1 @@
+"""Experiments: the comparison runner (``greenprop compare``), presets, report, plots, GGD check."""

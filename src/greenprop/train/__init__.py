@@ -1,0 +1,1 @@
+"""The reference trainer behind ``greenprop train``: config, loop, checkpoints, evaluation."""

@@ -1,4 +1,4 @@
-"""Pure functions of VCAS's control law (METHODS.md section 3, "Variance control"), no state.
+"""Pure functions of VCAS's control law (the paper's variance control), no state.
 
 Every ``F`` steps VCAS measures how much variance its samplers add on top of the SGD
 noise that training already tolerates, and adapts its keep ratios:
