@@ -1,24 +1,19 @@
-"""The autograd side of VCAS: a gradient sampler after each block, row-sparse Linear layers.
+"""The autograd side of VCAS: a gradient sampler after each block, row-sparse Linear / Conv2d.
 
 * :class:`BlockSampler` sits on a block's output (a forward hook). Forward is the
-  identity; backward keeps each sample's gradient with its soft top-k probability
-  (:func:`~greenprop.vcas.samplers.activation_sample`) and zeroes the others, scaling
-  the kept ones by ``1/p``.
-* :class:`VCASLinear` is ``nn.Linear`` with a backward that first finds the samples
-  (rows of dim 0) its block's sampler left non-zero, gathers those into a smaller
-  dense tensor and runs its matmuls on it alone: dropped samples cost nothing here.
-  Its weight gradient additionally samples tokens by leverage score
-  (:func:`~greenprop.vcas.samplers.leverage_sample`) with the layer's own ratio.
+  identity; backward keeps each sample's gradient with its soft top-k probability and
+  ``1/p`` scale (:func:`~greenprop.vcas.samplers.activation_sample`), zeroing the others.
+* :class:`VCASLinear` / :class:`VCASConv2d` run their backward on the samples (rows of
+  dim 0) the block's sampler kept, gathered into a smaller dense tensor; the Linear also
+  samples tokens for its weight gradient
+  (:func:`~greenprop.vcas.samplers.sampled_weight_grad`) with its own ratio.
 
-Everything between those layers (LayerNorm, attention, GELU, dropout, residual adds)
-acts on each sample separately, so a zero row stays zero on its way back through a
-block; that is what lets the Linear layers skip the rows. (BatchNorm mixes samples in
-its backward and would refill them: :func:`~greenprop.vcas.surgery.apply_vcas`
-refuses blocks that contain it.)
-
-A :class:`VCASRuntime` shared by one model's samplers and layers says what the
-backward pass does (``exact`` / ``activation`` / ``full`` sampling), holds the random
-generators, and tallies the Linear backward FLOPs done versus the dense equivalent.
+The layers between them (LayerNorm, attention, GELU, residual adds) act on each sample
+separately, so a zero row stays zero on its way back through a block; that is what lets
+the layers skip rows. BatchNorm mixes samples in its backward, so
+:func:`~greenprop.vcas.surgery.apply_vcas` refuses blocks that contain it. A
+:class:`VCASRuntime` shared by one model's samplers and layers holds the mode, the
+generators and the tally of backward FLOPs done versus dense.
 """
 
 from __future__ import annotations
@@ -32,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from greenprop.errors import GreenpropError
-from greenprop.vcas.samplers import leverage_sample, sample_rows, soft_topk_probabilities
+from greenprop.vcas.samplers import activation_sample, row_norms, sampled_weight_grad
 
 __all__ = ["BlockSampler", "FlopTally", "Mode", "VCASConv2d", "VCASLinear", "VCASRuntime"]
 
@@ -143,8 +138,7 @@ class BlockSampler:
         self._record(n, None)
         if runtime.mode is Mode.EXACT and not runtime.record_norms:
             return grad
-        dtype = torch.promote_types(grad.dtype, torch.float32)  # float32 at least, float64 kept
-        norms = torch.linalg.vector_norm(grad.detach().reshape(n, -1), dim=1, dtype=dtype)
+        norms = row_norms(grad.detach())
         if runtime.record_norms:
             runtime.norms[self.index] = norms.double().cpu()
         if runtime.mode is Mode.EXACT:
@@ -153,16 +147,11 @@ class BlockSampler:
         tally.samples += n if self.last else 0
         rows = tally.rows.setdefault(self.index, [0, 0])
         rows[1] += n
-        if self.ratio >= 1.0:
-            alive = (norms > 0).nonzero().squeeze(1)
-            rows[0] += alive.numel()
-            self._record(n, None if alive.numel() == n else alive)
-            return grad
-        idx, scale = sample_rows(soft_topk_probabilities(norms, self.ratio * n), runtime.activation_generator)
-        nonzero = norms.index_select(0, idx) > 0
-        alive, scale = idx[nonzero], scale[nonzero]
+        alive, scale = activation_sample(grad, self.ratio, runtime.activation_generator, norms=norms)
         rows[0] += alive.numel()
         self._record(n, None if alive.numel() == n else alive)
+        if self.ratio >= 1.0:  # nothing drawn: every non-zero row kept with scale 1
+            return grad
         shape = (-1,) + (1,) * (grad.dim() - 1)
         out = torch.zeros_like(grad)
         kept = (grad.index_select(0, alive) * scale.view(shape)).to(grad.dtype)  # 1/p in fp32 at least
@@ -270,14 +259,7 @@ class _VCASLinearFunction(torch.autograd.Function):
         dy2, x2 = dy.reshape(-1, out_features), xs.reshape(-1, in_features)
         if ctx.needs_input_grad[1]:
             ratio = layer.vcas_weight_ratio if runtime.mode is Mode.FULL else 1.0
-            if ratio < 1.0 and tokens > 0:
-                idx, scale = leverage_sample(dy2, x2, ratio, runtime.weight_generator)
-                dy_k = (dy2.index_select(0, idx) * scale.unsqueeze(1)).to(dy2.dtype)  # 1/p in fp32
-                grad_w = dy_k.t() @ x2.index_select(0, idx)
-                kept_tokens = idx.numel()
-            else:
-                grad_w = dy2.t() @ x2
-                kept_tokens = tokens
+            grad_w, kept_tokens = sampled_weight_grad(dy2, x2, ratio, runtime.weight_generator)
             dense += 2.0 * tokens_dense * out_features * in_features
             done += 2.0 * kept_tokens * out_features * in_features
         if grad_w is not None:
