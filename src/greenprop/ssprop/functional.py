@@ -247,14 +247,15 @@ def linear_sparse_backward(
 
 
 Grads = tuple[Tensor | None, Tensor | None, Tensor | None]
+#: ``run(idx)``: the gradients through output channels ``idx`` (``None`` = all, dense).
+Run = Callable[[Tensor | None], Grads]
 
 
 class ChannelSelector:
     """Chooses the kept channels inside a backward and runs the (sparse) gradient.
 
     The default picks ``k`` channels per group with :func:`select_channels`; the layers
-    subclass it to add their one-off timing calibration. ``run(idx)`` computes the
-    gradients for indices ``idx`` (``None`` = dense).
+    subclass it to add their one-off timing calibration.
     """
 
     def __init__(self, selection: str = "topk", generator: torch.Generator | None = None):
@@ -277,14 +278,7 @@ class ChannelSelector:
             generator=self.generator,
         )
 
-    def __call__(
-        self,
-        grad_output: Tensor,
-        k: int,
-        groups: int,
-        channel_dim: int,
-        run: Callable[[Tensor | None], Grads],
-    ) -> Grads:
+    def __call__(self, grad_output: Tensor, k: int, groups: int, channel_dim: int, run: Run) -> Grads:
         return run(self.indices(grad_output, k, groups, channel_dim))
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from greenprop.ssprop.functional import ChannelSelector, Grads, keep_count, sparse_conv2d, sparse_linear
+from greenprop.ssprop.functional import ChannelSelector, Grads, Run, keep_count, sparse_conv2d, sparse_linear
 
 __all__ = ["SparseConv2d", "SparseLayer", "SparseLinear", "is_sparse_layer"]
 
@@ -63,45 +63,32 @@ class _LayerSelector(ChannelSelector):
     def dense_at(self, k: int) -> bool:
         return self.decisions.get(k) is False
 
-    def __call__(
-        self,
-        grad_output: Tensor,
-        k: int,
-        groups: int,
-        channel_dim: int,
-        run: Callable[[Tensor | None], Grads],
-    ) -> Grads:
+    def __call__(self, grad_output: Tensor, k: int, groups: int, channel_dim: int, run: Run) -> Grads:
         decision = self.decisions.get(k) if self.calibrate else True
         if decision is None and not _in_dispatch_mode():
-            return self._calibrate(grad_output, k, groups, channel_dim, run)
+
+            def sparse() -> Grads:
+                return run(self.indices(grad_output, k, groups, channel_dim))
+
+            return self._calibrate(k, grad_output.device, sparse, lambda: run(None))
         if decision is False:  # a graph built before calibration decided for dense
             return run(None)
         return super().__call__(grad_output, k, groups, channel_dim, run)
 
     def _calibrate(
-        self,
-        grad_output: Tensor,
-        k: int,
-        groups: int,
-        channel_dim: int,
-        run: Callable[[Tensor | None], Grads],
+        self, k: int, device: torch.device, sparse: Callable[[], Grads], dense: Callable[[], Grads]
     ) -> Grads:
-        def sparse() -> Grads:
-            return run(self.indices(grad_output, k, groups, channel_dim))
-
-        def dense() -> Grads:
-            return run(None)
-
+        """Time ``dense``, then ``sparse``; record which was faster at ``k``; return its result."""
         best: dict[str, float] = {}
         result: dict[str, Grads] = {}
         for name, fn in (("dense", dense), ("sparse", sparse)):
             result[name] = fn()  # warm-up (oneDNN primitive creation, allocator)
             best[name] = float("inf")
             for _ in range(_CALIBRATION_REPEATS):
-                _sync(grad_output.device)
+                _sync(device)
                 start = time.perf_counter()
                 result[name] = fn()
-                _sync(grad_output.device)
+                _sync(device)
                 best[name] = min(best[name], time.perf_counter() - start)
         faster = best["sparse"] < best["dense"]
         self.decisions[k] = faster
@@ -142,15 +129,7 @@ class SparseLayer:
         super().__init__(*args, **kwargs)
         self._init_ssprop(keep=keep, selection=selection, round_to=round_to, calibrate=calibrate, seed=seed)
 
-    def _init_ssprop(
-        self,
-        *,
-        keep: float = 1.0,
-        selection: str = "topk",
-        round_to: int = 1,
-        calibrate: bool = False,
-        seed: int = 0,
-    ) -> None:
+    def _init_ssprop(self, *, keep: float, selection: str, round_to: int, calibrate: bool, seed: int) -> None:
         selector = _LayerSelector(selection, seed, calibrate)  # checks the selection
         if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
             raise ValueError(f"round_to must be an integer >= 1, got {round_to!r}")

@@ -42,7 +42,7 @@ class Mode(enum.Enum):
 
 @dataclass
 class FlopTally:
-    """What sampled backward passes did: Linear FLOPs run vs dense, samples, rows kept per block."""
+    """What sampled backward passes did: VCAS-layer FLOPs run vs dense, samples, rows kept per block."""
 
     done: float = 0.0
     dense: float = 0.0
@@ -65,7 +65,7 @@ class FlopTally:
 
 @dataclass
 class VCASRuntime:
-    """State shared by the samplers and Linear layers of one model (not a Parameter)."""
+    """State shared by the samplers and VCAS layers of one model (not a Parameter)."""
 
     activation_generator: torch.Generator
     weight_generator: torch.Generator
@@ -75,8 +75,8 @@ class VCASRuntime:
     norms: dict[int, Tensor] = field(default_factory=dict)  # block index -> per-sample norms
     tally: FlopTally = field(default_factory=FlopTally)
     # block -> (batch size, indices of the samples whose gradient is non-zero after that
-    # block's sampler; None = all): set by the sampler, read by the Linears inside the block.
-    # No entry: the Linears find the zero rows themselves (see _rows_to_compute).
+    # block's sampler; None = all): set by the sampler, read by the layers inside the block.
+    # No entry: the layers find the zero rows themselves (see _rows_to_compute).
     alive: dict[int, tuple[int, Tensor | None]] = field(default_factory=dict)
 
     def take_tally(self) -> FlopTally:
@@ -109,9 +109,12 @@ class BlockSampler:
         self.runtime = runtime
         self.ratio = ratio
         self.last = last  # the last block's gradient is the first sampled: it counts the samples
-        # Whether the sampled output is the only way gradient enters the block's Linears; not
+        # Whether the sampled output is the only way gradient enters the block's layers; not
         # when other items of a tuple output carry gradient (they are not sampled).
         self.sole_path = True
+
+    def __repr__(self) -> str:
+        return f"BlockSampler(index={self.index}, name={self.name!r}, ratio={self.ratio:g})"
 
     def hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         """Forward hook: route the block's output (or the first item of a tuple) through the sampler."""
@@ -227,14 +230,18 @@ def _scatter_rows(rows: Tensor | None, part: Tensor, like: Tensor) -> Tensor:
     return part if rows is None else part.new_zeros(like.shape).index_copy_(0, rows, part)
 
 
+def _save(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, layer: nn.Module) -> None:
+    """What both layers' backward needs: the input, the weight, the layer, whether there is a bias."""
+    ctx.save_for_backward(x, weight)
+    ctx.layer, ctx.has_bias = layer, bias is not None
+
+
 class _VCASLinearFunction(torch.autograd.Function):
     """``y = x W^T + b`` with a backward on the non-zero samples and sampled tokens."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, layer: VCASLinear) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.layer = layer
-        ctx.has_bias = bias is not None
+        _save(ctx, x, weight, bias, layer)
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -289,15 +296,17 @@ class VCASLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         return _VCASLinearFunction.apply(x, self.weight, self.bias, self)
 
+    def extra_repr(self) -> str:
+        ratio = self.vcas_weight_ratio
+        return f"{super().extra_repr()}, vcas_block={self.vcas_block}, vcas_weight_ratio={ratio:g}"
+
 
 class _VCASConv2dFunction(torch.autograd.Function):
     """``conv2d(x, W, b)`` with one ``convolution_backward`` on the kept samples only."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, layer: VCASConv2d) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.layer = layer
-        ctx.has_bias = bias is not None
+        _save(ctx, x, weight, bias, layer)
         return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
     @staticmethod
@@ -352,3 +361,6 @@ class VCASConv2d(nn.Conv2d):
         if not (self.training and torch.is_grad_enabled()):
             return super().forward(x)
         return _VCASConv2dFunction.apply(x, self.weight, self.bias, self)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, vcas_block={self.vcas_block}"
