@@ -3,7 +3,8 @@
 The layers hold ssProp's state (``keep``, ``round_to``, the channel selector with its
 generator and optional calibration, the per-channel cost of the last forward) and compute
 through :func:`~greenprop.ssprop.functional.sparse_conv2d` /
-:func:`~greenprop.ssprop.functional.sparse_linear`. They are real subclasses of
+:func:`~greenprop.ssprop.functional.sparse_linear`, which are the plain op whenever every
+channel is kept or no gradient is recorded. They are real subclasses of
 ``nn.Conv2d`` / ``nn.Linear`` with no extra parameters or buffers, so
 :func:`greenprop.apply_ssprop` can convert existing modules *in place*: ``state_dict``
 keys, ``isinstance`` checks, optimizers and hooks are untouched.

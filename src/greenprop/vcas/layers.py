@@ -8,9 +8,9 @@
   samples tokens for its weight gradient
   (:func:`~greenprop.vcas.samplers.sampled_weight_grad`) with its own ratio.
 
-The layers between them (LayerNorm, attention, GELU, residual adds) act on each sample
-separately, so a zero row stays zero on its way back through a block; that is what lets
-the layers skip rows. BatchNorm mixes samples in its backward, so
+The layers between them (LayerNorm, attention, GELU, dropout, residual adds) act on each
+sample separately, so a zero row stays zero on its way back through a block; that is what
+lets the layers skip rows. BatchNorm mixes samples in its backward, so
 :func:`~greenprop.vcas.surgery.apply_vcas` refuses blocks that contain it. A
 :class:`VCASRuntime` shared by one model's samplers and layers holds the mode, the
 generators and the tally of backward FLOPs done versus dense.
