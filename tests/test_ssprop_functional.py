@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 from greenprop.ssprop.functional import (
+    _LINEAR_OP,
     ChannelSelector,
-    _SparseConv2dFunction,
-    _SparseLinearFunction,
+    _conv2d_op,
+    _SparseFunction,
     channel_scores,
     conv2d_sparse_backward,
     gather_channels,
@@ -224,9 +225,8 @@ def test_conv_full_k_equals_dense_autograd(case):
     # The autograd Function with k = all channels (selection still runs).
     leaves = [t.detach().clone().requires_grad_() for t in (x, w)]
     bias = b.detach().clone().requires_grad_() if b is not None else None
-    y = _SparseConv2dFunction.apply(
-        *leaves, bias, *_conv_args(case), case["c_out"] // case["groups"], ChannelSelector()
-    )
+    op = _conv2d_op(*_conv_args(case))
+    y = _SparseFunction.apply(*leaves, bias, op, case["c_out"] // case["groups"], ChannelSelector())
     y.backward(dy)
     _close(leaves[0].grad, ref[0], case["dtype"], scale)
     _close(leaves[1].grad, ref[1], case["dtype"], scale)
@@ -286,6 +286,25 @@ def test_conv_output_mask_is_respected():
     assert x_only.grad is not None and w.grad is None
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize(("kernel", "padding", "dilation"), [(3, "same", 1), (4, "same", 1), (3, "valid", 2)])
+def test_string_padding_matches_dense_kept_channels(kernel, padding, dilation):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 7, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 3, kernel, kernel, generator=g, dtype=torch.float64)
+    xs, ws, xd, wd = (t.clone().requires_grad_() for t in (x, w, x, w))
+    y = sparse_conv2d(xs, ws, None, 1, padding, dilation, keep=0.5)
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(dy)
+    kept = torch.zeros(6, dtype=torch.float64)
+    kept[select_channels(dy, 3)] = 1
+    yd = F.conv2d(xd, wd, None, 1, padding, dilation)
+    torch.testing.assert_close(y, yd)
+    yd.backward(dy * kept.view(1, -1, 1, 1))
+    torch.testing.assert_close(xs.grad, xd.grad)
+    torch.testing.assert_close(ws.grad, wd.grad)
+
+
 def test_channels_last_gradients_stay_channels_last():
     x = torch.randn(2, 8, 6, 6).contiguous(memory_format=CL).requires_grad_()
     w = torch.randn(16, 8, 3, 3).contiguous(memory_format=CL).requires_grad_()
@@ -331,7 +350,7 @@ def test_linear_sparse_backward_matches_dense(lead, in_f, out_f, has_bias, keep,
         torch.testing.assert_close(bias.grad, ref_b.grad)
     # Full k through the Function equals dense too.
     full = [t.clone().requires_grad_() for t in (x, w)]
-    _SparseLinearFunction.apply(*full, None, out_f, ChannelSelector()).backward(dy)
+    _SparseFunction.apply(*full, None, _LINEAR_OP, out_f, ChannelSelector()).backward(dy)
     dense = linear_sparse_backward(dy, x, w, None, has_bias=False)
     torch.testing.assert_close(full[0].grad, dense[0])
     torch.testing.assert_close(full[1].grad, dense[1])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,79 +13,31 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from greenprop import data as gp_data
-from greenprop import models as gp_models
-from greenprop.errors import GreenpropError
 from greenprop.metering.flops import count_flops_per_sample
 from greenprop.train.config import TrainConfig
 from greenprop.train.trainer import Trainer
-from greenprop.vcas import VCAS, VCASConfig, apply_vcas, find_blocks, remove_vcas
+from greenprop.vcas import VCAS, VCASConfig, apply_vcas
 from greenprop.vcas import layers as vcas_layers
-from greenprop.vcas.layers import Mode, VCASConv2d
+from greenprop.vcas.layers import Mode
 from greenprop.vcas.surgery import vcas_handle
-from vcas_helpers import draw, grad_dict, grads, skewed, unbiased, z_scores
+from vcas_helpers import (
+    convnet,
+    draw,
+    drop_rescale,
+    grad_dict,
+    grads,
+    resnet,
+    skewed,
+    spy_draws,
+    unbiased,
+    z_scores,
+)
 
 DRAWS = 1600  # sampled backward passes per unbiasedness check
 NEGATIVE_DRAWS = 400  # enough to expose a biased estimator
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class ConvBlock(nn.Module):
-    """``tanh(conv2(tanh(norm(conv1(x)))) + shortcut(x))``: acts on each sample separately.
-
-    ``conv1`` takes the stride, groups and dilation (and a non-square kernel); the shortcut
-    is a strided 1x1 conv when the shape changes. ``extra`` convs (e.g. reflect padding)
-    are applied after ``conv2``, shape-preserving.
-    """
-
-    def __init__(
-        self,
-        cin: int,
-        cout: int,
-        *,
-        stride: int = 1,
-        groups: int = 1,
-        dilation: int = 1,
-        bias: bool = True,
-        extra: tuple[nn.Module, ...] = (),
-    ) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(
-            cin, cout, (3, 2), stride, padding=(dilation, 1), dilation=dilation, groups=groups, bias=bias
-        )
-        self.norm = nn.GroupNorm(2, cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, padding=1, groups=groups, bias=bias)
-        self.extra = nn.Sequential(*extra)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        skip = self.shortcut(x)
-        h = self.conv1(x)[..., : skip.shape[-1]]  # kernel width 2, padding 1: may be one wider
-        h = self.extra(self.conv2(torch.tanh(self.norm(h))))
-        return torch.tanh(h + skip)
-
-
-def _convnet(seed: int = 0, *, groups: int = 2, bias: bool = True, extra: bool = False) -> nn.Sequential:
-    """Two float64 residual conv blocks: 4 -> 4 (stride 2, dilation 2) -> 6."""
-    torch.manual_seed(seed)
-    extras: tuple[nn.Module, ...] = ()
-    if extra:
-        extras = (
-            nn.Conv2d(6, 6, 3, padding="same", bias=bias),
-            nn.Conv2d(6, 6, 3, padding=1, padding_mode="reflect", bias=bias),
-        )
-    return nn.Sequential(
-        ConvBlock(4, 4, stride=2, groups=groups, dilation=2, bias=bias),
-        ConvBlock(4, 6, groups=groups, bias=bias, extra=extras),
-    ).double()
-
-
-def _resnet(seed: int = 0, name: str = "resnet18-gn") -> nn.Module:
-    torch.manual_seed(seed)
-    return gp_models.create(name, in_channels=1, width=8)
 
 
 def _twin(model: nn.Module) -> nn.Module:
@@ -103,50 +54,15 @@ def _assert_same_grads(model: nn.Module, reference: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# resnet18-gn and the surgery
-
-
-def test_resnet18_gn_has_groupnorm_only_and_vcas_converts_its_block_convs() -> None:
-    bn = _resnet(name="resnet18")
-    assert any(isinstance(m, nn.BatchNorm2d) for m in bn.modules())
-    with pytest.raises(GreenpropError, match=r"block 'layer1\.0' contains BatchNorm \(layer1\.0\.bn1\)"):
-        apply_vcas(bn)
-    assert vcas_handle(bn) is None
-    assert not any(isinstance(m, VCASConv2d) for m in bn.modules())
-    assert all(not m._forward_hooks for m in bn.modules())
-
-    model = _resnet()
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
-    assert len(norms) == 1 + 8 * 2 + 3  # stem, two per block, three shortcuts
-    assert {(m.num_channels, m.num_groups) for m in norms} == {(8, 8), (16, 16), (32, 32), (64, 32)}
-    blocks = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
-    assert find_blocks(model) == blocks
-    convs = [f"{b}.conv{k}" for b in blocks for k in (1, 2)] + [f"layer{i}.0.shortcut.0" for i in (2, 3, 4)]
-    handle = apply_vcas(model)
-    assert [s.name for s in handle.samplers] == blocks
-    assert handle.linears == {}
-    assert sorted(handle.convs) == sorted(convs) and len(convs) == 19
-    assert handle.layers == handle.convs
-    assert all(type(c) is VCASConv2d for c in handle.convs.values())
-    assert type(model.conv1) is nn.Conv2d and type(model.head) is nn.Linear  # stem and head stay
-    assert [handle.convs[f"layer{i // 2 + 1}.{i % 2}.conv1"].vcas_block for i in range(8)] == list(range(8))
-    assert sum(type(m) is nn.Conv2d for m in model.modules()) == 1
-    remove_vcas(model)
-    assert sum(type(m) is nn.Conv2d for m in model.modules()) == 20
-    assert not any(hasattr(m, "vcas_runtime") for m in model.modules())
-
-
-# ---------------------------------------------------------------------------------------------
 # exact at ratio 1
 
 
 @pytest.mark.parametrize("kind", ["resnet18-gn", "resnet18-gn-channels-last", "convnet"])
 def test_ratio_one_equals_dense_autograd(kind: str) -> None:
     if kind == "convnet":
-        model, x = _convnet(), skewed((5, 4, 9, 11), seed=1)
+        model, x = convnet(), skewed((5, 4, 9, 11), seed=1)
     else:
-        model, x = _resnet().double(), skewed((4, 1, 16, 16), seed=1)
+        model, x = resnet().double(), skewed((4, 1, 16, 16), seed=1)
     if kind.endswith("channels-last"):  # the trainer's channels_last option
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -175,7 +91,7 @@ def test_ratio_one_equals_dense_autograd(kind: str) -> None:
 
 
 def test_unconvertible_convs_stay_plain_and_exact() -> None:
-    model = _convnet(extra=True)
+    model = convnet(extra=True)
     reference = _twin(model)
     handle = apply_vcas(model, VCASConfig(seed=1))
     same, reflect = model[1].extra
@@ -203,7 +119,7 @@ def test_unconvertible_convs_stay_plain_and_exact() -> None:
 
 def _setup_unbiasedness() -> tuple[nn.Module, Tensor, list[Tensor], Tensor]:
     """The two-block conv net at sampler ratios 0.5, ONE fixed forward graph and the exact gradient."""
-    model = _convnet()
+    model = convnet()
     reference = _twin(model)
     handle = apply_vcas(model, VCASConfig(seed=5))
     for sampler in handle.samplers:
@@ -232,13 +148,7 @@ def test_sampled_conv_gradients_are_unbiased() -> None:
 def test_unbiasedness_check_catches_a_missing_rescale(monkeypatch) -> None:
     """Without the 1/p factors the same statistics fail: the check above has teeth."""
     _, loss, params, exact = _setup_unbiasedness()
-    original: Callable[..., tuple[Tensor, Tensor]] = vcas_layers.sample_rows
-
-    def unscaled(*args, **kwargs):
-        idx, scale = original(*args, **kwargs)
-        return idx, torch.ones_like(scale)
-
-    monkeypatch.setattr(vcas_layers, "sample_rows", unscaled)
+    drop_rescale(monkeypatch, vcas_layers, "activation_sample")  # what the block samplers call
     z, fixed_err = z_scores(draw(loss, params, NEGATIVE_DRAWS), exact)
     assert fixed_err < 1e-12
     assert not unbiased(z)
@@ -251,22 +161,14 @@ def test_unbiasedness_check_catches_a_missing_rescale(monkeypatch) -> None:
 
 def test_conv_backward_flops_equal_the_tally_and_dropped_rows_stay_zero(monkeypatch) -> None:
     # groups=1: FlopCounterMode counts a grouped conv's grad_weight as if ungrouped.
-    model = _convnet(groups=1)
+    model = convnet(groups=1)
     reference = _twin(model)
     handle = apply_vcas(model, VCASConfig(seed=2))
     handle.samplers[1].ratio = 0.5
     shapes: dict[str, tuple[int, ...]] = {}
     for name, conv in handle.convs.items():
         conv.register_forward_hook(lambda m, a, out, name=name: shapes.__setitem__(name, out.shape))
-    draws: list[Tensor] = []
-    original = vcas_layers.sample_rows
-
-    def spy(*args, **kwargs):
-        idx, scale = original(*args, **kwargs)
-        draws.append(idx)
-        return idx, scale
-
-    monkeypatch.setattr(vcas_layers, "sample_rows", spy)
+    draws = spy_draws(monkeypatch, vcas_layers, "activation_sample")
     n = 12
     x = skewed((n, 4, 9, 11), seed=6).requires_grad_(True)
     w = skewed((n, 6, 5, 6), seed=7)
@@ -300,28 +202,6 @@ def test_conv_backward_flops_equal_the_tally_and_dropped_rows_stay_zero(monkeypa
     assert bool((x.grad[kept].abs().sum(dim=(1, 2, 3)) > 0).all())
 
 
-def test_a_backward_that_drops_every_sample_costs_nothing() -> None:
-    model = _convnet()
-    handle = apply_vcas(model)
-    handle.samplers[1].ratio = 0.05  # expected 0.2 of 4 samples kept
-    x = skewed((4, 4, 9, 11), seed=1).requires_grad_(True)
-    for _ in range(50):
-        model.zero_grad(set_to_none=True)
-        x.grad = None
-        loss = model(x).sum()
-        handle.runtime.take_tally()
-        with FlopCounterMode(display=False) as counter:
-            loss.backward()
-        tally = handle.runtime.take_tally()
-        if tally.rows[1][0] == 0:
-            break
-    else:
-        pytest.fail("no draw dropped every sample")
-    assert counter.get_total_flops() == tally.done == 0 < tally.dense
-    assert bool((x.grad == 0).all())
-    assert all(bool((p.grad == 0).all()) for p in model.parameters())
-
-
 # ---------------------------------------------------------------------------------------------
 # the controller on resnet18-gn
 
@@ -337,7 +217,7 @@ def _batches(digits, count: int, size: int = 16, seed: int = 0) -> list[tuple[Te
 
 
 def test_controller_on_resnet18_gn(digits) -> None:
-    model = _resnet(seed=1)
+    model = resnet(seed=1)
     reference = _twin(model)
     config = VCASConfig(update_every=1)
     vcas = VCAS(model, config)
@@ -367,7 +247,7 @@ def test_controller_on_resnet18_gn(digits) -> None:
     assert report["backward_ratio"] < 1
 
     # state_dict round trip: a fresh controller on a copy resumes the same draws.
-    other = _resnet(seed=9)
+    other = resnet(seed=9)
     other.load_state_dict(reference.state_dict())
     again = VCAS(other, config)
     again.load_state_dict(state)

@@ -1,8 +1,6 @@
-"""VCAS autograd layers and surgery: exact at ratio 1, unbiased when sampling, real FLOP savings."""
+"""VCAS autograd layers: exact at ratio 1, unbiased when sampling, real FLOP savings."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -10,46 +8,30 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from greenprop import models as gp_models
-from greenprop.errors import GreenpropError
-from greenprop.models.tokens import Mlp
-from greenprop.models.vit import Attention
-from greenprop.models.vit import Block as ViTBlock
-from greenprop.vcas import VCASConfig, apply_vcas, find_blocks, remove_vcas
+from greenprop.vcas import VCASConfig, apply_vcas
 from greenprop.vcas import layers as vcas_layers
+from greenprop.vcas import samplers as vcas_samplers
 from greenprop.vcas.layers import Mode, VCASLinear
 from greenprop.vcas.surgery import vcas_handle
-from vcas_helpers import draw, grad_dict, grads, skewed, unbiased, z_scores
+from vcas_helpers import (
+    convnet,
+    draw,
+    drop_rescale,
+    grad_dict,
+    grads,
+    skewed,
+    spy_draws,
+    stack,
+    unbiased,
+    vit,
+    z_scores,
+)
 
 DRAWS = 2000  # sampled backward passes per unbiasedness check
 NEGATIVE_DRAWS = 400  # enough to expose a biased estimator
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Block(nn.Module):
-    """``x + fc2(gelu(fc1(norm(x))))``: acts on each sample (dim 0) separately."""
-
-    def __init__(self, dim: int, hidden: int, bias: bool = True) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, hidden, bias=bias)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim, bias=bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.fc2(self.act(self.fc1(self.norm(x))))
-
-
-class BatchNormBlock(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(dim, dim)
-        self.bn = nn.BatchNorm1d(dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.bn(self.fc(x))
 
 
 class TupleBlock(nn.Module):
@@ -80,25 +62,13 @@ class TupleNet(nn.Module):
         return x.tanh().sum() + total
 
 
-def _stack(depth: int = 2, dim: int = 6, hidden: int = 8, bias: bool = True, seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(*(Block(dim, hidden, bias) for _ in range(depth))).double()
-
-
 def _pair(**kwargs) -> tuple[nn.Sequential, nn.Sequential]:
     """A VCAS model and a plain copy with the same weights (loaded through state_dict)."""
-    model = _stack(**kwargs)
-    reference = _stack(**{**kwargs, "seed": 99})
+    model = stack(**kwargs)
+    reference = stack(**{**kwargs, "seed": 99})
     reference.load_state_dict(model.state_dict())
     apply_vcas(model, VCASConfig(seed=3))
     return model, reference
-
-
-def _vit(seed: int = 0, depth: int = 2) -> nn.Module:
-    torch.manual_seed(seed)
-    return gp_models.create(
-        "vit", num_classes=10, in_channels=1, image_size=8, width=32, depth=depth, heads=2
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,8 +107,8 @@ def test_ratio_one_equals_dense_autograd(dims: int, bias: bool, input_grad: bool
 
 
 def test_ratio_one_vit_equals_dense_autograd_on_digits(digits) -> None:
-    model = _vit().double()
-    reference = _vit(seed=5).double()
+    model = vit().double()
+    reference = vit(seed=5).double()
     reference.load_state_dict(model.state_dict())
     handle = apply_vcas(model)
     assert [s.name for s in handle.samplers] == ["blocks.0", "blocks.1"]
@@ -213,16 +183,10 @@ def test_unbiasedness_check_catches_a_missing_rescale(case: str, monkeypatch) ->
     """Without the 1/p factors the same statistics fail: the check above has teeth."""
     activation, weight = CASES[case]
     _, loss, params, exact = _setup_unbiasedness(activation, weight)
-
-    def ones(fn: Callable[..., tuple[Tensor, Tensor]]) -> Callable[..., tuple[Tensor, Tensor]]:
-        def unscaled(*args, **kwargs):
-            idx, scale = fn(*args, **kwargs)
-            return idx, torch.ones_like(scale)
-
-        return unscaled
-
-    target = "sample_rows" if case == "activation" else "leverage_sample"
-    monkeypatch.setattr(vcas_layers, target, ones(getattr(vcas_layers, target)))
+    if case == "activation":
+        drop_rescale(monkeypatch, vcas_layers, "activation_sample")  # what the block samplers call
+    else:
+        drop_rescale(monkeypatch, vcas_samplers, "leverage_sample")  # what sampled_weight_grad calls
     z, fixed_err = z_scores(draw(loss, params, NEGATIVE_DRAWS), exact)
     assert fixed_err < 1e-12
     assert not unbiased(z)
@@ -250,26 +214,14 @@ def test_two_forwards_then_one_backward_stay_unbiased() -> None:
 # real savings: gathered rows, counted FLOPs, dropped rows stay dropped
 
 
-def _spy(monkeypatch, name: str) -> list[Tensor]:
-    calls: list[Tensor] = []
-    original = getattr(vcas_layers, name)
-
-    def spy(*args, **kwargs):
-        idx, scale = original(*args, **kwargs)
-        calls.append(idx)
-        return idx, scale
-
-    monkeypatch.setattr(vcas_layers, name, spy)
-    return calls
-
-
 def test_backward_flops_shrink_with_the_kept_rows_and_tokens(monkeypatch) -> None:
     n, t, dim, hidden = 16, 4, 8, 16
     model, reference = _pair(depth=2, dim=dim, hidden=hidden)
     handle = vcas_handle(model)
     handle.samplers[1].ratio = 0.5  # last block: drops samples
     handle.linears["0.fc2"].vcas_weight_ratio = 0.5  # one layer also samples tokens
-    row_draws, token_draws = _spy(monkeypatch, "sample_rows"), _spy(monkeypatch, "leverage_sample")
+    row_draws = spy_draws(monkeypatch, vcas_layers, "activation_sample")
+    token_draws = spy_draws(monkeypatch, vcas_samplers, "leverage_sample")
     x = skewed((n, t, dim), seed=6).requires_grad_(True)
     w = skewed((n, t, dim), seed=7)
     loss = (model(x) * w).sum()
@@ -303,11 +255,16 @@ def test_backward_flops_shrink_with_the_kept_rows_and_tokens(monkeypatch) -> Non
     assert bool((x.grad[kept].abs().sum(dim=(1, 2)) > 0).all())
 
 
-def test_a_backward_that_drops_every_sample_costs_nothing() -> None:
-    model, _ = _pair(depth=2)
-    handle = vcas_handle(model)
+@pytest.mark.parametrize("layers", ["linear", "conv"])
+def test_a_backward_that_drops_every_sample_costs_nothing(layers: str) -> None:
+    if layers == "linear":
+        model, x = stack(depth=2), skewed((4, 3, 6), seed=1)
+        handle = apply_vcas(model, VCASConfig(seed=3))
+    else:
+        model, x = convnet(), skewed((4, 4, 9, 11), seed=1)
+        handle = apply_vcas(model)
     handle.samplers[1].ratio = 0.05  # expected 0.2 of 4 samples kept
-    x = skewed((4, 3, 6), seed=1).requires_grad_(True)
+    x.requires_grad_(True)
     for _ in range(50):
         model.zero_grad(set_to_none=True)
         x.grad = None
@@ -326,7 +283,7 @@ def test_a_backward_that_drops_every_sample_costs_nothing() -> None:
 
 
 def test_vit_backward_flops_drop_in_proportion_to_kept_samples(digits) -> None:
-    model, reference = _vit(), _vit(seed=9)
+    model, reference = vit(), vit(seed=9)
     reference.load_state_dict(model.state_dict())
     handle = apply_vcas(model, VCASConfig(seed=1))
     handle.samplers[1].ratio = 0.5
@@ -387,88 +344,6 @@ def test_tuple_outputs_are_sampled_on_their_first_item(aux_grad: bool) -> None:
     z, fixed_err = z_scores(draw(loss, params, DRAWS // 2), exact)
     assert unbiased(z), f"max |z| {z.abs().max():.2f}"
     assert fixed_err < 1e-12
-
-
-# ---------------------------------------------------------------------------------------------
-# surgery
-
-
-def test_apply_and_remove_keep_parameters_and_state_dict() -> None:
-    model = _vit()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    params = list(model.parameters())
-    linear_count = sum(type(m) is nn.Linear for m in model.modules())
-    handle = apply_vcas(model)
-    assert len(handle.linears) == 2 * 4  # qkv, proj, fc1, fc2 per block; the head is outside
-    assert sum(type(m) is nn.Linear for m in model.modules()) == linear_count - 8
-    state = model.state_dict()
-    assert list(state) == list(before) and all(torch.equal(state[k], before[k]) for k in before)
-    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
-    with pytest.raises(GreenpropError, match="already applied"):
-        apply_vcas(model)
-
-    for s in handle.samplers:
-        s.ratio = 0.2  # would sample, were it still in place
-    remove_vcas(model)
-    assert vcas_handle(model) is None
-    assert sum(type(m) is nn.Linear for m in model.modules()) == linear_count
-    assert not any(isinstance(m, VCASLinear) or hasattr(m, "vcas_runtime") for m in model.modules())
-    assert all(not m._forward_hooks for m in model.modules())
-    state = model.state_dict()
-    assert list(state) == list(before) and all(torch.equal(state[k], before[k]) for k in before)
-    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
-    with pytest.raises(GreenpropError, match="not applied"):
-        remove_vcas(model)
-
-    reference = _vit(seed=4)
-    reference.load_state_dict(before)
-    x = torch.randn(6, 1, 8, 8)
-    out, ref_out = model(x), reference(x)
-    assert torch.equal(out, ref_out)
-    out.square().sum().backward()
-    ref_out.square().sum().backward()
-    for name, grad in grad_dict(reference).items():
-        assert torch.equal(dict(model.named_parameters())[name].grad, grad), name
-    apply_vcas(model)  # and it can be applied again
-    assert vcas_handle(model) is not None
-
-
-def test_batchnorm_in_a_block_is_refused_naming_it() -> None:
-    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(BatchNormBlock(4), BatchNormBlock(4)))
-    with pytest.raises(GreenpropError, match=r"block '1\.0' contains BatchNorm \(1\.0\.bn\)"):
-        apply_vcas(model)
-    # Nothing was changed.
-    assert vcas_handle(model) is None
-    assert not any(isinstance(m, VCASLinear) for m in model.modules())
-    assert all(not m._forward_hooks for m in model.modules())
-
-
-def test_find_blocks_auto_detects_and_respects_block_types() -> None:
-    model = _vit(depth=3)
-    assert find_blocks(model) == ["blocks.0", "blocks.1", "blocks.2"]
-    assert find_blocks(model, [Mlp]) == [f"blocks.{i}.mlp" for i in range(3)]
-    assert find_blocks(model, [Attention]) == [f"blocks.{i}.attn" for i in range(3)]
-    assert find_blocks(model, [ViTBlock, Mlp]) == find_blocks(model)  # outermost only
-    handle = apply_vcas(model, block_types=[Mlp])
-    assert sorted(handle.linears) == sorted(f"blocks.{i}.mlp.fc{j}" for i in range(3) for j in (1, 2))
-    assert type(model.blocks[0].attn.qkv) is nn.Linear
-    assert find_blocks(_stack(depth=3)) == ["0", "1", "2"]
-    with pytest.raises(GreenpropError, match="block_types"):
-        find_blocks(model, [int])
-
-
-@pytest.mark.parametrize(
-    ("model", "block_types", "needle"),
-    [
-        (nn.Sequential(nn.Linear(3, 3)), None, "repeated layers"),
-        (nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3)), None, "repeated layers"),
-        (nn.Sequential(Block(3, 4), Block(3, 4)), [nn.GRU], "given block_types"),
-    ],
-)
-def test_no_block_found_is_a_clear_error(model: nn.Module, block_types, needle: str) -> None:
-    with pytest.raises(GreenpropError, match=f"found no block.*{needle}.*block_types="):
-        apply_vcas(model, block_types=block_types)
-    assert vcas_handle(model) is None
 
 
 def _graph_nodes(t: Tensor) -> set[str]:

@@ -11,10 +11,11 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 from greenprop.errors import GreenpropError
-from greenprop.vcas import (
+from greenprop.vcas.samplers import (
     activation_sample,
     leverage_sample,
     leverage_scores,
+    row_norms,
     sample_mask,
     sample_rows,
     sampled_weight_grad,
@@ -203,7 +204,7 @@ def test_sampled_weight_grad_is_unbiased() -> None:
     gen = _gen(2)
     total = torch.zeros(3, 5, dtype=torch.float64)
     for _ in range(DRAWS):
-        total += sampled_weight_grad(dy, x, ratio, gen)
+        total += sampled_weight_grad(dy, x, ratio, gen)[0]
     d2, x2 = dy.reshape(32, 3), x.reshape(32, 5)
     exact = d2.t() @ x2
     terms = d2.unsqueeze(2) * x2.unsqueeze(1)  # (T, out, in): token t's term of grad_W
@@ -222,10 +223,27 @@ def test_ratio_one_is_exact_and_draws_nothing() -> None:
     idx, scale = activation_sample(grad, 1.0, gen)
     assert torch.equal(idx, torch.arange(6)) and torch.equal(scale, torch.ones(6))
     dy, x = torch.randn(2, 5, 3), torch.randn(2, 5, 4)
-    assert torch.equal(sampled_weight_grad(dy, x, 1.0, gen), dy.reshape(10, 3).t() @ x.reshape(10, 4))
+    assert torch.equal(sampled_weight_grad(dy, x, 1.0, gen)[0], dy.reshape(10, 3).t() @ x.reshape(10, 4))
     idx, scale = leverage_sample(dy, x, 1, gen)
     assert torch.equal(idx, torch.arange(10)) and torch.equal(scale, torch.ones(10))
     assert torch.equal(gen.get_state(), state)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.6])
+def test_activation_sample_leaves_zero_rows_out(ratio: float) -> None:
+    grad = _skewed_grad()
+    grad[[2, 9]] = 0
+    norms = row_norms(grad)
+    assert norms.dtype == torch.float64 and bool((norms[[2, 9]] == 0).all())
+    torch.testing.assert_close(norms, grad.reshape(16, -1).norm(dim=1))
+    for seed in range(50):
+        idx, scale = activation_sample(grad, ratio, _gen(seed), norms=norms)
+        assert 2 not in idx.tolist() and 9 not in idx.tolist()
+        # the given norms are the ones it would compute: the same draw
+        again = activation_sample(grad, ratio, _gen(seed))
+        assert torch.equal(idx, again[0]) and torch.equal(scale, again[1])
+    if ratio == 1.0:
+        assert idx.tolist() == [i for i in range(16) if i not in (2, 9)]
 
 
 def test_leverage_scores_are_row_norm_products() -> None:
@@ -241,9 +259,14 @@ def test_sampled_weight_grad_runs_one_smaller_matmul() -> None:
     idx, _ = leverage_sample(dy, x, 0.25, _gen(4))
     assert 0 < idx.numel() < 64
     with FlopCounterMode(display=False) as counter:
-        gw = sampled_weight_grad(dy, x, 0.25, _gen(4))
-    assert gw.shape == (16, 32)
+        gw, used = sampled_weight_grad(dy, x, 0.25, _gen(4))
+    assert gw.shape == (16, 32) and used == idx.numel()
     assert counter.get_total_flops() == 2 * 16 * 32 * idx.numel()
+    # No token at all (every sample dropped): the exact, empty sum, nothing drawn.
+    gen = _gen(4)
+    state = gen.get_state()
+    gw, used = sampled_weight_grad(dy[:0], x[:0], 0.25, gen)
+    assert used == 0 and torch.equal(gw, torch.zeros(16, 32)) and torch.equal(gen.get_state(), state)
 
 
 def test_seeded_generator_reproduces_draws() -> None:
@@ -254,7 +277,8 @@ def test_seeded_generator_reproduces_draws() -> None:
     draws = {tuple(activation_sample(grad, 0.4, _gen(s))[0].tolist()) for s in range(10)}
     assert len(draws) > 1
     dy, x = torch.randn(40, 3), torch.randn(40, 5)
-    assert torch.equal(sampled_weight_grad(dy, x, 0.3, _gen(8)), sampled_weight_grad(dy, x, 0.3, _gen(8)))
+    (a, a_used), (b, b_used) = (sampled_weight_grad(dy, x, 0.3, _gen(8)) for _ in range(2))
+    assert torch.equal(a, b) and a_used == b_used
 
 
 @pytest.mark.parametrize("ratio", [0, 1.5, -0.1, True, float("nan")])

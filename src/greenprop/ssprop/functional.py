@@ -1,31 +1,29 @@
 """Pure functions of ssProp: channel selection and the channel-sparse backward.
 
-Everything here is stateless and works on plain tensors, so it can be tested against
-dense autograd directly. The autograd Functions at the bottom only wire these into a
-forward/backward pair; the modules in :mod:`greenprop.ssprop.layers` hold the state.
+:func:`sparse_conv2d` / :func:`sparse_linear` are ``F.conv2d`` / ``F.linear`` whose
+backward computes the gradient through only ``k`` output channels (top-k by ``|dy|``, or
+drawn at random). The backward runs *smaller dense kernels* on the gathered channels (one
+``convolution_backward`` with ``k`` output channels, or two ``k``-wide matmuls) and
+scatters the kept rows of grad_weight / grad_bias back; nothing is masked, so
+:class:`torch.utils.flop_counter.FlopCounterMode` counts the saving.
 
-Why the code looks the way it does (all of it is about not losing the saving to
-overhead):
-
-* The backward runs *smaller dense kernels*: one ``aten.convolution_backward`` call
-  with ``k`` output channels computes grad_input (a ``C_in x k`` contraction) and the
-  ``k`` kept rows of grad_weight/grad_bias. Nothing is masked.
-* Scoring, gathering and scattering happen on the tensor's *physical* layout: a
-  channels_last ``dy`` is viewed as a contiguous ``(N*H*W, C)`` matrix, an NCHW ``dy``
-  as ``(N, C, H*W)``. Generic reductions and gathers over a channels_last tensor's
-  logical channel dim are several times slower on CPU.
-* Under :class:`torch.utils.flop_counter.FlopCounterMode` the counted backward ops are
-  the small ones actually run, so counted FLOPs show the saving.
+Scoring, gathering and scattering follow the tensor's *physical* layout (a channels_last
+``dy`` is read as a contiguous ``(N*H*W, C)`` matrix): generic reductions over the logical
+channel dim of a channels_last tensor are slow. Everything here is stateless; the layers in
+:mod:`greenprop.ssprop.layers` hold the state and call these functions.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules.utils import _pair
 
 __all__ = [
     "SELECTIONS",
@@ -249,14 +247,15 @@ def linear_sparse_backward(
 
 
 Grads = tuple[Tensor | None, Tensor | None, Tensor | None]
+#: ``run(idx)``: the gradients through output channels ``idx`` (``None`` = all, dense).
+Run = Callable[[Tensor | None], Grads]
 
 
 class ChannelSelector:
     """Chooses the kept channels inside a backward and runs the (sparse) gradient.
 
-    The default picks ``k`` channels per group with :func:`select_channels`; the
-    layers subclass it to add their one-off timing calibration. ``run(idx)`` computes
-    the gradients for indices ``idx`` (``None`` = dense).
+    The default picks ``k`` channels per group with :func:`select_channels`; the layers
+    subclass it to add their one-off timing calibration.
     """
 
     def __init__(self, selection: str = "topk", generator: torch.Generator | None = None):
@@ -264,6 +263,10 @@ class ChannelSelector:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         self.selection = selection
         self.generator = generator
+
+    def dense_at(self, k: int) -> bool:
+        """Whether keeping ``k`` channels should run as the plain dense op instead."""
+        return False
 
     def indices(self, grad_output: Tensor, k: int, groups: int, channel_dim: int) -> Tensor:
         return select_channels(
@@ -275,19 +278,21 @@ class ChannelSelector:
             generator=self.generator,
         )
 
-    def __call__(
-        self,
-        grad_output: Tensor,
-        k: int,
-        groups: int,
-        channel_dim: int,
-        run: Callable[[Tensor | None], Grads],
-    ) -> Grads:
+    def __call__(self, grad_output: Tensor, k: int, groups: int, channel_dim: int, run: Run) -> Grads:
         return run(self.indices(grad_output, k, groups, channel_dim))
 
 
-class _SparseConv2dFunction(torch.autograd.Function):
-    """conv2d whose backward keeps only ``k`` output channels per group."""
+class _Op(NamedTuple):
+    """One layer type for :class:`_SparseFunction`: its forward, sparse backward and channel layout."""
+
+    forward: Callable[[Tensor, Tensor, Tensor | None], Tensor]
+    backward: Callable[..., Grads]  # (dy, input, weight, idx, *, has_bias, output_mask)
+    groups: int
+    channel_dim: int
+
+
+class _SparseFunction(torch.autograd.Function):
+    """``op.forward(input, weight, bias)`` whose backward keeps ``k`` output channels per group."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -295,71 +300,92 @@ class _SparseConv2dFunction(torch.autograd.Function):
         input: Tensor,
         weight: Tensor,
         bias: Tensor | None,
-        stride: tuple[int, int],
-        padding: tuple[int, int],
-        dilation: tuple[int, int],
-        groups: int,
+        op: _Op,
         k: int,
         selector: ChannelSelector,
     ) -> Tensor:
         ctx.save_for_backward(input, weight)
-        ctx.conv = (stride, padding, dilation, groups, bias is not None)
-        ctx.k, ctx.selector = k, selector
-        return torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
+        ctx.op, ctx.k, ctx.selector, ctx.has_bias = op, k, selector, bias is not None
+        return op.forward(input, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         input, weight = ctx.saved_tensors
-        stride, padding, dilation, groups, has_bias = ctx.conv
-        mask = tuple(ctx.needs_input_grad[:3])
+        op, mask = ctx.op, tuple(ctx.needs_input_grad[:3])
 
         def run(idx: Tensor | None) -> Grads:
-            return conv2d_sparse_backward(
-                grad_output,
-                input,
-                weight,
-                idx,
-                stride=stride,
-                padding=padding,
-                dilation=dilation,
-                groups=groups,
-                has_bias=has_bias,
-                output_mask=mask,
-            )
+            return op.backward(grad_output, input, weight, idx, has_bias=ctx.has_bias, output_mask=mask)
 
-        grads = ctx.selector(grad_output, ctx.k, groups, 1, run)
-        return (*grads, None, None, None, None, None, None)
+        grads = ctx.selector(grad_output, ctx.k, op.groups, op.channel_dim, run)
+        return (*grads, None, None, None)
 
 
-class _SparseLinearFunction(torch.autograd.Function):
-    """linear whose backward keeps only ``k`` output features."""
+def _conv2d_op(
+    stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], groups: int
+) -> _Op:
+    def forward(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
 
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        input: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        k: int,
-        selector: ChannelSelector,
-    ) -> Tensor:
-        ctx.save_for_backward(input, weight)
-        ctx.has_bias = bias is not None
-        ctx.k, ctx.selector = k, selector
-        return torch.nn.functional.linear(input, weight, bias)
+    backward = partial(
+        conv2d_sparse_backward, stride=stride, padding=padding, dilation=dilation, groups=groups
+    )
+    return _Op(forward, backward, groups, 1)
 
-    @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        input, weight = ctx.saved_tensors
-        mask = tuple(ctx.needs_input_grad[:3])
 
-        def run(idx: Tensor | None) -> Grads:
-            return linear_sparse_backward(
-                grad_output, input, weight, idx, has_bias=ctx.has_bias, output_mask=mask
-            )
+_LINEAR_OP = _Op(F.linear, linear_sparse_backward, 1, -1)
 
-        grads = ctx.selector(grad_output, ctx.k, 1, -1, run)
-        return (*grads, None, None)
+
+def _runs_plain(k: int, channels: int, selector: ChannelSelector | None) -> bool:
+    """Whether the plain op runs: every channel kept, no gradient recorded, or calibrated dense."""
+    return k >= channels or not torch.is_grad_enabled() or (selector is not None and selector.dense_at(k))
+
+
+def _apply_sparse(
+    op: _Op, input: Tensor, weight: Tensor, bias: Tensor | None, k: int, selector: ChannelSelector | None
+) -> Tensor:
+    """Run :class:`_SparseFunction`, casting like autocast would *outside* it.
+
+    Conv and linear run in autocast's lower precision; inside a custom Function autocast
+    would cast only the forward's operands, leaving the saved fp32 tensors to clash with
+    a low-precision ``dy``. Casting here lets autograd record the casts (gradients flow
+    back to fp32 parameters) and the Function runs with autocast off.
+    """
+    selector = selector or ChannelSelector()
+    device_type = input.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return _SparseFunction.apply(input, weight, bias, op, k, selector)
+    dtype = torch.get_autocast_dtype(device_type)
+    input, weight, bias = (
+        t.to(dtype) if t is not None and t.is_floating_point() else t for t in (input, weight, bias)
+    )
+    with torch.autocast(device_type, enabled=False):
+        return _SparseFunction.apply(input, weight, bias, op, k, selector)
+
+
+def _numeric_padding(
+    input: Tensor,
+    weight: Tensor,
+    padding: str | int | tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[Tensor, tuple[int, int]]:
+    """Numeric padding for the backward kernel; an asymmetric ``"same"`` pads ``input`` instead.
+
+    ``"same"`` splits ``dilation * (kernel - 1)`` with the odd one on the bottom / right,
+    as ``nn.Conv2d`` does.
+    """
+    if not isinstance(padding, str):
+        return input, _pair(padding)
+    if padding == "valid":
+        return input, (0, 0)
+    if padding != "same":
+        raise ValueError(f"padding must be numeric, 'same' or 'valid', got {padding!r}")
+    if any(s != 1 for s in stride):
+        raise ValueError(f"padding='same' needs stride 1, got {stride}")
+    th, tw = (d * (k - 1) for d, k in zip(dilation, weight.shape[2:], strict=True))
+    if th % 2 == 0 and tw % 2 == 0:
+        return input, (th // 2, tw // 2)
+    return F.pad(input, (tw // 2, tw - tw // 2, th // 2, th - th // 2)), (0, 0)
 
 
 def sparse_conv2d(
@@ -367,7 +393,7 @@ def sparse_conv2d(
     weight: Tensor,
     bias: Tensor | None = None,
     stride: int | tuple[int, int] = 1,
-    padding: int | tuple[int, int] = 0,
+    padding: str | int | tuple[int, int] = 0,
     dilation: int | tuple[int, int] = 1,
     groups: int = 1,
     *,
@@ -377,26 +403,18 @@ def sparse_conv2d(
 ) -> Tensor:
     """``F.conv2d`` with an ssProp backward that keeps a ``keep`` fraction of channels.
 
-    The forward is exactly ``F.conv2d``. When ``k`` reaches every channel (``keep=1``)
-    this *is* ``F.conv2d`` under plain autograd: no ranking, no custom Function. With
-    ``groups > 1``, ``k`` is counted per group. ``padding`` must be numeric.
+    ``k = keep_count(keep, C_out / groups, round_to)`` channels are kept per group. The
+    forward is exactly ``F.conv2d``. When ``k`` reaches every channel, gradients are off or
+    ``selector.dense_at(k)``, this *is* ``F.conv2d`` under plain autograd: no ranking, no
+    custom Function. ``selector`` (default top-k) chooses the channels in the backward.
     """
-    c_per_group = weight.shape[0] // groups
-    k = keep_count(keep, c_per_group, round_to)
-    if k >= c_per_group:
-        return torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    pair = torch.nn.modules.utils._pair
-    return _SparseConv2dFunction.apply(
-        input,
-        weight,
-        bias,
-        pair(stride),
-        pair(padding),
-        pair(dilation),
-        groups,
-        k,
-        selector or ChannelSelector(),
-    )
+    per_group = weight.shape[0] // groups
+    k = keep_count(keep, per_group, round_to)
+    if _runs_plain(k, per_group, selector):
+        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    stride, dilation = _pair(stride), _pair(dilation)
+    input, numeric = _numeric_padding(input, weight, padding, stride, dilation)
+    return _apply_sparse(_conv2d_op(stride, numeric, dilation, groups), input, weight, bias, k, selector)
 
 
 def sparse_linear(
@@ -408,8 +426,11 @@ def sparse_linear(
     round_to: int = 1,
     selector: ChannelSelector | None = None,
 ) -> Tensor:
-    """``F.linear`` with an ssProp backward that keeps a ``keep`` fraction of features."""
+    """``F.linear`` with an ssProp backward that keeps a ``keep`` fraction of output features.
+
+    Leading dims of ``input`` are rows; the plain-op rule is that of :func:`sparse_conv2d`.
+    """
     k = keep_count(keep, weight.shape[0], round_to)
-    if k >= weight.shape[0]:
-        return torch.nn.functional.linear(input, weight, bias)
-    return _SparseLinearFunction.apply(input, weight, bias, k, selector or ChannelSelector())
+    if _runs_plain(k, weight.shape[0], selector):
+        return F.linear(input, weight, bias)
+    return _apply_sparse(_LINEAR_OP, input, weight, bias, k, selector)

@@ -1,18 +1,17 @@
 """Conv2d / Linear subclasses whose backward keeps only a fraction of output channels.
 
-They are real subclasses of :class:`torch.nn.Conv2d` / :class:`torch.nn.Linear` with no
-extra parameters or buffers: :func:`greenprop.apply_ssprop` turns existing modules into
-them *in place* (the same module objects, the same Parameters), so ``state_dict`` keys,
-``isinstance`` checks, optimizers and hooks are untouched.
-
-The forward is the parent's forward. The backward is sparse only while ``keep < 1``
-and gradients are being recorded; otherwise the layer *is* the plain module, with no
-custom autograd Function in the graph.
+The layers hold ssProp's state (``keep``, ``round_to``, the channel selector with its
+generator and optional calibration, the per-channel cost of the last forward) and compute
+through :func:`~greenprop.ssprop.functional.sparse_conv2d` /
+:func:`~greenprop.ssprop.functional.sparse_linear`, which are the plain op whenever every
+channel is kept or no gradient is recorded. They are real subclasses of
+``nn.Conv2d`` / ``nn.Linear`` with no extra parameters or buffers, so
+:func:`greenprop.apply_ssprop` can convert existing modules *in place*: ``state_dict``
+keys, ``isinstance`` checks, optimizers and hooks are untouched.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,14 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from greenprop.ssprop.functional import (
-    SELECTIONS,
-    ChannelSelector,
-    Grads,
-    _SparseConv2dFunction,
-    _SparseLinearFunction,
-    keep_count,
-)
+from greenprop.ssprop.functional import ChannelSelector, Grads, Run, keep_count, sparse_conv2d, sparse_linear
 
 __all__ = ["SparseConv2d", "SparseLayer", "SparseLinear", "is_sparse_layer"]
 
@@ -45,12 +37,6 @@ def _in_dispatch_mode() -> bool:
     return bool(is_in_torch_dispatch_mode())
 
 
-def _autocast_off(device: torch.device | None) -> contextlib.AbstractContextManager[Any]:
-    if device is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, enabled=False)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -61,10 +47,10 @@ class _LayerSelector(ChannelSelector):
 
     With ``calibrate=True`` the first sparse backward at a given ``k`` times the dense
     and the sparse backward on the real gradient (one warm-up, then the best of
-    ``_CALIBRATION_REPEATS``) and remembers, per ``k``, whether sparse was faster. The
-    layer then runs dense at that ``k`` when it was not. Backwards under a dispatch
-    mode (FlopCounterMode measuring a small batch) run sparse and do not calibrate,
-    so neither the timings nor the counted FLOPs are distorted.
+    ``_CALIBRATION_REPEATS``) and remembers, per ``k``, whether sparse was faster; at a
+    ``k`` where it was not, the layer runs the plain dense op. Backwards under a dispatch
+    mode (FlopCounterMode) run sparse and do not calibrate, so neither the timings nor
+    the counted FLOPs are distorted.
     """
 
     def __init__(self, selection: str, seed: int, calibrate: bool) -> None:
@@ -75,49 +61,35 @@ class _LayerSelector(ChannelSelector):
         #: k -> (dense seconds, sparse seconds) as measured.
         self.timings: dict[int, tuple[float, float]] = {}
 
-    def __call__(
-        self,
-        grad_output: Tensor,
-        k: int,
-        groups: int,
-        channel_dim: int,
-        run: Callable[[Tensor | None], Grads],
-    ) -> Grads:
-        if not self.calibrate:
-            return run(self.indices(grad_output, k, groups, channel_dim))
-        decision = self.decisions.get(k)
-        if decision is None:
-            if _in_dispatch_mode():  # e.g. FlopCounterMode: timings would be meaningless
+    def dense_at(self, k: int) -> bool:
+        return self.decisions.get(k) is False
+
+    def __call__(self, grad_output: Tensor, k: int, groups: int, channel_dim: int, run: Run) -> Grads:
+        decision = self.decisions.get(k) if self.calibrate else True
+        if decision is None and not _in_dispatch_mode():
+
+            def sparse() -> Grads:
                 return run(self.indices(grad_output, k, groups, channel_dim))
-            return self._calibrate(grad_output, k, groups, channel_dim, run)
-        if not decision:
+
+            return self._calibrate(k, grad_output.device, sparse, lambda: run(None))
+        if decision is False:  # a graph built before calibration decided for dense
             return run(None)
-        return run(self.indices(grad_output, k, groups, channel_dim))
+        return super().__call__(grad_output, k, groups, channel_dim, run)
 
     def _calibrate(
-        self,
-        grad_output: Tensor,
-        k: int,
-        groups: int,
-        channel_dim: int,
-        run: Callable[[Tensor | None], Grads],
+        self, k: int, device: torch.device, sparse: Callable[[], Grads], dense: Callable[[], Grads]
     ) -> Grads:
-        def sparse() -> Grads:
-            return run(self.indices(grad_output, k, groups, channel_dim))
-
-        def dense() -> Grads:
-            return run(None)
-
+        """Time ``dense``, then ``sparse``; record which was faster at ``k``; return its result."""
         best: dict[str, float] = {}
         result: dict[str, Grads] = {}
         for name, fn in (("dense", dense), ("sparse", sparse)):
             result[name] = fn()  # warm-up (oneDNN primitive creation, allocator)
             best[name] = float("inf")
             for _ in range(_CALIBRATION_REPEATS):
-                _sync(grad_output.device)
+                _sync(device)
                 start = time.perf_counter()
                 result[name] = fn()
-                _sync(grad_output.device)
+                _sync(device)
                 best[name] = min(best[name], time.perf_counter() - start)
         faster = best["sparse"] < best["dense"]
         self.decisions[k] = faster
@@ -128,36 +100,43 @@ class _LayerSelector(ChannelSelector):
 class SparseLayer:
     """Mixin with the ssProp state shared by :class:`SparseConv2d` and :class:`SparseLinear`.
 
-    Attributes:
+    Keyword-only settings (after the parent class's own arguments):
         keep: fraction of output channels whose gradient is computed (1.0 = dense).
             Settable at any time; the value at forward time applies to that backward.
-        round_to: ``k`` is rounded up to a multiple of this (capped at the channels).
         selection: ``"topk"`` (by mean |dy|, the paper) or ``"random"`` (its ablation).
+        round_to: ``k`` is rounded up to a multiple of this (capped at the channels).
+        calibrate: time dense vs sparse once per ``k`` and run whichever was faster.
+        seed: seed of the layer's generator for ``selection="random"``.
     """
 
     _keep: float
     round_to: int
     _selector: _LayerSelector
+    weight: nn.Parameter
     #: Backward cost of one output channel in the last forward (multiply-adds of one
     #: weight row over all output positions); used to weight the effective keep.
     ssprop_channel_cost: int
 
-    def _init_ssprop(
+    def __init__(
         self,
-        *,
+        *args: Any,
         keep: float = 1.0,
         selection: str = "topk",
         round_to: int = 1,
         calibrate: bool = False,
         seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        if selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        super().__init__(*args, **kwargs)
+        self._init_ssprop(keep=keep, selection=selection, round_to=round_to, calibrate=calibrate, seed=seed)
+
+    def _init_ssprop(self, *, keep: float, selection: str, round_to: int, calibrate: bool, seed: int) -> None:
+        selector = _LayerSelector(selection, seed, calibrate)  # checks the selection
         if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
             raise ValueError(f"round_to must be an integer >= 1, got {round_to!r}")
         self.keep = keep
         self.round_to = round_to
-        self._selector = _LayerSelector(selection, seed, calibrate)
+        self._selector = selector
         self.ssprop_channel_cost = 0
 
     def _strip_ssprop(self) -> None:
@@ -204,42 +183,22 @@ class SparseLayer:
         """Fraction of output channels actually kept, counting calibrated-dense as 1."""
         per_group = self._channels_per_group()
         k = self.k_for(keep)
-        if k >= per_group or self._selector.decisions.get(k) is False:
+        if k >= per_group or self._selector.dense_at(k):
             return 1.0
         return k / per_group
 
-    def _sparse_k(self) -> int | None:
-        """``k`` for this forward, or None when the backward should be plain autograd."""
-        if not torch.is_grad_enabled() or self._keep >= 1.0:
-            return None
-        k = self.k_for()
-        if k >= self._channels_per_group() or self._selector.decisions.get(k) is False:
-            return None
-        return k
+    def _settings(self) -> dict[str, Any]:
+        """The keyword arguments of the pure function for this layer's state."""
+        return {"keep": self._keep, "round_to": self.round_to, "selector": self._selector}
 
-    def _apply_autocast(
-        self, *tensors: Tensor | None
-    ) -> tuple[tuple[Tensor | None, ...], torch.device | None]:
-        """Cast like autocast would, *outside* the Function, so its saved tensors match.
+    def _record_cost(self, out: Tensor) -> Tensor:
+        """Remember one output channel's backward cost in this forward; returns ``out``."""
+        channels = self.weight.shape[0]
+        self.ssprop_channel_cost = (self.weight.numel() // channels) * (out.numel() // channels)
+        return out
 
-        Conv and linear run in autocast's lower precision; inside a custom Function
-        autocast would cast only the forward's operands, leaving the saved fp32 tensors
-        to clash with a low-precision ``dy``. Casting here lets autograd record the
-        casts (gradients flow back to fp32 parameters) and the Function then runs
-        with autocast off. Returns the tensors and the device type to disable (None
-        when autocast is off).
-        """
-        first = tensors[0]
-        assert first is not None
-        device_type = first.device.type
-        if not torch.is_autocast_enabled(device_type):
-            return tensors, None
-        dtype = torch.get_autocast_dtype(device_type)
-        cast = tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
-        return cast, first.device
-
-    def _ssprop_repr(self) -> str:
-        s = f"keep={self._keep:g}, selection={self.selection}"
+    def extra_repr(self) -> str:
+        s = f"{super().extra_repr()}, keep={self._keep:g}, selection={self.selection}"  # type: ignore[misc]
         if self.round_to > 1:
             s += f", round_to={self.round_to}"
         if self.calibrate:
@@ -250,68 +209,30 @@ class SparseLayer:
 class SparseConv2d(SparseLayer, nn.Conv2d):
     """:class:`torch.nn.Conv2d` with the ssProp channel-sparse backward.
 
-    Accepts every ``nn.Conv2d`` argument plus the keyword-only ssProp settings of
+    Accepts every ``nn.Conv2d`` argument plus the keyword-only settings of
     :class:`SparseLayer`. With ``groups > 1`` ``k`` is counted per group (each group
     keeps its own top-k), so depthwise convolutions (one channel per group) stay dense.
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        keep: float = 1.0,
-        selection: str = "topk",
-        round_to: int = 1,
-        calibrate: bool = False,
-        seed: int = 0,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_ssprop(keep=keep, selection=selection, round_to=round_to, calibrate=calibrate, seed=seed)
-
     def _channels_per_group(self) -> int:
         return self.out_channels // self.groups
 
-    def _explicit_padding(self, input: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """Numeric padding for the backward kernels, padding the input where needed.
-
-        Mirrors ``nn.Conv2d._conv_forward``: non-zero padding modes and asymmetric
-        ``padding="same"`` pad the input explicitly (a differentiable ``F.pad``).
-        """
-        r = self._reversed_padding_repeated_twice  # (left, right, top, bottom)
-        if self.padding_mode != "zeros":
-            return F.pad(input, r, mode=self.padding_mode), (0, 0)
-        if isinstance(self.padding, str):
-            if r[0] == r[1] and r[2] == r[3]:
-                return input, (r[2], r[0])
-            return F.pad(input, r), (0, 0)
-        return input, self.padding  # type: ignore[return-value]
-
     def forward(self, input: Tensor) -> Tensor:
-        k = self._sparse_k()
-        if k is None:
-            out = super().forward(input)
-        else:
-            x, padding = self._explicit_padding(input)
-            (x, weight, bias), autocast_device = self._apply_autocast(x, self.weight, self.bias)
-            with _autocast_off(autocast_device):
-                out = _SparseConv2dFunction.apply(
-                    x,
-                    weight,
-                    bias,
-                    self.stride,
-                    padding,
-                    self.dilation,
-                    self.groups,
-                    k,
-                    self._selector,
-                )
-        self.ssprop_channel_cost = (self.weight.numel() // self.out_channels) * (
-            out.numel() // self.out_channels
+        padding = self.padding
+        if self.padding_mode != "zeros":  # as nn.Conv2d: pad explicitly, convolve unpadded
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = (0, 0)
+        out = sparse_conv2d(
+            input,
+            self.weight,
+            self.bias,
+            self.stride,
+            padding,
+            self.dilation,
+            self.groups,
+            **self._settings(),
         )
-        return out
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._ssprop_repr()}"
+        return self._record_cost(out)
 
 
 class SparseLinear(SparseLayer, nn.Linear):
@@ -320,35 +241,11 @@ class SparseLinear(SparseLayer, nn.Linear):
     Any leading dims are treated as rows; a "channel" is an output feature.
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        keep: float = 1.0,
-        selection: str = "topk",
-        round_to: int = 1,
-        calibrate: bool = False,
-        seed: int = 0,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_ssprop(keep=keep, selection=selection, round_to=round_to, calibrate=calibrate, seed=seed)
-
     def _channels_per_group(self) -> int:
         return self.out_features
 
     def forward(self, input: Tensor) -> Tensor:
-        k = self._sparse_k()
-        if k is None:
-            out = super().forward(input)
-        else:
-            (x, weight, bias), autocast_device = self._apply_autocast(input, self.weight, self.bias)
-            with _autocast_off(autocast_device):
-                out = _SparseLinearFunction.apply(x, weight, bias, k, self._selector)
-        self.ssprop_channel_cost = self.in_features * (out.numel() // self.out_features)
-        return out
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._ssprop_repr()}"
+        return self._record_cost(sparse_linear(input, self.weight, self.bias, **self._settings()))
 
 
 def is_sparse_layer(module: nn.Module) -> bool:

@@ -1,24 +1,19 @@
-"""The autograd side of VCAS: a gradient sampler after each block, row-sparse Linear layers.
+"""The autograd side of VCAS: a gradient sampler after each block, row-sparse Linear / Conv2d.
 
 * :class:`BlockSampler` sits on a block's output (a forward hook). Forward is the
-  identity; backward keeps each sample's gradient with its soft top-k probability
-  (:func:`~greenprop.vcas.samplers.activation_sample`) and zeroes the others, scaling
-  the kept ones by ``1/p``.
-* :class:`VCASLinear` is ``nn.Linear`` with a backward that first finds the samples
-  (rows of dim 0) its block's sampler left non-zero, gathers those into a smaller
-  dense tensor and runs its matmuls on it alone: dropped samples cost nothing here.
-  Its weight gradient additionally samples tokens by leverage score
-  (:func:`~greenprop.vcas.samplers.leverage_sample`) with the layer's own ratio.
+  identity; backward keeps each sample's gradient with its soft top-k probability and
+  ``1/p`` scale (:func:`~greenprop.vcas.samplers.activation_sample`), zeroing the others.
+* :class:`VCASLinear` / :class:`VCASConv2d` run their backward on the samples (rows of
+  dim 0) the block's sampler kept, gathered into a smaller dense tensor; the Linear also
+  samples tokens for its weight gradient
+  (:func:`~greenprop.vcas.samplers.sampled_weight_grad`) with its own ratio.
 
-Everything between those layers (LayerNorm, attention, GELU, dropout, residual adds)
-acts on each sample separately, so a zero row stays zero on its way back through a
-block; that is what lets the Linear layers skip the rows. (BatchNorm mixes samples in
-its backward and would refill them: :func:`~greenprop.vcas.surgery.apply_vcas`
-refuses blocks that contain it.)
-
-A :class:`VCASRuntime` shared by one model's samplers and layers says what the
-backward pass does (``exact`` / ``activation`` / ``full`` sampling), holds the random
-generators, and tallies the Linear backward FLOPs done versus the dense equivalent.
+The layers between them (LayerNorm, attention, GELU, dropout, residual adds) act on each
+sample separately, so a zero row stays zero on its way back through a block; that is what
+lets the layers skip rows. BatchNorm mixes samples in its backward, so
+:func:`~greenprop.vcas.surgery.apply_vcas` refuses blocks that contain it. A
+:class:`VCASRuntime` shared by one model's samplers and layers holds the mode, the
+generators and the tally of backward FLOPs done versus dense.
 """
 
 from __future__ import annotations
@@ -32,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from greenprop.errors import GreenpropError
-from greenprop.vcas.samplers import leverage_sample, sample_rows, soft_topk_probabilities
+from greenprop.vcas.samplers import activation_sample, row_norms, sampled_weight_grad
 
 __all__ = ["BlockSampler", "FlopTally", "Mode", "VCASConv2d", "VCASLinear", "VCASRuntime"]
 
@@ -47,7 +42,7 @@ class Mode(enum.Enum):
 
 @dataclass
 class FlopTally:
-    """What sampled backward passes did: Linear FLOPs run vs dense, samples, rows kept per block."""
+    """What sampled backward passes did: VCAS-layer FLOPs run vs dense, samples, rows kept per block."""
 
     done: float = 0.0
     dense: float = 0.0
@@ -70,7 +65,7 @@ class FlopTally:
 
 @dataclass
 class VCASRuntime:
-    """State shared by the samplers and Linear layers of one model (not a Parameter)."""
+    """State shared by the samplers and VCAS layers of one model (not a Parameter)."""
 
     activation_generator: torch.Generator
     weight_generator: torch.Generator
@@ -80,8 +75,8 @@ class VCASRuntime:
     norms: dict[int, Tensor] = field(default_factory=dict)  # block index -> per-sample norms
     tally: FlopTally = field(default_factory=FlopTally)
     # block -> (batch size, indices of the samples whose gradient is non-zero after that
-    # block's sampler; None = all): set by the sampler, read by the Linears inside the block.
-    # No entry: the Linears find the zero rows themselves (see _rows_to_compute).
+    # block's sampler; None = all): set by the sampler, read by the layers inside the block.
+    # No entry: the layers find the zero rows themselves (see _rows_to_compute).
     alive: dict[int, tuple[int, Tensor | None]] = field(default_factory=dict)
 
     def take_tally(self) -> FlopTally:
@@ -114,9 +109,12 @@ class BlockSampler:
         self.runtime = runtime
         self.ratio = ratio
         self.last = last  # the last block's gradient is the first sampled: it counts the samples
-        # Whether the sampled output is the only way gradient enters the block's Linears; not
+        # Whether the sampled output is the only way gradient enters the block's layers; not
         # when other items of a tuple output carry gradient (they are not sampled).
         self.sole_path = True
+
+    def __repr__(self) -> str:
+        return f"BlockSampler(index={self.index}, name={self.name!r}, ratio={self.ratio:g})"
 
     def hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         """Forward hook: route the block's output (or the first item of a tuple) through the sampler."""
@@ -143,8 +141,7 @@ class BlockSampler:
         self._record(n, None)
         if runtime.mode is Mode.EXACT and not runtime.record_norms:
             return grad
-        dtype = torch.promote_types(grad.dtype, torch.float32)  # float32 at least, float64 kept
-        norms = torch.linalg.vector_norm(grad.detach().reshape(n, -1), dim=1, dtype=dtype)
+        norms = row_norms(grad.detach())
         if runtime.record_norms:
             runtime.norms[self.index] = norms.double().cpu()
         if runtime.mode is Mode.EXACT:
@@ -153,16 +150,11 @@ class BlockSampler:
         tally.samples += n if self.last else 0
         rows = tally.rows.setdefault(self.index, [0, 0])
         rows[1] += n
-        if self.ratio >= 1.0:
-            alive = (norms > 0).nonzero().squeeze(1)
-            rows[0] += alive.numel()
-            self._record(n, None if alive.numel() == n else alive)
-            return grad
-        idx, scale = sample_rows(soft_topk_probabilities(norms, self.ratio * n), runtime.activation_generator)
-        nonzero = norms.index_select(0, idx) > 0
-        alive, scale = idx[nonzero], scale[nonzero]
+        alive, scale = activation_sample(grad, self.ratio, runtime.activation_generator, norms=norms)
         rows[0] += alive.numel()
         self._record(n, None if alive.numel() == n else alive)
+        if self.ratio >= 1.0:  # nothing drawn: every non-zero row kept with scale 1
+            return grad
         shape = (-1,) + (1,) * (grad.dim() - 1)
         out = torch.zeros_like(grad)
         kept = (grad.index_select(0, alive) * scale.view(shape)).to(grad.dtype)  # 1/p in fp32 at least
@@ -238,14 +230,18 @@ def _scatter_rows(rows: Tensor | None, part: Tensor, like: Tensor) -> Tensor:
     return part if rows is None else part.new_zeros(like.shape).index_copy_(0, rows, part)
 
 
+def _save(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, layer: nn.Module) -> None:
+    """What both layers' backward needs: the input, the weight, the layer, whether there is a bias."""
+    ctx.save_for_backward(x, weight)
+    ctx.layer, ctx.has_bias = layer, bias is not None
+
+
 class _VCASLinearFunction(torch.autograd.Function):
     """``y = x W^T + b`` with a backward on the non-zero samples and sampled tokens."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, layer: VCASLinear) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.layer = layer
-        ctx.has_bias = bias is not None
+        _save(ctx, x, weight, bias, layer)
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -270,14 +266,7 @@ class _VCASLinearFunction(torch.autograd.Function):
         dy2, x2 = dy.reshape(-1, out_features), xs.reshape(-1, in_features)
         if ctx.needs_input_grad[1]:
             ratio = layer.vcas_weight_ratio if runtime.mode is Mode.FULL else 1.0
-            if ratio < 1.0 and tokens > 0:
-                idx, scale = leverage_sample(dy2, x2, ratio, runtime.weight_generator)
-                dy_k = (dy2.index_select(0, idx) * scale.unsqueeze(1)).to(dy2.dtype)  # 1/p in fp32
-                grad_w = dy_k.t() @ x2.index_select(0, idx)
-                kept_tokens = idx.numel()
-            else:
-                grad_w = dy2.t() @ x2
-                kept_tokens = tokens
+            grad_w, kept_tokens = sampled_weight_grad(dy2, x2, ratio, runtime.weight_generator)
             dense += 2.0 * tokens_dense * out_features * in_features
             done += 2.0 * kept_tokens * out_features * in_features
         if grad_w is not None:
@@ -307,15 +296,17 @@ class VCASLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         return _VCASLinearFunction.apply(x, self.weight, self.bias, self)
 
+    def extra_repr(self) -> str:
+        ratio = self.vcas_weight_ratio
+        return f"{super().extra_repr()}, vcas_block={self.vcas_block}, vcas_weight_ratio={ratio:g}"
+
 
 class _VCASConv2dFunction(torch.autograd.Function):
     """``conv2d(x, W, b)`` with one ``convolution_backward`` on the kept samples only."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, layer: VCASConv2d) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.layer = layer
-        ctx.has_bias = bias is not None
+        _save(ctx, x, weight, bias, layer)
         return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
     @staticmethod
@@ -370,3 +361,6 @@ class VCASConv2d(nn.Conv2d):
         if not (self.training and torch.is_grad_enabled()):
             return super().forward(x)
         return _VCASConv2dFunction.apply(x, self.weight, self.bias, self)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, vcas_block={self.vcas_block}"

@@ -18,8 +18,9 @@ proportional to ``||a_i||`` (Lagrange multiplier), subject to ``p_i <= 1``: that
 "soft top-k" of :func:`soft_topk_probabilities`. Large items are kept surely, small
 ones occasionally with a large weight.
 
-All randomness comes from an optional ``torch.Generator`` (on the tensors' device), so
-a seeded generator reproduces a draw exactly.
+The autograd layers in :mod:`greenprop.vcas.layers` draw through these functions. All
+randomness comes from an optional ``torch.Generator``, so a seeded generator reproduces a
+draw exactly.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "activation_sample",
     "leverage_sample",
     "leverage_scores",
+    "row_norms",
     "sample_mask",
     "sample_rows",
     "sampled_weight_grad",
@@ -151,27 +153,41 @@ def sample_rows(probs: Tensor, generator: torch.Generator | None = None) -> tupl
     return idx, probs.index_select(0, idx).reciprocal()
 
 
+def row_norms(grad: Tensor) -> Tensor:
+    """Per-sample norms ``||grad[i]||`` over all dims but the first (float32 at least)."""
+    return torch.linalg.vector_norm(grad.reshape(grad.shape[0], -1), dim=1, dtype=_prob_dtype(grad.dtype))
+
+
+def _positive(scores: Tensor, idx: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """The drawn ``(idx, scale)`` without the items of score zero (their term is zero)."""
+    keep = scores.index_select(0, idx) > 0
+    return idx[keep], scale[keep]
+
+
 def activation_sample(
-    grad: Tensor, ratio: float, generator: torch.Generator | None = None
+    grad: Tensor, ratio: float, generator: torch.Generator | None = None, *, norms: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Sample rows (dim 0, the data dimension) of a gradient by their norms.
 
-    The score of sample ``i`` is ``||grad[i]||`` over all other dims, the expected count
-    is ``ratio * N`` (soft top-k), and the returned ``(idx, scale)`` give the kept rows
-    and their ``1/p`` factors, so ``grad[idx] * scale`` scattered back is an unbiased
-    estimate of ``grad``. At ``ratio = 1`` every row is returned with scale 1, without
-    drawing from ``generator``.
+    The score of sample ``i`` is ``||grad[i]||`` over all other dims (``norms``, when
+    given, must be :func:`row_norms` of ``grad``), the expected count is ``ratio * N``
+    (soft top-k), and the returned ``(idx, scale)`` give the kept rows and their ``1/p``
+    factors, so ``grad[idx] * scale`` scattered back is an unbiased estimate of ``grad``.
+    Rows of norm zero are never returned: their term is zero, so leaving them out changes
+    no estimate and spares their work. At ``ratio = 1`` every non-zero row is returned with
+    scale 1, without drawing from ``generator``.
     """
     ratio = _check_ratio(ratio)
     if not isinstance(grad, Tensor) or grad.dim() < 1 or grad.shape[0] == 0:
         shape = tuple(grad.shape) if isinstance(grad, Tensor) else type(grad).__name__
         raise GreenpropError(f"grad must be a tensor with at least one row, got {shape}")
     n = grad.shape[0]
-    dtype = _prob_dtype(grad.dtype)
+    if norms is None:
+        norms = row_norms(grad)
     if ratio >= 1.0:
-        return torch.arange(n, device=grad.device), torch.ones(n, dtype=dtype, device=grad.device)
-    norms = torch.linalg.vector_norm(grad.reshape(n, -1), dim=1, dtype=dtype)
-    return sample_rows(soft_topk_probabilities(norms, ratio * n), generator)
+        idx = (norms > 0).nonzero().squeeze(1)
+        return idx, torch.ones(idx.numel(), dtype=norms.dtype, device=norms.device)
+    return _positive(norms, *sample_rows(soft_topk_probabilities(norms, ratio * n), generator))
 
 
 def _token_matrices(grad_out: Tensor, inp: Tensor) -> tuple[Tensor, Tensor]:
@@ -214,25 +230,24 @@ def leverage_sample(
         dtype = _prob_dtype(torch.promote_types(dy.dtype, x.dtype))
         return torch.arange(t, device=dy.device), torch.ones(t, dtype=dtype, device=dy.device)
     scores = leverage_scores(grad_out, inp)
-    idx, scale = sample_rows(soft_topk_probabilities(scores, ratio * t), generator)
-    nonzero = scores.index_select(0, idx) > 0
-    return idx[nonzero], scale[nonzero]
+    return _positive(scores, *sample_rows(soft_topk_probabilities(scores, ratio * t), generator))
 
 
 def sampled_weight_grad(
     grad_out: Tensor, inp: Tensor, ratio: float, generator: torch.Generator | None = None
-) -> Tensor:
+) -> tuple[Tensor, int]:
     """Unbiased ``grad_W ~= dy^T x`` from a ``ratio`` fraction of tokens (leverage sampling).
 
-    The kept rows of ``dy`` and ``x`` are gathered and ``dy``'s rows scaled by ``1/p``,
-    then ONE dense ``(out x k) @ (k x in)`` matmul runs: the saving is real, nothing is
-    masked. At ``ratio = 1`` this is exactly ``dy^T x`` (no sampling). Returns
-    ``(out, in)`` in ``grad_out``'s dtype.
+    The kept rows of ``dy`` and ``x`` are gathered and ``dy``'s rows scaled by ``1/p`` (in
+    float32 at least, then cast back), then ONE dense ``(out x k) @ (k x in)`` matmul runs:
+    the saving is real, nothing is masked. At ``ratio = 1``, or with no token at all, this
+    is exactly ``dy^T x`` (no sampling). Returns the ``(out, in)`` estimate in
+    ``grad_out``'s dtype and ``k``, the number of tokens its matmul used.
     """
     ratio = _check_ratio(ratio)
     dy, x = _token_matrices(grad_out, inp)
-    if ratio >= 1.0:
-        return dy.t() @ x
+    if ratio >= 1.0 or dy.shape[0] == 0:
+        return dy.t() @ x, dy.shape[0]
     idx, scale = leverage_sample(grad_out, inp, ratio, generator)
-    dy_k = dy.index_select(0, idx) * scale.to(dy.dtype).unsqueeze(1)
-    return dy_k.t() @ x.index_select(0, idx)
+    dy_k = (dy.index_select(0, idx) * scale.unsqueeze(1)).to(dy.dtype)
+    return dy_k.t() @ x.index_select(0, idx), idx.numel()
