@@ -90,7 +90,8 @@ def get_method(name: str) -> Method:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
             raise GreenpropError(f"method {name!r} is not available in this install: {err}") from err
-        register_method(name, module.build, help=help_text, options=getattr(module, "OPTIONS", {}))
+        config = getattr(module, "CONFIG", None)
+        register_method(name, module.build, help=help_text, options=config.option_help() if config else {})
     if name not in _REGISTRY:
         raise GreenpropError(f"unknown method {name!r}; choose from {', '.join(available_methods())}")
     return _REGISTRY[name]
