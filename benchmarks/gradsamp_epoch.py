@@ -25,7 +25,7 @@ import time
 import torch
 
 from greenprop import models
-from greenprop.gradsamp import GradSamp
+from greenprop.gradsamp import GradSamp, GradSampConfig
 
 EPOCH_IMAGES = 60_000
 
@@ -51,7 +51,7 @@ def time_sampled_epoch(model: torch.nn.Module, repeats: int) -> dict[str, float]
     """Median seconds of snapshot, update, and fit + sample + apply."""
     parts: dict[str, list[float]] = {"snapshot": [], "update": [], "sample": []}
     for r in range(repeats):
-        gs = GradSamp(model, "pe:1", total_epochs=3, seed=r)
+        gs = GradSamp(model, GradSampConfig(strategy="pe:1", seed=r), epochs=3)
         start = time.perf_counter()
         gs.on_epoch_start(0)
         parts["snapshot"].append(time.perf_counter() - start)

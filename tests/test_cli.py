@@ -9,7 +9,7 @@ import torch
 
 from greenprop import Controller
 from greenprop.cli import main
-from greenprop.methods import register_method
+from greenprop.methods import temporary_method
 
 QUICK = [
     "--dataset",
@@ -150,10 +150,13 @@ class _Poison(Controller):
         return {}
 
 
-register_method("poison-test", lambda model, options, **_: [_Poison(model)], help="diverges")
+@pytest.fixture
+def poison_method():
+    with temporary_method("poison-test", lambda model, options, **_: [_Poison(model)], help="diverges"):
+        yield
 
 
-def test_compare_records_a_diverged_method_and_goes_on(tmp_path, capsys):
+def test_compare_records_a_diverged_method_and_goes_on(tmp_path, capsys, poison_method):
     out_dir = tmp_path / "cmp"
     args = ["compare", *QUICK, "--epochs", "2", "--methods", "baseline", "poison-test",
             "--seeds", "0", "1", "--out", str(out_dir)]

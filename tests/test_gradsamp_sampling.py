@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from greenprop.gradsamp import GradSamp, ggd
-from greenprop.gradsamp.sampling import DEFAULT_BETA_BOUNDS, DrawStats, draw_seed, sample_update
+from greenprop.gradsamp.sampling import DEFAULT_BETA_BOUNDS, DrawStats, sample_update
+from greenprop.seeding import gradsamp_draw_seed
 
 RULE = {
     "update": "ggd",
@@ -81,8 +82,8 @@ def test_the_controller_adds_exactly_the_rules_draws_in_model_order():
     gs.on_epoch_start(1)
     gs.sampled_update(1)
 
-    gen = torch.Generator().manual_seed(draw_seed(11, 1))
-    fit_gen = torch.Generator().manual_seed(draw_seed(11, 1))
+    gen = torch.Generator().manual_seed(gradsamp_draw_seed(11, 1))
+    fit_gen = torch.Generator().manual_seed(gradsamp_draw_seed(11, 1))
     rule = {**RULE, "update": "ggd-signed"}
     for (name, p), delta in zip(model.named_parameters(), deltas, strict=True):
         draw, _ = sample_update(delta, **rule, generator=gen, fit_generator=fit_gen, name=name)

@@ -1,4 +1,4 @@
-"""Method specs: parsing, unknown names, option errors."""
+"""Method specs: parsing, unknown names, option errors, the table of methods."""
 
 from __future__ import annotations
 
@@ -6,7 +6,14 @@ import pytest
 from torch import nn
 
 from greenprop import GreenpropError
-from greenprop.methods import build_method, parse_method, register_method
+from greenprop.methods import (
+    BUILTIN_METHODS,
+    available_methods,
+    build_method,
+    get_method,
+    parse_method,
+    temporary_method,
+)
 
 
 def _echo(model, options, *, epochs, steps_per_epoch, seed):
@@ -15,8 +22,13 @@ def _echo(model, options, *, epochs, steps_per_epoch, seed):
     return []
 
 
-register_method("echo-test", _echo, help="test method")
-register_method("echo-test2", _echo, help="second test method")
+@pytest.fixture(autouse=True)
+def echo_methods():
+    """Two fake methods, known only while a test of this file runs."""
+    with temporary_method("echo-test", _echo, help="test method"), temporary_method(
+        "echo-test2", _echo, help="second test method"
+    ):
+        yield
 
 
 def test_parse_plain_name():
@@ -59,3 +71,26 @@ def test_methods_combine_with_semicolons():
 def test_bad_combinations_are_errors(bad):
     with pytest.raises(GreenpropError):
         parse_method(bad)
+
+
+def test_temporary_methods_are_gone_afterwards():
+    with temporary_method("gone-test", _echo, help="short-lived") as method:
+        assert get_method("gone-test") is method and "gone-test" in available_methods()
+    assert "gone-test" not in available_methods()
+    with pytest.raises(GreenpropError, match="unknown method 'gone-test'"):
+        parse_method("gone-test")
+
+
+def test_a_temporary_method_cannot_shadow_a_builtin():
+    with pytest.raises(GreenpropError, match="exists already"), temporary_method("ssprop", _echo, help="x"):
+        pass
+
+
+def test_builtin_methods_come_from_the_static_table_with_derived_options():
+    assert set(BUILTIN_METHODS) <= set(available_methods())
+    assert get_method("baseline").options == {} and get_method("baseline").report_extras is None
+    for name in ("ssprop", "gradsamp", "vcas"):
+        method = get_method(name)
+        assert method.options and all(help_text.strip() for help_text in method.options.values()), name
+        assert "seed" in method.options
+        assert method.report_extras is None  # no method module defines REPORT_EXTRAS yet

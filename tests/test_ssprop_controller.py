@@ -11,7 +11,7 @@ from torch import nn
 from greenprop import GreenpropError
 from greenprop.controller import RunContext
 from greenprop.ssprop import SSProp, SSPropConfig, apply_ssprop, sparse_layers
-from greenprop.ssprop.method import OPTIONS, build
+from greenprop.ssprop.method import CONFIG, build
 from greenprop.ssprop.schedule import KeepSchedule
 
 
@@ -190,7 +190,7 @@ def test_build_fails_clearly_when_nothing_is_converted():
 
 def test_options_help_covers_every_config_field():
     fields = set(SSPropConfig.__dataclass_fields__)
-    assert set(OPTIONS) == fields
+    assert set(CONFIG.option_help()) == fields
     assert SSPropConfig.from_dict({"layers": "conv+linear", "period": "none"}).layers == (
         "conv",
         "linear",

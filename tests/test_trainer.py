@@ -233,7 +233,7 @@ def test_a_controller_can_undo_an_epoch_after_evaluation(quick_config, digits):
 
 
 def test_gradsamp_runs_through_the_trainer(quick_config, digits):
-    config = quick_config.replace(epochs=4, method="gradsamp:strategy=pe:2,guard=0.5")
+    config = quick_config.replace(epochs=4, method="gradsamp:strategy=pe:2,guard_threshold=0.5")
     metrics = Trainer(config, data=digits).fit()
     sampled = [r["epoch"] for r in metrics["epochs"] if r["replaced_by"]]
     assert sampled == [2]

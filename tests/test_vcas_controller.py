@@ -25,7 +25,7 @@ from greenprop.train.checkpoint import load_checkpoint, save_checkpoint
 from greenprop.train.config import TrainConfig
 from greenprop.train.trainer import METRICS, Trainer
 from greenprop.vcas import VCAS, VCASConfig, apply_vcas, block_keep_ratio
-from greenprop.vcas.method import OPTIONS
+from greenprop.vcas.method import CONFIG
 from greenprop.vcas.surgery import vcas_handle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -318,7 +318,7 @@ def test_method_builds_the_controller_with_the_options() -> None:
     config = controllers[0].config
     assert (config.update_every, config.tau_act, config.seed) == (5, 0.1, 7)
     assert vcas_handle(model) is controllers[0].handle
-    assert set(OPTIONS) == {f for f in VCASConfig.__dataclass_fields__}
+    assert set(CONFIG.option_help()) == {f for f in VCASConfig.__dataclass_fields__}
     with pytest.raises(GreenpropError, match="already applied"):
         apply_vcas(model)
 

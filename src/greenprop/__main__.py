@@ -1,5 +1,7 @@
-"""``python -m greenprop``: the same as the ``greenprop`` command."""
+"""``python -m greenprop``: the same command line as ``greenprop``."""
+
+import sys
 
 from greenprop.cli import main
 
-raise SystemExit(main())
+sys.exit(main())

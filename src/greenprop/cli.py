@@ -244,12 +244,17 @@ def _cmd_ggd_check(args: argparse.Namespace, argv: Sequence[str]) -> None:
 
 def _cmd_methods() -> None:
     from greenprop.methods import available_methods, get_method
+    from greenprop.options import FALSE_WORDS, TRUE_WORDS
 
     for name in available_methods():
         method = get_method(name)
         print(f"{name}: {method.help}")
         for option, help_text in method.options.items():
             print(f"    {option}: {help_text}")
+    print(
+        f"\noptions go after the name: NAME:key=value,key=value; yes/no options read "
+        f"{'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS)}; lists join with + (layers=conv+linear)"
+    )
 
 
 def _cmd_presets() -> None:

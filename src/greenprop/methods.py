@@ -1,17 +1,25 @@
-"""Registry of training methods that the CLI and `compare` can run by name.
+"""The training methods that the CLI and `compare` can run by name.
 
 A method is given as a spec string ``name`` or ``name:key=value,key=value``
-(values may themselves contain ``:``, e.g. ``gradsamp:strategy=pe:5``). A builder
-applies the method to a model in place and returns the controllers that drive it.
+(values may themselves contain ``:``, e.g. ``gradsamp:strategy=pe:5``). A method module
+defines ``build(model, options, *, epochs, steps_per_epoch, seed)``, which applies the
+method to a model in place and returns the controllers that drive it, and optionally
+``CONFIG`` (its settings' dataclass, the source of its option help) and ``REPORT_EXTRAS``
+(a callable the comparison report may use).
+
+The built-in methods are a static table, imported on first use so ``import greenprop``
+does not import every method's dependencies. Nothing registers itself at import time;
+tests and experiments add a method for a while with :func:`temporary_method`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 from torch import nn
@@ -19,10 +27,21 @@ from torch import nn
 from greenprop.controller import Controller
 from greenprop.errors import GreenpropError
 
+__all__ = [
+    "BUILTIN_METHODS",
+    "Method",
+    "MethodSpec",
+    "available_methods",
+    "build_method",
+    "get_method",
+    "parse_method",
+    "temporary_method",
+]
+
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A parsed method spec: its registered name and raw string options.
+    """A parsed method spec: its name and raw string options.
 
     Several methods combine with ``;`` (``gradsamp:strategy=pe:5;ssprop:keep=0.6``):
     the combination's ``parts`` are applied in order and their controllers all run.
@@ -44,26 +63,27 @@ class MethodSpec:
 
 @dataclass(frozen=True)
 class Method:
-    """A registered method. ``builder(model, options, *, epochs, steps_per_epoch, seed)``
-    applies it to ``model`` in place and returns its controllers."""
+    """A method by name. ``builder(model, options, *, epochs, steps_per_epoch, seed)``
+    applies it to ``model`` in place and returns its controllers; ``options`` maps each
+    option to its help; ``report_extras`` is the module's ``REPORT_EXTRAS`` (or None)."""
 
     name: str
     builder: Callable[..., list[Controller]]
     help: str
-    options: dict[str, str]
+    options: dict[str, str] = field(default_factory=dict)
     #: ``report_extras(results, out_dir) -> [(caption, path)]``: figures for compare's report.
-    report_extras: Callable[..., list[Any]] | None = None
+    report_extras: Callable[..., Any] | None = None
 
 
-_REGISTRY: dict[str, Method] = {}
-
-# Methods that live in their own subpackage register lazily, so importing greenprop
-# does not import every method's dependencies.
-_LAZY: dict[str, tuple[str, str]] = {
+#: Built-in methods: name -> (module defining ``build``, one-line help); the baseline has none.
+BUILTIN_METHODS: dict[str, tuple[str | None, str]] = {
+    "baseline": (None, "dense training, the reference every saving is measured against"),
     "ssprop": ("greenprop.ssprop.method", "channel-sparse backward for Conv2d/Linear"),
     "gradsamp": ("greenprop.gradsamp.method", "skip epochs, apply GGD-sampled updates"),
     "vcas": ("greenprop.vcas.method", "variance-controlled sampling of activation and weight gradients"),
 }
+
+_TEMPORARY: dict[str, Method] = {}
 
 
 def _baseline(model: nn.Module, options: dict[str, str], **_: int) -> list[Controller]:
@@ -72,41 +92,54 @@ def _baseline(model: nn.Module, options: dict[str, str], **_: int) -> list[Contr
     return []
 
 
-def register_method(
+@contextmanager
+def temporary_method(
     name: str,
     builder: Callable[..., list[Controller]],
     *,
     help: str,
     options: dict[str, str] | None = None,
-) -> None:
-    """Make ``name`` available to ``greenprop train --method`` and ``compare``."""
-    _REGISTRY[name] = Method(name, builder, help, dict(options or {}))
+) -> Iterator[Method]:
+    """Make ``name`` available to ``--method`` and ``compare`` inside the ``with`` block."""
+    if name in BUILTIN_METHODS or name in _TEMPORARY:
+        raise GreenpropError(f"method {name!r} exists already")
+    method = Method(name, builder, help, dict(options or {}))
+    _TEMPORARY[name] = method
+    try:
+        yield method
+    finally:
+        del _TEMPORARY[name]
 
 
-register_method("baseline", _baseline, help="dense training, the reference every saving is measured against")
+@cache
+def _load_builtin(name: str) -> Method:
+    module_name, help_text = BUILTIN_METHODS[name]
+    if module_name is None:
+        return Method(name, _baseline, help_text)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise GreenpropError(f"method {name!r} is not available in this install: {err}") from err
+    config = getattr(module, "CONFIG", None)
+    options = config.option_help() if config is not None else {}
+    return Method(name, module.build, help_text, options, getattr(module, "REPORT_EXTRAS", None))
 
 
 def get_method(name: str) -> Method:
     """Look up a method, importing its module on first use."""
-    if name not in _REGISTRY and name in _LAZY:
-        module_name, help_text = _LAZY[name]
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            raise GreenpropError(f"method {name!r} is not available in this install: {err}") from err
-        register_method(name, module.build, help=help_text, options=getattr(module, "OPTIONS", {}))
-        extras = getattr(module, "REPORT_EXTRAS", None)
-        _REGISTRY[name] = dataclasses.replace(_REGISTRY[name], report_extras=extras)
-    if name not in _REGISTRY:
-        raise GreenpropError(f"unknown method {name!r}; choose from {', '.join(available_methods())}")
-    return _REGISTRY[name]
+    if name in _TEMPORARY:
+        return _TEMPORARY[name]
+    if name in BUILTIN_METHODS:
+        return _load_builtin(name)
+    raise GreenpropError(f"unknown method {name!r}; choose from {', '.join(available_methods())}")
 
 
 def available_methods() -> list[str]:
-    names = set(_REGISTRY)
-    for lazy_name, (module_name, _) in _LAZY.items():
-        if importlib.util.find_spec(module_name) is not None:
-            names.add(lazy_name)
+    """Names of the methods this install can run (built-in ones whose module imports)."""
+    names = set(_TEMPORARY)
+    for name, (module_name, _) in BUILTIN_METHODS.items():
+        if module_name is None or importlib.util.find_spec(module_name) is not None:
+            names.add(name)
     return sorted(names)
 
 

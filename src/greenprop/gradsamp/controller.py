@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,17 +25,10 @@ from torch import nn
 from greenprop.controller import Controller, RunContext
 from greenprop.errors import GreenpropError
 from greenprop.gradsamp import ggd
-from greenprop.gradsamp.sampling import (
-    DEFAULT_BETA_BOUNDS,
-    TOLERANCE_MODES,
-    UPDATE_VARIANTS,
-    DrawStats,
-    ToleranceMode,
-    UpdateVariant,
-    draw_seed,
-    sample_update,
-)
+from greenprop.gradsamp.config import GradSampConfig
+from greenprop.gradsamp.sampling import DrawStats, FitMethod, ToleranceMode, UpdateVariant, sample_update
 from greenprop.gradsamp.schedule import Strategy, parse_strategy
+from greenprop.seeding import gradsamp_draw_seed
 
 __all__ = ["GradSamp"]
 
@@ -48,7 +41,7 @@ class GradSamp(Controller):
     Use it from the reference trainer (it implements the :class:`Controller` hooks) or from
     any loop::
 
-        gs = GradSamp(model, "pe:5", total_epochs=E, seed=0)
+        gs = GradSamp(model, GradSampConfig(strategy="pe:5", seed=0), epochs=E)
         for epoch in range(E):
             gs.on_epoch_start(epoch)
             if gs.should_skip(epoch):
@@ -59,96 +52,39 @@ class GradSamp(Controller):
 
     Args:
         model: its trainable parameters (``requires_grad`` at construction) are sampled.
-        strategy: a :class:`~greenprop.gradsamp.schedule.Strategy` or a spec such as
-            ``"pe:5"``, ``"pr:0.2"``, ``"dp:5"``, ``"dr:0.2"``. The first and last epoch are
-            always real; a sampled epoch always follows a real one unless
-            ``allow_consecutive``.
-        total_epochs: the run's length (the delayed strategies need it; the last epoch real).
-        tolerance: the paper's ``eps`` (1e-3), applied as ``tolerance_mode`` says.
-        tolerance_mode: ``"relative"`` (default): draw std = real std * (1 + tolerance);
-            ``"absolute"``: draw std = real std + tolerance; ``"paper"``: the literal rule,
-            GGD scale + tolerance (documented hazard: explodes at small beta; no clamp and no
-            beta bounds unless given).
-        update: ``"ggd"`` (the paper: i.i.d. draw), ``"ggd-signed"`` (magnitudes from the
-            GGD, signs of the last real update), ``"extrapolate"`` (repeat the last real
-            update).
-        update_scale: multiplies every sampled update (1.0).
-        clamp: clamp each draw to ``[-m, m]``, ``m`` = the real update's largest ``|step|``.
-            ``None``: on, except in ``"paper"`` mode.
-        beta_bounds: bounds for the fitted shape; ``None``: ``(0.2, 8.0)``, unbounded in
-            ``"paper"`` mode.
-        fit_method: ``"moments"`` (fast, torch) or ``"mle"`` (SciPy, subsampled; the paper's).
-        guard_threshold: enables :meth:`guard`: after a sampled epoch, roll back if the
-            validation loss rose by more than this fraction of its previous value.
-        allow_consecutive: only used when ``strategy`` is a string.
-        seed: seeds the strategy's coins and the draws; each epoch's come from
-            ``(seed, epoch)``, so a resumed run samples identically.
-        record_fits: add every tensor's fitted (loc, scale, beta) to the epoch record.
+        config: the settings (:class:`GradSampConfig`; default ``GradSampConfig()``, the
+            paper's ``pe:5`` with the safe draw). The first and last epoch are always real.
+        epochs: the run's length (the delayed strategies need it; the last epoch real).
+
+    The settings are also attributes (``update``, ``tolerance``, ...), with ``clamp`` and
+    ``beta_bounds`` resolved for the tolerance mode. ``guard_threshold`` enables
+    :meth:`guard`: after a sampled epoch, roll back if the validation loss rose by more than
+    that fraction of its previous value.
     """
 
     name = "gradsamp"
 
-    def __init__(
-        self,
-        model: nn.Module,
-        strategy: Strategy | str,
-        *,
-        total_epochs: int,
-        tolerance: float = 1e-3,
-        tolerance_mode: ToleranceMode = "relative",
-        update: UpdateVariant = "ggd",
-        update_scale: float = 1.0,
-        clamp: bool | None = None,
-        beta_bounds: tuple[float, float] | None = None,
-        fit_method: Literal["moments", "mle"] = "moments",
-        guard_threshold: float | None = None,
-        allow_consecutive: bool = False,
-        seed: int = 0,
-        record_fits: bool = False,
-    ) -> None:
-        if isinstance(total_epochs, bool) or not isinstance(total_epochs, int) or total_epochs < 1:
-            raise GreenpropError(f"total_epochs must be an integer >= 1, got {total_epochs!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise GreenpropError(f"seed must be an integer, got {seed!r}")
-        if not _is_number(tolerance) or not math.isfinite(tolerance) or tolerance < 0:
-            raise GreenpropError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
-        if tolerance_mode not in TOLERANCE_MODES:
-            raise GreenpropError(
-                f"tolerance_mode must be one of {', '.join(TOLERANCE_MODES)}, got {tolerance_mode!r}"
-            )
-        if update not in UPDATE_VARIANTS:
-            raise GreenpropError(f"update must be one of {', '.join(UPDATE_VARIANTS)}, got {update!r}")
-        if not _is_number(update_scale) or not math.isfinite(update_scale) or update_scale < 0:
-            raise GreenpropError(f"update_scale must be a finite number >= 0, got {update_scale!r}")
-        if clamp is not None and not isinstance(clamp, bool):
-            raise GreenpropError(f"clamp must be True, False or None, got {clamp!r}")
-        if fit_method not in ("moments", "mle"):
-            raise GreenpropError(f"fit_method must be 'moments' or 'mle', got {fit_method!r}")
-        if guard_threshold is not None and (
-            not _is_number(guard_threshold) or not math.isfinite(guard_threshold) or guard_threshold < 0
-        ):
-            raise GreenpropError(
-                f"guard_threshold must be a finite number >= 0 or None, got {guard_threshold!r}"
-            )
-        paper = tolerance_mode == "paper"
-        if beta_bounds is None:
-            beta_bounds = (0.0, math.inf) if paper else DEFAULT_BETA_BOUNDS
-        lo, hi = _check_bounds(beta_bounds)
-
+    def __init__(self, model: nn.Module, config: GradSampConfig | None = None, *, epochs: int) -> None:
+        config = GradSampConfig() if config is None else config
+        if not isinstance(config, GradSampConfig):
+            raise GreenpropError(f"GradSamp takes a GradSampConfig, got {config!r}")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise GreenpropError(f"epochs must be an integer >= 1, got {epochs!r}")
+        self.config = config
         self.strategy: Strategy = parse_strategy(
-            strategy, total_epochs=total_epochs, seed=seed, allow_consecutive=allow_consecutive
+            config.strategy, total_epochs=epochs, seed=config.seed, allow_consecutive=config.allow_consecutive
         )
-        self.total_epochs = total_epochs
-        self.seed = seed
-        self.tolerance = float(tolerance)
-        self.tolerance_mode: ToleranceMode = tolerance_mode
-        self.update: UpdateVariant = update
-        self.update_scale = float(update_scale)
-        self.clamp = (not paper) if clamp is None else clamp
-        self.beta_bounds = (lo, hi)
-        self.fit_method: Literal["moments", "mle"] = fit_method
-        self.guard_threshold = None if guard_threshold is None else float(guard_threshold)
-        self.record_fits = record_fits
+        self.epochs = epochs
+        self.seed = config.seed
+        self.tolerance = config.tolerance
+        self.tolerance_mode: ToleranceMode = config.tolerance_mode
+        self.update: UpdateVariant = config.update
+        self.update_scale = config.update_scale
+        self.clamp = config.clamp_draws
+        self.beta_bounds = config.beta_bounds
+        self.fit_method: FitMethod = config.fit_method
+        self.guard_threshold = config.guard_threshold
+        self.record_fits = config.record_fits
 
         self._params: list[tuple[str, nn.Parameter]] = [
             (n, p) for n, p in model.named_parameters() if p.requires_grad
@@ -175,19 +111,19 @@ class GradSamp(Controller):
     # ------------------------------------------------------------------ schedule
     def should_skip(self, epoch: int) -> bool:
         """Whether ``epoch`` is sampled instead of trained."""
-        return self.strategy.should_skip(epoch, self.total_epochs)
+        return self.strategy.should_skip(epoch, self.epochs)
 
     def skipped_epochs(self) -> list[int]:
         """The epochs this run samples."""
-        return self.strategy.skipped_epochs(self.total_epochs)
+        return self.strategy.skipped_epochs(self.epochs)
 
     def expected_saving(self) -> float:
         """Expected fraction of epochs sampled (their forward and backward are not done)."""
-        return self.strategy.expected_saving(self.total_epochs)
+        return self.strategy.expected_saving(self.epochs)
 
     def describe(self) -> dict[str, Any]:
         """Strategy, savings and settings, for reports and metrics.json."""
-        out = dict(self.strategy.describe(self.total_epochs))
+        out = dict(self.strategy.describe(self.epochs))
         out.update(
             update=self.update,
             tolerance=self.tolerance,
@@ -203,13 +139,13 @@ class GradSamp(Controller):
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, run: RunContext) -> None:
         self._run = run
-        if run.epochs != self.total_epochs:
+        if run.epochs != self.epochs:
             warnings.warn(
-                f"GradSamp was built for {self.total_epochs} epochs but the run has "
+                f"GradSamp was built for {self.epochs} epochs but the run has "
                 f"{run.epochs}; using {run.epochs}",
                 stacklevel=2,
             )
-            self.total_epochs = run.epochs
+            self.epochs = run.epochs
 
     def on_epoch_start(self, epoch: int) -> None:
         """Snapshot the parameters before a real epoch (into the reused buffer)."""
@@ -283,7 +219,7 @@ class GradSamp(Controller):
         guard = self.guard_threshold is not None
         if guard and self.strategy.allow_consecutive and self._pre is None:
             self._pre = [torch.empty_like(p) for _, p in self._params]
-        seed = draw_seed(self.seed, epoch)
+        seed = gradsamp_draw_seed(self.seed, epoch)
         generators: dict[torch.device, torch.Generator] = {}
         fit_generator = torch.Generator().manual_seed(seed)
         stats = DrawStats()
@@ -359,7 +295,7 @@ class GradSamp(Controller):
 
     def _next_epoch_samples(self) -> bool:
         nxt = 0 if self._last_finished is None else self._last_finished + 1
-        return nxt < self.total_epochs and self.should_skip(nxt)
+        return nxt < self.epochs and self.should_skip(nxt)
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to skip the same epochs and draw the same samples.
@@ -380,7 +316,7 @@ class GradSamp(Controller):
             "allow_consecutive": self.strategy.allow_consecutive,
             "strategy_seed": int(self.strategy.seed),
             "seed": self.seed,
-            "total_epochs": self.total_epochs,
+            "epochs": self.epochs,
             "names": [n for n, _ in self._params],
             "buffer_kind": self._buf_kind if need_buf else "empty",
             "buffer_epoch": self._buf_epoch if need_buf else None,
@@ -451,16 +387,3 @@ def _checked(saved: list[torch.Tensor] | None, like: list[torch.Tensor]) -> Iter
             )
         yield s
 
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_bounds(bounds: object) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in bounds)  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        raise GreenpropError(f"beta_bounds must be a pair (low, high), got {bounds!r}") from None
-    if not (0.0 <= lo < hi) or math.isnan(hi):
-        raise GreenpropError(f"beta_bounds must satisfy 0 <= low < high, got {bounds!r}")
-    return lo, hi

@@ -14,9 +14,8 @@ import math
 import statistics
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-import numpy as np
 import torch
 
 from greenprop.gradsamp import ggd
@@ -26,28 +25,23 @@ __all__ = [
     "TOLERANCE_MODES",
     "UPDATE_VARIANTS",
     "DrawStats",
-    "draw_seed",
+    "FitMethod",
+    "ToleranceMode",
+    "UpdateVariant",
     "sample_update",
 ]
 
 #: Update variants: the paper's i.i.d. draw, and two ablations of ours.
-UPDATE_VARIANTS: tuple[str, ...] = ("ggd", "ggd-signed", "extrapolate")
-#: How ``tolerance`` enters the draw (see :func:`sample_update`).
-TOLERANCE_MODES: tuple[str, ...] = ("relative", "absolute", "paper")
-#: Shape bounds used by the safe modes: below 0.2 a draw is a few huge values among zeros.
-DEFAULT_BETA_BOUNDS: tuple[float, float] = (0.2, 8.0)
-
 UpdateVariant = Literal["ggd", "ggd-signed", "extrapolate"]
+#: How ``tolerance`` enters the draw (see :func:`sample_update`).
 ToleranceMode = Literal["relative", "absolute", "paper"]
+#: GGD estimators: torch moments (fast) or SciPy maximum likelihood (the paper's).
 FitMethod = Literal["moments", "mle"]
 
-_DRAW_STREAM = 0x6D5A_D7A3  # separates the draws from the strategy's coins for one seed
-
-
-def draw_seed(seed: int, epoch: int) -> int:
-    """A 63-bit torch seed derived from (seed, epoch) only, so a resumed run draws the same."""
-    words = np.random.SeedSequence([seed % (1 << 64), epoch, _DRAW_STREAM]).generate_state(2)
-    return (int(words[0]) << 31 ^ int(words[1])) & ((1 << 63) - 1)
+UPDATE_VARIANTS: tuple[str, ...] = get_args(UpdateVariant)
+TOLERANCE_MODES: tuple[str, ...] = get_args(ToleranceMode)
+#: Shape bounds used by the safe modes: below 0.2 a draw is a few huge values among zeros.
+DEFAULT_BETA_BOUNDS: tuple[float, float] = (0.2, 8.0)
 
 
 def sample_update(

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from greenprop.errors import GreenpropError
+from greenprop.options import MethodConfig, check_interval, option
 from greenprop.ssprop.functional import SELECTIONS
-from greenprop.ssprop.schedule import KeepSchedule
+from greenprop.ssprop.schedule import SCHEDULE_KINDS, KeepSchedule
 
 __all__ = ["LAYER_TYPES", "SSPropConfig"]
 
@@ -17,87 +14,60 @@ __all__ = ["LAYER_TYPES", "SSPropConfig"]
 LAYER_TYPES: tuple[str, ...] = ("conv", "linear")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
-class SSPropConfig:
+class SSPropConfig(MethodConfig):
     """Settings of ssProp (scheduled channel-sparse backward), validated on construction.
 
     ``SSPropConfig(keep=0.6)`` is the simplest use: every Conv2d except the model's
-    output layer computes its backward with 60% of its output channels.
+    output layer computes its backward with 60% of its output channels. Each field's
+    help (also listed by ``greenprop methods``) says what it does; ``from_dict`` reads
+    the same names from the CLI's strings.
 
-    Args:
-        keep: fraction of output channels kept in sparse steps, in (0, 1]. Default 0.6
-            (the paper's ~40% backward saving). The schedule's starting value.
-        schedule: how keep evolves: "constant" (default), "linear" / "cosine" (keep ->
-            min_keep), "bar" (keep for the first half, min_keep for the second).
-        min_keep: the schedule's final value, in (0, keep]; needed unless constant.
-        period: if set (an integer >= 1), the schedule is stepped per iteration and
-            repeats every ``period`` iterations; otherwise it is stepped per epoch.
-        per_step: step per iteration with one cycle over the whole (post-warmup) run
-            when no ``period`` is given. Default False (per epoch).
-        warmup: number of dense epochs first. Default 0.
-        interleave: alternate dense and sparse epochs (even epochs dense, odd sparse,
-            after warmup). The paper's headline run: keep 0.2 interleaved, ~40% saved.
-        selection: "topk" (channels with the largest mean |dy|; default) or "random"
-            (the paper's ablation; reproducible from ``seed``).
-        layers: which layer types to convert: ("conv",) by default; add "linear" to
-            include nn.Linear (opt-in: see ``include_output``).
-        include_output: also convert the layer producing the model's output (default
-            False). That layer is the last Conv2d/Linear in ``model.modules()`` order,
-            plus any Conv2d/Linear named ``head`` (the zoo's classifiers). A prototype
-            that sparsified a 10-way classifier head at keep 0.4 diverged (9% accuracy).
-        min_channels: layers with fewer output channels (per group) stay dense: tiny
-            layers save little and pay the ranking overhead. Default 1 (convert all).
-        round_to: round k up to a multiple of this (capped at the channel count).
-            oneDNN pads channels to 16, so an odd k costs as much as the next multiple.
-            Default 1 (no rounding).
-        calibrate: time each layer's dense and sparse backward once (per k) on the
-            first sparse step and keep it dense where sparse is not faster. Off by
-            default (it changes gradients based on timing, so it is not reproducible
-            across machines).
-        seed: seeds the random selection (each layer gets its own generator).
+    Notes:
+        The output layer is the last Conv2d/Linear in ``model.modules()`` order, plus any
+        Conv2d/Linear named ``head`` (the zoo's classifiers); a prototype that sparsified a
+        10-way classifier head at keep 0.4 diverged (9% accuracy), hence
+        ``include_output=False``. ``round_to=16`` matches oneDNN, which pads channels to
+        16 so an odd k costs as much as the next multiple. ``calibrate`` changes gradients
+        based on timing, so it is off by default (not reproducible across machines).
     """
 
-    keep: float = 0.6
-    schedule: str = "constant"
-    min_keep: float | None = None
-    period: int | None = None
-    per_step: bool = False
-    warmup: int = 0
-    interleave: bool = False
-    selection: str = "topk"
-    layers: tuple[str, ...] = field(default=("conv",))
-    include_output: bool = False
-    min_channels: int = 1
-    round_to: int = 1
-    calibrate: bool = False
-    seed: int = 0
+    METHOD = "ssprop"
+
+    keep: float = option(0.6, "fraction of output channels whose gradient is computed, in (0, 1]")
+    schedule: str = option(
+        "constant",
+        "constant | linear | cosine | bar: keep over training, keep -> min_keep",
+        choices=SCHEDULE_KINDS,
+    )
+    min_keep: float | None = option(
+        None, "final keep of linear/cosine/bar, in (0, keep]", default_text="none; required by them"
+    )
+    period: int | None = option(None, "step the schedule per iteration, repeating every T iterations, >= 1")
+    per_step: bool = option(False, "true: step per iteration over the whole run (false: per epoch)")
+    warmup: int = option(0, "dense epochs first")
+    interleave: bool = option(False, "true: alternate dense (even) and sparse (odd) epochs, after warmup")
+    selection: str = option(
+        "topk", "topk (largest mean |dy|) | random (the paper's ablation)", choices=SELECTIONS
+    )
+    layers: tuple[str, ...] = option(
+        ("conv",), "conv | linear | conv+linear: layer types to convert", choices=LAYER_TYPES
+    )
+    include_output: bool = option(
+        False, "true: also convert the model's output layer (a sparse classifier head can diverge)"
+    )
+    min_channels: int = option(1, "layers with fewer output channels (per group) stay dense")
+    round_to: int = option(1, "round the kept-channel count up to a multiple, e.g. 16 for oneDNN")
+    calibrate: bool = option(
+        False, "true: time each layer once and keep it dense where sparse is not faster"
+    )
+    seed: int = option(0, "seed of the random selection", default_text="the run's seed")
 
     def __post_init__(self) -> None:
-        if isinstance(self.layers, str):
-            object.__setattr__(self, "layers", _parse_layers(self.layers))
-        elif isinstance(self.layers, list):
-            object.__setattr__(self, "layers", tuple(self.layers))
-        if not isinstance(self.layers, tuple) or not self.layers:
-            raise GreenpropError(f"layers must be a non-empty tuple of {LAYER_TYPES}")
-        bad = [t for t in self.layers if t not in LAYER_TYPES]
-        if bad:
-            raise GreenpropError(f"layers: unknown layer type {bad[0]!r}; choose from {LAYER_TYPES}")
-        if self.selection not in SELECTIONS:
-            raise GreenpropError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
-        for name in ("include_output", "calibrate", "interleave", "per_step"):
-            if not isinstance(getattr(self, name), bool):
-                raise GreenpropError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if not _is_int(self.min_channels) or self.min_channels < 1:
-            raise GreenpropError(f"min_channels must be an integer >= 1, got {self.min_channels!r}")
-        if not _is_int(self.round_to) or self.round_to < 1:
-            raise GreenpropError(f"round_to must be an integer >= 1, got {self.round_to!r}")
-        if not _is_int(self.seed):
-            raise GreenpropError(f"seed must be an integer, got {self.seed!r}")
-        # The schedule validates keep, schedule, min_keep, period, warmup.
+        super().__post_init__()
+        check_interval(self, "min_channels", "[1, inf)")
+        check_interval(self, "round_to", "[1, inf)")
+        # The schedule validates keep, min_keep, period and warmup.
         self.keep_schedule()
 
     def keep_schedule(self, epochs: int | None = None, steps_per_epoch: int | None = None) -> KeepSchedule:
@@ -113,80 +83,3 @@ class SSPropConfig:
             warmup=self.warmup,
             interleave=self.interleave,
         )
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> SSPropConfig:
-        """Build from a dict (YAML/JSON values or the CLI's strings).
-
-        Strings are parsed per field ("0.6", "true", "conv,linear", "none"); an unknown
-        key or an unparsable value raises :class:`GreenpropError` naming the option.
-        """
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in values.items():
-            if key not in names:
-                raise GreenpropError(f"unknown ssprop option {key!r}; known: {', '.join(sorted(names))}")
-            kwargs[key] = _PARSERS[key](key, value) if isinstance(value, str) else value
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-Python dict of the settings (lists for tuples), for logs and YAML."""
-        d = dataclasses.asdict(self)
-        d["layers"] = list(self.layers)
-        return d
-
-
-def _parse_float(key: str, s: str) -> float:
-    try:
-        return float(s)
-    except ValueError:
-        raise GreenpropError(f"{key} must be a number, got {s!r}") from None
-
-
-def _parse_int(key: str, s: str) -> int:
-    try:
-        return int(s)
-    except ValueError:
-        raise GreenpropError(f"{key} must be an integer, got {s!r}") from None
-
-
-def _parse_bool(key: str, s: str) -> bool:
-    low = s.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise GreenpropError(f"{key} must be true or false, got {s!r}")
-
-
-def _optional(parse: Any) -> Any:
-    def parser(key: str, s: str) -> Any:
-        return None if s.strip().lower() in ("", "none", "null") else parse(key, s)
-
-    return parser
-
-
-def _parse_str(key: str, s: str) -> str:
-    return s.strip().lower()
-
-
-def _parse_layers(s: str, key: str = "layers") -> tuple[str, ...]:
-    return tuple(p.strip().lower() for p in s.replace("+", ",").split(",") if p.strip())
-
-
-_PARSERS: dict[str, Any] = {
-    "keep": _parse_float,
-    "schedule": _parse_str,
-    "min_keep": _optional(_parse_float),
-    "period": _optional(_parse_int),
-    "per_step": _parse_bool,
-    "warmup": _parse_int,
-    "interleave": _parse_bool,
-    "selection": _parse_str,
-    "layers": lambda key, s: _parse_layers(s, key),
-    "include_output": _parse_bool,
-    "min_channels": _parse_int,
-    "round_to": _parse_int,
-    "calibrate": _parse_bool,
-    "seed": _parse_int,
-}
