@@ -29,15 +29,14 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from _common import add_common_options, header_lines, markdown_table, quartiles, rotated, save_results, start
 from greenprop import models
 from greenprop.vcas.layers import Mode, VCASLinear, VCASRuntime
-from ssprop_step import environment, header_lines, markdown_table, quartiles, rotated, save_results
 
 VARIANTS = ("dense", "sampled")
 
@@ -198,9 +197,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--nus", type=float, nargs="+", default=[1.0, 0.5, 0.25], help="token ratios")
     p.add_argument("--repeats", type=int, default=30, help="timed repeats per variant (default 30)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per variant first (default 3)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results here")
+    add_common_options(p)
     args = p.parse_args(argv)
     if args.seq_len < 1 or args.repeats < 1 or args.warmup < 0:
         p.error("--seq-len and --repeats must be >= 1, --warmup >= 0")
@@ -212,9 +209,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the Markdown report, return (and optionally save) results."""
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    env = environment(__file__, sys.argv[1:] if argv is None else argv)
+    env = start(args, __file__, argv)
     shapes = minilm_shapes(args.seq_len) if args.shapes in ("minilm", "all") else []
     shapes += vit_shapes() if args.shapes in ("vit", "all") else []
     rows = []
