@@ -51,6 +51,12 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results here")
 
 
+def check_ratios(parser: argparse.ArgumentParser, flags: str, values: Sequence[float]) -> None:
+    """Exit with a usage error unless every keep ratio in ``values`` is in (0, 1]."""
+    if any(not 0.0 < v <= 1.0 for v in values):
+        parser.error(f"{flags} must be in (0, 1]")
+
+
 def set_threads(args: argparse.Namespace) -> None:
     """Apply ``--threads`` when given (process-wide)."""
     if args.threads is not None:

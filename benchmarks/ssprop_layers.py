@@ -30,7 +30,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from _common import add_common_options, header_lines, interleaved_times, markdown_table, save_results, start
+from _common import (
+    add_common_options,
+    check_ratios,
+    header_lines,
+    interleaved_times,
+    markdown_table,
+    save_results,
+    start,
+)
 from _narrow_conv import NarrowConv2d
 from greenprop.ssprop import SparseConv2d, keep_count
 
@@ -265,8 +273,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch < 1 or args.repeats < 1 or args.warmup < 0 or min(args.round_to) < 1:
         p.error("--batch, --repeats and --round-to must be >= 1, --warmup >= 0")
-    if any(not 0.0 < k <= 1.0 for k in args.keeps):
-        p.error("--keeps must be in (0, 1]")
+    check_ratios(p, "--keeps", args.keeps)
     return args
 
 

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from _common import (
     add_common_options,
+    check_ratios,
     forward_backward_flops,
     header_lines,
     interleaved_times,
@@ -274,8 +275,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
-    if any(not 0.0 < k <= 1.0 for k in args.keeps):
-        p.error("--keeps must be in (0, 1]")
+    check_ratios(p, "--keeps", args.keeps)
     return args
 
 

@@ -34,7 +34,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from _common import add_common_options, header_lines, markdown_table, quartiles, rotated, save_results, start
+from _common import (
+    add_common_options,
+    check_ratios,
+    header_lines,
+    markdown_table,
+    quartiles,
+    rotated,
+    save_results,
+    start,
+)
 from greenprop import models
 from greenprop.vcas.layers import Mode, VCASLinear, VCASRuntime
 
@@ -201,8 +210,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.seq_len < 1 or args.repeats < 1 or args.warmup < 0:
         p.error("--seq-len and --repeats must be >= 1, --warmup >= 0")
-    if any(not 0.0 < v <= 1.0 for v in (*args.rs, *args.nus)):
-        p.error("--rs and --nus must be in (0, 1]")
+    check_ratios(p, "--rs and --nus", [*args.rs, *args.nus])
     return args
 
 

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from _common import (
     add_common_options,
+    check_ratios,
     forward_backward_flops,
     header_lines,
     markdown_table,
@@ -213,8 +214,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.seq_len < 1 or args.repeats < 1 or args.warmup < 0 or (args.batch or 1) < 1:
         p.error("--batch, --seq-len and --repeats must be >= 1, --warmup >= 0")
-    if any(not 0.0 < v <= 1.0 for v in (*args.rs, *args.nus)):
-        p.error("--rs and --nus must be in (0, 1]")
+    check_ratios(p, "--rs and --nus", [*args.rs, *args.nus])
     return args
 
 
