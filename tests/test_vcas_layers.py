@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from greenprop import models as gp_models
+from fixtures import (
+    AuxLossBlock,
+    NormLinearBlock,
+    norm_linear_stack,
+    tiny_vit,
+    token_batches,
+    weighted_sum_loss,
+)
 from greenprop.errors import GreenpropError
 from greenprop.models.tokens import Mlp
 from greenprop.models.vit import Attention
@@ -94,13 +101,6 @@ def _pair(**kwargs) -> tuple[nn.Sequential, nn.Sequential]:
     return model, reference
 
 
-def _vit(seed: int = 0, depth: int = 2) -> nn.Module:
-    torch.manual_seed(seed)
-    return gp_models.create(
-        "vit", num_classes=10, in_channels=1, image_size=8, width=32, depth=depth, heads=2
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # exact at ratio 1
 
@@ -137,8 +137,8 @@ def test_ratio_one_equals_dense_autograd(dims: int, bias: bool, input_grad: bool
 
 
 def test_ratio_one_vit_equals_dense_autograd_on_digits(digits) -> None:
-    model = _vit().double()
-    reference = _vit(seed=5).double()
+    model = tiny_vit().double()
+    reference = tiny_vit(seed=5).double()
     reference.load_state_dict(model.state_dict())
     handle = apply_vcas(model)
     assert [s.name for s in handle.samplers] == ["blocks.0", "blocks.1"]
@@ -326,7 +326,7 @@ def test_a_backward_that_drops_every_sample_costs_nothing() -> None:
 
 
 def test_vit_backward_flops_drop_in_proportion_to_kept_samples(digits) -> None:
-    model, reference = _vit(), _vit(seed=9)
+    model, reference = tiny_vit(), tiny_vit(seed=9)
     reference.load_state_dict(model.state_dict())
     handle = apply_vcas(model, VCASConfig(seed=1))
     handle.samplers[1].ratio = 0.5
@@ -394,7 +394,7 @@ def test_tuple_outputs_are_sampled_on_their_first_item(aux_grad: bool) -> None:
 
 
 def test_apply_and_remove_keep_parameters_and_state_dict() -> None:
-    model = _vit()
+    model = tiny_vit()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     params = list(model.parameters())
     linear_count = sum(type(m) is nn.Linear for m in model.modules())
@@ -420,7 +420,7 @@ def test_apply_and_remove_keep_parameters_and_state_dict() -> None:
     with pytest.raises(GreenpropError, match="not applied"):
         remove_vcas(model)
 
-    reference = _vit(seed=4)
+    reference = tiny_vit(seed=4)
     reference.load_state_dict(before)
     x = torch.randn(6, 1, 8, 8)
     out, ref_out = model(x), reference(x)
@@ -444,7 +444,7 @@ def test_batchnorm_in_a_block_is_refused_naming_it() -> None:
 
 
 def test_find_blocks_auto_detects_and_respects_block_types() -> None:
-    model = _vit(depth=3)
+    model = tiny_vit(depth=3)
     assert find_blocks(model) == ["blocks.0", "blocks.1", "blocks.2"]
     assert find_blocks(model, [Mlp]) == [f"blocks.{i}.mlp" for i in range(3)]
     assert find_blocks(model, [Attention]) == [f"blocks.{i}.attn" for i in range(3)]
@@ -509,3 +509,55 @@ def test_eval_and_no_grad_forwards_are_plain() -> None:
     with torch.no_grad():
         out = model(x)
     assert out.grad_fn is None and torch.equal(out, reference(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# edge cases: shared layers, bf16 autocast, gradient that bypasses the sampler
+
+
+def test_a_layer_shared_by_two_blocks_is_refused_naming_it():
+    shared = nn.Linear(6, 6)
+    model = nn.Sequential(NormLinearBlock(shared), NormLinearBlock(shared))
+    with pytest.raises(GreenpropError, match=r"1\.fc is shared by blocks '0' and '1'"):
+        apply_vcas(model)
+    assert type(shared) is nn.Linear and vcas_handle(model) is None  # nothing converted
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5])
+def test_bf16_autocast_backward_runs_and_matches_dtypes(ratio: float):
+    model = norm_linear_stack()
+    handle = apply_vcas(model)
+    for sampler in handle.samplers:
+        sampler.ratio = ratio
+    for layer in handle.linears.values():
+        layer.vcas_weight_ratio = ratio
+    x, w = next(token_batches())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = weighted_sum_loss(model, (x, w))
+    loss.backward()
+    for p in model.parameters():
+        assert p.grad is not None and p.grad.dtype == p.dtype == torch.float32
+        assert torch.isfinite(p.grad).all()
+    if ratio == 1.0:  # exact path: close to the plain model's bf16 gradient
+        plain = norm_linear_stack()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            weighted_sum_loss(plain, (x, w)).backward()
+        for got, want in zip(model.parameters(), plain.parameters(), strict=True):
+            torch.testing.assert_close(got.grad, want.grad, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("aux", [False, True])
+def test_check_rows_catches_gradient_that_bypasses_the_sampler(aux: bool):
+    model = norm_linear_stack(depth=2, block=AuxLossBlock if aux else NormLinearBlock)
+    handle = apply_vcas(model, VCASConfig(check_rows=True))
+    for sampler in handle.samplers:
+        sampler.ratio = 0.3
+    x, w = next(token_batches())
+    loss = weighted_sum_loss(model, (x, w))
+    if aux:
+        loss = loss + sum(b.aux for b in model)
+        with pytest.raises(GreenpropError, match=r"check_rows: VCASLinear in block 1 received gradient"):
+            loss.backward()
+    else:
+        loss.backward()  # the assumptions hold: nothing to report
+        assert all(p.grad is not None for p in model.parameters())
