@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-from fixtures import digits_subset
+from fixtures import digits_run, digits_subset
 from greenprop import data as gp_data
 from greenprop.train.config import TrainConfig
 
@@ -33,14 +33,7 @@ def digits() -> gp_data.DatasetPair:
 @pytest.fixture
 def quick_config() -> TrainConfig:
     """Two fast epochs of a small CNN on digits (1437 train / 360 test), no progress output."""
-    return TrainConfig(
-        model="cnn",
-        dataset="digits",
-        epochs=2,
-        batch_size=64,
-        lr=0.05,
-        progress=False,
-    )
+    return digits_run(model="cnn", epochs=2, batch_size=64, lr=0.05)
 
 
 @pytest.fixture()

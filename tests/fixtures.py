@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from greenprop import Controller
 from greenprop import data as gp_data
 from greenprop import models as gp_models
+from greenprop.train.config import TrainConfig
 
 # ---------------------------------------------------------------------------------------------
 # data
@@ -28,6 +29,11 @@ from greenprop import models as gp_models
 def digits_subset(subset: int | None = None, test_subset: int | None = None) -> gp_data.DatasetPair:
     """scikit-learn digits (8x8, 10 classes), optionally cut to the first draws; loaded once."""
     return gp_data.load("digits", subset=subset, test_subset=test_subset)
+
+
+def digits_run(**fields: Any) -> TrainConfig:
+    """A training run on digits without progress output; ``fields`` as in :class:`TrainConfig`."""
+    return TrainConfig(**{"dataset": "digits", "progress": False, **fields})
 
 
 def digits_batches(

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from unittest.mock import ANY
 
+from fixtures import digits_run
 from greenprop.train.config import TrainConfig
 
 #: Bounds on a real epoch's counted FLOPs over the dense epoch's: ``(lo, hi)`` means
@@ -24,17 +25,8 @@ EXTRA: Bounds = (1.0, math.inf)  # more FLOPs than dense (the method's own passe
 
 # Dropout (RNG), BatchNorm (buffers), SGD momentum (optimizer state) and the cosine LR
 # (scheduler): every kind of state a resume must restore. 4 steps of 64 per epoch.
-CNN = TrainConfig(
-    model="cnn",
-    dataset="digits",
-    epochs=3,
-    batch_size=64,
-    lr=0.05,
-    dropout=0.2,
-    subset=256,
-    test_subset=128,
-    flops_samples=8,
-    progress=False,
+CNN = digits_run(
+    model="cnn", epochs=3, batch_size=64, lr=0.05, dropout=0.2, subset=256, test_subset=128, flops_samples=8
 )
 # The default-depth (6) ViT at width 16: 16 steps of 8 per epoch.
 VIT = CNN.replace(model="vit", epochs=2, batch_size=8, width=16, dropout=0.0, subset=128, test_subset=64)
