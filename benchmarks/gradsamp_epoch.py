@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from _common import add_threads_option, set_threads
 from greenprop import models
 from greenprop.gradsamp import GradSamp, GradSampConfig
 
@@ -76,10 +77,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5, help="timed training steps")
     parser.add_argument("--repeats", type=int, default=5, help="timed sampled epochs")
-    parser.add_argument("--threads", type=int, default=None)
+    add_threads_option(parser)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     torch.manual_seed(0)
     model = models.create(args.model, in_channels=1, image_size=28)
     n_params = sum(p.numel() for p in model.parameters())

@@ -7,7 +7,7 @@ same input, same output gradient) are timed side by side:
   for grad_input + grad_weight);
 * sparse: greenprop's :class:`~greenprop.ssprop.SparseConv2d` at that keep (top-k
   ranking, gather, ``convolution_backward`` on ``k`` channels, scatter);
-* floor: :class:`ssprop_step.NarrowConv2d` with the same ``k``: the same small
+* floor: :class:`_narrow_conv.NarrowConv2d` with the same ``k``: the same small
   ``convolution_backward`` on the first ``k`` channels, no ranking/gather/scatter.
 
 Only the backward is timed (``torch.autograd.grad(..., retain_graph=True)`` on a
@@ -25,21 +25,22 @@ import statistics
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from greenprop.ssprop import SparseConv2d, keep_count
-from ssprop_step import (
-    NarrowConv2d,
-    environment,
+from _common import (
+    add_common_options,
+    check_ratios,
     header_lines,
     interleaved_times,
     markdown_table,
     save_results,
+    start,
 )
+from _narrow_conv import NarrowConv2d
+from greenprop.ssprop import SparseConv2d, keep_count
 
 DEFAULT_KEEPS = (1.0, 0.8, 0.6, 0.4, 0.2)
 VARIANTS = ("dense", "sparse", "floor")
@@ -263,28 +264,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=15, help="timed repeats per variant (default 15)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per variant first (default 3)")
     p.add_argument("--channels-last", action="store_true", help="input, weights and dy in NHWC")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument(
         "--shapes", choices=sorted(SHAPE_SETS), default="resnet18", help="shape set (default resnet18)"
     )
     p.add_argument("--no-downsample", action="store_true", help="skip the 1x1 stride-2 shortcut convs")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true", help="one line per row on stderr while running")
-    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results here")
+    add_common_options(p)
     args = p.parse_args(argv)
     if args.batch < 1 or args.repeats < 1 or args.warmup < 0 or min(args.round_to) < 1:
         p.error("--batch, --repeats and --round-to must be >= 1, --warmup >= 0")
-    if any(not 0.0 < k <= 1.0 for k in args.keeps):
-        p.error("--keeps must be in (0, 1]")
+    check_ratios(p, "--keeps", args.keeps)
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the Markdown report, return (and optionally save) results."""
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    env = environment(__file__, sys.argv[1:] if argv is None else argv)
+    env = start(args, __file__, argv)
     results = run(args)
     print(report(env, args, results), flush=True)
     out = {"benchmark": "ssprop_layers", "environment": env, "results": [asdict(r) for r in results]}

@@ -5,7 +5,7 @@ instance each) run forward + backward + SGD step on one fixed batch:
 
 * ``a`` dense: the plain model;
 * ``b`` greenprop: ``apply_ssprop(model, SSPropConfig(keep=K, round_to=R))``;
-* ``c`` reference: the same convolutions converted to :class:`NarrowConv2d`, whose
+* ``c`` reference: the same convolutions converted to :class:`_narrow_conv.NarrowConv2d`, whose
   backward computes the *first* ``k`` output channels (the same ``k`` per layer as
   ``b``) with no ranking, gather or scatter. It is the floor of the approach on this
   machine: whatever ``b`` costs above ``c`` is greenprop's overhead, whatever ``c``
@@ -25,33 +25,31 @@ Run ``python benchmarks/ssprop_step.py --help`` for the options.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import gc
-import json
 import math
-import os
-import platform
-import shlex
 import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
-try:
-    import resource
-except ImportError:  # not on Windows
-    resource = None  # type: ignore[assignment]
-
+from _common import (
+    add_common_options,
+    check_ratios,
+    forward_backward_flops,
+    header_lines,
+    interleaved_times,
+    markdown_table,
+    quartiles,
+    save_results,
+    start,
+)
+from _narrow_conv import apply_reference
 from greenprop import models
 from greenprop.ssprop import SSPropConfig, apply_ssprop, sparse_layers
 
@@ -60,250 +58,6 @@ TARGET_B_OVER_A: dict[float, float] = {0.6: 0.88, 0.4: 0.80}
 #: greenprop should be within this factor of the zero-overhead reference.
 TARGET_B_OVER_C = 1.03
 VARIANTS = ("a", "b", "c")
-#: Environment variables that change CPU timings; printed in the header.
-TIMING_ENV = ("GLIBC_TUNABLES", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "LD_PRELOAD", "DNNL_MAX_CPU_ISA")
-
-
-# --------------------------------------------------------------------------- reference
-
-
-def _memory_format(t: Tensor) -> torch.memory_format:
-    """The memory format ``t`` is physically in (channels_last only when unambiguous)."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _pad_rows(rows: Tensor, like: Tensor) -> Tensor:
-    """``rows`` followed by zero rows, shaped and laid out like ``like``.
-
-    ``empty_like`` + one copy + one memset writes every byte once, the least any
-    padding can do, and autograd's AccumulateGrad can steal the fresh tensor as .grad.
-    """
-    out = torch.empty_like(like)
-    k = rows.shape[0]
-    out.narrow(0, 0, k).copy_(rows)
-    out.narrow(0, k, out.shape[0] - k).zero_()
-    return out
-
-
-class _NarrowConv2dFunction(torch.autograd.Function):
-    """conv2d whose backward uses only the first ``k`` output channels (groups=1)."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        input: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        stride: tuple[int, int],
-        padding: tuple[int, int],
-        dilation: tuple[int, int],
-        k: int,
-    ) -> Tensor:
-        ctx.save_for_backward(input, weight)
-        ctx.conv = (stride, padding, dilation, bias is not None)
-        ctx.k = k
-        return F.conv2d(input, weight, bias, stride, padding, dilation)
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        input, weight = ctx.saved_tensors
-        stride, padding, dilation, has_bias = ctx.conv
-        need_in, need_w, need_b = ctx.needs_input_grad[:3]
-        need_b = need_b and has_bias
-        k = ctx.k
-        # Any kernel needs the kept slice of dy dense, so this one copy is unavoidable.
-        dy = grad_output.narrow(1, 0, k).contiguous(memory_format=_memory_format(grad_output))
-        gi, gw, gb = torch.ops.aten.convolution_backward(
-            dy,
-            input,
-            weight.narrow(0, 0, k),
-            [k] if has_bias else None,
-            list(stride),
-            list(padding),
-            list(dilation),
-            False,
-            [0, 0],
-            1,
-            [need_in, need_w, need_b],
-        )
-        grad_weight = _pad_rows(gw, weight) if need_w else None
-        grad_bias = _pad_rows(gb, weight.new_empty(weight.shape[0])) if need_b else None
-        return (gi if need_in else None, grad_weight, grad_bias, None, None, None, None)
-
-
-class NarrowConv2d(nn.Conv2d):
-    """Conv2d whose backward computes the first ``narrow_k`` output channels only.
-
-    The benchmark's zero-overhead floor for ssProp: the same small
-    ``convolution_backward`` greenprop runs, minus channel ranking, gather and scatter.
-    Gradients are those of greenprop's sparse backward when its top-k channels happen
-    to be the first ``k`` (tested in ``tests/test_benchmarks_smoke.py``). Supports
-    ``groups=1``, numeric padding and ``padding_mode="zeros"`` (all ResNet-18 convs).
-    """
-
-    narrow_k: int
-
-    def __init__(self, *args: Any, narrow_k: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.narrow_k = narrow_k
-        _check_supported(self)
-
-    def forward(self, input: Tensor) -> Tensor:
-        if not torch.is_grad_enabled() or self.narrow_k >= self.out_channels:
-            return super().forward(input)
-        return _NarrowConv2dFunction.apply(
-            input,
-            self.weight,
-            self.bias,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.narrow_k,
-        )
-
-
-def _check_supported(conv: nn.Conv2d) -> None:
-    if conv.groups != 1 or isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-        raise ValueError("NarrowConv2d supports groups=1, numeric padding and padding_mode='zeros' only")
-
-
-def apply_reference(model: nn.Module, ks: Mapping[str, int]) -> nn.Module:
-    """Turn the plain Conv2d layers named in ``ks`` into :class:`NarrowConv2d`, in place.
-
-    Swaps the class like ``apply_ssprop`` does, so parameters stay the same objects.
-    """
-    modules = dict(model.named_modules())
-    for name, k in ks.items():
-        module = modules[name]
-        if type(module) is not nn.Conv2d:
-            raise TypeError(f"{name} is a {type(module).__name__}, expected a plain nn.Conv2d")
-        _check_supported(module)
-        module.__class__ = NarrowConv2d
-        module.narrow_k = k  # type: ignore[attr-defined]
-    return model
-
-
-# --------------------------------------------------------------------------- environment
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux), for the header."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def command_line(script: str, argv: Sequence[str]) -> str:
-    """The shell command that reproduces this run, timing-relevant variables included."""
-    env = [f"{name}={shlex.quote(os.environ[name])}" for name in TIMING_ENV if name in os.environ]
-    with contextlib.suppress(ValueError):  # another drive (Windows)
-        script = os.path.relpath(script)
-    return " ".join([*env, shlex.join(["python", script, *argv])])
-
-
-def environment(script: str, argv: Sequence[str]) -> dict[str, Any]:
-    """What the timings depend on besides the code: versions, threads, allocator, command."""
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "cpu": cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "env": {name: os.environ.get(name) for name in TIMING_ENV},
-        "command": command_line(script, argv),
-    }
-
-
-def header_lines(env: Mapping[str, Any], title: str) -> list[str]:
-    """The Markdown header printed above a result table."""
-    lines = [
-        f"### {title}",
-        "",
-        f"- torch {env['torch']}, Python {env['python']}, {env['threads']} torch threads, "
-        f"CPU: {env['cpu']} ({env['logical_cpus']} logical CPUs)",
-        f"- GLIBC_TUNABLES: `{env['env']['GLIBC_TUNABLES'] or '(unset)'}`",
-    ]
-    others = [f"{k}={v}" for k, v in env["env"].items() if k != "GLIBC_TUNABLES" and v is not None]
-    if others:
-        lines.append(f"- other environment: `{' '.join(others)}`")
-    lines += [f"- command: `{env['command']}`", ""]
-    return lines
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    """A GitHub-flavoured Markdown table (first column left-aligned, the rest right)."""
-    align = [":--" if i == 0 else "--:" for i in range(len(header))]
-    return ["| " + " | ".join(r) + " |" for r in (header, align, *rows)]
-
-
-# --------------------------------------------------------------------------- timing
-
-
-def rotated(items: Sequence[str], shift: int) -> list[str]:
-    """``items`` rotated left by ``shift``: round r starts with item ``r mod len``."""
-    shift %= len(items)
-    return [*items[shift:], *items[:shift]]
-
-
-def minor_page_faults() -> int:
-    """Minor page faults of this process so far (0 where ``resource`` is unavailable).
-
-    Counted around every timed call: a large count per step means the allocator hands
-    fresh (mmap'ed) pages to each step, i.e. GLIBC_TUNABLES did not take effect.
-    """
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
-
-
-@dataclass
-class Timings:
-    """Per-variant measurements of :func:`interleaved_times`, one entry per round."""
-
-    seconds: dict[str, list[float]]
-    minor_faults: dict[str, list[int]]
-
-
-def interleaved_times(fns: Mapping[str, Callable[[], object]], rounds: int, warmup: int) -> Timings:
-    """Seconds (and page faults) per call of each function, one call each per round.
-
-    Interleaving exposes all variants to the same drift (thermal, other processes);
-    the order rotates every round so none gets a first-in-round advantage. Python's
-    GC is off while timing so a collection does not land in one variant's measurement.
-    """
-    names = list(fns)
-    for i in range(warmup):
-        for name in rotated(names, i):
-            fns[name]()
-    timings = Timings({name: [] for name in names}, {name: [] for name in names})
-    gc.collect()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for r in range(rounds):
-            for name in rotated(names, r):
-                faults = minor_page_faults()
-                start = time.perf_counter()
-                fns[name]()
-                timings.seconds[name].append(time.perf_counter() - start)
-                timings.minor_faults[name].append(minor_page_faults() - faults)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return timings
-
-
-def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
-    """(25th percentile, median, 75th percentile); all three equal for one value."""
-    if len(values) < 2:
-        v = float(values[0])
-        return v, v, v
-    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q2, q3
 
 
 # --------------------------------------------------------------------------- the step
@@ -364,14 +118,6 @@ def make_step(model: nn.Module, x: Tensor, y: Tensor, lr: float) -> Callable[[],
         return loss.detach()
 
     return step
-
-
-def forward_backward_flops(model: nn.Module, x: Tensor, y: Tensor) -> int:
-    """FLOPs counted by FlopCounterMode for one forward + backward (no optimizer step)."""
-    with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(model(x), y).backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
 
 
 def random_batch(batch: int, image_size: int, channels_last: bool, seed: int) -> tuple[Tensor, Tensor]:
@@ -519,29 +265,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up rounds per keep (default 3)")
     p.add_argument("--channels-last", action="store_true", help="model and input in NHWC")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--width", type=int, default=64, help="ResNet-18 base width (default 64)")
     p.add_argument("--image-size", type=int, default=32, help="input side (default 32)")
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default 0.01)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results here")
+    add_common_options(p)
     args = p.parse_args(argv)
     for name in ("batch", "rounds", "width", "image_size", "round_to"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
-    if any(not 0.0 < k <= 1.0 for k in args.keeps):
-        p.error("--keeps must be in (0, 1]")
+    check_ratios(p, "--keeps", args.keeps)
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the Markdown report, return (and optionally save) results."""
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    env = environment(__file__, sys.argv[1:] if argv is None else argv)
+    env = start(args, __file__, argv)
     torch.manual_seed(args.seed)
     base = models.create("resnet18", in_channels=3, image_size=args.image_size, width=args.width)
     results = []
@@ -551,15 +292,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(report(env, args, results), flush=True)
     out = {"benchmark": "ssprop_step", "environment": env, "results": [asdict(r) for r in results]}
     return save_results(out, args)
-
-
-def save_results(out: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """Add the run's arguments to ``out`` and write it to ``--json`` when given; returns ``out``."""
-    out["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-    return out
 
 
 if __name__ == "__main__":

@@ -29,15 +29,23 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from _common import (
+    add_common_options,
+    check_ratios,
+    header_lines,
+    markdown_table,
+    quartiles,
+    rotated,
+    save_results,
+    start,
+)
 from greenprop import models
 from greenprop.vcas.layers import Mode, VCASLinear, VCASRuntime
-from ssprop_step import environment, header_lines, markdown_table, quartiles, rotated, save_results
 
 VARIANTS = ("dense", "sampled")
 
@@ -198,23 +206,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--nus", type=float, nargs="+", default=[1.0, 0.5, 0.25], help="token ratios")
     p.add_argument("--repeats", type=int, default=30, help="timed repeats per variant (default 30)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per variant first (default 3)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results here")
+    add_common_options(p)
     args = p.parse_args(argv)
     if args.seq_len < 1 or args.repeats < 1 or args.warmup < 0:
         p.error("--seq-len and --repeats must be >= 1, --warmup >= 0")
-    if any(not 0.0 < v <= 1.0 for v in (*args.rs, *args.nus)):
-        p.error("--rs and --nus must be in (0, 1]")
+    check_ratios(p, "--rs and --nus", [*args.rs, *args.nus])
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the Markdown report, return (and optionally save) results."""
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    env = environment(__file__, sys.argv[1:] if argv is None else argv)
+    env = start(args, __file__, argv)
     shapes = minilm_shapes(args.seq_len) if args.shapes in ("minilm", "all") else []
     shapes += vit_shapes() if args.shapes in ("vit", "all") else []
     rows = []

@@ -30,26 +30,27 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from greenprop import data, models
-from greenprop.errors import GreenpropError
-from greenprop.vcas import VCASConfig, apply_vcas
-from greenprop.vcas.surgery import VCASHandle
-from ssprop_step import (
-    environment,
+from _common import (
+    add_common_options,
+    check_ratios,
     forward_backward_flops,
     header_lines,
     markdown_table,
     quartiles,
     rotated,
     save_results,
+    start,
 )
+from greenprop import data, models
+from greenprop.errors import GreenpropError
+from greenprop.vcas import VCASConfig, apply_vcas
+from greenprop.vcas.surgery import VCASHandle
 
 VARIANTS = ("dense", "vcas")
 DEFAULT_BATCH = {"minilm": 32, "vit": 128}
@@ -209,23 +210,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--nus", type=float, nargs="+", default=[1.0, 0.3], help="Linear token ratios nu")
     p.add_argument("--repeats", type=int, default=20, help="timed steps per variant (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (default 3)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results here")
+    add_common_options(p)
     args = p.parse_args(argv)
     if args.seq_len < 1 or args.repeats < 1 or args.warmup < 0 or (args.batch or 1) < 1:
         p.error("--batch, --seq-len and --repeats must be >= 1, --warmup >= 0")
-    if any(not 0.0 < v <= 1.0 for v in (*args.rs, *args.nus)):
-        p.error("--rs and --nus must be in (0, 1]")
+    check_ratios(p, "--rs and --nus", [*args.rs, *args.nus])
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the Markdown report, return (and optionally save) results."""
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    env = environment(__file__, sys.argv[1:] if argv is None else argv)
+    env = start(args, __file__, argv)
     lines = header_lines(env, "VCAS: whole training step (forward + backward), fixed ratios vs dense")
     lines += [
         f"Median of {args.repeats} interleaved steps per variant after {args.warmup} warm-up steps, "

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _common import add_threads_option, set_threads
 from greenprop import data, models
 
 
@@ -60,10 +61,9 @@ def zero_token_share(
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=4, help="training batches of 32 (default 4)")
-    parser.add_argument("--threads", type=int, default=None)
+    add_threads_option(parser)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     torch.manual_seed(0)
     pair = data.load("rotten-tomatoes", subset=4_800)  # the vcas-minilm preset's training data
     model = models.create("minilm", num_classes=2).train()

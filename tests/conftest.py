@@ -1,4 +1,7 @@
-"""Shared fixtures: small real data (scikit-learn digits) and quick configs."""
+"""Shared pytest fixtures: small real data (scikit-learn digits), a quick config, one thread.
+
+The plain helpers behind them (models, batches, a recording controller) are in fixtures.py.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import pytest
 import torch
 from hypothesis import settings
 
+from fixtures import digits_run, digits_subset
 from greenprop import data as gp_data
 from greenprop.train.config import TrainConfig
 
@@ -22,20 +26,14 @@ if os.environ.get("CI"):
 
 @pytest.fixture(scope="session")
 def digits() -> gp_data.DatasetPair:
-    return gp_data.load("digits")
+    """All of scikit-learn digits: 1437 train / 360 test 8x8 images."""
+    return digits_subset()
 
 
 @pytest.fixture
 def quick_config() -> TrainConfig:
     """Two fast epochs of a small CNN on digits (1437 train / 360 test), no progress output."""
-    return TrainConfig(
-        model="cnn",
-        dataset="digits",
-        epochs=2,
-        batch_size=64,
-        lr=0.05,
-        progress=False,
-    )
+    return digits_run(model="cnn", epochs=2, batch_size=64, lr=0.05)
 
 
 @pytest.fixture()

@@ -1,4 +1,4 @@
-"""The ssProp benchmark scripts run, and their zero-overhead reference is a correct floor.
+"""The benchmark scripts run, and the ssProp zero-overhead reference is a correct floor.
 
 The reference (``NarrowConv2d``, first-k channels, no ranking/gather/scatter) must
 compute exactly what greenprop's sparse backward computes when greenprop's top-k
@@ -43,18 +43,23 @@ def step_module() -> ModuleType:
 
 
 @pytest.fixture(scope="module")
+def reference_module() -> ModuleType:
+    return _import("_narrow_conv")
+
+
+@pytest.fixture(scope="module")
 def layers_module() -> ModuleType:
     return _import("ssprop_layers")
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_reference_equals_greenprop_when_topk_is_first_k(step_module, channels_last, stride):
+def test_reference_equals_greenprop_when_topk_is_first_k(reference_module, channels_last, stride):
     torch.manual_seed(0)
     c_in, c_out, keep = 6, 10, 0.4
     sparse = SparseConv2d(c_in, c_out, 3, stride=stride, padding=1, bias=True, keep=keep)
     k = sparse.k_for()
-    reference = step_module.NarrowConv2d(c_in, c_out, 3, stride=stride, padding=1, bias=True, narrow_k=k)
+    reference = reference_module.NarrowConv2d(c_in, c_out, 3, stride=stride, padding=1, bias=True, narrow_k=k)
     reference.load_state_dict(sparse.state_dict())
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     sparse.to(memory_format=fmt)
@@ -74,8 +79,8 @@ def test_reference_equals_greenprop_when_topk_is_first_k(step_module, channels_l
     assert grads_r[1][:k].abs().sum() > 0
 
 
-def test_reference_is_dense_at_full_k_and_without_grad(step_module):
-    conv = step_module.NarrowConv2d(4, 8, 3, padding=1, narrow_k=8)
+def test_reference_is_dense_at_full_k_and_without_grad(reference_module):
+    conv = reference_module.NarrowConv2d(4, 8, 3, padding=1, narrow_k=8)
     plain = torch.nn.Conv2d(4, 8, 3, padding=1)
     plain.load_state_dict(conv.state_dict())
     x = torch.randn(2, 4, 5, 5)
@@ -85,14 +90,14 @@ def test_reference_is_dense_at_full_k_and_without_grad(step_module):
         assert conv(x).grad_fn is None
 
 
-def test_apply_reference_converts_the_same_layers_in_place(step_module):
+def test_apply_reference_converts_the_same_layers_in_place(reference_module):
     base = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
     first = base[0]
-    step_module.apply_reference(base, {"0": 5})
-    assert base[0] is first and type(first) is step_module.NarrowConv2d and first.narrow_k == 5
+    reference_module.apply_reference(base, {"0": 5})
+    assert base[0] is first and type(first) is reference_module.NarrowConv2d and first.narrow_k == 5
     assert type(base[2]) is torch.nn.Conv2d
     with pytest.raises(TypeError, match="expected a plain"):
-        step_module.apply_reference(base, {"1": 2})
+        reference_module.apply_reference(base, {"1": 2})
 
 
 def test_step_benchmark_runs_tiny(step_module, tmp_path, capsys):

@@ -1,4 +1,7 @@
-"""The reference trainer: metrics, hooks, checkpoints and exact resume."""
+"""The reference trainer: metrics, hooks, checkpoints, resume refusals and FLOP recounts.
+
+Exact resume, FLOP accounting and the CLI round trip of every method: test_method_settings.py.
+"""
 
 from __future__ import annotations
 
@@ -8,52 +11,12 @@ from typing import Any
 import pytest
 import torch
 
+from fixtures import Recorder, weights
 from greenprop import Controller, GreenpropError
 from greenprop.controller import RunContext
 from greenprop.train import checkpoint as ckpt
 from greenprop.train.config import TrainConfig
 from greenprop.train.trainer import CHECKPOINT, METRICS, Trainer
-
-
-class Recorder(Controller):
-    """Logs every hook call; optionally takes over one epoch or stops the run."""
-
-    name = "recorder"
-
-    def __init__(self, replace: int | None = None, stop_at: int | None = None) -> None:
-        self.calls: list[tuple[Any, ...]] = []
-        self.replace, self.stop_at = replace, stop_at
-
-    def on_train_start(self, run: RunContext) -> None:
-        self.calls.append(("train_start", run.epochs, run.steps_per_epoch))
-
-    def on_epoch_start(self, epoch: int) -> None:
-        if epoch == self.stop_at:
-            raise KeyboardInterrupt
-        self.calls.append(("epoch_start", epoch))
-
-    def replace_epoch(self, epoch: int) -> dict[str, Any] | None:
-        if epoch != self.replace:
-            return None
-        self.calls.append(("replace", epoch))
-        return {"sampled": True}
-
-    def on_step_start(self, epoch: int, step: int) -> None:
-        self.calls.append(("step_start", epoch, step))
-
-    def on_step_end(self, epoch: int, step: int, loss: float) -> None:
-        self.calls.append(("step_end", epoch, step))
-
-    def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> dict[str, Any]:
-        self.calls.append(("epoch_end", epoch))
-        return {"seen": True, "loss_seen": record["loss"]}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"n_calls": len(self.calls)}
-
-
-def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
 
 def test_fit_writes_metrics_with_counted_flops(tmp_path, quick_config, digits):
@@ -86,7 +49,7 @@ def test_estimated_energy_is_labelled(quick_config, digits):
 
 
 def test_hooks_are_called_in_order_and_can_replace_an_epoch(quick_config, digits):
-    recorder = Recorder(replace=1)
+    recorder = Recorder(replace=1, extra={"seen": True})
     trainer = Trainer(quick_config.replace(epochs=3), controllers=[recorder], data=digits)
     steps = trainer.steps_per_epoch
     before_epoch_1 = None
@@ -95,56 +58,26 @@ def test_hooks_are_called_in_order_and_can_replace_an_epoch(quick_config, digits
         def on_epoch_start(self, epoch: int) -> None:
             nonlocal before_epoch_1
             if epoch == 1:
-                before_epoch_1 = _weights(trainer)
+                before_epoch_1 = weights(trainer.model)
 
     trainer.controllers.append(Snapshot())
     metrics = trainer.fit()
-    names = [c[0] for c in recorder.calls]
-    assert names[0] == "train_start" and recorder.calls[0][1:] == (3, steps)
-    assert names.count("step_start") == names.count("step_end") == 2 * steps
-    assert ("replace", 1) in recorder.calls
-    assert not any(c[0] == "step_start" and c[1] == 1 for c in recorder.calls)
+    names = recorder.hooks()
+    assert names[0] == "on_train_start"
+    [(run,)] = recorder.calls_to("on_train_start")
+    assert (run.model, run.epochs, run.steps_per_epoch) == (trainer.model, 3, steps)
+    assert names.count("on_step_start") == names.count("on_step_end") == 2 * steps
+    assert ("replace_epoch", 1) in recorder.calls
+    assert not any(c[0] == "on_step_start" and c[1] == 1 for c in recorder.calls)
     replaced = metrics["epochs"][1]
     assert replaced["replaced_by"] == "recorder" and replaced["recorder"]["sampled"]
     assert replaced["steps"] == 0 and replaced["flops"]["backward"]["value"] == 0
     # on_epoch_end runs after the evaluation; its fields are namespaced under the name.
-    assert all(r["recorder"]["seen"] and r["recorder"]["loss_seen"] == r["loss"] for r in metrics["epochs"])
+    assert all(r["recorder"]["seen"] for r in metrics["epochs"])
+    seen = [record["loss"] for _, record in recorder.calls_to("on_epoch_end")]
+    assert seen == [r["loss"] for r in metrics["epochs"]]
     assert metrics["summary"]["epochs_replaced"] == 1
     assert before_epoch_1 is not None
-
-
-@pytest.mark.parametrize("method", ["baseline", "ssprop:keep=0.5,selection=random"])
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, digits, method):
-    # Dropout (RNG), BatchNorm (buffers), momentum (optimizer state), cosine LR (scheduler);
-    # random channel selection draws from each layer's own generator, which the FLOP count
-    # (recounted after a resume) must not disturb.
-    config = TrainConfig(
-        model="cnn",
-        dataset="digits",
-        epochs=3,
-        batch_size=64,
-        lr=0.05,
-        dropout=0.2,
-        progress=False,
-        method=method,
-    )
-    whole = Trainer(config, tmp_path / "whole", data=digits)
-    whole.fit()
-
-    interrupted = Trainer(config, tmp_path / "cut", controllers=[Recorder(stop_at=2)], data=digits)
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.fit()
-    saved = json.loads((tmp_path / "cut" / METRICS).read_text())
-    assert not saved["complete"] and len(saved["epochs"]) == 2
-
-    resumed = Trainer(config, tmp_path / "cut", resume=True, controllers=[Recorder()], data=digits)
-    assert resumed.start_epoch == 2
-    metrics = resumed.fit()
-    assert metrics["complete"] and len(metrics["epochs"]) == 3
-    expected, got = _weights(whole), _weights(resumed)
-    assert expected.keys() == got.keys()
-    for key in expected:
-        assert torch.equal(expected[key], got[key]), key
 
 
 def test_existing_results_are_not_overwritten(tmp_path, quick_config, digits):
@@ -217,7 +150,7 @@ def test_a_controller_can_undo_an_epoch_after_evaluation(quick_config, digits):
             self.run = run
 
         def on_epoch_start(self, epoch: int) -> None:
-            self.saved = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+            self.saved = weights(trainer.model)
 
         def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
             if epoch == 1:
@@ -230,28 +163,6 @@ def test_a_controller_can_undo_an_epoch_after_evaluation(quick_config, digits):
     assert first["reevaluated_by"] is None and second["reevaluated_by"] == "undo"
     # The second record was re-evaluated on the restored weights: it equals the first's.
     assert second["loss"] == pytest.approx(first["loss"]) and second["acc1"] == first["acc1"]
-
-
-def test_gradsamp_runs_through_the_trainer(quick_config, digits):
-    config = quick_config.replace(epochs=4, method="gradsamp:strategy=pe:2,guard_threshold=0.5")
-    metrics = Trainer(config, data=digits).fit()
-    sampled = [r["epoch"] for r in metrics["epochs"] if r["replaced_by"]]
-    assert sampled == [2]
-    record = metrics["epochs"][2]
-    assert record["gradsamp"]["sampled"] and record["steps"] == 0 and "guard" in record["gradsamp"]
-    assert metrics["summary"]["flops"]["backward"]["value"] == pytest.approx(
-        3 * metrics["epochs"][0]["flops"]["backward"]["value"]
-    )
-
-
-def test_ssprop_runs_through_the_trainer_and_saves_counted_flops(quick_config, digits):
-    dense = Trainer(quick_config.replace(epochs=1), data=digits).fit()
-    sparse = Trainer(quick_config.replace(epochs=1, method="ssprop:keep=0.5"), data=digits).fit()
-    fwd = [m["summary"]["flops"]["forward"]["value"] for m in (dense, sparse)]
-    bwd = [m["summary"]["flops"]["backward"]["value"] for m in (dense, sparse)]
-    assert fwd[0] == fwd[1]
-    assert bwd[1] < 0.85 * bwd[0]
-    assert sparse["epochs"][0]["ssprop"]["keep"] == pytest.approx(0.5)
 
 
 def test_flops_are_recounted_when_the_keep_changes_within_an_epoch(quick_config, digits):
@@ -286,12 +197,3 @@ def test_a_nan_test_loss_stops_the_run_before_saving(tmp_path, quick_config, dig
     saved = json.loads((tmp_path / METRICS).read_text())
     assert len(saved["epochs"]) == 1
     assert ckpt.load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 1
-
-
-def test_gradsamp_and_ssprop_combine(quick_config, digits):
-    config = quick_config.replace(epochs=4, method="gradsamp:strategy=pe:2;ssprop:keep=0.5")
-    trainer = Trainer(config, data=digits)
-    assert [c.name for c in trainer.controllers] == ["gradsamp", "ssprop"]
-    metrics = trainer.fit()
-    assert [r["replaced_by"] for r in metrics["epochs"]] == [None, None, "gradsamp", None]
-    assert metrics["epochs"][0]["ssprop"]["keep"] == pytest.approx(0.5)

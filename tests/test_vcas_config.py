@@ -101,3 +101,16 @@ def test_from_dict_parses_cli_strings() -> None:
 def test_from_dict_errors_name_the_option(values: dict[str, Any], needle: str) -> None:
     with pytest.raises(GreenpropError, match=needle):
         VCASConfig.from_dict(values)
+
+
+# ---------------------------------------------------------------------------------------------
+# check_rows
+
+
+def test_check_rows_option_parses_and_validates():
+    assert VCASConfig.from_dict({"check_rows": "true"}).check_rows is True
+    assert VCASConfig.from_dict({"check_rows": "0"}).check_rows is False
+    with pytest.raises(GreenpropError, match=r"check_rows=.*: expected true or false"):
+        VCASConfig.from_dict({"check_rows": "maybe"})
+    with pytest.raises(GreenpropError, match=r"check_rows=.*: expected true or false"):
+        VCASConfig(check_rows=1)

@@ -14,9 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from greenprop import Controller
+from fixtures import (
+    Recorder,
+    cross_entropy_loss,
+    digits_batches,
+    digits_subset,
+    norm_linear_stack,
+    tiny_vit,
+    token_batches,
+    weighted_sum_loss,
+)
 from greenprop import data as gp_data
-from greenprop import models as gp_models
 from greenprop.controller import RunContext
 from greenprop.errors import GreenpropError
 from greenprop.metering.flops import count_flops_per_sample
@@ -31,27 +39,10 @@ from greenprop.vcas.surgery import vcas_handle
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _vit(seed: int = 0, depth: int = 2) -> nn.Module:
-    torch.manual_seed(seed)
-    return gp_models.create(
-        "vit", num_classes=10, in_channels=1, image_size=8, width=32, depth=depth, heads=2
-    )
-
-
-def _loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x), y)
-
-
-def _batches(digits, count: int, size: int = 32, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [digits.train[torch.randperm(len(digits.train), generator=gen)[:size]] for _ in range(count)]
-
-
 def _train_step(
     model: nn.Module, opt: torch.optim.Optimizer, batch: tuple[Tensor, Tensor]
 ) -> dict[str, Tensor]:
-    _loss(model, batch).backward()
+    cross_entropy_loss(model, batch).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -65,7 +56,7 @@ def _block_norms(model: nn.Module, batch: tuple[Tensor, Tensor]) -> list[Tensor]
         block.register_forward_hook(lambda m, a, out: outputs.append(out) or out.retain_grad())
         for block in model.blocks
     ]
-    _loss(model, batch).backward()
+    cross_entropy_loss(model, batch).backward()
     for hook in hooks:
         hook.remove()
     model.zero_grad(set_to_none=True)
@@ -78,7 +69,7 @@ def _block_norms(model: nn.Module, batch: tuple[Tensor, Tensor]) -> list[Tensor]
 
 @pytest.mark.parametrize("initial_keep", [1.0, 0.5])
 def test_first_update_has_zero_sampling_variance_and_exact_arithmetic(digits, initial_keep: float) -> None:
-    model, reference = _vit(), _vit(seed=7)
+    model, reference = tiny_vit(), tiny_vit(seed=7)
     reference.load_state_dict(model.state_dict())
     config = VCASConfig(update_every=1, mc_repeats=2, initial_keep=initial_keep, seed=0)
     vcas = VCAS(model, config)
@@ -88,8 +79,8 @@ def test_first_update_has_zero_sampling_variance_and_exact_arithmetic(digits, in
     assert set(start["activation"].values()) == {1.0}  # training starts exact whatever s is
     assert len(start["weight"]) == 8 and set(start["weight"].values()) == {1.0}
 
-    batches = _batches(digits, 2)
-    record = vcas.update(iter(batches), _loss)
+    batches = digits_batches(digits, 2)
+    record = vcas.update(iter(batches), cross_entropy_loss)
     # At ratio 1 the "sampled" gradients are the exact ones: no extra variance at all.
     assert record["activation_variance_ratio"] == 0.0
     assert record["weight_variance_ratio_mean"] == 0.0
@@ -120,11 +111,11 @@ def test_first_update_has_zero_sampling_variance_and_exact_arithmetic(digits, in
 )
 def test_ratios_follow_the_measured_variance(digits, tau: float, expected_s: list[float]) -> None:
     config = VCASConfig(update_every=1, tau_act=tau, tau_w=tau, initial_keep=0.5, seed=1)
-    vcas = VCAS(_vit(), config)
-    batches = iter(_batches(digits, 6, size=24))
+    vcas = VCAS(tiny_vit(), config)
+    batches = iter(digits_batches(digits, 6, size=24))
     records, weights = [], {}
     for _ in range(3):
-        records.append(vcas.update(batches, _loss))
+        records.append(vcas.update(batches, cross_entropy_loss))
         for name, ratio in vcas.ratios()["weight"].items():
             weights.setdefault(name, []).append(ratio)
     assert [r["s"] for r in records] == pytest.approx(expected_s, abs=1e-12)
@@ -148,8 +139,8 @@ def test_ratios_follow_the_measured_variance(digits, tau: float, expected_s: lis
 
 
 def test_step_updates_exactly_every_update_every_steps(digits) -> None:
-    vcas = VCAS(_vit(), VCASConfig(update_every=3, mc_repeats=2))
-    pool = _batches(digits, 2, size=16)
+    vcas = VCAS(tiny_vit(), VCASConfig(update_every=3, mc_repeats=2))
+    pool = digits_batches(digits, 2, size=16)
     drawn = 0
 
     def batches() -> Iterator[tuple[Tensor, Tensor]]:
@@ -159,7 +150,7 @@ def test_step_updates_exactly_every_update_every_steps(digits) -> None:
             yield batch
 
     source = batches()
-    records = [vcas.step(source, _loss) for _ in range(7)]
+    records = [vcas.step(source, cross_entropy_loss) for _ in range(7)]
     assert [i for i, r in enumerate(records) if r is not None] == [0, 3, 6]
     assert [r["step"] for r in records if r is not None] == [0, 3, 6]
     assert vcas.steps == 7 and vcas.updates == 3 and len(vcas.history) == 3
@@ -167,22 +158,22 @@ def test_step_updates_exactly_every_update_every_steps(digits) -> None:
 
 
 def test_flops_report_counts_the_saving_and_the_overhead(digits) -> None:
-    model, reference = _vit(), _vit(seed=3)
+    model, reference = tiny_vit(), tiny_vit(seed=3)
     reference.load_state_dict(model.state_dict())
     vcas = VCAS(model, VCASConfig(update_every=2, tau_act=1e6, tau_w=1e6))
     empty = vcas.flops_report()
     assert empty["backward_ratio"] is None and empty["total_ratio_with_overhead"] is None
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    estimation = iter(_batches(digits, 4, seed=1))
-    for batch in _batches(digits, 4, seed=2):
-        vcas.step(estimation, _loss)
+    estimation = iter(digits_batches(digits, 4, seed=1))
+    for batch in digits_batches(digits, 4, seed=2):
+        vcas.step(estimation, cross_entropy_loss)
         _train_step(model, opt, batch)
     report = vcas.flops_report()
     assert report["steps"] == 4 and report["updates"] == 2
     assert report["train_samples"] == 4 * 32
     assert report["overhead_samples"] == {"forward": 128, "exact_backward": 128, "sampled_backward": 256}
     # The dense per-sample count is the plain model's.
-    x, y = _batches(digits, 1)[0]
+    x, y = digits_batches(digits, 1)[0]
     dense = count_flops_per_sample(reference, x, y, F.cross_entropy)
     assert (report["dense_forward_per_sample"], report["dense_backward_per_sample"]) == (
         dense.forward,
@@ -214,11 +205,11 @@ def _draw_from(digits):
 
 def test_state_dict_round_trip_resumes_bit_exactly(digits, tmp_path) -> None:
     config = VCASConfig(update_every=2, tau_act=0.5, tau_w=0.5, seed=4)
-    train = _batches(digits, 6, seed=5)
+    train = digits_batches(digits, 6, seed=5)
 
-    model_a = _vit(seed=1)
+    model_a = tiny_vit(seed=1)
     a = VCAS(model_a, config)
-    a.on_train_start(RunContext(model_a, 1, 6, draw_batch=_draw_from(digits), loss_fn=_loss))
+    a.on_train_start(RunContext(model_a, 1, 6, draw_batch=_draw_from(digits), loss_fn=cross_entropy_loss))
     opt_a = torch.optim.SGD(model_a.parameters(), lr=0.05, momentum=0.9)
     for step in range(3):
         a.on_step_start(0, step)
@@ -230,9 +221,9 @@ def test_state_dict_round_trip_resumes_bit_exactly(digits, tmp_path) -> None:
         path,
     )
 
-    model_b = _vit(seed=2)  # other weights, fresh controller: everything comes from the file
+    model_b = tiny_vit(seed=2)  # other weights, fresh controller: everything comes from the file
     b = VCAS(model_b, config)
-    b.on_train_start(RunContext(model_b, 1, 6, draw_batch=_draw_from(digits), loss_fn=_loss))
+    b.on_train_start(RunContext(model_b, 1, 6, draw_batch=_draw_from(digits), loss_fn=cross_entropy_loss))
     opt_b = torch.optim.SGD(model_b.parameters(), lr=0.05, momentum=0.9)
     state = load_checkpoint(path)
     model_b.load_state_dict(state["model"])
@@ -257,11 +248,11 @@ def test_state_dict_round_trip_resumes_bit_exactly(digits, tmp_path) -> None:
 
 
 def test_loading_a_mismatched_state_is_refused() -> None:
-    state = VCAS(_vit(), VCASConfig(seed=0)).state_dict()
-    deeper = VCAS(_vit(depth=3), VCASConfig(seed=0))
+    state = VCAS(tiny_vit(), VCASConfig(seed=0)).state_dict()
+    deeper = VCAS(tiny_vit(depth=3), VCASConfig(seed=0))
     with pytest.raises(GreenpropError, match="blocks"):
         deeper.load_state_dict(state)
-    other_config = VCAS(_vit(), VCASConfig(seed=1))
+    other_config = VCAS(tiny_vit(), VCASConfig(seed=1))
     with pytest.raises(GreenpropError, match="another config"):
         other_config.load_state_dict(state)
     with pytest.raises(GreenpropError, match="format"):
@@ -269,17 +260,17 @@ def test_loading_a_mismatched_state_is_refused() -> None:
 
 
 def test_misuse_is_a_clear_error(digits) -> None:
-    model = _vit()
+    model = tiny_vit()
     vcas = VCAS(model, VCASConfig(mc_repeats=3))
     with pytest.raises(GreenpropError, match=r"needs 3 batches per update.*ran out"):
-        vcas.update(iter(_batches(digits, 2, size=8)), _loss)
+        vcas.update(iter(digits_batches(digits, 2, size=8)), cross_entropy_loss)
     with pytest.raises(GreenpropError, match="RunContext with draw_batch"):
         vcas.on_step_start(0, 0)
     with pytest.raises(GreenpropError, match="scalar loss"):
-        vcas.update(iter(_batches(digits, 3, size=8)), lambda m, b: _loss(m, b).detach())
+        vcas.update(iter(digits_batches(digits, 3, size=8)), lambda m, b: cross_entropy_loss(m, b).detach())
     model.eval()
     with pytest.raises(GreenpropError, match=r"no gradient at block\(s\) blocks\.0, blocks\.1.*model\.train"):
-        vcas.update(iter(_batches(digits, 3, size=8)), _loss)
+        vcas.update(iter(digits_batches(digits, 3, size=8)), cross_entropy_loss)
     model.train()
     assert vcas.runtime.mode.value == "full" and not vcas.runtime.record_norms  # restored
     with pytest.raises(GreenpropError, match="another config"):
@@ -302,7 +293,7 @@ def test_misuse_is_a_clear_error(digits) -> None:
     ],
 )
 def test_bad_method_options_name_the_option(spec: str, name: str) -> None:
-    model = _vit()
+    model = tiny_vit()
     with pytest.raises(ValueError, match=name) as info:
         build_method(parse_method(spec), model, epochs=1, steps_per_epoch=1, seed=0)
     assert isinstance(info.value, GreenpropError)
@@ -310,7 +301,7 @@ def test_bad_method_options_name_the_option(spec: str, name: str) -> None:
 
 
 def test_method_builds_the_controller_with_the_options() -> None:
-    model = _vit()
+    model = tiny_vit()
     controllers = build_method(
         parse_method("vcas:update_every=5,tau_act=0.1"), model, epochs=1, steps_per_epoch=1, seed=7
     )
@@ -327,20 +318,9 @@ def test_method_builds_the_controller_with_the_options() -> None:
 # the reference trainer
 
 
-class StopAt(Controller):
-    name = "stop"
-
-    def __init__(self, epoch: int | None = None) -> None:
-        self.epoch = epoch
-
-    def on_epoch_start(self, epoch: int) -> None:
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
-
-
 @pytest.fixture(scope="module")
 def small_digits() -> gp_data.DatasetPair:
-    return gp_data.load("digits", subset=96, test_subset=64)
+    return digits_subset(96, 64)
 
 
 def _config(method: str) -> TrainConfig:
@@ -401,10 +381,10 @@ def test_vcas_trains_through_the_trainer_and_resumes_exactly(tmp_path, small_dig
     assert _flops(metrics, "backward") > _flops(base, "backward")
 
     # Interrupted after one epoch and resumed: the same weights and the same VCAS records.
-    cut = Trainer(config, tmp_path / "cut", controllers=[StopAt(1)], data=small_digits)
+    cut = Trainer(config, tmp_path / "cut", controllers=[Recorder(stop_at=1)], data=small_digits)
     with pytest.raises(KeyboardInterrupt):
         cut.fit()
-    resumed = Trainer(config, tmp_path / "cut", resume=True, controllers=[StopAt()], data=small_digits)
+    resumed = Trainer(config, tmp_path / "cut", resume=True, controllers=[Recorder()], data=small_digits)
     assert resumed.start_epoch == 1
     again = resumed.fit()
     for key, value in whole.model.state_dict().items():
@@ -412,3 +392,34 @@ def test_vcas_trains_through_the_trainer_and_resumes_exactly(tmp_path, small_dig
     assert again["epochs"][1]["vcas"] == records[1]["vcas"]
     assert again["epochs"][1]["step_losses"] == records[1]["step_losses"]
     assert again["summary"]["flops"] == metrics["summary"]["flops"]
+
+
+# ---------------------------------------------------------------------------------------------
+# frozen weights
+
+
+def test_frozen_blocks_are_left_out_of_the_estimation():
+    model = norm_linear_stack()
+    for p in model[0].parameters():  # fine-tuning: the lowest block frozen
+        p.requires_grad_(False)
+    vcas = VCAS(model, VCASConfig(update_every=1, s_step=0.1))
+    record = vcas.step(token_batches(), weighted_sum_loss)
+    assert record is not None and record["s"] == pytest.approx(0.9)
+    ratios = vcas.ratios()
+    assert ratios["weight"]["0.fc"] == 1.0  # frozen: no gradient, no token ratio to adapt
+    assert ratios["weight"]["1.fc"] == pytest.approx(0.95) == ratios["weight"]["2.fc"]
+    # Block 0 sees no backward once its weights are frozen; blocks 1 and 2 were updated.
+    assert ratios["activation"]["0"] == 1.0
+    x, w = next(token_batches())
+    weighted_sum_loss(model, (x, w)).backward()
+    assert model[0].fc.weight.grad is None and model[2].fc.weight.grad is not None
+
+
+def test_everything_frozen_is_a_clear_error():
+    model = norm_linear_stack()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model[0].norm.weight.requires_grad_(True)  # a loss that still requires grad
+    vcas = VCAS(model, VCASConfig(update_every=1))
+    with pytest.raises(GreenpropError, match=r"no converted layer .* trainable weight"):
+        vcas.step(token_batches(), weighted_sum_loss)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from greenprop import data as gp_data
+from fixtures import convnet, cross_entropy_loss, digits_batches, digits_subset, resnet
 from greenprop.metering.flops import count_flops_per_sample
 from greenprop.train.config import TrainConfig
 from greenprop.train.trainer import Trainer
@@ -20,18 +20,7 @@ from greenprop.vcas import VCAS, VCASConfig, apply_vcas
 from greenprop.vcas import layers as vcas_layers
 from greenprop.vcas.layers import Mode
 from greenprop.vcas.surgery import vcas_handle
-from vcas_helpers import (
-    convnet,
-    draw,
-    drop_rescale,
-    grad_dict,
-    grads,
-    resnet,
-    skewed,
-    spy_draws,
-    unbiased,
-    z_scores,
-)
+from vcas_helpers import draw, drop_rescale, grad_dict, grads, skewed, spy_draws, unbiased, z_scores
 
 DRAWS = 1600  # sampled backward passes per unbiasedness check
 NEGATIVE_DRAWS = 400  # enough to expose a biased estimator
@@ -206,16 +195,6 @@ def test_conv_backward_flops_equal_the_tally_and_dropped_rows_stay_zero(monkeypa
 # the controller on resnet18-gn
 
 
-def _loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x), y)
-
-
-def _batches(digits, count: int, size: int = 16, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [digits.train[torch.randperm(len(digits.train), generator=gen)[:size]] for _ in range(count)]
-
-
 def test_controller_on_resnet18_gn(digits) -> None:
     model = resnet(seed=1)
     reference = _twin(model)
@@ -223,21 +202,21 @@ def test_controller_on_resnet18_gn(digits) -> None:
     vcas = VCAS(model, config)
     assert vcas.ratios()["weight"] == {}
     assert len(vcas._entries) == 19  # the variance is measured on every converted conv
-    record = vcas.update(iter(_batches(digits, 2)), _loss)
+    record = vcas.update(iter(digits_batches(digits, 2, size=16)), cross_entropy_loss)
     assert vcas.s == record["s"] == 1 - config.s_step
     assert vcas.ratios()["weight"] == {}
     assert record["weight_ratio_mean"] is None and record["weight_variance_ratio_mean"] is None
     assert record["activation_variance_ratio"] == 0.0 and record["sgd_variance"] > 0
     assert all(p.grad is None for p in model.parameters())
-    x, y = _batches(digits, 1, seed=3)[0]
+    x, y = digits_batches(digits, 1, size=16, seed=3)[0]
     dense = count_flops_per_sample(reference, x, y, F.cross_entropy)
     assert (vcas.dense_per_sample.forward, vcas.dense_per_sample.backward) == (dense.forward, dense.backward)
 
     for sampler in vcas.handle.samplers:
         sampler.ratio = 0.5
     state = vcas.state_dict()
-    batch = _batches(digits, 1, size=32, seed=4)[0]
-    _loss(model, batch).backward()
+    batch = digits_batches(digits, 1, size=32, seed=4)[0]
+    cross_entropy_loss(model, batch).backward()
     grads = grad_dict(model)
     report = vcas.flops_report()
     assert report["train_samples"] == 32 and report["weight"] == {}
@@ -252,7 +231,7 @@ def test_controller_on_resnet18_gn(digits) -> None:
     again = VCAS(other, config)
     again.load_state_dict(state)
     assert again.ratios() == vcas.ratios() and again.s == vcas.s and again.history == vcas.history
-    _loss(other, batch).backward()
+    cross_entropy_loss(other, batch).backward()
     for name, grad in grad_dict(other).items():
         assert torch.equal(grad, grads[name]), name
     assert again.flops_report() == report
@@ -285,7 +264,7 @@ def _flops(metrics: dict[str, Any], phase: str) -> float:
 
 
 def test_vcas_trains_resnet18_gn_through_the_trainer() -> None:
-    data = gp_data.load("digits", subset=64, test_subset=32)
+    data = digits_subset(64, 32)
     base = Trainer(_config("baseline"), data=data).fit()
     trainer = Trainer(_config("vcas:update_every=2"), data=data)
     metrics = trainer.fit()

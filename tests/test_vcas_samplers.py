@@ -287,3 +287,16 @@ def test_bad_ratio_is_named(ratio: float) -> None:
         activation_sample(torch.randn(4, 2), ratio)
     with pytest.raises(GreenpropError, match="ratio"):
         sampled_weight_grad(torch.randn(4, 2), torch.randn(4, 3), ratio)
+
+
+# ---------------------------------------------------------------------------------------------
+# devices
+
+
+def test_draws_follow_the_generator_not_the_tensor_device():
+    """Draws come from the (CPU) generator and land on the probabilities' device; same seed, same draw."""
+    probs = torch.full((1000,), 0.3)
+    a = sample_mask(probs, torch.Generator().manual_seed(5))
+    b = sample_mask(probs, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and a.device == probs.device
+    assert 200 < int(a.sum()) < 400

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from fixtures import Block, resnet, stack, tiny_vit
 from greenprop.errors import GreenpropError
 from greenprop.models.tokens import Mlp
 from greenprop.models.vit import Attention
@@ -13,7 +14,7 @@ from greenprop.models.vit import Block as ViTBlock
 from greenprop.vcas import apply_vcas, find_blocks, remove_vcas
 from greenprop.vcas.layers import VCASConv2d, VCASLinear
 from greenprop.vcas.surgery import vcas_handle
-from vcas_helpers import Block, grad_dict, resnet, stack, vit
+from vcas_helpers import grad_dict
 
 
 class BatchNormBlock(nn.Module):
@@ -27,7 +28,7 @@ class BatchNormBlock(nn.Module):
 
 
 def test_apply_and_remove_keep_parameters_and_state_dict() -> None:
-    model = vit()
+    model = tiny_vit()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     params = list(model.parameters())
     linear_count = sum(type(m) is nn.Linear for m in model.modules())
@@ -53,7 +54,7 @@ def test_apply_and_remove_keep_parameters_and_state_dict() -> None:
     with pytest.raises(GreenpropError, match="not applied"):
         remove_vcas(model)
 
-    reference = vit(seed=4)
+    reference = tiny_vit(seed=4)
     reference.load_state_dict(before)
     x = torch.randn(6, 1, 8, 8)
     out, ref_out = model(x), reference(x)
@@ -77,7 +78,7 @@ def test_batchnorm_in_a_block_is_refused_naming_it() -> None:
 
 
 def test_find_blocks_auto_detects_and_respects_block_types() -> None:
-    model = vit(depth=3)
+    model = tiny_vit(depth=3)
     assert find_blocks(model) == ["blocks.0", "blocks.1", "blocks.2"]
     assert find_blocks(model, [Mlp]) == [f"blocks.{i}.mlp" for i in range(3)]
     assert find_blocks(model, [Attention]) == [f"blocks.{i}.attn" for i in range(3)]

@@ -9,8 +9,6 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
-from greenprop import models as gp_models
-
 
 def skewed(shape: tuple[int, ...], seed: int) -> Tensor:
     """Random float64 tensor whose samples' norms span two orders of magnitude."""
@@ -47,100 +45,6 @@ def unbiased(z: Tensor) -> bool:
     """Mean within a few standard errors everywhere, and the z-scores look like noise."""
     a = z.abs()
     return bool(a.max() < 5.5) and float((a > 3).double().mean()) < 0.05 and float(a.mean()) < 1.3
-
-
-# ---------------------------------------------------------------------------------------------
-# toy models
-
-
-class Block(nn.Module):
-    """``x + fc2(gelu(fc1(norm(x))))``: acts on each sample (dim 0) separately."""
-
-    def __init__(self, dim: int, hidden: int, bias: bool = True) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, hidden, bias=bias)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim, bias=bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.fc2(self.act(self.fc1(self.norm(x))))
-
-
-def stack(depth: int = 2, dim: int = 6, hidden: int = 8, bias: bool = True, seed: int = 0) -> nn.Sequential:
-    """``depth`` float64 :class:`Block`s."""
-    torch.manual_seed(seed)
-    return nn.Sequential(*(Block(dim, hidden, bias) for _ in range(depth))).double()
-
-
-class ConvBlock(nn.Module):
-    """``tanh(conv2(tanh(norm(conv1(x)))) + shortcut(x))``: acts on each sample separately.
-
-    ``conv1`` takes the stride, groups and dilation (and a non-square kernel); the shortcut
-    is a strided 1x1 conv when the shape changes. ``extra`` convs (e.g. reflect padding)
-    are applied after ``conv2``, shape-preserving.
-    """
-
-    def __init__(
-        self,
-        cin: int,
-        cout: int,
-        *,
-        stride: int = 1,
-        groups: int = 1,
-        dilation: int = 1,
-        bias: bool = True,
-        extra: tuple[nn.Module, ...] = (),
-    ) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(
-            cin, cout, (3, 2), stride, padding=(dilation, 1), dilation=dilation, groups=groups, bias=bias
-        )
-        self.norm = nn.GroupNorm(2, cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, padding=1, groups=groups, bias=bias)
-        self.extra = nn.Sequential(*extra)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        skip = self.shortcut(x)
-        h = self.conv1(x)[..., : skip.shape[-1]]  # kernel width 2, padding 1: may be one wider
-        h = self.extra(self.conv2(torch.tanh(self.norm(h))))
-        return torch.tanh(h + skip)
-
-
-def convnet(seed: int = 0, *, groups: int = 2, bias: bool = True, extra: bool = False) -> nn.Sequential:
-    """Two float64 residual conv blocks: 4 -> 4 (stride 2, dilation 2) -> 6."""
-    torch.manual_seed(seed)
-    extras: tuple[nn.Module, ...] = ()
-    if extra:
-        extras = (
-            nn.Conv2d(6, 6, 3, padding="same", bias=bias),
-            nn.Conv2d(6, 6, 3, padding=1, padding_mode="reflect", bias=bias),
-        )
-    return nn.Sequential(
-        ConvBlock(4, 4, stride=2, groups=groups, dilation=2, bias=bias),
-        ConvBlock(4, 6, groups=groups, bias=bias, extra=extras),
-    ).double()
-
-
-def vit(seed: int = 0, depth: int = 2) -> nn.Module:
-    """A tiny ViT (width 32, 2 heads) on 8x8 single-channel images."""
-    torch.manual_seed(seed)
-    return gp_models.create(
-        "vit", num_classes=10, in_channels=1, image_size=8, width=32, depth=depth, heads=2
-    )
-
-
-def resnet(seed: int = 0, name: str = "resnet18-gn") -> nn.Module:
-    """``name`` (a ResNet-18 variant) at width 8 on single-channel images."""
-    torch.manual_seed(seed)
-    return gp_models.create(name, in_channels=1, width=8)
-
-
-# ---------------------------------------------------------------------------------------------
-# spying on the samplers the layers call
 
 
 def spy_draws(monkeypatch, module: ModuleType, name: str) -> list[Tensor]:

@@ -1,0 +1,210 @@
+"""What the benchmark scripts share: common options, the environment header, interleaved timing, results.
+
+Every script prints a header that records what its timings depend on (versions,
+threads, CPU, allocator settings, the exact command), times its variants interleaved
+so all see the same drift, and can save every measurement with ``--json OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None  # type: ignore[assignment]
+
+#: Environment variables that change CPU timings; printed in the header.
+TIMING_ENV = ("GLIBC_TUNABLES", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "LD_PRELOAD", "DNNL_MAX_CPU_ISA")
+
+
+# --------------------------------------------------------------------------- options
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch's intra-op threads (timings depend on it)."""
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    """``--threads``, ``--seed`` and ``--json OUT``, the options every timing script has."""
+    add_threads_option(parser)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results here")
+
+
+def check_ratios(parser: argparse.ArgumentParser, flags: str, values: Sequence[float]) -> None:
+    """Exit with a usage error unless every keep ratio in ``values`` is in (0, 1]."""
+    if any(not 0.0 < v <= 1.0 for v in values):
+        parser.error(f"{flags} must be in (0, 1]")
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    """Apply ``--threads`` when given (process-wide)."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+
+def start(args: argparse.Namespace, script: str, argv: Sequence[str] | None) -> dict[str, Any]:
+    """Apply ``--threads``, then return the environment the header reports.
+
+    ``argv`` is what ``main`` was given (None: the process's own arguments).
+    """
+    set_threads(args)
+    return environment(script, sys.argv[1:] if argv is None else argv)
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), for the header."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def command_line(script: str, argv: Sequence[str]) -> str:
+    """The shell command that reproduces this run, timing-relevant variables included."""
+    env = [f"{name}={shlex.quote(os.environ[name])}" for name in TIMING_ENV if name in os.environ]
+    with contextlib.suppress(ValueError):  # another drive (Windows)
+        script = os.path.relpath(script)
+    return " ".join([*env, shlex.join(["python", script, *argv])])
+
+
+def environment(script: str, argv: Sequence[str]) -> dict[str, Any]:
+    """What the timings depend on besides the code: versions, threads, allocator, command."""
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "env": {name: os.environ.get(name) for name in TIMING_ENV},
+        "command": command_line(script, argv),
+    }
+
+
+def header_lines(env: Mapping[str, Any], title: str) -> list[str]:
+    """The Markdown header printed above a result table."""
+    lines = [
+        f"### {title}",
+        "",
+        f"- torch {env['torch']}, Python {env['python']}, {env['threads']} torch threads, "
+        f"CPU: {env['cpu']} ({env['logical_cpus']} logical CPUs)",
+        f"- GLIBC_TUNABLES: `{env['env']['GLIBC_TUNABLES'] or '(unset)'}`",
+    ]
+    others = [f"{k}={v}" for k, v in env["env"].items() if k != "GLIBC_TUNABLES" and v is not None]
+    if others:
+        lines.append(f"- other environment: `{' '.join(others)}`")
+    lines += [f"- command: `{env['command']}`", ""]
+    return lines
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A GitHub-flavoured Markdown table (first column left-aligned, the rest right)."""
+    align = [":--" if i == 0 else "--:" for i in range(len(header))]
+    return ["| " + " | ".join(r) + " |" for r in (header, align, *rows)]
+
+
+def save_results(out: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Add the run's arguments to ``out`` and write it to ``--json`` when given; returns ``out``."""
+    out["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def rotated(items: Sequence[str], shift: int) -> list[str]:
+    """``items`` rotated left by ``shift``: round r starts with item ``r mod len``."""
+    shift %= len(items)
+    return [*items[shift:], *items[:shift]]
+
+
+def minor_page_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is unavailable).
+
+    Counted around every timed call: a large count per step means the allocator hands
+    fresh (mmap'ed) pages to each step, i.e. GLIBC_TUNABLES did not take effect.
+    """
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
+
+@dataclass
+class Timings:
+    """Per-variant measurements of :func:`interleaved_times`, one entry per round."""
+
+    seconds: dict[str, list[float]]
+    minor_faults: dict[str, list[int]]
+
+
+def interleaved_times(fns: Mapping[str, Callable[[], object]], rounds: int, warmup: int) -> Timings:
+    """Seconds (and page faults) per call of each function, one call each per round.
+
+    Interleaving exposes all variants to the same drift (thermal, other processes);
+    the order rotates every round so none gets a first-in-round advantage. Python's
+    GC is off while timing so a collection does not land in one variant's measurement.
+    """
+    names = list(fns)
+    for i in range(warmup):
+        for name in rotated(names, i):
+            fns[name]()
+    timings = Timings({name: [] for name in names}, {name: [] for name in names})
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            for name in rotated(names, r):
+                faults = minor_page_faults()
+                start = time.perf_counter()
+                fns[name]()
+                timings.seconds[name].append(time.perf_counter() - start)
+                timings.minor_faults[name].append(minor_page_faults() - faults)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return timings
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    """(25th percentile, median, 75th percentile); all three equal for one value."""
+    if len(values) < 2:
+        v = float(values[0])
+        return v, v, v
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def forward_backward_flops(model: nn.Module, x: Tensor, y: Tensor) -> int:
+    """FLOPs counted by FlopCounterMode for one forward + backward (no optimizer step)."""
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
