@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from greenprop.errors import GreenpropError
-from greenprop.vcas import VCAS, VCASConfig, apply_vcas, sample_mask
+from greenprop.vcas import VCAS, VCASConfig, apply_vcas
+from greenprop.vcas.samplers import sample_mask
 from greenprop.vcas.surgery import vcas_handle
 
 
@@ -49,7 +50,7 @@ def test_frozen_blocks_are_left_out_of_the_estimation():
     model = _stack()
     for p in model[0].parameters():  # fine-tuning: the lowest block frozen
         p.requires_grad_(False)
-    vcas = VCAS(model, VCASConfig(update_every=1, s_step=0.1))
+    vcas = VCAS(apply_vcas(model, VCASConfig(update_every=1, s_step=0.1)))
     record = vcas.step(_batches(), _loss)
     assert record is not None and record["s"] == pytest.approx(0.9)
     ratios = vcas.ratios()
@@ -67,7 +68,7 @@ def test_everything_frozen_is_a_clear_error():
     for p in model.parameters():
         p.requires_grad_(False)
     model[0].norm.weight.requires_grad_(True)  # a loss that still requires grad
-    vcas = VCAS(model, VCASConfig(update_every=1))
+    vcas = VCAS(apply_vcas(model, VCASConfig(update_every=1)))
     with pytest.raises(GreenpropError, match=r"no converted layer .* trainable weight"):
         vcas.step(_batches(), _loss)
 
@@ -75,7 +76,7 @@ def test_everything_frozen_is_a_clear_error():
 @pytest.mark.parametrize("ratio", [1.0, 0.5])
 def test_bf16_autocast_backward_runs_and_matches_dtypes(ratio: float):
     model = _stack()
-    handle = apply_vcas(model)
+    handle = vcas_handle(apply_vcas(model))
     for sampler in handle.samplers:
         sampler.ratio = ratio
     for layer in handle.linears.values():
@@ -118,7 +119,7 @@ def test_check_rows_catches_gradient_that_bypasses_the_sampler(aux: bool):
     torch.manual_seed(0)
     block = _AuxBlock if aux else _Block
     model = nn.Sequential(*(block(nn.Linear(6, 6)) for _ in range(2)))
-    handle = apply_vcas(model, VCASConfig(check_rows=True))
+    handle = vcas_handle(apply_vcas(model, VCASConfig(check_rows=True)))
     for sampler in handle.samplers:
         sampler.ratio = 0.3
     x, w = next(_batches())

@@ -32,11 +32,12 @@ from torch import Tensor, nn
 
 from greenprop.errors import GreenpropError
 from greenprop.metering.flops import FlopCount, batch_head, count_flops_per_sample
+from greenprop.surgery import not_converted
 from greenprop.train.hooks import Controller
 from greenprop.vcas import control
 from greenprop.vcas.config import VCASConfig
 from greenprop.vcas.layers import FlopTally, Mode, VCASRuntime
-from greenprop.vcas.surgery import VCASHandle, apply_vcas, vcas_handle
+from greenprop.vcas.surgery import VCASHandle, vcas_handle
 
 __all__ = ["VCAS", "BatchLoss"]
 
@@ -70,7 +71,8 @@ class VCAS(Controller):
 
     ::
 
-        vcas = VCAS(model, VCASConfig(update_every=50))       # applies apply_vcas if needed
+        apply_vcas(model, VCASConfig(update_every=50))      # convert first, then drive it
+        vcas = VCAS(model)
         for batch in loader:
             vcas.step(estimation_batches, loss_fn)            # before the step's forward
             loss_fn(model, batch).backward(); opt.step(); opt.zero_grad()
@@ -82,25 +84,18 @@ class VCAS(Controller):
     dimension must be dim 0 of every block's output.
 
     Args:
-        model: the network (VCAS is applied in place unless it already is).
-        config: settings; None uses the config of an existing :func:`apply_vcas`, else
-            the paper's defaults.
-        block_types: passed to :func:`apply_vcas` when the controller applies it.
+        model: a model converted by :func:`~greenprop.vcas.surgery.apply_vcas`.
+        config: None uses the config it was converted with; any other config must
+            equal that one.
     """
 
     name = "vcas"
 
-    def __init__(
-        self,
-        model: nn.Module,
-        config: VCASConfig | None = None,
-        *,
-        block_types: Sequence[type[nn.Module]] | None = None,
-    ) -> None:
+    def __init__(self, model: nn.Module, config: VCASConfig | None = None) -> None:
         handle = vcas_handle(model)
         if handle is None:
-            handle = apply_vcas(model, config, block_types=block_types)
-        elif config is not None and config != handle.config:
+            raise not_converted("VCAS", "apply_vcas")
+        if config is not None and config != handle.config:
             raise GreenpropError("model already has VCAS with another config; call remove_vcas first")
         self.model = model
         self.handle: VCASHandle = handle
