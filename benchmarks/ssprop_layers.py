@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from greenprop.ssprop import SparseConv2d, keep_count
+from greenprop.ssprop import SparseConv2d
+from greenprop.ssprop.functional import keep_count
 from ssprop_step import (
     NarrowConv2d,
     environment,

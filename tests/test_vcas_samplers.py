@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 from greenprop.errors import GreenpropError
-from greenprop.vcas import (
+from greenprop.vcas.samplers import (
     activation_sample,
     leverage_sample,
     leverage_scores,
