@@ -50,7 +50,7 @@ from _common import (
 from greenprop import data, models
 from greenprop.errors import GreenpropError
 from greenprop.vcas import VCASConfig, apply_vcas
-from greenprop.vcas.surgery import VCASHandle
+from greenprop.vcas.surgery import VCASHandle, vcas_handle
 
 VARIANTS = ("dense", "vcas")
 DEFAULT_BATCH = {"minilm": 32, "vit": 128}
@@ -237,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         x, y, source = load_batch(name, batch_size, args.seq_len, args.data, args.seed)
         dense = build(name, args.seed)
         vcas = copy.deepcopy(dense)
-        handle = apply_vcas(vcas, VCASConfig(seed=args.seed))
+        handle = vcas_handle(apply_vcas(vcas, VCASConfig(seed=args.seed)))
         variants = {"dense": dense, "vcas": vcas}
         dense_flops = forward_backward_flops(dense, x, y)
         rows = []

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from greenprop.gradsamp import GradSamp, ggd
+from greenprop.gradsamp.config import GradSampConfig
 from greenprop.gradsamp.sampling import DEFAULT_BETA_BOUNDS, DrawStats, sample_update
 from greenprop.seeding import gradsamp_draw_seed
 
@@ -71,7 +72,7 @@ def test_draw_stats_summarise_fits_fallbacks_and_spread():
 def test_the_controller_adds_exactly_the_rules_draws_in_model_order():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
-    gs = GradSamp(model, "pe:1", total_epochs=3, seed=11, update="ggd-signed")
+    gs = GradSamp(model, GradSampConfig(strategy="pe:1", seed=11, update="ggd-signed"), epochs=3)
     gs.on_epoch_start(0)
     with torch.no_grad():
         for i, p in enumerate(model.parameters()):

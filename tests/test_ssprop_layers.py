@@ -15,11 +15,11 @@ from greenprop.ssprop import (
     SparseLinear,
     SSPropConfig,
     apply_ssprop,
-    output_layer_names,
     remove_ssprop,
-    select_channels,
     sparse_layers,
 )
+from greenprop.ssprop.functional import select_channels
+from greenprop.ssprop.surgery import output_layer_names
 
 CL = torch.channels_last
 

@@ -11,16 +11,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from greenprop.errors import GreenpropError
-from greenprop.vcas import (
-    VCASConfig,
+from greenprop.vcas import VCASConfig
+from greenprop.vcas.control import (
     block_keep_ratio,
     ema,
-    sample_mask,
-    soft_topk_probabilities,
     update_activation_keep,
     update_weight_ratio,
     variance_ratio,
 )
+from greenprop.vcas.samplers import sample_mask, soft_topk_probabilities
 
 SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

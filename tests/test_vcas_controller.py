@@ -29,10 +29,12 @@ from greenprop.controller import RunContext
 from greenprop.errors import GreenpropError
 from greenprop.metering.flops import count_flops_per_sample
 from greenprop.methods import build_method, parse_method
+from greenprop.surgery import SurgeryWarning
 from greenprop.train.checkpoint import load_checkpoint, save_checkpoint
 from greenprop.train.config import TrainConfig
 from greenprop.train.trainer import METRICS, Trainer
-from greenprop.vcas import VCAS, VCASConfig, apply_vcas, block_keep_ratio
+from greenprop.vcas import VCAS, VCASConfig, apply_vcas
+from greenprop.vcas.control import block_keep_ratio
 from greenprop.vcas.method import CONFIG
 from greenprop.vcas.surgery import vcas_handle
 
@@ -72,7 +74,7 @@ def test_first_update_has_zero_sampling_variance_and_exact_arithmetic(digits, in
     model, reference = tiny_vit(), tiny_vit(seed=7)
     reference.load_state_dict(model.state_dict())
     config = VCASConfig(update_every=1, mc_repeats=2, initial_keep=initial_keep, seed=0)
-    vcas = VCAS(model, config)
+    vcas = VCAS(apply_vcas(model, config))
     start = vcas.ratios()
     assert start["s"] == initial_keep
     assert list(start["activation"]) == ["blocks.0", "blocks.1"]
@@ -111,7 +113,7 @@ def test_first_update_has_zero_sampling_variance_and_exact_arithmetic(digits, in
 )
 def test_ratios_follow_the_measured_variance(digits, tau: float, expected_s: list[float]) -> None:
     config = VCASConfig(update_every=1, tau_act=tau, tau_w=tau, initial_keep=0.5, seed=1)
-    vcas = VCAS(tiny_vit(), config)
+    vcas = VCAS(apply_vcas(tiny_vit(), config))
     batches = iter(digits_batches(digits, 6, size=24))
     records, weights = [], {}
     for _ in range(3):
@@ -139,7 +141,7 @@ def test_ratios_follow_the_measured_variance(digits, tau: float, expected_s: lis
 
 
 def test_step_updates_exactly_every_update_every_steps(digits) -> None:
-    vcas = VCAS(tiny_vit(), VCASConfig(update_every=3, mc_repeats=2))
+    vcas = VCAS(apply_vcas(tiny_vit(), VCASConfig(update_every=3, mc_repeats=2)))
     pool = digits_batches(digits, 2, size=16)
     drawn = 0
 
@@ -160,7 +162,7 @@ def test_step_updates_exactly_every_update_every_steps(digits) -> None:
 def test_flops_report_counts_the_saving_and_the_overhead(digits) -> None:
     model, reference = tiny_vit(), tiny_vit(seed=3)
     reference.load_state_dict(model.state_dict())
-    vcas = VCAS(model, VCASConfig(update_every=2, tau_act=1e6, tau_w=1e6))
+    vcas = VCAS(apply_vcas(model, VCASConfig(update_every=2, tau_act=1e6, tau_w=1e6)))
     empty = vcas.flops_report()
     assert empty["backward_ratio"] is None and empty["total_ratio_with_overhead"] is None
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -208,7 +210,7 @@ def test_state_dict_round_trip_resumes_bit_exactly(digits, tmp_path) -> None:
     train = digits_batches(digits, 6, seed=5)
 
     model_a = tiny_vit(seed=1)
-    a = VCAS(model_a, config)
+    a = VCAS(apply_vcas(model_a, config))
     a.on_train_start(RunContext(model_a, 1, 6, draw_batch=_draw_from(digits), loss_fn=cross_entropy_loss))
     opt_a = torch.optim.SGD(model_a.parameters(), lr=0.05, momentum=0.9)
     for step in range(3):
@@ -222,7 +224,7 @@ def test_state_dict_round_trip_resumes_bit_exactly(digits, tmp_path) -> None:
     )
 
     model_b = tiny_vit(seed=2)  # other weights, fresh controller: everything comes from the file
-    b = VCAS(model_b, config)
+    b = VCAS(apply_vcas(model_b, config))
     b.on_train_start(RunContext(model_b, 1, 6, draw_batch=_draw_from(digits), loss_fn=cross_entropy_loss))
     opt_b = torch.optim.SGD(model_b.parameters(), lr=0.05, momentum=0.9)
     state = load_checkpoint(path)
@@ -248,11 +250,11 @@ def test_state_dict_round_trip_resumes_bit_exactly(digits, tmp_path) -> None:
 
 
 def test_loading_a_mismatched_state_is_refused() -> None:
-    state = VCAS(tiny_vit(), VCASConfig(seed=0)).state_dict()
-    deeper = VCAS(tiny_vit(depth=3), VCASConfig(seed=0))
+    state = VCAS(apply_vcas(tiny_vit(), VCASConfig(seed=0))).state_dict()
+    deeper = VCAS(apply_vcas(tiny_vit(depth=3), VCASConfig(seed=0)))
     with pytest.raises(GreenpropError, match="blocks"):
         deeper.load_state_dict(state)
-    other_config = VCAS(tiny_vit(), VCASConfig(seed=1))
+    other_config = VCAS(apply_vcas(tiny_vit(), VCASConfig(seed=1)))
     with pytest.raises(GreenpropError, match="another config"):
         other_config.load_state_dict(state)
     with pytest.raises(GreenpropError, match="format"):
@@ -261,7 +263,7 @@ def test_loading_a_mismatched_state_is_refused() -> None:
 
 def test_misuse_is_a_clear_error(digits) -> None:
     model = tiny_vit()
-    vcas = VCAS(model, VCASConfig(mc_repeats=3))
+    vcas = VCAS(apply_vcas(model, VCASConfig(mc_repeats=3)))
     with pytest.raises(GreenpropError, match=r"needs 3 batches per update.*ran out"):
         vcas.update(iter(digits_batches(digits, 2, size=8)), cross_entropy_loss)
     with pytest.raises(GreenpropError, match="RunContext with draw_batch"):
@@ -310,7 +312,7 @@ def test_method_builds_the_controller_with_the_options() -> None:
     assert (config.update_every, config.tau_act, config.seed) == (5, 0.1, 7)
     assert vcas_handle(model) is controllers[0].handle
     assert set(CONFIG.option_help()) == {f for f in VCASConfig.__dataclass_fields__}
-    with pytest.raises(GreenpropError, match="already applied"):
+    with pytest.warns(SurgeryWarning, match="already applied"):
         apply_vcas(model)
 
 

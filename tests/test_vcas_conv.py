@@ -56,7 +56,7 @@ def test_ratio_one_equals_dense_autograd(kind: str) -> None:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     reference = _twin(model)
-    handle = apply_vcas(model, VCASConfig(seed=3))
+    handle = vcas_handle(apply_vcas(model, VCASConfig(seed=3)))
     assert handle.convs and all(s.ratio == 1.0 for s in handle.samplers)
     if kind == "convnet":
         conv1 = handle.convs["0.conv1"]
@@ -82,7 +82,7 @@ def test_ratio_one_equals_dense_autograd(kind: str) -> None:
 def test_unconvertible_convs_stay_plain_and_exact() -> None:
     model = convnet(extra=True)
     reference = _twin(model)
-    handle = apply_vcas(model, VCASConfig(seed=1))
+    handle = vcas_handle(apply_vcas(model, VCASConfig(seed=1)))
     same, reflect = model[1].extra
     assert type(same) is nn.Conv2d and type(reflect) is nn.Conv2d
     assert not hasattr(same, "vcas_runtime") and not hasattr(reflect, "vcas_runtime")
@@ -110,7 +110,7 @@ def _setup_unbiasedness() -> tuple[nn.Module, Tensor, list[Tensor], Tensor]:
     """The two-block conv net at sampler ratios 0.5, ONE fixed forward graph and the exact gradient."""
     model = convnet()
     reference = _twin(model)
-    handle = apply_vcas(model, VCASConfig(seed=5))
+    handle = vcas_handle(apply_vcas(model, VCASConfig(seed=5)))
     for sampler in handle.samplers:
         sampler.ratio = 0.5
     x, target = skewed((8, 4, 7, 7), seed=4), skewed((8, 6, 4, 4), seed=5)
@@ -152,7 +152,7 @@ def test_conv_backward_flops_equal_the_tally_and_dropped_rows_stay_zero(monkeypa
     # groups=1: FlopCounterMode counts a grouped conv's grad_weight as if ungrouped.
     model = convnet(groups=1)
     reference = _twin(model)
-    handle = apply_vcas(model, VCASConfig(seed=2))
+    handle = vcas_handle(apply_vcas(model, VCASConfig(seed=2)))
     handle.samplers[1].ratio = 0.5
     shapes: dict[str, tuple[int, ...]] = {}
     for name, conv in handle.convs.items():
@@ -199,7 +199,7 @@ def test_controller_on_resnet18_gn(digits) -> None:
     model = resnet(seed=1)
     reference = _twin(model)
     config = VCASConfig(update_every=1)
-    vcas = VCAS(model, config)
+    vcas = VCAS(apply_vcas(model, config))
     assert vcas.ratios()["weight"] == {}
     assert len(vcas._entries) == 19  # the variance is measured on every converted conv
     record = vcas.update(iter(digits_batches(digits, 2, size=16)), cross_entropy_loss)
@@ -228,7 +228,7 @@ def test_controller_on_resnet18_gn(digits) -> None:
     # state_dict round trip: a fresh controller on a copy resumes the same draws.
     other = resnet(seed=9)
     other.load_state_dict(reference.state_dict())
-    again = VCAS(other, config)
+    again = VCAS(apply_vcas(other, config))
     again.load_state_dict(state)
     assert again.ratios() == vcas.ratios() and again.s == vcas.s and again.history == vcas.history
     cross_entropy_loss(other, batch).backward()

@@ -45,7 +45,7 @@ def test_blocks_are_the_bert_layers_found_either_way(minilm):
     by_type = find_blocks(minilm, (BertLayer,))
     assert by_type == [f"hf.bert.encoder.layer.{i}" for i in range(6)]
     assert find_blocks(minilm) == by_type  # the repeated-layer search finds the same blocks
-    handle = apply_vcas(minilm, block_types=(BertLayer,))
+    handle = vcas_handle(apply_vcas(minilm, block_types=(BertLayer,)))
     # q, k, v, attention output, intermediate, output: 6 Linears in each of the 6 layers
     assert len(handle.linears) == 36
     assert all(name.startswith("hf.bert.encoder.layer.") for name in handle.linears)
@@ -64,7 +64,7 @@ def test_exact_at_ratio_one_and_state_dict_unchanged(minilm, batch):
 
 def test_sampled_step_keeps_fewer_rows_and_the_controller_adapts(minilm, batch):
     config = VCASConfig(update_every=1, s_step=0.2, weight_ratio_multiplier=0.5)
-    vcas = VCAS(minilm, config, block_types=(BertLayer,))
+    vcas = VCAS(apply_vcas(minilm, config, block_types=(BertLayer,)))
 
     def loss_fn(model, b):
         return F.cross_entropy(model(b[0]), b[1])

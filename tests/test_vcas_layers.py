@@ -109,7 +109,7 @@ def test_ratio_one_vit_equals_dense_autograd_on_digits(digits) -> None:
     model = tiny_vit().double()
     reference = tiny_vit(seed=5).double()
     reference.load_state_dict(model.state_dict())
-    handle = apply_vcas(model)
+    handle = vcas_handle(apply_vcas(model))
     assert [s.name for s in handle.samplers] == ["blocks.0", "blocks.1"]
     x, y = digits.train[:24]
     for net in (model, reference):
@@ -284,7 +284,7 @@ def test_a_backward_that_drops_every_sample_costs_nothing(layers: str) -> None:
 def test_vit_backward_flops_drop_in_proportion_to_kept_samples(digits) -> None:
     model, reference = tiny_vit(), tiny_vit(seed=9)
     reference.load_state_dict(model.state_dict())
-    handle = apply_vcas(model, VCASConfig(seed=1))
+    handle = vcas_handle(apply_vcas(model, VCASConfig(seed=1)))
     handle.samplers[1].ratio = 0.5
     block_inputs: list[Tensor] = []
     model.blocks[0].register_forward_pre_hook(
@@ -316,7 +316,7 @@ def test_tuple_outputs_are_sampled_on_their_first_item(aux_grad: bool) -> None:
     model = TupleNet(5, 2, aux_grad).double()
     reference = TupleNet(5, 2, aux_grad).double()
     reference.load_state_dict(model.state_dict())
-    handle = apply_vcas(model, block_types=[TupleBlock])
+    handle = vcas_handle(apply_vcas(model, block_types=[TupleBlock]))
     assert [s.name for s in handle.samplers] == ["layers.0", "layers.1"]
     x = skewed((12, 5), seed=8)
     model(x).backward()

@@ -38,6 +38,7 @@ from greenprop.gradsamp.check import (
     check_update,
     format_rows,
 )
+from greenprop.seeding import ggd_check_seed
 from greenprop.train.checkpoint import ensure_writable_dir, write_json
 from greenprop.train.config import TrainConfig
 from greenprop.train.trainer import Trainer
@@ -201,7 +202,7 @@ class _UpdateRecorder(Controller):
                     alpha=self.alpha,
                     fit_method=self.fit_method,
                     bins=self.bins,
-                    seed=self.seed * 1_000_003 + k * 10_007 + i,
+                    seed=ggd_check_seed(self.seed, k, i),
                     replaced_by=record.get("replaced_by"),
                 )
                 self.rows.append(row)

@@ -34,9 +34,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import ClassVar
 
-import numpy as np
-
 from greenprop.errors import GreenpropError
+from greenprop.seeding import strategy_coin
 
 __all__ = [
     "STRATEGY_KINDS",
@@ -48,14 +47,10 @@ __all__ = [
     "parse_strategy",
 ]
 
-#: Spawn key that separates the strategies' coins from other streams seeded by the same seed.
-_COIN_STREAM = 0x5EED_C011
-
-
 @lru_cache(maxsize=1 << 16)
 def _coin(seed: int, epoch: int) -> float:
     """Uniform [0, 1) value for ``(seed, epoch)``; the same on every machine and every run."""
-    return float(np.random.default_rng([seed % (1 << 64), epoch, _COIN_STREAM]).random())
+    return strategy_coin(seed, epoch)
 
 
 def _check_int(owner: str, name: str, value: object, minimum: int) -> int:

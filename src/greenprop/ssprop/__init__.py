@@ -9,51 +9,21 @@ Source: Zhong, Huang, Shi, "ssProp: Energy-Efficient Training for Convolutional 
 Networks with Scheduled Sparse Back Propagation".
 """
 
-from greenprop.ssprop.config import LAYER_TYPES, SSPropConfig
+from greenprop.ssprop.config import SSPropConfig
 from greenprop.ssprop.controller import SSProp
-from greenprop.ssprop.functional import (
-    SELECTIONS,
-    ChannelSelector,
-    channel_scores,
-    conv2d_sparse_backward,
-    gather_channels,
-    keep_count,
-    linear_sparse_backward,
-    select_channels,
-    sparse_conv2d,
-    sparse_linear,
-)
-from greenprop.ssprop.layers import SparseConv2d, SparseLayer, SparseLinear, is_sparse_layer
-from greenprop.ssprop.schedule import SCHEDULE_KINDS, KeepSchedule, keep_shape
-from greenprop.ssprop.surgery import (
-    apply_ssprop,
-    output_layer_names,
-    remove_ssprop,
-    sparse_layers,
-)
+from greenprop.ssprop.functional import sparse_conv2d, sparse_linear
+from greenprop.ssprop.layers import SparseConv2d, SparseLinear
+from greenprop.ssprop.schedule import KeepSchedule
+from greenprop.ssprop.surgery import apply_ssprop, remove_ssprop, sparse_layers
 
 __all__ = [
-    "LAYER_TYPES",
-    "SCHEDULE_KINDS",
-    "SELECTIONS",
-    "ChannelSelector",
     "KeepSchedule",
     "SSProp",
     "SSPropConfig",
     "SparseConv2d",
-    "SparseLayer",
     "SparseLinear",
     "apply_ssprop",
-    "channel_scores",
-    "conv2d_sparse_backward",
-    "gather_channels",
-    "is_sparse_layer",
-    "keep_count",
-    "keep_shape",
-    "linear_sparse_backward",
-    "output_layer_names",
     "remove_ssprop",
-    "select_channels",
     "sparse_conv2d",
     "sparse_layers",
     "sparse_linear",

@@ -15,6 +15,7 @@ from greenprop.ssprop.config import SSPropConfig
 from greenprop.ssprop.layers import SparseLayer
 from greenprop.ssprop.schedule import KeepSchedule
 from greenprop.ssprop.surgery import sparse_layers
+from greenprop.surgery import not_converted
 
 __all__ = ["SSProp"]
 
@@ -73,7 +74,7 @@ class SSProp(Controller):
     ) -> None:
         self.layers: dict[str, SparseLayer] = sparse_layers(model)
         if not self.layers:
-            raise GreenpropError("the model has no ssProp layers: call apply_ssprop(model) first")
+            raise not_converted("ssProp", "apply_ssprop")
         if isinstance(schedule, SSPropConfig):
             schedule = schedule.keep_schedule()
         elif not isinstance(schedule, KeepSchedule):

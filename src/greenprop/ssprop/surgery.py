@@ -1,27 +1,32 @@
-"""apply_ssprop / remove_ssprop: convert Conv2d/Linear modules in place and back.
+"""apply_ssprop / remove_ssprop: which Conv2d/Linear layers become ssProp layers.
 
-Conversion changes the *class* of the existing module objects (to
-:class:`SparseConv2d` / :class:`SparseLinear`) and adds a few plain attributes; it
-creates no module, Parameter or buffer. So every reference to the module (a parent,
-a hook, an optimizer's param group, a DDP bucket) stays valid, ``state_dict`` keys are
-unchanged, and a checkpoint moves freely between the converted and the plain model.
-``torch.nn.utils.parametrize`` swaps classes the same way.
+The selection rules live here (exact classes, layer types, output layer, channel
+counts); the in-place class swap and its undo are :mod:`greenprop.surgery`'s, shared
+with VCAS, so Parameters, hooks, optimizer references and ``state_dict`` keys are
+unchanged by a conversion.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
-from collections.abc import Callable
 
 from torch import nn
 
-from greenprop.errors import GreenpropError
+from greenprop.seeding import ssprop_layer_seed
 from greenprop.ssprop.config import SSPropConfig
 from greenprop.ssprop.layers import SparseConv2d, SparseLayer, SparseLinear
+from greenprop.surgery import (
+    ModuleFilter,
+    Swap,
+    check_config,
+    check_filter,
+    swap,
+    unswap,
+    warn_nothing_swapped,
+)
 
 __all__ = ["apply_ssprop", "output_layer_names", "remove_ssprop", "sparse_layers"]
-
-ModuleFilter = Callable[[nn.Module, str], bool]
 
 # Only these exact classes are converted: subclasses (e.g. the out_proj Linear inside
 # nn.MultiheadAttention, whose weight is used without calling its forward, or user
@@ -30,7 +35,6 @@ _CONVERTIBLE: dict[type[nn.Module], tuple[str, type[SparseLayer]]] = {
     nn.Conv2d: ("conv", SparseConv2d),
     nn.Linear: ("linear", SparseLinear),
 }
-_ORIGINAL_CLASS = "_ssprop_original_class"
 
 
 def output_layer_names(model: nn.Module) -> set[str]:
@@ -77,14 +81,14 @@ def apply_ssprop(
 
     Converted layers start at ``keep=config.keep``; :class:`greenprop.SSProp` then
     drives keep from the schedule. Layers already converted are left as they are.
-    Warns when nothing was converted. Returns ``model``.
+    Options are checked before the model is touched; warns
+    (:class:`~greenprop.surgery.SurgeryWarning`) when nothing was converted.
+    Returns ``model``.
     """
-    if config is None:
-        config = SSPropConfig()
-    if not isinstance(config, SSPropConfig):
-        raise GreenpropError(f"config must be an SSPropConfig, got {type(config).__name__}")
+    config = check_config(config, SSPropConfig)
+    check_filter(module_filter_fn)
     outputs = output_layer_names(model)
-    converted: list[str] = []
+    plan: list[Swap] = []
     depthwise: list[str] = []
     already = 0
     for index, (name, module) in enumerate(model.named_modules()):
@@ -107,16 +111,15 @@ def apply_ssprop(
             continue
         if out // groups < config.min_channels:
             continue
-        setattr(module, _ORIGINAL_CLASS, type(module))
-        module.__class__ = sparse_cls
-        module._init_ssprop(  # type: ignore[attr-defined]
+        init = functools.partial(
+            sparse_cls._init_ssprop,
             keep=config.keep,
             selection=config.selection,
             round_to=config.round_to,
             calibrate=config.calibrate,
-            seed=config.seed * 1_000_003 + index,
+            seed=ssprop_layer_seed(config.seed, index),
         )
-        converted.append(name)
+        plan.append(Swap(module, sparse_cls, init))
     if depthwise:
         warnings.warn(
             f"ssProp left {len(depthwise)} grouped conv(s) with one output channel per "
@@ -124,23 +127,26 @@ def apply_ssprop(
             + (" ..." if len(depthwise) > 5 else ""),
             stacklevel=2,
         )
-    if not converted:
-        why = f" ({already} already converted)" if already else ""
-        warnings.warn(
-            f"apply_ssprop converted no layer{why}: check config.layers={config.layers}, "
-            f"min_channels={config.min_channels} and module_filter_fn",
-            stacklevel=2,
+    if not plan:
+        why = f"{already} layer(s) already converted; " if already else ""
+        warn_nothing_swapped(
+            "apply_ssprop",
+            f"{why}check config.layers={config.layers}, min_channels={config.min_channels} "
+            "and module_filter_fn",
         )
+        return model
+    swap(plan)
     return model
 
 
 def remove_ssprop(model: nn.Module) -> nn.Module:
-    """Turn every ssProp layer of ``model`` back into its plain class, in place."""
+    """Turn every ssProp layer of ``model`` back into its plain class, in place; returns ``model``.
+
+    Idempotent: on a model without ssProp layers it changes nothing.
+    """
     for module in model.modules():
-        if isinstance(module, SparseLayer):
-            original = module.__dict__.pop(_ORIGINAL_CLASS, None)
-            if original is None:  # built directly as SparseConv2d / SparseLinear
-                original = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+        if isinstance(module, SparseLayer) and not unswap(module):
+            # built directly as SparseConv2d / SparseLinear: no swap to undo
             module._strip_ssprop()
-            module.__class__ = original
+            module.__class__ = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
     return model

@@ -29,6 +29,7 @@ from greenprop.errors import GreenpropError, TrainingDiverged
 from greenprop.metering import EnergyMeter, FlopCount, PhaseTimer, Quantity, count_flops_per_sample
 from greenprop.metering.accounting import flop_accounts
 from greenprop.methods import build_method, parse_method
+from greenprop.seeding import trainer_epoch_seed
 from greenprop.train.checkpoint import (
     ensure_writable_dir,
     load_checkpoint,
@@ -40,7 +41,6 @@ from greenprop.train.evaluate import evaluate, iterate_batches, prepare_inputs
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
-_SEED_STRIDE = 1_000_003  # keeps (seed, epoch) streams apart
 
 
 def resolve_device(name: str) -> torch.device:
@@ -242,7 +242,7 @@ class Trainer:
         for controller in self.controllers:
             controller.on_train_start(self.run)
         for epoch in range(self.start_epoch, c.epochs):
-            torch.manual_seed(c.seed * _SEED_STRIDE + epoch)
+            torch.manual_seed(trainer_epoch_seed(c.seed, epoch))
             try:
                 record = self._run_epoch(epoch)
             except TrainingDiverged as err:
@@ -335,7 +335,7 @@ class Trainer:
         c = self.config
         model, optimizer = self.train_model, self.optimizer
         model.train()
-        generator = torch.Generator().manual_seed(c.seed * _SEED_STRIDE + epoch)
+        generator = torch.Generator().manual_seed(trainer_epoch_seed(c.seed, epoch))
         batches = iterate_batches(self.data.train, c.batch_size, generator=generator)
         flops = {"forward": 0.0, "backward": 0.0}
         loss_sum, samples, correct = 0.0, 0, 0

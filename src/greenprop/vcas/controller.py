@@ -13,7 +13,7 @@ is net of the controller's own overhead.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -22,12 +22,14 @@ from torch import nn
 from greenprop.controller import BatchLoss, Controller, RunContext
 from greenprop.errors import GreenpropError
 from greenprop.metering.flops import FlopCount
+from greenprop.seeding import vcas_entries_seed, vcas_estimation_seed
+from greenprop.surgery import not_converted
 from greenprop.vcas import control
 from greenprop.vcas.accounting import VCASFlops
 from greenprop.vcas.config import VCASConfig
 from greenprop.vcas.estimation import GradientDraws, pick_entries, three_backwards, variance_ratios
 from greenprop.vcas.layers import FlopTally, VCASRuntime
-from greenprop.vcas.surgery import VCASHandle, apply_vcas, vcas_handle
+from greenprop.vcas.surgery import VCASHandle, vcas_handle
 
 __all__ = ["VCAS"]
 
@@ -45,7 +47,8 @@ class VCAS(Controller):
 
     ::
 
-        vcas = VCAS(model, VCASConfig(update_every=50))       # applies apply_vcas if needed
+        apply_vcas(model, VCASConfig(update_every=50))      # convert first, then drive it
+        vcas = VCAS(model)
         for batch in loader:
             vcas.step(estimation_batches, loss_fn)            # before the step's forward
             loss_fn(model, batch).backward(); opt.step(); opt.zero_grad()
@@ -58,25 +61,18 @@ class VCAS(Controller):
     batches and the loss come from the :class:`~greenprop.controller.RunContext`.
 
     Args:
-        model: the network (VCAS is applied in place unless it already is).
-        config: settings; None uses the config of an existing :func:`apply_vcas`, else
-            the paper's defaults.
-        block_types: passed to :func:`apply_vcas` when the controller applies it.
+        model: a model converted by :func:`~greenprop.vcas.surgery.apply_vcas`.
+        config: None uses the config it was converted with; any other config must
+            equal that one.
     """
 
     name = "vcas"
 
-    def __init__(
-        self,
-        model: nn.Module,
-        config: VCASConfig | None = None,
-        *,
-        block_types: Sequence[type[nn.Module]] | None = None,
-    ) -> None:
+    def __init__(self, model: nn.Module, config: VCASConfig | None = None) -> None:
         handle = vcas_handle(model)
         if handle is None:
-            handle = apply_vcas(model, config, block_types=block_types)
-        elif config is not None and config != handle.config:
+            raise not_converted("VCAS", "apply_vcas")
+        if config is not None and config != handle.config:
             raise GreenpropError("model already has VCAS with another config; call remove_vcas first")
         self.model = model
         self.handle: VCASHandle = handle
@@ -91,9 +87,9 @@ class VCAS(Controller):
         self._entries = pick_entries(
             handle.layers,
             self.config.variance_sample_fraction,
-            torch.Generator().manual_seed(self.config.seed + 3),
+            torch.Generator().manual_seed(vcas_entries_seed(self.config.seed)),
         )
-        self._estimation_generator = torch.Generator().manual_seed(self.config.seed + 2)
+        self._estimation_generator = torch.Generator().manual_seed(vcas_estimation_seed(self.config.seed))
         self._run: RunContext | None = None
         self._epoch_start: tuple[FlopTally, int] = (FlopTally(), 0)
 

@@ -1,16 +1,18 @@
-"""apply_vcas / remove_vcas: put the samplers into a model in place, and take them out.
+"""apply_vcas / remove_vcas: which blocks VCAS samples after, and which layers inside them it converts.
 
 :func:`apply_vcas` registers a forward hook on each selected block (the hook routes
-the block's output through a :class:`~greenprop.vcas.layers.BlockSampler`) and changes
-the class of every ``nn.Linear`` inside those blocks to
-:class:`~greenprop.vcas.layers.VCASLinear` (and of every zero-padded ``nn.Conv2d`` to
-:class:`~greenprop.vcas.layers.VCASConv2d`, for residual CNN blocks). No module,
-Parameter or buffer is created or renamed, so ``state_dict`` keys, optimizer param
-groups and checkpoints are the same with and without VCAS.
+the block's output through a :class:`~greenprop.vcas.layers.BlockSampler`) and swaps
+every ``nn.Linear`` inside those blocks to :class:`~greenprop.vcas.layers.VCASLinear`
+(and every zero-padded ``nn.Conv2d`` to :class:`~greenprop.vcas.layers.VCASConv2d`,
+for residual CNN blocks). The selection rules and refusals live here; the in-place
+class swap and its undo are :mod:`greenprop.surgery`'s, shared with ssProp, so
+``state_dict`` keys, optimizer param groups and checkpoints are the same with and
+without VCAS.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -19,6 +21,16 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from greenprop.errors import GreenpropError
+from greenprop.seeding import vcas_activation_seed, vcas_weight_seed
+from greenprop.surgery import (
+    ModuleFilter,
+    Swap,
+    check_config,
+    check_filter,
+    swap,
+    unswap,
+    warn_nothing_swapped,
+)
 from greenprop.vcas.config import VCASConfig
 from greenprop.vcas.layers import BlockSampler, VCASConv2d, VCASLinear, VCASRuntime
 
@@ -54,10 +66,8 @@ def find_blocks(model: nn.Module, block_types: Sequence[type[nn.Module]] | None 
     ``nn.Linear`` or ``nn.Conv2d`` (a transformer's ``encoder.layer``, the zoo ViT's
     ``blocks``, a ResNet stage's residual blocks).
     """
-    if block_types is not None:
-        types = tuple(block_types)
-        if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
-            raise GreenpropError(f"block_types must be nn.Module classes, got {block_types!r}")
+    types = _check_block_types(block_types)
+    if types is not None:
         names: list[str] = []
         for name, module in model.named_modules():
             inside = any(name.startswith(outer + ".") for outer in names)
@@ -77,8 +87,19 @@ def find_blocks(model: nn.Module, block_types: Sequence[type[nn.Module]] | None 
     return names
 
 
+def _check_block_types(
+    block_types: Sequence[type[nn.Module]] | None,
+) -> tuple[type[nn.Module], ...] | None:
+    if block_types is None:
+        return None
+    types = tuple(block_types)
+    if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
+        raise GreenpropError(f"block_types must be nn.Module classes, got {block_types!r}")
+    return types
+
+
 def vcas_handle(model: nn.Module) -> VCASHandle | None:
-    """The handle of a model VCAS was applied to, else None."""
+    """What :func:`apply_vcas` changed in ``model`` (samplers, layers, runtime), else None."""
     return getattr(model, _ATTR, None)
 
 
@@ -86,28 +107,42 @@ def apply_vcas(
     model: nn.Module,
     config: VCASConfig | None = None,
     *,
+    module_filter_fn: ModuleFilter | None = None,
     block_types: Sequence[type[nn.Module]] | None = None,
-) -> VCASHandle:
-    """Insert VCAS's samplers into ``model`` in place; returns what was changed.
+) -> nn.Module:
+    """Insert VCAS's samplers into ``model`` in place; returns ``model``.
+
+    A sampler goes after every block; inside the blocks each exact ``nn.Linear`` and
+    zero-padded ``nn.Conv2d`` is converted (:func:`vcas_handle` lists them all).
 
     Args:
         model: the network; its blocks must act on each sample separately (no
             BatchNorm inside, see :mod:`greenprop.vcas.layers`), batch first.
         config: the settings (``VCASConfig()``, the paper's defaults, when None).
+        module_filter_fn: ``(layer, qualified_name) -> bool``; when given, only the
+            layers inside the blocks for which it returns True are converted.
         block_types: classes of the blocks to sample after, e.g. transformers'
             ``BertLayer``; None finds the model's repeated layers (:func:`find_blocks`).
 
+    Every option is checked before the model is touched. Warns
+    (:class:`~greenprop.surgery.SurgeryWarning`) and changes nothing when no layer
+    would be converted: no block found, no layer chosen, or VCAS already applied.
+
     Raises:
-        GreenpropError: no block found, a block contains BatchNorm, or VCAS is
-            already applied.
+        GreenpropError: a bad option, a block that contains BatchNorm, or a layer
+            shared by two blocks.
     """
-    config = config or VCASConfig()
+    config = check_config(config, VCASConfig)
+    check_filter(module_filter_fn)
+    _check_block_types(block_types)
     if vcas_handle(model) is not None:
-        raise GreenpropError("VCAS is already applied to this model; call remove_vcas first")
+        warn_nothing_swapped("apply_vcas", "VCAS is already applied to this model; call remove_vcas first")
+        return model
     names = find_blocks(model, block_types)
     if not names:
         wanted = "the given block_types" if block_types is not None else "repeated layers with Linear/Conv2d"
-        raise GreenpropError(f"apply_vcas found no block to sample ({wanted}); pass block_types=")
+        warn_nothing_swapped("apply_vcas", f"found no block to sample ({wanted}); pass block_types=")
+        return model
     modules = dict(model.named_modules())
     for name in names:
         coupling = [n for n, m in modules[name].named_modules() if isinstance(m, _COUPLING_NORMS)]
@@ -117,11 +152,6 @@ def apply_vcas(
                 "so rows dropped by VCAS would be refilled and nothing saved; use LayerNorm/GroupNorm blocks "
                 "(the zoo has resnet18-gn)"
             )
-    runtime = VCASRuntime(
-        activation_generator=torch.Generator().manual_seed(config.seed),
-        weight_generator=torch.Generator().manual_seed(config.seed + 1),
-        check_rows=config.check_rows,
-    )
     owners: dict[int, str] = {}
     for name in names:  # a layer shared by two blocks would read the wrong block's record
         for sub_name, sub in modules[name].named_modules():
@@ -130,25 +160,49 @@ def apply_vcas(
                     f"layer {name}.{sub_name} is shared by blocks {owners[id(sub)]!r} and {name!r}; "
                     "VCAS needs each sampled layer inside one block"
                 )
+    runtime = VCASRuntime(
+        activation_generator=torch.Generator().manual_seed(vcas_activation_seed(config.seed)),
+        weight_generator=torch.Generator().manual_seed(vcas_weight_seed(config.seed)),
+        check_rows=config.check_rows,
+    )
     handle = VCASHandle(config, runtime, samplers=[], linears={})
+    plan: list[Swap] = []
+    for index, name in enumerate(names):
+        for sub_name, sub in modules[name].named_modules():
+            qualified = f"{name}.{sub_name}" if sub_name else name
+            if type(sub) is nn.Linear:  # exact class: subclasses may have their own forward
+                cls, init, layers = VCASLinear, _init_linear, handle.linears
+            elif type(sub) is nn.Conv2d and _plain_padding(sub):
+                cls, init, layers = VCASConv2d, _init_conv, handle.convs
+            else:
+                continue
+            if module_filter_fn is not None and not module_filter_fn(sub, qualified):
+                continue
+            plan.append(Swap(sub, cls, functools.partial(init, runtime=runtime, block=index, config=config)))
+            layers[qualified] = sub  # type: ignore[assignment]
+    if not plan:
+        warn_nothing_swapped(
+            "apply_vcas", f"no Linear/Conv2d inside the {len(names)} block(s) passed module_filter_fn"
+        )
+        return model
+    swap(plan)
     for index, name in enumerate(names):
         sampler = BlockSampler(index, name, runtime, last=index == len(names) - 1)
         handle.samplers.append(sampler)
         handle.hooks.append(modules[name].register_forward_hook(sampler.hook))
-        for sub_name, sub in modules[name].named_modules():
-            if type(sub) is nn.Linear:  # exact class: subclasses may have their own forward
-                sub.__class__ = VCASLinear
-                sub.vcas_runtime = runtime
-                sub.vcas_weight_ratio = config.initial_weight_ratio
-                sub.vcas_block = index
-                handle.linears[f"{name}.{sub_name}"] = sub
-            elif type(sub) is nn.Conv2d and _plain_padding(sub):
-                sub.__class__ = VCASConv2d
-                sub.vcas_runtime = runtime
-                sub.vcas_block = index
-                handle.convs[f"{name}.{sub_name}"] = sub
     setattr(model, _ATTR, handle)
-    return handle
+    return model
+
+
+def _init_linear(layer: nn.Module, *, runtime: VCASRuntime, block: int, config: VCASConfig) -> None:
+    layer.vcas_runtime = runtime
+    layer.vcas_weight_ratio = config.initial_weight_ratio
+    layer.vcas_block = block
+
+
+def _init_conv(layer: nn.Module, *, runtime: VCASRuntime, block: int, config: VCASConfig) -> None:
+    layer.vcas_runtime = runtime
+    layer.vcas_block = block
 
 
 def _plain_padding(conv: nn.Conv2d) -> bool:
@@ -160,17 +214,17 @@ def _plain_padding(conv: nn.Conv2d) -> bool:
     return conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
 
 
-def remove_vcas(model: nn.Module) -> None:
-    """Undo :func:`apply_vcas`: hooks removed, layers plain ``nn.Linear`` / ``nn.Conv2d`` again."""
+def remove_vcas(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_vcas` in place (hooks removed, layers plain again); returns ``model``.
+
+    Idempotent: on a model without VCAS it changes nothing.
+    """
     handle = vcas_handle(model)
     if handle is None:
-        raise GreenpropError("VCAS is not applied to this model")
+        return model
     for hook in handle.hooks:
         hook.remove()
-    for layer in handle.linears.values():
-        layer.__class__ = nn.Linear
-        del layer.vcas_runtime, layer.vcas_weight_ratio, layer.vcas_block
-    for conv in handle.convs.values():
-        conv.__class__ = nn.Conv2d
-        del conv.vcas_runtime, conv.vcas_block
+    for layer in handle.layers.values():
+        unswap(layer)
     delattr(model, _ATTR)
+    return model
