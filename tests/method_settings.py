@@ -69,17 +69,17 @@ SETTINGS: list[MethodSetting] = [
         controllers=("ssprop",),
         cut=2,
         backward=(0.0, 0.85),
-        record={"replaced_by": None, "keep": 0.5},
+        record={"replaced_by": None, "ssprop": {"keep": 0.5}},
     ),
     MethodSetting(
         # Cut before the sampled epoch: the resumed run samples from the checkpointed update.
         "gradsamp",
-        CNN.replace(epochs=4, method="gradsamp:strategy=pe:2,guard=0.5"),
+        CNN.replace(epochs=4, method="gradsamp:strategy=pe:2,guard_threshold=0.5"),
         controllers=("gradsamp",),
         cut=2,
         replaced=(2,),
         record={"replaced_by": None},
-        replaced_record={"replaced_by": "gradsamp", "sampled": True, "steps": 0, "guard": ANY},
+        replaced_record={"replaced_by": "gradsamp", "steps": 0, "gradsamp": {"sampled": True, "guard": ANY}},
     ),
     MethodSetting(
         # Starts below exact so a short run saves; estimations at steps 0, 8 | 16, 24, two of
@@ -100,7 +100,7 @@ SETTINGS: list[MethodSetting] = [
         cut=3,
         replaced=(2,),
         backward=(0.0, 0.85),
-        record={"replaced_by": None, "keep": 0.5},
-        replaced_record={"replaced_by": "gradsamp", "sampled": True, "keep": 0.5},
+        record={"replaced_by": None, "ssprop": {"keep": 0.5}},
+        replaced_record={"replaced_by": "gradsamp", "gradsamp": {"sampled": True}, "ssprop": {"keep": 0.5}},
     ),
 ]

@@ -404,7 +404,7 @@ def test_frozen_blocks_are_left_out_of_the_estimation():
     model = norm_linear_stack()
     for p in model[0].parameters():  # fine-tuning: the lowest block frozen
         p.requires_grad_(False)
-    vcas = VCAS(model, VCASConfig(update_every=1, s_step=0.1))
+    vcas = VCAS(apply_vcas(model, VCASConfig(update_every=1, s_step=0.1)))
     record = vcas.step(token_batches(), weighted_sum_loss)
     assert record is not None and record["s"] == pytest.approx(0.9)
     ratios = vcas.ratios()
@@ -422,6 +422,6 @@ def test_everything_frozen_is_a_clear_error():
     for p in model.parameters():
         p.requires_grad_(False)
     model[0].norm.weight.requires_grad_(True)  # a loss that still requires grad
-    vcas = VCAS(model, VCASConfig(update_every=1))
+    vcas = VCAS(apply_vcas(model, VCASConfig(update_every=1)))
     with pytest.raises(GreenpropError, match=r"no converted layer .* trainable weight"):
         vcas.step(token_batches(), weighted_sum_loss)

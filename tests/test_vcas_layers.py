@@ -258,10 +258,10 @@ def test_backward_flops_shrink_with_the_kept_rows_and_tokens(monkeypatch) -> Non
 def test_a_backward_that_drops_every_sample_costs_nothing(layers: str) -> None:
     if layers == "linear":
         model, x = stack(depth=2), skewed((4, 3, 6), seed=1)
-        handle = apply_vcas(model, VCASConfig(seed=3))
+        handle = vcas_handle(apply_vcas(model, VCASConfig(seed=3)))
     else:
         model, x = convnet(), skewed((4, 4, 9, 11), seed=1)
-        handle = apply_vcas(model)
+        handle = vcas_handle(apply_vcas(model))
     handle.samplers[1].ratio = 0.05  # expected 0.2 of 4 samples kept
     x.requires_grad_(True)
     for _ in range(50):
@@ -400,7 +400,7 @@ def test_a_layer_shared_by_two_blocks_is_refused_naming_it():
 @pytest.mark.parametrize("ratio", [1.0, 0.5])
 def test_bf16_autocast_backward_runs_and_matches_dtypes(ratio: float):
     model = norm_linear_stack()
-    handle = apply_vcas(model)
+    handle = vcas_handle(apply_vcas(model))
     for sampler in handle.samplers:
         sampler.ratio = ratio
     for layer in handle.linears.values():
@@ -423,7 +423,7 @@ def test_bf16_autocast_backward_runs_and_matches_dtypes(ratio: float):
 @pytest.mark.parametrize("aux", [False, True])
 def test_check_rows_catches_gradient_that_bypasses_the_sampler(aux: bool):
     model = norm_linear_stack(depth=2, block=AuxLossBlock if aux else NormLinearBlock)
-    handle = apply_vcas(model, VCASConfig(check_rows=True))
+    handle = vcas_handle(apply_vcas(model, VCASConfig(check_rows=True)))
     for sampler in handle.samplers:
         sampler.ratio = 0.3
     x, w = next(token_batches())
