@@ -35,15 +35,6 @@ def _error_line(capsys) -> str:
     return err[0]
 
 
-def test_train_writes_metrics_and_checkpoint(tmp_path, capsys):
-    assert main(["train", *QUICK, "--out", str(tmp_path / "run")]) == 0
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["complete"] and metrics["config"]["model"] == "mlp"
-    assert (tmp_path / "run" / "checkpoint.pt").exists()
-    out = capsys.readouterr().out
-    assert "acc@1" in out and "metrics:" in out
-
-
 def test_compare_writes_table_report_and_plots(tmp_path, capsys):
     out_dir = tmp_path / "cmp"
     args = ["compare", *QUICK, "--methods", "baseline", "--seeds", "0", "1", "--out", str(out_dir)]

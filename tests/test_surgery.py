@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from greenprop.errors import GreenpropError
+from greenprop.methods import build_method, parse_method
 from greenprop.ssprop import SSProp, SSPropConfig, apply_ssprop, remove_ssprop, sparse_layers
 from greenprop.surgery import SurgeryWarning, Swap, swap, unswap
 from greenprop.vcas import VCAS, VCASConfig, apply_vcas, remove_vcas, vcas_handle
@@ -222,6 +223,18 @@ def test_the_controller_refuses_an_unconverted_model_the_same_way(method: Method
     method.remove(model)
     with pytest.raises(GreenpropError, match=pattern):
         method.controller(model)
+
+
+@by_method
+def test_the_cli_builder_refuses_a_model_it_cannot_convert(method: Method) -> None:
+    # A run whose method converted nothing would report dense training under its name.
+    model = nn.Sequential(nn.Flatten(), nn.ReLU())
+    before = _snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning escapes either: one clear error
+        with pytest.raises(GreenpropError, match=rf"^{method.name}.* converted no layer: "):
+            build_method(parse_method(method.name), model, epochs=2, steps_per_epoch=1, seed=0)
+    assert _snapshot(model) == before
 
 
 def test_swap_rolls_back_when_an_init_fails() -> None:

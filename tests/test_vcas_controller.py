@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fixtures import (
-    Recorder,
     cross_entropy_loss,
     digits_batches,
     digits_subset,
@@ -346,7 +345,7 @@ def _flops(metrics: dict[str, Any], phase: str) -> float:
     return metrics["summary"]["flops"][phase]["value"]
 
 
-def test_vcas_trains_through_the_trainer_and_resumes_exactly(tmp_path, small_digits) -> None:
+def test_vcas_trains_through_the_trainer_and_counts_its_flops(tmp_path, small_digits) -> None:
     base = Trainer(_config("baseline"), data=small_digits).fit()
     config = _config("vcas:update_every=2")
     whole = Trainer(config, tmp_path / "whole", data=small_digits)
@@ -381,19 +380,6 @@ def test_vcas_trains_through_the_trainer_and_resumes_exactly(tmp_path, small_dig
     # The estimation is counted too: at F = 2 (2 batches x 3 backwards every other step) it
     # outweighs the small early saving, so the run's total backward exceeds the baseline's.
     assert _flops(metrics, "backward") > _flops(base, "backward")
-
-    # Interrupted after one epoch and resumed: the same weights and the same VCAS records.
-    cut = Trainer(config, tmp_path / "cut", controllers=[Recorder(stop_at=1)], data=small_digits)
-    with pytest.raises(KeyboardInterrupt):
-        cut.fit()
-    resumed = Trainer(config, tmp_path / "cut", resume=True, controllers=[Recorder()], data=small_digits)
-    assert resumed.start_epoch == 1
-    again = resumed.fit()
-    for key, value in whole.model.state_dict().items():
-        assert torch.equal(resumed.model.state_dict()[key], value), key
-    assert again["epochs"][1]["vcas"] == records[1]["vcas"]
-    assert again["epochs"][1]["step_losses"] == records[1]["step_losses"]
-    assert again["summary"]["flops"] == metrics["summary"]["flops"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any
 from greenprop.controller import Controller, RunContext
 from greenprop.errors import GreenpropError
 from greenprop.metering.quantity import Quantity
+from greenprop.surgery import SurgeryWarning
 
 __version__ = "0.1.0"
 
@@ -44,6 +45,7 @@ __all__ = [
     "RunContext",
     "SSProp",
     "SSPropConfig",
+    "SurgeryWarning",
     "VCASConfig",
     "__version__",
     "apply_ssprop",

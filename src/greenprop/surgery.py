@@ -13,7 +13,8 @@ when nothing is swapped, the error of a controller on an unconverted model).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -27,6 +28,7 @@ __all__ = [
     "Swap",
     "check_config",
     "check_filter",
+    "conversion_required",
     "not_converted",
     "swap",
     "unswap",
@@ -116,6 +118,23 @@ def check_filter(module_filter_fn: ModuleFilter | None) -> None:
 def warn_nothing_swapped(apply_name: str, reason: str) -> None:
     """The one warning of an ``apply_*`` call that converted no layer (raised at its caller)."""
     warnings.warn(f"{apply_name} converted no layer: {reason}", SurgeryWarning, stacklevel=3)
+
+
+@contextmanager
+def conversion_required(what: str) -> Iterator[None]:
+    """Inside, an ``apply_*`` that converts nothing raises instead of warning.
+
+    For the CLI's method builders: a run whose method converted no layer would measure
+    dense training under the method's name. The error names ``what`` (the method and the
+    options that decided it) and the reason.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SurgeryWarning)
+        try:
+            yield
+        except SurgeryWarning as warning:
+            reason = str(warning).partition("converted no layer: ")[2] or str(warning)
+            raise GreenpropError(f"{what} converted no layer: {reason}") from None
 
 
 def not_converted(method: str, apply_name: str) -> GreenpropError:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from greenprop.controller import Controller
-from greenprop.errors import GreenpropError
 from greenprop.ssprop.config import SSPropConfig
 from greenprop.ssprop.controller import SSProp
 from greenprop.ssprop.surgery import apply_ssprop
+from greenprop.surgery import conversion_required
 
 __all__ = ["CONFIG", "build"]
 
@@ -27,11 +27,7 @@ def build(
     config = SSPropConfig.from_dict({"seed": seed, **options})
     schedule = config.keep_schedule(epochs, steps_per_epoch)
     schedule.check_length()
-    apply_ssprop(model, config)
-    try:
-        return [SSProp(model, schedule)]
-    except GreenpropError as err:  # nothing converted: say which options decided it
-        raise GreenpropError(
-            f"ssprop converted no layer (layers={'+'.join(config.layers)}, "
-            f"min_channels={config.min_channels}): {err}"
-        ) from None
+    decided_by = f"layers={'+'.join(config.layers)}, min_channels={config.min_channels}"
+    with conversion_required(f"ssprop ({decided_by})"):
+        apply_ssprop(model, config)
+    return [SSProp(model, schedule)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from greenprop.controller import Controller
+from greenprop.surgery import conversion_required
 from greenprop.vcas.config import VCASConfig
 from greenprop.vcas.controller import VCAS
 from greenprop.vcas.report import report_extras
@@ -24,5 +25,6 @@ def build(
 ) -> list[Controller]:
     """Validate ``options``, apply VCAS to the model's repeated blocks, return the controller."""
     config = VCASConfig.from_dict({"seed": seed, **options})
-    apply_vcas(model, config)
+    with conversion_required("vcas"):
+        apply_vcas(model, config)
     return [VCAS(model, config)]

@@ -1,0 +1,66 @@
+"""What a run's metrics.json says beyond the epoch records: the environment and the totals."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+import torch
+
+from greenprop.metering import Quantity
+
+__all__ = ["environment", "summarize"]
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What the timings depend on, recorded next to them."""
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _sum_quantities(items: list[dict[str, Any]], unit: str) -> dict[str, Any]:
+    total = None
+    for item in items:
+        q = Quantity.from_dict(item)
+        total = q if total is None else total + q
+    return (total or Quantity(0.0, unit, "counted", "no epochs")).to_dict()
+
+
+def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals over the epochs run so far: accuracy at the end, FLOPs, time, energy."""
+    if not history:
+        return {}
+    last = history[-1]
+    phases = sorted({name for r in history for name in r["time"]})
+    time_by_phase = {
+        p: _sum_quantities([r["time"][p] for r in history if p in r["time"]], "s") for p in phases
+    }
+    train_phases = [time_by_phase[p] for p in phases if p != "eval"]
+    return {
+        "epochs_run": len(history),
+        "epochs_replaced": sum(1 for r in history if r["replaced_by"]),
+        "steps": sum(r["steps"] for r in history),
+        "acc1": last["acc1"],
+        "acc5": last["acc5"],
+        "test_loss": last["loss"],
+        "best_acc1": max(r["acc1"] for r in history),
+        "flops": {
+            k: _sum_quantities([r["flops"][k] for r in history], "FLOP") for k in ("forward", "backward")
+        },
+        "time": {
+            "phases": time_by_phase,
+            "train": _sum_quantities(train_phases, "s") if train_phases else None,
+        },
+        "energy": _sum_quantities([r["energy"] for r in history], "J"),
+    }
