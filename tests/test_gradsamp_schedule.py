@@ -25,7 +25,7 @@ def _no_two_in_a_row(skipped: list[int]) -> bool:
 
 def test_periodic_matches_the_paper_count():
     # Appendix D of the paper: Pe=5 over 200 epochs is 167 real + 33 sampled.
-    s = Periodic(5, total_epochs=200)
+    s = Periodic(5, epochs=200)
     assert s.skipped_epochs() == list(range(5, 200, 6))
     assert len(s.skipped_epochs()) == 33
     assert s.expected_saving() == pytest.approx(33 / 200)
@@ -58,7 +58,7 @@ def test_periodic_exact_skip_sets(P, total, expected):
     ],
 )
 def test_delayed_periodic_exact_skip_sets(P, total, expected):
-    s = DelayedPeriodic(P, total_epochs=total)
+    s = DelayedPeriodic(P, epochs=total)
     assert s.skipped_epochs() == expected
     assert all(s.should_skip(e) == (e in expected) for e in range(total))
 
@@ -66,7 +66,7 @@ def test_delayed_periodic_exact_skip_sets(P, total, expected):
 @pytest.mark.parametrize("rho", [0.2, 0.5, 0.7])
 def test_probabilistic_rate_is_rho_over_one_plus_rho(rho):
     total = 3000
-    s = Probabilistic(rho, seed=1, total_epochs=total)
+    s = Probabilistic(rho, seed=1, epochs=total)
     skipped = s.skipped_epochs()
     assert _no_two_in_a_row(skipped)
     assert s.realised_saving() == pytest.approx(rho / (1 + rho), abs=0.03)
@@ -75,7 +75,7 @@ def test_probabilistic_rate_is_rho_over_one_plus_rho(rho):
 
 
 def test_allow_consecutive_saves_rho():
-    s = Probabilistic(0.5, seed=4, total_epochs=3000, allow_consecutive=True)
+    s = Probabilistic(0.5, seed=4, epochs=3000, allow_consecutive=True)
     assert s.realised_saving() == pytest.approx(0.5, abs=0.03)
     assert not _no_two_in_a_row(s.skipped_epochs())
     assert s.expected_saving() == pytest.approx(0.5, abs=0.001)
@@ -84,7 +84,7 @@ def test_allow_consecutive_saves_rho():
 @pytest.mark.parametrize("rho", [0.2, 0.7])
 def test_delayed_random_samples_only_in_the_second_half(rho):
     total = 2000
-    s = DelayedRandom(rho, seed=2, total_epochs=total)
+    s = DelayedRandom(rho, seed=2, epochs=total)
     skipped = s.skipped_epochs()
     assert skipped and min(skipped) >= total // 2
     assert _no_two_in_a_row(skipped)
@@ -102,13 +102,13 @@ def test_expected_saving_is_exact_for_short_runs():
 
 @pytest.mark.parametrize("spec", ["pr:0.5", "dr:0.5"])
 def test_random_strategies_are_reproducible_and_order_free(spec):
-    a = parse_strategy(spec, total_epochs=100, seed=7)
-    b = parse_strategy(spec, total_epochs=100, seed=7)
-    c = parse_strategy(spec, total_epochs=100, seed=8)
+    a = parse_strategy(spec, epochs=100, seed=7)
+    b = parse_strategy(spec, epochs=100, seed=7)
+    c = parse_strategy(spec, epochs=100, seed=8)
     assert a.skipped_epochs() == b.skipped_epochs()
     assert a.skipped_epochs() != c.skipped_epochs()
     # A resumed run asks from the middle first: the decisions are the same.
-    fresh = parse_strategy(spec, total_epochs=100, seed=7)
+    fresh = parse_strategy(spec, epochs=100, seed=7)
     later = [e for e in range(99, 49, -1) if fresh.should_skip(e)]
     assert sorted(later) == [e for e in a.skipped_epochs() if e >= 50]
 
@@ -122,7 +122,7 @@ def test_random_strategies_are_reproducible_and_order_free(spec):
 )
 def test_first_and_last_epoch_are_never_skipped(kind, value, total, seed):
     spec = f"{kind}:{value if kind in ('pe', 'dp') else value / 13}"
-    s = parse_strategy(spec, total_epochs=total, seed=seed)
+    s = parse_strategy(spec, epochs=total, seed=seed)
     skipped = s.skipped_epochs()
     assert 0 not in skipped and total - 1 not in skipped
     assert _no_two_in_a_row(skipped)
@@ -140,11 +140,11 @@ def test_labels_nominal_and_spec_round_trip():
         "dr:0.7": ("DR=0.7", 0.35, DelayedRandom),
     }
     for spec, (label, nominal, cls) in cases.items():
-        s = parse_strategy(spec, total_epochs=200, seed=3)
+        s = parse_strategy(spec, epochs=200, seed=3)
         assert isinstance(s, cls)
         assert s.label == label and s.spec == spec
         assert s.nominal_saving == pytest.approx(nominal)
-        assert parse_strategy(s.spec, total_epochs=200, seed=3) == s
+        assert parse_strategy(s.spec, epochs=200, seed=3) == s
         info = s.describe()
         assert info["strategy"] == label and info["realised_saving"] == s.realised_saving()
     assert parse_strategy("Pe=5") == Periodic(5)
@@ -152,8 +152,8 @@ def test_labels_nominal_and_spec_round_trip():
 
 
 def test_parse_passes_strategies_through_and_fills_the_length():
-    s = parse_strategy(DelayedPeriodic(5), total_epochs=40)
-    assert s.total_epochs == 40 and s.skipped_epochs() == [25, 31, 37]
+    s = parse_strategy(DelayedPeriodic(5), epochs=40)
+    assert s.epochs == 40 and s.skipped_epochs() == [25, 31, 37]
 
 
 @pytest.mark.parametrize(
@@ -166,7 +166,7 @@ def test_parse_passes_strategies_through_and_fills_the_length():
         (lambda: Probabilistic(1.0), "rho"),
         (lambda: Probabilistic(-0.1), "rho"),
         (lambda: DelayedRandom(1.5), "rho"),
-        (lambda: Probabilistic(0.2, total_epochs=0), "total_epochs"),
+        (lambda: Probabilistic(0.2, epochs=0), "epochs"),
         (lambda: Periodic(5, seed=1.5), "seed"),  # type: ignore[arg-type]
         (lambda: parse_strategy("pe:0"), "P"),
         (lambda: parse_strategy("pe:abc"), "P"),
@@ -176,10 +176,10 @@ def test_parse_passes_strategies_through_and_fills_the_length():
         (lambda: parse_strategy("xx:5"), "unknown kind 'xx'"),
         (lambda: parse_strategy("pe"), "pe:5"),
         (lambda: parse_strategy(""), "pe:5"),
-        (lambda: DelayedPeriodic(5).skipped_epochs(), "total_epochs"),
-        (lambda: DelayedRandom(0.2).should_skip(3), "total_epochs"),
-        (lambda: Periodic(5).skipped_epochs(), "total_epochs"),
-        (lambda: Periodic(5, total_epochs=10).should_skip(10), "outside"),
+        (lambda: DelayedPeriodic(5).skipped_epochs(), "epochs"),
+        (lambda: DelayedRandom(0.2).should_skip(3), "epochs"),
+        (lambda: Periodic(5).skipped_epochs(), "epochs"),
+        (lambda: Periodic(5, epochs=10).should_skip(10), "outside"),
         (lambda: Periodic(5).should_skip(-1), "epoch"),
     ],
 )
@@ -190,5 +190,5 @@ def test_bad_options_raise_value_error_naming_the_option(make, name):
 
 
 def test_rho_zero_never_samples():
-    assert Probabilistic(0.0, total_epochs=50).skipped_epochs() == []
+    assert Probabilistic(0.0, epochs=50).skipped_epochs() == []
     assert isinstance(Probabilistic(0.0), Strategy)

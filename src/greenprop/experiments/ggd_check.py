@@ -97,9 +97,9 @@ class GGDCheckResult:
         }
 
 
-def default_check_epochs(total_epochs: int) -> list[int]:
+def default_check_epochs(run_epochs: int) -> list[int]:
     """First, middle and last epoch (1-based), without repeats."""
-    return sorted({1, (total_epochs + 1) // 2, total_epochs})
+    return sorted({1, (run_epochs + 1) // 2, run_epochs})
 
 
 def _check_args(

@@ -72,7 +72,7 @@ class GradSamp(Controller):
             raise GreenpropError(f"epochs must be an integer >= 1, got {epochs!r}")
         self.config = config
         self.strategy: Strategy = parse_strategy(
-            config.strategy, total_epochs=epochs, seed=config.seed, allow_consecutive=config.allow_consecutive
+            config.strategy, epochs=epochs, seed=config.seed, allow_consecutive=config.allow_consecutive
         )
         self.epochs = epochs
         self.seed = config.seed

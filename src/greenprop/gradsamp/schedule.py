@@ -15,7 +15,7 @@ strategy                  rule                                        realised s
                           Probabilistic(rho)
 ========================  ==========================================  ===================
 
-Common rules: the first epoch and (when ``total_epochs`` is known) the last epoch are always
+Common rules: the first epoch and (when ``epochs`` is known) the last epoch are always
 real, and a sampled epoch always follows a real one. The latter is what the paper's own
 numbers show (Appendix D: Pe=5 over 200 epochs is 167 real + 33 sampled, not 160 + 40;
 Table 2's TFLOPs give ~rho/(1+rho) for Pr); ``allow_consecutive=True`` lifts it (then Pr
@@ -75,27 +75,27 @@ class Strategy:
     Args:
         seed: seeds the coins of the random strategies (decision of epoch ``e`` depends only
             on ``(seed, e)``).
-        total_epochs: the run's length; needed by the delayed strategies (to find the half)
+        epochs: the run's length; needed by the delayed strategies (to find the half)
             and to keep the last epoch real. Methods accept it as an override.
         allow_consecutive: allow a sampled epoch right after a sampled one (off: the paper's
             realised behaviour).
     """
 
     seed: int = field(default=0, kw_only=True)
-    total_epochs: int | None = field(default=None, kw_only=True)
+    epochs: int | None = field(default=None, kw_only=True)
     allow_consecutive: bool = field(default=False, kw_only=True)
 
     #: Short kind used in specs (``pe``, ``pr``, ``dp``, ``dr``).
     kind: ClassVar[str] = ""
-    #: Whether the rule needs ``total_epochs`` (the delayed ones do).
+    #: Whether the rule needs ``epochs`` (the delayed ones do).
     needs_total: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise GreenpropError(f"{owner}: seed must be an integer, got {self.seed!r}")
-        if self.total_epochs is not None:
-            _check_int(owner, "total_epochs", self.total_epochs, 1)
+        if self.epochs is not None:
+            _check_int(owner, "epochs", self.epochs, 1)
         if not isinstance(self.allow_consecutive, bool):
             raise GreenpropError(
                 f"{owner}: allow_consecutive must be True or False, got {self.allow_consecutive!r}"
@@ -129,17 +129,17 @@ class Strategy:
         raise NotImplementedError
 
     # -- decisions --------------------------------------------------------------------------
-    def _total(self, total_epochs: int | None) -> int | None:
-        total = self.total_epochs if total_epochs is None else total_epochs
+    def _total(self, epochs: int | None) -> int | None:
+        total = self.epochs if epochs is None else epochs
         if total is not None:
-            _check_int(type(self).__name__, "total_epochs", total, 1)
+            _check_int(type(self).__name__, "epochs", total, 1)
         elif self.needs_total:
-            raise GreenpropError(f"{type(self).__name__}: total_epochs is needed (the delay is half the run)")
+            raise GreenpropError(f"{type(self).__name__}: epochs is needed (the delay is half the run)")
         return total
 
-    def should_skip(self, epoch: int, total_epochs: int | None = None) -> bool:
+    def should_skip(self, epoch: int, epochs: int | None = None) -> bool:
         """True when ``epoch`` is sampled instead of trained (epochs count from 0)."""
-        total = self._total(total_epochs)
+        total = self._total(epochs)
         epoch = _check_int(type(self).__name__, "epoch", epoch, 0)
         if total is not None and epoch >= total:
             raise GreenpropError(f"epoch {epoch} is outside a run of {total} epochs")
@@ -147,29 +147,29 @@ class Strategy:
             return False
         return _mask(self, total, epoch + 1)[epoch]
 
-    def skipped_epochs(self, total_epochs: int | None = None) -> list[int]:
+    def skipped_epochs(self, epochs: int | None = None) -> list[int]:
         """The realised set of sampled epochs of a run, sorted."""
-        total = self._total(total_epochs)
+        total = self._total(epochs)
         if total is None:
-            raise GreenpropError(f"{type(self).__name__}: total_epochs is needed for the skip set")
+            raise GreenpropError(f"{type(self).__name__}: epochs is needed for the skip set")
         mask = _mask(self, total, total)
         return [e for e in range(1, total - 1) if mask[e]]
 
-    def realised_saving(self, total_epochs: int | None = None) -> float:
+    def realised_saving(self, epochs: int | None = None) -> float:
         """Fraction of epochs this seed actually samples (the saving of the run)."""
-        total = self._total(total_epochs)
+        total = self._total(epochs)
         if total is None:
-            raise GreenpropError(f"{type(self).__name__}: total_epochs is needed")
+            raise GreenpropError(f"{type(self).__name__}: epochs is needed")
         return len(self.skipped_epochs(total)) / total
 
-    def expected_saving(self, total_epochs: int | None = None) -> float:
-        """Expected fraction of sampled epochs over a run of ``total_epochs``.
+    def expected_saving(self, epochs: int | None = None) -> float:
+        """Expected fraction of sampled epochs over a run of ``epochs``.
 
         Exact for the run's length (first/last epoch real, no two sampled in a row); without
         a length, the long-run value (``1/(P+1)``, ``rho/(1+rho)``; ``rho`` if consecutive
         sampled epochs are allowed).
         """
-        total = self._total(total_epochs)
+        total = self._total(epochs)
         if total is None:
             return self._asymptotic_saving()
         return self._expected_count(total) / total
@@ -177,9 +177,9 @@ class Strategy:
     def _expected_count(self, total: int) -> float:
         return float(len(self.skipped_epochs(total)))
 
-    def describe(self, total_epochs: int | None = None) -> dict[str, object]:
+    def describe(self, epochs: int | None = None) -> dict[str, object]:
         """Label, nominal, expected and (with a length) realised saving, for reports."""
-        total = self._total(total_epochs)
+        total = self._total(epochs)
         out: dict[str, object] = {
             "strategy": self.label,
             "spec": self.spec,
@@ -190,7 +190,7 @@ class Strategy:
         }
         if total is not None:
             skipped = self.skipped_epochs(total)
-            out.update(total_epochs=total, skipped_epochs=skipped, realised_saving=len(skipped) / total)
+            out.update(epochs=total, skipped_epochs=skipped, realised_saving=len(skipped) / total)
         return out
 
 
@@ -295,7 +295,7 @@ class Probabilistic(Strategy):
 
 @dataclass(frozen=True)
 class DelayedPeriodic(Periodic):
-    """``DP=P``: no sampling in the first half (``total_epochs // 2`` epochs), then Pe=P
+    """``DP=P``: no sampling in the first half (``epochs // 2`` epochs), then Pe=P
     counted from the half (with E=200, P=5: epochs 105, 111, ...)."""
 
     kind: ClassVar[str] = "dp"
@@ -324,7 +324,7 @@ class DelayedPeriodic(Periodic):
 
 @dataclass(frozen=True)
 class DelayedRandom(Probabilistic):
-    """``DR=rho``: no sampling in the first half (``total_epochs // 2`` epochs), then Pr=rho."""
+    """``DR=rho``: no sampling in the first half (``epochs // 2`` epochs), then Pr=rho."""
 
     kind: ClassVar[str] = "dr"
     needs_total: ClassVar[bool] = True
@@ -370,20 +370,20 @@ _ALIASES = {
 def parse_strategy(
     spec: str | Strategy,
     *,
-    total_epochs: int | None = None,
+    epochs: int | None = None,
     seed: int = 0,
     allow_consecutive: bool = False,
 ) -> Strategy:
     """Parse ``"pe:5"``, ``"pr:0.2"``, ``"dp:5"`` or ``"dr:0.2"`` (also ``Pe=5``, ``periodic:5``).
 
-    A :class:`Strategy` passes through (given ``total_epochs`` fills a missing length).
+    A :class:`Strategy` passes through (given ``epochs`` fills a missing length).
     Errors are :class:`~greenprop.errors.GreenpropError` (a ValueError) naming the bad part.
     """
     if isinstance(spec, Strategy):
-        if spec.total_epochs is None and total_epochs is not None:
+        if spec.epochs is None and epochs is not None:
             from dataclasses import replace
 
-            return replace(spec, total_epochs=total_epochs)
+            return replace(spec, epochs=epochs)
         return spec
     if not isinstance(spec, str):
         raise GreenpropError(f"strategy must be a string like 'pe:5', got {spec!r}")
@@ -398,7 +398,7 @@ def parse_strategy(
         raise GreenpropError(f"strategy {spec!r}: unknown kind {kind!r}; choose from pe, pr, dp, dr")
     cls = STRATEGY_KINDS[kind]
     value = value.strip()
-    common = {"seed": seed, "total_epochs": total_epochs, "allow_consecutive": allow_consecutive}
+    common = {"seed": seed, "epochs": epochs, "allow_consecutive": allow_consecutive}
     if issubclass(cls, Periodic):
         try:
             period = int(value)
