@@ -85,7 +85,7 @@ SETTINGS: list[MethodSetting] = [
         # Starts below exact so a short run saves; estimations at steps 0, 8 | 16, 24, two of
         # them after the resume.
         "vcas",
-        VIT.replace(method="vcas:update_every=8,initial_keep=0.5,initial_weight_ratio=0.5"),
+        VIT.replace(method="vcas:update_every=8,initial_s=0.5,initial_weight_ratio=0.5"),
         controllers=("vcas",),
         cut=1,
         forward=EXTRA,  # the variance estimation's forward passes

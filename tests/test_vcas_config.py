@@ -20,7 +20,7 @@ def test_defaults_are_the_papers() -> None:
     assert c.weight_ratio_multiplier == 0.95
     assert c.ema_decay == 0.6
     assert c.variance_sample_fraction == 0.01
-    assert c.initial_keep == 1.0 and c.initial_weight_ratio == 1.0
+    assert c.initial_s == 1.0 and c.initial_weight_ratio == 1.0
     assert c.min_ratio == 0.05  # our choice
     assert c.seed == 0
 
@@ -49,8 +49,8 @@ def test_frozen() -> None:
         ("ema_decay", -0.1),
         ("variance_sample_fraction", 0.0),
         ("variance_sample_fraction", 1.5),
-        ("initial_keep", 0.0),
-        ("initial_keep", 1.01),
+        ("initial_s", 0.0),
+        ("initial_s", 1.01),
         ("initial_weight_ratio", 1.2),
         ("initial_weight_ratio", 0.01),  # below min_ratio
         ("min_ratio", 0.0),

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from greenprop.errors import GreenpropError
 from greenprop.vcas import VCASConfig
 from greenprop.vcas.control import (
-    block_keep_ratio,
+    block_ratio,
     ema,
-    update_activation_keep,
+    update_s,
     update_weight_ratio,
     variance_ratio,
 )
@@ -28,7 +28,7 @@ def _t(values: list[float]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
-# --- block_keep_ratio ------------------------------------------------------------
+# --- block_ratio ------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -47,26 +47,26 @@ def _t(values: list[float]) -> torch.Tensor:
     ],
 )
 def test_block_keep_ratio_hand_computed(norms: list[float], s: float, expected: float) -> None:
-    assert block_keep_ratio(_t(norms), s) == pytest.approx(expected)
+    assert block_ratio(_t(norms), s) == pytest.approx(expected)
 
 
 def test_block_keep_ratio_s_one_counts_nonzero_and_all_zero_keeps_all() -> None:
-    assert block_keep_ratio(_t([4.0, 0.0, 2.0, 0.0]), 1.0) == 0.5
-    assert block_keep_ratio(_t([4.0, 3.0, 2.0, 1.0]), 1.0) == 1.0
+    assert block_ratio(_t([4.0, 0.0, 2.0, 0.0]), 1.0) == 0.5
+    assert block_ratio(_t([4.0, 3.0, 2.0, 1.0]), 1.0) == 1.0
     # A norm too small to change the float64 sum still counts at s = 1.
-    assert block_keep_ratio(_t([1.0, 1e-30, 0.0, 0.0]), 1.0) == 0.5
-    assert block_keep_ratio(torch.zeros(5), 1.0) == 1.0
-    assert block_keep_ratio(torch.zeros(5), 0.3) == 1.0
+    assert block_ratio(_t([1.0, 1e-30, 0.0, 0.0]), 1.0) == 0.5
+    assert block_ratio(torch.zeros(5), 1.0) == 1.0
+    assert block_ratio(torch.zeros(5), 0.3) == 1.0
 
 
 def test_block_keep_ratio_accepts_float32_and_ints() -> None:
-    assert block_keep_ratio(torch.tensor([4.0, 3.0, 2.0, 1.0]), 0.7) == 0.5
-    assert block_keep_ratio(torch.tensor([4, 3, 2, 1]), 0.7) == 0.5
+    assert block_ratio(torch.tensor([4.0, 3.0, 2.0, 1.0]), 0.7) == 0.5
+    assert block_ratio(torch.tensor([4, 3, 2, 1]), 0.7) == 0.5
 
 
 def test_block_keep_ratio_monotone_in_s() -> None:
     norms = torch.rand(200, generator=torch.Generator().manual_seed(0)) ** 3
-    ratios = [block_keep_ratio(norms, s) for s in torch.linspace(0.01, 1.0, 100).tolist()]
+    ratios = [block_ratio(norms, s) for s in torch.linspace(0.01, 1.0, 100).tolist()]
     assert all(a <= b for a, b in itertools.pairwise(ratios))
     assert ratios[0] < 0.1 and ratios[-1] == 1.0
 
@@ -79,7 +79,7 @@ def test_block_keep_ratio_monotone_in_s() -> None:
 def test_block_keep_ratio_is_smallest_fraction_reaching_s(ints: list[int], s: float) -> None:
     # Integer-valued norms make every partial sum exact, so the check is independent of rounding.
     norms = _t([float(i) for i in ints])
-    ratio = block_keep_ratio(norms, s)
+    ratio = block_ratio(norms, s)
     n = len(ints)
     k = round(ratio * n)
     assert ratio == k / n and 1 <= k <= n
@@ -99,7 +99,7 @@ def test_block_keep_ratio_is_smallest_fraction_reaching_s(ints: list[int], s: fl
 )
 def test_block_keep_ratio_reaches_s_for_general_floats(values: list[float], s: float) -> None:
     norms = _t(values)
-    ratio = block_keep_ratio(norms, s)
+    ratio = block_ratio(norms, s)
     k = round(ratio * len(values))
     assert 0.0 < ratio <= 1.0
     total = math.fsum(values)
@@ -127,7 +127,7 @@ def test_block_keep_ratio_reaches_s_for_general_floats(values: list[float], s: f
 )
 def test_block_keep_ratio_rejects_bad_input(norms: object, s: object, match: str) -> None:
     with pytest.raises(GreenpropError, match=match):
-        block_keep_ratio(norms, s)  # type: ignore[arg-type]
+        block_ratio(norms, s)  # type: ignore[arg-type]
 
 
 # --- ema -------------------------------------------------------------------------
@@ -165,20 +165,20 @@ def test_ema_rejects_bad_input(previous: object, value: object, decay: object, m
 
 
 def test_update_activation_keep_moves_and_clamps() -> None:
-    assert update_activation_keep(0.5, 0.03, 0.025, 0.01) == pytest.approx(0.51)  # too noisy: keep more
-    assert update_activation_keep(0.5, 0.02, 0.025, 0.01) == pytest.approx(0.49)  # quiet: save more
-    assert update_activation_keep(0.5, 0.025, 0.025, 0.01) == pytest.approx(0.49)  # equal is not above
-    assert update_activation_keep(0.5, math.inf, 0.025, 0.01) == pytest.approx(0.51)
-    assert update_activation_keep(0.995, 1.0, 0.025, 0.01) == 1.0
-    assert update_activation_keep(1.0, 1.0, 0.025, 0.01) == 1.0
-    assert update_activation_keep(0.012, 0.0, 0.025, 0.01) == 0.01
-    assert update_activation_keep(0.0, 0.0, 0.025, 0.01) == 0.01  # never 0
+    assert update_s(0.5, 0.03, 0.025, 0.01) == pytest.approx(0.51)  # too noisy: keep more
+    assert update_s(0.5, 0.02, 0.025, 0.01) == pytest.approx(0.49)  # quiet: save more
+    assert update_s(0.5, 0.025, 0.025, 0.01) == pytest.approx(0.49)  # equal is not above
+    assert update_s(0.5, math.inf, 0.025, 0.01) == pytest.approx(0.51)
+    assert update_s(0.995, 1.0, 0.025, 0.01) == 1.0
+    assert update_s(1.0, 1.0, 0.025, 0.01) == 1.0
+    assert update_s(0.012, 0.0, 0.025, 0.01) == 0.01
+    assert update_s(0.0, 0.0, 0.025, 0.01) == 0.01  # never 0
 
 
 def test_update_activation_keep_long_quiet_run_floors_at_step() -> None:
     s = 1.0
     for _ in range(500):
-        s = update_activation_keep(s, 0.0, 0.025, 0.01)
+        s = update_s(s, 0.0, 0.025, 0.01)
     assert s == 0.01
 
 
@@ -207,7 +207,7 @@ def test_update_weight_ratio_moves_and_clamps() -> None:
 )
 def test_update_activation_keep_rejects_bad_input(args: tuple[object, ...], match: str) -> None:
     with pytest.raises(GreenpropError, match=match):
-        update_activation_keep(*args)  # type: ignore[arg-type]
+        update_s(*args)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

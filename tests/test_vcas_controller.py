@@ -33,7 +33,7 @@ from greenprop.train.checkpoint import load_checkpoint, save_checkpoint
 from greenprop.train.config import TrainConfig
 from greenprop.train.trainer import METRICS, Trainer
 from greenprop.vcas import VCAS, VCASConfig, apply_vcas
-from greenprop.vcas.control import block_keep_ratio
+from greenprop.vcas.control import block_ratio
 from greenprop.vcas.method import CONFIG
 from greenprop.vcas.surgery import vcas_handle
 
@@ -68,14 +68,14 @@ def _block_norms(model: nn.Module, batch: tuple[Tensor, Tensor]) -> list[Tensor]
 # the control law on real batches
 
 
-@pytest.mark.parametrize("initial_keep", [1.0, 0.5])
-def test_first_update_has_zero_sampling_variance_and_exact_arithmetic(digits, initial_keep: float) -> None:
+@pytest.mark.parametrize("initial_s", [1.0, 0.5])
+def test_first_update_has_zero_sampling_variance_and_exact_arithmetic(digits, initial_s: float) -> None:
     model, reference = tiny_vit(), tiny_vit(seed=7)
     reference.load_state_dict(model.state_dict())
-    config = VCASConfig(update_every=1, mc_repeats=2, initial_keep=initial_keep, seed=0)
+    config = VCASConfig(update_every=1, mc_repeats=2, initial_s=initial_s, seed=0)
     vcas = VCAS(apply_vcas(model, config))
     start = vcas.ratios()
-    assert start["s"] == initial_keep
+    assert start["s"] == initial_s
     assert list(start["activation"]) == ["blocks.0", "blocks.1"]
     assert set(start["activation"].values()) == {1.0}  # training starts exact whatever s is
     assert len(start["weight"]) == 8 and set(start["weight"].values()) == {1.0}
@@ -86,15 +86,15 @@ def test_first_update_has_zero_sampling_variance_and_exact_arithmetic(digits, in
     assert record["activation_variance_ratio"] == 0.0
     assert record["weight_variance_ratio_mean"] == 0.0
     assert record["sgd_variance"] > 0
-    assert vcas.s == record["s"] == initial_keep - config.s_step
+    assert vcas.s == record["s"] == initial_s - config.s_step
     assert all(r == config.weight_ratio_multiplier for r in vcas.ratios()["weight"].values())
     # Each block's ratio: the fraction of samples holding s of its gradient-norm mass, averaged
     # over the M batches (first update: no smoothing yet), from norms computed independently.
     norms = [_block_norms(reference, batch) for batch in batches]
     for i, (name, ratio) in enumerate(vcas.ratios()["activation"].items()):
-        expected = statistics.fmean(block_keep_ratio(n[i], vcas.s) for n in norms)
+        expected = statistics.fmean(block_ratio(n[i], vcas.s) for n in norms)
         assert ratio == pytest.approx(max(config.min_ratio, expected), abs=1e-12), name
-        if initial_keep < 1:
+        if initial_s < 1:
             assert ratio < 0.9  # half the norm mass lies in far fewer than all samples
     assert vcas.updates == 1 and vcas.history == [record]
     overhead = vcas.flop_account.overhead_samples
@@ -111,7 +111,7 @@ def test_first_update_has_zero_sampling_variance_and_exact_arithmetic(digits, in
     ],
 )
 def test_ratios_follow_the_measured_variance(digits, tau: float, expected_s: list[float]) -> None:
-    config = VCASConfig(update_every=1, tau_act=tau, tau_w=tau, initial_keep=0.5, seed=1)
+    config = VCASConfig(update_every=1, tau_act=tau, tau_w=tau, initial_s=0.5, seed=1)
     vcas = VCAS(apply_vcas(tiny_vit(), config))
     batches = iter(digits_batches(digits, 6, size=24))
     records, weights = [], {}
@@ -363,7 +363,7 @@ def test_vcas_trains_through_the_trainer_and_counts_its_flops(tmp_path, small_di
         assert len(r["step_losses"]) == whole.steps_per_epoch == 3
         assert all(math.isfinite(v) for v in r["step_losses"])
         assert statistics.fmean(r["step_losses"]) == pytest.approx(r["train_loss"], rel=1e-12)
-        assert set(r["vcas"]["realised_activation_keep"]) == {f"blocks.{i}" for i in range(6)}
+        assert set(r["vcas"]["realised_activation_ratio"]) == {f"blocks.{i}" for i in range(6)}
     assert json.loads((tmp_path / "whole" / METRICS).read_text())["epochs"][1]["vcas"] == records[1]["vcas"]
 
     # FLOPs: the dense count, minus what the sampled Linear backwards saved, plus the estimation.

@@ -275,7 +275,7 @@ def test_vcas_trains_resnet18_gn_through_the_trainer() -> None:
     for r in records:
         assert r["vcas"]["weight_ratio_mean"] is None
         assert all(h["weight_ratio_mean"] is None for h in r["vcas"]["history"])
-        assert set(r["vcas"]["realised_activation_keep"]) == {
+        assert set(r["vcas"]["realised_activation_ratio"]) == {
             f"layer{i}.{j}" for i in range(1, 5) for j in (0, 1)
         }
         assert all(math.isfinite(v) for v in r["step_losses"])

@@ -2,7 +2,7 @@
 
 VCAS's backward is random, so counting one step on a slice says nothing about the
 next. Instead the layers tally the Linear/Conv2d backward FLOPs they ran against the
-dense cost (:class:`FlopTally`), the step is counted dense (inside :meth:`counting`),
+dense cost (:class:`BackwardTally`), the step is counted dense (inside :meth:`counting`),
 and the difference plus the controller's estimation passes is the adjustment. Every
 other backward op (attention, norms) runs on full tensors and is taken at its dense
 count.
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from greenprop.metering.accounting import FlopAccount
 from greenprop.metering.flops import FlopCount, batch_head, count_flops_per_sample
-from greenprop.vcas.layers import FlopTally, Mode, VCASRuntime
+from greenprop.vcas.layers import BackwardTally, Mode, VCASRuntime
 
 __all__ = ["VCASFlops"]
 
@@ -48,12 +48,12 @@ class VCASFlops(FlopAccount):
     def __init__(self, model: nn.Module, runtime: VCASRuntime) -> None:
         self.model = model
         self.runtime = runtime
-        self.train = FlopTally()
-        self.overhead = FlopTally()
+        self.train = BackwardTally()
+        self.overhead = BackwardTally()
         self.overhead_samples = {"forward": 0, "exact_backward": 0, "sampled_backward": 0}
         self._dense: FlopCount | None = None
         self._pending_count: tuple[Any, Callable[[nn.Module, Any], Tensor]] | None = None
-        self._reported = FlopTally()
+        self._reported = BackwardTally()
         self._reported_overhead: dict[str, float] = {"forward": 0.0, "backward": 0.0}
 
     # ------------------------------------------------------------------ tallies
@@ -111,7 +111,7 @@ class VCASFlops(FlopAccount):
         """The backward saved since the last call (negative) plus any new estimation overhead."""
         self.collect_train()
         saved = self.train.saved - self._reported.saved
-        self._reported = FlopTally(self.train.done, self.train.dense)
+        self._reported = BackwardTally(self.train.done, self.train.dense)
         overhead = self.overhead_flops()
         delta = {k: overhead[k] - self._reported_overhead[k] for k in ("forward", "backward")}
         self._reported_overhead = overhead
@@ -171,12 +171,12 @@ class VCASFlops(FlopAccount):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         done, dense, samples, rows = state["train_tally"]
-        self.train = FlopTally(done, dense, samples, {int(k): list(v) for k, v in rows.items()})
-        self.overhead = FlopTally(*state["overhead_tally"])
+        self.train = BackwardTally(done, dense, samples, {int(k): list(v) for k, v in rows.items()})
+        self.overhead = BackwardTally(*state["overhead_tally"])
         self.overhead_samples = dict(state["overhead_samples"])
         d = state["dense_per_sample"]
         self._dense = None if d is None else FlopCount(*d)
         self._pending_count = None
         done, dense, overhead = state["reported"]
-        self._reported, self._reported_overhead = FlopTally(done, dense), dict(overhead)
+        self._reported, self._reported_overhead = BackwardTally(done, dense), dict(overhead)
         self.runtime.take_tally()

@@ -14,14 +14,14 @@ class VCASConfig(MethodConfig):
     """Settings of VCAS (variance-controlled adaptive sampling), validated on construction.
 
     ``VCASConfig()`` holds the paper's defaults (Wang, Chen & Zhu, 2024, arXiv:2402.17227,
-    and its public reference code). Training starts exact (``initial_keep = 1``, weight
+    and its public reference code). Training starts exact (``initial_s = 1``, weight
     ratios 1) and the controller lowers the ratios while the extra variance stays small.
     Each field's help (also listed by ``greenprop methods``) says what it does and marks
     the values that are our choices rather than the paper's (``min_ratio``, ``seed``,
     ``check_rows``).
 
     Notes:
-        ``s`` is the global keep: the fraction of gradient-norm mass the kept samples must
+        ``s`` is the norm mass: the fraction of gradient-norm mass the kept samples must
         reach. Above ``tau_act`` it rises by ``s_step``, otherwise it falls; each weight
         ratio ``nu_l`` is multiplied by ``weight_ratio_multiplier`` while its variance is
         below ``tau_w`` and divided by it otherwise. ``check_rows`` catches models that
@@ -37,7 +37,7 @@ class VCASConfig(MethodConfig):
         100, "F: steps between variance estimations / ratio updates (short runs need fewer)"
     )
     mc_repeats: int = option(2, "M: Monte-Carlo batches per estimation, >= 2 (a variance needs two draws)")
-    s_step: float = option(0.01, "step of the global norm-mass keep s per update, in (0, 1)")
+    s_step: float = option(0.01, "step of the norm mass s per update, in (0, 1)")
     weight_ratio_multiplier: float = option(
         0.95, "token ratios are multiplied or divided by this per update, in (0, 1)"
     )
@@ -45,9 +45,9 @@ class VCASConfig(MethodConfig):
     variance_sample_fraction: float = option(
         0.01, "fraction of weight entries the variances are measured on, in (0, 1]"
     )
-    initial_keep: float = option(1.0, "starting s, in (0, 1] (1: start exact)")
+    initial_s: float = option(1.0, "starting s, in (0, 1] (1: start exact)")
     initial_weight_ratio: float = option(1.0, "starting token ratio of every Linear, in [min_ratio, 1]")
-    min_ratio: float = option(0.05, "floor of every keep ratio, in (0, 1] (ours: the paper has none)")
+    min_ratio: float = option(0.05, "floor of every ratio, in (0, 1] (ours: the paper has none)")
     seed: int = option(0, "seed of the samplers", default_text="the run's seed")
     check_rows: bool = option(
         False, "true: every sampled layer verifies that skipped rows carry no gradient (debug)"
@@ -63,7 +63,7 @@ class VCASConfig(MethodConfig):
         check_interval(self, "weight_ratio_multiplier", "(0, 1)")
         check_interval(self, "ema_decay", "[0, 1)")
         check_interval(self, "variance_sample_fraction", "(0, 1]")
-        check_interval(self, "initial_keep", "(0, 1]")
+        check_interval(self, "initial_s", "(0, 1]")
         check_interval(self, "min_ratio", "(0, 1]")
         require(
             self,

@@ -1,13 +1,13 @@
 """Pure functions of VCAS's control law (the paper's variance control), no state.
 
 Every ``F`` steps VCAS measures how much variance its samplers add on top of the SGD
-noise that training already tolerates, and adapts its keep ratios:
+noise that training already tolerates, and adapts its ratios:
 
 * :func:`variance_ratio` turns repeated sampled-gradient estimates into
   ``extra variance / SGD variance``;
-* :func:`update_activation_keep` moves the global norm-mass keep ``s`` one step up
+* :func:`update_s` moves the norm mass ``s`` one step up
   (too noisy) or down (room to save more) against ``tau_act``;
-* :func:`block_keep_ratio` converts ``s`` into a block's sample keep ratio from its
+* :func:`block_ratio` converts ``s`` into a block's sample ratio from its
   per-sample gradient norms, smoothed over updates by :func:`ema`;
 * :func:`update_weight_ratio` scales each Linear's token ratio ``nu_l`` by the
   multiplier (0.95) against ``tau_w``.
@@ -27,9 +27,9 @@ from torch import Tensor
 from greenprop.errors import GreenpropError
 
 __all__ = [
-    "block_keep_ratio",
+    "block_ratio",
     "ema",
-    "update_activation_keep",
+    "update_s",
     "update_weight_ratio",
     "variance_ratio",
 ]
@@ -63,7 +63,7 @@ def _real_tensor(name: str, value: object, dim: int) -> Tensor:
     return v
 
 
-def block_keep_ratio(norms: Tensor, s: float) -> float:
+def block_ratio(norms: Tensor, s: float) -> float:
     """Smallest fraction of samples whose largest gradient norms reach ``s`` of the total norm.
 
     VCAS keeps whole samples in a block's backward; the samples with the largest
@@ -105,7 +105,7 @@ def block_keep_ratio(norms: Tensor, s: float) -> float:
 def ema(previous: float | None, value: float, decay: float) -> float:
     """Exponential moving average ``decay * previous + (1 - decay) * value``.
 
-    Smooths the per-block keep ratios so one noisy estimate does not swing them; the
+    Smooths the per-block ratios so one noisy estimate does not swing them; the
     paper's 0.6 (``VCASConfig.ema_decay``) is this ``decay``, the weight of the *old*
     value. ``previous = None`` (first update) returns ``value``; ``decay = 0`` is no
     smoothing.
@@ -118,15 +118,15 @@ def ema(previous: float | None, value: float, decay: float) -> float:
     return decay * previous + (1.0 - decay) * value
 
 
-def update_activation_keep(s: float, variance_ratio: float, tau: float, step: float) -> float:
-    """Next global keep ``s``: ``s + step`` if ``variance_ratio > tau`` else ``s - step``.
+def update_s(s: float, variance_ratio: float, tau: float, step: float) -> float:
+    """Next norm mass ``s``: ``s + step`` if ``variance_ratio > tau`` else ``s - step``.
 
     Too much extra variance means keep more norm mass; otherwise save more. The result
     is clamped to ``[step, 1]`` (our choice: ``s`` never reaches 0, which would keep
     no samples at all).
 
     Args:
-        s: current keep, in [0, 1].
+        s: current norm mass, in [0, 1].
         variance_ratio: activation-sampling variance / SGD variance, >= 0 (inf allowed).
         tau: threshold (``VCASConfig.tau_act``), > 0 and finite.
         step: ``VCASConfig.s_step``, in (0, 1).

@@ -28,7 +28,7 @@ from greenprop.vcas import control
 from greenprop.vcas.accounting import VCASFlops
 from greenprop.vcas.config import VCASConfig
 from greenprop.vcas.estimation import GradientDraws, pick_entries, three_backwards, variance_ratios
-from greenprop.vcas.layers import FlopTally, VCASRuntime
+from greenprop.vcas.layers import BackwardTally, VCASRuntime
 from greenprop.vcas.surgery import VCASHandle, vcas_handle
 
 __all__ = ["VCAS"]
@@ -77,7 +77,7 @@ class VCAS(Controller):
         self.model = model
         self.handle: VCASHandle = handle
         self.config = handle.config
-        self.s = self.config.initial_keep
+        self.s = self.config.initial_s
         self.steps = 0
         self.updates = 0
         self.history: list[dict[str, Any]] = []
@@ -91,7 +91,7 @@ class VCAS(Controller):
         )
         self._estimation_generator = torch.Generator().manual_seed(vcas_estimation_seed(self.config.seed))
         self._run: RunContext | None = None
-        self._epoch_start: tuple[FlopTally, int] = (FlopTally(), 0)
+        self._epoch_start: tuple[BackwardTally, int] = (BackwardTally(), 0)
 
     # ------------------------------------------------------------------ state
     @property
@@ -108,7 +108,7 @@ class VCAS(Controller):
         return {name: layer for name, layer in self.handle.layers.items() if layer.weight.requires_grad}
 
     def ratios(self) -> dict[str, Any]:
-        """The current ``s``, each block's sample keep ratio and each Linear's token ratio."""
+        """The current ``s``, each block's sample ratio and each Linear's token ratio."""
         return {
             "s": self.s,
             "activation": {sampler.name: sampler.ratio for sampler in self.handle.samplers},
@@ -156,11 +156,11 @@ class VCAS(Controller):
     def _adapt(self, draws: list[GradientDraws]) -> dict[str, Any]:
         cfg = self.config
         ratios = variance_ratios(draws, list(self.handle.linears))
-        self.s = control.update_activation_keep(self.s, ratios.activation, cfg.tau_act, cfg.s_step)
+        self.s = control.update_s(self.s, ratios.activation, cfg.tau_act, cfg.s_step)
         for i, sampler in enumerate(self.handle.samplers):
             if draws[0].norms[i] is None:  # no gradient reaches this block: leave its ratio
                 continue
-            new = statistics.fmean(control.block_keep_ratio(d.norms[i], self.s) for d in draws)
+            new = statistics.fmean(control.block_ratio(d.norms[i], self.s) for d in draws)
             smoothed = control.ema(self._smoothed[i], new, cfg.ema_decay)
             self._smoothed[i] = smoothed
             sampler.ratio = min(1.0, max(cfg.min_ratio, smoothed))
@@ -210,7 +210,7 @@ class VCAS(Controller):
         account = self.flop_account
         account.collect_train()
         rows = {k: list(v) for k, v in account.train.rows.items()}
-        self._epoch_start = (FlopTally(rows=rows), self.updates)
+        self._epoch_start = (BackwardTally(rows=rows), self.updates)
 
     def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> dict[str, Any]:
         """Ratios now, rows kept this epoch, the epoch's updates and the FLOP ratios so far."""
@@ -227,7 +227,7 @@ class VCAS(Controller):
             "updates": self.updates,
             "activation_ratios": report["activation"],
             "weight_ratio_mean": _mean_or_none(report["weight"].values()),
-            "realised_activation_keep": realised,
+            "realised_activation_ratio": realised,
             "backward_ratio": report["backward_ratio"],
             "total_ratio_with_overhead": report["total_ratio_with_overhead"],
             "history": self.history[start_updates:],

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from greenprop.errors import GreenpropError
 from greenprop.vcas.samplers import activation_sample, row_norms, sampled_weight_grad
 
-__all__ = ["BlockSampler", "FlopTally", "Mode", "VCASConv2d", "VCASLinear", "VCASRuntime"]
+__all__ = ["BackwardTally", "BlockSampler", "Mode", "VCASConv2d", "VCASLinear", "VCASRuntime"]
 
 
 class Mode(enum.Enum):
@@ -41,7 +41,7 @@ class Mode(enum.Enum):
 
 
 @dataclass
-class FlopTally:
+class BackwardTally:
     """What sampled backward passes did: VCAS-layer FLOPs run vs dense, samples, rows kept per block."""
 
     done: float = 0.0
@@ -53,7 +53,7 @@ class FlopTally:
     def saved(self) -> float:
         return self.dense - self.done
 
-    def add(self, other: FlopTally) -> None:
+    def add(self, other: BackwardTally) -> None:
         self.done += other.done
         self.dense += other.dense
         self.samples += other.samples
@@ -73,15 +73,15 @@ class VCASRuntime:
     check_rows: bool = False  # debug: verify that skipped rows are zero (VCASConfig.check_rows)
     record_norms: bool = False
     norms: dict[int, Tensor] = field(default_factory=dict)  # block index -> per-sample norms
-    tally: FlopTally = field(default_factory=FlopTally)
+    tally: BackwardTally = field(default_factory=BackwardTally)
     # block -> (batch size, indices of the samples whose gradient is non-zero after that
     # block's sampler; None = all): set by the sampler, read by the layers inside the block.
     # No entry: the layers find the zero rows themselves (see _rows_to_compute).
     alive: dict[int, tuple[int, Tensor | None]] = field(default_factory=dict)
 
-    def take_tally(self) -> FlopTally:
+    def take_tally(self) -> BackwardTally:
         """The tally since the last call, and a fresh one started."""
-        tally, self.tally = self.tally, FlopTally()
+        tally, self.tally = self.tally, BackwardTally()
         return tally
 
 

@@ -20,9 +20,9 @@ def report_extras(results: Sequence[Any], out_dir: Path) -> list[tuple[str, Path
 
 
 def plot_ratios(results: Sequence[Any], path: Path) -> bool:
-    """VCAS's controller over training: its keep ratios and the variance ratios they answer to.
+    """VCAS's controller over training: its ratios and the variance ratios they answer to.
 
-    Left: the global norm-mass keep ``s``, the mean block (sample) keep ratio and the
+    Left: the norm mass ``s``, the mean block (sample) keep ratio and the
     mean token ratio of the Linear layers. Right: the measured activation- and
     weight-sampling variance relative to the SGD variance, against ``tau``. One line per
     seed. Returns False (no file) when no run recorded VCAS updates.
