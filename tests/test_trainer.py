@@ -197,3 +197,23 @@ def test_a_nan_test_loss_stops_the_run_before_saving(tmp_path, quick_config, dig
     saved = json.loads((tmp_path / METRICS).read_text())
     assert len(saved["epochs"]) == 1
     assert ckpt.load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 1
+
+
+def test_a_checkpoint_of_an_older_format_is_refused_naming_it(tmp_path, quick_config, digits):
+    config = quick_config.replace(epochs=2)
+    Trainer(config.replace(epochs=1), tmp_path, data=digits).fit()
+    state = ckpt.load_checkpoint(tmp_path / CHECKPOINT)
+    ckpt.save_checkpoint({**state, "format": 1, "controllers": []}, tmp_path / CHECKPOINT)
+    with pytest.raises(GreenpropError, match=r"has format 1, this greenprop writes format 2"):
+        Trainer(config.replace(epochs=1), tmp_path, resume=True, data=digits)
+
+
+@pytest.mark.parametrize("name", ["loss", "acc1", "replaced_by"])
+def test_a_controller_named_like_a_record_field_is_refused(quick_config, digits, name):
+    class Clash(Controller):
+        pass
+
+    clash = Clash()
+    clash.name = name
+    with pytest.raises(GreenpropError, match=f"'{name}'.*overwrite"):
+        Trainer(quick_config, controllers=[clash], data=digits)

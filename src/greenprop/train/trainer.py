@@ -40,6 +40,13 @@ from greenprop.train.summary import environment, summarize
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
+#: 2: controller state keyed by controller name (1: a list by position).
+CHECKPOINT_FORMAT = 2
+#: The trainer's own fields in every epoch record; a controller's fields go under its name.
+RECORD_FIELDS = frozenset(
+    "epoch lr energy loss acc1 acc5 flops time steps samples train_loss train_acc step_losses "
+    "replaced_by reevaluated_by".split()
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -126,6 +133,8 @@ class Trainer:
         names = [controller.name for controller in self.controllers]
         if len(set(names)) != len(names):
             raise GreenpropError(f"controller names must be unique within a run, got {names}")
+        if clash := sorted(set(names) & RECORD_FIELDS):
+            raise GreenpropError(f"controller name(s) {clash} would overwrite the epoch record's own fields")
         self.flop_accounts = flop_accounts(self.controllers)
         self.train_model: nn.Module = torch.compile(self.model) if config.compile else self.model
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
@@ -190,6 +199,13 @@ class Trainer:
         return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
 
     def _restore(self, state: dict[str, Any]) -> None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise GreenpropError(
+                f"checkpoint in {self.out_dir} has format {state.get('format')!r}, this greenprop "
+                f"writes format {CHECKPOINT_FORMAT} (controller state keyed by name, method fields "
+                "namespaced in the records): it was written by an older greenprop; start the run "
+                "again with --overwrite"
+            )
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -197,8 +213,8 @@ class Trainer:
             saved_controllers = state.get("controllers", {})
             names = [controller.name for controller in self.controllers]
             if not isinstance(saved_controllers, dict) or sorted(saved_controllers) != sorted(names):
-                saved_names = sorted(saved_controllers) if isinstance(saved_controllers, dict) else "?"
-                raise ValueError(f"the checkpoint holds controllers {saved_names}, this run has {names}")
+                held = sorted(saved_controllers) if isinstance(saved_controllers, dict) else saved_controllers
+                raise ValueError(f"the checkpoint holds controllers {held!r}, this run has {names}")
             for controller in self.controllers:
                 controller.load_state_dict(saved_controllers[controller.name])
         except (KeyError, RuntimeError, ValueError) as err:
@@ -208,7 +224,7 @@ class Trainer:
 
     def _checkpoint_state(self, next_epoch: int) -> dict[str, Any]:
         return {
-            "format": 1,
+            "format": CHECKPOINT_FORMAT,
             "epoch": next_epoch,
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
