@@ -19,7 +19,8 @@ from greenprop.errors import GreenpropError, TrainingDiverged
 from greenprop.methods import MethodSpec, build_method, parse_method
 from greenprop.train.checkpoint import ensure_writable_dir
 from greenprop.train.config import TrainConfig
-from greenprop.train.trainer import CHECKPOINT, METRICS, Trainer, create_model
+from greenprop.train.setup import create_model
+from greenprop.train.trainer import CHECKPOINT, METRICS, Trainer
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from greenprop import data as gp_data
-from greenprop import models as gp_models
 from greenprop.controller import Controller, RunContext
 from greenprop.errors import GreenpropError, TrainingDiverged
 from greenprop.metering import EnergyMeter, FlopCount, PhaseTimer, Quantity, count_flops_per_sample
@@ -36,6 +35,7 @@ from greenprop.train.checkpoint import (
 )
 from greenprop.train.config import TrainConfig
 from greenprop.train.evaluate import evaluate, iterate_batches, prepare_inputs
+from greenprop.train.setup import check_preloaded, create_model, resolve_device
 from greenprop.train.summary import environment, summarize
 
 CHECKPOINT = "checkpoint.pt"
@@ -44,34 +44,11 @@ METRICS = "metrics.json"
 CHECKPOINT_FORMAT = 2
 #: The trainer's own fields in every epoch record; a controller's fields go under its name.
 RECORD_FIELDS = frozenset(
-    "epoch lr energy loss acc1 acc5 flops time steps samples train_loss train_acc step_losses "
-    "replaced_by reevaluated_by".split()
+    {
+        *("epoch", "lr", "energy", "loss", "acc1", "acc5", "flops", "time", "steps", "samples"),
+        *("train_loss", "train_acc", "step_losses", "replaced_by", "reevaluated_by"),
+    }
 )
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise GreenpropError(f"device={name!r} is not a valid torch device") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GreenpropError(f"device={name!r} requested but CUDA is not available")
-    return device
-
-
-def create_model(config: TrainConfig, info: gp_data.DatasetInfo) -> nn.Module:
-    """The zoo model ``config`` names, shaped for the dataset ``info`` describes."""
-    return gp_models.create(
-        config.model,
-        num_classes=info.num_classes,
-        in_channels=info.in_channels,
-        image_size=info.image_size,
-        width=config.width,
-        dropout=config.dropout,
-        modality=info.modality,
-    )
 
 
 class Trainer:
@@ -111,7 +88,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         self.method = parse_method(config.method)
         if data is not None:
-            _check_preloaded(data, config)
+            check_preloaded(data, config)
         self.data = data or gp_data.load(
             config.dataset,
             data_dir=config.data_dir,
@@ -452,15 +429,3 @@ class Trainer:
             "epochs": self.history,
             "summary": summarize(self.history),
         }
-
-
-def _check_preloaded(data: gp_data.DatasetPair, config: TrainConfig) -> None:
-    """Preloaded data must be what the config describes, or metrics.json would lie."""
-    if data.info.name != config.dataset.lower().replace("_", "-"):
-        raise GreenpropError(f"preloaded data is {data.info.name!r} but dataset={config.dataset!r}")
-    for name, split, wanted in (
-        ("subset", data.train, config.subset),
-        ("test_subset", data.test, config.test_subset),
-    ):
-        if wanted is not None and len(split) != wanted:
-            raise GreenpropError(f"preloaded data has {len(split)} examples but {name}={wanted}")
