@@ -251,12 +251,6 @@ def method_extras(results: list[RunResult], out_dir: Path) -> list[tuple[str, Pa
 
 
 def flop_adjustments(results: list[RunResult]) -> str:
-    """How methods adjusted the counted FLOPs, from the runs' own FLOP provenance."""
-    notes: list[str] = []
-    for r in results:
-        for record in r.metrics.get("epochs", []):
-            source = record.get("flops", {}).get("backward", {}).get("source") or ""
-            for note in source.split("; ")[1:]:
-                if note not in notes:
-                    notes.append(note)
+    """How methods adjusted the counted FLOPs, as the runs' metrics.json record it."""
+    notes = dict.fromkeys(note for r in results for note in r.metrics.get("flop_adjustments", []))
     return "".join(f"; {note}" for note in notes)

@@ -113,6 +113,10 @@ class Trainer:
         if clash := sorted(set(names) & RECORD_FIELDS):
             raise GreenpropError(f"controller name(s) {clash} would overwrite the epoch record's own fields")
         self.flop_accounts = flop_accounts(self.controllers)
+        #: How methods adjust the counted FLOPs, one line each (in the provenance and metrics.json).
+        self.flop_adjustments = [
+            f"{name}: {text}" for name, account in self.flop_accounts if (text := account.describe())
+        ]
         self.train_model: nn.Module = torch.compile(self.model) if config.compile else self.model
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.run = RunContext(
@@ -376,9 +380,8 @@ class Trainer:
             f"torch.utils.flop_counter.FlopCounterMode on {min(c.flops_samples, c.batch_size)} "
             "samples, recounted whenever a method changes what a step computes, x samples run"
         )
-        adjusted = [f"{name}: {text}" for name, a in self.flop_accounts if (text := a.describe())]
-        if adjusted:
-            source += "; " + "; ".join(adjusted)
+        if self.flop_adjustments:
+            source += "; " + "; ".join(self.flop_adjustments)
         return flops, source
 
     def _flops_per_sample(self, epoch: int, step: int, x: torch.Tensor, y: torch.Tensor) -> FlopCount:
@@ -425,6 +428,7 @@ class Trainer:
             "method": {"name": self.method.name, "options": self.method.options, "label": self.method.label},
             "environment": environment(self.device),
             "energy_source": self.energy_meter.describe(),
+            "flop_adjustments": self.flop_adjustments,
             "model_parameters": sum(p.numel() for p in self.model.parameters()),
             "epochs": self.history,
             "summary": summarize(self.history),

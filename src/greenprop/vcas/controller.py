@@ -194,17 +194,12 @@ class VCAS(Controller):
     def on_train_start(self, run: RunContext) -> None:
         self._run = run
 
-    def _estimation_batches(self) -> Iterator[Any]:
-        run = self._run
-        if run is None or run.draw_batch is None:
-            raise GreenpropError("VCAS in a trainer needs a RunContext with draw_batch and loss_fn")
-        while True:
-            yield run.draw_batch(self._estimation_generator)
-
     def on_step_start(self, epoch: int, step: int) -> None:
-        if self._run is None or self._run.loss_fn is None:
+        run = self._run
+        if run is None or run.draw_batch is None or run.loss_fn is None:
             raise GreenpropError("VCAS in a trainer needs a RunContext with draw_batch and loss_fn")
-        self.step(self._estimation_batches(), self._run.loss_fn)
+        draw, generator = run.draw_batch, self._estimation_generator
+        self.step(iter(lambda: draw(generator), None), run.loss_fn)
 
     def on_epoch_start(self, epoch: int) -> None:
         account = self.flop_account
