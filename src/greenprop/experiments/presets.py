@@ -170,3 +170,43 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise GreenpropError(f"unknown preset {name!r}; choose from {', '.join(sorted(PRESETS))}")
     return PRESETS[name]
+
+
+# Ablations (issue 15), sized for a shared 2-core CPU: CNN (width 16) on a 3k/1k
+# Fashion-MNIST subset, 12 epochs; GradSamp's four strategy families. Not yet run.
+_ABLATION_CNN: dict[str, Any] = {**_GRADSAMP_CNN, "subset": 3_000, "test_subset": 1_000, "epochs": 12}
+_ABLATION_STRATEGIES: tuple[str, ...] = (
+    "baseline",
+    "gradsamp:strategy=pe:3",
+    "gradsamp:strategy=pr:0.25",
+    "gradsamp:strategy=dp:3",
+    "gradsamp:strategy=dr:0.25",
+)
+# GradSamp paper Table 10: the strategies under AdaGrad and AdaDelta.
+for _name, _optimizer, _lr in (("adagrad", "adagrad", 0.01), ("adadelta", "adadelta", 1.0)):
+    PRESETS[f"gradsamp-{_name}"] = Preset(
+        description=f"GradSamp strategies vs baseline under {_optimizer} (lr {_lr:g}): CNN (width 16) "
+        "on a 3k/1k Fashion-MNIST subset, 12 epochs, 3 seeds (paper Table 10 shape)",
+        config={**_ABLATION_CNN, "optimizer": _optimizer, "lr": _lr},
+        methods=_ABLATION_STRATEGIES,
+        seeds=(0, 1, 2),
+    )
+# GradSamp paper Table 19: the strategies with ReLU / Sigmoid / Tanh networks.
+for _activation in ("relu", "sigmoid", "tanh"):
+    PRESETS[f"gradsamp-{_activation}"] = Preset(
+        description=f"GradSamp strategies vs baseline, {_activation} CNN (width 16) on a 3k/1k "
+        "Fashion-MNIST subset, 12 epochs, SGD, 3 seeds (paper Table 19 shape)",
+        config={**_ABLATION_CNN, "model": f"cnn:activation={_activation}"},
+        methods=_ABLATION_STRATEGIES,
+        seeds=(0, 1, 2),
+    )
+# The ssProp paper's Dropout setting: ssProp drop 0.2 (keep 0.8) with and without Dropout 0.2
+# (before the CNN's head); the two presets together give the 2x2 table.
+for _dropout in (0.0, 0.2):
+    PRESETS[f"ssprop-dropout{_dropout:g}"] = Preset(
+        description=f"dense vs ssProp keep 0.8 with Dropout {_dropout:g}: CNN on a 10k/2k "
+        "Fashion-MNIST subset, 6 epochs, 3 seeds",
+        config={**_SSPROP_BASE, "model": "cnn", "dropout": _dropout},
+        methods=("baseline", "ssprop:keep=0.8"),
+        seeds=(0, 1, 2),
+    )

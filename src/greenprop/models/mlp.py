@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from greenprop.models.activations import make_activation
+
 
 class MLP(nn.Module):
-    """Flatten -> [Linear(hidden) -> ReLU] x depth -> Dropout -> ``head``."""
+    """Flatten -> [Linear(hidden) -> activation (ReLU)] x depth -> Dropout -> ``head``."""
 
     def __init__(
         self,
@@ -18,12 +20,13 @@ class MLP(nn.Module):
         hidden: int = 256,
         depth: int = 2,
         dropout: float = 0.0,
+        activation: str = "relu",
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         features = in_channels * image_size * image_size
         for _ in range(depth):
-            layers += [nn.Linear(features, hidden), nn.ReLU(inplace=True)]
+            layers += [nn.Linear(features, hidden), make_activation(activation)]
             features = hidden
         self.features = nn.Sequential(*layers)
         self.dropout = nn.Dropout(dropout)

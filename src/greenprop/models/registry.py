@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from greenprop.errors import GreenpropError
+from greenprop.models.activations import ACTIVATIONS
 from greenprop.models.cnn import SmallCNN
 from greenprop.models.mixer import MLPMixer
 from greenprop.models.mlp import MLP
@@ -22,19 +23,41 @@ from greenprop.models.resnet import ResNet18
 from greenprop.models.vit import ViT
 
 
+def _number(value: Any) -> Any:
+    """A model-spec string (``cnn:hidden=64``) read as an int or a float; other values as given."""
+    if not isinstance(value, str):
+        return value
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _activation(option: str, value: Any) -> str:
+    name = value.strip().lower() if isinstance(value, str) else value
+    if name not in ACTIVATIONS:
+        raise GreenpropError(f"{option}={value!r}: choose from {', '.join(ACTIVATIONS)}")
+    return name
+
+
 def _positive_int(option: str, value: Any) -> int:
+    value = _number(value)
     if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:
         raise GreenpropError(f"{option} must be a positive integer, got {value!r}")
     return int(value)
 
 
 def _probability(option: str, value: Any) -> float:
+    value = _number(value)
     if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= value < 1.0:
         raise GreenpropError(f"{option} must be a number in [0, 1), got {value!r}")
     return float(value)
 
 
 def _positive_float(option: str, value: Any) -> float:
+    value = _number(value)
     if isinstance(value, bool) or not isinstance(value, Real) or not value > 0:
         raise GreenpropError(f"{option} must be a positive number, got {value!r}")
     return float(value)
@@ -50,8 +73,8 @@ class _Entry:
 
 
 _ENTRIES: dict[str, _Entry] = {
-    "mlp": _Entry(MLP, 256, "hidden", {"depth": _positive_int}),
-    "cnn": _Entry(SmallCNN, 32, "width", {"hidden": _positive_int}),
+    "mlp": _Entry(MLP, 256, "hidden", {"depth": _positive_int, "activation": _activation}),
+    "cnn": _Entry(SmallCNN, 32, "width", {"hidden": _positive_int, "activation": _activation}),
     "resnet18": _Entry(ResNet18, 64, "width", {}, uses_image_size=False),
     "resnet18-narrow": _Entry(ResNet18, 16, "width", {}, uses_image_size=False),
     # GroupNorm instead of BatchNorm: per-sample blocks, which VCAS can sample.
@@ -114,7 +137,8 @@ def create(
 
     Args:
         name: one of :data:`MODELS` or :data:`TEXT_MODELS` (case-insensitive; ``_``
-            works for ``-``).
+            works for ``-``), optionally with options after ``:`` as in ``--method``:
+            ``cnn:activation=tanh,hidden=64`` (the same as passing them in ``options``).
         num_classes: outputs of the final ``head`` Linear.
         in_channels: image channels (1 for grey, 3 for ``pad_to_32`` data). Ignored by
             text models.
@@ -129,7 +153,8 @@ def create(
         modality: the data's modality (:attr:`greenprop.data.DatasetInfo.modality`,
             ``"image"`` or ``"text"``); when given, a model built for the other kind
             of input is an error. None skips the check.
-        **options: model-specific extras: mlp ``depth`` (2); cnn ``hidden`` (128);
+        **options: model-specific extras: mlp ``depth`` (2), ``activation``; cnn
+            ``hidden`` (128), ``activation`` (relu, sigmoid, tanh or gelu; default relu);
             mixer ``depth`` (4), ``patch_size`` (4 for 16+ pixels, else 2); vit
             ``depth`` (6), ``heads`` (4), ``mlp_ratio`` (2.0), ``patch_size`` (as mixer);
             minilm ``encoder_dropout`` (dropout inside the encoder; default: the
@@ -139,7 +164,9 @@ def create(
         GreenpropError: unknown name or option, or an invalid value (named); a text
             model without transformers or its model package (with the install command).
     """
-    key = str(name).strip().lower().replace("_", "-")
+    name, spec_options = parse_model_spec(name)
+    options = {**spec_options, **options}
+    key = name.strip().lower().replace("_", "-")
     if modality is not None and modality not in MODALITIES:
         raise GreenpropError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
     text_entry = _TEXT_ENTRIES.get(key)
@@ -170,6 +197,19 @@ def create(
             raise GreenpropError(f"model {key!r} has no option {option!r} (its extra options: {valid})")
         kwargs[option] = validate(option, value)
     return entry.build(**kwargs)
+
+
+def parse_model_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``"cnn:activation=tanh,hidden=64"`` -> ``("cnn", {"activation": "tanh", "hidden": "64"})``."""
+    name, _, rest = str(spec).partition(":")
+    options: dict[str, str] = {}
+    if rest.strip():
+        for item in rest.split(","):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip() or not value.strip():
+                raise GreenpropError(f"model option {item!r} in {spec!r} is not key=value")
+            options[key.strip()] = value.strip()
+    return name, options
 
 
 def _create_text(

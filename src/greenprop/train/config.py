@@ -7,8 +7,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from greenprop.errors import GreenpropError
+from greenprop.train.optimizers import OPTIMIZERS, parse_optimizer
 
-OPTIMIZERS = ("sgd", "adamw")
+__all__ = ["LR_SCHEDULES", "OPTIMIZERS", "RESUMABLE_CHANGES", "TrainConfig"]
 LR_SCHEDULES = ("cosine", "step", "none")
 
 # Fields that may differ between an interrupted run and its resumption.
@@ -26,8 +27,10 @@ class TrainConfig:
         epochs: number of epochs (> 0).
         batch_size: training batch size (> 0).
         lr: peak learning rate (> 0).
-        optimizer: ``"sgd"`` (momentum 0.9, Nesterov off) or ``"adamw"``.
-        momentum: SGD momentum.
+        optimizer: a spec ``name[:key=value,...]`` (:mod:`greenprop.train.optimizers`):
+            ``sgd`` (momentum from ``momentum``, Nesterov off), ``adamw``, ``adam``,
+            ``adagrad``, ``adadelta``, ``rmsprop``; e.g. ``"sgd:nesterov=true"``.
+        momentum: SGD momentum (unless the optimizer spec sets its own).
         weight_decay: L2 / decoupled weight decay.
         lr_schedule: ``"cosine"`` (to 0 over all epochs), ``"step"`` or ``"none"``.
         step_size: epochs between LR drops for ``"step"``.
@@ -119,12 +122,7 @@ class TrainConfig:
             self.watts,
             "must be a positive number of watts",
         )
-        _require(
-            self.optimizer in OPTIMIZERS,
-            "optimizer",
-            self.optimizer,
-            f"must be one of {', '.join(OPTIMIZERS)}",
-        )
+        parse_optimizer(self.optimizer)  # names the bad option
         _require(
             self.lr_schedule in LR_SCHEDULES,
             "lr_schedule",

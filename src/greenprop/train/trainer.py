@@ -35,6 +35,7 @@ from greenprop.train.checkpoint import (
 )
 from greenprop.train.config import TrainConfig
 from greenprop.train.evaluate import evaluate, iterate_batches, prepare_inputs
+from greenprop.train.optimizers import make_optimizer
 from greenprop.train.setup import check_preloaded, create_model, resolve_device
 from greenprop.train.summary import environment, summarize
 
@@ -166,10 +167,9 @@ class Trainer:
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
-        params = self.model.parameters()
-        if c.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-        return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        return make_optimizer(
+            c.optimizer, self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay, momentum=c.momentum
+        )
 
     def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
         c = self.config
