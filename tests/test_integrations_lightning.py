@@ -90,3 +90,40 @@ def test_sampled_epoch_runs_no_forward_or_backward():
             assert forwards > 0 and backs > 0
     replaced = [r["replaced_by"] for r in callback.history if r["epoch"] in sampled]
     assert replaced == ["gradsamp"] * len(sampled)
+
+
+class _StopAfter(pl.Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+def _fit_checkpointed(directory, ckpt_path=None, stop_after=None):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callback = GreenpropCallback("gradsamp:strategy=pe:2;ssprop:keep=0.6", loss_fn=_loss)
+    module, trainer, loader = _fit(callback, epochs=4)
+    trainer = pl.Trainer(
+        max_epochs=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu", devices=1,
+        callbacks=[callback, ModelCheckpoint(dirpath=directory, save_last=True)]
+        + ([_StopAfter(stop_after)] if stop_after is not None else []),
+    )
+    trainer.fit(module, loader, ckpt_path=ckpt_path)
+    return module, callback
+
+
+def test_resume_across_a_sampled_epoch_gives_the_uninterrupted_weights(tmp_path):
+    """Stopped after the sampled epoch (no checkpoint written for it), resumed from the one before."""
+    full, full_cb = _fit_checkpointed(tmp_path / "full")
+    sampled = full_cb.driver.sampled_epochs
+    assert sampled == [2]
+    _fit_checkpointed(tmp_path / "cut", stop_after=2)
+    resumed, resumed_cb = _fit_checkpointed(tmp_path / "cut", ckpt_path=tmp_path / "cut" / "last.ckpt")
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert resumed_cb.driver.sampled_epochs == sampled
+    assert resumed_cb.total_flops() == full_cb.total_flops()
