@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
 
+from greenprop.controller import Controller
 from greenprop.errors import GreenpropError
 from greenprop.metering import Quantity
 from greenprop.seeding import trainer_epoch_seed
@@ -49,6 +50,7 @@ __all__ = [
     "parallelism",
     "pooled_over_ranks",
     "process_group",
+    "with_rank_state",
     "world_from_env",
 ]
 
@@ -233,6 +235,10 @@ class Parallelism:
         """Largest absolute difference between any rank's parameters and the main rank's."""
         return 0.0
 
+    def rank_states(self, controllers: Sequence[Controller]) -> list[dict[str, Any]] | None:
+        """Every rank's ``rank_local_state`` entries (None in one process), for the checkpoint."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         """What metrics.json says about the split."""
         return {"world_size": self.world_size}
@@ -311,6 +317,12 @@ class DataParallel(Parallelism):
         return dict(zip(keys, self._gather_sum([values[k] for k in keys]), strict=True))
 
     def evaluate(self, model: nn.Module, dataset: Dataset, **kwargs: Any) -> dict[str, float]:
+        # Each rank's BatchNorm statistics moved with its own last batch (DDP broadcasts
+        # rank 0's at the next forward): take rank 0's now, so every rank evaluates the
+        # model that rank 0 checkpoints.
+        with torch.no_grad():
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
         shard = self._static_shard(dataset)
         mine = evaluate_sums(model, shard, **kwargs) if len(shard) else dict.fromkeys(_SUMS, 0.0)
         return evaluation_means(self.sum_values(mine))
@@ -339,6 +351,14 @@ class DataParallel(Parallelism):
                 worst = max(worst, float((p.detach() - main).abs().max()) if p.numel() else 0.0)
         return max(gather_objects(worst))
 
+    def rank_states(self, controllers: Sequence[Controller]) -> list[dict[str, Any]] | None:
+        mine = {
+            c.name: {key: state[key] for key in c.rank_local_state if key in state}
+            for c in controllers
+            if c.rank_local_state and (state := c.state_dict())
+        }
+        return gather_objects(mine)
+
     def describe(self) -> dict[str, Any]:
         return {
             "world_size": self.world_size,
@@ -354,6 +374,15 @@ class DataParallel(Parallelism):
 
 
 _SUMS = ("loss_sum", "top1", "top5", "total")
+
+
+def with_rank_state(
+    state: dict[str, Any], name: str, rank_states: list[Any] | None, rank: int
+) -> dict[str, Any]:
+    """A controller's checkpointed state with this rank's own rank-local entries put back."""
+    if not rank_states or rank >= len(rank_states):
+        return state
+    return {**state, **rank_states[rank].get(name, {})}
 
 
 def parallelism() -> Parallelism:

@@ -34,7 +34,7 @@ from greenprop.train.checkpoint import (
     write_json,
 )
 from greenprop.train.config import TrainConfig
-from greenprop.train.distributed import parallelism
+from greenprop.train.distributed import parallelism, with_rank_state
 from greenprop.train.evaluate import prepare_inputs
 from greenprop.train.setup import check_preloaded, create_model, resolve_device
 from greenprop.train.summary import environment, summarize
@@ -213,8 +213,12 @@ class Trainer:
             if not isinstance(saved_controllers, dict) or sorted(saved_controllers) != sorted(names):
                 held = sorted(saved_controllers) if isinstance(saved_controllers, dict) else saved_controllers
                 raise ValueError(f"the checkpoint holds controllers {held!r}, this run has {names}")
+            rank_states = state.get("rank_controllers")
             for controller in self.controllers:
-                controller.load_state_dict(saved_controllers[controller.name])
+                saved = with_rank_state(
+                    saved_controllers[controller.name], controller.name, rank_states, self.parallel.rank
+                )
+                controller.load_state_dict(saved)
         except (KeyError, RuntimeError, ValueError) as err:
             raise GreenpropError(f"checkpoint in {self.out_dir} does not match this run: {err}") from err
         saved_world = state.get("world_size", 1)
@@ -226,7 +230,7 @@ class Trainer:
         self.history = list(state.get("history", []))
         self.start_epoch = int(state["epoch"])
 
-    def _checkpoint_state(self, next_epoch: int) -> dict[str, Any]:
+    def _checkpoint_state(self, next_epoch: int, rank_states: list[Any] | None = None) -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT,
             "epoch": next_epoch,
@@ -237,6 +241,7 @@ class Trainer:
             "controllers": {c.name: c.state_dict() for c in self.controllers},
             "history": self.history,
             "world_size": self.parallel.world_size,
+            "rank_controllers": rank_states,
         }
 
     # ----------------------------------------------------------------- loop
@@ -258,8 +263,9 @@ class Trainer:
             self._report_epoch(record)
             if epoch + 1 == c.epochs:  # every rank takes part; the record says how far they agree
                 self.parameter_spread = self.parallel.parameter_spread(self.model)
+            rank_states = self.parallel.rank_states(self.controllers) if self.out_dir is not None else None
             if self.writes:
-                save_checkpoint(self._checkpoint_state(epoch + 1), self.out_dir / CHECKPOINT)
+                save_checkpoint(self._checkpoint_state(epoch + 1, rank_states), self.out_dir / CHECKPOINT)
                 write_json(self.metrics(complete=epoch + 1 == c.epochs), self.out_dir / METRICS)
         metrics = self.metrics(complete=True)
         if self.writes and self.start_epoch == c.epochs:

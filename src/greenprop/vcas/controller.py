@@ -68,6 +68,7 @@ class VCAS(Controller):
     """
 
     name = "vcas"
+    rank_local_state = ("generators", "flops")  # the token draws depend on the rank's data
 
     def __init__(self, model: nn.Module, config: VCASConfig | None = None) -> None:
         handle = vcas_handle(model)

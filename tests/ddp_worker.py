@@ -1,0 +1,85 @@
+"""One rank of the DDP tests (run by torchrun from test_distributed.py): every method setting, thrice.
+
+For each setting of ``method_settings.SETTINGS`` named on the command line, this rank trains
+the run uninterrupted, then again stopped before the setting's ``cut`` epoch and resumed by a
+new Trainer from the checkpoint, and saves what the test compares across ranks and runs to
+``OUT/<id>/rank<R>.pt``: both runs' final parameters, GradSamp's sampled epochs, VCAS's ratios.
+
+    torchrun --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:0 \\
+        --local-addr 127.0.0.1 tests/ddp_worker.py OUT baseline vcas ...
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from greenprop.controller import Controller
+from greenprop.train.distributed import process_group
+from greenprop.train.launch import die_with_launcher
+from greenprop.train.trainer import Trainer
+from method_settings import SETTINGS
+
+
+class Stop(Exception):
+    """Raised on every rank at the same epoch: the run is cut there."""
+
+
+class Cutter(Controller):
+    """Stops the run at the start of epoch ``at`` (None: never); the same name in both halves."""
+
+    name = "cutter"
+
+    def __init__(self, at: int | None) -> None:
+        self.at = at
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if epoch == self.at:
+            raise Stop
+
+
+def controller_state(trainer: Trainer) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for c in trainer.controllers:
+        if c.name == "gradsamp":
+            found["sampled"] = list(c.sampled_epochs)
+        if c.name == "vcas":
+            found["vcas"] = c.ratios()
+    return found
+
+
+def main(out: Path, ids: list[str]) -> None:
+    die_with_launcher()
+    torch.set_num_threads(1)
+    with process_group(torch.device("cpu"), timeout_s=60):
+        rank = dist.get_rank()
+        for setting in [s for s in SETTINGS if s.id in ids]:
+            folder = out / setting.id
+            full = Trainer(setting.config, folder / "full")
+            full.fit()
+            try:
+                Trainer(setting.config, folder / "cut", controllers=[Cutter(setting.cut)]).fit()
+                raise AssertionError("the cut run was not cut")
+            except Stop:
+                pass
+            dist.barrier()  # rank 0 has written the checkpoint every rank resumes from
+            resumed = Trainer(setting.config, folder / "cut", resume=True, controllers=[Cutter(None)])
+            resumed.fit()
+            result = {
+                "full": {k: v.clone() for k, v in full.model.state_dict().items()},
+                "resumed": {k: v.clone() for k, v in resumed.model.state_dict().items()},
+                "full_state": controller_state(full),
+                "resumed_state": controller_state(resumed),
+                "losses": [r["loss"] for r in full.history],
+            }
+            torch.save(result, folder / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:])
