@@ -4,6 +4,8 @@ For each setting of ``method_settings.SETTINGS`` named on the command line, this
 the run uninterrupted, then again stopped before the setting's ``cut`` epoch and resumed by a
 new Trainer from the checkpoint, and saves what the test compares across ranks and runs to
 ``OUT/<id>/rank<R>.pt``: both runs' final parameters, GradSamp's sampled epochs, VCAS's ratios.
+Every rank writes its process id to ``OUT/pid<R>`` first. With ``--fail-rank R`` rank R
+raises at the start of the second epoch instead, while the others wait in a collective.
 
     torchrun --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:0 \\
         --local-addr 127.0.0.1 tests/ddp_worker.py OUT baseline vcas ...
@@ -11,6 +13,8 @@ new Trainer from the checkpoint, and saves what the test compares across ranks a
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,6 +48,19 @@ class Cutter(Controller):
             raise Stop
 
 
+class Crash(Controller):
+    """Raises on one rank only: the others must not hang waiting for it."""
+
+    name = "crash"
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if epoch == 1 and dist.get_rank() == self.rank:
+            raise RuntimeError(f"rank {self.rank} fails on purpose")
+
+
 def controller_state(trainer: Trainer) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for c in trainer.controllers:
@@ -54,11 +71,14 @@ def controller_state(trainer: Trainer) -> dict[str, Any]:
     return found
 
 
-def main(out: Path, ids: list[str]) -> None:
+def main(out: Path, ids: list[str], fail_rank: int | None) -> None:
     die_with_launcher()
     torch.set_num_threads(1)
+    (out / f"pid{os.environ['RANK']}").write_text(str(os.getpid()))
     with process_group(torch.device("cpu"), timeout_s=60):
         rank = dist.get_rank()
+        if fail_rank is not None:
+            Trainer(SETTINGS[0].config, controllers=[Crash(fail_rank)]).fit()
         for setting in [s for s in SETTINGS if s.id in ids]:
             folder = out / setting.id
             full = Trainer(setting.config, folder / "full")
@@ -82,4 +102,9 @@ def main(out: Path, ids: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2:])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("ids", nargs="*")
+    parser.add_argument("--fail-rank", type=int)
+    args = parser.parse_args()
+    main(args.out, args.ids, args.fail_rank)
