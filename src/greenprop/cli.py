@@ -113,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="GradSamp shorthand: --strategy pe:5 means --method gradsamp:strategy=pe:5 "
         "(only with --method gradsamp[:...] or no --method)",
     )
+    train.add_argument(
+        "--nproc",
+        type=int,
+        help="data-parallel training in N processes on this machine (DDP, torch's elastic launcher; "
+        "--batch-size is the total over them); under torchrun, leave it out",
+    )
+    train.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a DDP collective waits for the other processes before failing (default: 300)",
+    )
 
     compare = sub.add_parser(
         "compare",
@@ -167,21 +179,53 @@ def _with_strategy(method: str | None, strategy: str) -> str:
     return MethodSpec("gradsamp", {**spec.options, "strategy": strategy.strip()}).label
 
 
-def _cmd_train(args: argparse.Namespace) -> None:
-    from greenprop.train.trainer import Trainer
+def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from greenprop.train import launch
+    from greenprop.train.distributed import process_group, world_from_env
+    from greenprop.train.setup import resolve_device
 
     overrides = _config_overrides(args)
     if args.strategy is not None:
         overrides["method"] = _with_strategy(overrides.get("method"), args.strategy)
     config = TrainConfig(**overrides)
+    if args.nproc is not None and not launch.launched_worker():
+        if world_from_env() is not None:
+            raise GreenpropError("--nproc inside torchrun: torchrun already started the processes")
+        if args.nproc < 1 or config.batch_size % args.nproc:
+            raise GreenpropError(
+                f"--nproc {args.nproc} must be a positive divisor of batch_size={config.batch_size} "
+                "(the total batch, split over the processes)"
+            )
+        if args.nproc > 1:
+            return launch.launch(argv, args.nproc)
+    if launch.launched_worker():
+        launch.die_with_launcher()
+    if not _finite_positive(args.dist_timeout):
+        raise GreenpropError(f"--dist-timeout {args.dist_timeout!r} must be a positive number of seconds")
+    with process_group(resolve_device(config.device), args.dist_timeout):
+        _train(args, config)
+    return 0
+
+
+def _finite_positive(value: float) -> bool:
+    return value > 0 and value != float("inf")
+
+
+def _train(args: argparse.Namespace, config: TrainConfig) -> None:
+    from greenprop.train.trainer import Trainer
+
     out = args.out or Path("runs") / f"{config.model}-{_slug(config.method)}-seed{config.seed}"
     trainer = Trainer(config, out, resume=args.resume, overwrite=args.overwrite)
-    if config.progress:
+    world = trainer.parallel.world_size
+    if trainer.config.progress:  # off on every rank but 0
+        processes = f", {world} processes" if world > 1 else ""
         print(
             f"training {config.model} on {config.dataset} with {config.method} "
-            f"({trainer.steps_per_epoch} steps/epoch) -> {out}"
+            f"({trainer.steps_per_epoch} steps/epoch{processes}) -> {out}"
         )
     metrics = trainer.fit()
+    if not trainer.parallel.is_main:
+        return
     s = metrics["summary"]
     print(
         f"done: acc@1 {s['acc1']:.2f}%  acc@5 {s['acc5']:.2f}%  "
@@ -288,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
-            _cmd_train(args)
+            return _cmd_train(args, argv)
         elif args.command == "compare":
             _cmd_compare(args, argv)
         elif args.command == "ggd-check":
@@ -298,12 +342,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "presets":
             _cmd_presets()
     except GreenpropError as err:
-        print(f"greenprop: error: {err}", file=sys.stderr)
+        if not _handed_to_launcher(str(err)):
+            print(f"greenprop: error: {_rank_prefix()}{err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("greenprop: interrupted; what was saved is kept (continue with --resume)", file=sys.stderr)
         return 130
     return 0
+
+
+def _handed_to_launcher(message: str) -> bool:
+    from greenprop.train.launch import report_worker_error
+
+    return report_worker_error(message)
+
+
+def _rank_prefix() -> str:
+    """Under torchrun every rank reports; name the rank unless it is 0."""
+    import os
+
+    rank = os.environ.get("RANK")
+    return f"(rank {rank}) " if rank not in (None, "0") and "WORLD_SIZE" in os.environ else ""
 
 
 if __name__ == "__main__":

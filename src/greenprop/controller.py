@@ -85,6 +85,10 @@ class Controller:
     #: Short name: the key of the controller's fields in each epoch record and of its
     #: state in checkpoints. Unique within a run.
     name: str = "controller"
+    #: Keys of :meth:`state_dict` that differ between the ranks of a DDP run (generators
+    #: whose use depends on the rank's data, per-rank tallies): checkpoints keep every
+    #: rank's copy of them, the rest is rank 0's.
+    rank_local_state: tuple[str, ...] = ()
 
     def on_train_start(self, run: RunContext) -> None:
         """Called once before the first epoch run (also after a resume)."""

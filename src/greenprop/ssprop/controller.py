@@ -63,6 +63,7 @@ class SSProp(Controller):
     """
 
     name = "ssprop"
+    rank_local_state = ("generators", "calibration")  # each rank times its own backward
 
     def __init__(
         self,

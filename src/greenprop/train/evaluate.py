@@ -37,7 +37,6 @@ def prepare_inputs(x: torch.Tensor, device: torch.device, channels_last: bool) -
     return x
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     dataset: Dataset,
@@ -48,6 +47,35 @@ def evaluate(
     loss_fn: nn.Module | None = None,
 ) -> dict[str, float]:
     """Mean loss, top-1 and top-5 accuracy (in %) over ``dataset``."""
+    sums = evaluate_sums(
+        model, dataset, batch_size=batch_size, device=device, channels_last=channels_last, loss_fn=loss_fn
+    )
+    return evaluation_means(sums)
+
+
+def evaluation_means(sums: dict[str, float]) -> dict[str, float]:
+    """Mean loss, top-1 and top-5 (in %) from :func:`evaluate_sums` (or their sum over ranks)."""
+    total = sums["total"]
+    if total == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    return {
+        "loss": sums["loss_sum"] / total,
+        "acc1": 100.0 * sums["top1"] / total,
+        "acc5": 100.0 * sums["top5"] / total,
+    }
+
+
+@torch.no_grad()
+def evaluate_sums(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    channels_last: bool = False,
+    loss_fn: nn.Module | None = None,
+) -> dict[str, float]:
+    """Summed loss, top-1 and top-5 hits and the example count: what ranks add up under DDP."""
     device = torch.device(device)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     was_training = model.training
@@ -66,6 +94,4 @@ def evaluate(
             total += len(y)
     finally:
         model.train(was_training)
-    if total == 0:
-        raise ValueError("cannot evaluate on an empty dataset")
-    return {"loss": loss_sum / total, "acc1": 100.0 * top1 / total, "acc5": 100.0 * top5 / total}
+    return {"loss_sum": loss_sum, "top1": top1, "top5": top5, "total": total}

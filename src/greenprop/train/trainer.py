@@ -34,7 +34,8 @@ from greenprop.train.checkpoint import (
     write_json,
 )
 from greenprop.train.config import TrainConfig
-from greenprop.train.evaluate import evaluate, iterate_batches, prepare_inputs
+from greenprop.train.distributed import parallelism, with_rank_state
+from greenprop.train.evaluate import prepare_inputs
 from greenprop.train.optimizers import make_optimizer
 from greenprop.train.setup import check_preloaded, create_model, resolve_device
 from greenprop.train.summary import environment, summarize
@@ -63,6 +64,9 @@ class Trainer:
         overwrite: allow replacing results already in ``out_dir``.
         controllers: extra controllers, after those of ``config.method``.
         data: preloaded datasets (otherwise loaded from ``config.dataset``).
+
+    Inside a running process group (``torchrun``, ``greenprop train --nproc``) each rank
+    trains its shard under DDP and only rank 0 writes (:mod:`greenprop.train.distributed`).
     """
 
     def __init__(
@@ -76,6 +80,11 @@ class Trainer:
         data: gp_data.DatasetPair | None = None,
     ) -> None:
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.parallel = parallelism()
+        if not self.parallel.is_main:
+            config = config.replace(progress=False)
+        #: Whether this process writes metrics and checkpoints (rank 0 of a DDP run).
+        self.writes = self.out_dir is not None and self.parallel.is_main
         checkpoint = self._check_out_dir(resume, overwrite)
         if checkpoint is not None:
             saved = TrainConfig.from_dict(checkpoint["config"])
@@ -84,7 +93,7 @@ class Trainer:
                 shown = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
                 raise GreenpropError(f"cannot resume {self.out_dir}: options differ ({shown})")
         self.config = config
-        self.device = resolve_device(config.device)
+        self.device = self.parallel.device(resolve_device(config.device))
         if config.deterministic:
             torch.use_deterministic_algorithms(True)
         self.method = parse_method(config.method)
@@ -100,7 +109,7 @@ class Trainer:
         self.model: nn.Module = create_model(config, self.data.info).to(self.device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.steps_per_epoch = math.ceil(len(self.data.train) / config.batch_size)
+        self.steps_per_epoch = self.parallel.steps_per_epoch(len(self.data.train), config.batch_size)
         self.controllers = build_method(
             self.method,
             self.model,
@@ -118,7 +127,11 @@ class Trainer:
         self.flop_adjustments = [
             f"{name}: {text}" for name, account in self.flop_accounts if (text := account.describe())
         ]
-        self.train_model: nn.Module = torch.compile(self.model) if config.compile else self.model
+        self.eval_model: nn.Module = torch.compile(self.model) if config.compile else self.model
+        self.train_model: nn.Module = self.eval_model
+        wrapped = self.parallel.wrap(self.model, self.device)  # after the surgery, as DDP requires
+        if wrapped is not self.model:
+            self.train_model = torch.compile(wrapped) if config.compile else wrapped
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.run = RunContext(
             model=self.model,
@@ -133,6 +146,8 @@ class Trainer:
         self._flops_cache: dict[tuple[Hashable, ...], FlopCount] = {}
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
+        #: Largest |difference| of any rank's parameters from rank 0's after the last epoch.
+        self.parameter_spread: float | None = None
         if checkpoint is not None:
             self._restore(checkpoint)
 
@@ -144,21 +159,23 @@ class Trainer:
             return None
         if resume:
             state = load_checkpoint(self.out_dir / CHECKPOINT)
-            ensure_writable_dir(self.out_dir)
+            if self.writes:
+                ensure_writable_dir(self.out_dir)
             return state
         if (self.out_dir / METRICS).exists() and not overwrite:
             raise GreenpropError(
                 f"{self.out_dir} already holds results; pass --resume to continue them "
                 "or --overwrite to replace them"
             )
-        ensure_writable_dir(self.out_dir)
+        if self.writes:
+            ensure_writable_dir(self.out_dir)
         return None
 
     def _draw_batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """A random training batch (full batch size) for controllers that estimate on their own."""
-        n = len(self.data.train)
-        index = torch.randperm(n, generator=generator)[: self.config.batch_size]
-        x, y = self.data.train[index]
+        source = self.parallel.estimation_data(self.data.train)
+        size = self.parallel.rank_batch_size(self.config.batch_size)
+        x, y = source[torch.randperm(len(source), generator=generator)[:size]]
         return prepare_inputs(x, self.device, self.config.channels_last), y.to(self.device)
 
     def _batch_loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -196,14 +213,24 @@ class Trainer:
             if not isinstance(saved_controllers, dict) or sorted(saved_controllers) != sorted(names):
                 held = sorted(saved_controllers) if isinstance(saved_controllers, dict) else saved_controllers
                 raise ValueError(f"the checkpoint holds controllers {held!r}, this run has {names}")
+            rank_states = state.get("rank_controllers")
             for controller in self.controllers:
-                controller.load_state_dict(saved_controllers[controller.name])
+                saved = with_rank_state(
+                    saved_controllers[controller.name], controller.name, rank_states, self.parallel.rank
+                )
+                controller.load_state_dict(saved)
         except (KeyError, RuntimeError, ValueError) as err:
             raise GreenpropError(f"checkpoint in {self.out_dir} does not match this run: {err}") from err
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.parallel.world_size:
+            raise GreenpropError(
+                f"checkpoint in {self.out_dir} was written by a run on {saved_world} process(es), this "
+                f"run has {self.parallel.world_size}: the data order differs, resume with the same number"
+            )
         self.history = list(state.get("history", []))
         self.start_epoch = int(state["epoch"])
 
-    def _checkpoint_state(self, next_epoch: int) -> dict[str, Any]:
+    def _checkpoint_state(self, next_epoch: int, rank_states: list[Any] | None = None) -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT,
             "epoch": next_epoch,
@@ -213,6 +240,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "controllers": {c.name: c.state_dict() for c in self.controllers},
             "history": self.history,
+            "world_size": self.parallel.world_size,
+            "rank_controllers": rank_states,
         }
 
     # ----------------------------------------------------------------- loop
@@ -226,17 +255,20 @@ class Trainer:
             try:
                 record = self._run_epoch(epoch)
             except TrainingDiverged as err:
-                if self.out_dir is not None:  # say so next to the results kept so far
+                if self.writes:  # say so next to the results kept so far
                     diverged = {"epoch": epoch, "reason": str(err)}
                     write_json(self.metrics(complete=False, diverged=diverged), self.out_dir / METRICS)
                 raise
             self.history.append(record)
             self._report_epoch(record)
-            if self.out_dir is not None:
-                save_checkpoint(self._checkpoint_state(epoch + 1), self.out_dir / CHECKPOINT)
+            if epoch + 1 == c.epochs:  # every rank takes part; the record says how far they agree
+                self.parameter_spread = self.parallel.parameter_spread(self.model)
+            rank_states = self.parallel.rank_states(self.controllers) if self.out_dir is not None else None
+            if self.writes:
+                save_checkpoint(self._checkpoint_state(epoch + 1, rank_states), self.out_dir / CHECKPOINT)
                 write_json(self.metrics(complete=epoch + 1 == c.epochs), self.out_dir / METRICS)
         metrics = self.metrics(complete=True)
-        if self.out_dir is not None and self.start_epoch == c.epochs:
+        if self.writes and self.start_epoch == c.epochs:
             write_json(metrics, self.out_dir / METRICS)
         return metrics
 
@@ -249,7 +281,8 @@ class Trainer:
             flops, source = self._train_or_replace(epoch, timer, record)
         finally:  # a failed epoch must not leave the meter running
             energy = self.energy_meter.stop()
-        record["energy"] = energy.to_dict()
+        record["energy"] = self.parallel.energy(energy, self.energy_meter.describe()).to_dict()
+        flops = self.parallel.sum_values(flops)
         self.scheduler.step()
         with timer.phase("eval"):
             record.update(self._evaluate())
@@ -301,8 +334,8 @@ class Trainer:
         return flops, source
 
     def _evaluate(self) -> dict[str, float]:
-        return evaluate(
-            self.train_model,
+        return self.parallel.evaluate(
+            self.eval_model,
             self.data.test,
             batch_size=self.config.eval_batch_size,
             device=self.device,
@@ -315,8 +348,7 @@ class Trainer:
         c = self.config
         model, optimizer = self.train_model, self.optimizer
         model.train()
-        generator = torch.Generator().manual_seed(trainer_epoch_seed(c.seed, epoch))
-        batches = iterate_batches(self.data.train, c.batch_size, generator=generator)
+        batches = self.parallel.epoch_batches(self.data.train, c.batch_size, c.seed, epoch)
         flops = {"forward": 0.0, "backward": 0.0}
         loss_sum, samples, correct = 0.0, 0, 0
         step_losses: list[float] = []
@@ -348,7 +380,7 @@ class Trainer:
             with timer.phase("optimizer"):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_value = float(loss.detach())
+            loss_value = self.parallel.mean(float(loss.detach()))  # every rank stops at the same step
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(
                     f"training diverged: loss is {loss_value} at epoch {epoch + 1} step {step + 1} "
@@ -369,6 +401,8 @@ class Trainer:
                 rate = samples / max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{rate:.0f}")
         bar.close()
+        totals = self.parallel.sum_values({"loss_sum": loss_sum, "samples": samples, "correct": correct})
+        loss_sum, samples, correct = totals["loss_sum"], int(totals["samples"]), totals["correct"]
         record.update(
             steps=self.steps_per_epoch,
             samples=samples,
@@ -430,6 +464,7 @@ class Trainer:
             "energy_source": self.energy_meter.describe(),
             "flop_adjustments": self.flop_adjustments,
             "model_parameters": sum(p.numel() for p in self.model.parameters()),
+            "distributed": {**self.parallel.describe(), "parameter_spread": self.parameter_spread},
             "epochs": self.history,
             "summary": summarize(self.history),
         }

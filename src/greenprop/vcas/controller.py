@@ -24,6 +24,7 @@ from greenprop.errors import GreenpropError
 from greenprop.metering.flops import FlopCount
 from greenprop.seeding import vcas_entries_seed, vcas_estimation_seed
 from greenprop.surgery import not_converted
+from greenprop.train.distributed import pooled_over_ranks
 from greenprop.vcas import control
 from greenprop.vcas.accounting import VCASFlops
 from greenprop.vcas.config import VCASConfig
@@ -67,6 +68,7 @@ class VCAS(Controller):
     """
 
     name = "vcas"
+    rank_local_state = ("generators", "flops")  # the token draws depend on the rank's data
 
     def __init__(self, model: nn.Module, config: VCASConfig | None = None) -> None:
         handle = vcas_handle(model)
@@ -148,7 +150,8 @@ class VCAS(Controller):
             draw = three_backwards(self.model, self.handle, batch, loss_fn, layers, self._entries)
             account.collect_overhead(draw.samples)
             draws.append(draw)
-        record = self._adapt(draws)
+        # Under DDP every rank pools all ranks' draws, so all adapt the same ratios.
+        record = self._adapt(pooled_over_ranks(draws, GradientDraws.on_cpu))
         self.updates += 1
         self.history.append(record)
         return record

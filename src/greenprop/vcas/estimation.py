@@ -43,6 +43,11 @@ class GradientDraws:
     norms: list[Tensor | None]
     samples: int
 
+    def on_cpu(self) -> GradientDraws:
+        """These draws with the norms on the CPU (the entries already are): sendable to other ranks."""
+        norms = [None if n is None else n.detach().cpu() for n in self.norms]
+        return GradientDraws(self.exact, self.activation, self.full, norms, self.samples)
+
 
 @dataclass(frozen=True)
 class VarianceRatios:
