@@ -12,6 +12,9 @@ OFFLINE_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
+    # Ray turns a 127.0.0.1 node address into the interface address ("remotely reachable")
+    # unless clustering is off, which is what this switch does (it is on by default on Linux).
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
 }
 for _key, _value in OFFLINE_ENV.items():
     os.environ[_key] = _value

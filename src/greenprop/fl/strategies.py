@@ -104,6 +104,12 @@ class GradSampMixin:
             if not m.has_error()
             for rec in m.content.array_records.values()
         )
+        info["client_flops"] = sum(
+            float(rec.get("client-flops", 0.0))
+            for m in replies
+            if not m.has_error()
+            for rec in m.content.metric_records.values()
+        )
         arrays, metrics = self._aggregate(server_round, replies)
         if arrays is not None:
             new = arrays.to_torch_state_dict()
