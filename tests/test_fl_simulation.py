@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -13,8 +17,6 @@ import pytest
 pytest.importorskip("flwr")
 pytest.importorskip("ray")
 
-from greenprop.fl.app import FLSettings  # noqa: E402
-from greenprop.fl.runner import run_jobs  # noqa: E402
 
 
 def _loopback(ip: str) -> bool:
@@ -23,37 +25,56 @@ def _loopback(ip: str) -> bool:
     return (mapped or addr).is_loopback
 
 
-def _remote_addresses(stop: threading.Event, seen: set[str]) -> None:
-    me = psutil.Process()
+def _watch(root: psutil.Process, stop: threading.Event, seen: set, pids: set[int]) -> None:
     while not stop.is_set():
-        for proc in [me, *me.children(recursive=True)]:
+        try:
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            procs = []
+        for proc in procs:
+            pids.add(proc.pid)
             try:
                 for conn in proc.net_connections(kind="inet"):
                     if conn.raddr:
-                        seen.add((conn.raddr.ip, proc.name(), conn.laddr.port, conn.raddr.port))
+                        seen.add((conn.raddr.ip, proc.name()))
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
         time.sleep(0.05)
 
 
+_SCRIPT = """
+import sys
+from pathlib import Path
+from greenprop.fl.app import FLSettings
+from greenprop.fl.runner import run_jobs
+out = Path(sys.argv[1])
+common = dict(clients=3, fraction=1.0, rounds=4, subset=300, test_subset=200, seed=1)
+run_jobs([
+    (FLSettings(strategy="fedavg", sampling="pe:1", **common), out / "gs"),
+    (FLSettings(strategy="fedavg", sampling="none", **common), out / "plain"),
+    (FLSettings(strategy="fedprox", sampling="pe:1", mu=0.1, **common), out / "prox"),
+])
+"""
+
+
 def test_simulation_sampled_round_loopback_and_cleanup(tmp_path):
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    common = {"clients": 3, "fraction": 1.0, "rounds": 4, "subset": 300, "test_subset": 200, "seed": 1}
-    jobs = [
-        (FLSettings(strategy="fedavg", sampling="pe:1", **common), tmp_path / "gs"),
-        (FLSettings(strategy="fedavg", sampling="none", **common), tmp_path / "plain"),
-        (FLSettings(strategy="fedprox", sampling="pe:1", mu=0.1, **common), tmp_path / "prox"),
-    ]
-    stop, seen = threading.Event(), set()
-    watcher = threading.Thread(target=_remote_addresses, args=(stop, seen), daemon=True)
+    """The run is its own process tree (the CLI's situation), watched from outside."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    child = subprocess.Popen([sys.executable, "-c", _SCRIPT, str(tmp_path)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stop, seen, pids = threading.Event(), set(), set()
+    watcher = threading.Thread(target=_watch, args=(psutil.Process(child.pid), stop, seen, pids), daemon=True)
     watcher.start()
     try:
-        run_jobs(jobs)
+        _, err = child.communicate(timeout=240)
     finally:
         stop.set()
         watcher.join()
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 0, err.decode()[-2000:]
     assert seen, "the watcher saw no connection at all (Ray talks over sockets)"
-    assert all(_loopback(s[0]) for s in seen), seen
+    assert all(_loopback(ip) for ip, _ in seen), seen
     gs = json.loads((tmp_path / "gs" / "metrics.json").read_text())
     plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
     rounds = gs["rounds"]
@@ -69,9 +90,16 @@ def test_simulation_sampled_round_loopback_and_cleanup(tmp_path):
     prox = json.loads((tmp_path / "prox" / "metrics.json").read_text())
     assert prox["rounds"][0]["loss"] != rounds[0]["loss"]  # the prox term changed local training
     deadline = time.time() + 20
+    left: list[psutil.Process] = []
     while time.time() < deadline:
-        left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
-        left = [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        left = []
+        for pid in pids - {child.pid}:
+            try:
+                proc = psutil.Process(pid)
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    left.append(proc)
+            except psutil.NoSuchProcess:
+                continue
         if not left:
             break
         time.sleep(0.5)

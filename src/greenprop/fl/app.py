@@ -13,8 +13,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from greenprop.fl import offline  # noqa: F401  (env switches before flwr)
-
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -23,7 +21,10 @@ from torch import nn
 
 from greenprop import data as gdata
 from greenprop import models
-from greenprop.fl import local
+from greenprop.fl import (
+    local,
+    offline,  # noqa: F401  (env switches before flwr)
+)
 from greenprop.fl.partitions import partition
 from greenprop.fl.strategies import make_strategy
 from greenprop.metering.flops import count_flops_per_sample
@@ -112,7 +113,9 @@ def train(msg: Message, context: Context) -> Message:
             step_loss = lambda m, xb=xb, yb=yb: loss_f(m(xb), yb)  # noqa: E731
             if s.strategy == "fedspeed":
                 losses.append(
-                    local.fedspeed_step(model, step_loss, s.lr, glob, corr, lam=s.lam, rho=s.rho, alpha=s.alpha)
+                    local.fedspeed_step(
+                        model, step_loss, s.lr, glob, corr, lam=s.lam, rho=s.rho, alpha=s.alpha
+                    )
                 )
             else:
                 losses.append(local.sgd_step(model, step_loss, s.lr, glob, mu))
@@ -127,7 +130,11 @@ def train(msg: Message, context: Context) -> Message:
         state.update(dict(zip(names, sent, strict=True)))
     else:
         state = model.state_dict()
-    metrics = {"num-examples": len(idx), "train-loss": sum(losses) / max(len(losses), 1), "client-flops": flops}
+    metrics = {
+        "num-examples": len(idx),
+        "train-loss": sum(losses) / max(len(losses), 1),
+        "client-flops": flops,
+    }
     content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
@@ -152,29 +159,52 @@ def evaluate_global(s: FLSettings, state: dict[str, torch.Tensor]) -> dict[str, 
 
 def run_server(grid: Grid, s: FLSettings, out: Path) -> dict[str, Any]:
     """Run the strategy for ``s.rounds`` rounds on ``grid``; write and return ``out/metrics.json``."""
-    common = {"fraction_train": s.fraction, "fraction_evaluate": 0.0, "min_train_nodes": 1,
-              "min_available_nodes": s.clients}
+    common = {
+        "fraction_train": s.fraction,
+        "fraction_evaluate": 0.0,
+        "min_train_nodes": 1,
+        "min_available_nodes": s.clients,
+    }
     extra = {"fedprox": {"proximal_mu": s.mu}, "fedspeed": {"lam": s.lam, "rho": s.rho, "alpha": s.alpha}}
-    strat = make_strategy(s.strategy, sampling=s.sampling, num_rounds=s.rounds, seed=s.seed,
-                          **extra.get(s.strategy, {}), **common)
+    strat = make_strategy(
+        s.strategy,
+        sampling=s.sampling,
+        num_rounds=s.rounds,
+        seed=s.seed,
+        **extra.get(s.strategy, {}),
+        **common,
+    )
     evals: dict[int, dict[str, float]] = {}
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         evals[server_round] = evaluate_global(s, arrays.to_torch_state_dict())
         return MetricRecord(evals[server_round])
 
-    strat.start(grid=grid, initial_arrays=ArrayRecord(_model(s).state_dict()), num_rounds=s.rounds,
-                         train_config=ConfigRecord(s.config()), evaluate_fn=evaluate_fn)
+    strat.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(_model(s).state_dict()),
+        num_rounds=s.rounds,
+        train_config=ConfigRecord(s.config()),
+        evaluate_fn=evaluate_fn,
+    )
     records = []
     for r in range(1, s.rounds + 1):
         info = strat.rounds.get(r, {})
         flops = float(info.get("client_flops", 0.0))
-        records.append({
-            "round": r, "sampled": bool(info.get("sampled")), **evals.get(r, {}),
-            "clients": info.get("clients", 0), "client_flops": flops,
-            "bytes_up": info.get("bytes_up", 0), "bytes_down": info.get("bytes_down", 0),
-            "energy": Quantity.unavailable("J", "no energy counter read inside the simulated clients").to_dict(),
-        })
+        records.append(
+            {
+                "round": r,
+                "sampled": bool(info.get("sampled")),
+                **evals.get(r, {}),
+                "clients": info.get("clients", 0),
+                "client_flops": flops,
+                "bytes_up": info.get("bytes_up", 0),
+                "bytes_down": info.get("bytes_down", 0),
+                "energy": Quantity.unavailable(
+                    "J", "no energy counter read inside the simulated clients"
+                ).to_dict(),
+            }
+        )
     totals = {
         "rounds_sampled": sum(r["sampled"] for r in records),
         "client_flops": sum(r["client_flops"] for r in records),

@@ -13,7 +13,9 @@ __all__ = ["add_parser", "run_command", "settings_from_args"]
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``greenprop fl`` and its options."""
-    p = sub.add_parser("fl", help="federated GradSamp (FedAvg/FedProx/FedSpeed) on Flower's simulation runtime")
+    p = sub.add_parser(
+        "fl", help="federated GradSamp (FedAvg/FedProx/FedSpeed) on Flower's simulation runtime"
+    )
     p.add_argument("--strategy", default="fedavg", help="fedavg, fedprox or fedspeed")
     p.add_argument("--sampling", default="none", help="none, pe:P, pr:rho, dp:P or dr:rho (rounds sampled)")
     p.add_argument("--clients", type=int, default=10)
@@ -39,8 +41,12 @@ def settings_from_args(args: argparse.Namespace):
     from greenprop.fl.strategies import make_strategy
 
     checks = (
-        ("clients", args.clients >= 1), ("rounds", args.rounds >= 1), ("local-epochs", args.local_epochs >= 1),
-        ("batch-size", args.batch_size >= 1), ("fraction", 0 < args.fraction <= 1), ("lr", args.lr > 0),
+        ("clients", args.clients >= 1),
+        ("rounds", args.rounds >= 1),
+        ("local-epochs", args.local_epochs >= 1),
+        ("batch-size", args.batch_size >= 1),
+        ("fraction", 0 < args.fraction <= 1),
+        ("lr", args.lr > 0),
         ("subset", args.subset >= args.clients),
     )
     for name, ok in checks:
@@ -48,13 +54,29 @@ def settings_from_args(args: argparse.Namespace):
             raise GreenpropError(f"fl option {name}={getattr(args, name.replace('-', '_'))!r}: out of range")
     parse_partition(args.partition)
     s = FLSettings(
-        strategy=args.strategy, sampling=args.sampling, clients=args.clients, fraction=args.fraction,
-        rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr,
-        partition=args.partition, model=args.model, dataset=args.dataset, subset=args.subset,
-        test_subset=args.test_subset, seed=args.seed, mu=args.mu,
+        strategy=args.strategy,
+        sampling=args.sampling,
+        clients=args.clients,
+        fraction=args.fraction,
+        rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        partition=args.partition,
+        model=args.model,
+        dataset=args.dataset,
+        subset=args.subset,
+        test_subset=args.test_subset,
+        seed=args.seed,
+        mu=args.mu,
     )
-    make_strategy(s.strategy, sampling=s.sampling, num_rounds=s.rounds, seed=s.seed,
-                  **({"proximal_mu": s.mu} if s.strategy == "fedprox" else {}))
+    make_strategy(
+        s.strategy,
+        sampling=s.sampling,
+        num_rounds=s.rounds,
+        seed=s.seed,
+        **({"proximal_mu": s.mu} if s.strategy == "fedprox" else {}),
+    )
     return s
 
 

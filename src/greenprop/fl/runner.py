@@ -12,7 +12,6 @@ import tempfile
 from pathlib import Path
 
 from greenprop.fl import offline
-
 from greenprop.fl.app import FLSettings, client_app, make_server_app
 
 __all__ = ["run_jobs"]

@@ -30,7 +30,9 @@ def jobs(out: Path, seeds: list[int], base: FLSettings) -> list[tuple[FLSettings
             for strat in STRATEGIES:
                 for samp in SAMPLINGS:
                     s = replace(base, strategy=strat, sampling=samp, partition=part, seed=seed)
-                    found.append((s, out / f"{strat}_{samp.replace(':', '')}_{part.replace(':', '')}_s{seed}"))
+                    found.append(
+                        (s, out / f"{strat}_{samp.replace(':', '')}_{part.replace(':', '')}_s{seed}")
+                    )
     return found
 
 
@@ -42,8 +44,11 @@ def _ms(values: list[float]) -> str:
 
 
 def table(out: Path, seeds: list[int], base: FLSettings) -> str:
-    rows = ["| partition | strategy | sampling | Acc@1 | Acc@5 | rounds sampled | client FLOPs saved "
-            "| bytes saved | equal-budget plain Acc@1 |", "|" + "---|" * 9]
+    rows = [
+        "| partition | strategy | sampling | Acc@1 | Acc@5 | rounds sampled | client FLOPs saved "
+        "| bytes saved | equal-budget plain Acc@1 |",
+        "|" + "---|" * 9,
+    ]
     for part in PARTITIONS:
         for strat in STRATEGIES:
             plain_flops = plain_bytes = None
@@ -70,9 +75,11 @@ def table(out: Path, seeds: list[int], base: FLSettings) -> str:
                 del plain_flops, plain_bytes
                 plain_flops = plain_bytes = None
                 ks = f"{statistics.mean(k):.1f}"
-                rows.append(f"| {part} | {strat} | {samp} | {_ms(a1)} | {_ms(a5)} | {ks} | "
-                            f"{100 * statistics.mean(flops):.1f}% | {100 * statistics.mean(nbytes):.1f}% | "
-                            f"{_ms(budget)} |")
+                rows.append(
+                    f"| {part} | {strat} | {samp} | {_ms(a1)} | {_ms(a5)} | {ks} | "
+                    f"{100 * statistics.mean(flops):.1f}% | {100 * statistics.mean(nbytes):.1f}% | "
+                    f"{_ms(budget)} |"
+                )
     return "\n".join(rows)
 
 
@@ -85,7 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--subset", type=int, default=2000)
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args(argv)
-    base = FLSettings(rounds=args.rounds, clients=args.clients, subset=args.subset, fraction=0.5, test_subset=1000)
+    base = FLSettings(
+        rounds=args.rounds, clients=args.clients, subset=args.subset, fraction=0.5, test_subset=1000
+    )
     if not args.table_only:
         from greenprop.fl.runner import run_jobs
 
