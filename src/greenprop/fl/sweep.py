@@ -51,7 +51,6 @@ def table(out: Path, seeds: list[int], base: FLSettings) -> str:
     ]
     for part in PARTITIONS:
         for strat in STRATEGIES:
-            plain_flops = plain_bytes = None
             for samp in SAMPLINGS:
                 a1, a5, k, flops, nbytes, budget = [], [], [], [], [], []
                 for seed in seeds:
@@ -72,8 +71,6 @@ def table(out: Path, seeds: list[int], base: FLSettings) -> str:
                     budget.append(plain["rounds"][stop - 1]["acc1"])
                 if not a1:
                     continue
-                del plain_flops, plain_bytes
-                plain_flops = plain_bytes = None
                 ks = f"{statistics.mean(k):.1f}"
                 rows.append(
                     f"| {part} | {strat} | {samp} | {_ms(a1)} | {_ms(a5)} | {ks} | "
