@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml scripts/install-text.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e '.[dev,text,lightning]'
+	$(PY) -m pip install --quiet -e '.[dev,text,lightning,fl]'
 	PYTHON=$(PY) bash scripts/install-text.sh
 	touch $@
 

@@ -164,7 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list the methods and their options")
     sub.add_parser("presets", help="list the compare presets")
+    _add_fl_parser(sub)
     return parser
+
+
+def _add_fl_parser(sub: argparse._SubParsersAction) -> None:
+    from greenprop.fl.cli import add_parser
+
+    add_parser(sub)
 
 
 def _with_strategy(method: str | None, strategy: str) -> str:
@@ -341,6 +348,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _cmd_methods()
         elif args.command == "presets":
             _cmd_presets()
+        elif args.command == "fl":
+            from greenprop.fl.cli import run_command
+
+            run_command(args)
     except GreenpropError as err:
         if not _handed_to_launcher(str(err)):
             print(f"greenprop: error: {_rank_prefix()}{err}", file=sys.stderr)
