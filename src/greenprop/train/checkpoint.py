@@ -98,7 +98,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        unsafe = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line]
+        unsafe = [line.strip() for line in str(err).splitlines() if "unsupported global" in line.lower()]
         if not unsafe:
             raise GreenpropError(f"checkpoint {path} is corrupt or unreadable (UnpicklingError)") from err
         raise GreenpropError(
@@ -115,7 +115,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"checkpoint {path} is not a greenprop checkpoint of this run (missing {', '.join(missing)})"
         )
     if not isinstance(state["config"], dict):
-        raise GreenpropError(f"checkpoint {path} is not a greenprop checkpoint of this run (config is not a dict)")
+        raise GreenpropError(
+            f"checkpoint {path} is not a greenprop checkpoint of this run (config is not a dict)"
+        )
     return state
 
 
@@ -170,3 +172,10 @@ def describe_model_mismatch(model: torch.nn.Module, saved: Any) -> str | None:
             more = f" and {len(names) - 3} more" if len(names) > 3 else ""
             parts.append(f"model tensors {what}: {', '.join(names[:3])}{more}")
     return "; ".join(parts) or None
+
+
+def save_figure(fig: Any, path: str | Path, **kwargs: Any) -> None:
+    """``fig.savefig`` atomically (a full disk keeps the previous plot)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
+    write_bytes(buffer.getvalue(), path)

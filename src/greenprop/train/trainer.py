@@ -37,10 +37,10 @@ from greenprop.train.checkpoint import (
     write_json,
 )
 from greenprop.train.config import TrainConfig
-from greenprop.train.lock import OutputLock
-from greenprop.train.signals import RunInterrupted, signal_number
 from greenprop.train.evaluate import evaluate, iterate_batches, prepare_inputs
+from greenprop.train.lock import OutputLock
 from greenprop.train.setup import check_preloaded, create_model, resolve_device
+from greenprop.train.signals import RunInterrupted, signal_number
 from greenprop.train.summary import environment, summarize
 
 CHECKPOINT = "checkpoint.pt"
