@@ -272,3 +272,11 @@ def test_bad_device_and_seed_are_one_line(flags, expected, tmp_path, capsys):
 def test_the_largest_seed_trains():
     config = dataclasses.replace(SETTINGS[0].config, epochs=1, seed=MAX_SEED, subset=64)
     Trainer(config).fit()
+
+
+def test_a_list_split_on_commas_names_the_plus_syntax():
+    from greenprop.methods import parse_method
+
+    with pytest.raises(GreenpropError, match=r"list value joins with '\+' \(layers=conv\+linear\)"):
+        parse_method("ssprop:layers=conv,linear")
+    assert parse_method("ssprop:layers=conv+linear").options == {"layers": "conv+linear"}
