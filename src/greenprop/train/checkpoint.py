@@ -86,11 +86,11 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     _atomic_write(Path(path), write)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, required: tuple[str, ...] = ("model", "epoch")) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``: tensors and plain containers only.
 
     A pickled callable (or any other object) is refused before it can run; a missing,
-    corrupt or foreign file is one clear GreenpropError.
+    corrupt or foreign file (one lacking a ``required`` key) is one clear GreenpropError.
     """
     path = Path(path)
     if not path.is_file():
@@ -109,12 +109,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise GreenpropError(
             f"checkpoint {path} is corrupt or unreadable ({type(err).__name__}: {str(err)[:200]})"
         ) from err
-    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    missing = [key for key in required if not isinstance(state, dict) or key not in state]
     if missing:
         raise GreenpropError(
             f"checkpoint {path} is not a greenprop checkpoint of this run (missing {', '.join(missing)})"
         )
-    if not isinstance(state["config"], dict):
+    if "config" in required and not isinstance(state["config"], dict):
         raise GreenpropError(
             f"checkpoint {path} is not a greenprop checkpoint of this run (config is not a dict)"
         )

@@ -29,6 +29,7 @@ from greenprop.metering.accounting import flop_accounts
 from greenprop.methods import build_method, parse_method
 from greenprop.seeding import trainer_epoch_seed
 from greenprop.train.checkpoint import (
+    CHECKPOINT_KEYS,
     describe_model_mismatch,
     ensure_writable_dir,
     load_checkpoint,
@@ -163,7 +164,7 @@ class Trainer:
         if self.out_dir.is_dir() and self._lock is not None:
             self._take_lock()
         if resume:
-            state = load_checkpoint(self.out_dir / CHECKPOINT)
+            state = load_checkpoint(self.out_dir / CHECKPOINT, required=CHECKPOINT_KEYS)
             ensure_writable_dir(self.out_dir)
             return state
         if (self.out_dir / METRICS).exists() and not overwrite:
