@@ -113,7 +113,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt.torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(GreenpropError, match=r"could not write .*state.pt \(disk full\)"):
         ckpt.save_checkpoint({"epoch": 2, "model": {}}, path)
     assert path.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temp file left

@@ -337,28 +337,36 @@ def _fmt(quantity: dict[str, Any] | None, scale: float, unit: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "train":
-            return _cmd_train(args, argv)
-        elif args.command == "compare":
-            _cmd_compare(args, argv)
-        elif args.command == "ggd-check":
-            _cmd_ggd_check(args, argv)
-        elif args.command == "methods":
-            _cmd_methods()
-        elif args.command == "presets":
-            _cmd_presets()
-        elif args.command == "fl":
-            from greenprop.fl.cli import run_command
+    from greenprop.train.signals import signal_number, sigterm_as_interrupt
 
-            run_command(args)
+    try:
+        with sigterm_as_interrupt():
+            return _dispatch(args, argv)
     except GreenpropError as err:
         if not _handed_to_launcher(str(err)):
             print(f"greenprop: error: {_rank_prefix()}{err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("greenprop: interrupted; what was saved is kept (continue with --resume)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        what = str(err) or "interrupted; what was saved is kept (continue with --resume)"
+        print(f"greenprop: {what}", file=sys.stderr)
+        return 128 + signal_number(err)
+
+
+def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.command == "train":
+        return _cmd_train(args, argv)
+    elif args.command == "compare":
+        _cmd_compare(args, argv)
+    elif args.command == "ggd-check":
+        _cmd_ggd_check(args, argv)
+    elif args.command == "methods":
+        _cmd_methods()
+    elif args.command == "presets":
+        _cmd_presets()
+    elif args.command == "fl":
+        from greenprop.fl.cli import run_command
+
+        run_command(args)
     return 0
 
 

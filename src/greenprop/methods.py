@@ -166,7 +166,14 @@ def _parse_single(spec: str) -> MethodSpec:
         for item in rest.split(","):
             key, sep, value = item.partition("=")
             if not sep or not key.strip() or not value.strip():
-                raise GreenpropError(f"method option {item!r} in {spec!r} is not key=value")
+                hint = ""
+                if not sep and options:  # "layers=conv,linear": a list value split on ","
+                    last = list(options)[-1]
+                    hint = (
+                        f"; options are separated by ',', so a list value joins with '+' "
+                        f"({last}={options[last]}+{item.strip()})"
+                    )
+                raise GreenpropError(f"method option {item!r} in {spec!r} is not key=value{hint}")
             options[key.strip()] = value.strip()
     get_method(name)  # fail early on unknown names
     return MethodSpec(name, options)

@@ -23,6 +23,8 @@ def plot_epoch(result: GGDCheckResult, epoch: int, path: str | Path, *, log_y: b
     """A grid of the epoch's per-tensor update histograms with the fitted GGD density."""
     import matplotlib
 
+    from greenprop.train.checkpoint import save_figure
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -74,5 +76,5 @@ def plot_epoch(result: GGDCheckResult, epoch: int, path: str | Path, *, log_y: b
         fontsize=10,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)

@@ -8,6 +8,8 @@ from typing import Any
 
 import matplotlib
 
+from greenprop.train.checkpoint import save_figure
+
 matplotlib.use("Agg")  # headless machines; must precede pyplot
 import matplotlib.pyplot as plt
 import numpy as np
@@ -30,7 +32,7 @@ def plot_accuracy_vs_saving(rows: list[dict[str, Any]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -71,7 +73,7 @@ def plot_curves(results: list[RunResult], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -112,6 +114,6 @@ def plot_step_losses(results: list[RunResult], path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return True

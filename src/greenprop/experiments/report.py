@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 from greenprop.experiments.compare import RunResult
 from greenprop.methods import get_method, parse_method
-from greenprop.train.checkpoint import write_json
+from greenprop.train.checkpoint import write_json, write_text
 
 TERA = 1e12
 
@@ -174,11 +175,12 @@ def write_report(
         "curves_plot": out / "curves.png",
         "step_loss_plot": out / "loss_steps.png",
     }
-    with paths["csv"].open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[k for k in rows[0] if k != "seeds"] + ["seeds"])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "seeds": " ".join(map(str, row["seeds"]))})
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=[k for k in rows[0] if k != "seeds"] + ["seeds"])
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "seeds": " ".join(map(str, row["seeds"]))})
+    write_text(table.getvalue(), paths["csv"])
     first = results[0].metrics
     write_json(
         {
@@ -227,7 +229,7 @@ def write_report(
         lines += [f"![training loss per step]({paths['step_loss_plot'].name})", ""]
     for caption, path in extras:
         lines += [f"![{caption}]({path.name})", ""]
-    paths["markdown"].write_text("\n".join(lines))
+    write_text("\n".join(lines), paths["markdown"])
     return paths
 
 

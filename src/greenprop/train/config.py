@@ -9,7 +9,9 @@ from typing import Any
 from greenprop.errors import GreenpropError
 from greenprop.train.optimizers import OPTIMIZERS, parse_optimizer
 
-__all__ = ["LR_SCHEDULES", "OPTIMIZERS", "RESUMABLE_CHANGES", "TrainConfig"]
+__all__ = ["LR_SCHEDULES", "MAX_SEED", "OPTIMIZERS", "RESUMABLE_CHANGES", "TrainConfig"]
+#: The largest seed whose derived streams (seed * 1_000_003 + index, greenprop.seeding) fit in 63 bits.
+MAX_SEED = (2**63 - 1) // 1_000_003 - 1
 LR_SCHEDULES = ("cosine", "step", "none")
 
 # Fields that may differ between an interrupted run and its resumption.
@@ -130,7 +132,10 @@ class TrainConfig:
             f"must be one of {', '.join(LR_SCHEDULES)}",
         )
         _require(
-            isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed, "must be a non-negative integer"
+            isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED,
+            "seed",
+            self.seed,
+            f"must be an integer in [0, {MAX_SEED}] (derived per-epoch seeds must fit torch's 63 bits)",
         )
 
     def to_dict(self) -> dict[str, Any]:

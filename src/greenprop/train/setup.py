@@ -12,6 +12,9 @@ from greenprop.train.config import TrainConfig
 
 __all__ = ["check_preloaded", "create_model", "resolve_device"]
 
+#: Device types a run can train on (``meta`` has no data, so no loss to print).
+TRAINING_DEVICES = ("cpu", "cuda", "mps", "xpu")
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -20,6 +23,11 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as err:
         raise GreenpropError(f"device={name!r} is not a valid torch device") from err
+    if device.type not in TRAINING_DEVICES:
+        raise GreenpropError(
+            f"device={name!r} cannot train a model (it holds no data); "
+            f"use one of {', '.join(TRAINING_DEVICES)}"
+        )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GreenpropError(f"device={name!r} requested but CUDA is not available")
     return device

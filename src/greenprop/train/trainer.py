@@ -28,16 +28,21 @@ from greenprop.metering.accounting import flop_accounts
 from greenprop.methods import build_method, parse_method
 from greenprop.seeding import trainer_epoch_seed
 from greenprop.train.checkpoint import (
+    CHECKPOINT_KEYS,
+    describe_model_mismatch,
     ensure_writable_dir,
     load_checkpoint,
+    remove_stale_temp_files,
     save_checkpoint,
     write_json,
 )
 from greenprop.train.config import TrainConfig
 from greenprop.train.distributed import parallelism, with_rank_state
 from greenprop.train.evaluate import prepare_inputs
+from greenprop.train.lock import OutputLock
 from greenprop.train.optimizers import make_optimizer
 from greenprop.train.setup import check_preloaded, create_model, resolve_device
+from greenprop.train.signals import RunInterrupted, signal_number
 from greenprop.train.summary import environment, summarize
 
 CHECKPOINT = "checkpoint.pt"
@@ -85,9 +90,18 @@ class Trainer:
             config = config.replace(progress=False)
         #: Whether this process writes metrics and checkpoints (rank 0 of a DDP run).
         self.writes = self.out_dir is not None and self.parallel.is_main
+        self._lock = OutputLock(self.out_dir) if self.writes else None
+        #: (epoch, step) being run, for the line an interrupted run prints.
+        self.position: tuple[int, int | None] | None = None
         checkpoint = self._check_out_dir(resume, overwrite)
         if checkpoint is not None:
-            saved = TrainConfig.from_dict(checkpoint["config"])
+            try:
+                saved = TrainConfig.from_dict(checkpoint["config"])
+            except (TypeError, GreenpropError) as err:
+                raise GreenpropError(
+                    f"checkpoint {self.out_dir / CHECKPOINT} is not a greenprop checkpoint of this run "
+                    f"(its config: {err})"
+                ) from err
             diff = saved.differences(config)
             if diff:
                 shown = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
@@ -157,8 +171,10 @@ class Trainer:
             if resume:
                 raise GreenpropError("resume needs an output directory")
             return None
+        if self.out_dir.is_dir() and self._lock is not None:
+            self._take_lock()
         if resume:
-            state = load_checkpoint(self.out_dir / CHECKPOINT)
+            state = load_checkpoint(self.out_dir / CHECKPOINT, required=CHECKPOINT_KEYS)
             if self.writes:
                 ensure_writable_dir(self.out_dir)
             return state
@@ -169,7 +185,20 @@ class Trainer:
             )
         if self.writes:
             ensure_writable_dir(self.out_dir)
+        self._take_lock()
         return None
+
+    def _take_lock(self) -> None:
+        """One run per folder; then the temp files a killed write left are safe to remove."""
+        if self._lock is None or self._lock.held or self.out_dir is None:
+            return
+        self._lock.acquire()
+        remove_stale_temp_files(self.out_dir)
+
+    def release(self) -> None:
+        """Let another run use the output folder (done when :meth:`fit` ends)."""
+        if self._lock is not None:
+            self._lock.release()
 
     def _draw_batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """A random training batch (full batch size) for controllers that estimate on their own."""
@@ -204,6 +233,11 @@ class Trainer:
                 "namespaced in the records): it was written by an older greenprop; start the run "
                 "again with --overwrite"
             )
+        if mismatch := describe_model_mismatch(self.model, state["model"]):
+            raise GreenpropError(
+                f"checkpoint {self.out_dir / CHECKPOINT} is not a greenprop checkpoint of this run "
+                f"({mismatch})"
+            )
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -219,8 +253,9 @@ class Trainer:
                     saved_controllers[controller.name], controller.name, rank_states, self.parallel.rank
                 )
                 controller.load_state_dict(saved)
-        except (KeyError, RuntimeError, ValueError) as err:
-            raise GreenpropError(f"checkpoint in {self.out_dir} does not match this run: {err}") from err
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as err:
+            detail = " ".join(str(err).split())[:300]
+            raise GreenpropError(f"checkpoint in {self.out_dir} does not match this run: {detail}") from err
         saved_world = state.get("world_size", 1)
         if saved_world != self.parallel.world_size:
             raise GreenpropError(
@@ -246,12 +281,44 @@ class Trainer:
 
     # ----------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
-        """Run the remaining epochs; returns the metrics written to ``metrics.json``."""
+        """Run the remaining epochs; returns the metrics written to ``metrics.json``.
+
+        Ctrl-C (or SIGTERM under :func:`greenprop.train.signals.sigterm_as_interrupt`)
+        raises :class:`~greenprop.train.signals.RunInterrupted` saying where the run
+        stopped; the last finished epoch's checkpoint is kept.
+        """
+        self._take_lock()
+        try:
+            return self._fit()
+        except KeyboardInterrupt as err:
+            raise RunInterrupted(self._interrupted_line(), signal_number(err)) from err
+        finally:
+            self.release()
+
+    def _interrupted_line(self) -> str:
+        where = "before the first epoch"
+        if self.position is not None:
+            epoch, step = self.position
+            where = f"in epoch {epoch + 1}/{self.config.epochs}"
+            if step is not None:
+                where += f" at step {step + 1}/{self.steps_per_epoch}"
+        done = len(self.history)
+        if self.out_dir is None:
+            return f"interrupted {where}; nothing is saved (no output folder)"
+        if done == 0:
+            return f"interrupted {where}; no epoch had finished, nothing to resume in {self.out_dir}"
+        return (
+            f"interrupted {where}; the checkpoint after epoch {done} is kept in "
+            f"{self.out_dir / CHECKPOINT} (continue with --resume)"
+        )
+
+    def _fit(self) -> dict[str, Any]:
         c = self.config
         for controller in self.controllers:
             controller.on_train_start(self.run)
         for epoch in range(self.start_epoch, c.epochs):
             torch.manual_seed(trainer_epoch_seed(c.seed, epoch))
+            self.position = (epoch, None)
             try:
                 record = self._run_epoch(epoch)
             except TrainingDiverged as err:
@@ -363,6 +430,7 @@ class Trainer:
         )
         start = time.perf_counter()
         for step in range(self.steps_per_epoch):
+            self.position = (epoch, step)
             with timer.phase("data"):
                 x, y = next(batches)
                 x, y = prepare_inputs(x, self.device, c.channels_last), y.to(self.device)

@@ -36,6 +36,8 @@ def plot_ratios(results: Sequence[Any], path: Path) -> bool:
         return False
     import matplotlib
 
+    from greenprop.train.checkpoint import save_figure
+
     matplotlib.use("Agg")  # headless machines; must precede pyplot
     import matplotlib.pyplot as plt
 
@@ -75,6 +77,6 @@ def plot_ratios(results: Sequence[Any], path: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return True
