@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import greenprop.train.checkpoint as checkpoint
-import greenprop.train.trainer as trainer
+import greenprop.train.distributed as trainer  # the training batches come from here
 from greenprop.cli import main
 
 
