@@ -334,6 +334,8 @@ class Trainer:
             if self.writes:
                 save_checkpoint(self._checkpoint_state(epoch + 1, rank_states), self.out_dir / CHECKPOINT)
                 write_json(self.metrics(complete=epoch + 1 == c.epochs), self.out_dir / METRICS)
+        if self.parameter_spread is None:  # resumed from a finished run: measure it again
+            self.parameter_spread = self.parallel.parameter_spread(self.model)
         metrics = self.metrics(complete=True)
         if self.writes and self.start_epoch == c.epochs:
             write_json(metrics, self.out_dir / METRICS)
