@@ -7,6 +7,7 @@ training message's ConfigRecord, so a client needs nothing but its partition id.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -77,6 +78,12 @@ def _model(s: FLSettings) -> nn.Module:
     )
 
 
+def _correction_key(s: FLSettings) -> str:
+    """FedSpeed's per-run state key: a digest of the run's settings."""
+    digest = hashlib.sha1(json.dumps(asdict(s), sort_keys=True).encode()).hexdigest()[:12]
+    return f"fedspeed-correction-{digest}"
+
+
 # -- client ----------------------------------------------------------------------------------
 client_app = ClientApp()
 
@@ -97,8 +104,11 @@ def train(msg: Message, context: Context) -> Message:
     model.train()
     glob = local.snapshot(model)
     corr: list[torch.Tensor] = [torch.zeros_like(p) for p in glob]
-    if s.strategy == "fedspeed" and "fedspeed-correction" in context.state:
-        corr = [t for t in context.state["fedspeed-correction"].to_torch_state_dict().values()]
+    # A node's state outlives one run (a sweep's jobs share the nodes): the correction is
+    # kept under the run's own key and starts from zero in a run's first round.
+    correction_key = _correction_key(s)
+    if s.strategy == "fedspeed" and server_round > 1 and correction_key in context.state:
+        corr = [t for t in context.state[correction_key].to_torch_state_dict().values()]
     gen = torch.Generator().manual_seed(hash((s.seed, server_round, pid)) & 0x7FFFFFFF)
     loss_f = nn.CrossEntropyLoss()
     mu = float(config.get("proximal-mu", 0.0))
@@ -125,7 +135,7 @@ def train(msg: Message, context: Context) -> Message:
         flops *= 2  # the extra ascent step is a second forward+backward per batch
         corr, sent = local.fedspeed_finish(model, glob, corr, s.lam)
         names = [n for n, _ in model.named_parameters()]
-        context.state["fedspeed-correction"] = ArrayRecord(dict(zip(names, corr, strict=True)))
+        context.state[correction_key] = ArrayRecord(dict(zip(names, corr, strict=True)))
         state = model.state_dict()
         state.update(dict(zip(names, sent, strict=True)))
     else:
