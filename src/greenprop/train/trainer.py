@@ -23,7 +23,14 @@ from tqdm.auto import tqdm
 from greenprop import data as gp_data
 from greenprop.controller import Controller, RunContext
 from greenprop.errors import GreenpropError, TrainingDiverged
-from greenprop.metering import EnergyMeter, FlopCount, PeakMemory, PhaseTimer, Quantity, count_flops_per_sample
+from greenprop.metering import (
+    EnergyMeter,
+    FlopCount,
+    PeakMemory,
+    PhaseTimer,
+    Quantity,
+    count_flops_per_sample,
+)
 from greenprop.metering.accounting import flop_accounts
 from greenprop.methods import build_method, parse_method
 from greenprop.seeding import trainer_epoch_seed
