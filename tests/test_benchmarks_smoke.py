@@ -113,6 +113,19 @@ def test_step_benchmark_runs_tiny(step_module, tmp_path, capsys):
     assert row["flops_b_over_a"] < 1.0
     assert all(len(t) == 1 and t[0] > 0 for t in row["per_round_s"].values())
     assert json.loads(out.read_text())["results"][0]["keep"] == 0.4
+    _assert_step_memory(row["memory"], {"a", "b", "c"})
+    assert "Peak memory of one untimed step" in printed
+
+
+def _assert_step_memory(memory: dict, variants: set[str]) -> None:
+    """Every variant has a peak-memory reading saying what it is (measured on Linux)."""
+    assert set(memory) == variants
+    for reading in memory.values():
+        if reading["kind"] == "measured":
+            assert reading["growth_mib"] >= 0 and reading["peak_mib"] > 0
+        else:
+            assert reading["growth_mib"] is None
+        assert reading["source"]
 
 
 def test_layer_benchmark_runs_tiny(layers_module, tmp_path, capsys):
@@ -190,6 +203,7 @@ def test_vcas_step_benchmark_runs_tiny(tmp_path, capsys):
             assert row["flops_tally"] < 1.0
         if row["r"] == 1:
             assert all(kept == 4 for kept in row["kept_rows"].values())
+        _assert_step_memory(row["memory"], {"dense", "vcas"})
     assert len(json.loads(out.read_text())["results"]) == len(rows)
 
 
