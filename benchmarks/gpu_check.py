@@ -205,8 +205,8 @@ def build_encoders(sizes: Sizes, seed: int) -> dict[str, tuple[nn.Module, tuple[
         x, y = torch.randn(sizes.vit_batch, 1, 8, 8), torch.randint(0, 10, (sizes.vit_batch,))
         out["vit"] = (vit, (x, y), "tiny ViT (dim 16, depth 2) on random 8x8 images (smoke)")
     else:
-        x, y, source = vcas_step.load_batch("vit", sizes.vit_batch, sizes.seq_len, "random", seed)
-        out["vit"] = (vcas_step.build("vit", seed), (x, y), f"zoo ViT on 28x28 ({source} data)")
+        x, y, source = vcas_step.load_batch("vit", sizes.vit_batch, sizes.seq_len, "real", seed)
+        out["vit"] = (vcas_step.build("vit", seed), (x, y), f"zoo ViT (dim 128, depth 6) on 28x28: {source}")
     out["minilm"] = minilm(sizes, seed)
     return out
 
