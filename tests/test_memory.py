@@ -132,3 +132,16 @@ def test_compare_table_shows_the_peak_in_mib(tmp_path):
     table = report.format_table(rows, markdown=True)
     assert "Peak mem (MiB)" in table.splitlines()[0]
     assert table.splitlines()[2].endswith("| 300 |") and table.splitlines()[3].endswith("| n/a |")
+
+
+def test_the_run_peak_is_the_highest_epoch_and_old_records_are_not_zero():
+    from greenprop.train.summary import _peak_memory
+
+    def epoch(value: float | None) -> dict:
+        kind = "unavailable" if value is None else "measured"
+        return {"memory": {"peak": {"value": value, "unit": "B", "kind": kind, "source": "s"}}}
+
+    assert _peak_memory([epoch(5.0), epoch(None), epoch(9.0), epoch(7.0)])["value"] == 9.0
+    assert _peak_memory([epoch(None)])["kind"] == "unavailable"
+    old = _peak_memory([{"epoch": 0}])  # written before peak memory was recorded
+    assert old["value"] is None and "not recorded" in old["source"]
