@@ -47,13 +47,17 @@ from torch.nn import functional as F
 from greenprop.errors import GreenpropError
 
 try:
+    import transformers
     from transformers import Trainer, TrainerCallback
-    from transformers.optimization import GreedyLR
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 except ModuleNotFoundError as err:  # pragma: no cover - depends on the install
     raise GreenpropError(
         "greenprop.integrations.hf needs transformers and accelerate: pip install 'greenprop[text]'"
     ) from err
+try:
+    from transformers.optimization import GreedyLR
+except ImportError:  # pragma: no cover - older transformers
+    GreedyLR = torch.optim.lr_scheduler.ReduceLROnPlateau
 
 from greenprop.controller import BatchLoss
 from greenprop.integrations.driver import EpochShuffle, MethodDriver, draw_from_dataset
@@ -272,6 +276,11 @@ class GreenpropTrainer(Trainer):
         flops_samples: int = 16,
         **kwargs: Any,
     ) -> None:
+        if not hasattr(Trainer, "_run_epoch"):  # the hook a sampled epoch replaces
+            raise GreenpropError(
+                f"GreenpropTrainer needs a transformers whose Trainer has _run_epoch (5.x; tested "
+                f"with 5.25), this is {transformers.__version__}"
+            )
         if isinstance(method, GreenpropCallback):
             callback = method
         else:
