@@ -189,3 +189,16 @@ def test_vcas_estimates_on_batches_of_its_own(tmp_path):
     assert vcas.updates == STEPS // 2
     record = trainer.greenprop.history[0]
     assert record["vcas"]["updates"] == STEPS // 2 and record["flops"]["backward"] > 0
+
+
+def test_with_gradient_accumulation_a_step_is_an_update_and_every_micro_batch_is_counted(full_run, tmp_path):
+    _, full = full_run
+    trainer = hf_trainer(
+        tmp_path, save_strategy="no", per_device_train_batch_size=BATCH // 2, gradient_accumulation_steps=2
+    )
+    trainer.train()
+    history = trainer.greenprop.history
+    assert [r["steps"] for r in history] == [0 if e in SAMPLED else STEPS for e in range(EPOCHS)]
+    assert [r["samples"] for r in history] == [r["samples"] for r in full.greenprop.history]
+    assert trainer.greenprop.total_flops() == full.greenprop.total_flops()
+    assert trainer.state.global_step == EPOCHS * STEPS
