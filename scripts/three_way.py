@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--optimizer", default="sgd", help="as greenprop train --optimizer")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=1)
     options = parser.parse_args(argv)
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
             epochs=options.epochs,
             batch_size=options.batch_size,
             lr=options.lr,
+            optimizer=options.optimizer,
             lr_schedule="none",
             seed=seed,
             subset=options.subset,
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"\nmethod {options.method!r}, {options.model} on {options.dataset} "
         f"({options.subset} train / {options.test_subset} test), {options.epochs} epochs, "
-        f"batch {options.batch_size}, lr {options.lr}, seeds {options.seeds}\n"
+        f"batch {options.batch_size}, {options.optimizer} lr {options.lr}, seeds {options.seeds}\n"
     )
     print(
         "| framework | forward FLOPs | backward FLOPs | sampled epochs | test acc@1 (%) per seed | mean "
