@@ -270,14 +270,24 @@ def test_fedspeed_correction_does_not_leak_between_runs_sharing_a_node():
 
     from greenprop.fl.app import FLSettings, _model
 
-    a = FLSettings(strategy="fedspeed", dataset="digits", model="mlp", clients=2, subset=200,
-                   test_subset=50, rounds=3, batch_size=16, seed=0)
+    a = FLSettings(
+        strategy="fedspeed",
+        dataset="digits",
+        model="mlp",
+        clients=2,
+        subset=200,
+        test_subset=50,
+        rounds=3,
+        batch_size=16,
+        seed=0,
+    )
     b = replace(a, seed=1)  # another job of the same sweep
     start = ArrayRecord(_model(a).state_dict())
 
     def node():
-        return Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
-                       run_config={})
+        return Context(
+            run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={}
+        )
 
     alone = node()
     ref1, ref2 = _client_round(alone, a, 1, start), _client_round(alone, a, 2, start)
