@@ -87,10 +87,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--subset", type=int, default=2000)
+    ap.add_argument("--test-subset", type=int, default=1000)
+    ap.add_argument("--model", default="cnn")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args(argv)
     base = FLSettings(
-        rounds=args.rounds, clients=args.clients, subset=args.subset, fraction=0.5, test_subset=1000
+        rounds=args.rounds,
+        clients=args.clients,
+        subset=args.subset,
+        fraction=0.5,
+        test_subset=args.test_subset,
+        model=args.model,
     )
     if not args.table_only:
         from greenprop.fl.runner import run_jobs
