@@ -7,6 +7,7 @@ starts runs in its own session and is stopped in ``finally``, also when the run 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -22,8 +23,6 @@ import pytest
 
 pytest.importorskip("flwr")
 psutil = pytest.importorskip("psutil")
-
-import contextlib
 
 from greenprop.fl.deploy import APP_DIR  # noqa: E402
 from greenprop.fl.offline import OFFLINE_ENV  # noqa: E402
