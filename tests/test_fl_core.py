@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -306,3 +308,26 @@ def test_fedspeed_correction_does_not_leak_between_runs_sharing_a_node():
         assert torch.equal(got1[k], ref1[k]), k
         assert torch.equal(got2[k], ref2[k]), k
         assert torch.equal(again1[k], ref1[k]), k
+
+
+# -- the Flower App that `flwr run` deploys --------------------------------------------------
+def test_flower_app_folder_is_valid_and_its_run_config_is_the_settings():
+    """Flower's own validator accepts the app folder; its run config becomes FLSettings."""
+    from flwr.common.config import get_project_config, validate_config
+
+    from greenprop.fl.app import FLSettings
+    from greenprop.fl.deploy import APP_DIR, settings_from_run_config
+
+    config = get_project_config(APP_DIR)
+    ok, errors, _ = validate_config(config, check_module=True, project_dir=APP_DIR)
+    assert ok, errors
+    run_config = dict(config["tool"]["flwr"]["app"]["config"])
+    run_config.update({"out": "/abs/out", "local-epochs": 2, "sampling": "pe:1"})
+    settings, out = settings_from_run_config(run_config)
+    assert out == Path("/abs/out")
+    assert settings.local_epochs == 2 and settings.sampling == "pe:1" and settings.clients == 3
+    assert isinstance(settings, FLSettings)
+    with pytest.raises(GreenpropError, match="'epochs': unknown key"):
+        settings_from_run_config({**run_config, "epochs": 3})
+    with pytest.raises(GreenpropError, match="out='rel/out'"):
+        settings_from_run_config({**run_config, "out": "rel/out"})

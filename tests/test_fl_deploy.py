@@ -198,3 +198,42 @@ def test_flwr_run_on_superlink_and_three_supernodes(tmp_path):
     assert all(_loopback(ip) for ip, _, _ in seen), sorted(seen)
     assert any("clientapp" in n for n in names) and any("serverapp" in n for n in names), names
     assert not [pid for pid, p in procs.items() if _alive(p)], "processes left running"
+
+    # the same apps on the simulation runtime, same settings: the same run
+    settings = result["settings"]
+    options = [
+        "strategy",
+        "sampling",
+        "clients",
+        "fraction",
+        "rounds",
+        "dataset",
+        "model",
+        "subset",
+        "test_subset",
+        "seed",
+        "lr",
+        "batch_size",
+        "local_epochs",
+        "partition",
+        "mu",
+    ]
+    args = [x for k in options for x in (f"--{k.replace('_', '-')}", str(settings[k]))]
+    sim = subprocess.run(
+        [sys.executable, "-m", "greenprop", "fl", *args, "--out", str(tmp_path / "sim")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert sim.returncode == 0, sim.stderr[-3000:]
+    simulated = json.loads((tmp_path / "sim" / "metrics.json").read_text())
+    assert simulated["settings"] == settings
+    for dep, simr in zip(rounds, simulated["rounds"], strict=True):
+        assert (dep["sampled"], dep["clients"], dep["client_flops"]) == (
+            simr["sampled"],
+            simr["clients"],
+            simr["client_flops"],
+        )
+        assert dep["acc1"] == simr["acc1"]
+        assert dep["loss"] == pytest.approx(simr["loss"], rel=1e-5)  # replies may sum in another order
