@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from greenprop.metering import Quantity
+from greenprop.metering.load import summarize_load
 
 __all__ = ["environment", "summarize"]
 
@@ -63,4 +64,5 @@ def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
             "train": _sum_quantities(train_phases, "s") if train_phases else None,
         },
         "energy": _sum_quantities([r["energy"] for r in history], "J"),
+        "load": summarize_load(history),
     }

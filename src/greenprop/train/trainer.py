@@ -25,6 +25,7 @@ from greenprop.controller import Controller, RunContext
 from greenprop.errors import GreenpropError, TrainingDiverged
 from greenprop.metering import EnergyMeter, FlopCount, PhaseTimer, Quantity, count_flops_per_sample
 from greenprop.metering.accounting import flop_accounts
+from greenprop.metering.load import LoadMeter
 from greenprop.methods import build_method, parse_method
 from greenprop.seeding import trainer_epoch_seed
 from greenprop.train.checkpoint import (
@@ -53,7 +54,7 @@ CHECKPOINT_FORMAT = 2
 RECORD_FIELDS = frozenset(
     {
         *("epoch", "lr", "energy", "loss", "acc1", "acc5", "flops", "time", "steps", "samples"),
-        *("train_loss", "train_acc", "step_losses", "replaced_by", "reevaluated_by"),
+        *("train_loss", "train_acc", "step_losses", "replaced_by", "reevaluated_by", "load"),
     }
 )
 
@@ -157,6 +158,7 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
         self.energy_meter = EnergyMeter(self.device, watts=config.watts)
+        self.load_meter = LoadMeter()
         self._flops_cache: dict[tuple[Hashable, ...], FlopCount] = {}
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
@@ -280,8 +282,11 @@ class Trainer:
         }
 
     # ----------------------------------------------------------------- loop
-    def fit(self) -> dict[str, Any]:
+    def fit(self, until_epoch: int | None = None) -> dict[str, Any]:
         """Run the remaining epochs; returns the metrics written to ``metrics.json``.
+
+        ``until_epoch`` stops after that many epochs (a slice: ``compare`` runs its
+        configurations round-robin, one epoch each, continuing each by exact resume).
 
         Ctrl-C (or SIGTERM under :func:`greenprop.train.signals.sigterm_as_interrupt`)
         raises :class:`~greenprop.train.signals.RunInterrupted` saying where the run
@@ -289,7 +294,7 @@ class Trainer:
         """
         self._take_lock()
         try:
-            return self._fit()
+            return self._fit(self.config.epochs if until_epoch is None else until_epoch)
         except KeyboardInterrupt as err:
             raise RunInterrupted(self._interrupted_line(), signal_number(err)) from err
         finally:
@@ -312,11 +317,12 @@ class Trainer:
             f"{self.out_dir / CHECKPOINT} (continue with --resume)"
         )
 
-    def _fit(self) -> dict[str, Any]:
+    def _fit(self, until_epoch: int) -> dict[str, Any]:
         c = self.config
         for controller in self.controllers:
             controller.on_train_start(self.run)
-        for epoch in range(self.start_epoch, c.epochs):
+        stop = min(until_epoch, c.epochs)
+        for epoch in range(self.start_epoch, stop):
             torch.manual_seed(trainer_epoch_seed(c.seed, epoch))
             self.position = (epoch, None)
             try:
@@ -334,6 +340,11 @@ class Trainer:
             if self.writes:
                 save_checkpoint(self._checkpoint_state(epoch + 1, rank_states), self.out_dir / CHECKPOINT)
                 write_json(self.metrics(complete=epoch + 1 == c.epochs), self.out_dir / METRICS)
+        if stop < c.epochs:  # a slice ended; metrics.json may lag a checkpoint when killed between them
+            metrics = self.metrics(complete=False)
+            if self.writes and self.start_epoch >= stop:
+                write_json(metrics, self.out_dir / METRICS)
+            return metrics
         if self.parameter_spread is None:  # resumed from a finished run: measure it again
             self.parameter_spread = self.parallel.parameter_spread(self.model)
         metrics = self.metrics(complete=True)
@@ -346,11 +357,15 @@ class Trainer:
         timer = PhaseTimer(self.device)
         record: dict[str, Any] = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
         self.energy_meter.start()
+        self.load_meter.start()
         try:
             flops, source = self._train_or_replace(epoch, timer, record)
         finally:  # a failed epoch must not leave the meter running
             energy = self.energy_meter.stop()
+            load = self.load_meter.stop()
         record["energy"] = self.parallel.energy(energy, self.energy_meter.describe()).to_dict()
+        # Every rank of a DDP run is this run's own work, not background (ranks share the host).
+        record["load"] = load.record(own_s=self.parallel.sum_values({"own_s": load.own_s})["own_s"])
         flops = self.parallel.sum_values(flops)
         self.scheduler.step()
         with timer.phase("eval"):
