@@ -89,7 +89,8 @@ def test_an_interrupted_round_robin_compare_resumes_to_the_same_results(tmp_path
         return real(self, epoch)
 
     monkeypatch.setattr(Trainer, "_run_epoch", interrupted)
-    with pytest.raises(RunInterrupted):
+    stopped = r"checkpoint after epoch 1 is kept .*run the same compare command again"
+    with pytest.raises(RunInterrupted, match=stopped):
         run_compare(config, METHODS, [0], tmp_path / "cut")
     monkeypatch.setattr(Trainer, "_run_epoch", real)
     seen = _slices(monkeypatch)

@@ -249,7 +249,7 @@ def _clash(
     at = others.index(first_taker)
     moved = [*others[:at], part, *others[at:]]
     candidates = [tuple(moved), *itertools.permutations(spec.parts)]  # the smallest change first
-    order = next((o for o in candidates if o != spec.parts and _builds(o, pristine, run)), None)
+    order = next((o for o in candidates if o != spec.parts and _builds(o, pristine, run) is not None), None)
     if order is not None:
         advice = (
             f"list them as {';'.join(p.label for p in order)!r} "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ class _Run:
     config: TrainConfig
     path: Path
     metrics: dict[str, Any] | None = None  # the latest metrics.json
-    started: bool = field(default=False)  # trained by this call: later slices resume
+    started: bool = False  # trained by this call: later slices resume
 
     @property
     def epochs_done(self) -> int:
@@ -145,6 +145,7 @@ def _train_slice(run: _Run, epoch: int, where: str, *, data: gp_data.DatasetPair
     verb = "resuming" if resume else "training"
     print(f"{where} {verb} {run.spec.label} seed {run.seed} -> {run.path}", flush=True)
     trainer = Trainer(run.config, run.path, resume=resume, overwrite=fresh, data=data)
+    trainer.resume_hint = "run the same compare command again to go on"
     run.started = True
     try:
         run.metrics = trainer.fit(until_epoch=epoch)

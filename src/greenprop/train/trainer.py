@@ -94,6 +94,8 @@ class Trainer:
         self._lock = OutputLock(self.out_dir) if self.writes else None
         #: (epoch, step) being run, for the line an interrupted run prints.
         self.position: tuple[int, int | None] | None = None
+        #: How to go on after an interrupt, in that line.
+        self.resume_hint = "continue with --resume"
         checkpoint = self._check_out_dir(resume, overwrite)
         if checkpoint is not None:
             try:
@@ -314,7 +316,7 @@ class Trainer:
             return f"interrupted {where}; no epoch had finished, nothing to resume in {self.out_dir}"
         return (
             f"interrupted {where}; the checkpoint after epoch {done} is kept in "
-            f"{self.out_dir / CHECKPOINT} (continue with --resume)"
+            f"{self.out_dir / CHECKPOINT} ({self.resume_hint})"
         )
 
     def _fit(self, until_epoch: int) -> dict[str, Any]:
