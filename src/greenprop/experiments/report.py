@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from greenprop.experiments.compare import RunResult
+from greenprop.experiments.load_check import annotate_load, load_notes, time_ratio_cell
 from greenprop.methods import get_method, parse_method
 from greenprop.train.checkpoint import write_json, write_text
 
@@ -100,6 +101,7 @@ def aggregate(results: list[RunResult], baseline: str = "baseline") -> list[dict
         row["flops_saved_pct"] = 100.0 * (1 - total / base_total)
         row["backward_saved_pct"] = 100.0 * (1 - row["tflops_backward"] / base["tflops_backward"])
         row["time_ratio"] = row["train_time_s"] / base["train_time_s"]
+    annotate_load(rows, results, baseline)
     return rows
 
 
@@ -143,7 +145,7 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
                 _pm(r["acc5_mean"], r["acc5_std"]),
                 f"{_opt(r['tflops_forward'], '.4g')} / {_opt(r['tflops_backward'], '.4g')}",
                 _opt(r["train_time_s"], ".1f"),
-                _opt(r["time_ratio"], ".3f"),
+                time_ratio_cell(r),
                 energy,
                 _opt(r["peak_memory_mib"], ".0f"),
             ]
@@ -198,7 +200,10 @@ def write_report(
             "rows": rows,
             "config": first["config"],
             "environment": first["environment"],
-            "runs": [{"method": r.method, "seed": r.seed, "path": str(r.path)} for r in results],
+            "runs": [
+                {"method": r.method, "seed": r.seed, "path": str(r.path), "load": _total(r.metrics, "load")}
+                for r in results
+            ],
         },
         paths["json"],
     )
@@ -231,6 +236,8 @@ def write_report(
         f"without evaluation; energy and peak memory cover the same span. Energy: "
         f"{rows[0]['energy_kind']} ({rows[0]['energy_source']}). Peak memory: the highest epoch's, "
         f"{_peak_memory_source(results)}.",
+        "",
+        *load_notes(rows),
         "",
         f"![accuracy vs saving]({paths['saving_plot'].name})",
         "",

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from greenprop.metering import Quantity
+from greenprop.metering.load import summarize_load
 
 __all__ = ["environment", "summarize"]
 
@@ -74,4 +75,5 @@ def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
         },
         "energy": _sum_quantities([r["energy"] for r in history], "J"),
         "peak_memory": _peak_memory(history),
+        "load": summarize_load(history),
     }
