@@ -20,6 +20,7 @@ from greenprop.models.cnn import SmallCNN
 from greenprop.models.mixer import MLPMixer
 from greenprop.models.mlp import MLP
 from greenprop.models.resnet import ResNet18
+from greenprop.models.unet import DDPMUNet
 from greenprop.models.vit import ViT
 
 
@@ -70,6 +71,7 @@ class _Entry:
     width_arg: str  # the constructor argument that `width` sets
     options: dict[str, Callable[[str, Any], Any]]  # extra keyword -> validator
     uses_image_size: bool = True
+    task: str = "classification"  # what a run of this model learns (greenprop.train.tasks)
 
 
 _ENTRIES: dict[str, _Entry] = {
@@ -91,6 +93,8 @@ _ENTRIES: dict[str, _Entry] = {
             "patch_size": _positive_int,
         },
     ),
+    # Noise prediction for DDPM (ssProp's diffusion setting); any side divisible by 4.
+    "ddpm-unet": _Entry(DDPMUNet, 16, "width", {}, uses_image_size=False, task="diffusion"),
 }
 
 
@@ -197,6 +201,13 @@ def create(
             raise GreenpropError(f"model {key!r} has no option {option!r} (its extra options: {valid})")
         kwargs[option] = validate(option, value)
     return entry.build(**kwargs)
+
+
+def task_of(name: str) -> str:
+    """What a run of model ``name`` learns: ``"classification"`` or ``"diffusion"`` (ddpm-unet)."""
+    key = parse_model_spec(name)[0].strip().lower().replace("_", "-")
+    entry = _ENTRIES.get(key)
+    return entry.task if entry is not None else "classification"
 
 
 def parse_model_spec(spec: str) -> tuple[str, dict[str, str]]:
