@@ -270,7 +270,7 @@ def _train(args: argparse.Namespace, config: TrainConfig) -> None:
 def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> None:
     from greenprop.experiments.compare import run_compare
     from greenprop.experiments.presets import get_preset
-    from greenprop.experiments.report import aggregate, format_table, write_report
+    from greenprop.experiments.report import aggregate, format_table, task_metrics, write_report
 
     preset = get_preset(args.preset) if args.preset else None
     base = dict(preset.config) if preset else {}
@@ -284,7 +284,7 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> None:
     title = f"greenprop compare: {args.preset or config.model}"
     paths = write_report(results, out, title=title, command=command)
     print()
-    print(format_table(aggregate(results)))
+    print(format_table(aggregate(results), metrics=task_metrics(results)))
     print()
     print("report: " + "  ".join(str(p) for p in paths.values()))
 

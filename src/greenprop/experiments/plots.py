@@ -16,19 +16,23 @@ import numpy as np
 
 from greenprop.experiments.compare import RunResult
 
+_ACC1 = {"key": "acc1", "label": "test accuracy @1 (%)", "higher_is_better": True}
 
-def plot_accuracy_vs_saving(rows: list[dict[str, Any]], path: Path) -> None:
-    """Final top-1 accuracy (mean ± std over seeds) against the FLOPs saved."""
+
+def plot_accuracy_vs_saving(rows: list[dict[str, Any]], path: Path, metric: dict[str, Any] = _ACC1) -> None:
+    """The task's first metric (top-1 accuracy; FD for diffusion), mean ± std over seeds,
+    against the FLOPs saved."""
+    key = metric["key"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in rows:
-        if row["acc1_mean"] is None or row["flops_saved_pct"] is None:
-            continue  # diverged everywhere, or no baseline to measure a saving against
+        if row[f"{key}_mean"] is None or row["flops_saved_pct"] is None:
+            continue  # diverged everywhere, unscored, or no baseline to measure a saving against
         saving = row["flops_saved_pct"]
         ax.errorbar(
-            saving, row["acc1_mean"], yerr=row["acc1_std"] or 0.0, fmt="o", capsize=4, label=row["method"]
+            saving, row[f"{key}_mean"], yerr=row[f"{key}_std"] or 0.0, fmt="o", capsize=4, label=row["method"]
         )
     ax.set_xlabel("training FLOPs saved vs baseline (%)")
-    ax.set_ylabel("test accuracy @1 (%)")
+    ax.set_ylabel(metric["label"] + ("" if metric["higher_is_better"] else " (lower is better)"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -42,8 +46,10 @@ def _mean_or_nan(values: list[float | None]) -> float:
     return float(np.mean(known)) if known else float("nan")
 
 
-def plot_curves(results: list[RunResult], path: Path) -> None:
-    """Per-epoch test accuracy and losses, averaged over seeds, one line per method."""
+def plot_curves(results: list[RunResult], path: Path, metric: dict[str, Any] = _ACC1) -> None:
+    """Per-epoch test metric (accuracy; FD at scored epochs) and losses, mean over seeds,
+    one line per method."""
+    key = metric["key"]
     by_method: dict[str, list[RunResult]] = defaultdict(list)
     for r in results:
         by_method[r.method].append(r)
@@ -54,9 +60,10 @@ def plot_curves(results: list[RunResult], path: Path) -> None:
             continue
         n = min(len(e) for e in epochs)
         x = np.arange(1, n + 1)
-        acc = np.mean([[rec["acc1"] for rec in e[:n]] for e in epochs], axis=0)
+        acc = np.array([_mean_or_nan([e[i].get(key) for e in epochs]) for i in range(n)])
         test_loss = np.mean([[rec["loss"] for rec in e[:n]] for e in epochs], axis=0)
-        (line,) = ax_acc.plot(x, acc, marker="o", label=method)
+        known = ~np.isnan(acc)  # FD exists only at scored epochs
+        (line,) = ax_acc.plot(x[known], acc[known], marker="o", label=method)
         ax_loss.plot(x, test_loss, marker="o", color=line.get_color(), label=f"{method} (test)")
         train = [_mean_or_nan([e[i]["train_loss"] for e in epochs]) for i in range(n)]
         ax_loss.plot(x, train, linestyle="--", color=line.get_color(), label=f"{method} (train)")
@@ -64,8 +71,8 @@ def plot_curves(results: list[RunResult], path: Path) -> None:
         if replaced:
             ax_acc.scatter(replaced, acc[np.array(replaced) - 1], marker="x", s=60, color=line.get_color())
     ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("test accuracy @1 (%)")
-    ax_acc.set_title("accuracy (x: epoch without backprop)")
+    ax_acc.set_ylabel(metric["label"])
+    ax_acc.set_title(f"{metric['label']} (x: epoch without backprop)")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
     ax_loss.set_title("loss")
