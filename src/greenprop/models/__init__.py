@@ -10,12 +10,13 @@ find it by name.
 from greenprop.models.cnn import SmallCNN
 from greenprop.models.mixer import MixerBlock, MLPMixer
 from greenprop.models.mlp import MLP
-from greenprop.models.registry import MODELS, TEXT_MODELS, create, task_of
+from greenprop.models.registry import DIFFUSION_MODELS, MODELS, TEXT_MODELS, create, task_of
 from greenprop.models.resnet import BasicBlock, ResNet18
 from greenprop.models.unet import DDPMUNet, ResBlock
 from greenprop.models.vit import Block, ViT
 
 __all__ = [
+    "DIFFUSION_MODELS",
     "MLP",
     "MODELS",
     "TEXT_MODELS",
