@@ -134,9 +134,11 @@ COLUMNS = columns()
 
 
 def _metric_cell(row: dict[str, Any], key: str, first: bool) -> str:
-    if row["epochs"] is None or first:  # all diverged, or the diverged count goes in the first metric
-        return _pm(row[f"{key}_mean"], row[f"{key}_std"], row["diverged"] if first else 0)
-    return _pm(row[f"{key}_mean"], row[f"{key}_std"]) if row[f"{key}_mean"] is not None else "n/a"
+    """The metric's mean ± std; the first metric also counts diverged runs."""
+    mean, std = row[f"{key}_mean"], row[f"{key}_std"]
+    if mean is None and row["epochs"] is not None:
+        return "n/a"  # the runs finished without this metric (an FD never scored)
+    return _pm(mean, std, row["diverged"] if first else 0)
 
 
 def table_rows(
