@@ -101,7 +101,8 @@ class Task:
 
 
 class ClassificationTask(Task):
-    """Cross-entropy on labels; top-1/top-5 accuracy and the test loss."""
+    """Cross-entropy on labels (with the run's label smoothing); top-1/top-5 accuracy and the
+    test loss (plain cross-entropy, as before tasks existed)."""
 
     name = "classification"
     metrics = (Metric("acc1", "Acc@1 (%)", True), Metric("acc5", "Acc@5 (%)", True))
@@ -122,7 +123,7 @@ class ClassificationTask(Task):
         return {"train_acc": 100.0 * sums["correct"] / samples}
 
     def evaluate_sums(self, model: nn.Module, dataset: Dataset, **kwargs: Any) -> dict[str, float]:
-        return evaluate_sums(model, dataset, loss_fn=self.loss_fn, **kwargs)
+        return evaluate_sums(model, dataset, **kwargs)  # plain cross-entropy: no label smoothing
 
     def evaluation_means(self, sums: dict[str, float]) -> dict[str, float]:
         return evaluation_means(sums)
