@@ -238,17 +238,10 @@ def test_vcas_refuses_a_unet_block_with_batchnorm():
 
 
 def diffusion_run(**fields):
-    return digits_run(
-        model="ddpm-unet",
-        width=4,
-        subset=32,
-        test_subset=16,
-        batch_size=16,
-        optimizer="adamw",
-        lr=1e-3,
-        diffusion_steps=10,
-        **{"score_every": 0, **fields},
-    )
+    """A tiny ddpm-unet run on digits (padded to 32x32), unscored unless ``fields`` say so."""
+    settings = {"width": 4, "subset": 32, "test_subset": 16, "batch_size": 16, "optimizer": "adamw"}
+    settings.update(lr=1e-3, diffusion_steps=10, score_every=0)
+    return digits_run(model="ddpm-unet", **{**settings, **fields})
 
 
 def test_gradsamp_replaces_a_unet_epoch_and_keeps_the_keys():
@@ -374,3 +367,20 @@ def test_report_shows_the_diffusion_metrics_lower_is_better():
     text = format_table(rows, metrics=metrics)
     assert "n/a" in text and "diverged" in text  # no FD is not a divergence
     assert rows[0]["flops_saved_pct"] == pytest.approx(0.0)
+
+
+@pytest.mark.slow  # ~100 s on the shared 2-core machine: two runs, a classifier, the report's plots
+def test_compare_of_diffusion_runs_shares_one_fd_classifier_and_reports_fd(tmp_path):
+    from greenprop.experiments.compare import run_compare
+    from greenprop.experiments.report import write_report
+
+    base = diffusion_run(epochs=1, score_every=None, score_samples=8, diffusion_steps=5)
+    results = run_compare(base, ["baseline", "ssprop:keep=0.5"], [0], tmp_path)
+    caches = sorted(p.name for p in tmp_path.glob("fd-classifier-*"))
+    assert caches == ["fd-classifier-digits-32"]
+    assert all(r.metrics["config"]["fd_cache"] == str(tmp_path) for r in results)
+    assert all(r.metrics["summary"]["fd"] > 0 for r in results)
+    paths = write_report(results, tmp_path, title="ddpm")
+    report = paths["markdown"].read_text()
+    assert "FD (greenprop CNN features) ↓" in report and "Acc@1" not in report
+    assert paths["curves_plot"].exists() and paths["saving_plot"].exists()
