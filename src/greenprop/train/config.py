@@ -89,7 +89,7 @@ class TrainConfig:
     progress: bool = True
     diffusion_steps: int = 200
     score_every: int | None = None
-    score_samples: int = 500
+    score_samples: int = 256
     fd_cache: str | None = None
 
     def __post_init__(self) -> None:
