@@ -62,7 +62,7 @@ class DiffusionTask(Task):
         if world_size > 1 and config.score_every != 0:
             raise GreenpropError(
                 "scoring diffusion samples runs in one process; pass --score-every 0 under --nproc "
-                "(score the checkpoint afterwards)"
+                "(no FD is scored then)"
             )
         self.config = config
         self.data = data
