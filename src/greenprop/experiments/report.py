@@ -14,6 +14,7 @@ from greenprop.methods import get_method, parse_method
 from greenprop.train.checkpoint import write_json, write_text
 
 TERA = 1e12
+MIB = 2**20
 #: A run's task metrics when its metrics.json names none (written before tasks existed).
 CLASSIFICATION_METRICS: tuple[dict[str, Any], ...] = (
     {"key": "acc1", "label": "Acc@1 (%)", "higher_is_better": True},
@@ -68,6 +69,7 @@ def _method_row(
             "energy_j": None,
             "energy_kind": "unavailable",
             "energy_source": "every run diverged",
+            "peak_memory_mib": None,
         }
     summaries = [r.metrics["summary"] for r in finished]
     values = {}
@@ -86,7 +88,14 @@ def _method_row(
         "energy_j": statistics.fmean(e["value"] for e in energies) if energy_known else None,
         "energy_kind": energies[0]["kind"] if energy_known else "unavailable",
         "energy_source": energies[0]["source"],
+        "peak_memory_mib": _peak_memory_mib(summaries),
     }
+
+
+def _peak_memory_mib(summaries: list[dict[str, Any]]) -> float | None:
+    """Mean over seeds of each run's peak memory in MiB; None unless every run measured it."""
+    peaks = [(s.get("peak_memory") or {}).get("value") for s in summaries]
+    return None if None in peaks else statistics.fmean(peaks) / MIB
 
 
 def aggregate(results: list[RunResult], baseline: str = "baseline") -> list[dict[str, Any]]:
@@ -126,7 +135,7 @@ def columns(metrics: tuple[dict[str, Any], ...] = CLASSIFICATION_METRICS) -> tup
     return (
         *("Method", "Saved (FLOPs)", "Saved (bwd)"),
         *labels,
-        *("TFLOPs fwd / bwd", "Train time (s)", "Time vs base", "Energy (J)"),
+        *("TFLOPs fwd / bwd", "Train time (s)", "Time vs base", "Energy (J)", "Peak mem (MiB)"),
     )
 
 
@@ -159,6 +168,7 @@ def table_rows(
                 _opt(r["train_time_s"], ".1f"),
                 _opt(r["time_ratio"], ".3f"),
                 energy,
+                _opt(r["peak_memory_mib"], ".0f"),
             ]
         )
     return out
@@ -246,8 +256,9 @@ def write_report(
         f"{flop_adjustments(results)}) "
         "and savings are relative to the baseline's counted FLOPs. Train time is measured wall "
         "time of the training phases (data, forward, backward, optimizer, epoch replacement), "
-        f"without evaluation; energy covers the same span. Energy: {rows[0]['energy_kind']} "
-        f"({rows[0]['energy_source']}).",
+        f"without evaluation; energy and peak memory cover the same span. Energy: "
+        f"{rows[0]['energy_kind']} ({rows[0]['energy_source']}). Peak memory: the highest epoch's, "
+        f"{_peak_memory_source(results)}.",
         "",
         f"![accuracy vs saving]({paths['saving_plot'].name})",
         "",
@@ -271,6 +282,12 @@ def _metrics_sentence(metrics: tuple[dict[str, Any], ...]) -> str:
         f"{labels}: the final epoch's values on the test split, mean ± sample std over seeds "
         "(↓: lower is better)."
     )
+
+
+def _peak_memory_source(results: list[RunResult]) -> str:
+    """What the runs' peak memory is (the first run's provenance)."""
+    peak = results[0].metrics["summary"].get("peak_memory")
+    return peak["source"] if peak else "not recorded"
 
 
 def _method_names(results: list[RunResult]) -> list[str]:

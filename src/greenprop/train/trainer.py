@@ -23,7 +23,14 @@ from tqdm.auto import tqdm
 from greenprop import data as gp_data
 from greenprop.controller import Controller, RunContext
 from greenprop.errors import GreenpropError, TrainingDiverged
-from greenprop.metering import EnergyMeter, FlopCount, PhaseTimer, Quantity, count_flops_per_sample
+from greenprop.metering import (
+    EnergyMeter,
+    FlopCount,
+    PeakMemory,
+    PhaseTimer,
+    Quantity,
+    count_flops_per_sample,
+)
 from greenprop.metering.accounting import flop_accounts
 from greenprop.methods import build_method, parse_method
 from greenprop.seeding import trainer_epoch_seed
@@ -53,7 +60,7 @@ CHECKPOINT_FORMAT = 2
 #: The trainer's own fields in every epoch record; a controller's fields go under its name.
 RECORD_FIELDS = frozenset(
     {
-        *("epoch", "lr", "energy", "loss", "acc1", "acc5", "flops", "time", "steps", "samples"),
+        *("epoch", "lr", "energy", "memory", "loss", "acc1", "acc5", "flops", "time", "steps", "samples"),
         *("train_loss", "train_acc", "step_losses", "replaced_by", "reevaluated_by"),
         *("fd", "sample_grid"),  # the diffusion task's (greenprop.diffusion.task)
     }
@@ -161,6 +168,7 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
         self.energy_meter = EnergyMeter(self.device, watts=config.watts)
+        self.memory_meter = PeakMemory(self.device)
         self._flops_cache: dict[tuple[Hashable, ...], FlopCount] = {}
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
@@ -349,15 +357,18 @@ class Trainer:
         return metrics
 
     def _run_epoch(self, epoch: int) -> dict[str, Any]:
-        """One epoch. Energy covers the same work as "train time": not the evaluation."""
+        """One epoch. Energy and peak memory cover the same work as "train time": not the evaluation."""
         timer = PhaseTimer(self.device)
         record: dict[str, Any] = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
         self.energy_meter.start()
+        self.memory_meter.start()
         try:
             flops, source = self._train_or_replace(epoch, timer, record)
         finally:  # a failed epoch must not leave the meter running
             energy = self.energy_meter.stop()
+            memory = self.memory_meter.stop()
         record["energy"] = self.parallel.energy(energy, self.energy_meter.describe()).to_dict()
+        record["memory"] = memory.to_dict()
         flops = self.parallel.sum_values(flops)
         self.scheduler.step()
         with timer.phase("eval"):
