@@ -18,7 +18,10 @@ _TRAIN_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     (
         "--model",
         "model",
-        {"help": "zoo model: mlp, cnn, resnet18, resnet18-narrow, resnet18-gn, mixer, vit; minilm (text)"},
+        {
+            "help": "zoo model: mlp, cnn, resnet18, resnet18-narrow, resnet18-gn, mixer, vit; minilm (text); "
+            "ddpm-unet (diffusion: trains noise prediction, see docs/diffusion.md)"
+        },
     ),
     ("--dataset", "dataset", {"help": "fashion-mnist, digits, or rotten-tomatoes (text, for minilm)"}),
     (
@@ -68,6 +71,26 @@ _TRAIN_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--flops-samples", "flops_samples", {"type": int, "help": "samples per FLOP count"}),
     ("--eval-batch-size", "eval_batch_size", {"type": int}),
     ("--device", "device", {"help": "auto, cpu, cuda, cuda:1, ..."}),
+    (
+        "--diffusion-steps",
+        "diffusion_steps",
+        {"type": int, "help": "ddpm-unet: T of the linear beta schedule"},
+    ),
+    (
+        "--score-every",
+        "score_every",
+        {
+            "type": int,
+            "help": "ddpm-unet: FD and a sample grid after every K-th epoch and the last "
+            "(unset: the last only; 0: never)",
+        },
+    ),
+    ("--score-samples", "score_samples", {"type": int, "help": "ddpm-unet: samples drawn per score"}),
+    (
+        "--fd-cache",
+        "fd_cache",
+        {"help": "ddpm-unet: folder caching the FD classifier (unset: the output folder's parent)"},
+    ),
 ]
 
 
@@ -235,7 +258,7 @@ def _train(args: argparse.Namespace, config: TrainConfig) -> None:
         return
     s = metrics["summary"]
     print(
-        f"done: acc@1 {s['acc1']:.2f}%  acc@5 {s['acc5']:.2f}%  "
+        f"done: {trainer.task.describe_summary(s)}  "
         f"FLOPs fwd {_fmt(s['flops']['forward'], 1e12, 'TFLOP')}  "
         f"bwd {_fmt(s['flops']['backward'], 1e12, 'TFLOP')}  "
         f"train time {_fmt(s['time']['train'], 1, 's')}  "
@@ -248,7 +271,7 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> None:
     from greenprop.experiments.compare import run_compare
     from greenprop.experiments.load_check import load_notes
     from greenprop.experiments.presets import get_preset
-    from greenprop.experiments.report import aggregate, format_table, write_report
+    from greenprop.experiments.report import aggregate, format_table, task_metrics, write_report
 
     preset = get_preset(args.preset) if args.preset else None
     base = dict(preset.config) if preset else {}
@@ -263,7 +286,7 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> None:
     paths = write_report(results, out, title=title, command=command)
     rows = aggregate(results)
     print()
-    print(format_table(rows))
+    print(format_table(rows, metrics=task_metrics(results)))
     print("\n".join(load_notes(rows)))
     print()
     print("report: " + "  ".join(str(p) for p in paths.values()))

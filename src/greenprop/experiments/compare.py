@@ -21,6 +21,7 @@ from greenprop import data as gp_data
 from greenprop.errors import GreenpropError, TrainingDiverged
 from greenprop.experiments.round_robin import epoch_slices
 from greenprop.methods import MethodSpec, build_method, parse_method
+from greenprop.models import task_of
 from greenprop.train.checkpoint import ensure_writable_dir
 from greenprop.train.config import TrainConfig
 from greenprop.train.setup import create_model
@@ -117,6 +118,8 @@ def run_compare(
     if len(set(labels)) != len(labels):
         raise GreenpropError(f"methods must be distinct, got {labels}")
     out = ensure_writable_dir(out_dir)
+    if task_of(base.model) == "diffusion" and base.fd_cache is None:
+        base = base.replace(fd_cache=str(out))  # one FD classifier for every run compared
     data = gp_data.load(
         base.dataset, data_dir=base.data_dir, subset=base.subset, test_subset=base.test_subset
     )

@@ -16,6 +16,7 @@ import numpy as np
 
 from greenprop.experiments.compare import RunResult
 
+_ACC1 = {"key": "acc1", "label": "test accuracy @1 (%)", "higher_is_better": True}
 
 def _legend(ax: Any, fontsize: float) -> None:
     """A legend when something is labelled (matplotlib warns on an empty one)."""
@@ -35,23 +36,25 @@ def _diverged_label(run: RunResult) -> str:
     return f"{run.method} seed {run.seed} (diverged in epoch {epoch})"
 
 
-def plot_accuracy_vs_saving(rows: list[dict[str, Any]], path: Path) -> None:
-    """Final top-1 accuracy (mean ± std over seeds) against the FLOPs saved."""
+def plot_accuracy_vs_saving(rows: list[dict[str, Any]], path: Path, metric: dict[str, Any] = _ACC1) -> None:
+    """The task's first metric (top-1 accuracy; FD for diffusion), mean ± std over seeds,
+    against the FLOPs saved."""
+    key = metric["key"]
     fig, ax = plt.subplots(figsize=(6, 4))
     absent = []
     for row in rows:
-        if row["acc1_mean"] is None:
-            absent.append(f"{row['method']} (diverged in every seed)")
+        if row[f"{key}_mean"] is None:
+            absent.append(f"{row['method']} (diverged or unscored in every seed)")
             continue
         if row["flops_saved_pct"] is None:
             absent.append(f"{row['method']} (no finished baseline to measure a saving against)")
             continue
         saving = row["flops_saved_pct"]
         ax.errorbar(
-            saving, row["acc1_mean"], yerr=row["acc1_std"] or 0.0, fmt="o", capsize=4, label=row["method"]
+            saving, row[f"{key}_mean"], yerr=row[f"{key}_std"] or 0.0, fmt="o", capsize=4, label=row["method"]
         )
     ax.set_xlabel("training FLOPs saved vs baseline (%)")
-    ax.set_ylabel("test accuracy @1 (%)")
+    ax.set_ylabel(metric["label"] + ("" if metric["higher_is_better"] else " (lower is better)"))
     ax.grid(alpha=0.3)
     _legend(ax, 8)
     _say_absent(ax, absent)
@@ -66,8 +69,9 @@ def _mean_or_nan(values: list[float | None]) -> float:
     return float(np.mean(known)) if known else float("nan")
 
 
-def plot_curves(results: list[RunResult], path: Path) -> None:
-    """Per-epoch test accuracy and losses, averaged over seeds, one line per method."""
+def plot_curves(results: list[RunResult], path: Path, metric: dict[str, Any] = _ACC1) -> None:
+    """Per-epoch test metric (accuracy; FD at scored epochs) and losses, mean over seeds,
+    one line per method."""
     by_method: dict[str, list[RunResult]] = defaultdict(list)
     for r in results:
         by_method[r.method].append(r)
@@ -77,15 +81,15 @@ def plot_curves(results: list[RunResult], path: Path) -> None:
         color = None
         epochs = [r.metrics["epochs"] for r in runs if not r.metrics.get("diverged")]
         if epochs:
-            color = _plot_method_curves(ax_acc, ax_loss, method, epochs)
+            color = _plot_method_curves(ax_acc, ax_loss, method, epochs, metric["key"])
         for run in (r for r in runs if r.metrics.get("diverged")):
-            drawn = _plot_diverged(ax_acc, ax_loss, run, color)
+            drawn = _plot_diverged(ax_acc, ax_loss, run, color, metric["key"])
             if drawn is None:
                 absent.append(_diverged_label(run) + ", no epoch finished")
             color = color or drawn
     ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("test accuracy @1 (%)")
-    ax_acc.set_title("accuracy (x: epoch without backprop; X, dotted: diverged)")
+    ax_acc.set_ylabel(metric["label"])
+    ax_acc.set_title(f"{metric['label']} (x: epoch without backprop; X, dotted: diverged)")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
     ax_loss.set_title("loss")
@@ -98,7 +102,7 @@ def plot_curves(results: list[RunResult], path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_diverged(ax_acc: Any, ax_loss: Any, run: RunResult, color: Any) -> Any:
+def _plot_diverged(ax_acc: Any, ax_loss: Any, run: RunResult, color: Any, key: str = "acc1") -> Any:
     """A diverged run's epochs before it diverged, dotted, ending in a big X.
 
     Returns the colour used (None when no epoch finished, so nothing was drawn).
@@ -107,21 +111,24 @@ def _plot_diverged(ax_acc: Any, ax_loss: Any, run: RunResult, color: Any) -> Any
     if not records:
         return None
     x = np.arange(1, len(records) + 1)
-    for ax, key in ((ax_acc, "acc1"), (ax_loss, "loss")):
-        values = [rec[key] for rec in records]
+    for ax, field in ((ax_acc, key), (ax_loss, "loss")):
+        values = np.array([_mean_or_nan([rec.get(field)]) for rec in records])
         (line,) = ax.plot(x, values, linestyle=":", color=color, label=_diverged_label(run))
         color = line.get_color()
         ax.scatter(x[-1:], values[-1:], marker="X", s=90, color=color, zorder=3)
     return color
 
 
-def _plot_method_curves(ax_acc: Any, ax_loss: Any, method: str, epochs: list[list[dict[str, Any]]]) -> Any:
+def _plot_method_curves(
+    ax_acc: Any, ax_loss: Any, method: str, epochs: list[list[dict[str, Any]]], key: str = "acc1"
+) -> Any:
     """One method's finished runs, averaged over seeds; returns the line colour."""
     n = min(len(e) for e in epochs)
     x = np.arange(1, n + 1)
-    acc = np.mean([[rec["acc1"] for rec in e[:n]] for e in epochs], axis=0)
+    acc = np.array([_mean_or_nan([e[i].get(key) for e in epochs]) for i in range(n)])
     test_loss = np.mean([[rec["loss"] for rec in e[:n]] for e in epochs], axis=0)
-    (line,) = ax_acc.plot(x, acc, marker="o", label=method)
+    known = ~np.isnan(acc)  # FD exists only at scored epochs
+    (line,) = ax_acc.plot(x[known], acc[known], marker="o", label=method)
     ax_loss.plot(x, test_loss, marker="o", color=line.get_color(), label=f"{method} (test)")
     train = [_mean_or_nan([e[i]["train_loss"] for e in epochs]) for i in range(n)]
     ax_loss.plot(x, train, linestyle="--", color=line.get_color(), label=f"{method} (train)")

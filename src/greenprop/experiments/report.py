@@ -16,6 +16,17 @@ from greenprop.train.checkpoint import write_json, write_text
 
 TERA = 1e12
 MIB = 2**20
+#: A run's task metrics when its metrics.json names none (written before tasks existed).
+CLASSIFICATION_METRICS: tuple[dict[str, Any], ...] = (
+    {"key": "acc1", "label": "Acc@1 (%)", "higher_is_better": True},
+    {"key": "acc5", "label": "Acc@5 (%)", "higher_is_better": True},
+)
+
+
+def task_metrics(results: list[RunResult]) -> tuple[dict[str, Any], ...]:
+    """The summary metrics of the comparison's task (``metrics.json``'s ``task``), best first."""
+    task = results[0].metrics.get("task") if results else None
+    return tuple(task["metrics"]) if task else CLASSIFICATION_METRICS
 
 
 def _mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -31,7 +42,15 @@ def _total(metrics: dict[str, Any], *path: str) -> dict[str, Any] | None:
     return node
 
 
-def _method_row(method: str, runs: list[RunResult]) -> dict[str, Any]:
+def _metric_stats(summaries: list[dict[str, Any]], key: str) -> tuple[float | None, float | None]:
+    """Mean and std of a summary metric; None where a run has no value (e.g. an unscored FD)."""
+    values = [s.get(key) for s in summaries]
+    return (None, None) if any(v is None for v in values) else _mean_std(values)
+
+
+def _method_row(
+    method: str, runs: list[RunResult], metrics: tuple[dict[str, Any], ...] = CLASSIFICATION_METRICS
+) -> dict[str, Any]:
     """Statistics over the runs that finished; diverged runs are only counted."""
     finished = [r for r in runs if not r.metrics.get("diverged")]
     row: dict[str, Any] = {
@@ -44,10 +63,7 @@ def _method_row(method: str, runs: list[RunResult]) -> dict[str, Any]:
             **row,
             "epochs": None,
             "epochs_replaced": None,
-            "acc1_mean": None,
-            "acc1_std": None,
-            "acc5_mean": None,
-            "acc5_std": None,
+            **{f"{m['key']}_{stat}": None for m in metrics for stat in ("mean", "std")},
             "tflops_forward": None,
             "tflops_backward": None,
             "train_time_s": None,
@@ -57,18 +73,16 @@ def _method_row(method: str, runs: list[RunResult]) -> dict[str, Any]:
             "peak_memory_mib": None,
         }
     summaries = [r.metrics["summary"] for r in finished]
-    acc1, acc1_std = _mean_std([s["acc1"] for s in summaries])
-    acc5, acc5_std = _mean_std([s["acc5"] for s in summaries])
+    values = {}
+    for m in metrics:
+        values[f"{m['key']}_mean"], values[f"{m['key']}_std"] = _metric_stats(summaries, m["key"])
     energies = [s["energy"] for s in summaries]
     energy_known = all(e["value"] is not None for e in energies)
     return {
         **row,
         "epochs": summaries[0]["epochs_run"],
         "epochs_replaced": statistics.fmean(s["epochs_replaced"] for s in summaries),
-        "acc1_mean": acc1,
-        "acc1_std": acc1_std,
-        "acc5_mean": acc5,
-        "acc5_std": acc5_std,
+        **values,
         "tflops_forward": statistics.fmean(s["flops"]["forward"]["value"] for s in summaries) / TERA,
         "tflops_backward": statistics.fmean(s["flops"]["backward"]["value"] for s in summaries) / TERA,
         "train_time_s": statistics.fmean(s["time"]["train"]["value"] for s in summaries),
@@ -86,14 +100,15 @@ def _peak_memory_mib(summaries: list[dict[str, Any]]) -> float | None:
 
 
 def aggregate(results: list[RunResult], baseline: str = "baseline") -> list[dict[str, Any]]:
-    """One row per method: accuracy mean/std, FLOPs, time, energy and savings vs baseline."""
+    """One row per method: the task's metrics (mean/std), FLOPs, time, energy and savings vs baseline."""
     by_method: dict[str, list[RunResult]] = defaultdict(list)
     for r in results:
         by_method[r.method].append(r)
-    rows = [_method_row(method, runs) for method, runs in by_method.items()]
+    metrics = task_metrics(results)
+    rows = [_method_row(method, runs, metrics) for method, runs in by_method.items()]
     base = next((row for row in rows if row["method"] == baseline), None)
-    for row in rows:
-        if base is None or base["acc1_mean"] is None or row["acc1_mean"] is None:
+    for row in rows:  # a row with epochs None: every run diverged
+        if base is None or base["epochs"] is None or row["epochs"] is None:
             row.update(flops_saved_pct=None, backward_saved_pct=None, time_ratio=None)
             continue
         base_total = base["tflops_forward"] + base["tflops_backward"]
@@ -116,21 +131,30 @@ def _opt(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
-COLUMNS = (
-    "Method",
-    "Saved (FLOPs)",
-    "Saved (bwd)",
-    "Acc@1 (%)",
-    "Acc@5 (%)",
-    "TFLOPs fwd / bwd",
-    "Train time (s)",
-    "Time vs base",
-    "Energy (J)",
-    "Peak mem (MiB)",
-)
+def columns(metrics: tuple[dict[str, Any], ...] = CLASSIFICATION_METRICS) -> tuple[str, ...]:
+    """The table's header; a lower-is-better metric's label ends in "↓"."""
+    labels = [m["label"] + ("" if m["higher_is_better"] else " ↓") for m in metrics]
+    return (
+        *("Method", "Saved (FLOPs)", "Saved (bwd)"),
+        *labels,
+        *("TFLOPs fwd / bwd", "Train time (s)", "Time vs base", "Energy (J)", "Peak mem (MiB)"),
+    )
 
 
-def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+COLUMNS = columns()
+
+
+def _metric_cell(row: dict[str, Any], key: str, first: bool) -> str:
+    """The metric's mean ± std; the first metric also counts diverged runs."""
+    mean, std = row[f"{key}_mean"], row[f"{key}_std"]
+    if mean is None and row["epochs"] is not None:
+        return "n/a"  # the runs finished without this metric (an FD never scored)
+    return _pm(mean, std, row["diverged"] if first else 0)
+
+
+def table_rows(
+    rows: list[dict[str, Any]], metrics: tuple[dict[str, Any], ...] = CLASSIFICATION_METRICS
+) -> list[list[str]]:
     out = []
     for r in rows:
         energy = _opt(r["energy_j"], ".4g")
@@ -141,8 +165,7 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
                 r["method"],
                 _opt(r["flops_saved_pct"], ".1f") + ("%" if r["flops_saved_pct"] is not None else ""),
                 _opt(r["backward_saved_pct"], ".1f") + ("%" if r["backward_saved_pct"] is not None else ""),
-                _pm(r["acc1_mean"], r["acc1_std"], r["diverged"]),
-                _pm(r["acc5_mean"], r["acc5_std"]),
+                *(_metric_cell(r, m["key"], i == 0) for i, m in enumerate(metrics)),
                 f"{_opt(r['tflops_forward'], '.4g')} / {_opt(r['tflops_backward'], '.4g')}",
                 _opt(r["train_time_s"], ".1f"),
                 time_ratio_cell(r),
@@ -153,18 +176,22 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     return out
 
 
-def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
-    """The comparison as aligned text (terminal) or a Markdown table."""
-    body = table_rows(rows)
+def format_table(
+    rows: list[dict[str, Any]],
+    markdown: bool = False,
+    metrics: tuple[dict[str, Any], ...] = CLASSIFICATION_METRICS,
+) -> str:
+    """The comparison as aligned text (terminal) or a Markdown table; ``metrics``: :func:`task_metrics`."""
+    body = table_rows(rows, metrics)
+    header = columns(metrics)
     if markdown:
-        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(cells) + " |" for cells in body]
         return "\n".join(lines)
-    widths = [max(len(h), *(len(c[i]) for c in body)) for i, h in enumerate(COLUMNS)]
+    widths = [max(len(h), *(len(c[i]) for c in body)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join(
-        [fmt.format(*COLUMNS), fmt.format(*("-" * w for w in widths))]
-        + [fmt.format(*cells) for cells in body]
+        [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*cells) for cells in body]
     )
 
 
@@ -180,6 +207,7 @@ def write_report(
 
     out = Path(out_dir)
     rows = aggregate(results)
+    metrics = task_metrics(results)
     paths = {
         "csv": out / "results.csv",
         "json": out / "results.json",
@@ -207,8 +235,8 @@ def write_report(
         },
         paths["json"],
     )
-    plot_accuracy_vs_saving(rows, paths["saving_plot"])
-    plot_curves(results, paths["curves_plot"])
+    plot_accuracy_vs_saving(rows, paths["saving_plot"], metrics[0])
+    plot_curves(results, paths["curves_plot"], metrics[0])
     if not plot_step_losses(results, paths["step_loss_plot"]):
         del paths["step_loss_plot"]
     extras = method_extras(results, out)
@@ -226,9 +254,9 @@ def write_report(
         f"Machine: {env['platform']}, torch {env['torch']}, device {env['device']}, "
         f"{env['threads']} threads, GLIBC_TUNABLES={env['GLIBC_TUNABLES'] or 'unset'}.",
         "",
-        format_table(rows, markdown=True),
+        format_table(rows, markdown=True, metrics=metrics),
         "",
-        "Accuracy is the final epoch's test accuracy, mean ± sample std over seeds. "
+        f"{_metrics_sentence(metrics)} "
         "FLOPs are counted with PyTorch's FlopCounterMode (training forward and backward"
         f"{flop_adjustments(results)}) "
         "and savings are relative to the baseline's counted FLOPs. Train time is measured wall "
@@ -250,6 +278,17 @@ def write_report(
         lines += [f"![{caption}]({path.name})", ""]
     write_text("\n".join(lines), paths["markdown"])
     return paths
+
+
+def _metrics_sentence(metrics: tuple[dict[str, Any], ...]) -> str:
+    """What the metric columns are (the classification wording predates other tasks)."""
+    if metrics == CLASSIFICATION_METRICS:
+        return "Accuracy is the final epoch's test accuracy, mean ± sample std over seeds."
+    labels = ", ".join(m["label"] for m in metrics)
+    return (
+        f"{labels}: the final epoch's values on the test split, mean ± sample std over seeds "
+        "(↓: lower is better)."
+    )
 
 
 def _peak_memory_source(results: list[RunResult]) -> str:

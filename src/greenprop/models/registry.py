@@ -1,7 +1,8 @@
 """``create(name)``: build any zoo model from a name plus validated options.
 
-Image models (:data:`MODELS`) take ``(B, C, H, W)`` float images; text models
-(:data:`TEXT_MODELS`) take ``(B, 2, L)`` token tensors (ids, attention mask).
+Image classifiers (:data:`MODELS`) take ``(B, C, H, W)`` float images; text models
+(:data:`TEXT_MODELS`) take ``(B, 2, L)`` token tensors (ids, attention mask); diffusion
+models (:data:`DIFFUSION_MODELS`) take noisy images and timesteps, ``model(x_t, t)``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from greenprop.models.cnn import SmallCNN
 from greenprop.models.mixer import MLPMixer
 from greenprop.models.mlp import MLP
 from greenprop.models.resnet import ResNet18
+from greenprop.models.unet import DDPMUNet
 from greenprop.models.vit import ViT
 
 
@@ -70,6 +72,7 @@ class _Entry:
     width_arg: str  # the constructor argument that `width` sets
     options: dict[str, Callable[[str, Any], Any]]  # extra keyword -> validator
     uses_image_size: bool = True
+    task: str = "classification"  # what a run of this model learns (greenprop.train.tasks)
 
 
 _ENTRIES: dict[str, _Entry] = {
@@ -91,6 +94,8 @@ _ENTRIES: dict[str, _Entry] = {
             "patch_size": _positive_int,
         },
     ),
+    # Noise prediction for DDPM (ssProp's diffusion setting); any side divisible by 4.
+    "ddpm-unet": _Entry(DDPMUNet, 16, "width", {}, uses_image_size=False, task="diffusion"),
 }
 
 
@@ -116,7 +121,9 @@ _TEXT_ENTRIES: dict[str, _TextEntry] = {
 }
 
 #: Image models: (B, C, H, W) float inputs.
-MODELS: tuple[str, ...] = tuple(_ENTRIES)
+MODELS: tuple[str, ...] = tuple(k for k, e in _ENTRIES.items() if e.task == "classification")
+#: Diffusion models: ``model(x_t, t)`` predicts the noise in ``x_t`` (B, C, H, W).
+DIFFUSION_MODELS: tuple[str, ...] = tuple(k for k, e in _ENTRIES.items() if e.task == "diffusion")
 #: Text models: (B, 2, L) token ids and attention mask, e.g. from ``rotten-tomatoes``.
 TEXT_MODELS: tuple[str, ...] = tuple(_TEXT_ENTRIES)
 MODALITIES = ("image", "text")
@@ -136,8 +143,9 @@ def create(
     """Build a freshly initialised model from the zoo.
 
     Args:
-        name: one of :data:`MODELS` or :data:`TEXT_MODELS` (case-insensitive; ``_``
-            works for ``-``), optionally with options after ``:`` as in ``--method``:
+        name: one of :data:`MODELS`, :data:`TEXT_MODELS` or :data:`DIFFUSION_MODELS`
+            (case-insensitive; ``_`` works for ``-``), optionally with options after ``:``
+            as in ``--method``:
             ``cnn:activation=tanh,hidden=64`` (the same as passing them in ``options``).
         num_classes: outputs of the final ``head`` Linear.
         in_channels: image channels (1 for grey, 3 for ``pad_to_32`` data). Ignored by
@@ -174,7 +182,9 @@ def create(
         return _create_text(key, text_entry, num_classes, width, dropout, modality, options)
     entry = _ENTRIES.get(key)
     if entry is None:
-        raise GreenpropError(f"unknown model {name!r}; choose one of {', '.join(MODELS + TEXT_MODELS)}")
+        raise GreenpropError(
+            f"unknown model {name!r}; choose one of {', '.join(MODELS + TEXT_MODELS + DIFFUSION_MODELS)}"
+        )
     if modality == "text":
         raise GreenpropError(
             f"model {key!r} takes images but the dataset is text; text models: {', '.join(TEXT_MODELS)}"
@@ -197,6 +207,13 @@ def create(
             raise GreenpropError(f"model {key!r} has no option {option!r} (its extra options: {valid})")
         kwargs[option] = validate(option, value)
     return entry.build(**kwargs)
+
+
+def task_of(name: str) -> str:
+    """What a run of model ``name`` learns: ``"classification"`` or ``"diffusion"`` (ddpm-unet)."""
+    key = parse_model_spec(name)[0].strip().lower().replace("_", "-")
+    entry = _ENTRIES.get(key)
+    return entry.task if entry is not None else "classification"
 
 
 def parse_model_spec(spec: str) -> tuple[str, dict[str, str]]:

@@ -52,6 +52,12 @@ class TrainConfig:
         eval_batch_size: batch size for evaluation.
         device: ``"cpu"``, ``"cuda"``, ... (``"auto"`` picks CUDA when present).
         progress: show progress bars.
+        diffusion_steps: T of the DDPM noise schedule (diffusion models only).
+        score_every: diffusion models: score samples (FD, PNG grid) after every this
+            many epochs and after the last; None scores the last epoch only, 0 never.
+        score_samples: diffusion models: samples drawn per score.
+        fd_cache: diffusion models: folder of the FD classifier cache (None: next to
+            the run's output, see :mod:`greenprop.diffusion.scoring`).
     """
 
     model: str = "cnn"
@@ -81,9 +87,14 @@ class TrainConfig:
     eval_batch_size: int = 512
     device: str = "auto"
     progress: bool = True
+    diffusion_steps: int = 200
+    score_every: int | None = None
+    score_samples: int = 256
+    fd_cache: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "step_size", "flops_samples", "eval_batch_size"):
+        positive = ("epochs", "batch_size", "step_size", "flops_samples", "eval_batch_size")
+        for name in (*positive, "diffusion_steps", "score_samples"):
             _require(
                 isinstance(getattr(self, name), int) and getattr(self, name) > 0,
                 name,
@@ -98,6 +109,12 @@ class TrainConfig:
                 value,
                 "must be a positive integer",
             )
+        _require(
+            self.score_every is None or (_int(self.score_every) and self.score_every >= 0),
+            "score_every",
+            self.score_every,
+            "must be an integer >= 0 (0: never score)",
+        )
         _require(_finite(self.lr) and self.lr > 0, "lr", self.lr, "must be a positive number")
         _require(
             _finite(self.weight_decay) and self.weight_decay >= 0,
@@ -156,6 +173,10 @@ class TrainConfig:
         """Fields (other than RESUMABLE_CHANGES) whose values differ."""
         mine, theirs = self.to_dict(), other.to_dict()
         return {k: (mine[k], theirs[k]) for k in mine if k not in RESUMABLE_CHANGES and mine[k] != theirs[k]}
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _finite(value: Any) -> bool:

@@ -40,6 +40,7 @@ from greenprop.errors import GreenpropError
 from greenprop.metering import Quantity
 from greenprop.seeding import trainer_epoch_seed
 from greenprop.train.evaluate import evaluate, evaluate_sums, evaluation_means, iterate_batches
+from greenprop.train.tasks import Task
 
 __all__ = [
     "DataParallel",
@@ -223,9 +224,14 @@ class Parallelism:
         """Per-rank counts summed over ranks (the same totals on every rank)."""
         return values
 
-    def evaluate(self, model: nn.Module, dataset: Dataset, **kwargs: Any) -> dict[str, float]:
-        """Mean loss, top-1 and top-5 (in %) over the whole of ``dataset``."""
-        return evaluate(model, dataset, **kwargs)
+    def evaluate(
+        self, model: nn.Module, dataset: Dataset, *, task: Task | None = None, **kwargs: Any
+    ) -> dict[str, float]:
+        """The task's test metrics over the whole of ``dataset`` (classification: mean loss,
+        top-1 and top-5 in %)."""
+        if task is None:
+            return evaluate(model, dataset, **kwargs)
+        return task.evaluation_means(task.evaluate_sums(model, dataset, **kwargs))
 
     def energy(self, quantity: Quantity, source: str) -> Quantity:
         """The run's energy over the epoch from this rank's meter reading."""
@@ -316,7 +322,9 @@ class DataParallel(Parallelism):
         keys = sorted(values)
         return dict(zip(keys, self._gather_sum([values[k] for k in keys]), strict=True))
 
-    def evaluate(self, model: nn.Module, dataset: Dataset, **kwargs: Any) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, dataset: Dataset, *, task: Task | None = None, **kwargs: Any
+    ) -> dict[str, float]:
         # Each rank's BatchNorm statistics moved with its own last batch (DDP broadcasts
         # rank 0's at the next forward): take rank 0's now, so every rank evaluates the
         # model that rank 0 checkpoints.
@@ -324,8 +332,13 @@ class DataParallel(Parallelism):
             for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
         shard = self._static_shard(dataset)
-        mine = evaluate_sums(model, shard, **kwargs) if len(shard) else dict.fromkeys(_SUMS, 0.0)
-        return evaluation_means(self.sum_values(mine))
+        sums, means, keys = (
+            (evaluate_sums, evaluation_means, _SUMS)
+            if task is None
+            else (task.evaluate_sums, task.evaluation_means, task.sum_keys)
+        )
+        mine = sums(model, shard, **kwargs) if len(shard) else dict.fromkeys(keys, 0.0)
+        return means(self.sum_values(mine))
 
     def energy(self, quantity: Quantity, source: str) -> Quantity:
         readings = gather_objects((socket.gethostname(), source, quantity.to_dict()))

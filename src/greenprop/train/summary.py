@@ -10,6 +10,7 @@ import torch
 
 from greenprop.metering import Quantity
 from greenprop.metering.load import summarize_load
+from greenprop.train.tasks import ClassificationTask, Task
 
 __all__ = ["environment", "summarize"]
 
@@ -48,11 +49,11 @@ def _peak_memory(history: list[dict[str, Any]]) -> dict[str, Any]:
     return max(known, key=lambda q: q.value or 0.0).to_dict()
 
 
-def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Totals over the epochs run so far: accuracy at the end, FLOPs, time, energy, peak memory."""
+def summarize(history: list[dict[str, Any]], task: Task | None = None) -> dict[str, Any]:
+    """Totals over the epochs run so far: the task's metrics at the end (accuracy for
+    classification, the default), FLOPs, time, energy, peak memory."""
     if not history:
         return {}
-    last = history[-1]
     phases = sorted({name for r in history for name in r["time"]})
     time_by_phase = {
         p: _sum_quantities([r["time"][p] for r in history if p in r["time"]], "s") for p in phases
@@ -62,10 +63,7 @@ def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
         "epochs_run": len(history),
         "epochs_replaced": sum(1 for r in history if r["replaced_by"]),
         "steps": sum(r["steps"] for r in history),
-        "acc1": last["acc1"],
-        "acc5": last["acc5"],
-        "test_loss": last["loss"],
-        "best_acc1": max(r["acc1"] for r in history),
+        **(task or ClassificationTask()).summary(history),
         "flops": {
             k: _sum_quantities([r["flops"][k] for r in history], "FLOP") for k in ("forward", "backward")
         },

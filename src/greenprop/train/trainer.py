@@ -52,6 +52,7 @@ from greenprop.train.optimizers import make_optimizer
 from greenprop.train.setup import check_preloaded, create_model, resolve_device
 from greenprop.train.signals import RunInterrupted, signal_number
 from greenprop.train.summary import environment, summarize
+from greenprop.train.tasks import call_model, make_task
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
@@ -62,6 +63,7 @@ RECORD_FIELDS = frozenset(
     {
         *("epoch", "lr", "energy", "memory", "loss", "acc1", "acc5", "flops", "time", "steps", "samples"),
         *("train_loss", "train_acc", "step_losses", "replaced_by", "reevaluated_by", "load"),
+        *("fd", "sample_grid"),  # the diffusion task's (greenprop.diffusion.task)
     }
 )
 
@@ -129,6 +131,8 @@ class Trainer:
             subset=config.subset,
             test_subset=config.test_subset,
         )
+        #: What the model learns: batches to inputs and targets, loss, evaluation (train/tasks.py).
+        self.task = make_task(config, self.data, self.parallel.world_size)
         torch.manual_seed(config.seed)
         self.model: nn.Module = create_model(config, self.data.info).to(self.device)
         if config.channels_last:
@@ -156,7 +160,7 @@ class Trainer:
         wrapped = self.parallel.wrap(self.model, self.device)  # after the surgery, as DDP requires
         if wrapped is not self.model:
             self.train_model = torch.compile(wrapped) if config.compile else wrapped
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.loss_fn = self.task.loss_fn
         self.run = RunContext(
             model=self.model,
             epochs=config.epochs,
@@ -212,16 +216,19 @@ class Trainer:
         if self._lock is not None:
             self._lock.release()
 
-    def _draw_batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """A random training batch (full batch size) for controllers that estimate on their own."""
+    def _draw_batch(self, generator: torch.Generator) -> tuple[Any, Any]:
+        """A random training batch (full batch size) for controllers that estimate on their own:
+        the task's ``(inputs, targets)``, its random draws (DDPM's noise) from ``generator`` too."""
         source = self.parallel.estimation_data(self.data.train)
         size = self.parallel.rank_batch_size(self.config.batch_size)
         x, y = source[torch.randperm(len(source), generator=generator)[:size]]
-        return prepare_inputs(x, self.device, self.config.channels_last), y.to(self.device)
+        return self.task.batch(
+            prepare_inputs(x, self.device, self.config.channels_last), y.to(self.device), generator
+        )
 
-    def _batch_loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x, y = batch
-        return self.loss_fn(model(x), y)
+    def _batch_loss(self, model: nn.Module, batch: tuple[Any, Any]) -> torch.Tensor:
+        inputs, targets = batch
+        return self.loss_fn(call_model(model, inputs), targets)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
@@ -394,6 +401,9 @@ class Trainer:
                 record["reevaluated_by"] = controller.name
                 with timer.phase("eval"):
                     record.update(self._evaluate())
+        with timer.phase("eval"):  # scoring is evaluation: not in the train time
+            if self.parallel.is_main:
+                record.update(self.task.score(self.eval_model, epoch, self.out_dir if self.writes else None))
         if not math.isfinite(record["loss"]):
             what = f"the update of {record['replaced_by']}" if record["replaced_by"] else "training"
             raise TrainingDiverged(
@@ -434,6 +444,7 @@ class Trainer:
         return self.parallel.evaluate(
             self.eval_model,
             self.data.test,
+            task=self.task,
             batch_size=self.config.eval_batch_size,
             device=self.device,
             channels_last=self.config.channels_last,
@@ -447,7 +458,8 @@ class Trainer:
         model.train()
         batches = self.parallel.epoch_batches(self.data.train, c.batch_size, c.seed, epoch)
         flops = {"forward": 0.0, "backward": 0.0}
-        loss_sum, samples, correct = 0.0, 0, 0
+        loss_sum, samples = 0.0, 0
+        task_sums: dict[str, float] = {}
         step_losses: list[float] = []
         bar = tqdm(
             total=self.steps_per_epoch,
@@ -464,15 +476,16 @@ class Trainer:
             with timer.phase("data"):
                 x, y = next(batches)
                 x, y = prepare_inputs(x, self.device, c.channels_last), y.to(self.device)
+                inputs, targets = self.task.batch(x, y)
             with timer.phase("hooks"):
                 for controller in self.controllers:
                     controller.on_step_start(epoch, step)
-            per_sample = self._flops_per_sample(epoch, step, x, y)
+            per_sample = self._flops_per_sample(epoch, step, inputs, targets)
             flops["forward"] += per_sample.forward * len(y)
             flops["backward"] += per_sample.backward * len(y)
             with timer.phase("forward"):
-                logits = model(x)
-                loss = self.loss_fn(logits, y)
+                outputs = call_model(model, inputs)
+                loss = self.loss_fn(outputs, targets)
             with timer.phase("backward"):
                 loss.backward()
             with timer.phase("optimizer"):
@@ -492,20 +505,21 @@ class Trainer:
                     flops[phase] += delta
             step_losses.append(loss_value)
             loss_sum += loss_value * len(y)
-            correct += int((logits.detach().argmax(1) == y).sum())
+            for key, value in self.task.train_sums(outputs.detach(), targets).items():
+                task_sums[key] = task_sums.get(key, 0.0) + value
             samples += len(y)
             bar.update()
             if step % 10 == 0 or step + 1 == self.steps_per_epoch:
                 rate = samples / max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{rate:.0f}")
         bar.close()
-        totals = self.parallel.sum_values({"loss_sum": loss_sum, "samples": samples, "correct": correct})
-        loss_sum, samples, correct = totals["loss_sum"], int(totals["samples"]), totals["correct"]
+        totals = self.parallel.sum_values({**task_sums, "loss_sum": loss_sum, "samples": samples})
+        loss_sum, samples = totals.pop("loss_sum"), int(totals.pop("samples"))
         record.update(
             steps=self.steps_per_epoch,
             samples=samples,
             train_loss=loss_sum / samples,
-            train_acc=100.0 * correct / samples,
+            **self.task.train_fields(totals, samples),
             step_losses=step_losses,
         )
         source = (
@@ -516,7 +530,7 @@ class Trainer:
             source += "; " + "; ".join(self.flop_adjustments)
         return flops, source
 
-    def _flops_per_sample(self, epoch: int, step: int, x: torch.Tensor, y: torch.Tensor) -> FlopCount:
+    def _flops_per_sample(self, epoch: int, step: int, x: Any, y: Any) -> FlopCount:
         """Counted FLOPs of one sample's step, cached by the FLOP accounts' cost keys.
 
         Counting runs outside the timed phases: FlopCounterMode slows a step many times.
@@ -541,11 +555,7 @@ class Trainer:
             parts.append(f"[{record['replaced_by']}: no backprop]")
         else:
             parts.append(f"train loss {record['train_loss']:.4f}")
-        parts += [
-            f"test loss {record['loss']:.4f}",
-            f"acc@1 {record['acc1']:.2f}%",
-            f"acc@5 {record['acc5']:.2f}%",
-        ]
+        parts += self.task.describe(record)
         seconds = sum(q["value"] for q in record["time"].values())
         parts.append(f"{seconds:.1f} s")
         print("  ".join(parts), flush=True)
@@ -563,6 +573,7 @@ class Trainer:
             "flop_adjustments": self.flop_adjustments,
             "model_parameters": sum(p.numel() for p in self.model.parameters()),
             "distributed": {**self.parallel.describe(), "parameter_spread": self.parameter_spread},
+            "task": self.task.to_dict(),
             "epochs": self.history,
-            "summary": summarize(self.history),
+            "summary": summarize(self.history, self.task),
         }

@@ -23,8 +23,12 @@ CONFIG = VCASConfig
 def build(
     model: nn.Module, options: dict[str, str], *, epochs: int, steps_per_epoch: int, seed: int
 ) -> list[Controller]:
-    """Validate ``options``, apply VCAS to the model's repeated blocks, return the controller."""
+    """Validate ``options``, apply VCAS to the model's blocks, return the controller.
+
+    The blocks are the model's ``vcas_block_types`` where it names them (the DDPM U-Net's
+    residual blocks), else its repeated layers (:func:`~greenprop.vcas.surgery.find_blocks`).
+    """
     config = VCASConfig.from_dict({"seed": seed, **options})
     with conversion_required("vcas"):
-        apply_vcas(model, config)
+        apply_vcas(model, config, block_types=getattr(model, "vcas_block_types", None))
     return [VCAS(model, config)]
