@@ -1,6 +1,7 @@
 """One rank of the DDP tests (run by torchrun from test_distributed.py): every method setting, thrice.
 
-For each setting of ``method_settings.SETTINGS`` named on the command line, this rank trains
+For each setting of ``method_settings.SETTINGS`` (and ``PER_RANK_SETTINGS``) named on the
+command line, this rank trains
 the run uninterrupted, then again stopped before the setting's ``cut`` epoch and resumed by a
 new Trainer from the checkpoint, and saves what the test compares across ranks and runs to
 ``OUT/<id>/rank<R>.pt``: both runs' final parameters, GradSamp's sampled epochs, VCAS's ratios.
@@ -28,7 +29,7 @@ from greenprop.controller import Controller
 from greenprop.train.distributed import process_group
 from greenprop.train.launch import die_with_launcher
 from greenprop.train.trainer import Trainer
-from method_settings import SETTINGS
+from method_settings import PER_RANK_SETTINGS, SETTINGS
 
 
 class Stop(Exception):
@@ -79,7 +80,7 @@ def main(out: Path, ids: list[str], fail_rank: int | None) -> None:
         rank = dist.get_rank()
         if fail_rank is not None:
             Trainer(SETTINGS[0].config, controllers=[Crash(fail_rank)]).fit()
-        for setting in [s for s in SETTINGS if s.id in ids]:
+        for setting in [s for s in [*SETTINGS, *PER_RANK_SETTINGS] if s.id in ids]:
             folder = out / setting.id
             full = Trainer(setting.config, folder / "full")
             full.fit()

@@ -1,7 +1,8 @@
 """Data-parallel training: 2 gloo processes on loopback for every method, resume, launcher, failures.
 
 The multi-process runs are real: torchrun (``torch.distributed.run``) starts
-``tests/ddp_worker.py`` for every method setting of ``method_settings.SETTINGS`` at once,
+``tests/ddp_worker.py`` for every method setting of ``method_settings.SETTINGS`` (and the
+ssProp settings whose ranks select differently, ``PER_RANK_SETTINGS``) at once,
 and ``greenprop train --nproc 2`` goes through greenprop's own launcher. Every launch
 has a deadline: a rank that waits for a collective the others never join fails the
 test instead of hanging it, and the launcher with its workers is stopped in any case.
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -25,10 +28,13 @@ from greenprop.cli import main
 from greenprop.errors import GreenpropError
 from greenprop.train.distributed import DataParallel, Shard, SingleProcess
 from greenprop.train.trainer import Trainer
-from method_settings import SETTINGS
+from method_settings import PER_RANK_SETTINGS, SETTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
-IDS = [s.id for s in SETTINGS]
+#: Every setting 2 ranks train; all but the timing-calibrated one also resume exactly.
+DDP_SETTINGS = [*SETTINGS, *PER_RANK_SETTINGS]
+DDP_IDS = [s.id for s in DDP_SETTINGS]
+EXACT_RESUME = [s for s in DDP_SETTINGS if "calibrate" not in s.config.method]
 TORCHRUN = [
     *(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"),
     *("--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--local-addr", "127.0.0.1"),
@@ -37,11 +43,11 @@ TINY = ["--dataset", "digits", "--model", "cnn", "--epochs", "2", "--batch-size"
 TINY += ["--subset", "256", "--test-subset", "128", "--flops-samples", "8", "--no-progress"]
 
 
-def run_bounded(command: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+def run_bounded(command: list[str], timeout: float, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     """Run a launcher; past ``timeout`` stop it (it stops its workers) and fail the test."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        command, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        command, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -84,7 +90,7 @@ def _alive(pid: int) -> bool:
 def ddp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every method setting trained by 2 ranks: uninterrupted, then cut and resumed."""
     out = tmp_path_factory.mktemp("ddp")
-    result = run_bounded([*TORCHRUN, "tests/ddp_worker.py", str(out), *IDS], timeout=240)
+    result = run_bounded([*TORCHRUN, "tests/ddp_worker.py", str(out), *DDP_IDS], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_stopped(out)
     return out
@@ -101,7 +107,7 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 
 # --------------------------------------------------------------------- 2 ranks, every method
-@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("setting", DDP_SETTINGS, ids=DDP_IDS)
 def test_ranks_end_with_identical_models(ddp_runs, setting):
     rank0, rank1 = load_ranks(ddp_runs / setting.id)
     assert_same_tensors(rank0["full"], rank1["full"])  # parameters and BatchNorm buffers
@@ -115,7 +121,7 @@ def test_ranks_end_with_identical_models(ddp_runs, setting):
     assert all(r["steps"] == 0 for r in metrics["epochs"] if r["replaced_by"])
 
 
-@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("setting", EXACT_RESUME, ids=[s.id for s in EXACT_RESUME])
 def test_resume_under_ddp_equals_the_uninterrupted_run(ddp_runs, setting):
     for rank in load_ranks(ddp_runs / setting.id):
         assert_same_tensors(rank["full"], rank["resumed"])
@@ -203,6 +209,40 @@ def test_nproc_inside_torchrun_is_refused(tmp_path, capsys, monkeypatch):
     assert main(["train", *TINY, "--out", str(tmp_path / "x"), "--nproc", "2"]) == 2
     err = capsys.readouterr().err
     assert "(rank 1) --nproc inside torchrun" in err
+
+
+# --------------------------------------------------------------------- docs/distributed.md
+DOC = ROOT / "docs" / "distributed.md"
+#: How the doc's commands run here: this interpreter, this checkout's greenprop.
+LAUNCHERS = {
+    "greenprop": [sys.executable, "-m", "greenprop"],
+    "torchrun": [sys.executable, "-m", "torch.distributed.run"],
+}
+
+
+def doc_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
+
+
+def doc_commands() -> list[list[str]]:
+    """Every command of the doc's ``bash`` blocks (a trailing backslash continues a line)."""
+    lines = [line for block in doc_blocks("bash") for line in block.replace("\\\n", " ").splitlines()]
+    return [words for line in lines if (words := shlex.split(line, comments=True))]
+
+
+@pytest.mark.parametrize("words", doc_commands(), ids=[f"{i}-{w[0]}" for i, w in enumerate(doc_commands())])
+def test_the_doc_s_commands_train_two_identical_ranks(tmp_path, words):
+    """Each command of docs/distributed.md, run as written, in a folder holding the doc's scripts."""
+    for block in doc_blocks("python"):
+        if name := re.match(r"# (\S+\.py)\b", block):
+            (tmp_path / name.group(1)).write_text(block)
+    result = run_bounded([*LAUNCHERS[words[0]], *words[1:]], timeout=180, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [written] = tmp_path.rglob("metrics.json")
+    metrics = json.loads(written.read_text())
+    assert metrics["complete"]
+    assert metrics["distributed"]["world_size"] == 2
+    assert metrics["distributed"]["parameter_spread"] == 0.0
 
 
 # --------------------------------------------------------------------- shards (no processes)
