@@ -165,6 +165,15 @@ def test_a_failing_rank_stops_the_others(tmp_path):
     assert_stopped(tmp_path)
 
 
+def test_ranks_that_call_different_collectives_fail_instead_of_hanging(tmp_path):
+    """What a skip decision taken on one rank only would do: the run fails within the timeout."""
+    command = [*TORCHRUN, "tests/ddp_worker.py", str(tmp_path), "--skip-rank", "1", "--timeout", "10"]
+    result = run_bounded(command, timeout=150)
+    assert result.returncode != 0
+    assert re.search(r"[Tt]imed out waiting 10000ms", result.stderr)  # gloo's timeout ended it
+    assert_stopped(tmp_path)
+
+
 # --------------------------------------------------------------------- greenprop train --nproc
 def test_greenprop_train_nproc_runs_ddp_and_reports_errors_once(tmp_path, capsys):
     out = tmp_path / "run"
