@@ -101,12 +101,23 @@ def _mean_sd(values: Sequence[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+def _summary(run: dict[str, Any], quantity: str, part: str) -> float:
+    return run["metrics"]["summary"][quantity][part]["value"]
+
+
 def table(results: dict[str, list[dict[str, Any]]]) -> list[str]:
     rows = []
     for name, pairs in results.items():
         acc = {p: [pair[f"np{p}"]["metrics"]["summary"]["acc1"] for pair in pairs] for p in (1, 2)}
         spread = max(pair["np2"]["metrics"]["distributed"]["parameter_spread"] for pair in pairs)
         ratios = [pair["np2"]["wall_s"] / pair["np1"]["wall_s"] for pair in pairs]
+        train = [
+            _summary(pair["np2"], "time", "train") / _summary(pair["np1"], "time", "train") for pair in pairs
+        ]
+        flops = [
+            _summary(pair["np2"], "flops", "backward") / _summary(pair["np1"], "flops", "backward")
+            for pair in pairs
+        ]
         loads = [pair[f"np{p}"][k] for pair in pairs for p in (1, 2) for k in ("load_before", "load_after")]
         rows.append(
             [
@@ -116,11 +127,13 @@ def table(results: dict[str, list[dict[str, Any]]]) -> list[str]:
                 " / ".join(f"{b - a:+.1f}" for a, b in zip(acc[1], acc[2], strict=True)),
                 f"{spread:g}",
                 " / ".join(f"{r:.2f}" for r in ratios),
+                " / ".join(f"{r:.2f}" for r in train),
+                " / ".join(f"{r:.3f}" for r in flops),
                 f"{min(loads):.1f}-{max(loads):.1f}",
             ]
         )
     header = ["run", "acc@1 1 proc", "acc@1 2 procs", "2 - 1 per seed", "param spread", "wall 2/1 per seed"]
-    header.append("load avg")
+    header += ["train time 2/1", "bwd FLOPs 2/1", "load avg"]
     return markdown_table(header, rows)
 
 
@@ -134,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     env = environment(__file__, sys.argv[1:] if argv is None else argv)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # every process, in both runs
+    env["threads"] = args.threads
     results = measure(args.out, args.seeds)
     lines = header_lines(env, "DDP on 2 processes vs 1 process (greenprop train --nproc 2)")
     print("\n".join([*lines, *table(results)]))
