@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shlex
 import signal
@@ -26,9 +27,11 @@ import torch
 
 from greenprop.cli import main
 from greenprop.errors import GreenpropError
+from greenprop.train.checkpoint import load_checkpoint
 from greenprop.train.distributed import DataParallel, Shard, SingleProcess
-from greenprop.train.trainer import Trainer
+from greenprop.train.trainer import CHECKPOINT, METRICS, Trainer
 from method_settings import PER_RANK_SETTINGS, SETTINGS
+from test_reliability import _cli_args as cli_args
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Every setting 2 ranks train; all but the timing-calibrated one also resume exactly.
@@ -172,6 +175,27 @@ def test_ranks_that_call_different_collectives_fail_instead_of_hanging(tmp_path)
     assert result.returncode != 0
     assert re.search(r"[Tt]imed out waiting 10000ms", result.stderr)  # gloo's timeout ended it
     assert_stopped(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_ddp_run_killed_by_sigkill_resumes_to_the_uninterrupted_weights(tmp_path):
+    """Both ranks SIGKILLed at a random step of a later real epoch; ``--resume`` under torchrun."""
+    setting = next(s for s in SETTINGS if s.id == "gradsamp+ssprop")  # epoch 2 is sampled
+    steps = 4  # 256 examples, 128 per rank, 32 a step
+    batch = random.Random("ddp-sigkill").randrange(steps + 1, 3 * steps) + 1  # in epoch 1 or 3
+    args = [*cli_args(setting.config)]
+    runner = [*TORCHRUN, str(ROOT / "tests" / "fault_runner.py")]
+    killed = run_bounded([*runner, f"signal:KILL:{batch}", "--", *args, "--out", "run"], 180, tmp_path)
+    assert killed.returncode != 0 and "Signal 9 (SIGKILL)" in killed.stderr, killed.stderr[-2000:]
+    assert not json.loads((tmp_path / "run" / METRICS).read_text())["complete"]
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT)["epoch"] in (1, 3)  # resumes mid-run
+    resumed = run_bounded([*runner, "none", "--", *args, "--out", "run", "--resume"], 180, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    whole = run_bounded([*runner, "none", "--", *args, "--out", "whole"], 180, tmp_path)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    final, expected = (load_checkpoint(tmp_path / name / CHECKPOINT) for name in ("run", "whole"))
+    assert final["epoch"] == expected["epoch"] == setting.config.epochs
+    assert_same_tensors(final["model"], expected["model"])
 
 
 # --------------------------------------------------------------------- greenprop train --nproc
