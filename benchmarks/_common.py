@@ -27,11 +27,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from greenprop.metering import PeakMemory
+from greenprop.metering.memory import release_free_heap
+
 try:
     import resource
 except ImportError:  # not on Windows
     resource = None  # type: ignore[assignment]
 
+MIB = 2**20
 #: Environment variables that change CPU timings; printed in the header.
 TIMING_ENV = ("GLIBC_TUNABLES", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "LD_PRELOAD", "DNNL_MAX_CPU_ISA")
 
@@ -164,13 +168,29 @@ class Timings:
     minor_faults: dict[str, list[int]]
 
 
-def interleaved_times(fns: Mapping[str, Callable[[], object]], rounds: int, warmup: int) -> Timings:
+def synchronizer(device: torch.device | str | None) -> Callable[[], None]:
+    """What waits for ``device``'s queued kernels (CUDA runs asynchronously); a no-op on CPU."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def interleaved_times(
+    fns: Mapping[str, Callable[[], object]],
+    rounds: int,
+    warmup: int,
+    device: torch.device | str | None = None,
+) -> Timings:
     """Seconds (and page faults) per call of each function, one call each per round.
 
     Interleaving exposes all variants to the same drift (thermal, other processes);
     the order rotates every round so none gets a first-in-round advantage. Python's
     GC is off while timing so a collection does not land in one variant's measurement.
+    On CUDA the device is synchronized before and after every call, so a call is
+    charged its kernels' time, not their launches'.
     """
+    sync = synchronizer(device)
     names = list(fns)
     for i in range(warmup):
         for name in rotated(names, i):
@@ -183,14 +203,50 @@ def interleaved_times(fns: Mapping[str, Callable[[], object]], rounds: int, warm
         for r in range(rounds):
             for name in rotated(names, r):
                 faults = minor_page_faults()
+                sync()
                 start = time.perf_counter()
                 fns[name]()
+                sync()
                 timings.seconds[name].append(time.perf_counter() - start)
                 timings.minor_faults[name].append(minor_page_faults() - faults)
     finally:
         if gc_was_enabled:
             gc.enable()
     return timings
+
+
+def step_memory(
+    fns: Mapping[str, Callable[[], object]], device: torch.device | str | None = None
+) -> dict[str, dict[str, Any]]:
+    """Peak memory of one untimed call of each function, as MiB above the call's start.
+
+    The rise above the start is what the call itself needed at its worst moment (its
+    activations, gradients, workspaces); the models and data every variant keeps
+    resident are not in it. On CPU freed heap pages are handed back to the OS first
+    (:func:`greenprop.metering.memory.release_free_heap`), or a call reusing them
+    would not raise the RSS. ``{name: {"growth_mib", "peak_mib", "kind", "source"}}``.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, fn in fns.items():
+        gc.collect()
+        release_free_heap()
+        meter = PeakMemory(device or "cpu")
+        meter.start()
+        fn()
+        reading = meter.stop()
+        growth = reading.growth()
+        out[name] = {
+            "growth_mib": None if growth.value is None else growth.value / MIB,
+            "peak_mib": None if reading.peak.value is None else reading.peak.value / MIB,
+            "kind": growth.kind,
+            "source": growth.source,
+        }
+    return out
+
+
+def memory_cell(reading: Mapping[str, Any]) -> str:
+    """A :func:`step_memory` reading for a table: its rise in MiB, or n/a (never 0)."""
+    return "n/a" if reading["growth_mib"] is None else f"{reading['growth_mib']:.1f}"
 
 
 def quartiles(values: Sequence[float]) -> tuple[float, float, float]:

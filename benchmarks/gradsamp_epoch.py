@@ -21,51 +21,60 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
-from _common import add_threads_option, set_threads
+from _common import add_threads_option, set_threads, synchronizer
 from greenprop import models
 from greenprop.gradsamp import GradSamp, GradSampConfig
 
 EPOCH_IMAGES = 60_000
 
 
-def time_training_steps(model: torch.nn.Module, batch: int, steps: int, image_size: int) -> float:
-    """Median seconds of one forward + backward + SGD step on a fixed random batch."""
+def time_training_steps(
+    model: torch.nn.Module, batch: int, steps: int, image_size: int, device: torch.device | str = "cpu"
+) -> float:
+    """Median seconds of one forward + backward + SGD step on a fixed random batch (on ``device``)."""
+    sync = synchronizer(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, 1, image_size, image_size)
-    y = torch.randint(0, 10, (batch,))
+    x = torch.randn(batch, 1, image_size, image_size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
     times = []
     for i in range(steps + 1):
+        sync()
         start = time.perf_counter()
         loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sync()
         if i:  # the first step warms up allocators and kernels
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
 def time_sampled_epoch(model: torch.nn.Module, repeats: int) -> dict[str, float]:
-    """Median seconds of snapshot, update, and fit + sample + apply."""
+    """Median seconds of snapshot, update, and fit + sample + apply (on the model's device)."""
+    sync = synchronizer(next(model.parameters()).device)
     parts: dict[str, list[float]] = {"snapshot": [], "update": [], "sample": []}
+
+    def timed(part: str, fn: Callable[[], object]) -> None:
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        parts[part].append(time.perf_counter() - start)
+
     for r in range(repeats):
         gs = GradSamp(model, GradSampConfig(strategy="pe:1", seed=r), epochs=3)
-        start = time.perf_counter()
-        gs.on_epoch_start(0)
-        parts["snapshot"].append(time.perf_counter() - start)
+        timed("snapshot", lambda gs=gs: gs.on_epoch_start(0))
         with torch.no_grad():  # stand-in for a real epoch's training: a heavy-tailed change
             for p in model.parameters():
-                p.add_(torch.distributions.Laplace(0.0, 1e-3).sample(p.shape), alpha=1.0)
-        start = time.perf_counter()
-        gs.on_epoch_end(0)
-        parts["update"].append(time.perf_counter() - start)
+                p.add_(torch.distributions.Laplace(0.0, 1e-3).sample(p.shape).to(p.device), alpha=1.0)
+        timed("update", lambda gs=gs: gs.on_epoch_end(0))
         gs.on_epoch_start(1)
-        start = time.perf_counter()
-        gs.sampled_update(1)
-        parts["sample"].append(time.perf_counter() - start)
+        timed("sample", lambda gs=gs: gs.sampled_update(1))
     return {k: statistics.median(v) for k, v in parts.items()}
 
 

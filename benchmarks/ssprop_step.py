@@ -45,9 +45,11 @@ from _common import (
     header_lines,
     interleaved_times,
     markdown_table,
+    memory_cell,
     quartiles,
     save_results,
     start,
+    step_memory,
 )
 from _narrow_conv import apply_reference
 from greenprop import models
@@ -86,6 +88,7 @@ class StepResult:
     b_over_c_of_medians: float
     target_b_over_a: float | None
     final_loss: dict[str, float]
+    memory: dict[str, dict[str, Any]]  # variant -> peak memory of one untimed step (step_memory)
 
 
 def build_variants(
@@ -139,6 +142,7 @@ def benchmark_keep(base: nn.Module, keep: float, args: argparse.Namespace) -> St
     timings = interleaved_times(steps, args.rounds, args.warmup)
     times = timings.seconds
     final_loss = {name: float(step()) for name, step in steps.items()}  # one untimed step: a NaN check
+    memory = step_memory(steps)
     medians = {name: statistics.median(t) for name, t in times.items()}
 
     def per_round(num: str, den: str) -> list[float]:
@@ -166,6 +170,7 @@ def benchmark_keep(base: nn.Module, keep: float, args: argparse.Namespace) -> St
         b_over_c_of_medians=medians["b"] / medians["c"],
         target_b_over_a=TARGET_B_OVER_A.get(round(keep, 6)),
         final_loss=final_loss,
+        memory=memory,
     )
 
 
@@ -233,9 +238,15 @@ def report(env: Mapping[str, Any], args: argparse.Namespace, results: Sequence[S
     faults = "; ".join(
         f"keep {r.keep:g}: " + " / ".join(f"{r.faults_per_step[v]:.0f}" for v in VARIANTS) for r in results
     )
+    memory = "; ".join(
+        f"keep {r.keep:g}: " + " / ".join(memory_cell(r.memory[v]) for v in VARIANTS) for r in results
+    )
     lines += [
         f"Minor page faults per step, median, a / b / c: {faults}. Thousands per step mean the "
         "allocator hands each step fresh pages (see GLIBC_TUNABLES in benchmarks/README.md).",
+        "",
+        f"Peak memory of one untimed step above its start (MiB), a / b / c: {memory} "
+        f"({results[0].memory['a']['source']}).",
         "",
     ]
     bad = [

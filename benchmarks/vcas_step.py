@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import statistics
 import sys
@@ -42,10 +43,12 @@ from _common import (
     forward_backward_flops,
     header_lines,
     markdown_table,
+    memory_cell,
     quartiles,
     rotated,
     save_results,
     start,
+    step_memory,
 )
 from greenprop import data, models
 from greenprop.errors import GreenpropError
@@ -74,6 +77,7 @@ class Row:
     kept_rows: dict[int, float]  # block -> mean rows kept per step
     seen_rows: dict[int, float]  # block -> mean rows entering its sampler per step (the batch)
     per_repeat_s: dict[str, dict[str, list[float]]]
+    memory: dict[str, dict[str, Any]]  # variant -> peak memory of one untimed step (step_memory)
 
 
 def load_batch(name: str, batch: int, seq_len: int, source: str, seed: int) -> tuple[Tensor, Tensor, str]:
@@ -109,6 +113,14 @@ def build(name: str, seed: int) -> nn.Module:
     return model.train()
 
 
+def set_ratios(handle: VCASHandle, r: float, nu: float) -> None:
+    """Fix every block sampler's ratio to ``r`` and every VCAS Linear's token ratio to ``nu``."""
+    for sampler in handle.samplers:
+        sampler.ratio = r
+    for layer in handle.linears.values():
+        layer.vcas_weight_ratio = nu
+
+
 def timed_step(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
     """Seconds of the forward (with the loss) and of ``loss.backward()``; grads reset untimed."""
     start = time.perf_counter()
@@ -131,10 +143,7 @@ def measure(
     args: argparse.Namespace,
 ) -> Row:
     """Set the VCAS ratios, then time both variants' steps interleaved."""
-    for sampler in handle.samplers:
-        sampler.ratio = r
-    for layer in handle.linears.values():
-        layer.vcas_weight_ratio = nu
+    set_ratios(handle, r, nu)
     x, y = batch
     flops_counted = forward_backward_flops(variants["vcas"], x, y) / dense_flops
     for i in range(args.warmup):
@@ -155,6 +164,7 @@ def measure(
         if gc_was_enabled:
             gc.enable()
     tally = handle.runtime.take_tally()
+    memory = step_memory({v: functools.partial(timed_step, variants[v], x, y) for v in VARIANTS})
     for t in times.values():
         t["step"] = [f + b for f, b in zip(t["fwd"], t["bwd"], strict=True)]
     med = {v: {part: statistics.median(s) for part, s in t.items()} for v, t in times.items()}
@@ -174,12 +184,14 @@ def measure(
         kept_rows={b: kept / args.repeats for b, (kept, _) in sorted(tally.rows.items())},
         seen_rows={b: seen / args.repeats for b, (_, seen) in sorted(tally.rows.items())},
         per_repeat_s=times,
+        memory=memory,
     )
 
 
 def result_table(rows: Sequence[Row]) -> list[str]:
     header = ["r", "nu", "dense fwd", "dense bwd", "vcas fwd", "vcas bwd", "bwd vcas/dense"]
     header += ["step vcas/dense [IQR]", "step FLOPs (counted)", "Linear bwd FLOPs (tally)", "kept rows / B"]
+    header += ["peak MiB dense / vcas"]
     body = []
     for row in rows:
         ms = {v: {part: f"{1e3 * s:.1f}" for part, s in t.items()} for v, t in row.median_s.items()}
@@ -195,6 +207,7 @@ def result_table(rows: Sequence[Row]) -> list[str]:
                 f"{row.flops_counted:.3f}",
                 f"{row.flops_tally:.3f}",
                 f"{kept:.1f} / {seen:g}",
+                " / ".join(memory_cell(row.memory[v]) for v in VARIANTS),
             ]
         )
     return markdown_table(header, body)
@@ -228,7 +241,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "fp32, dropout off, no optimizer; times in ms. vcas = `apply_vcas` (mode FULL), every "
         "sampler's ratio = r, every Linear's `vcas_weight_ratio` = nu. Ratios are of medians; "
         "[IQR] of the per-repeat step ratios. step FLOPs: FlopCounterMode, one step; Linear bwd "
-        "FLOPs: the runtime's tally over the timed steps; kept rows: mean per block per step.",
+        "FLOPs: the runtime's tally over the timed steps; kept rows: mean per block per step; "
+        "peak MiB: memory of one untimed step above its start (on CPU the rise of the process's "
+        "peak RSS after freed heap pages went back to the OS; on CUDA torch.cuda.max_memory_allocated).",
         "",
     ]
     out: dict[str, Any] = {"benchmark": "vcas_step", "environment": env, "models": {}, "results": []}

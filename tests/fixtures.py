@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from greenprop import Controller
 from greenprop import data as gp_data
 from greenprop import models as gp_models
 from greenprop.controller import RunContext
+from greenprop.methods import temporary_method
 from greenprop.train.config import TrainConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +197,28 @@ def weights(model: nn.Module) -> dict[str, Tensor]:
 
 # ---------------------------------------------------------------------------------------------
 # controllers
+
+
+class Poison(Controller):
+    """Replaces epoch ``at`` by setting every weight to NaN: a method that diverges there."""
+
+    name = "poison"
+
+    def __init__(self, model: nn.Module, at: int = 1) -> None:
+        self.model, self.at = model, at
+
+    def replace_epoch(self, epoch: int) -> dict[str, Any] | None:
+        if epoch != self.at:
+            return None
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.fill_(float("nan"))
+        return {}
+
+
+def diverging_method(name: str = "poison-test", at: int = 1) -> AbstractContextManager[Any]:
+    """A method ``name`` (for ``--methods``) whose run diverges in epoch ``at`` (0-based)."""
+    return temporary_method(name, lambda model, options, **_: [Poison(model, at)], help="diverges")
 
 
 class Recorder(Controller):

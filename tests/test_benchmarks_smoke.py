@@ -113,6 +113,19 @@ def test_step_benchmark_runs_tiny(step_module, tmp_path, capsys):
     assert row["flops_b_over_a"] < 1.0
     assert all(len(t) == 1 and t[0] > 0 for t in row["per_round_s"].values())
     assert json.loads(out.read_text())["results"][0]["keep"] == 0.4
+    _assert_step_memory(row["memory"], {"a", "b", "c"})
+    assert "Peak memory of one untimed step" in printed
+
+
+def _assert_step_memory(memory: dict, variants: set[str]) -> None:
+    """Every variant has a peak-memory reading saying what it is (measured on Linux)."""
+    assert set(memory) == variants
+    for reading in memory.values():
+        if reading["kind"] == "measured":
+            assert reading["growth_mib"] >= 0 and reading["peak_mib"] > 0
+        else:
+            assert reading["growth_mib"] is None
+        assert reading["source"]
 
 
 def test_layer_benchmark_runs_tiny(layers_module, tmp_path, capsys):
@@ -190,6 +203,7 @@ def test_vcas_step_benchmark_runs_tiny(tmp_path, capsys):
             assert row["flops_tally"] < 1.0
         if row["r"] == 1:
             assert all(kept == 4 for kept in row["kept_rows"].values())
+        _assert_step_memory(row["memory"], {"dense", "vcas"})
     assert len(json.loads(out.read_text())["results"]) == len(rows)
 
 
@@ -222,3 +236,57 @@ def test_ddp_scaling_runs_one_and_two_processes_and_resumes(tmp_path, monkeypatc
     module.main(["--out", str(tmp_path), "--seeds", "1"])  # finished runs are read, not run again
     assert [p.stat().st_mtime_ns for p in walls] == stamps
     assert "| cnn-gradsamp_strategy_pe_2 |" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- gpu_check
+
+
+@pytest.fixture(scope="module")
+def gpu_check() -> ModuleType:
+    return _import("gpu_check")
+
+
+def test_gpu_check_smoke_runs_every_check_and_timing_on_cpu(gpu_check, tmp_path, capsys):
+    out = tmp_path / "gpu_check.json"
+    result = gpu_check.main(["--smoke", "--device", "cpu", "--threads", "1", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "### gpu_check on CPU" in printed and "| part | model | variant |" in printed
+    assert result["passed"] and "FAILED" not in printed
+    checks = result["gradients"]
+    # ResNet-18 at keep 1 and ViT/MiniLM at ratio 1, each fp32 and bf16; 8 layer checks; GradSamp.
+    assert len(checks) == 2 + 8 + 4 + 1
+    assert {c["dtype"] for c in checks} == {"fp32", "bf16"}
+    assert all(c["passed"] and c["error"] <= c["tolerance"] for c in checks)
+    variants = [(t["model"], t["variant"]) for t in result["step_times"]]
+    assert ("vit", "VCAS r 0.5 nu 0.3") in variants and ("minilm", "VCAS r 0.5 nu 0.3") in variants
+    assert ("resnet18", "ssProp keep 0.4") in variants and ("resnet18", "first-k floor keep 0.6") in variants
+    assert variants[-1] == ("resnet18 (1x28x28)", "sampled epoch")
+    for timing in result["step_times"]:
+        assert timing["median_ms"] > 0 and timing["ratio"] > 0
+        _assert_step_memory({"step": timing["memory"]}, {"step"})
+    assert json.loads(out.read_text())["device_name"].startswith("CPU")
+
+
+def test_gpu_check_gradient_checks_fail_where_gradients_differ(gpu_check):
+    sizes = gpu_check.sizes_for(torch.device("cpu"), smoke=True)
+    cpu = torch.device("cpu")
+    # Below keep / ratio 1 the gradients are not the dense ones: the same checks must say so.
+    assert not any(c.passed for c in gpu_check.check_ssprop_model(sizes, cpu, seed=0, keep=0.5))
+    model, batch, _ = gpu_check.build_encoders(sizes, seed=0)["vit"]
+    assert not any(c.passed for c in gpu_check.check_vcas("vit", model, batch, cpu, ratio=0.3))
+    want = [torch.ones(4), torch.full((2,), 1e-9)]  # the second: a near-zero gradient
+    assert gpu_check.relative_error([w.clone() for w in want], want) == 0.0
+    assert gpu_check.relative_error([want[0] * 1.01, want[1]], want) == pytest.approx(0.01, rel=1e-4)
+    assert gpu_check.relative_error([want[0], want[1] + 1e-6], want) < 1e-4  # noise on it is not an error
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("cuda", "no CUDA device"), ("mps", "must be cpu or cuda"), ("nonsense", "not a device")],
+)
+def test_gpu_check_refuses_a_device_it_cannot_use(gpu_check, device, message, capsys):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is available here")
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(["--device", device, "--smoke"])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

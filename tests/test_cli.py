@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from greenprop import Controller
+from fixtures import diverging_method
 from greenprop.cli import main
-from greenprop.methods import temporary_method
 
 QUICK = [
     "--dataset",
@@ -124,26 +122,9 @@ def test_compare_checks_every_method_before_training(tmp_path, capsys):
     assert not (tmp_path / "c" / "baseline").exists()  # nothing was trained
 
 
-class _Poison(Controller):
-    """Replaces epoch 1 by setting every weight to NaN: a method that diverges."""
-
-    name = "poison"
-
-    def __init__(self, model):
-        self.model = model
-
-    def replace_epoch(self, epoch: int) -> dict | None:
-        if epoch != 1:
-            return None
-        with torch.no_grad():
-            for p in self.model.parameters():
-                p.fill_(float("nan"))
-        return {}
-
-
 @pytest.fixture
 def poison_method():
-    with temporary_method("poison-test", lambda model, options, **_: [_Poison(model)], help="diverges"):
+    with diverging_method("poison-test", at=1):
         yield
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -242,3 +244,90 @@ def test_bad_options_name_the_option():
         make_strategy("fedprox", num_rounds=3, proximal_mu=0)
     with pytest.raises(GreenpropError, match="lam=-1"):
         make_strategy("fedspeed", num_rounds=3, lam=-1)
+
+
+# -- FedSpeed's client state on nodes shared by several runs ----------------------------------
+def _client_round(context, settings, server_round, arrays):
+    """One FedSpeed client round of ``settings`` on ``context``'s node; the weights it sends."""
+    from flwr.app import ConfigRecord, MessageType
+
+    from greenprop.fl.app import train
+
+    config = ConfigRecord({**settings.config(), "server-round": server_round})
+    msg = Message(
+        RecordDict({"arrays": arrays, "config": config}), dst_node_id=1, message_type=MessageType.TRAIN
+    )
+    return train(msg, context).content["arrays"].to_torch_state_dict()
+
+
+def test_fedspeed_correction_does_not_leak_between_runs_sharing_a_node():
+    """A sweep's jobs share SuperNodes (one ``context.state``); each run's correction is its own.
+
+    Before e291ff4 the correction sat under one fixed key and was used whenever present, so
+    run A's round 1 started from run B's correction and B's rounds overwrote A's.
+    """
+    from dataclasses import replace
+
+    from flwr.app import Context
+
+    from greenprop.fl.app import FLSettings, _model
+
+    a = FLSettings(
+        strategy="fedspeed",
+        dataset="digits",
+        model="mlp",
+        clients=2,
+        subset=200,
+        test_subset=50,
+        rounds=3,
+        batch_size=16,
+        seed=0,
+    )
+    b = replace(a, seed=1)  # another job of the same sweep
+    start = ArrayRecord(_model(a).state_dict())
+
+    def node():
+        return Context(
+            run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={}
+        )
+
+    alone = node()
+    ref1, ref2 = _client_round(alone, a, 1, start), _client_round(alone, a, 2, start)
+    # the correction matters: round 2 without round 1's correction sends other weights
+    no_corr = _client_round(node(), a, 2, start)
+    assert any(not torch.equal(ref2[k], no_corr[k]) for k in ref2)
+
+    shared = node()
+    _client_round(shared, b, 1, start)
+    _client_round(shared, b, 2, start)
+    got1 = _client_round(shared, a, 1, start)  # B's correction is on the node already
+    _client_round(shared, b, 3, start)  # B goes on between A's rounds
+    got2 = _client_round(shared, a, 2, start)
+    again1 = _client_round(shared, a, 1, start)  # A rerun: round 1 starts from zero again
+    for k in ref1:
+        assert torch.equal(got1[k], ref1[k]), k
+        assert torch.equal(got2[k], ref2[k]), k
+        assert torch.equal(again1[k], ref1[k]), k
+
+
+# -- the Flower App that `flwr run` deploys --------------------------------------------------
+def test_flower_app_folder_is_valid_and_its_run_config_is_the_settings():
+    """Flower's own validator accepts the app folder; its run config becomes FLSettings."""
+    from flwr.common.config import get_project_config, validate_config
+
+    from greenprop.fl.app import FLSettings
+    from greenprop.fl.deploy import APP_DIR, settings_from_run_config
+
+    config = get_project_config(APP_DIR)
+    ok, errors, _ = validate_config(config, check_module=True, project_dir=APP_DIR)
+    assert ok, errors
+    run_config = dict(config["tool"]["flwr"]["app"]["config"])
+    run_config.update({"out": "/abs/out", "local-epochs": 2, "sampling": "pe:1"})
+    settings, out = settings_from_run_config(run_config)
+    assert out == Path("/abs/out")
+    assert settings.local_epochs == 2 and settings.sampling == "pe:1" and settings.clients == 3
+    assert isinstance(settings, FLSettings)
+    with pytest.raises(GreenpropError, match="'epochs': unknown key"):
+        settings_from_run_config({**run_config, "epochs": 3})
+    with pytest.raises(GreenpropError, match="out='rel/out'"):
+        settings_from_run_config({**run_config, "out": "rel/out"})

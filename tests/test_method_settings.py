@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 BASELINE = next(s for s in SETTINGS if s.id == "baseline")
 PARAMS = [pytest.param(s, id=s.id) for s in SETTINGS]
-TIMED = ("time", "energy")  # record fields that depend on the wall clock
+TIMED = ("time", "energy", "memory", "load")  # record fields that depend on the machine's state
 
 
 @dataclass

@@ -122,6 +122,26 @@ def test_a_signal_stops_cleanly_with_one_line_and_resume_continues_exactly(name,
     assert all(torch.equal(final[k], v) for k, v in expected.items())
 
 
+def test_ctrl_c_in_a_round_robin_compare_then_the_same_command_gives_the_same_weights(tmp_path):
+    base, ssprop = SETTINGS[0].config, SETTINGS[1].config  # 3 epochs of 4 steps each
+    out = tmp_path / "cmp"
+    args = ["compare", *_cli_args(base)[1:], "--methods", "baseline", ssprop.method, "--seeds", "0"]
+    args += ["--out", str(out)]
+    stopped = _run("signal:INT:11", args)  # round 2: baseline epoch 2 step 3 (ssprop has epoch 1)
+    assert stopped.returncode == 130, stopped.stderr
+    line = stopped.stderr.strip().splitlines()[-1]
+    assert "interrupted in epoch 2/3 at step 3/4" in line and "run the same compare command again" in line
+    assert "Traceback" not in stopped.stderr
+    ssprop_dir = out / "ssprop_keep=0.5_selection=random" / "seed0"
+    assert load_checkpoint(ssprop_dir / CHECKPOINT)["epoch"] == 1
+    again = _run("none", args)
+    assert again.returncode == 0, again.stderr
+    for config, run_dir in ((base, out / "baseline" / "seed0"), (ssprop, ssprop_dir)):
+        final = load_checkpoint(run_dir / CHECKPOINT)["model"]
+        expected = _reference_weights(config.replace(seed=0))
+        assert all(torch.equal(final[k], v) for k, v in expected.items()), config.method
+
+
 # ---------------------------------------------------------------- one run per folder
 def test_a_second_run_into_the_same_folder_is_refused_naming_the_holder(tmp_path):
     out = tmp_path / "run"

@@ -246,6 +246,7 @@ def _train(args: argparse.Namespace, config: TrainConfig) -> None:
 
 def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> None:
     from greenprop.experiments.compare import run_compare
+    from greenprop.experiments.load_check import load_notes
     from greenprop.experiments.presets import get_preset
     from greenprop.experiments.report import aggregate, format_table, write_report
 
@@ -260,8 +261,10 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> None:
     command = "greenprop " + shlex.join(argv)
     title = f"greenprop compare: {args.preset or config.model}"
     paths = write_report(results, out, title=title, command=command)
+    rows = aggregate(results)
     print()
-    print(format_table(aggregate(results)))
+    print(format_table(rows))
+    print("\n".join(load_notes(rows)))
     print()
     print("report: " + "  ".join(str(p) for p in paths.values()))
 

@@ -14,8 +14,11 @@ tests and experiments add a method for a while with :func:`temporary_method`.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
+import itertools
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +29,7 @@ from torch import nn
 
 from greenprop.controller import Controller
 from greenprop.errors import GreenpropError
+from greenprop.surgery import NothingConverted, converted_layers
 
 __all__ = [
     "BUILTIN_METHODS",
@@ -151,7 +155,10 @@ def parse_method(spec: str) -> MethodSpec:
         if "baseline" in names:
             raise GreenpropError(f"'baseline' cannot be combined with other methods ({spec!r})")
         if len(set(names)) != len(names):
-            raise GreenpropError(f"a method appears twice in {spec!r}")
+            raise GreenpropError(
+                f"a method appears twice in {spec!r}; give each method once, with all its options "
+                "joined by ',' (e.g. 'ssprop:keep=0.5,layers=conv+linear')"
+            )
         return MethodSpec("+".join(names), {}, parts)
     return _parse_single(spec)
 
@@ -184,13 +191,8 @@ def build_method(
 ) -> list[Controller]:
     """Apply ``spec`` to ``model`` in place; bad options become one clear GreenpropError."""
     if spec.parts:
-        return [
-            controller
-            for part in spec.parts
-            for controller in build_method(
-                part, model, epochs=epochs, steps_per_epoch=steps_per_epoch, seed=seed
-            )
-        ]
+        run = {"epochs": epochs, "steps_per_epoch": steps_per_epoch, "seed": seed}
+        return _build_combination(spec, model, run)
     method = get_method(spec.name)
     try:
         return method.builder(
@@ -200,3 +202,67 @@ def build_method(
         raise
     except ValueError as err:
         raise GreenpropError(f"method {spec.label!r}: {err}") from err
+
+
+def _build_combination(spec: MethodSpec, model: nn.Module, run: dict[str, int]) -> list[Controller]:
+    """Apply the parts in order; a part left without layers by earlier ones is named as a clash."""
+    pristine = copy.deepcopy(model)  # to tell a clash from a part that converts nothing anyway
+    controllers: list[Controller] = []
+    owners: dict[str, str] = {}  # converted layer -> label of the part that converted it
+    for part in spec.parts:
+        try:
+            controllers += build_method(part, model, **run)
+        except NothingConverted as err:
+            clash = _clash(spec, part, owners, pristine, run) if owners else None
+            if clash is None:
+                raise
+            raise clash from err
+        owners.update({name: part.label for name in converted_layers(model) if name not in owners})
+    return controllers
+
+
+def _builds(parts: tuple[MethodSpec, ...], pristine: nn.Module, run: dict[str, int]) -> nn.Module | None:
+    """The model with ``parts`` applied in this order to a copy of ``pristine``; None if one fails."""
+    model = copy.deepcopy(pristine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            for part in parts:
+                build_method(part, model, **run)
+        except GreenpropError:
+            return None
+    return model
+
+
+def _clash(
+    spec: MethodSpec, part: MethodSpec, owners: dict[str, str], pristine: nn.Module, run: dict[str, int]
+) -> GreenpropError | None:
+    """What clashes and how to combine instead; None if ``part`` converts nothing alone either."""
+    alone = _builds((part,), pristine, run)
+    taken = [name for name in converted_layers(alone) if name in owners] if alone is not None else []
+    if not taken:
+        return None
+    takers = " and ".join(dict.fromkeys(repr(owners[name]) for name in taken))
+    shown = ", ".join(taken[:3]) + (f", ... ({len(taken)} in all)" if len(taken) > 3 else "")
+    first_taker = next(p for p in spec.parts if p.label == owners[taken[0]])
+    others = [p for p in spec.parts if p is not part]
+    at = others.index(first_taker)
+    moved = [*others[:at], part, *others[at:]]
+    candidates = [tuple(moved), *itertools.permutations(spec.parts)]  # the smallest change first
+    order = next((o for o in candidates if o != spec.parts and _builds(o, pristine, run) is not None), None)
+    if order is not None:
+        advice = (
+            f"list them as {';'.join(p.label for p in order)!r} "
+            "(each method converts only the layers the ones before it left)"
+        )
+    else:
+        choosers = [p.name for p in spec.parts if "layers" in get_method(p.name).options]
+        advice = "no order of them works on this model: " + (
+            f"give {' or '.join(choosers)} other layers with its layers= option, or run them separately"
+            if choosers
+            else "run them separately"
+        )
+    return GreenpropError(
+        f"methods clash in {spec.label!r}: {part.label!r} would convert layers that {takers} converted "
+        f"first ({shown}), and a layer takes one method; {advice}"
+    )

@@ -24,11 +24,13 @@ from greenprop.errors import GreenpropError
 
 __all__ = [
     "ModuleFilter",
+    "NothingConverted",
     "SurgeryWarning",
     "Swap",
     "check_config",
     "check_filter",
     "conversion_required",
+    "converted_layers",
     "not_converted",
     "swap",
     "unswap",
@@ -44,6 +46,10 @@ C = TypeVar("C")
 
 class SurgeryWarning(UserWarning):
     """An ``apply_*`` call that converted nothing (the model is left as it was)."""
+
+
+class NothingConverted(GreenpropError):
+    """A method's builder converted no layer (see :func:`conversion_required`)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,11 @@ def _swap_one(item: Swap) -> None:
         module.__class__ = original
         raise
     module.__dict__[_RECORD] = (original, tuple(k for k in module.__dict__ if k not in before))
+
+
+def converted_layers(model: nn.Module) -> list[str]:
+    """Qualified names of the layers some method's :func:`swap` converted, in model order."""
+    return [name for name, module in model.named_modules() if _RECORD in module.__dict__]
 
 
 def unswap(module: nn.Module) -> bool:
@@ -134,7 +145,7 @@ def conversion_required(what: str) -> Iterator[None]:
             yield
         except SurgeryWarning as warning:
             reason = str(warning).partition("converted no layer: ")[2] or str(warning)
-            raise GreenpropError(f"{what} converted no layer: {reason}") from None
+            raise NothingConverted(f"{what} converted no layer: {reason}") from None
 
 
 def not_converted(method: str, apply_name: str) -> GreenpropError:

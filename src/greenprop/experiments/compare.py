@@ -1,6 +1,9 @@
 """Run a baseline and methods on the same model, data and seeds; collect their metrics.
 
-Each run lives in ``OUT/<method>/seed<N>/``. A finished run is reused and an
+Each run lives in ``OUT/<method>/seed<N>/``. The runs train round-robin by epoch
+(:mod:`greenprop.experiments.round_robin`): epoch 1 of every run, then epoch 2, ...,
+each slice continuing its run by the trainer's exact resume, so machine load drifting
+during the comparison falls on every run alike. A finished run is reused and an
 interrupted one is resumed, so re-running the same command after a crash loses
 nothing that was saved.
 """
@@ -16,6 +19,7 @@ from typing import Any
 
 from greenprop import data as gp_data
 from greenprop.errors import GreenpropError, TrainingDiverged
+from greenprop.experiments.round_robin import epoch_slices
 from greenprop.methods import MethodSpec, build_method, parse_method
 from greenprop.train.checkpoint import ensure_writable_dir
 from greenprop.train.config import TrainConfig
@@ -36,8 +40,29 @@ def run_dir_name(method_label: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=_-]+", "_", method_label)
 
 
+@dataclass
+class _Run:
+    """One configuration (method x seed) while the comparison trains it slice by slice."""
+
+    number: str  # "i/n", its place in the listed order
+    spec: MethodSpec
+    seed: int
+    config: TrainConfig
+    path: Path
+    metrics: dict[str, Any] | None = None  # the latest metrics.json
+    started: bool = False  # trained by this call: later slices resume
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.metrics["epochs"]) if self.metrics else 0
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.metrics and (self.metrics.get("complete") or self.metrics.get("diverged")))
+
+
 def _existing_metrics(run_dir: Path, config: TrainConfig, overwrite: bool) -> dict[str, Any] | None:
-    """Finished metrics for exactly this config, or None if the run must (re)start."""
+    """The saved metrics of exactly this config (finished or not), or None to start afresh."""
     path = run_dir / METRICS
     if not path.exists() or overwrite:
         return None
@@ -52,7 +77,7 @@ def _existing_metrics(run_dir: Path, config: TrainConfig, overwrite: bool) -> di
             f"{run_dir} holds a run with other options ({', '.join(diff)}); "
             "use another --out or pass --overwrite"
         )
-    return metrics if metrics.get("complete") or metrics.get("diverged") else None
+    return metrics
 
 
 def _validate_up_front(
@@ -96,25 +121,34 @@ def run_compare(
         base.dataset, data_dir=base.data_dir, subset=base.subset, test_subset=base.test_subset
     )
     _validate_up_front(base, specs, seeds, data)
-    results = []
-    total = len(specs) * len(seeds)
-    # Seed-major order (baseline, method, ... for seed 0, then seed 1, ...) interleaves the
-    # methods in time, so drifting machine load biases their wall-time ratios less.
-    for i, (spec, seed) in enumerate(((s, seed) for seed in seeds for s in specs), start=1):
-        config = base.replace(method=spec.label, seed=seed)
-        run_dir = out / run_dir_name(spec.label) / f"seed{seed}"
-        metrics = _existing_metrics(run_dir, config, overwrite)
-        if metrics is not None:
-            print(f"[{i}/{total}] {spec.label} seed {seed}: finished earlier, reusing {run_dir}")
-        else:
-            resume = (run_dir / CHECKPOINT).exists() and not overwrite
-            verb = "resuming" if resume else "training"
-            print(f"[{i}/{total}] {verb} {spec.label} seed {seed} -> {run_dir}", flush=True)
-            trainer = Trainer(config, run_dir, resume=resume, overwrite=overwrite, data=data)
-            try:
-                metrics = trainer.fit()
-            except TrainingDiverged as err:
-                print(f"[{i}/{total}] {spec.label} seed {seed} diverged ({err}); recorded, going on")
-                metrics = json.loads((run_dir / METRICS).read_text())
-        results.append(RunResult(spec.label, seed, run_dir, metrics))
-    return results
+    pairs = [(spec, seed) for seed in seeds for spec in specs]  # seed-major, as results are listed
+    runs = []
+    for i, (spec, seed) in enumerate(pairs, start=1):
+        path = out / run_dir_name(spec.label) / f"seed{seed}"
+        runs.append(_Run(f"{i}/{len(pairs)}", spec, seed, base.replace(method=spec.label, seed=seed), path))
+    for run in runs:
+        run.metrics = _existing_metrics(run.path, run.config, overwrite)
+        if run.finished:
+            print(f"[{run.number}] {run.spec.label} seed {run.seed}: finished earlier, reusing {run.path}")
+    for run, epoch in epoch_slices(
+        runs, base.epochs, done=lambda r: r.epochs_done, finished=lambda r: r.finished
+    ):
+        where = f"[{run.number} epoch {epoch}/{base.epochs}]"
+        _train_slice(run, epoch, where, data=data, overwrite=overwrite)
+    return [RunResult(run.spec.label, run.seed, run.path, run.metrics or {}) for run in runs]
+
+
+def _train_slice(run: _Run, epoch: int, where: str, *, data: gp_data.DatasetPair, overwrite: bool) -> None:
+    """Train ``run`` up to ``epoch``, resuming it exactly unless this call starts it afresh."""
+    fresh = overwrite and not run.started
+    resume = not fresh and (run.path / CHECKPOINT).exists()
+    verb = "resuming" if resume else "training"
+    print(f"{where} {verb} {run.spec.label} seed {run.seed} -> {run.path}", flush=True)
+    trainer = Trainer(run.config, run.path, resume=resume, overwrite=fresh, data=data)
+    trainer.resume_hint = "run the same compare command again to go on"
+    run.started = True
+    try:
+        run.metrics = trainer.fit(until_epoch=epoch)
+    except TrainingDiverged as err:
+        print(f"{where} {run.spec.label} seed {run.seed} diverged ({err}); recorded, going on")
+        run.metrics = json.loads((run.path / METRICS).read_text())

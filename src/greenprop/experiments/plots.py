@@ -17,12 +17,35 @@ import numpy as np
 from greenprop.experiments.compare import RunResult
 
 
+def _legend(ax: Any, fontsize: float) -> None:
+    """A legend when something is labelled (matplotlib warns on an empty one)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=fontsize)
+
+
+def _say_absent(ax: Any, absent: list[str]) -> None:
+    """Name what the plot leaves out, inside the axes, so nobody reads its absence as a result."""
+    if absent:
+        text = "not shown: " + "; ".join(absent)
+        ax.text(0.01, 0.01, text, transform=ax.transAxes, fontsize=7, va="bottom", wrap=True)
+
+
+def _diverged_label(run: RunResult) -> str:
+    epoch = run.metrics["diverged"]["epoch"] + 1
+    return f"{run.method} seed {run.seed} (diverged in epoch {epoch})"
+
+
 def plot_accuracy_vs_saving(rows: list[dict[str, Any]], path: Path) -> None:
     """Final top-1 accuracy (mean ± std over seeds) against the FLOPs saved."""
     fig, ax = plt.subplots(figsize=(6, 4))
+    absent = []
     for row in rows:
-        if row["acc1_mean"] is None or row["flops_saved_pct"] is None:
-            continue  # diverged everywhere, or no baseline to measure a saving against
+        if row["acc1_mean"] is None:
+            absent.append(f"{row['method']} (diverged in every seed)")
+            continue
+        if row["flops_saved_pct"] is None:
+            absent.append(f"{row['method']} (no finished baseline to measure a saving against)")
+            continue
         saving = row["flops_saved_pct"]
         ax.errorbar(
             saving, row["acc1_mean"], yerr=row["acc1_std"] or 0.0, fmt="o", capsize=4, label=row["method"]
@@ -30,7 +53,8 @@ def plot_accuracy_vs_saving(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("training FLOPs saved vs baseline (%)")
     ax.set_ylabel("test accuracy @1 (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax, 8)
+    _say_absent(ax, absent)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)
@@ -48,33 +72,63 @@ def plot_curves(results: list[RunResult], path: Path) -> None:
     for r in results:
         by_method[r.method].append(r)
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    absent: list[str] = []
     for method, runs in by_method.items():
+        color = None
         epochs = [r.metrics["epochs"] for r in runs if not r.metrics.get("diverged")]
-        if not epochs:
-            continue
-        n = min(len(e) for e in epochs)
-        x = np.arange(1, n + 1)
-        acc = np.mean([[rec["acc1"] for rec in e[:n]] for e in epochs], axis=0)
-        test_loss = np.mean([[rec["loss"] for rec in e[:n]] for e in epochs], axis=0)
-        (line,) = ax_acc.plot(x, acc, marker="o", label=method)
-        ax_loss.plot(x, test_loss, marker="o", color=line.get_color(), label=f"{method} (test)")
-        train = [_mean_or_nan([e[i]["train_loss"] for e in epochs]) for i in range(n)]
-        ax_loss.plot(x, train, linestyle="--", color=line.get_color(), label=f"{method} (train)")
-        replaced = [i + 1 for i, rec in enumerate(epochs[0][:n]) if rec["replaced_by"]]
-        if replaced:
-            ax_acc.scatter(replaced, acc[np.array(replaced) - 1], marker="x", s=60, color=line.get_color())
+        if epochs:
+            color = _plot_method_curves(ax_acc, ax_loss, method, epochs)
+        for run in (r for r in runs if r.metrics.get("diverged")):
+            drawn = _plot_diverged(ax_acc, ax_loss, run, color)
+            if drawn is None:
+                absent.append(_diverged_label(run) + ", no epoch finished")
+            color = color or drawn
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("test accuracy @1 (%)")
-    ax_acc.set_title("accuracy (x: epoch without backprop)")
+    ax_acc.set_title("accuracy (x: epoch without backprop; X, dotted: diverged)")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
     ax_loss.set_title("loss")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend(ax, 7)
+    _say_absent(ax_acc, absent)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)
+
+
+def _plot_diverged(ax_acc: Any, ax_loss: Any, run: RunResult, color: Any) -> Any:
+    """A diverged run's epochs before it diverged, dotted, ending in a big X.
+
+    Returns the colour used (None when no epoch finished, so nothing was drawn).
+    """
+    records = run.metrics["epochs"]
+    if not records:
+        return None
+    x = np.arange(1, len(records) + 1)
+    for ax, key in ((ax_acc, "acc1"), (ax_loss, "loss")):
+        values = [rec[key] for rec in records]
+        (line,) = ax.plot(x, values, linestyle=":", color=color, label=_diverged_label(run))
+        color = line.get_color()
+        ax.scatter(x[-1:], values[-1:], marker="X", s=90, color=color, zorder=3)
+    return color
+
+
+def _plot_method_curves(ax_acc: Any, ax_loss: Any, method: str, epochs: list[list[dict[str, Any]]]) -> Any:
+    """One method's finished runs, averaged over seeds; returns the line colour."""
+    n = min(len(e) for e in epochs)
+    x = np.arange(1, n + 1)
+    acc = np.mean([[rec["acc1"] for rec in e[:n]] for e in epochs], axis=0)
+    test_loss = np.mean([[rec["loss"] for rec in e[:n]] for e in epochs], axis=0)
+    (line,) = ax_acc.plot(x, acc, marker="o", label=method)
+    ax_loss.plot(x, test_loss, marker="o", color=line.get_color(), label=f"{method} (test)")
+    train = [_mean_or_nan([e[i]["train_loss"] for e in epochs]) for i in range(n)]
+    ax_loss.plot(x, train, linestyle="--", color=line.get_color(), label=f"{method} (train)")
+    replaced = [i + 1 for i, rec in enumerate(epochs[0][:n]) if rec["replaced_by"]]
+    if replaced:
+        ax_acc.scatter(replaced, acc[np.array(replaced) - 1], marker="x", s=60, color=line.get_color())
+    return line.get_color()
 
 
 def _step_losses(metrics: dict[str, Any]) -> list[float]:
@@ -88,12 +142,15 @@ def plot_step_losses(results: list[RunResult], path: Path) -> bool:
     step. Returns False (no file written) when the runs recorded no per-step losses.
     """
     by_method: dict[str, list[list[float]]] = defaultdict(list)
+    steps_per_epoch = 0
     for r in results:
         losses = _step_losses(r.metrics)
         if losses and not r.metrics.get("diverged"):
             by_method[r.method].append(losses)
+            steps_per_epoch = steps_per_epoch or len(r.metrics["epochs"][0].get("step_losses") or [])
     if not by_method:
         return False
+    absent = [_diverged_label(r) for r in results if r.metrics.get("diverged")]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for method, runs in by_method.items():
         n = min(len(run) for run in runs)
@@ -107,12 +164,12 @@ def plot_step_losses(results: list[RunResult], path: Path) -> bool:
     ax.set_xlabel("training step")
     ax.set_ylabel(f"train loss (moving average over {window} steps)")
     ax.set_title("training loss per step: mean over seeds, band = min..max")
-    steps_per_epoch = len(results[0].metrics["epochs"][0].get("step_losses") or [])
     if steps_per_epoch:
         for boundary in range(steps_per_epoch, n, steps_per_epoch):
             ax.axvline(boundary, color="grey", alpha=0.3, linewidth=0.8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax, 8)
+    _say_absent(ax, absent)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)

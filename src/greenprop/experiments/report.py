@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from greenprop.experiments.compare import RunResult
+from greenprop.experiments.load_check import annotate_load, load_notes, time_ratio_cell
 from greenprop.methods import get_method, parse_method
 from greenprop.train.checkpoint import write_json, write_text
 
 TERA = 1e12
+MIB = 2**20
 
 
 def _mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -52,6 +54,7 @@ def _method_row(method: str, runs: list[RunResult]) -> dict[str, Any]:
             "energy_j": None,
             "energy_kind": "unavailable",
             "energy_source": "every run diverged",
+            "peak_memory_mib": None,
         }
     summaries = [r.metrics["summary"] for r in finished]
     acc1, acc1_std = _mean_std([s["acc1"] for s in summaries])
@@ -72,7 +75,14 @@ def _method_row(method: str, runs: list[RunResult]) -> dict[str, Any]:
         "energy_j": statistics.fmean(e["value"] for e in energies) if energy_known else None,
         "energy_kind": energies[0]["kind"] if energy_known else "unavailable",
         "energy_source": energies[0]["source"],
+        "peak_memory_mib": _peak_memory_mib(summaries),
     }
+
+
+def _peak_memory_mib(summaries: list[dict[str, Any]]) -> float | None:
+    """Mean over seeds of each run's peak memory in MiB; None unless every run measured it."""
+    peaks = [(s.get("peak_memory") or {}).get("value") for s in summaries]
+    return None if None in peaks else statistics.fmean(peaks) / MIB
 
 
 def aggregate(results: list[RunResult], baseline: str = "baseline") -> list[dict[str, Any]]:
@@ -91,6 +101,7 @@ def aggregate(results: list[RunResult], baseline: str = "baseline") -> list[dict
         row["flops_saved_pct"] = 100.0 * (1 - total / base_total)
         row["backward_saved_pct"] = 100.0 * (1 - row["tflops_backward"] / base["tflops_backward"])
         row["time_ratio"] = row["train_time_s"] / base["train_time_s"]
+    annotate_load(rows, results, baseline)
     return rows
 
 
@@ -115,6 +126,7 @@ COLUMNS = (
     "Train time (s)",
     "Time vs base",
     "Energy (J)",
+    "Peak mem (MiB)",
 )
 
 
@@ -133,8 +145,9 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
                 _pm(r["acc5_mean"], r["acc5_std"]),
                 f"{_opt(r['tflops_forward'], '.4g')} / {_opt(r['tflops_backward'], '.4g')}",
                 _opt(r["train_time_s"], ".1f"),
-                _opt(r["time_ratio"], ".3f"),
+                time_ratio_cell(r),
                 energy,
+                _opt(r["peak_memory_mib"], ".0f"),
             ]
         )
     return out
@@ -187,7 +200,10 @@ def write_report(
             "rows": rows,
             "config": first["config"],
             "environment": first["environment"],
-            "runs": [{"method": r.method, "seed": r.seed, "path": str(r.path)} for r in results],
+            "runs": [
+                {"method": r.method, "seed": r.seed, "path": str(r.path), "load": _total(r.metrics, "load")}
+                for r in results
+            ],
         },
         paths["json"],
     )
@@ -217,8 +233,11 @@ def write_report(
         f"{flop_adjustments(results)}) "
         "and savings are relative to the baseline's counted FLOPs. Train time is measured wall "
         "time of the training phases (data, forward, backward, optimizer, epoch replacement), "
-        f"without evaluation; energy covers the same span. Energy: {rows[0]['energy_kind']} "
-        f"({rows[0]['energy_source']}).",
+        f"without evaluation; energy and peak memory cover the same span. Energy: "
+        f"{rows[0]['energy_kind']} ({rows[0]['energy_source']}). Peak memory: the highest epoch's, "
+        f"{_peak_memory_source(results)}.",
+        "",
+        *load_notes(rows),
         "",
         f"![accuracy vs saving]({paths['saving_plot'].name})",
         "",
@@ -231,6 +250,12 @@ def write_report(
         lines += [f"![{caption}]({path.name})", ""]
     write_text("\n".join(lines), paths["markdown"])
     return paths
+
+
+def _peak_memory_source(results: list[RunResult]) -> str:
+    """What the runs' peak memory is (the first run's provenance)."""
+    peak = results[0].metrics["summary"].get("peak_memory")
+    return peak["source"] if peak else "not recorded"
 
 
 def _method_names(results: list[RunResult]) -> list[str]:

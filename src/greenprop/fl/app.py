@@ -14,6 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -70,6 +71,13 @@ def _dataset(name: str, subset: int, test_subset: int) -> gdata.DatasetPair:
     return gdata.load(name, subset=subset, test_subset=test_subset)
 
 
+@lru_cache(maxsize=8)
+def _partitions(s: FLSettings) -> tuple[np.ndarray, ...]:
+    """Every client's example indices (a node's actor keeps them between rounds)."""
+    labels = _dataset(s.dataset, s.subset, s.test_subset).train.labels.numpy()
+    return tuple(partition(s.partition, labels, s.clients, s.seed))
+
+
 def _model(s: FLSettings) -> nn.Module:
     info = _dataset(s.dataset, s.subset, s.test_subset).info
     torch.manual_seed(s.seed)
@@ -97,8 +105,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config["server-round"])
     pid = int(context.node_config["partition-id"])
     pair = _dataset(s.dataset, s.subset, s.test_subset)
-    labels = pair.train.labels.numpy()
-    idx = partition(s.partition, labels, s.clients, s.seed)[pid]
+    idx = _partitions(s)[pid]
     model = _model(s)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     model.train()

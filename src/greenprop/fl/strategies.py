@@ -40,11 +40,22 @@ def _schedule(sampling: str, num_rounds: int, seed: int, allow_consecutive: bool
 
 
 class GradSampMixin:
-    """Round sampling on top of a FedAvg-like strategy (``sampling="none"``: the plain one)."""
+    """Round sampling on top of a FedAvg-like strategy (``sampling="none"``: the plain one).
 
-    def _init_gradsamp(
-        self, sampling: str, num_rounds: int, seed: int, gradsamp: GradSampConfig | None
+    A cooperative ``__init__``: the GradSamp keywords are taken here and the rest goes on
+    to the Flower strategy that follows in the MRO (FedAvg, FedProx).
+    """
+
+    def __init__(
+        self,
+        *,
+        sampling: str = "none",
+        num_rounds: int,
+        seed: int = 0,
+        gradsamp: GradSampConfig | None = None,
+        **kwargs: Any,
     ) -> None:
+        super().__init__(**kwargs)
         self.gradsamp = gradsamp or GradSampConfig(seed=seed)
         self.schedule = _schedule(sampling, num_rounds, seed, self.gradsamp.allow_consecutive)
         self.num_rounds = num_rounds
@@ -145,36 +156,14 @@ class GradSampMixin:
 class GradSampFedAvg(GradSampMixin, FedAvg):
     """FedAvg whose sampled rounds are GGD draws (``sampling="none"``: plain FedAvg)."""
 
-    def __init__(
-        self,
-        *,
-        sampling: str = "none",
-        num_rounds: int,
-        seed: int = 0,
-        gradsamp: GradSampConfig | None = None,
-        **kwargs: Any,
-    ) -> None:
-        FedAvg.__init__(self, **kwargs)
-        self._init_gradsamp(sampling, num_rounds, seed, gradsamp)
-
 
 class GradSampFedProx(GradSampMixin, FedProx):
     """FedProx (clients add ``mu/2 ||w - w_t||^2``) with GradSamp round sampling."""
 
-    def __init__(
-        self,
-        *,
-        sampling: str = "none",
-        num_rounds: int,
-        seed: int = 0,
-        gradsamp: GradSampConfig | None = None,
-        proximal_mu: float = 0.01,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *, proximal_mu: float = 0.01, **kwargs: Any) -> None:
         if not proximal_mu > 0:
             raise GreenpropError(f"fl option mu={proximal_mu!r}: FedProx needs mu > 0")
-        FedProx.__init__(self, proximal_mu=proximal_mu, **kwargs)
-        self._init_gradsamp(sampling, num_rounds, seed, gradsamp)
+        super().__init__(proximal_mu=proximal_mu, **kwargs)
 
     def _extra_config(self, config: ConfigRecord) -> None:
         config["proximal-mu"] = self.proximal_mu
@@ -187,18 +176,7 @@ class GradSampFedSpeed(GradSampMixin, FedAvg):
     uses the plain mean over active clients; equal partitions make the two the same).
     """
 
-    def __init__(
-        self,
-        *,
-        sampling: str = "none",
-        num_rounds: int,
-        seed: int = 0,
-        gradsamp: GradSampConfig | None = None,
-        lam: float = 10.0,
-        rho: float = 0.05,
-        alpha: float = 0.5,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *, lam: float = 10.0, rho: float = 0.05, alpha: float = 0.5, **kwargs: Any) -> None:
         for name, value, ok in (
             ("lam", lam, lam > 0),
             ("rho", rho, rho >= 0),
@@ -206,9 +184,8 @@ class GradSampFedSpeed(GradSampMixin, FedAvg):
         ):
             if not ok:
                 raise GreenpropError(f"fl option {name}={value!r}: out of range for FedSpeed")
-        FedAvg.__init__(self, **kwargs)
+        super().__init__(**kwargs)
         self.lam, self.rho, self.alpha = lam, rho, alpha
-        self._init_gradsamp(sampling, num_rounds, seed, gradsamp)
 
     def _extra_config(self, config: ConfigRecord) -> None:
         config["fedspeed-lambda"] = self.lam

@@ -46,13 +46,13 @@ def _ms(values: list[float]) -> str:
 def table(out: Path, seeds: list[int], base: FLSettings) -> str:
     rows = [
         "| partition | strategy | sampling | Acc@1 | Acc@5 | rounds sampled | client FLOPs saved "
-        "| bytes saved | equal-budget plain Acc@1 |",
-        "|" + "---|" * 9,
+        "| bytes saved | equal-budget plain Acc@1 | Acc@1 minus equal-budget | seeds |",
+        "|" + "---|" * 11,
     ]
     for part in PARTITIONS:
         for strat in STRATEGIES:
             for samp in SAMPLINGS:
-                a1, a5, k, flops, nbytes, budget = [], [], [], [], [], []
+                a1, a5, k, flops, nbytes, budget, gain = [], [], [], [], [], [], []
                 for seed in seeds:
                     tag = f"{strat}_{samp.replace(':', '')}_{part.replace(':', '')}_s{seed}"
                     f = out / tag / "metrics.json"
@@ -69,13 +69,14 @@ def table(out: Path, seeds: list[int], base: FLSettings) -> str:
                     nbytes.append(1 - tb / pb)
                     stop = base.rounds - d["totals"]["rounds_sampled"]
                     budget.append(plain["rounds"][stop - 1]["acc1"])
+                    gain.append(a1[-1] - budget[-1])
                 if not a1:
                     continue
                 ks = f"{statistics.mean(k):.1f}"
                 rows.append(
                     f"| {part} | {strat} | {samp} | {_ms(a1)} | {_ms(a5)} | {ks} | "
                     f"{100 * statistics.mean(flops):.1f}% | {100 * statistics.mean(nbytes):.1f}% | "
-                    f"{_ms(budget)} |"
+                    f"{_ms(budget)} | {_ms(gain)} | {len(a1)} |"
                 )
     return "\n".join(rows)
 
@@ -87,10 +88,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--subset", type=int, default=2000)
+    ap.add_argument("--test-subset", type=int, default=1000)
+    ap.add_argument("--model", default="cnn")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args(argv)
     base = FLSettings(
-        rounds=args.rounds, clients=args.clients, subset=args.subset, fraction=0.5, test_subset=1000
+        rounds=args.rounds,
+        clients=args.clients,
+        subset=args.subset,
+        fraction=0.5,
+        test_subset=args.test_subset,
+        model=args.model,
     )
     if not args.table_only:
         from greenprop.fl.runner import run_jobs

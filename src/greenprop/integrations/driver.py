@@ -198,13 +198,22 @@ class MethodDriver:
                 break
         return self.replaced_epoch == epoch
 
-    def step_start(self, epoch: int, step: int, batch: Any) -> None:
-        """``on_step_start``, then the step's counted FLOPs (before its forward)."""
+    def step_start(self, epoch: int, step: int, batch: Any = None) -> None:
+        """``on_step_start``, then the step's counted FLOPs (before its forward).
+
+        ``batch`` None: the framework does not show the batch to the adapter; the step is
+        counted, its samples and FLOPs are not.
+        """
         for controller in self.controllers:
             controller.on_step_start(epoch, step)
+        self._current()["steps"] += 1
+        if batch is not None:
+            self.count_batch(epoch, step, batch)
+
+    def count_batch(self, epoch: int, step: int, batch: Any) -> None:
+        """Samples and counted FLOPs of one (micro-)batch of the current step."""
         record = self._current()
         samples = batch_size_of(batch)
-        record["steps"] += 1
         record["samples"] += samples
         if self.loss_fn is not None:
             per_sample = self._flops_per_sample(epoch, step, batch)

@@ -369,6 +369,7 @@ class DataParallel(Parallelism):
             "flops": "summed over ranks",
             "energy": "summed over distinct meters (ranks reading one host's counter count it once)",
             "time": "rank 0's clock",
+            "memory": "rank 0's process",
             "controller_fields": "rank 0's",
         }
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from greenprop.metering import Quantity
+from greenprop.metering.load import summarize_load
 
 __all__ = ["environment", "summarize"]
 
@@ -37,8 +38,18 @@ def _sum_quantities(items: list[dict[str, Any]], unit: str) -> dict[str, Any]:
     return (total or Quantity(0.0, unit, "counted", "no epochs")).to_dict()
 
 
+def _peak_memory(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The highest epoch peak: memory is not additive, the run needs its worst epoch's."""
+    peaks = [Quantity.from_dict(r["memory"]["peak"]) for r in history if "memory" in r]
+    known = [q for q in peaks if q.value is not None]
+    if not known:
+        source = peaks[0].source if peaks else "not recorded (epochs run by an older greenprop)"
+        return Quantity.unavailable("B", source).to_dict()
+    return max(known, key=lambda q: q.value or 0.0).to_dict()
+
+
 def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Totals over the epochs run so far: accuracy at the end, FLOPs, time, energy."""
+    """Totals over the epochs run so far: accuracy at the end, FLOPs, time, energy, peak memory."""
     if not history:
         return {}
     last = history[-1]
@@ -63,4 +74,6 @@ def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
             "train": _sum_quantities(train_phases, "s") if train_phases else None,
         },
         "energy": _sum_quantities([r["energy"] for r in history], "J"),
+        "peak_memory": _peak_memory(history),
+        "load": summarize_load(history),
     }

@@ -23,8 +23,16 @@ from tqdm.auto import tqdm
 from greenprop import data as gp_data
 from greenprop.controller import Controller, RunContext
 from greenprop.errors import GreenpropError, TrainingDiverged
-from greenprop.metering import EnergyMeter, FlopCount, PhaseTimer, Quantity, count_flops_per_sample
+from greenprop.metering import (
+    EnergyMeter,
+    FlopCount,
+    PeakMemory,
+    PhaseTimer,
+    Quantity,
+    count_flops_per_sample,
+)
 from greenprop.metering.accounting import flop_accounts
+from greenprop.metering.load import LoadMeter
 from greenprop.methods import build_method, parse_method
 from greenprop.seeding import trainer_epoch_seed
 from greenprop.train.checkpoint import (
@@ -52,8 +60,8 @@ CHECKPOINT_FORMAT = 2
 #: The trainer's own fields in every epoch record; a controller's fields go under its name.
 RECORD_FIELDS = frozenset(
     {
-        *("epoch", "lr", "energy", "loss", "acc1", "acc5", "flops", "time", "steps", "samples"),
-        *("train_loss", "train_acc", "step_losses", "replaced_by", "reevaluated_by"),
+        *("epoch", "lr", "energy", "memory", "loss", "acc1", "acc5", "flops", "time", "steps", "samples"),
+        *("train_loss", "train_acc", "step_losses", "replaced_by", "reevaluated_by", "load"),
     }
 )
 
@@ -93,6 +101,8 @@ class Trainer:
         self._lock = OutputLock(self.out_dir) if self.writes else None
         #: (epoch, step) being run, for the line an interrupted run prints.
         self.position: tuple[int, int | None] | None = None
+        #: How to go on after an interrupt, in that line.
+        self.resume_hint = "continue with --resume"
         checkpoint = self._check_out_dir(resume, overwrite)
         if checkpoint is not None:
             try:
@@ -157,6 +167,8 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
         self.energy_meter = EnergyMeter(self.device, watts=config.watts)
+        self.memory_meter = PeakMemory(self.device)
+        self.load_meter = LoadMeter()
         self._flops_cache: dict[tuple[Hashable, ...], FlopCount] = {}
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
@@ -280,8 +292,11 @@ class Trainer:
         }
 
     # ----------------------------------------------------------------- loop
-    def fit(self) -> dict[str, Any]:
+    def fit(self, until_epoch: int | None = None) -> dict[str, Any]:
         """Run the remaining epochs; returns the metrics written to ``metrics.json``.
+
+        ``until_epoch`` stops after that many epochs (a slice: ``compare`` runs its
+        configurations round-robin, one epoch each, continuing each by exact resume).
 
         Ctrl-C (or SIGTERM under :func:`greenprop.train.signals.sigterm_as_interrupt`)
         raises :class:`~greenprop.train.signals.RunInterrupted` saying where the run
@@ -289,7 +304,7 @@ class Trainer:
         """
         self._take_lock()
         try:
-            return self._fit()
+            return self._fit(self.config.epochs if until_epoch is None else until_epoch)
         except KeyboardInterrupt as err:
             raise RunInterrupted(self._interrupted_line(), signal_number(err)) from err
         finally:
@@ -309,14 +324,15 @@ class Trainer:
             return f"interrupted {where}; no epoch had finished, nothing to resume in {self.out_dir}"
         return (
             f"interrupted {where}; the checkpoint after epoch {done} is kept in "
-            f"{self.out_dir / CHECKPOINT} (continue with --resume)"
+            f"{self.out_dir / CHECKPOINT} ({self.resume_hint})"
         )
 
-    def _fit(self) -> dict[str, Any]:
+    def _fit(self, until_epoch: int) -> dict[str, Any]:
         c = self.config
         for controller in self.controllers:
             controller.on_train_start(self.run)
-        for epoch in range(self.start_epoch, c.epochs):
+        stop = min(until_epoch, c.epochs)
+        for epoch in range(self.start_epoch, stop):
             torch.manual_seed(trainer_epoch_seed(c.seed, epoch))
             self.position = (epoch, None)
             try:
@@ -334,6 +350,11 @@ class Trainer:
             if self.writes:
                 save_checkpoint(self._checkpoint_state(epoch + 1, rank_states), self.out_dir / CHECKPOINT)
                 write_json(self.metrics(complete=epoch + 1 == c.epochs), self.out_dir / METRICS)
+        if stop < c.epochs:  # a slice ended; metrics.json may lag a checkpoint when killed between them
+            metrics = self.metrics(complete=False)
+            if self.writes and self.start_epoch >= stop:
+                write_json(metrics, self.out_dir / METRICS)
+            return metrics
         if self.parameter_spread is None:  # resumed from a finished run: measure it again
             self.parameter_spread = self.parallel.parameter_spread(self.model)
         metrics = self.metrics(complete=True)
@@ -342,15 +363,22 @@ class Trainer:
         return metrics
 
     def _run_epoch(self, epoch: int) -> dict[str, Any]:
-        """One epoch. Energy covers the same work as "train time": not the evaluation."""
+        """One epoch. Energy and peak memory cover the same work as "train time": not the evaluation."""
         timer = PhaseTimer(self.device)
         record: dict[str, Any] = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
         self.energy_meter.start()
+        self.memory_meter.start()
+        self.load_meter.start()
         try:
             flops, source = self._train_or_replace(epoch, timer, record)
         finally:  # a failed epoch must not leave the meter running
             energy = self.energy_meter.stop()
+            memory = self.memory_meter.stop()
+            load = self.load_meter.stop()
         record["energy"] = self.parallel.energy(energy, self.energy_meter.describe()).to_dict()
+        record["memory"] = memory.to_dict()
+        # Every rank of a DDP run is this run's own work, not background (ranks share the host).
+        record["load"] = load.record(own_s=self.parallel.sum_values({"own_s": load.own_s})["own_s"])
         flops = self.parallel.sum_values(flops)
         self.scheduler.step()
         with timer.phase("eval"):
