@@ -104,3 +104,28 @@ SETTINGS: list[MethodSetting] = [
         replaced_record={"replaced_by": "gradsamp", "gradsamp": {"sampled": True}, "ssprop": {"keep": 0.5}},
     ),
 ]
+
+#: ssProp settings only the DDP tests add (``test_distributed.py``): with the default top-k
+#: selection each rank keeps the channels with the largest gradients *on its own shard* (the
+#: random selection above draws the same channels on every rank, since its generators are
+#: seeded from the run's seed alone), and with ``calibrate`` each rank times its own layers,
+#: so one rank may run a layer dense while another runs it sparse. Neither may change the
+#: collectives: the ranks must still end identical and nothing may hang.
+PER_RANK_SETTINGS: list[MethodSetting] = [
+    MethodSetting(
+        "ssprop-topk",
+        CNN.replace(method="ssprop:keep=0.5"),
+        controllers=("ssprop",),
+        cut=2,
+        backward=(0.0, 0.85),
+        record={"replaced_by": None, "ssprop": {"keep": 0.5}},
+    ),
+    MethodSetting(
+        # Timing-based, so two runs may calibrate differently: no exact-resume claim.
+        "ssprop-calibrate",
+        CNN.replace(method="ssprop:keep=0.5,calibrate=true"),
+        controllers=("ssprop",),
+        cut=2,
+        record={"replaced_by": None},
+    ),
+]

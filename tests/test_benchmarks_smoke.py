@@ -216,6 +216,28 @@ def test_vcas_zero_tokens_script_measures_a_share():
     assert result["share_of_linear_backward"] == pytest.approx(result["share_of_grad_w"] / 2)
 
 
+@pytest.mark.slow
+def test_ddp_scaling_runs_one_and_two_processes_and_resumes(tmp_path, monkeypatch, capsys):
+    """A tiny sweep: both runs of the pair, the table from their records, no rerun the second time."""
+    module = _import("ddp_scaling")
+    tiny = "--model cnn --dataset digits --subset 128 --test-subset 64 --epochs 2 --batch-size 64"
+    monkeypatch.setattr(module, "RUNS", [("gradsamp:strategy=pe:2", tiny)])
+    monkeypatch.setenv("PYTHONPATH", str(BENCHMARKS.parent / "src"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # main() sets it for its runs: restored after the test
+    module.main(["--out", str(tmp_path), "--seeds", "1"])
+    row = [line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| cnn-")]
+    assert len(row) == 1
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert cells[0] == "cnn-gradsamp_strategy_pe_2" and cells[4] == "0"  # the ranks agree
+    assert cells[7] == "1.000"  # the total batch is split: the same backward FLOPs
+    walls = sorted(tmp_path.rglob("wall.json"))
+    assert [p.parent.name for p in walls] == ["np1", "np2"]
+    stamps = [p.stat().st_mtime_ns for p in walls]
+    module.main(["--out", str(tmp_path), "--seeds", "1"])  # finished runs are read, not run again
+    assert [p.stat().st_mtime_ns for p in walls] == stamps
+    assert "| cnn-gradsamp_strategy_pe_2 |" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- gpu_check
 
 

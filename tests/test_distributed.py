@@ -1,7 +1,8 @@
 """Data-parallel training: 2 gloo processes on loopback for every method, resume, launcher, failures.
 
 The multi-process runs are real: torchrun (``torch.distributed.run``) starts
-``tests/ddp_worker.py`` for every method setting of ``method_settings.SETTINGS`` at once,
+``tests/ddp_worker.py`` for every method setting of ``method_settings.SETTINGS`` (and the
+ssProp settings whose ranks select differently, ``PER_RANK_SETTINGS``) at once,
 and ``greenprop train --nproc 2`` goes through greenprop's own launcher. Every launch
 has a deadline: a rank that waits for a collective the others never join fails the
 test instead of hanging it, and the launcher with its workers is stopped in any case.
@@ -11,6 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -23,12 +27,17 @@ import torch
 
 from greenprop.cli import main
 from greenprop.errors import GreenpropError
+from greenprop.train.checkpoint import load_checkpoint
 from greenprop.train.distributed import DataParallel, Shard, SingleProcess
-from greenprop.train.trainer import Trainer
-from method_settings import SETTINGS
+from greenprop.train.trainer import CHECKPOINT, METRICS, Trainer
+from method_settings import PER_RANK_SETTINGS, SETTINGS
+from test_reliability import _cli_args as cli_args
 
 ROOT = Path(__file__).resolve().parents[1]
-IDS = [s.id for s in SETTINGS]
+#: Every setting 2 ranks train; all but the timing-calibrated one also resume exactly.
+DDP_SETTINGS = [*SETTINGS, *PER_RANK_SETTINGS]
+DDP_IDS = [s.id for s in DDP_SETTINGS]
+EXACT_RESUME = [s for s in DDP_SETTINGS if "calibrate" not in s.config.method]
 TORCHRUN = [
     *(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"),
     *("--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--local-addr", "127.0.0.1"),
@@ -37,11 +46,11 @@ TINY = ["--dataset", "digits", "--model", "cnn", "--epochs", "2", "--batch-size"
 TINY += ["--subset", "256", "--test-subset", "128", "--flops-samples", "8", "--no-progress"]
 
 
-def run_bounded(command: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+def run_bounded(command: list[str], timeout: float, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     """Run a launcher; past ``timeout`` stop it (it stops its workers) and fail the test."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        command, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        command, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -84,7 +93,7 @@ def _alive(pid: int) -> bool:
 def ddp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every method setting trained by 2 ranks: uninterrupted, then cut and resumed."""
     out = tmp_path_factory.mktemp("ddp")
-    result = run_bounded([*TORCHRUN, "tests/ddp_worker.py", str(out), *IDS], timeout=240)
+    result = run_bounded([*TORCHRUN, "tests/ddp_worker.py", str(out), *DDP_IDS], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_stopped(out)
     return out
@@ -101,7 +110,7 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 
 # --------------------------------------------------------------------- 2 ranks, every method
-@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("setting", DDP_SETTINGS, ids=DDP_IDS)
 def test_ranks_end_with_identical_models(ddp_runs, setting):
     rank0, rank1 = load_ranks(ddp_runs / setting.id)
     assert_same_tensors(rank0["full"], rank1["full"])  # parameters and BatchNorm buffers
@@ -115,7 +124,7 @@ def test_ranks_end_with_identical_models(ddp_runs, setting):
     assert all(r["steps"] == 0 for r in metrics["epochs"] if r["replaced_by"])
 
 
-@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("setting", EXACT_RESUME, ids=[s.id for s in EXACT_RESUME])
 def test_resume_under_ddp_equals_the_uninterrupted_run(ddp_runs, setting):
     for rank in load_ranks(ddp_runs / setting.id):
         assert_same_tensors(rank["full"], rank["resumed"])
@@ -157,6 +166,36 @@ def test_a_failing_rank_stops_the_others(tmp_path):
     assert "rank 1 fails on purpose" in result.stderr
     assert time.monotonic() - start < 60  # not the collective's 60 s timeout: the launcher stopped rank 0
     assert_stopped(tmp_path)
+
+
+def test_ranks_that_call_different_collectives_fail_instead_of_hanging(tmp_path):
+    """What a skip decision taken on one rank only would do: the run fails within the timeout."""
+    command = [*TORCHRUN, "tests/ddp_worker.py", str(tmp_path), "--skip-rank", "1", "--timeout", "10"]
+    result = run_bounded(command, timeout=150)
+    assert result.returncode != 0
+    assert re.search(r"[Tt]imed out waiting 10000ms", result.stderr)  # gloo's timeout ended it
+    assert_stopped(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_ddp_run_killed_by_sigkill_resumes_to_the_uninterrupted_weights(tmp_path):
+    """Both ranks SIGKILLed at a random step of a later real epoch; ``--resume`` under torchrun."""
+    setting = next(s for s in SETTINGS if s.id == "gradsamp+ssprop")  # epoch 2 is sampled
+    steps = 4  # 256 examples, 128 per rank, 32 a step
+    batch = random.Random("ddp-sigkill").randrange(steps + 1, 3 * steps) + 1  # in epoch 1 or 3
+    args = [*cli_args(setting.config)]
+    runner = [*TORCHRUN, str(ROOT / "tests" / "fault_runner.py")]
+    killed = run_bounded([*runner, f"signal:KILL:{batch}", "--", *args, "--out", "run"], 180, tmp_path)
+    assert killed.returncode != 0 and "Signal 9 (SIGKILL)" in killed.stderr, killed.stderr[-2000:]
+    assert not json.loads((tmp_path / "run" / METRICS).read_text())["complete"]
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT)["epoch"] in (1, 3)  # resumes mid-run
+    resumed = run_bounded([*runner, "none", "--", *args, "--out", "run", "--resume"], 180, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    whole = run_bounded([*runner, "none", "--", *args, "--out", "whole"], 180, tmp_path)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    final, expected = (load_checkpoint(tmp_path / name / CHECKPOINT) for name in ("run", "whole"))
+    assert final["epoch"] == expected["epoch"] == setting.config.epochs
+    assert_same_tensors(final["model"], expected["model"])
 
 
 # --------------------------------------------------------------------- greenprop train --nproc
@@ -203,6 +242,40 @@ def test_nproc_inside_torchrun_is_refused(tmp_path, capsys, monkeypatch):
     assert main(["train", *TINY, "--out", str(tmp_path / "x"), "--nproc", "2"]) == 2
     err = capsys.readouterr().err
     assert "(rank 1) --nproc inside torchrun" in err
+
+
+# --------------------------------------------------------------------- docs/distributed.md
+DOC = ROOT / "docs" / "distributed.md"
+#: How the doc's commands run here: this interpreter, this checkout's greenprop.
+LAUNCHERS = {
+    "greenprop": [sys.executable, "-m", "greenprop"],
+    "torchrun": [sys.executable, "-m", "torch.distributed.run"],
+}
+
+
+def doc_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
+
+
+def doc_commands() -> list[list[str]]:
+    """Every command of the doc's ``bash`` blocks (a trailing backslash continues a line)."""
+    lines = [line for block in doc_blocks("bash") for line in block.replace("\\\n", " ").splitlines()]
+    return [words for line in lines if (words := shlex.split(line, comments=True))]
+
+
+@pytest.mark.parametrize("words", doc_commands(), ids=[f"{i}-{w[0]}" for i, w in enumerate(doc_commands())])
+def test_the_doc_s_commands_train_two_identical_ranks(tmp_path, words):
+    """Each command of docs/distributed.md, run as written, in a folder holding the doc's scripts."""
+    for block in doc_blocks("python"):
+        if name := re.match(r"# (\S+\.py)\b", block):
+            (tmp_path / name.group(1)).write_text(block)
+    result = run_bounded([*LAUNCHERS[words[0]], *words[1:]], timeout=180, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [written] = tmp_path.rglob("metrics.json")
+    metrics = json.loads(written.read_text())
+    assert metrics["complete"]
+    assert metrics["distributed"]["world_size"] == 2
+    assert metrics["distributed"]["parameter_spread"] == 0.0
 
 
 # --------------------------------------------------------------------- shards (no processes)
