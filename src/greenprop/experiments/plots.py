@@ -44,7 +44,8 @@ def plot_accuracy_vs_saving(rows: list[dict[str, Any]], path: Path, metric: dict
     absent = []
     for row in rows:
         if row[f"{key}_mean"] is None:
-            absent.append(f"{row['method']} (diverged or unscored in every seed)")
+            why = "diverged in every seed" if key == "acc1" else "diverged or unscored in every seed"
+            absent.append(f"{row['method']} ({why})")
             continue
         if row["flops_saved_pct"] is None:
             absent.append(f"{row['method']} (no finished baseline to measure a saving against)")
