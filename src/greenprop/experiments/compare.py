@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from greenprop import data as gp_data
 from greenprop.errors import GreenpropError, TrainingDiverged
+from greenprop.experiments.frontier import frontier_runs
 from greenprop.methods import MethodSpec, build_method, parse_method
 from greenprop.train.checkpoint import ensure_writable_dir
 from greenprop.train.config import TrainConfig
@@ -76,8 +78,13 @@ def run_compare(
     out_dir: str | Path,
     *,
     overwrite: bool = False,
+    frontier: Sequence[float] = (),
 ) -> list[RunResult]:
-    """Train every method x seed (baseline first) and return their metrics."""
+    """Train every method x seed (baseline first) and return their metrics.
+
+    ``frontier``: fractions of the epochs at which the baseline is also trained, each
+    with its own full schedule (:mod:`greenprop.experiments.frontier`); () for none.
+    """
     if not methods:
         raise GreenpropError("compare needs at least one method")
     if not seeds:
@@ -91,30 +98,36 @@ def run_compare(
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
         raise GreenpropError(f"methods must be distinct, got {labels}")
+    runs = [(spec.label, base.replace(method=spec.label)) for spec in specs]
+    dense_budgets = frontier_runs(base, frontier)
+    if frontier:
+        budgets = ", ".join(str(config.epochs) for _, config in dense_budgets) or "none"
+        print(f"compare: dense frontier at {budgets} of {base.epochs} epochs, plus the baseline itself")
+    runs += dense_budgets
     out = ensure_writable_dir(out_dir)
     data = gp_data.load(
         base.dataset, data_dir=base.data_dir, subset=base.subset, test_subset=base.test_subset
     )
     _validate_up_front(base, specs, seeds, data)
     results = []
-    total = len(specs) * len(seeds)
+    total = len(runs) * len(seeds)
     # Seed-major order (baseline, method, ... for seed 0, then seed 1, ...) interleaves the
     # methods in time, so drifting machine load biases their wall-time ratios less.
-    for i, (spec, seed) in enumerate(((s, seed) for seed in seeds for s in specs), start=1):
-        config = base.replace(method=spec.label, seed=seed)
-        run_dir = out / run_dir_name(spec.label) / f"seed{seed}"
+    for i, ((label, run_config), seed) in enumerate(((r, seed) for seed in seeds for r in runs), start=1):
+        config = run_config.replace(seed=seed)
+        run_dir = out / run_dir_name(label) / f"seed{seed}"
         metrics = _existing_metrics(run_dir, config, overwrite)
         if metrics is not None:
-            print(f"[{i}/{total}] {spec.label} seed {seed}: finished earlier, reusing {run_dir}")
+            print(f"[{i}/{total}] {label} seed {seed}: finished earlier, reusing {run_dir}")
         else:
             resume = (run_dir / CHECKPOINT).exists() and not overwrite
             verb = "resuming" if resume else "training"
-            print(f"[{i}/{total}] {verb} {spec.label} seed {seed} -> {run_dir}", flush=True)
+            print(f"[{i}/{total}] {verb} {label} seed {seed} -> {run_dir}", flush=True)
             trainer = Trainer(config, run_dir, resume=resume, overwrite=overwrite, data=data)
             try:
                 metrics = trainer.fit()
             except TrainingDiverged as err:
-                print(f"[{i}/{total}] {spec.label} seed {seed} diverged ({err}); recorded, going on")
+                print(f"[{i}/{total}] {label} seed {seed} diverged ({err}); recorded, going on")
                 metrics = json.loads((run_dir / METRICS).read_text())
-        results.append(RunResult(spec.label, seed, run_dir, metrics))
+        results.append(RunResult(label, seed, run_dir, metrics))
     return results
