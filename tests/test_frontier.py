@@ -163,21 +163,24 @@ def test_no_frontier_and_chosen_budgets(tmp_path, capsys):
     assert main([*base, "--no-frontier", "--frontier-budgets", "0.5", "--out", str(out)]) == 2
 
 
-def test_a_compare_interrupted_in_a_frontier_run_resumes_it(tmp_path, capsys):
+@pytest.mark.slow  # a subprocess and two comparisons: ~45 s on the busy 2-core machine
+def test_a_compare_with_frontier_interrupted_resumes_to_the_same_table(tmp_path, capsys):
+    """Ctrl-C mid-comparison, then the same command: every run (frontier too) completes."""
     out = tmp_path / "cmp"
     args = ["compare", *QUICK, "--epochs", "3", "--methods", "baseline", METHOD, "--out", str(out)]
-    # 4 steps per epoch: baseline draws batches 1-12, the method 13-24, dense@1ep 25-28,
-    # dense@2ep 29-36; batch 34 is in dense@2ep's second epoch.
+    # 4 steps per epoch, 36 batches in all; one after the first epochs of every run in
+    # sequence (dense@2ep's 2nd epoch) or round-robin by epoch (the method's 3rd).
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}"}
     stopped = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "fault_runner.py"), "signal:INT:34", "--", *args],
         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
     )
     assert stopped.returncode == 130, stopped.stderr
-    assert "interrupted in epoch 2/2" in stopped.stderr
+    assert "interrupted" in stopped.stderr
     assert main(args) == 0
-    printed = capsys.readouterr().out
-    assert printed.count("finished earlier, reusing") == 3 and "resuming dense@2ep seed 0" in printed
-    metrics = json.loads((out / "dense_2ep" / "seed0" / "metrics.json").read_text())
-    assert metrics["complete"] and len(metrics["epochs"]) == 2
+    assert "resuming" in capsys.readouterr().out
+    expected = {"baseline": 3, "ssprop_keep=0.5_layers=linear": 3, "dense_1ep": 1, "dense_2ep": 2}
+    for label, epochs in expected.items():
+        metrics = json.loads((out / label / "seed0" / "metrics.json").read_text())
+        assert metrics["complete"] and len(metrics["epochs"]) == epochs, label
     assert json.loads((out / "results.json").read_text())["frontier"][0]["method"] == METHOD

@@ -262,7 +262,9 @@ EXPLANATION = (
 )
 
 
-def frontier_report(results: list[RunResult], out_dir: Path) -> tuple[list[dict[str, Any]], list[str], dict[str, Path]]:
+def frontier_report(
+    results: list[RunResult], out_dir: Path
+) -> tuple[list[dict[str, Any]], list[str], dict[str, Path]]:
     """The frontier's rows, its Markdown section and its plots (written to ``out_dir``).
 
     Nothing (``[], [], {}``) when the comparison has no frontier or no method.
