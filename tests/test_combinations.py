@@ -1,0 +1,86 @@
+"""Combined methods (``a;b``): the order they are applied in, and counted FLOPs that compose."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+
+import pytest
+from torch.nn import Conv2d, Linear
+
+from greenprop import data as gp_data
+from greenprop.errors import GreenpropError
+from greenprop.methods import application_order, build_method, parse_method
+from greenprop.train.config import TrainConfig
+from greenprop.train.setup import create_model
+from greenprop.train.trainer import Trainer
+
+
+def test_parts_apply_vcas_then_ssprop_then_gradsamp_whatever_the_written_order():
+    spec = parse_method("gradsamp:strategy=pe:2;ssprop:keep=0.5;vcas")
+    assert [p.name for p in application_order(spec.parts)] == ["vcas", "ssprop", "gradsamp"]
+    assert spec.label == "gradsamp:strategy=pe:2;ssprop:keep=0.5;vcas"  # runs keep the written name
+
+
+def _layer_classes(model_name: str, spec: str) -> tuple[Counter[str], list[str]]:
+    data = gp_data.load("digits", subset=64, test_subset=32)
+    model = create_model(TrainConfig(model=model_name, dataset="digits", width=8), data.info)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        controllers = build_method(parse_method(spec), model, epochs=2, steps_per_epoch=2, seed=0)
+    kinds = Counter(type(m).__name__ for m in model.modules() if isinstance(m, (Conv2d, Linear)))
+    return kinds, [c.name for c in controllers]
+
+
+@pytest.mark.parametrize("model_name", ["resnet18-gn", "vit"])
+def test_ssprop_and_vcas_share_the_layers_the_same_way_in_either_order(model_name):
+    one, controllers = _layer_classes(model_name, "ssprop:keep=0.5;vcas")
+    other, _ = _layer_classes(model_name, "vcas;ssprop:keep=0.5")
+    assert one == other and controllers == ["vcas", "ssprop"]
+    # VCAS takes the layers inside the blocks; ssProp the convolution before them.
+    assert one["SparseConv2d"] == 1 and (one["VCASConv2d"] or one["VCASLinear"]) > 0
+
+
+def test_a_combination_the_layers_do_not_allow_is_refused():
+    with pytest.raises(GreenpropError, match="vcas"):  # the BatchNorm CNN has no blocks for VCAS
+        _layer_classes("cnn", "ssprop:keep=0.5;vcas")
+
+
+def _flops(tmp_path, method: str, **config) -> dict[str, float]:
+    base = {"dataset": "digits", "subset": 128, "test_subset": 64, "batch_size": 64, "progress": False}
+    run = TrainConfig(**{**base, **config}, method=method)
+    summary = Trainer(run, tmp_path / method.replace(";", "+").replace(":", "_")).fit()["summary"]
+    return {phase: summary["flops"][phase]["value"] for phase in ("forward", "backward")}
+
+
+def test_gradsamp_with_ssprop_saves_the_product_of_their_savings(tmp_path):
+    """GradSamp skips whole epochs, ssProp thins every real step: savings multiply."""
+    config = {"model": "mlp", "epochs": 4}
+    base = _flops(tmp_path, "baseline", **config)
+    gradsamp = _flops(tmp_path, "gradsamp:strategy=pe:2", **config)
+    ssprop = _flops(tmp_path, "ssprop:keep=0.5,layers=linear", **config)
+    both = _flops(tmp_path, "gradsamp:strategy=pe:2;ssprop:keep=0.5,layers=linear", **config)
+    for phase in ("forward", "backward"):
+        trained = gradsamp[phase] / base[phase]
+        assert 0 < trained < 1 and ssprop["backward"] < base["backward"]
+        assert both[phase] == pytest.approx(ssprop[phase] * trained, rel=1e-9), phase
+
+
+@pytest.mark.slow  # VCAS's estimation passes: minutes on the busy 2-core machine
+def test_ssprop_with_vcas_on_disjoint_layers_adds_their_savings(tmp_path):
+    """One step of a ViT: ssProp on the patch convolution, VCAS on the blocks' Linears.
+
+    With a single step both see the same weights and data, so the differences to dense
+    add up exactly; later steps would diverge (each changes the other's gradients).
+    """
+    config = {"model": "vit", "width": 16, "epochs": 1, "subset": 64, "optimizer": "adamw", "lr": 1e-3}
+    vcas = "vcas:initial_s=0.5,initial_weight_ratio=0.5,update_every=100"
+    base = _flops(tmp_path, "baseline", **config)
+    ssprop_only = _flops(tmp_path, "ssprop:keep=0.5", **config)
+    vcas_only = _flops(tmp_path, vcas, **config)
+    both = _flops(tmp_path, f"ssprop:keep=0.5;{vcas}", **config)
+    # ssProp saves; VCAS's first step adds its variance estimation and saves by sampling.
+    assert ssprop_only["backward"] < base["backward"] and vcas_only["backward"] != base["backward"]
+    for phase in ("forward", "backward"):
+        expected = base[phase] + (ssprop_only[phase] - base[phase]) + (vcas_only[phase] - base[phase])
+        assert both[phase] == pytest.approx(expected, rel=1e-9), phase
