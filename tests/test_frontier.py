@@ -91,7 +91,10 @@ def test_methods_are_matched_with_the_same_seeds_frontier_on_a_synthetic_table()
     # A method cheaper than the smallest budget, and one dearer in time than full dense.
     results += [_result("tiny", s, 4, 5.0, 0.5, 40.0) for s in (0, 1)]
     results += [_result("slow", s, 4, 30.0, 5.0, 90.0 + s) for s in (0, 1)]
-    rows = {row["method"]: row for row in compare_with_frontier(results)}
+    diverged = _result("lost", 0, 4, 15.0, 3.0, 0.0)
+    diverged.metrics["diverged"] = {"epoch": 1}
+    rows = {row["method"]: row for row in compare_with_frontier([*results, diverged])}
+    assert rows.pop("lost")["verdict_flops"] == "no finished run (every seed diverged)"
     assert set(rows) == {"m", "tiny", "slow"}
     m = rows["m"]
     # seed 0: dense 60 at 15 FLOPs, 75 at 3 s; seed 1: 64 and 79.

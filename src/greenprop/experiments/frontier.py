@@ -118,6 +118,8 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def _verdict(mean: float | None, std: float | None, position: str) -> str:
+    if position == "diverged":
+        return "no finished run (every seed diverged)"
     if mean is None:
         return "cheaper than the smallest budget (no dense run to compare)"
     if std is not None and abs(mean) <= std:
@@ -169,10 +171,11 @@ def compare_with_frontier(results: list[RunResult]) -> list[dict[str, Any]]:
                 if acc is not None:
                     dense.append(acc)
                     deltas.append(point.acc1 - acc)
-            position = max(positions, key=["inside", "beyond", "below"].index, default="below")
-            delta, delta_std = _mean_std(deltas) if position != "below" else (None, None)
+            position = max(positions, key=["inside", "beyond", "below"].index, default="diverged")
+            reached = position in ("inside", "beyond")
+            delta, delta_std = _mean_std(deltas) if reached else (None, None)
             row |= {
-                f"dense_acc1_at_{key}": _mean_std(dense)[0] if position != "below" else None,
+                f"dense_acc1_at_{key}": _mean_std(dense)[0] if reached else None,
                 f"delta_acc1_{key}": delta,
                 f"delta_acc1_{key}_std": delta_std,
                 f"position_{key}": position,
