@@ -261,7 +261,9 @@ EXPLANATION = (
     "nearest budgets of the same seed; Δ is the method's Acc@1 minus it, mean ± sample std "
     "over seeds (no ± with one seed). n/a: the method is cheaper than the smallest budget. "
     "*: the method costs more than full dense and is compared with full dense, which more "
-    "epochs might beat. A difference within the seed spread counts as on the frontier."
+    "epochs might beat. A difference within the seed spread counts as on the frontier. "
+    "Train times carry the load of whatever else ran on the machine: compare them only "
+    "from a quiet machine or runs taken side by side."
 )
 
 
@@ -286,7 +288,7 @@ def frontier_report(
         "",
         format_frontier_table(rows, markdown=True),
         "",
-        *verdict_lines(rows),
+        *(f"- {line}" for line in verdict_lines(rows)),
         "",
         EXPLANATION,
         "",
