@@ -70,8 +70,10 @@ def test_gradsamp_with_ssprop_saves_the_product_of_their_savings(tmp_path):
 def test_ssprop_with_vcas_on_disjoint_layers_adds_their_savings(tmp_path):
     """One step of a ViT: ssProp on the patch convolution, VCAS on the blocks' Linears.
 
-    With a single step both see the same weights and data, so the differences to dense
-    add up exactly; later steps would diverge (each changes the other's gradients).
+    With a single step both see the same weights and data. The forward adds up exactly
+    (ssProp changes no forward). The backward saves at least the sum: VCAS's variance
+    estimation (at the first step) runs the whole model's backward, ssProp's layer
+    included, so ssProp thins those passes too; the one place where the two interact.
     """
     config = {"model": "vit", "width": 16, "epochs": 1, "subset": 64, "optimizer": "adamw", "lr": 1e-3}
     vcas = "vcas:initial_s=0.5,initial_weight_ratio=0.5,update_every=100"
@@ -79,8 +81,10 @@ def test_ssprop_with_vcas_on_disjoint_layers_adds_their_savings(tmp_path):
     ssprop_only = _flops(tmp_path, "ssprop:keep=0.5", **config)
     vcas_only = _flops(tmp_path, vcas, **config)
     both = _flops(tmp_path, f"ssprop:keep=0.5;{vcas}", **config)
-    # ssProp saves; VCAS's first step adds its variance estimation and saves by sampling.
     assert ssprop_only["backward"] < base["backward"] and vcas_only["backward"] != base["backward"]
-    for phase in ("forward", "backward"):
-        expected = base[phase] + (ssprop_only[phase] - base[phase]) + (vcas_only[phase] - base[phase])
-        assert both[phase] == pytest.approx(expected, rel=1e-9), phase
+    expected = {p: ssprop_only[p] + vcas_only[p] - base[p] for p in ("forward", "backward")}
+    assert both["forward"] == pytest.approx(expected["forward"], rel=1e-9)
+    assert both["backward"] < expected["backward"]
+    # ... by no more than ssProp's saving on the estimation's extra backward passes (at most
+    # mc_repeats=2 exact and 2 sampled passes of one batch, on top of the training step).
+    assert both["backward"] > expected["backward"] - 4 * (base["backward"] - ssprop_only["backward"])
