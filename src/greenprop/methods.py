@@ -29,10 +29,8 @@ from greenprop.errors import GreenpropError
 
 __all__ = [
     "BUILTIN_METHODS",
-    "COMBINATION_ORDER",
     "Method",
     "MethodSpec",
-    "application_order",
     "available_methods",
     "build_method",
     "get_method",
@@ -46,8 +44,7 @@ class MethodSpec:
     """A parsed method spec: its name and raw string options.
 
     Several methods combine with ``;`` (``gradsamp:strategy=pe:5;ssprop:keep=0.6``):
-    the combination's ``parts`` are applied in :data:`COMBINATION_ORDER` and their
-    controllers all run, in that order.
+    the combination's ``parts`` are applied in order and their controllers all run.
     """
 
     name: str
@@ -87,14 +84,6 @@ BUILTIN_METHODS: dict[str, tuple[str | None, str]] = {
 }
 
 _TEMPORARY: dict[str, Method] = {}
-
-#: The order in which a combination's parts are applied (and their controllers' hooks run),
-#: whatever order the spec writes them in. Each layer belongs to at most one method, so the
-#: layer methods claim layers in turn: VCAS first, since it needs whole blocks of exact
-#: ``nn.Linear``/``nn.Conv2d``; then ssProp, which converts the Conv2d/Linear left over;
-#: GradSamp last, as it acts on whole epochs and converts no layer. Other methods follow,
-#: as written.
-COMBINATION_ORDER: tuple[str, ...] = ("vcas", "ssprop", "gradsamp")
 
 
 def _baseline(model: nn.Module, options: dict[str, str], **_: int) -> list[Controller]:
@@ -197,7 +186,7 @@ def build_method(
     if spec.parts:
         return [
             controller
-            for part in application_order(spec.parts)
+            for part in spec.parts
             for controller in build_method(
                 part, model, epochs=epochs, steps_per_epoch=steps_per_epoch, seed=seed
             )
@@ -211,9 +200,3 @@ def build_method(
         raise
     except ValueError as err:
         raise GreenpropError(f"method {spec.label!r}: {err}") from err
-
-
-def application_order(parts: tuple[MethodSpec, ...]) -> list[MethodSpec]:
-    """A combination's parts in :data:`COMBINATION_ORDER` (others after them, as written)."""
-    rank = {name: i for i, name in enumerate(COMBINATION_ORDER)}
-    return sorted(parts, key=lambda part: rank.get(part.name, len(rank)))
