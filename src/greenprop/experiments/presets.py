@@ -50,7 +50,8 @@ _SSPROP_METHODS: tuple[str, ...] = ("baseline", "ssprop:keep=0.2,interleave=true
 
 PRESETS: dict[str, Preset] = {
     # The demo: the small BatchNorm CNN, where ssProp and GradSamp apply; VCAS needs
-    # repeated blocks without BatchNorm (see "demo-vcas"). Sized for minutes on 2 cores.
+    # repeated blocks without BatchNorm (see "demo-vcas"). 5.5 min on the shared 2-core
+    # machine under a load of 4-5 (20 min under a load of ~20).
     "demo": Preset(
         description="small CNN on a 4k/2k Fashion-MNIST subset, 4 epochs, one seed: dense "
         "baseline and its frontier (1, 2, 3 epochs), GradSamp (Pe=2), ssProp (keep 0.2 "
