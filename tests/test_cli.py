@@ -131,7 +131,7 @@ def poison_method():
 def test_compare_records_a_diverged_method_and_goes_on(tmp_path, capsys, poison_method):
     out_dir = tmp_path / "cmp"
     args = ["compare", *QUICK, "--epochs", "2", "--methods", "baseline", "poison-test",
-            "--seeds", "0", "1", "--out", str(out_dir)]
+            "--seeds", "0", "1", "--no-frontier", "--out", str(out_dir)]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "diverged" in printed
@@ -148,7 +148,7 @@ def test_compare_records_a_diverged_method_and_goes_on(tmp_path, capsys, poison_
 def test_compare_with_vcas_plots_step_losses_and_the_controller(tmp_path, capsys):
     out_dir = tmp_path / "vcas"
     args = ["compare", "--dataset", "digits", "--model", "vit", "--width", "16", "--epochs", "2"]
-    args += ["--batch-size", "128", "--optimizer", "adamw", "--lr", "0.003", "--seeds", "0"]
+    args += ["--batch-size", "128", "--optimizer", "adamw", "--lr", "0.003", "--seeds", "0", "--no-frontier"]
     assert main([*args, "--methods", "baseline", "vcas:update_every=3", "--out", str(out_dir)]) == 0
     assert "vcas:update_every=3" in capsys.readouterr().out
     for name in ("loss_steps.png", "vcas_ratios.png"):

@@ -161,6 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(compare)
     compare.add_argument("--out", type=Path, help="output folder (default: runs/compare-<preset|model>)")
     compare.add_argument("--overwrite", action="store_true", help="rerun runs already in --out")
+    compare.add_argument(
+        "--frontier-budgets",
+        nargs="+",
+        type=float,
+        metavar="FRACTION",
+        help="budgets of the dense frontier as fractions of the epochs (default: 0.25 0.5 0.75); "
+        "each is the baseline retrained for that share of the epochs with its own full LR schedule",
+    )
+    compare.add_argument(
+        "--no-frontier",
+        action="store_true",
+        help="leave out the dense frontier (no 'dense at the same FLOPs/time' columns)",
+    )
 
     check = sub.add_parser(
         "ggd-check",
@@ -269,6 +282,12 @@ def _train(args: argparse.Namespace, config: TrainConfig) -> None:
 
 def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> None:
     from greenprop.experiments.compare import run_compare
+    from greenprop.experiments.frontier import (
+        DEFAULT_FRACTIONS,
+        compare_with_frontier,
+        format_frontier_table,
+        verdict_lines,
+    )
     from greenprop.experiments.load_check import load_notes
     from greenprop.experiments.presets import get_preset
     from greenprop.experiments.report import aggregate, format_table, task_metrics, write_report
@@ -280,7 +299,10 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> None:
     methods = args.methods or (list(preset.methods) if preset else ["baseline"])
     seeds = args.seeds or (list(preset.seeds) if preset else [0])
     out = args.out or Path("runs") / f"compare-{args.preset or config.model}"
-    results = run_compare(config, methods, seeds, out, overwrite=args.overwrite)
+    if args.no_frontier and args.frontier_budgets:
+        raise GreenpropError("--no-frontier and --frontier-budgets contradict each other; pass one")
+    frontier = () if args.no_frontier else tuple(args.frontier_budgets or DEFAULT_FRACTIONS)
+    results = run_compare(config, methods, seeds, out, overwrite=args.overwrite, frontier=frontier)
     command = "greenprop " + shlex.join(argv)
     title = f"greenprop compare: {args.preset or config.model}"
     paths = write_report(results, out, title=title, command=command)
@@ -289,6 +311,12 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> None:
     print(format_table(rows, metrics=task_metrics(results)))
     print("\n".join(load_notes(rows)))
     print()
+    frontier_rows = compare_with_frontier(results)
+    if frontier_rows:
+        print("Against the dense frontier (dense training at the method's FLOPs / time):")
+        print(format_frontier_table(frontier_rows))
+        print("\n".join(verdict_lines(frontier_rows)))
+        print()
     print("report: " + "  ".join(str(p) for p in paths.values()))
 
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from greenprop import data as gp_data
 from greenprop.errors import GreenpropError, TrainingDiverged
+from greenprop.experiments.frontier import frontier_runs
 from greenprop.experiments.round_robin import epoch_slices
 from greenprop.methods import MethodSpec, build_method, parse_method
 from greenprop.models import task_of
@@ -46,7 +48,7 @@ class _Run:
     """One configuration (method x seed) while the comparison trains it slice by slice."""
 
     number: str  # "i/n", its place in the listed order
-    spec: MethodSpec
+    label: str  # the method spec, or a frontier budget's "dense@<k>ep"
     seed: int
     config: TrainConfig
     path: Path
@@ -102,8 +104,13 @@ def run_compare(
     out_dir: str | Path,
     *,
     overwrite: bool = False,
+    frontier: Sequence[float] = (),
 ) -> list[RunResult]:
-    """Train every method x seed (baseline first) and return their metrics."""
+    """Train every method x seed (baseline first) and return their metrics.
+
+    ``frontier``: fractions of the epochs at which the baseline is also trained, each
+    with its own full schedule (:mod:`greenprop.experiments.frontier`); () for none.
+    """
     if not methods:
         raise GreenpropError("compare needs at least one method")
     if not seeds:
@@ -117,6 +124,15 @@ def run_compare(
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
         raise GreenpropError(f"methods must be distinct, got {labels}")
+    runs = [(spec.label, base.replace(method=spec.label)) for spec in specs]
+    if frontier and task_of(base.model) != "classification":
+        print("compare: no dense frontier for this task yet (it reads Acc@1), so none is trained")
+        frontier = ()
+    dense_budgets = frontier_runs(base, frontier)
+    if frontier:
+        budgets = ", ".join(str(config.epochs) for _, config in dense_budgets) or "none"
+        print(f"compare: dense frontier at {budgets} of {base.epochs} epochs, plus the baseline itself")
+    runs += dense_budgets
     out = ensure_writable_dir(out_dir)
     if task_of(base.model) == "diffusion" and base.fd_cache is None:
         base = base.replace(fd_cache=str(out))  # one FD classifier for every run compared
@@ -124,21 +140,21 @@ def run_compare(
         base.dataset, data_dir=base.data_dir, subset=base.subset, test_subset=base.test_subset
     )
     _validate_up_front(base, specs, seeds, data)
-    pairs = [(spec, seed) for seed in seeds for spec in specs]  # seed-major, as results are listed
-    runs = []
-    for i, (spec, seed) in enumerate(pairs, start=1):
-        path = out / run_dir_name(spec.label) / f"seed{seed}"
-        runs.append(_Run(f"{i}/{len(pairs)}", spec, seed, base.replace(method=spec.label, seed=seed), path))
-    for run in runs:
+    pairs = [(r, seed) for seed in seeds for r in runs]  # seed-major, as results are listed
+    sliced = []
+    for i, ((label, run_config), seed) in enumerate(pairs, start=1):
+        path = out / run_dir_name(label) / f"seed{seed}"
+        sliced.append(_Run(f"{i}/{len(pairs)}", label, seed, run_config.replace(seed=seed), path))
+    for run in sliced:
         run.metrics = _existing_metrics(run.path, run.config, overwrite)
         if run.finished:
-            print(f"[{run.number}] {run.spec.label} seed {run.seed}: finished earlier, reusing {run.path}")
+            print(f"[{run.number}] {run.label} seed {run.seed}: finished earlier, reusing {run.path}")
     for run, epoch in epoch_slices(
-        runs, base.epochs, done=lambda r: r.epochs_done, finished=lambda r: r.finished
+        sliced, base.epochs, done=lambda r: r.epochs_done, finished=lambda r: r.finished
     ):
-        where = f"[{run.number} epoch {epoch}/{base.epochs}]"
+        where = f"[{run.number} epoch {epoch}/{run.config.epochs}]"
         _train_slice(run, epoch, where, data=data, overwrite=overwrite)
-    return [RunResult(run.spec.label, run.seed, run.path, run.metrics or {}) for run in runs]
+    return [RunResult(run.label, run.seed, run.path, run.metrics or {}) for run in sliced]
 
 
 def _train_slice(run: _Run, epoch: int, where: str, *, data: gp_data.DatasetPair, overwrite: bool) -> None:
@@ -146,12 +162,12 @@ def _train_slice(run: _Run, epoch: int, where: str, *, data: gp_data.DatasetPair
     fresh = overwrite and not run.started
     resume = not fresh and (run.path / CHECKPOINT).exists()
     verb = "resuming" if resume else "training"
-    print(f"{where} {verb} {run.spec.label} seed {run.seed} -> {run.path}", flush=True)
+    print(f"{where} {verb} {run.label} seed {run.seed} -> {run.path}", flush=True)
     trainer = Trainer(run.config, run.path, resume=resume, overwrite=fresh, data=data)
     trainer.resume_hint = "run the same compare command again to go on"
     run.started = True
     try:
         run.metrics = trainer.fit(until_epoch=epoch)
     except TrainingDiverged as err:
-        print(f"{where} {run.spec.label} seed {run.seed} diverged ({err}); recorded, going on")
+        print(f"{where} {run.label} seed {run.seed} diverged ({err}); recorded, going on")
         run.metrics = json.loads((run.path / METRICS).read_text())

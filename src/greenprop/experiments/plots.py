@@ -182,3 +182,49 @@ def plot_step_losses(results: list[RunResult], path: Path) -> bool:
     save_figure(fig, path, dpi=120)
     plt.close(fig)
     return True
+
+
+_FRONTIER_AXES = {
+    "flops": ("counted training FLOPs (TFLOP)", 1e-12, "training FLOPs"),
+    "time": ("measured train time (s)", 1.0, "wall time"),
+}
+
+
+def plot_frontier(points: dict[str, dict[str, Any]], cost: str, path: Path) -> None:
+    """Acc@1 against a cost: the dense frontier as a line, each method as a point.
+
+    ``points`` is :func:`greenprop.experiments.frontier.cost_points`; error bars are
+    the sample std over seeds (accuracy, and the cost where it varies).
+    """
+    xlabel, scale, title = _FRONTIER_AXES[cost]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    dense = sorted((p for p in points.values() if p["dense"]), key=lambda p: p[cost])
+    ax.errorbar(
+        [p[cost] * scale for p in dense],
+        [p["acc1"] for p in dense],
+        yerr=[p["acc1_std"] or 0.0 for p in dense],
+        fmt="-s",
+        color="black",
+        capsize=3,
+        label="dense frontier (epochs: " + ", ".join(str(p["epochs"]) for p in dense) + ")",
+    )
+    for method, p in points.items():
+        if p["dense"]:
+            continue
+        ax.errorbar(
+            p[cost] * scale,
+            p["acc1"],
+            xerr=(p[f"{cost}_std"] or 0.0) * scale,
+            yerr=p["acc1_std"] or 0.0,
+            fmt="o",
+            capsize=4,
+            label=method,
+        )
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy @1 (%)")
+    ax.set_title(f"Acc@1 vs {title}: methods against dense at shorter budgets", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)

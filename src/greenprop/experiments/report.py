@@ -6,10 +6,12 @@ import csv
 import io
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from greenprop.experiments.compare import RunResult
+from greenprop.experiments.frontier import frontier_report
 from greenprop.experiments.load_check import annotate_load, load_notes, time_ratio_cell
 from greenprop.methods import get_method, parse_method
 from greenprop.train.checkpoint import write_json, write_text
@@ -182,8 +184,11 @@ def format_table(
     metrics: tuple[dict[str, Any], ...] = CLASSIFICATION_METRICS,
 ) -> str:
     """The comparison as aligned text (terminal) or a Markdown table; ``metrics``: :func:`task_metrics`."""
-    body = table_rows(rows, metrics)
-    header = columns(metrics)
+    return render_table(columns(metrics), table_rows(rows, metrics), markdown=markdown)
+
+
+def render_table(header: Sequence[str], body: list[list[str]], *, markdown: bool = False) -> str:
+    """Cells as aligned text (terminal) or a Markdown table."""
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(cells) + " |" for cells in body]
@@ -191,7 +196,8 @@ def format_table(
     widths = [max(len(h), *(len(c[i]) for c in body)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join(
-        [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*cells) for cells in body]
+        [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+        + [fmt.format(*cells) for cells in body]
     )
 
 
@@ -222,10 +228,13 @@ def write_report(
     for row in rows:
         writer.writerow({**row, "seeds": " ".join(map(str, row["seeds"]))})
     write_text(table.getvalue(), paths["csv"])
+    frontier_rows, frontier_lines, frontier_paths = frontier_report(results, out)
+    paths.update(frontier_paths)
     first = results[0].metrics
     write_json(
         {
             "rows": rows,
+            "frontier": frontier_rows,
             "config": first["config"],
             "environment": first["environment"],
             "runs": [
@@ -272,6 +281,7 @@ def write_report(
         f"![training curves]({paths['curves_plot'].name})",
         "",
     ]
+    lines += frontier_lines
     if "step_loss_plot" in paths:
         lines += [f"![training loss per step]({paths['step_loss_plot'].name})", ""]
     for caption, path in extras:
@@ -301,7 +311,7 @@ def _method_names(results: list[RunResult]) -> list[str]:
     """Every method taking part in the comparison (the parts of combined ones too)."""
     names: set[str] = set()
     for r in results:
-        spec = parse_method(r.method)
+        spec = parse_method(r.metrics["config"]["method"])  # a frontier row's label is no spec
         names.update(part.name for part in (spec.parts or (spec,)))
     return sorted(names)
 
