@@ -25,6 +25,9 @@ from greenprop.cli import main
 
 
 def _signal_at_batch(name: str, n: int) -> None:
+    # A shell's background job starts with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: give Ctrl-C its usual meaning, as in a terminal.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     real = trainer.iterate_batches
     count = 0
 

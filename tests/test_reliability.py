@@ -126,7 +126,7 @@ def test_ctrl_c_in_a_round_robin_compare_then_the_same_command_gives_the_same_we
     base, ssprop = SETTINGS[0].config, SETTINGS[1].config  # 3 epochs of 4 steps each
     out = tmp_path / "cmp"
     args = ["compare", *_cli_args(base)[1:], "--methods", "baseline", ssprop.method, "--seeds", "0"]
-    args += ["--out", str(out)]
+    args += ["--no-frontier", "--out", str(out)]
     stopped = _run("signal:INT:11", args)  # round 2: baseline epoch 2 step 3 (ssprop has epoch 1)
     assert stopped.returncode == 130, stopped.stderr
     line = stopped.stderr.strip().splitlines()[-1]
