@@ -25,6 +25,7 @@ from greenprop.controller import Controller, RunContext
 from greenprop.errors import GreenpropError, TrainingDiverged
 from greenprop.metering import EnergyMeter, FlopCount, PhaseTimer, Quantity, count_flops_per_sample
 from greenprop.metering.accounting import flop_accounts
+from greenprop.metering.flops import batch_head, count_step_flops
 from greenprop.methods import build_method, parse_method
 from greenprop.seeding import trainer_epoch_seed
 from greenprop.train.checkpoint import (
@@ -136,6 +137,15 @@ class Trainer:
             raise GreenpropError(f"controller names must be unique within a run, got {names}")
         if clash := sorted(set(names) & RECORD_FIELDS):
             raise GreenpropError(f"controller name(s) {clash} would overwrite the epoch record's own fields")
+        #: Controllers that may do a training step their own way (MeZO); see replace_step.
+        self.step_replacers = [
+            c for c in self.controllers if type(c).replace_step is not Controller.replace_step
+        ]
+        if self.step_replacers and self.parallel.world_size > 1:
+            raise GreenpropError(
+                f"method {self.method.label!r} replaces the training step, which greenprop does not "
+                "run across processes (each rank would estimate its own update); use one process"
+            )
         self.flop_accounts = flop_accounts(self.controllers)
         #: How methods adjust the counted FLOPs, one line each (in the provenance and metrics.json).
         self.flop_adjustments = [
@@ -157,7 +167,7 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
         self.energy_meter = EnergyMeter(self.device, watts=config.watts)
-        self._flops_cache: dict[tuple[Hashable, ...], FlopCount] = {}
+        self._flops_cache: dict[tuple[Hashable, ...], FlopCount | None] = {}
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         #: Largest |difference| of any rank's parameters from rank 0's after the last epoch.
@@ -344,7 +354,9 @@ class Trainer:
     def _run_epoch(self, epoch: int) -> dict[str, Any]:
         """One epoch. Energy covers the same work as "train time": not the evaluation."""
         timer = PhaseTimer(self.device)
-        record: dict[str, Any] = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
+        # None: the steps are a controller's own (MeZO), the run's optimizer is never stepped
+        lr = None if self.step_replacers else self.optimizer.param_groups[0]["lr"]
+        record: dict[str, Any] = {"epoch": epoch, "lr": lr}
         self.energy_meter.start()
         try:
             flops, source = self._train_or_replace(epoch, timer, record)
@@ -352,7 +364,8 @@ class Trainer:
             energy = self.energy_meter.stop()
         record["energy"] = self.parallel.energy(energy, self.energy_meter.describe()).to_dict()
         flops = self.parallel.sum_values(flops)
-        self.scheduler.step()
+        if not self.step_replacers:
+            self.scheduler.step()
         with timer.phase("eval"):
             record.update(self._evaluate())
         record["reevaluated_by"] = None
@@ -419,7 +432,7 @@ class Trainer:
         model.train()
         batches = self.parallel.epoch_batches(self.data.train, c.batch_size, c.seed, epoch)
         flops = {"forward": 0.0, "backward": 0.0}
-        loss_sum, samples, correct = 0.0, 0, 0
+        loss_sum, samples, correct, scored = 0.0, 0, 0, 0  # scored: samples whose logits were seen
         step_losses: list[float] = []
         bar = tqdm(
             total=self.steps_per_epoch,
@@ -439,17 +452,23 @@ class Trainer:
             with timer.phase("hooks"):
                 for controller in self.controllers:
                     controller.on_step_start(epoch, step)
-            per_sample = self._flops_per_sample(epoch, step, x, y)
+            replaced = self._replaced_step(epoch, step, x, y, timer)
+            if replaced is not None:
+                loss, per_sample = replaced
+            else:
+                per_sample = self._flops_per_sample(epoch, step, x, y)
+                with timer.phase("forward"):
+                    logits = model(x)
+                    loss = self.loss_fn(logits, y)
+                with timer.phase("backward"):
+                    loss.backward()
+                with timer.phase("optimizer"):
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                correct += int((logits.detach().argmax(1) == y).sum())
+                scored += len(y)
             flops["forward"] += per_sample.forward * len(y)
             flops["backward"] += per_sample.backward * len(y)
-            with timer.phase("forward"):
-                logits = model(x)
-                loss = self.loss_fn(logits, y)
-            with timer.phase("backward"):
-                loss.backward()
-            with timer.phase("optimizer"):
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
             loss_value = self.parallel.mean(float(loss.detach()))  # every rank stops at the same step
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(
@@ -464,20 +483,22 @@ class Trainer:
                     flops[phase] += delta
             step_losses.append(loss_value)
             loss_sum += loss_value * len(y)
-            correct += int((logits.detach().argmax(1) == y).sum())
             samples += len(y)
             bar.update()
             if step % 10 == 0 or step + 1 == self.steps_per_epoch:
                 rate = samples / max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{rate:.0f}")
         bar.close()
-        totals = self.parallel.sum_values({"loss_sum": loss_sum, "samples": samples, "correct": correct})
+        totals = self.parallel.sum_values(
+            {"loss_sum": loss_sum, "samples": samples, "correct": correct, "scored": scored}
+        )
         loss_sum, samples, correct = totals["loss_sum"], int(totals["samples"]), totals["correct"]
         record.update(
             steps=self.steps_per_epoch,
             samples=samples,
             train_loss=loss_sum / samples,
-            train_acc=100.0 * correct / samples,
+            # None when every step was replaced (MeZO): its passes run at perturbed weights
+            train_acc=100.0 * correct / totals["scored"] if totals["scored"] else None,
             step_losses=step_losses,
         )
         source = (
@@ -488,12 +509,43 @@ class Trainer:
             source += "; " + "; ".join(self.flop_adjustments)
         return flops, source
 
+    def _replaced_step(
+        self, epoch: int, step: int, x: torch.Tensor, y: torch.Tensor, timer: PhaseTimer
+    ) -> tuple[torch.Tensor, FlopCount] | None:
+        """The step as a controller runs it (loss, counted FLOPs per sample), or None."""
+        for controller in self.step_replacers:
+            key = ("replace_step", controller.name, *self._cost_key(epoch, step))
+            if self._flops_cache.get(key) is None:
+                self._flops_cache[key] = self._count_replaced_step(controller, epoch, step, (x, y))
+            with timer.phase("forward"):  # a replaced step runs forward passes only, or says so
+                loss = controller.replace_step(epoch, step, (x, y))
+            if loss is not None:
+                if self._flops_cache.get(key) is None:
+                    raise GreenpropError(f"{controller.name}: replace_step declined on a slice of the batch")
+                return loss, self._flops_cache[key]
+        return None
+
+    def _count_replaced_step(
+        self, controller: Controller, epoch: int, step: int, batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> FlopCount | None:
+        """Counted FLOPs per sample of ``controller.replace_step`` on a slice (None: it declined)."""
+        n = min(self.config.flops_samples, len(batch[1]))
+        head = batch_head(batch, n)
+        losses: list[torch.Tensor | None] = []
+        count = count_step_flops(
+            self.model, lambda: losses.append(controller.replace_step(epoch, step, head))
+        )
+        return count.per_sample(n) if losses[0] is not None else None
+
+    def _cost_key(self, epoch: int, step: int) -> tuple[Hashable, ...]:
+        return tuple(account.cost_key(epoch, step) for _, account in self.flop_accounts)
+
     def _flops_per_sample(self, epoch: int, step: int, x: torch.Tensor, y: torch.Tensor) -> FlopCount:
         """Counted FLOPs of one sample's step, cached by the FLOP accounts' cost keys.
 
         Counting runs outside the timed phases: FlopCounterMode slows a step many times.
         """
-        key = tuple(account.cost_key(epoch, step) for _, account in self.flop_accounts)
+        key = self._cost_key(epoch, step)
         if key not in self._flops_cache:
             with ExitStack() as stack:
                 for _, account in self.flop_accounts:
