@@ -221,7 +221,7 @@ def _finite_positive(value: float) -> bool:
 def _train(args: argparse.Namespace, config: TrainConfig) -> None:
     from greenprop.train.trainer import Trainer
 
-    out = args.out or Path("runs") / f"{config.model}-{_slug(config.method)}-seed{config.seed}"
+    out = args.out or Path("runs") / f"{_slug(config.model)}-{_slug(config.method)}-seed{config.seed}"
     trainer = Trainer(config, out, resume=args.resume, overwrite=args.overwrite)
     world = trainer.parallel.world_size
     if trainer.config.progress:  # off on every rank but 0
@@ -255,7 +255,7 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> None:
     config = TrainConfig(**base)
     methods = args.methods or (list(preset.methods) if preset else ["baseline"])
     seeds = args.seeds or (list(preset.seeds) if preset else [0])
-    out = args.out or Path("runs") / f"compare-{args.preset or config.model}"
+    out = args.out or Path("runs") / f"compare-{_slug(args.preset or config.model)}"
     results = run_compare(config, methods, seeds, out, overwrite=args.overwrite)
     command = "greenprop " + shlex.join(argv)
     title = f"greenprop compare: {args.preset or config.model}"
@@ -271,7 +271,8 @@ def _cmd_ggd_check(args: argparse.Namespace, argv: Sequence[str]) -> None:
     from greenprop.gradsamp.check import format_rows
 
     config = TrainConfig(**_config_overrides(args))
-    out = args.out or Path("runs") / f"ggd-check-{config.model}-{_slug(config.method)}-seed{config.seed}"
+    name = f"ggd-check-{_slug(config.model)}-{_slug(config.method)}-seed{config.seed}"
+    out = args.out or Path("runs") / name
     result = ggd_check(
         config,
         out,
@@ -300,6 +301,7 @@ def _cmd_ggd_check(args: argparse.Namespace, argv: Sequence[str]) -> None:
 def _cmd_methods() -> None:
     from greenprop.methods import available_methods, get_method
     from greenprop.options import FALSE_WORDS, TRUE_WORDS
+    from greenprop.train.optimizers import optimizer_help
 
     for name in available_methods():
         method = get_method(name)
@@ -310,6 +312,11 @@ def _cmd_methods() -> None:
         f"\noptions go after the name: NAME:key=value,key=value; yes/no options read "
         f"{'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS)}; lists join with + (layers=conv+linear)"
     )
+    print("\noptimizers (--optimizer NAME:key=value,...; lr and weight decay are --lr, --weight-decay):")
+    for name, options in optimizer_help().items():
+        print(f"  {name}")
+        for option, help_text in options.items():
+            print(f"    {option}: {help_text}")
 
 
 def _cmd_presets() -> None:
