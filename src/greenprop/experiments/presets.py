@@ -234,5 +234,5 @@ PRESETS["mezo-minilm"] = Preset(
     },
     methods=("baseline", "gradsamp:strategy=pe:1"),
     seeds=(0, 1, 2),
-    notes=["MeZO: --methods mezo:eps=1e-3,lr=1e-5 --epochs 5 (1.1x the counted FLOPs of fine-tuning, 30 steps)"],
+    notes=["MeZO: --methods mezo:eps=1e-3,lr=1e-5 --epochs 5 (30 steps, 1.1x fine-tuning's counted FLOPs)"],
 )
