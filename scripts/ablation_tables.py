@@ -8,13 +8,36 @@ Each row is the mean +- std over the seeds its results.json holds (n given).
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
 
 def rows(folder: Path) -> dict[str, dict]:
+    """``method -> row`` of a comparison's results.json, or of ``greenprop train`` runs in seed*/."""
     path = folder / "results.json"
-    return {row["method"]: row for row in json.loads(path.read_text())["rows"]} if path.exists() else {}
+    if path.exists():
+        return {row["method"]: row for row in json.loads(path.read_text())["rows"]}
+    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("seed*/metrics.json"))]
+    runs = [m for m in runs if m["complete"]]
+    if not runs:
+        return {}
+    acc1 = [m["summary"]["acc1"] for m in runs]
+    acc5 = [m["summary"]["acc5"] for m in runs]
+    flops = runs[0]["summary"]["flops"]
+    row = {
+        "seeds": [m["config"]["seed"] for m in runs],
+        "epochs": runs[0]["config"]["epochs"],
+        "epochs_replaced": statistics.fmean(m["summary"]["epochs_replaced"] for m in runs),
+        "acc1_mean": statistics.fmean(acc1),
+        "acc1_std": statistics.stdev(acc1) if len(runs) > 1 else None,
+        "acc5_mean": statistics.fmean(acc5),
+        "acc5_std": statistics.stdev(acc5) if len(runs) > 1 else None,
+        "tflops_forward": flops["forward"]["value"] / 1e12,
+        "tflops_backward": flops["backward"]["value"] / 1e12,
+        "train_time_s": statistics.fmean(m["summary"]["time"]["train"]["value"] for m in runs),
+    }
+    return {runs[0]["method"]["label"]: row}
 
 
 def pm(row: dict, key: str) -> str:
@@ -56,7 +79,7 @@ def flops_table(runs: Path, folders: list[str]) -> str:
         for method, row in rows(runs / folder).items():
             lines.append(
                 f"| {method} ({folder}) | {len(row['seeds'])} | {row['epochs']} ({real_epochs(row):g}) | "
-                f"{pm(row, 'acc1')} | {row['tflops_forward']:.3f} / {row['tflops_backward']:.3f} | "
+                f"{pm(row, 'acc1')} | {row['tflops_forward']:.4g} / {row['tflops_backward']:.4g} | "
                 f"{row['train_time_s']:.0f} |"
             )
     return "\n".join(lines)
