@@ -167,7 +167,9 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
         self.energy_meter = EnergyMeter(self.device, watts=config.watts)
-        self._flops_cache: dict[tuple[Hashable, ...], FlopCount | None] = {}
+        self._flops_cache: dict[tuple[Hashable, ...], FlopCount] = {}
+        #: The same for steps a controller replaces (None: it declined on the counted slice).
+        self._replaced_flops: dict[tuple[Hashable, ...], FlopCount | None] = {}
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         #: Largest |difference| of any rank's parameters from rank 0's after the last epoch.
@@ -514,15 +516,19 @@ class Trainer:
     ) -> tuple[torch.Tensor, FlopCount] | None:
         """The step as a controller runs it (loss, counted FLOPs per sample), or None."""
         for controller in self.step_replacers:
-            key = ("replace_step", controller.name, *self._cost_key(epoch, step))
-            if self._flops_cache.get(key) is None:
-                self._flops_cache[key] = self._count_replaced_step(controller, epoch, step, (x, y))
+            key = (controller.name, *self._cost_key(epoch, step))
+            if key not in self._replaced_flops:  # counted before the step, on a slice, then undone
+                self._replaced_flops[key] = self._count_replaced_step(controller, epoch, step, (x, y))
             with timer.phase("forward"):  # a replaced step runs forward passes only, or says so
                 loss = controller.replace_step(epoch, step, (x, y))
             if loss is not None:
-                if self._flops_cache.get(key) is None:
-                    raise GreenpropError(f"{controller.name}: replace_step declined on a slice of the batch")
-                return loss, self._flops_cache[key]
+                count = self._replaced_flops[key]
+                if count is None:  # its FLOP account's cost key must tell such steps apart
+                    raise GreenpropError(
+                        f"{controller.name}: replace_step declined when its step was counted and "
+                        "then took the step: give it a FLOP account whose cost_key changes with that"
+                    )
+                return loss, count
         return None
 
     def _count_replaced_step(
