@@ -22,6 +22,7 @@ Bounds = tuple[float, float]
 DENSE: Bounds = (1.0, 1.0)  # the method cannot change this phase: the same FLOPs as dense
 SAVES: Bounds = (0.0, 1.0)  # fewer FLOPs than dense
 EXTRA: Bounds = (1.0, math.inf)  # more FLOPs than dense (the method's own passes)
+NONE: Bounds = (0.0, 0.0)  # the method never runs this phase (MeZO's backward)
 
 # Dropout (RNG), BatchNorm (buffers), SGD momentum (optimizer state) and the cosine LR
 # (scheduler): every kind of state a resume must restore. 4 steps of 64 per epoch.
@@ -102,6 +103,16 @@ SETTINGS: list[MethodSetting] = [
         backward=(0.0, 0.85),
         record={"replaced_by": None, "ssprop": {"keep": 0.5}},
         replaced_record={"replaced_by": "gradsamp", "gradsamp": {"sampled": True}, "ssprop": {"keep": 0.5}},
+    ),
+    MethodSetting(
+        # Every step is two forward passes (dropout and BatchNorm in eval mode) and no backward.
+        "mezo",
+        CNN.replace(method="mezo:eps=1e-3,lr=1e-3"),
+        controllers=("mezo",),
+        cut=2,
+        forward=(2.0, 2.0),
+        backward=NONE,
+        record={"replaced_by": None, "lr": None, "train_acc": None, "mezo": {"steps": 4, "steps_taken": ANY}},
     ),
 ]
 

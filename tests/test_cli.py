@@ -110,9 +110,20 @@ def test_existing_results_need_resume_or_overwrite(tmp_path, capsys):
 
 def test_methods_and_presets_list(capsys):
     assert main(["methods"]) == 0
-    assert "baseline" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "baseline" in listed and "mezo:" in listed and "    eps: perturbation scale" in listed
+    assert "optimizers (--optimizer" in listed and "  adagrad\n    lr_decay:" in listed
     assert main(["presets"]) == 0
     assert "demo" in capsys.readouterr().out
+
+
+def test_default_out_folder_slugs_the_model_spec(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["train", *QUICK, "--model", "mlp:activation=tanh"]
+    assert main(args) == 0
+    (folder,) = (tmp_path / "runs").iterdir()
+    assert folder.name == "mlp_activation=tanh-baseline-seed0"
+    assert (folder / "metrics.json").exists()
 
 
 def test_compare_checks_every_method_before_training(tmp_path, capsys):

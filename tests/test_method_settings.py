@@ -23,7 +23,7 @@ from fixtures import Recorder, digits_subset
 from greenprop.cli import main
 from greenprop.train.config import TrainConfig
 from greenprop.train.trainer import Trainer
-from method_settings import SETTINGS, Bounds, MethodSetting
+from method_settings import NONE, SETTINGS, Bounds, MethodSetting
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,7 +132,8 @@ def test_counted_flops_are_below_dense_exactly_where_the_method_saves(setting: M
             if record["epoch"] in setting.replaced:
                 assert record["steps"] == 0 and flops["value"] == 0, (record["epoch"], phase)
             else:
-                assert record["steps"] > 0 and flops["value"] > 0, (record["epoch"], phase)
+                assert record["steps"] > 0, record["epoch"]
+                assert flops["value"] > 0 or bounds == NONE, (record["epoch"], phase)
                 ratio = flops["value"] / dense[phase]["value"]
                 assert _within(ratio, bounds), (record["epoch"], phase, ratio)
     for phase in ("forward", "backward"):

@@ -7,8 +7,9 @@ import torch
 
 from fixtures import Recorder, digits_run, digits_subset
 from greenprop.errors import GreenpropError
+from greenprop.gradsamp import GradSamp, GradSampConfig
 from greenprop.models import create
-from greenprop.train.optimizers import OPTIMIZERS, parse_optimizer
+from greenprop.train.optimizers import OPTIMIZERS, make_optimizer, parse_optimizer
 from greenprop.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,3 +80,40 @@ def test_cnn_and_mlp_take_an_activation(activation):
         assert activation in kinds and (activation == "relu" or "relu" not in kinds)
     with pytest.raises(GreenpropError, match="activation='swish'"):
         create("cnn:activation=swish", image_size=8)
+
+
+def _adadelta_first_step(g: torch.Tensor, lr: float) -> torch.Tensor:
+    rho, eps = 0.9, 1e-6  # torch's defaults: the step is lr * sqrt(eps) / sqrt((1 - rho) g^2 + eps) * g
+    return -lr * (eps**0.5) / ((1 - rho) * g * g + eps).sqrt() * g
+
+
+# The first step of each optimizer from zero state, written out: what GradSamp must store.
+FIRST_STEPS = {
+    "sgd:momentum=0": lambda g, lr: -lr * g,
+    "adagrad": lambda g, lr: -lr * g / (g.abs() + 1e-10),  # -lr * sign(g) where |g| >> eps
+    "adam": lambda g, lr: -lr * g / (g.abs() + 1e-8),  # bias-corrected m = g, v = g^2
+    "rmsprop": lambda g, lr: -lr * g / ((1 - 0.99) ** 0.5 * g.abs() + 1e-8),
+    "adadelta": _adadelta_first_step,
+}
+
+
+@pytest.mark.parametrize("spec", sorted(FIRST_STEPS))
+def test_gradsamp_fits_the_update_of_the_optimizer_in_use(spec):
+    """After one real step, GradSamp's stored update is that optimizer's step, e.g. Adagrad's
+    -lr * sign(g) (not an SGD step -lr * g): the rule works on whatever the optimizer did."""
+    model = create("mlp", width=8, image_size=8)
+    lr = 0.01
+    optimizer = make_optimizer(spec, model.parameters(), lr=lr, weight_decay=0.0, momentum=0.0)
+    gs = GradSamp(model, GradSampConfig(strategy="pe:1"), epochs=3)
+    x, y = digits_subset(64, 32).train[torch.arange(64)]
+    gs.on_epoch_start(0)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    grads = [p.grad.detach().clone() for p in model.parameters()]
+    optimizer.step()
+    gs.on_epoch_end(0)
+    stored = gs.state_dict()
+    assert stored["buffer_kind"] == "delta"
+    for delta, g in zip(stored["buffer"], grads, strict=True):
+        assert torch.allclose(delta, FIRST_STEPS[spec](g, lr), rtol=1e-4, atol=1e-7)
+    if spec != "sgd:momentum=0":  # an SGD step would have been a different update
+        assert not torch.allclose(stored["buffer"][0], -lr * grads[0], rtol=1e-2)

@@ -257,7 +257,7 @@ def _finite_positive(value: float) -> bool:
 def _train(args: argparse.Namespace, config: TrainConfig) -> None:
     from greenprop.train.trainer import Trainer
 
-    out = args.out or Path("runs") / f"{config.model}-{_slug(config.method)}-seed{config.seed}"
+    out = args.out or Path("runs") / f"{_slug(config.model)}-{_slug(config.method)}-seed{config.seed}"
     trainer = Trainer(config, out, resume=args.resume, overwrite=args.overwrite)
     world = trainer.parallel.world_size
     if trainer.config.progress:  # off on every rank but 0
@@ -298,7 +298,7 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> None:
     config = TrainConfig(**base)
     methods = args.methods or (list(preset.methods) if preset else ["baseline"])
     seeds = args.seeds or (list(preset.seeds) if preset else [0])
-    out = args.out or Path("runs") / f"compare-{args.preset or config.model}"
+    out = args.out or Path("runs") / f"compare-{_slug(args.preset or config.model)}"
     if args.no_frontier and args.frontier_budgets:
         raise GreenpropError("--no-frontier and --frontier-budgets contradict each other; pass one")
     frontier = () if args.no_frontier else tuple(args.frontier_budgets or DEFAULT_FRACTIONS)
@@ -325,7 +325,8 @@ def _cmd_ggd_check(args: argparse.Namespace, argv: Sequence[str]) -> None:
     from greenprop.gradsamp.check import format_rows
 
     config = TrainConfig(**_config_overrides(args))
-    out = args.out or Path("runs") / f"ggd-check-{config.model}-{_slug(config.method)}-seed{config.seed}"
+    name = f"ggd-check-{_slug(config.model)}-{_slug(config.method)}-seed{config.seed}"
+    out = args.out or Path("runs") / name
     result = ggd_check(
         config,
         out,
@@ -354,6 +355,7 @@ def _cmd_ggd_check(args: argparse.Namespace, argv: Sequence[str]) -> None:
 def _cmd_methods() -> None:
     from greenprop.methods import available_methods, get_method
     from greenprop.options import FALSE_WORDS, TRUE_WORDS
+    from greenprop.train.optimizers import optimizer_help
 
     for name in available_methods():
         method = get_method(name)
@@ -364,6 +366,11 @@ def _cmd_methods() -> None:
         f"\noptions go after the name: NAME:key=value,key=value; yes/no options read "
         f"{'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS)}; lists join with + (layers=conv+linear)"
     )
+    print("\noptimizers (--optimizer NAME:key=value,...; lr and weight decay are --lr, --weight-decay):")
+    for name, options in optimizer_help().items():
+        print(f"  {name}")
+        for option, help_text in options.items():
+            print(f"    {option}: {help_text}")
 
 
 def _cmd_presets() -> None:

@@ -69,7 +69,9 @@ class Controller:
             if fields is None:                              # no forward, no backward
                 for step in range(run.steps_per_epoch):
                     for c in controllers: c.on_step_start(epoch, step)
-                    forward, backward, optimizer step
+                    loss = first non-None c.replace_step(epoch, step, batch)
+                    if loss is None:                        # the step is replaced: no
+                        forward, backward, optimizer step   # backward, no optimizer step
                     for c in controllers: c.on_step_end(epoch, step, loss)
             record = evaluate()
             for c in controllers:
@@ -106,6 +108,17 @@ class Controller:
 
     def on_step_start(self, epoch: int, step: int) -> None:
         """Called before the forward pass of every training step."""
+
+    def replace_step(self, epoch: int, step: int, batch: Any) -> torch.Tensor | None:
+        """Do the step's work on ``batch`` yourself and return its loss, or return None.
+
+        None (the default) means the loop runs its forward, backward and optimizer step.
+        A loss means the controller updated the model itself (MeZO: two forward passes,
+        no backward); the loop counts the FLOPs of this call as the step's, by calling
+        it once more on a slice of the batch with the parameters restored afterwards, so
+        keep the run's tallies in :meth:`on_step_end`, which follows the real call only.
+        """
+        return None
 
     def on_step_end(self, epoch: int, step: int, loss: float) -> None:
         """Called after the optimizer step of every training step."""

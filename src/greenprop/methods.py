@@ -85,6 +85,7 @@ BUILTIN_METHODS: dict[str, tuple[str | None, str]] = {
     "ssprop": ("greenprop.ssprop.method", "channel-sparse backward for Conv2d/Linear"),
     "gradsamp": ("greenprop.gradsamp.method", "skip epochs, apply GGD-sampled updates"),
     "vcas": ("greenprop.vcas.method", "variance-controlled sampling of activation and weight gradients"),
+    "mezo": ("greenprop.mezo.method", "forward passes only: a seeded two-point gradient estimate per step"),
 }
 
 _TEMPORARY: dict[str, Method] = {}

@@ -138,6 +138,11 @@ class MethodDriver:
             self.spec, model, epochs=epochs, steps_per_epoch=max(1, steps_per_epoch), seed=seed
         )
         for controller in controllers:
+            if type(controller).replace_step is not Controller.replace_step:
+                raise GreenpropError(
+                    f"method {controller.name!r} replaces the training step (forward passes only), "
+                    f"which the {self.framework} adapter cannot hand over; use greenprop train"
+                )
             if getattr(controller, "guard_threshold", None) is not None:
                 raise GreenpropError(
                     f"gradsamp option guard_threshold={controller.guard_threshold!r}: the guard needs "  # type: ignore[attr-defined]

@@ -142,6 +142,42 @@ def count_flops_per_sample(
     return count.per_sample(n)
 
 
+class _PhaseFlopCounter(FlopCounterMode):
+    """A FlopCounterMode that also tallies the FLOPs run inside autograd's backward engine."""
+
+    def __init__(self) -> None:
+        super().__init__(display=False)
+        self.backward_flops = 0
+
+    def _count_flops(self, func_packet: Any, out: Any, args: Any, kwargs: Any) -> Any:
+        # torch's private hook (as ModuleTracker.is_bw): a graph task runs only during backward
+        if func_packet in self.flop_registry and torch._C._current_graph_task_id() != -1:
+            self.backward_flops += self.flop_registry[func_packet](*args, **kwargs, out_val=out)
+        return super()._count_flops(func_packet, out, args, kwargs)
+
+
+def count_step_flops(model: nn.Module, step: Callable[[], Any]) -> FlopCount:
+    """Count the FLOPs of ``step()``, a whole training step a method runs its own way.
+
+    For methods that replace the loop's forward-backward-update (MeZO's two forward
+    passes): what ``step`` runs is counted as it runs, and FLOPs executed by autograd's
+    backward engine are reported as ``backward``, the rest as ``forward``. The step
+    leaves no trace on ``model``: its parameters are restored as well as everything
+    :func:`count_flops` restores (buffers, ``.grad``, RNG streams, training flags).
+    """
+    saved = [p.detach().clone() for p in model.parameters()]
+    with _preserved_state(model, None, _cuda_devices(model), []):
+        try:
+            with _PhaseFlopCounter() as mode:
+                step()
+        finally:
+            with torch.no_grad():
+                for p, value in zip(model.parameters(), saved, strict=True):
+                    p.copy_(value)
+    total = mode.get_total_flops()
+    return FlopCount(total - mode.backward_flops, mode.backward_flops)
+
+
 def _call(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, Mapping):
         return model(**inputs)

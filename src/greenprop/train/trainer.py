@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Hashable
 from contextlib import ExitStack
 from pathlib import Path
@@ -32,6 +33,7 @@ from greenprop.metering import (
     count_flops_per_sample,
 )
 from greenprop.metering.accounting import flop_accounts
+from greenprop.metering.flops import batch_head, count_step_flops
 from greenprop.metering.load import LoadMeter
 from greenprop.methods import build_method, parse_method
 from greenprop.seeding import trainer_epoch_seed
@@ -150,6 +152,15 @@ class Trainer:
             raise GreenpropError(f"controller names must be unique within a run, got {names}")
         if clash := sorted(set(names) & RECORD_FIELDS):
             raise GreenpropError(f"controller name(s) {clash} would overwrite the epoch record's own fields")
+        #: Controllers that may do a training step their own way (MeZO); see replace_step.
+        self.step_replacers = [
+            c for c in self.controllers if type(c).replace_step is not Controller.replace_step
+        ]
+        if self.step_replacers and self.parallel.world_size > 1:
+            raise GreenpropError(
+                f"method {self.method.label!r} replaces the training step, which greenprop does not "
+                "run across processes (each rank would estimate its own update); use one process"
+            )
         self.flop_accounts = flop_accounts(self.controllers)
         #: How methods adjust the counted FLOPs, one line each (in the provenance and metrics.json).
         self.flop_adjustments = [
@@ -174,6 +185,8 @@ class Trainer:
         self.memory_meter = PeakMemory(self.device)
         self.load_meter = LoadMeter()
         self._flops_cache: dict[tuple[Hashable, ...], FlopCount] = {}
+        #: The same for steps a controller replaces (None: it declined on the counted slice).
+        self._replaced_flops: dict[tuple[Hashable, ...], FlopCount | None] = {}
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         #: Largest |difference| of any rank's parameters from rank 0's after the last epoch.
@@ -372,7 +385,9 @@ class Trainer:
     def _run_epoch(self, epoch: int) -> dict[str, Any]:
         """One epoch. Energy and peak memory cover the same work as "train time": not the evaluation."""
         timer = PhaseTimer(self.device)
-        record: dict[str, Any] = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
+        # None: the steps are a controller's own (MeZO), the run's optimizer is never stepped
+        lr = None if self.step_replacers else self.optimizer.param_groups[0]["lr"]
+        record: dict[str, Any] = {"epoch": epoch, "lr": lr}
         self.energy_meter.start()
         self.memory_meter.start()
         self.load_meter.start()
@@ -387,7 +402,8 @@ class Trainer:
         # Every rank of a DDP run is this run's own work, not background (ranks share the host).
         record["load"] = load.record(own_s=self.parallel.sum_values({"own_s": load.own_s})["own_s"])
         flops = self.parallel.sum_values(flops)
-        self.scheduler.step()
+        if not self.step_replacers:
+            self.scheduler.step()
         with timer.phase("eval"):
             record.update(self._evaluate())
         record["reevaluated_by"] = None
@@ -458,7 +474,7 @@ class Trainer:
         model.train()
         batches = self.parallel.epoch_batches(self.data.train, c.batch_size, c.seed, epoch)
         flops = {"forward": 0.0, "backward": 0.0}
-        loss_sum, samples = 0.0, 0
+        loss_sum, samples, scored = 0.0, 0, 0  # scored: samples whose outputs the task saw
         task_sums: dict[str, float] = {}
         step_losses: list[float] = []
         bar = tqdm(
@@ -480,17 +496,24 @@ class Trainer:
             with timer.phase("hooks"):
                 for controller in self.controllers:
                     controller.on_step_start(epoch, step)
-            per_sample = self._flops_per_sample(epoch, step, inputs, targets)
+            replaced = self._replaced_step(epoch, step, inputs, targets, timer)
+            if replaced is not None:
+                loss, per_sample = replaced
+            else:
+                per_sample = self._flops_per_sample(epoch, step, inputs, targets)
+                with timer.phase("forward"):
+                    outputs = call_model(model, inputs)
+                    loss = self.loss_fn(outputs, targets)
+                with timer.phase("backward"):
+                    loss.backward()
+                with timer.phase("optimizer"):
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for key, value in self.task.train_sums(outputs.detach(), targets).items():
+                    task_sums[key] = task_sums.get(key, 0.0) + value
+                scored += len(y)
             flops["forward"] += per_sample.forward * len(y)
             flops["backward"] += per_sample.backward * len(y)
-            with timer.phase("forward"):
-                outputs = call_model(model, inputs)
-                loss = self.loss_fn(outputs, targets)
-            with timer.phase("backward"):
-                loss.backward()
-            with timer.phase("optimizer"):
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
             loss_value = self.parallel.mean(float(loss.detach()))  # every rank stops at the same step
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(
@@ -505,21 +528,25 @@ class Trainer:
                     flops[phase] += delta
             step_losses.append(loss_value)
             loss_sum += loss_value * len(y)
-            for key, value in self.task.train_sums(outputs.detach(), targets).items():
-                task_sums[key] = task_sums.get(key, 0.0) + value
             samples += len(y)
             bar.update()
             if step % 10 == 0 or step + 1 == self.steps_per_epoch:
                 rate = samples / max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{rate:.0f}")
         bar.close()
-        totals = self.parallel.sum_values({**task_sums, "loss_sum": loss_sum, "samples": samples})
-        loss_sum, samples = totals.pop("loss_sum"), int(totals.pop("samples"))
+        totals = self.parallel.sum_values(
+            {**task_sums, "loss_sum": loss_sum, "samples": samples, "scored": scored}
+        )
+        loss_sum, samples, scored = totals.pop("loss_sum"), int(totals.pop("samples")), totals.pop("scored")
+        if scored:
+            train_fields = self.task.train_fields(totals, int(scored))
+        else:  # every step was replaced (MeZO): its passes ran at perturbed weights, so no train metric
+            train_fields = dict.fromkeys(self.task.train_fields(defaultdict(float), 1))
         record.update(
             steps=self.steps_per_epoch,
             samples=samples,
             train_loss=loss_sum / samples,
-            **self.task.train_fields(totals, samples),
+            **train_fields,
             step_losses=step_losses,
         )
         source = (
@@ -530,12 +557,47 @@ class Trainer:
             source += "; " + "; ".join(self.flop_adjustments)
         return flops, source
 
+    def _replaced_step(
+        self, epoch: int, step: int, x: Any, y: Any, timer: PhaseTimer
+    ) -> tuple[torch.Tensor, FlopCount] | None:
+        """The step as a controller runs it (loss, counted FLOPs per sample), or None."""
+        for controller in self.step_replacers:
+            key = (controller.name, *self._cost_key(epoch, step))
+            if key not in self._replaced_flops:  # counted before the step, on a slice, then undone
+                self._replaced_flops[key] = self._count_replaced_step(controller, epoch, step, (x, y))
+            with timer.phase("forward"):  # a replaced step runs forward passes only, or says so
+                loss = controller.replace_step(epoch, step, (x, y))
+            if loss is not None:
+                count = self._replaced_flops[key]
+                if count is None:  # its FLOP account's cost key must tell such steps apart
+                    raise GreenpropError(
+                        f"{controller.name}: replace_step declined when its step was counted and "
+                        "then took the step: give it a FLOP account whose cost_key changes with that"
+                    )
+                return loss, count
+        return None
+
+    def _count_replaced_step(
+        self, controller: Controller, epoch: int, step: int, batch: tuple[Any, Any]
+    ) -> FlopCount | None:
+        """Counted FLOPs per sample of ``controller.replace_step`` on a slice (None: it declined)."""
+        n = min(self.config.flops_samples, len(batch[1]))
+        head = batch_head(batch, n)
+        losses: list[torch.Tensor | None] = []
+        count = count_step_flops(
+            self.model, lambda: losses.append(controller.replace_step(epoch, step, head))
+        )
+        return count.per_sample(n) if losses[0] is not None else None
+
+    def _cost_key(self, epoch: int, step: int) -> tuple[Hashable, ...]:
+        return tuple(account.cost_key(epoch, step) for _, account in self.flop_accounts)
+
     def _flops_per_sample(self, epoch: int, step: int, x: Any, y: Any) -> FlopCount:
         """Counted FLOPs of one sample's step, cached by the FLOP accounts' cost keys.
 
         Counting runs outside the timed phases: FlopCounterMode slows a step many times.
         """
-        key = tuple(account.cost_key(epoch, step) for _, account in self.flop_accounts)
+        key = self._cost_key(epoch, step)
         if key not in self._flops_cache:
             with ExitStack() as stack:
                 for _, account in self.flop_accounts:
