@@ -15,6 +15,11 @@ OFFLINE_ENV = {
     # Ray turns a 127.0.0.1 node address into the interface address ("remotely reachable")
     # unless clustering is off, which is what this switch does (it is on by default on Linux).
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # Ray starts workers at nice 19 by default; our clients are the run's work, not background.
+    "RAY_worker_niceness": "0",
+    # The driver's C++ core otherwise takes SIGTERM over and aborts the process (exit 134)
+    # before Python can stop the run cleanly.
+    "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1",
 }
 for _key, _value in OFFLINE_ENV.items():
     os.environ[_key] = _value
