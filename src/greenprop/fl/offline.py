@@ -17,9 +17,6 @@ OFFLINE_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     # Ray starts workers at nice 19 by default; our clients are the run's work, not background.
     "RAY_worker_niceness": "0",
-    # The driver's C++ core otherwise takes SIGTERM over and aborts the process (exit 134)
-    # before Python can stop the run cleanly.
-    "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1",
 }
 for _key, _value in OFFLINE_ENV.items():
     os.environ[_key] = _value

@@ -8,10 +8,15 @@ or interrupt (SIGINT/SIGTERM), and any process Ray started that outlives it is t
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import sys
 import tempfile
+import threading
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import psutil
 
@@ -36,35 +41,34 @@ def run_jobs(jobs: list[tuple[FLSettings, Path]], *, num_cpus: int = 1) -> None:
     saved = {k: os.environ.get(k) for k in ("HOME", "FLWR_HOME")}
     progress = Progress()
     ours_before = _descendants()
-    sigterm = signal.getsignal(signal.SIGTERM)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    flwr_log = logging.getLogger("flwr")
+    flwr_level = flwr_log.level
     with tempfile.TemporaryDirectory(prefix="gp-fl-") as runtime:
         os.environ.update(offline.prepare_run_home(runtime))
         try:
+            # Started here, not by Flower, so that our handlers can follow ray.init's SIGTERM one.
+            ray.init(
+                runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
+                **offline.ray_init_args(num_cpus),
+            )
+            _set_handlers(dict.fromkeys(handlers, _interrupt))
             run_simulation(
                 server_app=make_server_app(todo, progress),
                 client_app=client_app,
                 num_supernodes=clients.pop(),
-                backend_config={
-                    "init_args": offline.ray_init_args(num_cpus),
-                    "client_resources": {"num_cpus": 1, "num_gpus": 0},
-                },
+                backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}},
             )
         except KeyboardInterrupt as err:
             _stop_server(progress)
             raise RunInterrupted(_interrupted_line(progress, todo), signal_number(err)) from err
-        except SystemExit as err:
-            if err.code != signal.SIGTERM:
-                raise
-            # ray.init replaces our SIGTERM handler with one that calls sys.exit(SIGTERM)
-            _stop_server(progress)
-            raise RunInterrupted(_interrupted_line(progress, todo), signal.SIGTERM) from err
         finally:
             started = [p for p in _descendants() if p.pid not in ours_before]
             if ray.is_initialized():
                 ray.shutdown()
             _terminate(started)
-            if signal.getsignal(signal.SIGTERM) is not sigterm and sigterm is not None:
-                signal.signal(signal.SIGTERM, sigterm)
+            flwr_log.setLevel(flwr_level)
+            _set_handlers(handlers)
             for key, value in saved.items():
                 if value is None:
                     os.environ.pop(key, None)
@@ -73,6 +77,24 @@ def run_jobs(jobs: list[tuple[FLSettings, Path]], *, num_cpus: int = 1) -> None:
     missing = [str(out) for _, out in todo if not (out / "metrics.json").exists()]
     if missing:
         raise RuntimeError(f"federated run ended without results for: {', '.join(missing)}")
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    """SIGINT/SIGTERM during a run: stop it (``RunInterrupted`` knows the signal).
+
+    Flower's threads then report the client actors being stopped as errors with
+    tracebacks: its log is muted until the runtime is down (the run's one line says why).
+    """
+    logging.getLogger("flwr").setLevel(logging.CRITICAL)
+    raise RunInterrupted("interrupted", signum)
+
+
+def _set_handlers(handlers: dict[int, Any]) -> None:
+    """Install signal handlers (only the main thread may; elsewhere leave them alone)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum, handler in handlers.items():
+            if handler is not None:
+                signal.signal(signum, handler)
 
 
 def _stop_server(progress: Progress) -> None:
