@@ -38,7 +38,7 @@ def prepare_run_home(folder: str | Path) -> dict[str, str]:
 
 
 def ray_init_args(num_cpus: int) -> dict[str, Any]:
-    """``ray.init`` arguments: loopback node address, no dashboard, fixed CPU count."""
+    """``ray.init`` arguments: loopback node address, no dashboard, fixed CPU count, Flower's log level."""
     return {
         "_node_ip_address": "127.0.0.1",
         "include_dashboard": False,
@@ -46,4 +46,5 @@ def ray_init_args(num_cpus: int) -> dict[str, Any]:
         "num_gpus": 0,
         "ignore_reinit_error": True,
         "log_to_driver": False,
+        "logging_level": "WARNING",
     }
