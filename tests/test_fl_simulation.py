@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -16,7 +17,6 @@ import pytest
 
 pytest.importorskip("flwr")
 pytest.importorskip("ray")
-
 
 
 def _loopback(ip: str) -> bool:
@@ -89,11 +89,17 @@ def test_simulation_sampled_round_loopback_and_cleanup(tmp_path):
     assert gs["rounds"][0]["energy"]["kind"] == "unavailable"
     prox = json.loads((tmp_path / "prox" / "metrics.json").read_text())
     assert prox["rounds"][0]["loss"] != rounds[0]["loss"]  # the prox term changed local training
-    deadline = time.time() + 20
+    left = _left_alive(pids - {child.pid})
+    assert not left, [p.name() for p in left]
+
+
+def _left_alive(pids: set[int], wait: float = 20) -> list[psutil.Process]:
+    """Those of ``pids`` still running (not zombies) after up to ``wait`` seconds."""
+    deadline = time.time() + wait
     left: list[psutil.Process] = []
     while time.time() < deadline:
         left = []
-        for pid in pids - {child.pid}:
+        for pid in pids:
             try:
                 proc = psutil.Process(pid)
                 if proc.status() != psutil.STATUS_ZOMBIE:
@@ -103,4 +109,52 @@ def test_simulation_sampled_round_loopback_and_cleanup(tmp_path):
         if not left:
             break
         time.sleep(0.5)
+    return left
+
+
+def _default_sigint() -> None:
+    # a background shell job starts with SIGINT ignored: give the child Ctrl-C's meaning
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_run_stops_cleanly(tmp_path, signum):
+    """Ctrl-C/SIGTERM once the first round began: one line, 130/143, no process of the run left."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    cmd = [sys.executable, "-m", "greenprop", "fl", "--clients", "2", "--fraction", "1",
+           "--rounds", "50", "--subset", "200", "--test-subset", "100", "--out", str(tmp_path / "run")]
+    child = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True, preexec_fn=_default_sigint)
+    stop, seen, pids = threading.Event(), set(), set()
+    root = psutil.Process(child.pid)
+    watcher = threading.Thread(target=_watch, args=(root, stop, seen, pids), daemon=True)
+    watcher.start()
+    lines: list[str] = []
+    try:
+        for line in child.stderr:
+            lines.append(line)
+            if "[ROUND 1/50]" in line:
+                break
+        actors = []
+        deadline = time.time() + 60
+        while not actors and time.time() < deadline:
+            actors = [p for p in root.children(recursive=True) if "ClientAppActor" in p.name()]
+            time.sleep(0.2)
+        assert actors, "no ClientAppActor started"
+        assert all(p.nice() == 0 for p in actors), [p.nice() for p in actors]  # not Ray's nice 19
+        child.send_signal(signum)
+        lines += child.stderr.readlines()
+        child.wait(timeout=60)
+    finally:
+        stop.set()
+        watcher.join()
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 128 + signum, "".join(lines)[-2000:]
+    ours = [line for line in lines if line.startswith("greenprop: ")]
+    assert len(ours) == 1 and ours[0].startswith("greenprop: federated run interrupted in round "), ours
+    assert "0 of 1 jobs finished" in ours[0] and "Traceback" not in "".join(lines), "".join(lines)[-4000:]
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert len(pids) > 3, pids  # the watcher saw Ray's processes
+    left = _left_alive(pids - {child.pid})
     assert not left, [p.name() for p in left]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+import threading
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from greenprop.fl.strategies import make_strategy
 from greenprop.metering.flops import count_flops_per_sample
 from greenprop.metering.quantity import Quantity
 
-__all__ = ["FLSettings", "client_app", "make_server_app"]
+__all__ = ["FLSettings", "Progress", "client_app", "make_server_app"]
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,41 @@ def evaluate_global(s: FLSettings, state: dict[str, torch.Tensor]) -> dict[str, 
     }
 
 
-def run_server(grid: Grid, s: FLSettings, out: Path) -> dict[str, Any]:
+@dataclass
+class Progress:
+    """Where the ServerApp thread is, and the runner's request to stop it (read on interrupt)."""
+
+    jobs: int = 0
+    job: int = 0  # 1-based index of the running job; 0 before the first
+    rounds: int = 0
+    round: int = 0  # the last evaluated round (0: the initial model)
+    finished: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+    started: threading.Event = field(default_factory=threading.Event)
+    ended: threading.Event = field(default_factory=threading.Event)
+
+
+class SimulationStopped(RuntimeError):
+    """The runner asked the ServerApp thread to stop (the run was interrupted)."""
+
+
+def _stop_with(grid: Grid, stop: threading.Event) -> None:
+    """Make ``grid`` give up waiting for replies once ``stop`` is set.
+
+    Flower's ServerApp thread is not a daemon and waits up to an hour for client replies
+    that an interrupted simulation never sends: without this the process cannot exit.
+    """
+    pull = grid.pull_messages
+
+    def pull_or_stop(message_ids: Iterable[str]) -> Iterable[Message]:
+        if stop.is_set():
+            raise SimulationStopped("interrupted")
+        return pull(message_ids)
+
+    grid.pull_messages = pull_or_stop  # type: ignore[method-assign]
+
+
+def run_server(grid: Grid, s: FLSettings, out: Path, progress: Progress | None = None) -> dict[str, Any]:
     """Run the strategy for ``s.rounds`` rounds on ``grid``; write and return ``out/metrics.json``."""
     common = {
         "fraction_train": s.fraction,
@@ -195,6 +231,8 @@ def run_server(grid: Grid, s: FLSettings, out: Path) -> dict[str, Any]:
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         evals[server_round] = evaluate_global(s, arrays.to_torch_state_dict())
+        if progress is not None:
+            progress.round = server_round
         return MetricRecord(evals[server_round])
 
     strat.start(
@@ -236,15 +274,26 @@ def run_server(grid: Grid, s: FLSettings, out: Path) -> dict[str, Any]:
     return payload
 
 
-def make_server_app(jobs: list[tuple[FLSettings, Path]]) -> ServerApp:
-    """A ServerApp that runs each job in turn on the same SuperNodes (one runtime, many runs)."""
+def make_server_app(jobs: list[tuple[FLSettings, Path]], progress: Progress | None = None) -> ServerApp:
+    """A ServerApp that runs each job in turn on the same SuperNodes (one runtime, many runs).
+
+    With ``progress``, it records where it is and stops when ``progress.stop`` is set.
+    """
     app = ServerApp()
+    progress = progress or Progress()
+    progress.jobs = len(jobs)
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        for s, out in jobs:
-            if (out / "metrics.json").exists():
-                continue  # resumable sweep
-            run_server(grid, s, out)
+        progress.started.set()
+        _stop_with(grid, progress.stop)
+        try:
+            for i, (s, out) in enumerate(jobs, 1):
+                if not (out / "metrics.json").exists():  # else: resumable sweep
+                    progress.job, progress.rounds, progress.round = i, s.rounds, 0
+                    run_server(grid, s, out, progress)
+                progress.finished += 1
+        finally:
+            progress.ended.set()
 
     return app

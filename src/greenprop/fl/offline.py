@@ -15,6 +15,8 @@ OFFLINE_ENV = {
     # Ray turns a 127.0.0.1 node address into the interface address ("remotely reachable")
     # unless clustering is off, which is what this switch does (it is on by default on Linux).
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # Ray starts workers at nice 19 by default; our clients are the run's work, not background.
+    "RAY_worker_niceness": "0",
 }
 for _key, _value in OFFLINE_ENV.items():
     os.environ[_key] = _value
@@ -36,7 +38,7 @@ def prepare_run_home(folder: str | Path) -> dict[str, str]:
 
 
 def ray_init_args(num_cpus: int) -> dict[str, Any]:
-    """``ray.init`` arguments: loopback node address, no dashboard, fixed CPU count."""
+    """``ray.init`` arguments: loopback node address, no dashboard, fixed CPU count, Flower's log level."""
     return {
         "_node_ip_address": "127.0.0.1",
         "include_dashboard": False,
@@ -44,4 +46,5 @@ def ray_init_args(num_cpus: int) -> dict[str, Any]:
         "num_gpus": 0,
         "ignore_reinit_error": True,
         "log_to_driver": False,
+        "logging_level": "WARNING",
     }

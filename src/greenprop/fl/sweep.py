@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 from greenprop.fl.app import FLSettings
@@ -102,8 +103,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     if not args.table_only:
         from greenprop.fl.runner import run_jobs
+        from greenprop.train.signals import signal_number, sigterm_as_interrupt
 
-        run_jobs(jobs(args.out, args.seeds, base))
+        try:
+            with sigterm_as_interrupt():
+                run_jobs(jobs(args.out, args.seeds, base))
+        except KeyboardInterrupt as err:
+            print(f"greenprop: {err or 'interrupted'}", file=sys.stderr)
+            sys.exit(128 + signal_number(err))
     print(table(args.out, args.seeds, base))
 
 
