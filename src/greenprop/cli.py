@@ -59,6 +59,17 @@ _TRAIN_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
         "channels_last",
         {"action": "store_true", "help": "NHWC memory layout (baseline and methods alike)"},
     ),
+    (
+        "--tuned",
+        "tuned",
+        {
+            "action": "store_true",
+            "help": "runtime settings that make dense training cheaper, for baseline and methods alike "
+            "(recorded in metrics.json's environment): --channels-last, one thread per physical core, "
+            "and on Linux the glibc malloc tunables of docs/benchmarks.md, for which greenprop "
+            "re-executes itself once with GLIBC_TUNABLES set (same arguments and exit code)",
+        },
+    ),
     ("--compile", "compile", {"action": "store_true", "help": "torch.compile the model"}),
     (
         "--watts",
@@ -290,7 +301,7 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> None:
     )
     from greenprop.experiments.load_check import load_notes
     from greenprop.experiments.presets import get_preset
-    from greenprop.experiments.report import aggregate, format_table, task_metrics, write_report
+    from greenprop.experiments.report import aggregate, format_table, task_metrics, tuning_line, write_report
 
     preset = get_preset(args.preset) if args.preset else None
     base = dict(preset.config) if preset else {}
@@ -304,11 +315,12 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> None:
     frontier = () if args.no_frontier else tuple(args.frontier_budgets or DEFAULT_FRACTIONS)
     results = run_compare(config, methods, seeds, out, overwrite=args.overwrite, frontier=frontier)
     command = "greenprop " + shlex.join(argv)
-    title = f"greenprop compare: {args.preset or config.model}"
+    title = f"greenprop compare: {args.preset or config.model}{' (--tuned)' if config.tuned else ''}"
     paths = write_report(results, out, title=title, command=command)
     rows = aggregate(results)
     print()
     print(format_table(rows, metrics=task_metrics(results)))
+    print(tuning_line(results))
     print("\n".join(load_notes(rows)))
     print()
     frontier_rows = compare_with_frontier(results)
@@ -396,8 +408,15 @@ def _fmt(quantity: dict[str, Any] | None, scale: float, unit: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI. Called as the program (``argv`` None), ``--tuned`` may re-execute the process
+    (:func:`greenprop.train.tuning.reexec_tuned`); called with ``argv``, it never replaces its caller."""
+    as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if as_program and getattr(args, "tuned", False):
+        from greenprop.train.tuning import reexec_tuned
+
+        reexec_tuned(argv)
     from greenprop.train.signals import signal_number, sigterm_as_interrupt
 
     try:

@@ -262,6 +262,7 @@ def write_report(
         f"{', '.join(map(str, rows[0]['seeds']))}.",
         f"Machine: {env['platform']}, torch {env['torch']}, device {env['device']}, "
         f"{env['threads']} threads, GLIBC_TUNABLES={env['GLIBC_TUNABLES'] or 'unset'}.",
+        tuning_line(results),
         "",
         format_table(rows, markdown=True, metrics=metrics),
         "",
@@ -288,6 +289,23 @@ def write_report(
         lines += [f"![{caption}]({path.name})", ""]
     write_text("\n".join(lines), paths["markdown"])
     return paths
+
+
+def tuning_line(results: list[RunResult]) -> str:
+    """Whether the runs were ``--tuned``, from each run's recorded environment, so a
+    method's saving is not read as a setting's."""
+    envs = [r.metrics.get("environment") or {} for r in results]
+    tuned = {bool(e.get("tuned")) for e in envs}
+    if tuned == {False}:
+        return "Runtime settings: not tuned (no --tuned)."
+    if tuned == {True, False}:
+        return "Runtime settings: MIXED, some runs --tuned and some not; savings mix in the settings'."
+    settings = {(e.get("threads"), e.get("channels_last"), e.get("GLIBC_TUNABLES")) for e in envs}
+    described = "; ".join(
+        f"{threads} threads, channels_last {'on' if cl else 'off'}, GLIBC_TUNABLES={tunables or 'unset'}"
+        for threads, cl, tunables in sorted(settings, key=str)
+    )
+    return f"Runtime settings: --tuned, for the baseline and every method alike ({described})."
 
 
 def _metrics_sentence(metrics: tuple[dict[str, Any], ...]) -> str:

@@ -47,6 +47,9 @@ class TrainConfig:
         dropout: dropout rate where the model has dropout.
         channels_last: NHWC memory layout for model and inputs.
         compile: ``torch.compile`` the model (after the method is applied).
+        tuned: the runtime settings of :mod:`greenprop.train.tuning` (one thread per
+            physical core, the glibc malloc tunables through the CLI); implies
+            ``channels_last``. Baseline and methods alike; recorded in ``environment``.
         watts: average power draw to *estimate* energy when no counter is readable.
         flops_samples: samples per FLOP count (FLOPs scale per sample).
         eval_batch_size: batch size for evaluation.
@@ -82,6 +85,7 @@ class TrainConfig:
     dropout: float = 0.0
     channels_last: bool = False
     compile: bool = False
+    tuned: bool = False
     watts: float | None = None
     flops_samples: int = 16
     eval_batch_size: int = 512
@@ -93,6 +97,8 @@ class TrainConfig:
     fd_cache: str | None = None
 
     def __post_init__(self) -> None:
+        if self.tuned and not self.channels_last:  # tuned implies it, so the saved config says so
+            object.__setattr__(self, "channels_last", True)
         positive = ("epochs", "batch_size", "step_size", "flops_samples", "eval_batch_size")
         for name in (*positive, "diffusion_steps", "score_samples"):
             _require(

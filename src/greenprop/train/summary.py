@@ -11,13 +11,16 @@ import torch
 from greenprop.metering import Quantity
 from greenprop.metering.load import summarize_load
 from greenprop.train.tasks import ClassificationTask, Task
+from greenprop.train.tuning import REEXEC_MARKER
 
 __all__ = ["environment", "summarize"]
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    """What the timings depend on, recorded next to them."""
+def environment(device: torch.device, *, channels_last: bool = False, tuned: bool = False) -> dict[str, Any]:
+    """What the timings depend on, recorded next to them (``tuned``: ``--tuned`` was on)."""
     info: dict[str, Any] = {
+        "tuned": tuned,
+        "channels_last": channels_last,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
@@ -25,6 +28,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"),
+        "reexecuted_for_tunables": bool(os.environ.get(REEXEC_MARKER)),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -55,6 +55,7 @@ from greenprop.train.setup import check_preloaded, create_model, resolve_device
 from greenprop.train.signals import RunInterrupted, signal_number
 from greenprop.train.summary import environment, summarize
 from greenprop.train.tasks import call_model, make_task
+from greenprop.train.tuning import apply_threads
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
@@ -124,6 +125,8 @@ class Trainer:
         self.device = self.parallel.device(resolve_device(config.device))
         if config.deterministic:
             torch.use_deterministic_algorithms(True)
+        if config.tuned:
+            apply_threads()
         self.method = parse_method(config.method)
         if data is not None:
             check_preloaded(data, config)
@@ -630,7 +633,9 @@ class Trainer:
             "diverged": diverged,
             "config": self.config.to_dict(),
             "method": {"name": self.method.name, "options": self.method.options, "label": self.method.label},
-            "environment": environment(self.device),
+            "environment": environment(
+                self.device, channels_last=self.config.channels_last, tuned=self.config.tuned
+            ),
             "energy_source": self.energy_meter.describe(),
             "flop_adjustments": self.flop_adjustments,
             "model_parameters": sum(p.numel() for p in self.model.parameters()),
