@@ -9,8 +9,8 @@ faults per step). glibc reads those only when a process starts, so the CLI re-ex
 itself once with them set (:func:`reexec_tuned`).
 
 ``torch.compile`` is not among them: greenprop cannot show here that it pays (no timing
-benchmarks on the shared 2-core machine), its compile time is paid again per shape and
-model, and the methods' autograd hooks break its graphs.
+benchmarks on the shared 2-core machine), its compile time is paid again in every slice
+of a round-robin ``compare``, and how the methods' autograd hooks fare under it is unchecked.
 """
 
 from __future__ import annotations
