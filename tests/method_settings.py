@@ -47,6 +47,7 @@ class MethodSetting:
             epoch's (the baseline row's recipe on this row's model and data).
         record: fields (and values; ``ANY``: present) of every real epoch's record.
         replaced_record: the same for the replaced epochs' records.
+        distributed: whether the method runs under DDP (the DDP tests take only these).
     """
 
     id: str
@@ -58,6 +59,7 @@ class MethodSetting:
     backward: Bounds = DENSE
     record: dict[str, Any] = field(default_factory=dict)
     replaced_record: dict[str, Any] = field(default_factory=dict)
+    distributed: bool = True
 
 
 SETTINGS: list[MethodSetting] = [
@@ -113,6 +115,7 @@ SETTINGS: list[MethodSetting] = [
         forward=(2.0, 2.0),
         backward=NONE,
         record={"replaced_by": None, "lr": None, "train_acc": None, "mezo": {"steps": 4, "steps_taken": ANY}},
+        distributed=False,  # refused under DDP (each rank would estimate its own update)
     ),
 ]
 

@@ -35,7 +35,7 @@ from test_reliability import _cli_args as cli_args
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Every setting 2 ranks train; all but the timing-calibrated one also resume exactly.
-DDP_SETTINGS = [*SETTINGS, *PER_RANK_SETTINGS]
+DDP_SETTINGS = [s for s in (*SETTINGS, *PER_RANK_SETTINGS) if s.distributed]
 DDP_IDS = [s.id for s in DDP_SETTINGS]
 EXACT_RESUME = [s for s in DDP_SETTINGS if "calibrate" not in s.config.method]
 TORCHRUN = [
@@ -220,6 +220,18 @@ def test_greenprop_train_nproc_runs_ddp_and_reports_errors_once(tmp_path, capsys
     # One process cannot continue what two started: the data order would differ.
     assert main(["train", *TINY, "--out", str(out), "--resume"]) == 2
     assert "written by a run on 2 process(es), this run has 1" in capsys.readouterr().err
+
+
+def test_a_method_that_replaces_the_step_is_refused_under_ddp_in_one_line(tmp_path):
+    refused = [s for s in SETTINGS if not s.distributed]
+    assert refused, "a setting marked distributed=False is expected (MeZO)"
+    for setting in refused:
+        command = [sys.executable, "-m", "greenprop", "train", "--nproc", "2", *TINY]
+        command += ["--method", setting.config.method, "--out", str(tmp_path / setting.id)]
+        done = run_bounded(command, timeout=120)
+        assert done.returncode == 2, done.stderr[-3000:]
+        errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and "replaces the training step" in errors[0], errors
 
 
 @pytest.mark.parametrize(
