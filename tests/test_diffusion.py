@@ -369,7 +369,6 @@ def test_report_shows_the_diffusion_metrics_lower_is_better():
     assert rows[0]["flops_saved_pct"] == pytest.approx(0.0)
 
 
-@pytest.mark.slow  # ~100 s on the shared 2-core machine: two runs, a classifier, the report's plots
 def test_compare_of_diffusion_runs_shares_one_fd_classifier_and_reports_fd(tmp_path):
     from greenprop.experiments.compare import run_compare
     from greenprop.experiments.report import write_report

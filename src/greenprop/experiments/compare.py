@@ -124,6 +124,9 @@ def run_compare(
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
         raise GreenpropError(f"methods must be distinct, got {labels}")
+    out = ensure_writable_dir(out_dir)
+    if task_of(base.model) == "diffusion" and base.fd_cache is None:
+        base = base.replace(fd_cache=str(out))  # one FD classifier for every run compared
     runs = [(spec.label, base.replace(method=spec.label)) for spec in specs]
     if frontier and task_of(base.model) != "classification":
         print("compare: no dense frontier for this task yet (it reads Acc@1), so none is trained")
@@ -133,9 +136,6 @@ def run_compare(
         budgets = ", ".join(str(config.epochs) for _, config in dense_budgets) or "none"
         print(f"compare: dense frontier at {budgets} of {base.epochs} epochs, plus the baseline itself")
     runs += dense_budgets
-    out = ensure_writable_dir(out_dir)
-    if task_of(base.model) == "diffusion" and base.fd_cache is None:
-        base = base.replace(fd_cache=str(out))  # one FD classifier for every run compared
     data = gp_data.load(
         base.dataset, data_dir=base.data_dir, subset=base.subset, test_subset=base.test_subset
     )

@@ -63,7 +63,7 @@ def load_notes(rows: list[dict[str, Any]]) -> list[str]:
         "Background load while training (cores other processes kept busy, mean over seeds; "
         f"runs trained round-robin by epoch): {loads}."
     ]
-    finished = [row for row in rows if row["acc1_mean"] is not None]
+    finished = [row for row in rows if row["epochs"] is not None]  # not diverged in every seed
     unknown = [row["method"] for row in finished if row.get("background_cores") is None]
     if unknown:
         notes.append(f"Background load not measured for {', '.join(unknown)}.")
