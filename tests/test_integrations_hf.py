@@ -21,9 +21,9 @@ from greenprop.integrations.hf import (
 )
 
 
-def _plain_trainer(out, callback, **args):
+def _plain_trainer(out, callback, model=None, **args):
     pair = digits()
-    model = Classifier(cnn())
+    model = model or Classifier(cnn())
     settings = dict(
         output_dir=str(out),
         num_train_epochs=1,
@@ -44,25 +44,11 @@ def _plain_trainer(out, callback, **args):
 
 
 def test_callback_surgery_keeps_state_dict_keys_and_parameters(tmp_path):
-    pair = digits()
     model = Classifier(cnn())
     keys, params = list(model.state_dict()), [id(p) for p in model.parameters()]
     convs = [type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     callback = GreenpropCallback("ssprop:keep=0.5")
-    trainer = Trainer(
-        model=model,
-        train_dataset=LabelledDataset(pair.train),
-        callbacks=[callback],
-        args=TrainingArguments(
-            output_dir=str(tmp_path),
-            num_train_epochs=1,
-            per_device_train_batch_size=BATCH,
-            report_to=[],
-            use_cpu=True,
-            disable_tqdm=True,
-            save_strategy="no",
-        ),
-    )
+    _, trainer = _plain_trainer(tmp_path, callback, model=model)
     converted = [type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert converted != convs, "the surgery happened inside Trainer.__init__"
     trainer.train()
