@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from greenprop.data import sources, text
+from greenprop.data import lm, sources, text
 from greenprop.data.dataset import DatasetInfo, DatasetPair, ImageDataset, TokenDataset
 from greenprop.errors import GreenpropError
 
@@ -40,7 +40,12 @@ _TEXT: dict[str, tuple[Callable[[], text.RawText], int]] = {
     "rotten-tomatoes": (text.rotten_tomatoes, len(text.CLASSES)),
 }
 
-DATASETS: tuple[str, ...] = (*_SPECS, *_TEXT)
+# Causal-LM text: token blocks for next-token prediction (greenprop.data.lm).
+_LM: dict[str, Callable[[], lm.LMText]] = {
+    "rotten-tomatoes-lm": lm.rotten_tomatoes_lm,
+}
+
+DATASETS: tuple[str, ...] = (*_SPECS, *_TEXT, *_LM)
 
 
 def load(
@@ -55,7 +60,9 @@ def load(
 
     Images come normalised in an :class:`ImageDataset`; text (``rotten-tomatoes``, see
     :mod:`greenprop.data.text`) comes tokenised in a :class:`TokenDataset`, whose
-    tokenised splits are kept in memory for the rest of the process.
+    tokenised splits are kept in memory for the rest of the process; so do the
+    causal-LM token blocks (``rotten-tomatoes-lm``, see :mod:`greenprop.data.lm`), whose
+    ``info.task`` is ``"causal-lm"`` and ``info.num_classes`` the vocabulary size.
 
     Args:
         name: one of :data:`DATASETS` (case-insensitive; ``_`` works for ``-``).
@@ -81,10 +88,12 @@ def load(
     """
     key = str(name).strip().lower().replace("_", "-")
     if key not in _SPECS:
-        if key not in _TEXT:
+        if key not in _TEXT and key not in _LM:
             raise GreenpropError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
         if pad_to_32:
             raise GreenpropError(f"pad_to_32 applies to image datasets, not to the text dataset {key}")
+        if key in _LM:
+            return _load_lm(key, subset, test_subset)
         return _load_text(key, subset, test_subset)
     spec = _SPECS[key]
     raw = spec.read(data_dir)
@@ -139,6 +148,31 @@ def _load_text(key: str, subset: int | None, test_subset: int | None) -> Dataset
         modality="text",
     )
     return DatasetPair(train=train, test=build(raw.test_tokens, raw.test_labels, test_idx), info=info)
+
+
+def _load_lm(key: str, subset: int | None, test_subset: int | None) -> DatasetPair:
+    raw = _LM[key]()
+
+    def build(blocks: torch.Tensor, size: int | None, option: str, split: str) -> TokenDataset:
+        idx = _subset_indices(len(blocks), size, option, key, split)
+        chosen = blocks.clone() if idx is None else blocks[torch.from_numpy(idx)]
+        tokens = torch.stack([chosen, torch.ones_like(chosen)], dim=1)  # ids, attention mask
+        return TokenDataset(tokens, torch.zeros(len(chosen), dtype=torch.int64))  # blocks have no label
+
+    train = build(raw.train_blocks, subset, "subset", "training")
+    info = DatasetInfo(
+        name=key,
+        num_classes=raw.vocab_size,
+        in_channels=2,
+        image_size=train.seq_len,
+        mean=0.0,
+        std=1.0,
+        modality="text",
+        task="causal-lm",
+    )
+    return DatasetPair(
+        train=train, test=build(raw.test_blocks, test_subset, "test_subset", "test"), info=info
+    )
 
 
 def _subset_indices(total: int, size: int | None, option: str, name: str, split: str) -> np.ndarray | None:

@@ -2,7 +2,9 @@
 
 Image classifiers (:data:`MODELS`) take ``(B, C, H, W)`` float images; text models
 (:data:`TEXT_MODELS`) take ``(B, 2, L)`` token tensors (ids, attention mask); diffusion
-models (:data:`DIFFUSION_MODELS`) take noisy images and timesteps, ``model(x_t, t)``.
+models (:data:`DIFFUSION_MODELS`) take noisy images and timesteps, ``model(x_t, t)``;
+causal language models (:data:`LM_MODELS`) take ``(B, L)`` token ids and give next-token
+logits ``(B, L, vocab)``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 from greenprop.errors import GreenpropError
 from greenprop.models.activations import ACTIVATIONS
 from greenprop.models.cnn import SmallCNN
+from greenprop.models.gpt import GPT2Tiny
 from greenprop.models.mixer import MLPMixer
 from greenprop.models.mlp import MLP
 from greenprop.models.resnet import ResNet18
@@ -73,6 +76,7 @@ class _Entry:
     options: dict[str, Callable[[str, Any], Any]]  # extra keyword -> validator
     uses_image_size: bool = True
     task: str = "classification"  # what a run of this model learns (greenprop.train.tasks)
+    modality: str = "image"  # what its inputs are (greenprop.data.DatasetInfo.modality)
 
 
 _ENTRIES: dict[str, _Entry] = {
@@ -96,6 +100,15 @@ _ENTRIES: dict[str, _Entry] = {
     ),
     # Noise prediction for DDPM (ssProp's diffusion setting); any side divisible by 4.
     "ddpm-unet": _Entry(DDPMUNet, 16, "width", {}, uses_image_size=False, task="diffusion"),
+    # A from-scratch decoder on token ids; num_classes is the vocabulary, image_size the length.
+    "gpt2-tiny": _Entry(
+        GPT2Tiny,
+        128,
+        "dim",
+        {"depth": _positive_int, "heads": _positive_int, "mlp_ratio": _positive_float},
+        task="causal-lm",
+        modality="text",
+    ),
 }
 
 
@@ -126,7 +139,10 @@ MODELS: tuple[str, ...] = tuple(k for k, e in _ENTRIES.items() if e.task == "cla
 DIFFUSION_MODELS: tuple[str, ...] = tuple(k for k, e in _ENTRIES.items() if e.task == "diffusion")
 #: Text models: (B, 2, L) token ids and attention mask, e.g. from ``rotten-tomatoes``.
 TEXT_MODELS: tuple[str, ...] = tuple(_TEXT_ENTRIES)
+#: Causal language models: (B, L) token ids -> next-token logits, e.g. on ``rotten-tomatoes-lm``.
+LM_MODELS: tuple[str, ...] = tuple(k for k, e in _ENTRIES.items() if e.task == "causal-lm")
 MODALITIES = ("image", "text")
+_INPUTS = {"image": "images", "text": "token ids"}
 
 
 def create(
@@ -183,11 +199,14 @@ def create(
     entry = _ENTRIES.get(key)
     if entry is None:
         raise GreenpropError(
-            f"unknown model {name!r}; choose one of {', '.join(MODELS + TEXT_MODELS + DIFFUSION_MODELS)}"
+            f"unknown model {name!r}; choose one of "
+            f"{', '.join(MODELS + TEXT_MODELS + DIFFUSION_MODELS + LM_MODELS)}"
         )
-    if modality == "text":
+    if modality is not None and modality != entry.modality:
+        others = MODELS if modality == "image" else TEXT_MODELS + LM_MODELS
         raise GreenpropError(
-            f"model {key!r} takes images but the dataset is text; text models: {', '.join(TEXT_MODELS)}"
+            f"model {key!r} takes {_INPUTS[entry.modality]} but the dataset is {modality}; "
+            f"{modality} models: {', '.join(others)}"
         )
     kwargs: dict[str, Any] = {
         "num_classes": _positive_int("num_classes", num_classes),
@@ -210,7 +229,8 @@ def create(
 
 
 def task_of(name: str) -> str:
-    """What a run of model ``name`` learns: ``"classification"`` or ``"diffusion"`` (ddpm-unet)."""
+    """What a run of model ``name`` learns: ``"classification"``, ``"diffusion"`` (ddpm-unet)
+    or ``"causal-lm"`` (gpt2-tiny)."""
     key = parse_model_spec(name)[0].strip().lower().replace("_", "-")
     entry = _ENTRIES.get(key)
     return entry.task if entry is not None else "classification"

@@ -4,7 +4,8 @@ The trainer is task-agnostic: it asks its :class:`Task` for the step's ``(inputs
 targets)``, calls ``loss_fn(model(*inputs), targets)``, and lets the task evaluate and
 describe the epoch. The task follows from the model (:func:`greenprop.models.task_of`):
 classifiers learn :class:`ClassificationTask`, ``ddpm-unet`` learns noise prediction
-(:class:`greenprop.diffusion.task.DiffusionTask`).
+(:class:`greenprop.diffusion.task.DiffusionTask`), causal language models learn next-token
+prediction (:class:`greenprop.lm.task.CausalLMTask`) on causal-LM data.
 
 Each task names its metrics (:class:`Metric`) in ``metrics.json``, so reports know which
 columns to show and whether lower is better without knowing the task.
@@ -153,6 +154,7 @@ def make_task(config: TrainConfig, data: gp_data.DatasetPair, world_size: int = 
     from greenprop.models import task_of
 
     kind = task_of(config.model)
+    _check_model_fits_data(config.model, kind, data.info)
     if kind == "diffusion":
         from greenprop.diffusion.task import DiffusionTask
 
@@ -165,4 +167,24 @@ def make_task(config: TrainConfig, data: gp_data.DatasetPair, world_size: int = 
     if diffusion_only:
         shown = ", ".join(f"{k}={v!r}" for k, v in diffusion_only.items())
         raise GreenpropError(f"{shown} only apply to a diffusion model (ddpm-unet), not to {config.model!r}")
+    if kind == "causal-lm":
+        from greenprop.lm.task import CausalLMTask
+
+        return CausalLMTask(data.info.num_classes)
     return ClassificationTask(config.label_smoothing)
+
+
+def _check_model_fits_data(model: str, kind: str, info: gp_data.DatasetInfo) -> None:
+    """A causal language model trains on causal-LM data, and only it does."""
+    from greenprop.models import LM_MODELS
+
+    if kind == "causal-lm" and info.task != "causal-lm":
+        raise GreenpropError(
+            f"model {model!r} is a causal language model (next-token prediction) but dataset "
+            f"{info.name!r} is for {info.task}; use rotten-tomatoes-lm"
+        )
+    if kind != "causal-lm" and info.task == "causal-lm":
+        raise GreenpropError(
+            f"dataset {info.name!r} is next-token prediction, which model {model!r} ({kind}) does "
+            f"not do; use a causal language model: {', '.join(LM_MODELS)}"
+        )
