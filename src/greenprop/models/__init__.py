@@ -1,7 +1,9 @@
 """Model zoo sized for CPU reproduction: MLP, small CNN, ResNet-18, MLP-Mixer, tiny ViT,
 one text model, the pretrained all-MiniLM-L6-v2 (``minilm``, needs transformers), a
-small DDPM U-Net (``ddpm-unet``, trained on noise prediction: :func:`task_of`), and a small
-GPT-2-style decoder (``gpt2-tiny``, a causal language model).
+small DDPM U-Net (``ddpm-unet``, trained on noise prediction: :func:`task_of`), and two causal
+language models: a small GPT-2-style decoder trained from scratch (``gpt2-tiny``) and the
+pretrained SmolLM2-135M (``smollm2-135m``, needs transformers and gguf;
+:mod:`greenprop.models.smollm`).
 
 Every model's output layer is an attribute named ``head`` (the classifiers' ``nn.Linear``,
 the U-Net's output ``nn.Conv2d``), so methods that must keep the output layer dense can
