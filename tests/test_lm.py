@@ -20,7 +20,7 @@ from greenprop.cli import main
 from greenprop.data import catalog, lm
 from greenprop.data.dataset import DatasetInfo, DatasetPair, TokenDataset
 from greenprop.errors import GreenpropError
-from greenprop.lm.task import IGNORE, CausalLMTask
+from greenprop.lm.task import IGNORE, CausalLMTask, LMClassificationTask
 from greenprop.methods import build_method, parse_method
 from greenprop.models import LM_MODELS, MODELS, GPT2Tiny, create, task_of
 from greenprop.models.vit import Block
@@ -113,6 +113,19 @@ def test_unique_snippets_and_split_are_deterministic():
     assert len(test) == math.ceil(0.2 * len(keep))
 
 
+def test_sentiment_rows_cut_the_review_then_prompt_then_pad():
+    rows = lm.sentiment_rows(["abcdef", "xy"], FakeTokenizer(), seq_len=6, prompt=":)")
+    assert rows.shape == (2, 2, 6) and rows.dtype == torch.int64
+    assert rows[0, 0].tolist() == [97, 98, 99, 100, 58, 41]  # 4 review tokens fit, then the prompt
+    assert rows[1, 0].tolist() == [120, 121, 58, 41, 0, 0]  # padded with EOS
+    assert rows[:, 1].tolist() == [[1] * 6, [1, 1, 1, 1, 0, 0]]
+    assert lm.single_tokens(["a", "b"], FakeTokenizer()) == (97, 98)
+    with pytest.raises(GreenpropError, match="'ab' is 2 tokens"):
+        lm.single_tokens(["ab"], FakeTokenizer())
+    with pytest.raises(GreenpropError, match="no room"):
+        lm.sentiment_rows(["a"], FakeTokenizer(), seq_len=2, prompt=":)")
+
+
 @pytest.fixture(scope="module")
 def rt_lm() -> DatasetPair:
     return gp_data.load("rotten-tomatoes-lm")
@@ -130,6 +143,24 @@ def test_rotten_tomatoes_lm_blocks(rt_lm):
     again = gp_data.load("rotten-tomatoes-lm", subset=100, test_subset=10)
     chosen = torch.from_numpy(catalog._subset_indices(4072, 100, "subset", "rotten-tomatoes-lm", "training"))
     assert torch.equal(again.train.tokens, rt_lm.train.tokens[chosen]) and len(again.test) == 10
+
+
+@pytest.mark.text
+def test_rotten_tomatoes_lm_sentiment_rows(rt_lm):
+    pair = gp_data.load("rotten-tomatoes-lm-sentiment")
+    info = pair.info
+    assert (info.task, info.num_classes, info.image_size) == ("lm-classification", 49152, lm.SENTIMENT_LEN)
+    assert info.label_tokens == (3524, 2731)  # " negative", " positive"
+    assert (len(pair.train), len(pair.test)) == (10_200, 2_551)  # as rotten-tomatoes: 12,751 unique
+    from greenprop.models.smollm import load_tokenizer
+
+    prompt = load_tokenizer()([lm.PROMPT], add_special_tokens=False)["input_ids"][0]
+    for split in (pair.train, pair.test):
+        assert set(split.labels.tolist()) == {0, 1}
+        lengths = split.tokens[:, 1].sum(dim=1)
+        for row, n in zip(split.tokens[:50], lengths[:50], strict=True):
+            assert row[0, n - len(prompt) : n].tolist() == prompt  # every review ends in the prompt
+            assert bool((row[1, :n] == 1).all()) and bool((row[1, n:] == 0).all())
 
 
 # ------------------------------------------------------------------------------ task
@@ -167,6 +198,24 @@ def test_evaluation_sums_every_predicted_token_in_bounded_batches(monkeypatch):
     assert means["loss"] == pytest.approx(float(expected), rel=1e-5)
     assert means["ppl"] == pytest.approx(math.exp(float(expected)), rel=1e-5)
     assert model.training is False
+
+
+def test_the_label_loss_is_the_cross_entropy_of_the_answer_position():
+    task = LMClassificationTask(VOCAB, (5, 7))
+    x, y = token_batch(3), torch.tensor([1, 0, 1])
+    ids, targets = task.batch(x, y)
+    assert torch.equal(ids, x[:, 0])
+    assert targets.tolist() == [[LENGTH - 1, 7], [LENGTH - 1, 5], [LENGTH - 4, 7]]  # the last real token
+    logits = torch.randn(3, LENGTH, VOCAB)
+    logits[0, LENGTH - 1, 7] = 50.0  # right
+    logits[1, LENGTH - 1, 7] = 50.0  # wrong (label 0 is token 5)
+    logits[2, LENGTH - 4, 7], logits[2, LENGTH - 4, 5] = 3.0, 2.0  # right among the labels
+    logits[2, LENGTH - 4, 11] = 60.0  # a non-label token is likelier: does not count
+    expected = sum(
+        -float(logits[b, pos].log_softmax(-1)[tok]) for b, (pos, tok) in enumerate(targets.tolist())
+    )
+    assert float(task.loss_fn(logits, targets)) == pytest.approx(expected / 3, rel=1e-5)
+    assert task.train_sums(logits, targets) == {"correct": 2.0}
 
 
 # ------------------------------------------------------------------------------ model
@@ -261,6 +310,22 @@ def test_every_method_trains_gpt2_tiny_and_keeps_the_keys():
             assert np.allclose(*first, rtol=1e-5), spec
 
 
+def test_gpt2_tiny_learns_labels_as_next_tokens_with_accuracy():
+    data = fake_lm_data()
+    data = DatasetPair(
+        TokenDataset(data.train.tokens, torch.arange(16) % 2),
+        TokenDataset(data.test.tokens, torch.arange(8) % 2),
+        DatasetInfo(
+            "rotten-tomatoes-lm-sentiment", VOCAB, 2, LENGTH, 0.0, 1.0, "text", "lm-classification", (5, 7)
+        ),
+    )
+    metrics = Trainer(lm_run(dataset="rotten-tomatoes-lm-sentiment", epochs=2), data=data).fit()
+    assert metrics["task"]["name"] == "lm-classification"
+    summary = metrics["summary"]
+    assert 0 <= summary["acc1"] <= 100 and summary["acc1"] * 8 % 100 == 0  # 8 test samples
+    assert metrics["epochs"][-1]["train_acc"] is not None and math.isfinite(summary["test_loss"])
+
+
 # ------------------------------------------------------------------------------ CLI
 
 
@@ -274,7 +339,7 @@ def _error_line(capsys) -> str:
 def test_a_model_and_dataset_of_different_tasks_are_refused(capsys):
     with pytest.raises(GreenpropError, match=r"is a causal language model .* dataset 'digits'"):
         Trainer(lm_run(dataset="digits"), data=digits_subset(32, 16))
-    with pytest.raises(GreenpropError, match="next-token prediction, which model 'cnn'"):
+    with pytest.raises(GreenpropError, match=r"is for a language model \(causal-lm\), which model 'cnn'"):
         Trainer(lm_run(model="cnn", width=None), data=fake_lm_data())
     with pytest.raises(GreenpropError, match="takes token ids but the dataset is image"):
         create("gpt2-tiny", num_classes=10, modality="image")
@@ -314,3 +379,21 @@ def test_train_cli_on_rotten_tomatoes_lm_writes_perplexity(rt_lm, tmp_path, caps
     assert summary["ppl"] == pytest.approx(math.exp(summary["test_loss"]))
     assert 10_000 < summary["ppl"] < 200_000  # near uniform over 49,152 tokens after 2 steps
     assert summary["flops"]["backward"]["value"] > summary["flops"]["forward"]["value"] > 0
+
+
+@pytest.mark.text
+def test_compare_ranks_by_perplexity_and_trains_the_dense_frontier(rt_lm, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--model", "gpt2-tiny:depth=1,heads=2", "--dataset", "rotten-tomatoes-lm"]
+    argv += ["--width", "8", "--subset", "8", "--test-subset", "4", "--epochs", "3", "--batch-size", "4"]
+    argv += ["--optimizer", "adamw", "--lr", "0.001", "--flops-samples", "2", "--no-progress"]
+    argv += ["--methods", "baseline", "gradsamp:strategy=pe:1", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "Perplexity ↓" in printed and "dense@1ep" in printed and "dense@2ep" in printed
+    rows = {row["method"]: row for row in json.loads((out / "results.json").read_text())["rows"]}
+    assert set(rows) == {"baseline", "gradsamp:strategy=pe:1", "dense@1ep", "dense@2ep"}
+    assert all(math.isfinite(row["ppl_mean"]) for row in rows.values())
+    assert rows["dense@1ep"]["tflops_backward"] < rows["baseline"]["tflops_backward"]
+    sampled = json.loads((out / "gradsamp_strategy=pe_1" / "seed0" / "metrics.json").read_text())
+    assert [r["replaced_by"] for r in sampled["epochs"]] == [None, "gradsamp", None]

@@ -14,6 +14,14 @@ blocks of :data:`BLOCK_LEN` tokens (the remainder is dropped). A step reads a bl
 first ``BLOCK_LEN - 1`` tokens and predicts each next one (``BLOCK_LEN - 1``
 predictions per block). A split is a :class:`~greenprop.data.dataset.TokenDataset`
 (ids, attention mask of ones) whose labels are all 0: a block has no label.
+
+``rotten-tomatoes-lm-sentiment`` (:func:`sentiment_rows`): sentiment classification with
+the language model, the label as the next token. Each review (its tokens cut to leave
+room) is followed by the prompt :data:`PROMPT` and padded with end-of-text to
+:data:`SENTIMENT_LEN` tokens (mask 0 on padding); the label is 0 (rotten) or 1 (fresh),
+and the token the model should write next is :data:`LABEL_WORDS`'s (``" negative"``,
+``" positive"``; one token each). Padding sits after the prompt, so under a causal mask
+no real token sees it.
 """
 
 from __future__ import annotations
@@ -32,6 +40,12 @@ from greenprop.errors import GreenpropError
 
 #: Tokens per block: 64 predictions of the next token.
 BLOCK_LEN = 65
+#: Tokens per sentiment example (review and prompt, then padding).
+SENTIMENT_LEN = 64
+#: What follows each review in the sentiment data; the model answers with a label word.
+PROMPT = " Sentiment:"
+#: The label words, by class (0 = rotten, 1 = fresh as in :data:`text.CLASSES`).
+LABEL_WORDS = (" negative", " positive")
 
 
 class Tokenizer(Protocol):
@@ -50,6 +64,18 @@ class LMText(NamedTuple):
     train_blocks: torch.Tensor
     test_blocks: torch.Tensor
     vocab_size: int
+
+
+class LMSentiment(NamedTuple):
+    """Prompted reviews ``(N, 2, SENTIMENT_LEN)`` and labels of each split, the vocabulary
+    size and the token of each label word."""
+
+    train_tokens: torch.Tensor
+    train_labels: torch.Tensor
+    test_tokens: torch.Tensor
+    test_labels: torch.Tensor
+    vocab_size: int
+    label_tokens: tuple[int, ...]
 
 
 def unique_snippets(texts: Sequence[str], labels: np.ndarray) -> np.ndarray:
@@ -84,6 +110,32 @@ def token_blocks(texts: Sequence[str], tokenizer: Tokenizer, block_len: int = BL
     return torch.from_numpy(stream[: count * block_len].reshape(count, block_len).copy())
 
 
+def single_tokens(words: Sequence[str], tokenizer: Tokenizer) -> tuple[int, ...]:
+    """The token of each word; each must be exactly one token."""
+    ids = tokenizer(list(words), add_special_tokens=False)["input_ids"]
+    for word, row in zip(words, ids, strict=True):
+        if len(row) != 1:
+            raise GreenpropError(f"label word {word!r} is {len(row)} tokens in this tokenizer, not one")
+    return tuple(int(row[0]) for row in ids)
+
+
+def sentiment_rows(
+    texts: Sequence[str], tokenizer: Tokenizer, seq_len: int = SENTIMENT_LEN, prompt: str = PROMPT
+) -> torch.Tensor:
+    """``(N, 2, seq_len)`` int64: review tokens (cut to fit), the prompt, EOS padding; the mask."""
+    prompt_ids = tokenizer([prompt], add_special_tokens=False)["input_ids"][0]
+    room = seq_len - len(prompt_ids)
+    if room < 1:
+        raise GreenpropError(f"prompt {prompt!r} leaves no room in {seq_len} tokens")
+    rows = torch.full((len(texts), 2, seq_len), tokenizer.eos_token_id, dtype=torch.int64)
+    rows[:, 1] = 0
+    for i, ids in enumerate(tokenizer(list(texts), add_special_tokens=False)["input_ids"]):
+        row = [*ids[:room], *prompt_ids]
+        rows[i, 0, : len(row)] = torch.tensor(row)
+        rows[i, 1, : len(row)] = 1
+    return rows
+
+
 def rotten_tomatoes_lm() -> LMText:
     """The ``rotten-tomatoes-lm`` blocks (see the module docstring), kept for the process's life.
 
@@ -94,18 +146,48 @@ def rotten_tomatoes_lm() -> LMText:
     return _blocks(locate_rotten_tomatoes(), _smollm_tokenizer)
 
 
+def rotten_tomatoes_lm_sentiment() -> LMSentiment:
+    """The ``rotten-tomatoes-lm-sentiment`` splits (see the module docstring), kept for the
+    process's life.
+
+    Raises:
+        GreenpropError: as :func:`rotten_tomatoes_lm`.
+    """
+    return _sentiment(locate_rotten_tomatoes(), _smollm_tokenizer)
+
+
 def _smollm_tokenizer() -> Tokenizer:
     from greenprop.models.smollm import load_tokenizer  # imports transformers only when used
 
     return load_tokenizer()
 
 
-@functools.lru_cache(maxsize=2)
-def _blocks(corpus: Path, tokenizer_factory: Callable[[], Tokenizer]) -> LMText:
+def _splits(corpus: Path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """The unique snippets, their labels, and the train and test indices into them."""
     texts, labels = text.read_snippets(corpus)
     keep = unique_snippets(texts, labels)
     texts, labels = [texts[i] for i in keep], labels[keep]
-    train_idx, test_idx = split_snippets(labels)
+    return texts, labels, *split_snippets(labels)
+
+
+@functools.lru_cache(maxsize=2)
+def _sentiment(corpus: Path, tokenizer_factory: Callable[[], Tokenizer]) -> LMSentiment:
+    texts, labels, train_idx, test_idx = _splits(corpus)
+    tokenizer = tokenizer_factory()
+    label_tensor = torch.from_numpy(labels)
+    return LMSentiment(
+        train_tokens=sentiment_rows([texts[i] for i in train_idx], tokenizer),
+        train_labels=label_tensor[train_idx],
+        test_tokens=sentiment_rows([texts[i] for i in test_idx], tokenizer),
+        test_labels=label_tensor[test_idx],
+        vocab_size=len(tokenizer),
+        label_tokens=single_tokens(LABEL_WORDS, tokenizer),
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _blocks(corpus: Path, tokenizer_factory: Callable[[], Tokenizer]) -> LMText:
+    texts, _, train_idx, test_idx = _splits(corpus)
     tokenizer = tokenizer_factory()
     return LMText(
         train_blocks=token_blocks([texts[i] for i in train_idx], tokenizer),

@@ -131,8 +131,6 @@ def run_compare(
     if frontier and task_of(base.model) == "diffusion":
         print("compare: no dense frontier for this task yet (it reads Acc@1), so none is trained")
         frontier = ()
-    if frontier and task_of(base.model) == "causal-lm":
-        print("compare: the dense frontier's runs are rows of the table (its interpolation reads Acc@1)")
     dense_budgets = frontier_runs(base, frontier)
     if frontier:
         budgets = ", ".join(str(config.epochs) for _, config in dense_budgets) or "none"
