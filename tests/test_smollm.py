@@ -288,10 +288,14 @@ def test_ssprop_on_the_linears_keeps_keys_and_the_head_and_is_exact_at_keep_one(
 def test_vcas_on_the_decoder_layers_keeps_keys_is_exact_at_ratio_one_and_passes_check_rows(two_layers, batch):
     reference = copy.deepcopy(two_layers)
     keys = list(two_layers.state_dict())
-    assert find_blocks(two_layers) == find_blocks(two_layers, (LlamaDecoderLayer,)) == [
-        "model.layers.0",
-        "model.layers.1",
-    ]
+    assert (
+        find_blocks(two_layers)
+        == find_blocks(two_layers, (LlamaDecoderLayer,))
+        == [
+            "model.layers.0",
+            "model.layers.1",
+        ]
+    )
     apply_vcas(two_layers, VCASConfig(check_rows=True), block_types=(LlamaDecoderLayer,))
     handle = vcas_handle(two_layers)
     assert len(handle.linears) == 14 and "lm_head" not in handle.linears
