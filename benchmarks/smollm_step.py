@@ -6,7 +6,10 @@ next-token cross-entropy of all ``B x L`` predictions over the 49,152-token voca
 The model is :func:`greenprop.models.smollm.load_smollm2` (float32, eager attention),
 every parameter trained. The tokens are random ids from a fixed seed (the step's work
 does not depend on which tokens). Shapes are timed interleaved, after warm-up steps
-that also create AdamW's state; memory is one more step per shape, measured as the
+that also create AdamW's state. Next to each step's wall time is the CPU time the
+process used in it (all threads): on a busy machine the wall time stretches with the
+load, while the CPU time stays near the work itself, so CPU time / threads estimates the
+step's wall time on an idle machine. Memory is one more step per shape, measured as the
 process's resident-set rise above the step's start (activations, gradients, workspaces;
 the model and AdamW state are resident before) and its peak RSS.
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -79,19 +83,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     vocab = model.config.vocab_size
     batches = {f"{b}x{length}": torch.randint(0, vocab, (b, length + 1)) for b, length in args.shapes}
 
-    def step(ids: torch.Tensor) -> Callable[[], None]:
+    cpu_seconds: dict[str, list[float]] = {name: [] for name in batches}
+
+    def step(name: str, ids: torch.Tensor) -> Callable[[], None]:
         def run() -> None:
+            cpu = time.process_time()
             logits = model(input_ids=ids[:, :-1]).logits
             F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            cpu_seconds[name].append(time.process_time() - cpu)
 
         return run
 
-    steps = {name: step(ids) for name, ids in batches.items()}
-    load_before = os.getloadavg()
+    steps = {name: step(name, ids) for name, ids in batches.items()}
+    load_before = tuple(round(x, 2) for x in os.getloadavg())
     timings = interleaved_times(steps, rounds=args.repeats, warmup=args.warmup)
-    load_after = os.getloadavg()
+    load_after = tuple(round(x, 2) for x in os.getloadavg())
+    timed_cpu = {name: values[args.warmup :] for name, values in cpu_seconds.items()}  # without warm-up
     memory = step_memory(steps)
     flops = {}
     for name, ids in batches.items():
@@ -111,12 +120,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name, ids in batches.items():
         seconds = timings.seconds[name]
         q1, median, q3 = quartiles(seconds)
+        cpu = quartiles(timed_cpu[name])[1]
         tokens = ids[:, 1:].numel()
         rows.append(
             [
                 name,
                 f"{median:.2f}",
                 f"{q1:.2f}-{q3:.2f}",
+                f"{cpu:.2f}",
                 f"{tokens / median:.0f}",
                 f"{flops[name] / 1e9:.0f}",
                 memory_cell(memory[name]),
@@ -129,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "predicted_tokens": tokens,
                 "median_s": median,
                 "per_repeat_s": seconds,
+                "cpu_median_s": cpu,
+                "cpu_per_repeat_s": timed_cpu[name],
                 "tokens_per_s": tokens / median,
                 "forward_backward_flops": flops[name],
                 "memory": memory[name],
@@ -138,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "batch x tokens",
         "step s (median)",
         "quartiles",
+        "CPU s (median)",
         "tokens/s",
         "GFLOPs (fwd+bwd)",
         "step rise MiB",

@@ -322,6 +322,7 @@ def test_smollm_step_benchmark_runs_tiny(tmp_path, capsys, monkeypatch):
     assert [(r["shape"], r["predicted_tokens"]) for r in rows] == [("2x8", 16), ("3x4", 12)]
     for row in rows:
         assert len(row["per_repeat_s"]) == 2 and all(t > 0 for t in row["per_repeat_s"])
+        assert len(row["cpu_per_repeat_s"]) == 2 and row["cpu_median_s"] > 0  # the timed steps only
         assert row["forward_backward_flops"] > 0
     assert rows[0]["forward_backward_flops"] > rows[1]["forward_backward_flops"]  # 16 tokens vs 12
     assert json.loads(out.read_text())["parameters"] == sum(p.numel() for p in tiny().parameters())

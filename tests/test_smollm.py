@@ -220,9 +220,9 @@ def test_bad_load_options_are_refused(kwargs, message):
 
 
 @pytest.mark.parametrize("num_layers", [0, 31, 2.0, True])
-def test_a_bad_layer_count_is_refused(model, num_layers):
+def test_a_bad_layer_count_is_refused_before_loading(num_layers):
     with pytest.raises(GreenpropError, match=rf"an integer from 1 to 30, got {num_layers!r}"):
-        smollm._keep_layers(model, num_layers)  # refused before anything changes
+        smollm.load_smollm2(num_layers=num_layers)
 
 
 def test_zoo_entry_builds_a_causal_lm_on_token_ids(model, monkeypatch):

