@@ -235,7 +235,7 @@ def test_zoo_entry_builds_a_causal_lm_on_token_ids(model, monkeypatch):
         return sliced
 
     monkeypatch.setattr(smollm, "load_smollm2", slice_of_loaded)
-    assert models.LM_MODELS == ("smollm2-135m",) and "smollm2-135m" not in models.TEXT_MODELS
+    assert "smollm2-135m" in models.LM_MODELS and "smollm2-135m" not in models.TEXT_MODELS
     assert models.task_of("smollm2_135m:num_layers=2") == "causal-lm"
     lm = models.create("smollm2-135m:num_layers=2", dropout=0.1, modality="text")
     assert asked == [2] and lm.training and lm.drop.p == 0.1
