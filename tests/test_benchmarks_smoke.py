@@ -290,3 +290,41 @@ def test_gpu_check_refuses_a_device_it_cannot_use(gpu_check, device, message, ca
     with pytest.raises(SystemExit) as exit_info:
         gpu_check.main(["--device", device, "--smoke"])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_smollm_step_benchmark_runs_tiny(tmp_path, capsys, monkeypatch):
+    """The script's own logic on a tiny random llama (the real loader is tested in test_smollm.py)."""
+    transformers = pytest.importorskip("transformers")
+    module = _import("smollm_step")
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
+    asked = []
+
+    def tiny(num_layers=None):
+        asked.append(num_layers)
+        return transformers.LlamaForCausalLM(config)
+
+    monkeypatch.setattr(module, "load_smollm2", tiny)
+    out = tmp_path / "smollm.json"
+    argv = ["--shapes", "2x8", "3x4", "--repeats", "2", "--num-layers", "2", "--threads", "1"]
+    result = module.main([*argv, "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert asked == [2]
+    assert "| batch x tokens |" in printed and "| 2x8 |" in printed and "load average" in printed
+    rows = result["results"]
+    assert [(r["shape"], r["predicted_tokens"]) for r in rows] == [("2x8", 16), ("3x4", 12)]
+    for row in rows:
+        assert len(row["per_repeat_s"]) == 2 and all(t > 0 for t in row["per_repeat_s"])
+        assert len(row["cpu_per_repeat_s"]) == 2 and row["cpu_median_s"] > 0  # the timed steps only
+        assert row["forward_backward_flops"] > 0
+    assert rows[0]["forward_backward_flops"] > rows[1]["forward_backward_flops"]  # 16 tokens vs 12
+    assert json.loads(out.read_text())["parameters"] == sum(p.numel() for p in tiny().parameters())
+    with pytest.raises(SystemExit):
+        module.main(["--shapes", "8by64"])
