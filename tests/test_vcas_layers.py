@@ -61,12 +61,12 @@ class TupleNet(nn.Module):
         return x.tanh().sum() + total
 
 
-def _pair(**kwargs) -> tuple[nn.Sequential, nn.Sequential]:
+def _pair(compact: bool = True, **kwargs) -> tuple[nn.Sequential, nn.Sequential]:
     """A VCAS model and a plain copy with the same weights (loaded through state_dict)."""
     model = stack(**kwargs)
     reference = stack(**{**kwargs, "seed": 99})
     reference.load_state_dict(model.state_dict())
-    apply_vcas(model, VCASConfig(seed=3))
+    apply_vcas(model, VCASConfig(seed=3, compact=compact))
     return model, reference
 
 
@@ -262,8 +262,9 @@ def test_a_backward_that_drops_every_sample_costs_nothing(layers: str) -> None:
     else:
         model, x = convnet(), skewed((4, 4, 9, 11), seed=1)
         handle = vcas_handle(apply_vcas(model))
-    handle.samplers[1].ratio = 0.05  # expected 0.2 of 4 samples kept
     x.requires_grad_(True)
+    model(x).sum().backward()  # a compacted block learns its dense cost per sample from a backward that runs
+    handle.samplers[1].ratio = 0.05  # expected 0.2 of 4 samples kept
     for _ in range(50):
         model.zero_grad(set_to_none=True)
         x.grad = None
@@ -357,8 +358,9 @@ def _graph_nodes(t: Tensor) -> set[str]:
     return names
 
 
-def test_eval_and_no_grad_forwards_are_plain() -> None:
-    model, reference = _pair(depth=2)
+@pytest.mark.parametrize("compact", [True, False])
+def test_eval_and_no_grad_forwards_are_plain(compact: bool) -> None:
+    model, reference = _pair(compact, depth=2)
     handle = vcas_handle(model)
     for s in handle.samplers:
         s.ratio = 0.2
@@ -366,12 +368,15 @@ def test_eval_and_no_grad_forwards_are_plain() -> None:
         layer.vcas_weight_ratio = 0.2
     x = skewed((9, 3, 6), seed=10)
     train_nodes = _graph_nodes(model(x))
-    assert {"_SampleGradientBackward", "_VCASLinearFunctionBackward"} <= train_nodes
+    if compact:  # the layers' Functions live in the graph of the backward's re-run
+        assert "_CompactedBlockBackward" in train_nodes and "_VCASLinearFunctionBackward" not in train_nodes
+    else:
+        assert {"_SampleGradientBackward", "_VCASLinearFunctionBackward"} <= train_nodes
 
     model.eval()
     reference.eval()
     out = model(x)
-    assert not any("VCAS" in n or "SampleGradient" in n for n in _graph_nodes(out))
+    assert not any(word in n for n in _graph_nodes(out) for word in ("VCAS", "SampleGradient", "Compacted"))
     assert torch.equal(out, reference(x))
     out.sum().backward()
     reference(x).sum().backward()

@@ -49,6 +49,12 @@ class VCASConfig(MethodConfig):
     initial_weight_ratio: float = option(1.0, "starting token ratio of every Linear, in [min_ratio, 1]")
     min_ratio: float = option(0.05, "floor of every ratio, in (0, 1] (ours: the paper has none)")
     seed: int = option(0, "seed of the samplers", default_text="the run's seed")
+    compact: bool = option(
+        True,
+        "true: a block's backward re-runs it on the kept samples only (every op, not only the "
+        "Linear/Conv2d layers; no activation graph kept between forward and backward); false: the "
+        "layers skip dropped rows inside the full-size backward",
+    )
     check_rows: bool = option(
         False, "true: every sampled layer verifies that skipped rows carry no gradient (debug)"
     )
