@@ -85,6 +85,11 @@ class BlockCache:
         for layer, entries in self.outputs.items():
             self.outputs[layer] = [(next(tensors), 0) if v >= 0 else (y, -1) for y, v in entries]
 
+    def release(self) -> None:
+        """Let go of the outputs (autograd keeps them while it needs them), keeping which ones were kept."""
+        for layer, entries in self.outputs.items():
+            self.outputs[layer] = [(None, v) for _, v in entries]  # type: ignore[misc]
+
     def start_replay(self, rows: Tensor | None) -> None:
         self.recording, self.rows, self._position = False, rows, {}
 
@@ -192,12 +197,16 @@ class _Run:
         self.leaves, self.spec, self.tensor_at = leaves, spec, tensor_at
         main = leaves[tensor_at[0]]
         self.batch = main.shape[0] if main.dim() > 0 else 0
-        self.per_sample = [self.batch > 0 and t.dim() > 0 and t.shape[0] == self.batch for t in self.tensors()]
+        self.per_sample = [
+            self.batch > 0 and t.dim() > 0 and t.shape[0] == self.batch for t in self.tensors()
+        ]
         self.cache = BlockCache()
         self.draws: list[Tensor] = []
         self.extras: tuple[Any, ...] | None = None  # a tuple output's items after the first
         self.params = owner.trainable()  # the Function's inputs after the tensors
-        self.autocast = {d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _autocast_devices()}
+        self.autocast = {
+            d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _autocast_devices()
+        }
 
     def tensors(self) -> list[Tensor]:
         return [self.leaves[i] for i in self.tensor_at]
@@ -249,7 +258,9 @@ class _Run:
         with _RandomDraws(self.draws, block=name, rows=None, batch=self.batch, record=True):
             return self.call(self.tensors())
 
-    def rerun(self, saved: list[Tensor], rows: Tensor | None, needs_grad: list[bool]) -> tuple[Tensor, list[Tensor]]:
+    def rerun(
+        self, saved: list[Tensor], rows: Tensor | None, needs_grad: list[bool]
+    ) -> tuple[Tensor, list[Tensor]]:
         """The block again, with grad, on the kept ``rows``: its first output and its new input leaves."""
         self.cache.start_replay(rows)
         with ExitStack() as stack:
@@ -259,7 +270,9 @@ class _Run:
                 leaf = t.detach()
                 if sliced and rows is not None:
                     leaf = leaf.index_select(0, rows)
-                if grad:  # not a leaf: module hooks (FlopCounterMode's) cannot watch leaves inside autograd.grad
+                if (
+                    grad
+                ):  # not a leaf: module hooks (FlopCounterMode's) cannot watch leaves inside autograd.grad
                     leaf = leaf.requires_grad_(True).view_as(leaf)
                 inputs.append(leaf)
             for device, (enabled, dtype) in self.autocast.items():
@@ -267,7 +280,9 @@ class _Run:
             stack.enter_context(self._layers())
             if self.draws:
                 name = self.owner.sampler.name
-                stack.enter_context(_RandomDraws(self.draws, block=name, rows=rows, batch=self.batch, record=False))
+                stack.enter_context(
+                    _RandomDraws(self.draws, block=name, rows=rows, batch=self.batch, record=False)
+                )
             out = self.call(inputs)
         return (out[0] if isinstance(out, tuple) else out), inputs
 
@@ -283,6 +298,7 @@ class _CompactedBlock(torch.autograd.Function):
         kept_outputs = run.cache.unchanged()
         ctx.n_tensors, ctx.n_cached = len(run.tensor_at), len(kept_outputs)
         ctx.save_for_backward(*run.tensors(), out, *kept_outputs, *run.draws)
+        run.cache.release()
         run.leaves = [None if isinstance(leaf, Tensor) else leaf for leaf in run.leaves]  # saved above
         run.draws = []
         return out
@@ -320,6 +336,8 @@ class _CompactedBlock(torch.autograd.Function):
             grads = list(torch.autograd.grad(out_kept, wrt, kept, allow_unused=True)) if wrt else []
         finally:
             runtime.compact.pop(block, None)
+            run.cache.release()  # a later backward of a retained graph takes them from ctx again
+            run.draws = []
         owner.dense_per_row = (runtime.tally.dense - dense_before) / batch
         result: list[Tensor | None] = []
         for t, sliced, need in zip(tensors, run.per_sample, needs, strict=True):
@@ -383,7 +401,11 @@ class CompactedForward:
         state = _rng_state(device)
         before = self._tensor_attributes()
         out = self.plain(*args, **kwargs)
-        kept = [k for k, t in self._tensor_attributes().items() if t.grad_fn is not None and before.get(k) is not t]
+        kept = [
+            k
+            for k, t in self._tensor_attributes().items()
+            if t.grad_fn is not None and before.get(k) is not t
+        ]
         main = out[0] if isinstance(out, tuple) and out else out
         if kept:
             reason = f"its forward keeps a tensor that carries gradient in {kept[0]} (an auxiliary loss?)"
@@ -409,7 +431,9 @@ class CompactedForward:
         for prefix, module in self.block.named_modules():
             for key, value in vars(module).items():
                 if isinstance(value, Tensor):
-                    found[f"{self.sampler.name}.{prefix}.{key}" if prefix else f"{self.sampler.name}.{key}"] = value
+                    found[
+                        f"{self.sampler.name}.{prefix}.{key}" if prefix else f"{self.sampler.name}.{key}"
+                    ] = value
         return found
 
     def _foreign_leaf(self, out: Tensor, leaves: list[Any]) -> str | None:
@@ -427,7 +451,8 @@ class CompactedForward:
             seen.add(node)
             variable = getattr(node, "variable", None)
             if variable is not None and id(variable) not in own:
-                return f"its forward uses a trainable tensor of shape {tuple(variable.shape)} that is neither an argument nor its own parameter"
+                shape = tuple(variable.shape)
+                return f"its forward uses a trainable tensor of shape {shape}, not an argument or its own"
             todo.extend(fn for fn, _ in node.next_functions)
         return None
 
@@ -443,7 +468,7 @@ class CompactedForward:
             raise GreenpropError(
                 f"VCAS compaction: block {self.sampler.name!r} gives other outputs when run on "
                 f"{rows.numel()} of its {out.shape[0]} samples (max difference {diff:.3g}): its samples are "
-                "not independent (a cross-sample op such as BatchNorm or a batch mean, or a batch that is not "
-                "dim 0), so compaction would be biased; use vcas:compact=false"
+                "not independent (a cross-sample op such as BatchNorm or a batch mean, or a batch that is "
+                "not dim 0), so compaction would be biased; use vcas:compact=false"
             )
         self.verified = True

@@ -271,7 +271,7 @@ class _VCASLinearFunction(torch.autograd.Function):
         return ready if ready is not None else F.linear(x, weight, bias)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         layer: VCASLinear = ctx.layer
         runtime = layer.vcas_runtime
@@ -343,7 +343,7 @@ class _VCASConv2dFunction(torch.autograd.Function):
         return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         layer: VCASConv2d = ctx.layer
         rows = _rows_to_compute(layer, grad_out)
@@ -374,7 +374,8 @@ class _VCASConv2dFunction(torch.autograd.Function):
         # Each of grad_x and grad_W costs what the forward does: 2 * outputs * (C_in / groups) * kh * kw.
         per_sample = 2.0 * grad_out[0].numel() * weight[0].numel()
         passes = int(need_x) + int(need_w)
-        layer.vcas_runtime.tally.dense += passes * per_sample * grad_out.shape[0] * _dense_factor(layer, grad_out)
+        dense_rows = grad_out.shape[0] * _dense_factor(layer, grad_out)
+        layer.vcas_runtime.tally.dense += passes * per_sample * dense_rows
         layer.vcas_runtime.tally.done += passes * per_sample * dy.shape[0]
         return (grad_x if need_x else None), (grad_w if need_w else None), grad_b, None, None
 
