@@ -77,8 +77,9 @@ def _pair(compact: bool = True, **kwargs) -> tuple[nn.Sequential, nn.Sequential]
 @pytest.mark.parametrize("dims", [2, 3])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("input_grad", [True, False])
-def test_ratio_one_equals_dense_autograd(dims: int, bias: bool, input_grad: bool) -> None:
-    model, reference = _pair(depth=3, bias=bias)
+@pytest.mark.parametrize("compact", [True, False])
+def test_ratio_one_equals_dense_autograd(dims: int, bias: bool, input_grad: bool, compact: bool) -> None:
+    model, reference = _pair(compact, depth=3, bias=bias)
     handle = vcas_handle(model)
     assert handle.runtime.mode is Mode.FULL
     assert all(s.ratio == 1.0 for s in handle.samplers)
@@ -86,6 +87,7 @@ def test_ratio_one_equals_dense_autograd(dims: int, bias: bool, input_grad: bool
     shape = (7, 6) if dims == 2 else (7, 4, 6)
     x = skewed(shape, seed=1)
     target = skewed(shape, seed=2)
+    model(x)  # a compacted block's first forward checks it (uncompacted); the next one is compacted
     inputs = []
     for net in (model, reference):
         xi = x.clone().requires_grad_(input_grad)
@@ -112,6 +114,8 @@ def test_ratio_one_vit_equals_dense_autograd_on_digits(digits) -> None:
     handle = vcas_handle(apply_vcas(model))
     assert [s.name for s in handle.samplers] == ["blocks.0", "blocks.1"]
     x, y = digits.train[:24]
+    model(x.double())  # the compacted blocks' first forward checks them
+    assert "_CompactedBlockBackward" in _graph_nodes(model(x.double()))
     for net in (model, reference):
         F.cross_entropy(net(x.double()), y).backward()
     got, expected = grad_dict(model), grad_dict(reference)
@@ -125,10 +129,14 @@ def test_ratio_one_vit_equals_dense_autograd_on_digits(digits) -> None:
 
 
 def _setup_unbiasedness(
-    activation: tuple[float, float], weight: dict[str, float]
+    activation: tuple[float, float], weight: dict[str, float], compact: bool = True
 ) -> tuple[nn.Module, Tensor, list[Tensor], Tensor]:
-    """A 2-block float64 model with the given ratios, ONE fixed forward graph and the exact gradient."""
-    model, reference = _pair(depth=2, dim=6, hidden=8)
+    """A 2-block float64 model with the given ratios, ONE fixed forward graph and the exact gradient.
+
+    A forward before that one lets compacted blocks check themselves (their first forward
+    runs the uncompacted path), so the draws go through the compacted backward.
+    """
+    model, reference = _pair(compact, depth=2, dim=6, hidden=8)
     handle = vcas_handle(model)
     for sampler, ratio in zip(handle.samplers, activation, strict=True):
         sampler.ratio = ratio
@@ -136,6 +144,7 @@ def _setup_unbiasedness(
         handle.linears[name].vcas_weight_ratio = ratio
     x, target = skewed((10, 3, 6), seed=4), skewed((10, 3, 6), seed=5)
     params = list(model.parameters())
+    model(x)
     loss = (model(x).tanh() * target).sum()
     exact = grads((reference(x).tanh() * target).sum(), list(reference.parameters()))
     return model, loss, params, exact
@@ -152,9 +161,11 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_sampled_gradients_are_unbiased(case: str) -> None:
+@pytest.mark.parametrize("compact", [True, False])
+def test_sampled_gradients_are_unbiased(case: str, compact: bool) -> None:
     activation, weight = CASES[case]
-    model, loss, params, exact = _setup_unbiasedness(activation, weight)
+    model, loss, params, exact = _setup_unbiasedness(activation, weight, compact)
+    assert ("_CompactedBlockBackward" in _graph_nodes(loss)) is compact
     runtime = vcas_handle(model).runtime
     runtime.take_tally()
     draws = draw(loss, params, DRAWS)
