@@ -6,7 +6,10 @@ weights run forward + ``loss.backward()`` (no optimizer) on one fixed batch:
 
 * dense: the plain model;
 * vcas: ``apply_vcas(model)`` in mode FULL, every block sampler's ``ratio = r`` and
-  every ``VCASLinear``'s ``vcas_weight_ratio = nu`` fixed (no controller).
+  every ``VCASLinear``'s ``vcas_weight_ratio = nu`` fixed (no controller);
+* policy (with ``--policy``): as vcas, plus the measured token policy
+  (:mod:`greenprop.vcas.policy`): each Linear's weight gradient timed dense and sampled
+  at its shape first; layers where sampling at ``nu`` would not pay run exact tokens.
 
 Dropout is switched off (``p = 0``) in both copies: dropout masks would be random
 work, and the samplers act per sample either way. Forward and backward are timed
@@ -53,9 +56,11 @@ from _common import (
 from greenprop import data, models
 from greenprop.errors import GreenpropError
 from greenprop.vcas import VCASConfig, apply_vcas
+from greenprop.vcas.policy import measured_break_evens, recorded_shapes, set_break_evens
 from greenprop.vcas.surgery import VCASHandle, vcas_handle
 
 VARIANTS = ("dense", "vcas")
+POLICY = "policy"
 DEFAULT_BATCH = {"minilm": 32, "vit": 128}
 DATASET = {"minilm": "rotten-tomatoes", "vit": "fashion-mnist"}
 
@@ -70,6 +75,8 @@ class Row:
     median_s: dict[str, dict[str, float]]  # variant -> fwd / bwd / step
     bwd_ratio: float  # vcas / dense backward, of medians
     step_ratio: float  # vcas / dense step, of medians
+    policy_bwd_ratio: float | None  # the same for vcas with the measured token policy (--policy)
+    policy_step_ratio: float | None
     step_ratio_per_repeat: float  # median of per-repeat ratios
     step_ratio_iqr: tuple[float, float]
     flops_counted: float  # FlopCounterMode, one step, vcas / dense
@@ -135,28 +142,31 @@ def timed_step(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
 def measure(
     name: str,
     variants: dict[str, nn.Module],
-    handle: VCASHandle,
+    handles: list[VCASHandle],
     batch: tuple[Tensor, Tensor],
     dense_flops: int,
     r: float,
     nu: float,
     args: argparse.Namespace,
 ) -> Row:
-    """Set the VCAS ratios, then time both variants' steps interleaved."""
-    set_ratios(handle, r, nu)
+    """Set the VCAS ratios, then time every variant's steps interleaved."""
+    for h in handles:
+        set_ratios(h, r, nu)
+    handle = handles[0]
+    names = tuple(variants)
     x, y = batch
     flops_counted = forward_backward_flops(variants["vcas"], x, y) / dense_flops
     for i in range(args.warmup):
-        for v in rotated(VARIANTS, i):
+        for v in rotated(names, i):
             timed_step(variants[v], x, y)
     handle.runtime.take_tally()  # count the timed steps only
-    times: dict[str, dict[str, list[float]]] = {v: {"fwd": [], "bwd": []} for v in VARIANTS}
+    times: dict[str, dict[str, list[float]]] = {v: {"fwd": [], "bwd": []} for v in names}
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         for i in range(args.repeats):
-            for v in rotated(VARIANTS, i):
+            for v in rotated(names, i):
                 fwd, bwd = timed_step(variants[v], x, y)
                 times[v]["fwd"].append(fwd)
                 times[v]["bwd"].append(bwd)
@@ -177,6 +187,8 @@ def measure(
         median_s=med,
         bwd_ratio=med["vcas"]["bwd"] / med["dense"]["bwd"],
         step_ratio=med["vcas"]["step"] / med["dense"]["step"],
+        policy_bwd_ratio=med[POLICY]["bwd"] / med["dense"]["bwd"] if POLICY in med else None,
+        policy_step_ratio=med[POLICY]["step"] / med["dense"]["step"] if POLICY in med else None,
         step_ratio_per_repeat=q2,
         step_ratio_iqr=(q1, q3),
         flops_counted=flops_counted,
@@ -191,7 +203,7 @@ def measure(
 def result_table(rows: Sequence[Row]) -> list[str]:
     header = ["r", "nu", "dense fwd", "dense bwd", "vcas fwd", "vcas bwd", "bwd vcas/dense"]
     header += ["step vcas/dense [IQR]", "step FLOPs (counted)", "Linear bwd FLOPs (tally)", "kept rows / B"]
-    header += ["peak MiB dense / vcas"]
+    header += ["peak MiB dense / vcas", "with policy: bwd / step"]
     body = []
     for row in rows:
         ms = {v: {part: f"{1e3 * s:.1f}" for part, s in t.items()} for v, t in row.median_s.items()}
@@ -208,9 +220,25 @@ def result_table(rows: Sequence[Row]) -> list[str]:
                 f"{row.flops_tally:.3f}",
                 f"{kept:.1f} / {seen:g}",
                 " / ".join(memory_cell(row.memory[v]) for v in VARIANTS),
+                "-"
+                if row.policy_step_ratio is None
+                else f"{row.policy_bwd_ratio:.3f} / {row.policy_step_ratio:.3f}",
             ]
         )
     return markdown_table(header, body)
+
+
+def _break_even_text(break_even: dict[str, float]) -> str:
+    """``fc1: 0 (off), qkv: 0.41, ...``: each layer name's last part and its break-even ratio."""
+    by_kind: dict[str, list[float]] = {}
+    for name, value in break_even.items():
+        by_kind.setdefault(name.rsplit(".", 1)[-1], []).append(value)
+    return ", ".join(
+        f"{kind}: {min(values):.2f}-{max(values):.2f}"
+        if min(values) != max(values)
+        else f"{kind}: {values[0]:.2f}"
+        for kind, values in by_kind.items()
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -223,6 +251,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--nus", type=float, nargs="+", default=[1.0, 0.3], help="Linear token ratios nu")
     p.add_argument("--repeats", type=int, default=20, help="timed steps per variant (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (default 3)")
+    p.add_argument("--policy", action="store_true", help="also time vcas with the measured token policy")
     add_common_options(p)
     args = p.parse_args(argv)
     if args.seq_len < 1 or args.repeats < 1 or args.warmup < 0 or (args.batch or 1) < 1:
@@ -254,12 +283,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         vcas = copy.deepcopy(dense)
         handle = vcas_handle(apply_vcas(vcas, VCASConfig(seed=args.seed)))
         variants = {"dense": dense, "vcas": vcas}
+        handles = [handle]
+        break_even: dict[str, float] = {}
+        if args.policy:
+            variants[POLICY] = copy.deepcopy(dense)
+            handles.append(vcas_handle(apply_vcas(variants[POLICY], VCASConfig(seed=args.seed))))
+            with recorded_shapes(handles[1].linears) as shapes:
+                variants[POLICY](x)
+            break_even = measured_break_evens(shapes)
+            set_break_evens(handles[1].linears, break_even)
         dense_flops = forward_backward_flops(dense, x, y)
         rows = []
         for r in args.rs:
             for nu in args.nus:
                 print(f"  {name} r={r:g} nu={nu:g}", file=sys.stderr, flush=True)
-                rows.append(measure(name, variants, handle, (x, y), dense_flops, r, nu, args))
+                rows.append(measure(name, variants, handles, (x, y), dense_flops, r, nu, args))
         shape = " x ".join(str(s) for s in x.shape)
         info = {
             "input": shape,
@@ -267,12 +305,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "blocks": len(handle.samplers),
             "linears": len(handle.linears),
         }
-        out["models"][name] = {**info, "dense_step_flops": dense_flops}
+        out["models"][name] = {**info, "dense_step_flops": dense_flops, "break_even": break_even}
         out["results"] += [asdict(row) for row in rows]
         lines += [
             f"#### {name}: input {shape}, data {source}; {info['blocks']} sampled blocks, "
             f"{info['linears']} VCAS Linears; dense step {dense_flops / 1e9:.2f} GFLOP",
             "",
+            *(
+                [f"Token policy's break-even ratios: {_break_even_text(break_even)}", ""]
+                if break_even
+                else []
+            ),
             *result_table(rows),
             "",
         ]

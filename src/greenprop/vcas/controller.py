@@ -31,7 +31,7 @@ from greenprop.vcas.accounting import VCASFlops
 from greenprop.vcas.config import VCASConfig
 from greenprop.vcas.estimation import GradientDraws, pick_entries, two_backwards, variance_ratios
 from greenprop.vcas.layers import BackwardTally, VCASRuntime
-from greenprop.vcas.policy import TimingCache, break_evens, recorded_shapes
+from greenprop.vcas.policy import measured_break_evens, recorded_shapes, set_break_evens
 from greenprop.vcas.surgery import VCASHandle, vcas_handle
 
 __all__ = ["VCAS"]
@@ -178,15 +178,12 @@ class VCAS(Controller):
 
         Under DDP every rank takes rank 0's policy, so all ranks run the same layers sampled.
         """
-        cache = TimingCache(self.config.timing_cache)
-        timings = {shape: cache.get(shape) for shape in set(shapes.values())}
-        decided = pooled_over_ranks([break_evens(shapes, timings)])[0]
+        decided = pooled_over_ranks([measured_break_evens(shapes, self.config.timing_cache)])[0]
         self._set_break_even(decided)
 
     def _set_break_even(self, decided: dict[str, float]) -> None:
         self.token_break_even = dict(decided)
-        for name, layer in self.handle.linears.items():
-            layer.vcas_token_break_even = decided.get(name, 1.0)
+        set_break_evens(self.handle.linears, decided)
 
     def _adapt(self, draws: list[GradientDraws]) -> dict[str, Any]:
         cfg = self.config

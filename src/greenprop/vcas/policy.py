@@ -44,7 +44,9 @@ __all__ = [
     "WeightGradTiming",
     "break_even",
     "break_evens",
+    "measured_break_evens",
     "recorded_shapes",
+    "set_break_evens",
     "time_weight_grad",
 ]
 
@@ -191,6 +193,20 @@ def _read(path: Path) -> dict[str, WeightGradTiming]:
         }
     except (OSError, ValueError, KeyError, TypeError, AttributeError, GreenpropError) as err:
         raise GreenpropError(f"timing_cache {str(path)!r} is not a VCAS timing file ({err})") from err
+
+
+def measured_break_evens(
+    shapes: Mapping[str, WeightGradShape], cache: str | Path | None = None
+) -> dict[str, float]:
+    """Each layer's break-even ratio, its shape timed here (or read from the ``cache`` file)."""
+    timings = TimingCache(cache)
+    return break_evens(shapes, {shape: timings.get(shape) for shape in set(shapes.values())})
+
+
+def set_break_evens(linears: Mapping[str, nn.Module], decided: Mapping[str, float]) -> None:
+    """Give each VCAS Linear its break-even ratio (1, token sampling wherever allowed, if none)."""
+    for name, layer in linears.items():
+        layer.vcas_token_break_even = decided.get(name, 1.0)
 
 
 @contextmanager
