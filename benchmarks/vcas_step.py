@@ -10,7 +10,10 @@ same weights run forward + ``loss.backward()`` (no optimizer) on one fixed batch
   sampler's ``ratio = r`` and every ``VCASLinear``'s ``vcas_weight_ratio = nu`` fixed
   (no controller): the layers skip the dropped rows inside a full-size backward;
 * compact: the same with ``compact=True``: each block's backward re-runs it on the
-  kept samples only (:mod:`greenprop.vcas.compaction`).
+  kept samples only (:mod:`greenprop.vcas.compaction`);
+* policy (with ``--policy``): as compact, plus the measured token policy
+  (:mod:`greenprop.vcas.policy`): each Linear's weight gradient timed dense and sampled
+  at its shape first; layers where sampling at ``nu`` would not pay run exact tokens.
 
 Dropout is switched off (``p = 0``) in both copies: dropout masks would be random
 work, and the samplers act per sample either way. Forward and backward are timed
@@ -57,10 +60,11 @@ from _common import (
 from greenprop import data, models
 from greenprop.errors import GreenpropError
 from greenprop.vcas import VCASConfig, apply_vcas
+from greenprop.vcas.policy import measured_break_evens, recorded_shapes, set_break_evens
 from greenprop.vcas.surgery import VCASHandle, vcas_handle
 
-VARIANTS = ("dense", "vcas", "compact")
-SAMPLED = VARIANTS[1:]
+VARIANTS = ("dense", "vcas", "compact")  # "policy" joins them with --policy
+POLICY = "policy"
 DEFAULT_BATCH = {"minilm": 32, "vit": 128, "resnet": 128}
 DATASET = {"minilm": "rotten-tomatoes", "vit": "fashion-mnist", "resnet": "fashion-mnist"}
 
@@ -150,36 +154,37 @@ def measure(
     args: argparse.Namespace,
 ) -> Row:
     """Set the VCAS ratios, then time the variants' steps interleaved."""
+    names, sampled = tuple(variants), tuple(handles)
     for handle in handles.values():
         set_ratios(handle, r, nu)
     x, y = batch
     for i in range(max(1, args.warmup)):  # at least one: a compacted block's first forward checks it
-        for v in rotated(VARIANTS, i):
+        for v in rotated(names, i):
             timed_step(variants[v], x, y)
-    flops_counted = {v: forward_backward_flops(variants[v], x, y) / dense_flops for v in SAMPLED}
+    flops_counted = {v: forward_backward_flops(variants[v], x, y) / dense_flops for v in sampled}
     for handle in handles.values():
         handle.runtime.take_tally()  # count the timed steps only
-    times: dict[str, dict[str, list[float]]] = {v: {"fwd": [], "bwd": []} for v in VARIANTS}
+    times: dict[str, dict[str, list[float]]] = {v: {"fwd": [], "bwd": []} for v in names}
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         for i in range(args.repeats):
-            for v in rotated(VARIANTS, i):
+            for v in rotated(names, i):
                 fwd, bwd = timed_step(variants[v], x, y)
                 times[v]["fwd"].append(fwd)
                 times[v]["bwd"].append(bwd)
     finally:
         if gc_was_enabled:
             gc.enable()
-    tallies = {v: handles[v].runtime.take_tally() for v in SAMPLED}
-    memory = step_memory({v: functools.partial(timed_step, variants[v], x, y) for v in VARIANTS})
+    tallies = {v: handles[v].runtime.take_tally() for v in sampled}
+    memory = step_memory({v: functools.partial(timed_step, variants[v], x, y) for v in names})
     for t in times.values():
         t["step"] = [f + b for f, b in zip(t["fwd"], t["bwd"], strict=True)]
     med = {v: {part: statistics.median(s) for part, s in t.items()} for v, t in times.items()}
     per_repeat = {
         v: quartiles([a / b for a, b in zip(times[v]["step"], times["dense"]["step"], strict=True)])
-        for v in SAMPLED
+        for v in sampled
     }
     tally = tallies["compact"]
     return Row(
@@ -187,8 +192,8 @@ def measure(
         r=r,
         nu=nu,
         median_s=med,
-        bwd_ratio={v: med[v]["bwd"] / med["dense"]["bwd"] for v in SAMPLED},
-        step_ratio={v: med[v]["step"] / med["dense"]["step"] for v in SAMPLED},
+        bwd_ratio={v: med[v]["bwd"] / med["dense"]["bwd"] for v in sampled},
+        step_ratio={v: med[v]["step"] / med["dense"]["step"] for v in sampled},
         step_ratio_per_repeat={v: q[1] for v, q in per_repeat.items()},
         step_ratio_iqr={v: (q[0], q[2]) for v, q in per_repeat.items()},
         flops_counted=flops_counted,
@@ -205,10 +210,12 @@ def _iqr(quartiles: tuple[float, float]) -> str:
 
 
 def result_table(rows: Sequence[Row]) -> list[str]:
-    header = ["r", "nu", *(f"{v} fwd / bwd" for v in VARIANTS)]
-    header += [f"bwd {v}/dense" for v in SAMPLED] + [f"step {v}/dense [IQR]" for v in SAMPLED]
-    header += ["step FLOPs (counted) vcas / compact", "layer bwd FLOPs (tally)", "kept rows / B"]
-    header += ["peak MiB " + " / ".join(VARIANTS)]
+    names = tuple(rows[0].median_s)
+    sampled = names[1:]
+    header = ["r", "nu", *(f"{v} fwd / bwd" for v in names)]
+    header += [f"bwd {v}/dense" for v in sampled] + [f"step {v}/dense [IQR]" for v in sampled]
+    header += [f"step FLOPs (counted) {' / '.join(sampled)}", "layer bwd FLOPs (tally)", "kept rows / B"]
+    header += ["peak MiB " + " / ".join(names)]
     body = []
     for row in rows:
         ms = {
@@ -220,16 +227,29 @@ def result_table(rows: Sequence[Row]) -> list[str]:
             [
                 f"{row.r:g}",
                 f"{row.nu:g}",
-                *(ms[v] for v in VARIANTS),
-                *(f"{row.bwd_ratio[v]:.3f}" for v in SAMPLED),
-                *(f"**{row.step_ratio[v]:.3f}** [{_iqr(row.step_ratio_iqr[v])}]" for v in SAMPLED),
-                " / ".join(f"{row.flops_counted[v]:.3f}" for v in SAMPLED),
+                *(ms[v] for v in names),
+                *(f"{row.bwd_ratio[v]:.3f}" for v in sampled),
+                *(f"**{row.step_ratio[v]:.3f}** [{_iqr(row.step_ratio_iqr[v])}]" for v in sampled),
+                " / ".join(f"{row.flops_counted[v]:.3f}" for v in sampled),
                 f"{row.flops_tally['compact']:.3f}",
                 f"{kept:.1f} / {seen:g}",
-                " / ".join(memory_cell(row.memory[v]) for v in VARIANTS),
+                " / ".join(memory_cell(row.memory[v]) for v in names),
             ]
         )
     return markdown_table(header, body)
+
+
+def _break_even_text(break_even: dict[str, float]) -> str:
+    """``fc1: 0 (off), qkv: 0.41, ...``: each layer name's last part and its break-even ratio."""
+    by_kind: dict[str, list[float]] = {}
+    for name, value in break_even.items():
+        by_kind.setdefault(name.rsplit(".", 1)[-1], []).append(value)
+    return ", ".join(
+        f"{kind}: {min(values):.2f}-{max(values):.2f}"
+        if min(values) != max(values)
+        else f"{kind}: {values[0]:.2f}"
+        for kind, values in by_kind.items()
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -244,6 +264,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--nus", type=float, nargs="+", default=[1.0, 0.3], help="Linear token ratios nu")
     p.add_argument("--repeats", type=int, default=20, help="timed steps per variant (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (default 3)")
+    p.add_argument("--policy", action="store_true", help="also time compact with the measured token policy")
     add_common_options(p)
     args = p.parse_args(argv)
     if args.seq_len < 1 or args.repeats < 1 or args.warmup < 0 or (args.batch or 1) < 1:
@@ -275,10 +296,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         dense = build(name, args.seed)
         variants: dict[str, nn.Module] = {"dense": dense}
         handles: dict[str, VCASHandle] = {}
-        for v in SAMPLED:
+        for v in VARIANTS[1:] + ((POLICY,) if args.policy else ()):
             variants[v] = copy.deepcopy(dense)
-            config = VCASConfig(seed=args.seed, compact=v == "compact")
+            config = VCASConfig(seed=args.seed, compact=v != "vcas")
             handles[v] = handle = vcas_handle(apply_vcas(variants[v], config))
+        break_even: dict[str, float] = {}
+        if args.policy:
+            with recorded_shapes(handles[POLICY].linears) as shapes:
+                variants[POLICY](x)
+            break_even = measured_break_evens(shapes)
+            set_break_evens(handles[POLICY].linears, break_even)
         dense_flops = forward_backward_flops(dense, x, y)
         rows = []
         for r in args.rs:
@@ -293,13 +320,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "linears": len(handle.linears),
             "convs": len(handle.convs),
         }
-        out["models"][name] = {**info, "dense_step_flops": dense_flops}
+        out["models"][name] = {**info, "dense_step_flops": dense_flops, "break_even": break_even}
         out["results"] += [asdict(row) for row in rows]
         lines += [
             f"#### {name}: input {shape}, data {source}; {info['blocks']} sampled blocks, "
             f"{info['linears']} VCAS Linears, {info['convs']} VCAS Conv2d; "
             f"dense step {dense_flops / 1e9:.2f} GFLOP",
             "",
+            *([f"Token policy's break-even ratios: {_break_even_text(break_even)}", ""] * bool(break_even)),
             *result_table(rows),
             "",
         ]

@@ -207,6 +207,27 @@ def test_vcas_step_benchmark_runs_tiny(tmp_path, capsys):
     assert len(json.loads(out.read_text())["results"]) == len(rows)
 
 
+def test_vcas_step_benchmark_times_the_token_policy_too(capsys):
+    argv = ["--models", "vit", "--batch", "4", "--rs", "1", "--nus", "1", "0.5", "--policy"]
+    result = _import("vcas_step").main([*argv, "--repeats", "1", "--warmup", "0", "--threads", "1"])
+    assert "break-even ratios" in capsys.readouterr().out
+    break_even = result["models"]["vit"]["break_even"]
+    assert len(break_even) == 24 and all(0.0 <= b <= 1.0 for b in break_even.values())
+    for row in result["results"]:
+        assert row["policy_step_ratio"] > 0 and set(row["per_repeat_s"]) == {"dense", "vcas", "policy"}
+
+
+def test_vcas_estimation_benchmark_reports_the_share_and_the_controller_path(tmp_path, capsys):
+    variants = ["update_every=2", "update_every=2,estimation_fraction=0.25"]
+    argv = ["--steps", "3", "--subset", "40", "--batch", "32", "--threads", "1", "--variants", *variants]
+    result = _import("vcas_estimation").main(argv)
+    assert "estimation share" in capsys.readouterr().out
+    for row in result["results"]:
+        assert row["updates"] == 2 and len(row["history"]) == 2  # steps 0 and 2
+        assert 0 < row["share"] < 1
+        assert row["share"] == pytest.approx(row["estimation_s"] / (row["estimation_s"] + row["training_s"]))
+
+
 @pytest.mark.text
 def test_vcas_zero_tokens_script_measures_a_share():
     result = _import("vcas_zero_tokens").main(["--batches", "1", "--threads", "1"])

@@ -62,11 +62,11 @@ class VCASFlops(FlopAccount):
         self.train.add(self.runtime.take_tally())
 
     def collect_overhead(self, samples: int) -> None:
-        """Book one estimation pass on ``samples`` samples: a forward, an exact and two sampled backwards."""
+        """Book one estimation on ``samples`` samples: a forward, an exact and a sampled backward."""
         self.overhead.add(self.runtime.take_tally())
         self.overhead_samples["forward"] += samples
         self.overhead_samples["exact_backward"] += samples
-        self.overhead_samples["sampled_backward"] += 2 * samples
+        self.overhead_samples["sampled_backward"] += samples
 
     def remember_batch(self, batch: Any, loss_fn: Callable[[nn.Module, Any], Tensor]) -> None:
         """Keep the first batch seen for the dense count, which runs on first use, untimed."""

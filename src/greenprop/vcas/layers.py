@@ -19,6 +19,7 @@ generators and the tally of backward FLOPs done versus dense.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,9 @@ class VCASRuntime:
     # block -> (rows re-run, batch rows) while a compacted block's backward re-runs it: the
     # layers tally their dense cost at the full batch.
     compact: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # Set by the variance estimation: called in mode ACTIVATION with each VCASLinear's
+    # (layer, dy, x) token matrices, to draw its token sampler on the side (estimation.py).
+    token_probe: Callable[[VCASLinear, Tensor, Tensor], None] | None = None
 
     def take_tally(self) -> BackwardTally:
         """The tally since the last call, and a fresh one started."""
@@ -291,7 +295,10 @@ class _VCASLinearFunction(torch.autograd.Function):
             done += 2.0 * tokens * out_features * in_features
         dy2, x2 = dy.reshape(-1, out_features), xs.reshape(-1, in_features)
         if ctx.needs_input_grad[1]:
+            if runtime.token_probe is not None and runtime.mode is Mode.ACTIVATION:
+                runtime.token_probe(layer, dy2, x2)
             ratio = layer.vcas_weight_ratio if runtime.mode is Mode.FULL else 1.0
+            ratio = ratio if ratio < layer.vcas_token_break_even else 1.0  # policy.py: pays only below
             grad_w, kept_tokens = sampled_weight_grad(dy2, x2, ratio, runtime.weight_generator)
             dense += 2.0 * tokens_dense * out_features * in_features
             done += 2.0 * kept_tokens * out_features * in_features
@@ -316,6 +323,9 @@ class VCASLinear(nn.Linear):
     vcas_runtime: VCASRuntime
     vcas_weight_ratio: float
     vcas_block: int  # index of the block (and its sampler) this layer sits in
+    #: Token sampling runs only at ratios below this (1: whenever the ratio is below 1);
+    #: a measured token policy lowers it where sampling does not pay (policy.py).
+    vcas_token_break_even: float = 1.0
 
     def forward(self, x: Tensor) -> Tensor:
         cache = self.vcas_runtime.cache

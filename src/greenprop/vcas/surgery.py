@@ -203,6 +203,7 @@ def apply_vcas(
 def _init_linear(layer: nn.Module, *, runtime: VCASRuntime, block: int, config: VCASConfig) -> None:
     layer.vcas_runtime = runtime
     layer.vcas_weight_ratio = config.initial_weight_ratio
+    layer.vcas_token_break_even = 1.0  # token sampling wherever the ratio is below 1
     layer.vcas_block = block
 
 
