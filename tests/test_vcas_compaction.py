@@ -27,6 +27,7 @@ from vcas_helpers import draw, grads, skewed, unbiased, z_scores
 DRAWS = 1500  # sampled backward passes per unbiasedness check
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+ALWAYS = VCASConfig(compact_max_ratio=1.0)  # compact at every ratio (by default only at <= 0.7)
 
 
 class DropoutBlock(nn.Module):
@@ -69,7 +70,7 @@ def _dropout_pair(ratio: float) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     reference = DropoutNet().double()
     model = copy.deepcopy(reference)
-    handle = vcas_handle(apply_vcas(model, VCASConfig(seed=4)))
+    handle = vcas_handle(apply_vcas(model, VCASConfig(seed=4, compact_max_ratio=1.0)))
     assert len(handle.compacted) == 2 and all(isinstance(b.forward, CompactedForward) for b in model.blocks)
     for sampler in handle.samplers:
         sampler.ratio = ratio
@@ -150,7 +151,7 @@ class BatchMeanBlock(nn.Module):
 def test_samples_that_interact_inside_a_block_are_refused_naming_it() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(BatchMeanBlock(), BatchMeanBlock())
-    handle = vcas_handle(apply_vcas(model))
+    handle = vcas_handle(apply_vcas(model, ALWAYS))
     batches = token_batches()
     weighted_sum_loss(model, next(batches)).backward()  # ratio 1: every row re-run, nothing to see
     for sampler in handle.samplers:
@@ -162,7 +163,7 @@ def test_samples_that_interact_inside_a_block_are_refused_naming_it() -> None:
 def test_gradient_that_bypasses_the_first_output_keeps_the_block_uncompacted() -> None:
     model = norm_linear_stack(depth=2, block=AuxLossBlock)
     reference = copy.deepcopy(model)
-    handle = vcas_handle(apply_vcas(model))
+    handle = vcas_handle(apply_vcas(model, ALWAYS))
     x, w = next(token_batches())
     warning = r"block '0' runs uncompacted: its forward keeps a tensor .* in 0\.aux"
     with pytest.warns(CompactionWarning, match=warning):
@@ -190,7 +191,7 @@ class SharedWeightBlock(nn.Module):
 def test_a_parameter_the_block_does_not_own_keeps_it_uncompacted() -> None:
     shared = nn.Parameter(torch.ones(6))
     model = nn.Sequential(SharedWeightBlock(shared), SharedWeightBlock(shared))
-    apply_vcas(model)
+    apply_vcas(model, ALWAYS)
     with pytest.warns(CompactionWarning, match="neither an argument nor its own|not an argument or its own"):
         weighted_sum_loss(model, next(token_batches())).backward()
     assert shared.grad is not None and bool((shared.grad != 0).any())
@@ -243,7 +244,7 @@ def test_compacted_blocks_keep_fewer_activations_than_dense() -> None:
     torch.manual_seed(0)
     dense = stack(depth=4, dim=16, hidden=64)
     model = copy.deepcopy(dense)
-    apply_vcas(model)
+    apply_vcas(model, ALWAYS)
     x = skewed((32, 10, 16), seed=1).requires_grad_(True)
     _saved_bytes(model, x)  # the first forward checks the blocks
     compact, plain = _saved_bytes(model, x), _saved_bytes(dense, x)

@@ -351,16 +351,19 @@ class _CompactedBlock(torch.autograd.Function):
 class CompactedForward:
     """Stands in for a block's ``forward`` (an instance attribute set by :func:`~greenprop.vcas.apply_vcas`).
 
-    Training forwards with grad run the block compacted (:class:`_CompactedBlock`);
-    anything else (eval, no grad, the dense FLOP count in exact mode) runs it plainly,
+    Training forwards with grad run the block compacted (:class:`_CompactedBlock`) while
+    its sampler's ratio is at most ``max_ratio`` (``VCASConfig.compact_max_ratio``);
+    anything else (eval, no grad, the dense FLOP count in exact mode, a higher ratio)
+    runs it plainly,
     and the first training forward runs the plain sampled path while checking that
     the block can be compacted (:meth:`_probe`).
     """
 
-    def __init__(self, block: nn.Module, sampler: BlockSampler, runtime: VCASRuntime) -> None:
+    def __init__(self, block: nn.Module, sampler: BlockSampler, runtime: VCASRuntime, max_ratio: float = 1.0):
         self.block = block
         self.sampler = sampler
         self.runtime = runtime
+        self.max_ratio = max_ratio  # blocks whose sampler ratio is above run uncompacted
         self.compactable: bool | None = None  # None: not probed yet
         self.draws_random = False  # learnt from the generator's state: record the block's draws
         self.verified = False  # a re-run on a subset matched the forward
@@ -379,6 +382,7 @@ class CompactedForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         block = self.block
         training = block.training and torch.is_grad_enabled() and self.runtime.mode is not Mode.EXACT
+        training = training and self.sampler.ratio <= self.max_ratio  # above: the re-run costs more
         leaves, spec = tree_flatten((args, kwargs))
         tensor_at = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
         if training and tensor_at and self.compactable is None:

@@ -192,7 +192,8 @@ def apply_vcas(
         sampler = BlockSampler(index, name, runtime, last=index == len(names) - 1)
         handle.samplers.append(sampler)
         if config.compact:  # the sampler runs inside the compacted backward (it owns the hook call too)
-            modules[name].forward = CompactedForward(modules[name], sampler, runtime)
+            compacted = CompactedForward(modules[name], sampler, runtime, config.compact_max_ratio)
+            modules[name].forward = compacted
             handle.compacted.append(modules[name])
         else:
             handle.hooks.append(modules[name].register_forward_hook(sampler.hook))
