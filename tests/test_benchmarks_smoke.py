@@ -185,26 +185,54 @@ def test_vcas_linear_benchmark_runs_tiny(tmp_path, capsys):
 
 def test_vcas_step_benchmark_runs_tiny(tmp_path, capsys):
     out = tmp_path / "vcas_step.json"
-    argv = ["--models", "vit", "--batch", "4", "--rs", "1", "0.5", "--nus", "1", "0.5"]
+    argv = ["--models", "vit", "resnet", "--batch", "4", "--rs", "1", "0.5", "--nus", "1", "0.5"]
     result = _import("vcas_step").main(
         [*argv, "--repeats", "1", "--warmup", "0", "--threads", "1", "--json", str(out)]
     )
     printed = capsys.readouterr().out
-    assert "GLIBC_TUNABLES" in printed and "#### vit" in printed and "| r | nu |" in printed
+    assert "GLIBC_TUNABLES" in printed and "#### vit" in printed and "#### resnet" in printed
+    assert "| r | nu |" in printed
     rows = result["results"]
-    assert [(row["r"], row["nu"]) for row in rows] == [(1, 1), (1, 0.5), (0.5, 1), (0.5, 0.5)]
+    grid = [(1, 1), (1, 0.5), (0.5, 1), (0.5, 0.5)]
+    expected = [(m, *rn) for m in ("vit", "resnet") for rn in grid]
+    assert [(row["model"], row["r"], row["nu"]) for row in rows] == expected
     for row in rows:
-        assert len(row["seen_rows"]) == 6 and all(seen == 4 for seen in row["seen_rows"].values())
+        blocks = 6 if row["model"] == "vit" else 8
+        assert len(row["seen_rows"]) == blocks and all(seen == 4 for seen in row["seen_rows"].values())
         assert all(t[0] > 0 for v in row["per_repeat_s"].values() for t in v.values())
-        if row["r"] == 1 and row["nu"] == 1:
-            assert row["flops_tally"] == pytest.approx(1.0)  # nothing sampled: dense Linear work
-            assert row["flops_counted"] == pytest.approx(1.0)
+        assert set(row["step_ratio"]) == {"vcas", "compact"}
+        sampled_tokens = row["nu"] < 1 and row["model"] == "vit"  # the ResNet's blocks have no Linear
+        if row["r"] == 1 and not sampled_tokens:
+            assert row["flops_tally"] == pytest.approx({"vcas": 1.0, "compact": 1.0})  # dense layer work
+            assert row["flops_counted"]["vcas"] == pytest.approx(1.0)
         else:
-            assert row["flops_tally"] < 1.0
+            assert row["flops_tally"]["vcas"] < 1.0 and row["flops_tally"]["compact"] < 1.0
         if row["r"] == 1:
             assert all(kept == 4 for kept in row["kept_rows"].values())
-        _assert_step_memory(row["memory"], {"dense", "vcas"})
+        _assert_step_memory(row["memory"], {"dense", "vcas", "compact"})
     assert len(json.loads(out.read_text())["results"]) == len(rows)
+
+
+def test_vcas_step_benchmark_times_the_token_policy_too(capsys):
+    argv = ["--models", "vit", "--batch", "4", "--rs", "1", "--nus", "1", "0.5", "--policy"]
+    result = _import("vcas_step").main([*argv, "--repeats", "1", "--warmup", "0", "--threads", "1"])
+    assert "break-even ratios" in capsys.readouterr().out
+    break_even = result["models"]["vit"]["break_even"]
+    assert len(break_even) == 24 and all(0.0 <= b <= 1.0 for b in break_even.values())
+    for row in result["results"]:
+        assert row["step_ratio"]["policy"] > 0
+        assert set(row["per_repeat_s"]) == {"dense", "vcas", "compact", "policy"}
+
+
+def test_vcas_estimation_benchmark_reports_the_share_and_the_controller_path(tmp_path, capsys):
+    variants = ["update_every=2", "update_every=2,estimation_fraction=0.25"]
+    argv = ["--steps", "3", "--subset", "40", "--batch", "32", "--threads", "1", "--variants", *variants]
+    result = _import("vcas_estimation").main(argv)
+    assert "estimation share" in capsys.readouterr().out
+    for row in result["results"]:
+        assert row["updates"] == 2 and len(row["history"]) == 2  # steps 0 and 2
+        assert 0 < row["share"] < 1
+        assert row["share"] == pytest.approx(row["estimation_s"] / (row["estimation_s"] + row["training_s"]))
 
 
 @pytest.mark.text

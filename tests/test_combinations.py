@@ -83,7 +83,7 @@ def test_ssprop_with_vcas_on_disjoint_layers_adds_their_savings(tmp_path):
     assert ssprop_only["backward"] < base["backward"] and vcas_only["backward"] != base["backward"]
     expected = {p: ssprop_only[p] + vcas_only[p] - base[p] for p in ("forward", "backward")}
     assert both["forward"] == pytest.approx(expected["forward"], rel=1e-9)
-    # ... by exactly ssProp's saving on each of the estimation's backward passes: three
-    # per Monte-Carlo batch (vcas.estimation.three_backwards), mc_repeats=2 batches.
+    # ... by exactly ssProp's saving on each of the estimation's backward passes: two
+    # per Monte-Carlo batch (vcas.estimation.two_backwards), mc_repeats=2 batches.
     passes = (expected["backward"] - both["backward"]) / (base["backward"] - ssprop_only["backward"])
-    assert passes == pytest.approx(3 * 2, abs=1e-9)
+    assert passes == pytest.approx(2 * 2, abs=1e-9)

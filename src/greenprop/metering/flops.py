@@ -218,6 +218,11 @@ def _head(obj: Any, n: int) -> Any:
     return obj
 
 
+def batch_size(obj: Any) -> int:
+    """Samples in a batch: dim 0 of its first tensor with one (tensors, tuples, lists, mappings)."""
+    return _batch_size(obj)
+
+
 def batch_head(obj: Any, n: int) -> Any:
     """The first ``n`` samples of every tensor in a batch (tensors, tuples, lists, mappings)."""
     return _head(obj, n)

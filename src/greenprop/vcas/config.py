@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from greenprop.options import MethodConfig, check_interval, option, require
 
@@ -18,7 +19,7 @@ class VCASConfig(MethodConfig):
     ratios 1) and the controller lowers the ratios while the extra variance stays small.
     Each field's help (also listed by ``greenprop methods``) says what it does and marks
     the values that are our choices rather than the paper's (``min_ratio``, ``seed``,
-    ``check_rows``).
+    ``check_rows``, ``estimation_fraction``, ``token_policy``, ``timing_cache``).
 
     Notes:
         ``s`` is the norm mass: the fraction of gradient-norm mass the kept samples must
@@ -48,7 +49,31 @@ class VCASConfig(MethodConfig):
     initial_s: float = option(1.0, "starting s, in (0, 1] (1: start exact)")
     initial_weight_ratio: float = option(1.0, "starting token ratio of every Linear, in [min_ratio, 1]")
     min_ratio: float = option(0.05, "floor of every ratio, in (0, 1] (ours: the paper has none)")
+    estimation_fraction: float = option(
+        1.0,
+        "fraction of each estimation batch's samples the variances are measured on, in (0, 1] "
+        "(ours; at least 16 samples, or the whole batch if smaller)",
+    )
+    token_policy: Literal["all", "measured"] = option(
+        "all",
+        "all: every Linear samples tokens; measured: only at ratios where a timing of its weight "
+        "gradient at its shapes on this machine shows sampling is faster (ours)",
+    )
+    timing_cache: str | None = option(
+        None, "JSON file of the token policy's timings, read and extended (none: time every run)"
+    )
     seed: int = option(0, "seed of the samplers", default_text="the run's seed")
+    compact: bool = option(
+        True,
+        "true: a block's backward re-runs it on the kept samples only (every op, not only the "
+        "Linear/Conv2d layers; no activation graph kept between forward and backward); false: the "
+        "layers skip dropped rows inside the full-size backward",
+    )
+    compact_max_ratio: float = option(
+        0.7,
+        "compact a block only while its ratio is at most this, in [0, 1] (ours: near ratio 1 the "
+        "re-run costs more than it saves; measured on the zoo ViT)",
+    )
     check_rows: bool = option(
         False, "true: every sampled layer verifies that skipped rows carry no gradient (debug)"
     )
@@ -63,8 +88,10 @@ class VCASConfig(MethodConfig):
         check_interval(self, "weight_ratio_multiplier", "(0, 1)")
         check_interval(self, "ema_decay", "[0, 1)")
         check_interval(self, "variance_sample_fraction", "(0, 1]")
+        check_interval(self, "estimation_fraction", "(0, 1]")
         check_interval(self, "initial_s", "(0, 1]")
         check_interval(self, "min_ratio", "(0, 1]")
+        check_interval(self, "compact_max_ratio", "[0, 1]")
         require(
             self,
             "initial_weight_ratio",

@@ -12,6 +12,7 @@ is net of the controller's own overhead.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -21,20 +22,22 @@ from torch import nn
 
 from greenprop.controller import BatchLoss, Controller, RunContext
 from greenprop.errors import GreenpropError
-from greenprop.metering.flops import FlopCount
+from greenprop.metering.flops import FlopCount, batch_head, batch_size
 from greenprop.seeding import vcas_entries_seed, vcas_estimation_seed
 from greenprop.surgery import not_converted
 from greenprop.train.distributed import pooled_over_ranks
 from greenprop.vcas import control
 from greenprop.vcas.accounting import VCASFlops
 from greenprop.vcas.config import VCASConfig
-from greenprop.vcas.estimation import GradientDraws, pick_entries, three_backwards, variance_ratios
+from greenprop.vcas.estimation import GradientDraws, pick_entries, two_backwards, variance_ratios
 from greenprop.vcas.layers import BackwardTally, VCASRuntime
+from greenprop.vcas.policy import measured_break_evens, recorded_shapes, set_break_evens
 from greenprop.vcas.surgery import VCASHandle, vcas_handle
 
 __all__ = ["VCAS"]
 
 _STATE_FORMAT = 2
+_MIN_ESTIMATION_SAMPLES = 16  # estimation_fraction never leaves fewer (soft top-k needs a few)
 
 
 def _mean_or_none(values: Iterable[float]) -> float | None:
@@ -93,6 +96,8 @@ class VCAS(Controller):
         )
         self._estimation_generator = torch.Generator().manual_seed(vcas_estimation_seed(self.config.seed))
         self._run: RunContext | None = None
+        #: Each Linear's break-even token ratio once the measured token policy has run (policy.py).
+        self.token_break_even: dict[str, float] | None = None
         self._epoch_start: tuple[BackwardTally, int] = (BackwardTally(), 0)
 
     # ------------------------------------------------------------------ state
@@ -138,7 +143,7 @@ class VCAS(Controller):
         if not layers:
             raise GreenpropError("no converted layer inside the VCAS blocks has a trainable weight")
         draws = []
-        for _ in range(self.config.mc_repeats):
+        for repeat in range(self.config.mc_repeats):
             try:
                 batch = next(batches)
             except StopIteration:
@@ -147,14 +152,38 @@ class VCAS(Controller):
                 ) from None
             # Counted later, on first use: FlopCounterMode is slow and this method is timed.
             account.remember_batch(batch, loss_fn)
-            draw = three_backwards(self.model, self.handle, batch, loss_fn, layers, self._entries)
+            full, batch = self._estimation_part(batch)
+            measure = repeat == 0 and self.config.token_policy == "measured" and self.token_break_even is None
+            record = self.handle.linears if measure else {}
+            with recorded_shapes(record, full / batch_size(batch)) as shapes:
+                draw = two_backwards(self.model, self.handle, batch, loss_fn, layers, self._entries)
             account.collect_overhead(draw.samples)
             draws.append(draw)
+            if measure:
+                self._apply_token_policy(shapes)
         # Under DDP every rank pools all ranks' draws, so all adapt the same ratios.
         record = self._adapt(pooled_over_ranks(draws, GradientDraws.on_cpu))
         self.updates += 1
         self.history.append(record)
         return record
+
+    def _estimation_part(self, batch: Any) -> tuple[int, Any]:
+        """The batch's size and the samples of it the variances are estimated on (estimation_fraction)."""
+        full = batch_size(batch)
+        keep = max(min(full, _MIN_ESTIMATION_SAMPLES), math.ceil(self.config.estimation_fraction * full))
+        return full, (batch if keep >= full else batch_head(batch, keep))
+
+    def _apply_token_policy(self, shapes: dict[str, Any]) -> None:
+        """Time each Linear shape (or read the timing cache), set every layer's break-even ratio.
+
+        Under DDP every rank takes rank 0's policy, so all ranks run the same layers sampled.
+        """
+        decided = pooled_over_ranks([measured_break_evens(shapes, self.config.timing_cache)])[0]
+        self._set_break_even(decided)
+
+    def _set_break_even(self, decided: dict[str, float]) -> None:
+        self.token_break_even = dict(decided)
+        set_break_evens(self.handle.linears, decided)
 
     def _adapt(self, draws: list[GradientDraws]) -> dict[str, Any]:
         cfg = self.config
@@ -250,6 +279,7 @@ class VCAS(Controller):
             },
             "flops": self.flop_account.state_dict(),
             "history": list(self.history),
+            "token_break_even": self.token_break_even,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -273,3 +303,5 @@ class VCAS(Controller):
         self._estimation_generator.set_state(generators["estimation"])
         self.flop_account.load_state_dict(state["flops"])
         self.history = list(state["history"])
+        if state.get("token_break_even") is not None:  # the measured policy, not measured again
+            self._set_break_even(state["token_break_even"])

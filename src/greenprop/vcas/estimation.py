@@ -1,10 +1,18 @@
-"""VCAS's Monte-Carlo variance estimation: three backward passes on one batch, then ratios.
+"""VCAS's Monte-Carlo variance estimation: one forward and two backward passes per batch.
 
-On each of ``M`` batches, one forward and three ``autograd.grad`` passes on the same graph:
+On each of ``M`` batches (or the first ``estimation_fraction`` of each), one forward and
+two ``autograd.grad`` passes on the same graph:
 
 1. exact: the batch's true gradient ``E_m`` and each block's per-sample gradient norms;
-2. activation sampling only: ``A_m``;
-3. activation and token sampling, with the activation draws replayed from (2): ``W_m``.
+2. activation sampling only: ``A_m``; inside it each token-sampled Linear also draws its
+   token sampler on the side (:func:`token_draw`), on the very ``dy`` and ``x`` its
+   weight gradient uses: ``W_m``.
+
+Token sampling changes only a Linear's weight gradient, never the gradient it passes
+down, so a third backward with both samplers on and the activation draws replayed (what
+this module did before) computes the same ``dy`` and ``x`` for every Linear and draws
+the same tokens: ``W_m`` here is that pass's weight gradient, at the cost of one sampled
+weight gradient per layer, on the chosen entries only.
 
 The SGD variance is the variance of ``E_m`` across the batches; the activation
 sampler's extra variance is the mean of ``(A_m - E_m)^2``; each Linear's token
@@ -25,15 +33,24 @@ from torch import Tensor, nn
 from greenprop.errors import GreenpropError
 from greenprop.vcas import control
 from greenprop.vcas.layers import Mode
+from greenprop.vcas.samplers import leverage_sample
 from greenprop.vcas.surgery import VCASHandle
 
-__all__ = ["GradientDraws", "VarianceRatios", "pick_entries", "three_backwards", "variance_ratios"]
+__all__ = [
+    "GradientDraws",
+    "VarianceRatios",
+    "pick_entries",
+    "token_draw",
+    "two_backwards",
+    "variance_ratios",
+]
 
 
 @dataclass(frozen=True)
 class GradientDraws:
     """One batch's exact, activation-sampled and fully sampled gradients on the chosen entries.
 
+    ``full`` holds the token-sampled Linears only (activation and token sampling);
     ``norms[i]`` are block ``i``'s per-sample gradient norms (None: no gradient reached it).
     """
 
@@ -70,7 +87,45 @@ def pick_entries(
     return entries
 
 
-def three_backwards(
+def token_draw(
+    dy: Tensor, x: Tensor, ratio: float, rows: Tensor, cols: Tensor, generator: torch.Generator
+) -> Tensor:
+    """Entries ``(rows[e], cols[e])`` of one token-sampled weight gradient ``dy^T x`` (float64).
+
+    Draws the tokens as :func:`~greenprop.vcas.samplers.sampled_weight_grad` does (same
+    generator calls, same ``1/p`` scales), but sums their terms on the chosen entries
+    only instead of running the ``(out x k) @ (k x in)`` matmul.
+    """
+    idx, scale = leverage_sample(dy, x, ratio, generator)
+    dy_k = (dy.index_select(0, idx) * scale.unsqueeze(1)).to(dy.dtype)
+    x_k = x.index_select(0, idx)
+    return (dy_k.index_select(1, rows).double() * x_k.index_select(1, cols).double()).sum(0)
+
+
+class _TokenProbe:
+    """The runtime's ``token_probe`` during one estimation: each Linear's token draw, summed per layer."""
+
+    def __init__(self, handle: VCASHandle, entries: Mapping[str, Tensor]) -> None:
+        self.generator = handle.runtime.weight_generator
+        self.names = {id(layer): name for name, layer in handle.linears.items() if name in entries}
+        self.coords = {}
+        for name in self.names.values():
+            flat, in_features = entries[name], handle.linears[name].in_features
+            self.coords[name] = (flat // in_features, flat % in_features)
+        self.draws: dict[str, Tensor] = {}
+
+    def __call__(self, layer: nn.Module, dy: Tensor, x: Tensor) -> None:
+        name = self.names.get(id(layer))
+        ratio = getattr(layer, "vcas_weight_ratio", 1.0)
+        if name is None or ratio >= 1.0 or dy.shape[0] == 0:  # exact: the activation pass's value
+            return
+        rows, cols = (c.to(dy.device) for c in self.coords[name])
+        draw = token_draw(dy, x, ratio, rows, cols, self.generator).cpu()
+        previous = self.draws.get(name)  # a layer used twice in the forward: its terms add up
+        self.draws[name] = draw if previous is None else previous + draw
+
+
+def two_backwards(
     model: nn.Module,
     handle: VCASHandle,
     batch: Any,
@@ -78,7 +133,7 @@ def three_backwards(
     layers: Mapping[str, nn.Module],
     entries: Mapping[str, Tensor],
 ) -> GradientDraws:
-    """One forward, then the exact, activation-sampled and fully sampled gradients of ``layers``."""
+    """One forward, then the exact and activation-sampled gradients of ``layers``, token draws aside."""
     runtime = handle.runtime
     names = list(layers)
     weights = [layers[name].weight for name in names]
@@ -87,6 +142,7 @@ def three_backwards(
     if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
         raise GreenpropError("loss_fn(model, batch) must return a scalar loss that requires grad")
     previous = runtime.mode
+    probe = _TokenProbe(handle, {name: entries[name] for name in names})
     try:
         runtime.mode, runtime.record_norms = Mode.EXACT, True
         runtime.norms.clear()
@@ -100,14 +156,10 @@ def three_backwards(
             )
         # Blocks below the lowest trainable layer get no backward at all: nothing to sample.
         block_norms = [runtime.norms.get(s.index) for s in handle.samplers]
-        replay = runtime.activation_generator.get_state()
-        runtime.mode = Mode.ACTIVATION
-        grads_act = torch.autograd.grad(loss, weights, retain_graph=True)
-        runtime.activation_generator.set_state(replay)
-        runtime.mode = Mode.FULL
-        grads_full = torch.autograd.grad(loss, weights)
+        runtime.mode, runtime.token_probe = Mode.ACTIVATION, probe
+        grads_act = torch.autograd.grad(loss, weights)
     finally:
-        runtime.mode, runtime.record_norms = previous, False
+        runtime.mode, runtime.record_norms, runtime.token_probe = previous, False, None
 
     def pick(grads: Sequence[Tensor]) -> dict[str, Tensor]:
         return {
@@ -115,8 +167,10 @@ def three_backwards(
             for name, g in zip(names, grads, strict=True)
         }
 
+    activation = pick(grads_act)
+    full = {name: probe.draws.get(name, activation[name]) for name in names if name in handle.linears}
     samples = len(next(norm for norm in block_norms if norm is not None))
-    return GradientDraws(pick(grads_exact), pick(grads_act), pick(grads_full), block_norms, samples)
+    return GradientDraws(pick(grads_exact), activation, full, block_norms, samples)
 
 
 def variance_ratios(draws: Sequence[GradientDraws], token_sampled: Sequence[str]) -> VarianceRatios:

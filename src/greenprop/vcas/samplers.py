@@ -153,9 +153,21 @@ def sample_rows(probs: Tensor, generator: torch.Generator | None = None) -> tupl
     return idx, probs.index_select(0, idx).reciprocal()
 
 
+def _norms(rows: Tensor) -> Tensor:
+    """``||rows[i]||`` of a 2-D tensor in float32 at least: one pass over ``rows``.
+
+    The ``dtype`` argument is only passed where it upcasts (bf16/fp16): for float32 and
+    float64 it sends ``vector_norm`` down a slower path, for no change in the result.
+    """
+    dtype = _prob_dtype(rows.dtype)
+    if rows.dtype == dtype:
+        return torch.linalg.vector_norm(rows, dim=1)
+    return torch.linalg.vector_norm(rows, dim=1, dtype=dtype)
+
+
 def row_norms(grad: Tensor) -> Tensor:
     """Per-sample norms ``||grad[i]||`` over all dims but the first (float32 at least)."""
-    return torch.linalg.vector_norm(grad.reshape(grad.shape[0], -1), dim=1, dtype=_prob_dtype(grad.dtype))
+    return _norms(grad.reshape(grad.shape[0], -1))
 
 
 def _positive(scores: Tensor, idx: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
@@ -207,8 +219,7 @@ def leverage_scores(grad_out: Tensor, inp: Tensor) -> Tensor:
     ``grad_W``, hence the variance-optimal sampling score for that sum.
     """
     dy, x = _token_matrices(grad_out, inp)
-    dtype = _prob_dtype(torch.promote_types(dy.dtype, x.dtype))
-    return torch.linalg.vector_norm(dy, dim=1, dtype=dtype) * torch.linalg.vector_norm(x, dim=1, dtype=dtype)
+    return _norms(dy) * _norms(x)
 
 
 def leverage_sample(
@@ -238,16 +249,19 @@ def sampled_weight_grad(
 ) -> tuple[Tensor, int]:
     """Unbiased ``grad_W ~= dy^T x`` from a ``ratio`` fraction of tokens (leverage sampling).
 
-    The kept rows of ``dy`` and ``x`` are gathered and ``dy``'s rows scaled by ``1/p`` (in
-    float32 at least, then cast back), then ONE dense ``(out x k) @ (k x in)`` matmul runs:
-    the saving is real, nothing is masked. At ``ratio = 1``, or with no token at all, this
-    is exactly ``dy^T x`` (no sampling). Returns the ``(out, in)`` estimate in
-    ``grad_out``'s dtype and ``k``, the number of tokens its matmul used.
+    The kept rows of ``dy`` and ``x`` are gathered and the rows of the narrower of the two
+    scaled by ``1/p`` in place (computed in float32 at least, stored in its dtype), then ONE
+    dense ``(out x k) @ (k x in)`` matmul runs: the saving is real, nothing is masked. At
+    ``ratio = 1``, or with no token at all, this is exactly ``dy^T x`` (no sampling).
+    Returns the ``(out, in)`` estimate in ``grad_out``'s dtype and ``k``, the number of
+    tokens its matmul used.
     """
     ratio = _check_ratio(ratio)
     dy, x = _token_matrices(grad_out, inp)
     if ratio >= 1.0 or dy.shape[0] == 0:
         return dy.t() @ x, dy.shape[0]
     idx, scale = leverage_sample(grad_out, inp, ratio, generator)
-    dy_k = (dy.index_select(0, idx) * scale.unsqueeze(1)).to(dy.dtype)
-    return dy_k.t() @ x.index_select(0, idx), idx.numel()
+    dy_k, x_k = dy.index_select(0, idx), x.index_select(0, idx).to(dy.dtype)
+    # Scaling either side gives the same estimate; the narrower is fewer multiplications.
+    (dy_k if dy_k.shape[1] <= x_k.shape[1] else x_k).mul_(scale.unsqueeze(1))
+    return dy_k.t() @ x_k, idx.numel()
