@@ -286,7 +286,9 @@ PRESETS["mezo-minilm"] = Preset(
 # mean keep as the headline; interleaving would thin exactly the epochs Pe=1 samples) or,
 # on the ViT, VCAS. Sized for the shared 2-core machine under a load of 10-17: one epoch
 # of the width-16 CNN on 5k images took 65 s there, so the page's runs are 5 epochs on
-# 1.5k-2k images to finish all three models in about 1 h 35 min.
+# 1.5k-2k images. Measured there (one seed of the preset, round-robin): CNN 12.5 min,
+# ViT 40 min; the ResNet's first epoch took 166 s, so one seed would need ~70 min and it
+# was not run to the end (docs/results.md).
 _RESULTS_EPOCHS = 5
 _PE1 = "gradsamp:strategy=pe:1"
 _SSPROP_HEADLINE = "ssprop:keep=0.2,interleave=true"
