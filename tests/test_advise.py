@@ -19,7 +19,7 @@ from greenprop.advise import (
     recommend,
 )
 from greenprop.advise.measure import time_ssprop_layers, vcas_refusal
-from greenprop.advise.recommend import vcas_update_every
+from greenprop.advise.recommend import predict_spec, vcas_update_every
 from greenprop.cli import main
 
 KEEPS = (0.8, 0.6, 0.4, 0.2)
@@ -184,6 +184,7 @@ TINY += ["--probe-subset", "32", "--probe-epochs", "3", "--no-progress"]
 def test_cli_end_to_end_on_a_tiny_vit(tmp_path, capsys):
     out = tmp_path / "advice.json"
     args = ["advise", "--model", "vit:depth=2,heads=2", "--width", "16", *TINY, "--json", str(out)]
+    args += ["--predict", "gradsamp:strategy=pe:1;vcas:update_every=20", "ssprop:keep=0.2,layers=linear"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     for fragment in ("ssProp, each converted layer's backward", "Probes (", "Advice, predicted for 4 epochs"):
@@ -195,6 +196,9 @@ def test_cli_end_to_end_on_a_tiny_vit(tmp_path, capsys):
     assert probes["vcas"]["refused"] is None and len(probes["vcas"]["vcas_blocks"]) == 2
     assert rows["vcas"]["spec"].startswith("vcas:update_every=16")  # 64 steps: the minimum, 16
     assert "recommended:" in printed
+    predicted = {r["method"]: r for r in saved["predictions"]}
+    assert predicted["gradsamp:strategy=pe:1;vcas:update_every=20"]["flops_saving"] is not None
+    assert "| `ssprop:keep=0.2,layers=linear` |" in printed
 
 
 @pytest.mark.parametrize(
@@ -214,3 +218,33 @@ def test_bad_input_is_one_error_line(capsys, extra, fragment):
     assert main([*base, *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("greenprop: error: ") and fragment in err[0], err
+
+
+def test_predict_given_specs_by_hand():
+    m = _measurements(VCASTiming(refused="no blocks"))
+    ssprop = predict_spec(m, "ssprop:keep=0.6")
+    # Every conv layer, the slower stem included: (-0.002 + 0.014 + 0.022) s of a 0.2 s step.
+    assert ssprop.time_saving == pytest.approx(0.034 / 0.2)
+    assert predict_spec(m, "ssprop:keep=0.6,min_channels=64").time_saving == pytest.approx(0.036 / 0.2)
+    # Pe=1 over 4 epochs: epoch 1 sampled; 3 would be, but the last epoch always trains.
+    assert predict_spec(m, "gradsamp:strategy=pe:1").flops_saving == pytest.approx(0.25)
+    both = predict_spec(m, "gradsamp:strategy=pe:1;ssprop:keep=0.6")
+    assert both.time_saving == pytest.approx(1 - 0.75 * (1 - 0.034 / 0.2))
+    assert predict_spec(m, "vcas").spec is None  # refused on this model
+    assert predict_spec(m, "baseline").time_saving == 0.0
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ("vcas;ssprop", "only gradsamp;ssprop and gradsamp;vcas"),
+        ("ssprop:keep=0.3", "keep 0.3 is not in --keeps"),
+        ("ssprop:schedule=linear,min_keep=0.2", "only a constant or interleaved keep"),
+        ("mezo", "advise models gradsamp, ssprop and vcas"),
+        ("ssprop:keep=2", "keep"),
+    ],
+)
+def test_unpredictable_specs_are_refused_before_measuring(capsys, spec, fragment):
+    assert main(["advise", "--model", "mlp", *TINY, "--predict", spec]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0], err

@@ -237,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="ssProp: largest mean fraction of output-channel gradients dropped (default: 0.4, the paper's "
         "headline)",
     )
+    advise.add_argument(
+        "--predict",
+        nargs="+",
+        metavar="SPEC",
+        help="also predict these method specs (gradsamp, ssprop, vcas, gradsamp;ssprop|vcas)",
+    )
     advise.add_argument("--json", type=Path, help="also write the measurements and advice here")
 
     sub.add_parser("methods", help="list the methods and their options")
@@ -399,6 +405,7 @@ def _cmd_advise(args: argparse.Namespace, argv: Sequence[str]) -> None:
     from dataclasses import fields as dataclass_fields
 
     from greenprop.advise import AdviseOptions, format_advice, run_advise, to_json
+    from greenprop.advise.recommend import check_predictable, predict_spec
     from greenprop.advise.run import DEFAULT_KEEPS, environment_line, stderr_progress
 
     if "method" in vars(args):
@@ -406,15 +413,26 @@ def _cmd_advise(args: argparse.Namespace, argv: Sequence[str]) -> None:
     config = TrainConfig(**_config_overrides(args))
     chosen = {f.name: getattr(args, f.name) for f in dataclass_fields(AdviseOptions) if f.name != "keeps"}
     options = AdviseOptions(keeps=tuple(args.keeps or DEFAULT_KEEPS), **chosen)
+    for spec in args.predict or ():  # bad specs fail before the minutes of measuring
+        check_predictable(spec, options.keeps)
     measurements, advice = run_advise(config, options, progress=stderr_progress if config.progress else None)
+    predictions = [predict_spec(measurements, spec) for spec in args.predict or ()]
     width = f" (width {config.width})" if config.width is not None else ""
     title = f"greenprop advise: {config.model}{width} on {config.dataset}, batch {config.batch_size}"
     environment = environment_line(config)
-    print(format_advice(measurements, advice, title=title, environment=environment, keeps=options.keeps))
+    text = format_advice(
+        measurements,
+        advice,
+        title=title,
+        environment=environment,
+        keeps=options.keeps,
+        predictions=predictions,
+    )
+    print(text)
     print(f"\ncommand: greenprop {shlex.join(argv)}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(to_json(measurements, advice), indent=2) + "\n")
+        args.json.write_text(json.dumps(to_json(measurements, advice, predictions), indent=2) + "\n")
 
 
 def _cmd_methods() -> None:

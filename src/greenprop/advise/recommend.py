@@ -29,14 +29,21 @@ from dataclasses import dataclass, field
 
 from greenprop.advise.measure import LayerTiming, StepTiming, VCASTiming
 from greenprop.advise.probe import ProbeResult
+from greenprop.errors import GreenpropError
+from greenprop.gradsamp.config import GradSampConfig
 from greenprop.gradsamp.schedule import parse_strategy
+from greenprop.methods import MethodSpec, parse_method
+from greenprop.ssprop.config import SSPropConfig
+from greenprop.vcas.config import VCASConfig
 
 __all__ = [
     "Advice",
     "Measurements",
     "MethodAdvice",
     "SSPropChoice",
+    "check_predictable",
     "choose_ssprop",
+    "predict_spec",
     "recommend",
     "vcas_update_every",
 ]
@@ -135,6 +142,26 @@ def _layer_sets(layers: Sequence[LayerTiming]) -> list[tuple[tuple[str, ...], in
     return out
 
 
+def ssprop_setting(
+    layers: Sequence[LayerTiming], keep: float, interleave: bool, types: tuple[str, ...], min_channels: int
+) -> SSPropChoice:
+    """What one ssProp setting saves per sparse step, from the layers' measured backward."""
+    chosen = [t for t in layers if t.kind in types and t.channels >= min_channels]
+    missing = [t.name for t in chosen if keep not in t.sparse_s]
+    if missing:
+        raise GreenpropError(f"keep {keep:g} was not timed (layer {missing[0]}); add it to --keeps")
+    return SSPropChoice(
+        keep=keep,
+        interleave=interleave,
+        layer_types=types,
+        min_channels=min_channels,
+        layers=[t.name for t in chosen],
+        saved_s=sum(t.dense_s - t.sparse_s[keep] for t in chosen),
+        saved_flops=sum(t.dense_flops - t.sparse_flops[keep] for t in chosen),
+        dense_layer_s=sum(t.dense_s for t in chosen),
+    )
+
+
 def choose_ssprop(
     layers: Sequence[LayerTiming], keeps: Sequence[float], *, max_drop: float = 0.4
 ) -> SSPropChoice | None:
@@ -149,18 +176,7 @@ def choose_ssprop(
             if mean_keep < 1.0 - max_drop - 1e-9:
                 continue
             for types, min_channels in _layer_sets(layers):
-                chosen = [t for t in layers if t.kind in types and t.channels >= min_channels]
-                saved = sum(t.dense_s - t.sparse_s[keep] for t in chosen)
-                candidate = SSPropChoice(
-                    keep=keep,
-                    interleave=interleave,
-                    layer_types=types,
-                    min_channels=min_channels,
-                    layers=[t.name for t in chosen],
-                    saved_s=saved,
-                    saved_flops=sum(t.dense_flops - t.sparse_flops[keep] for t in chosen),
-                    dense_layer_s=sum(t.dense_s for t in chosen),
-                )
+                candidate = ssprop_setting(layers, keep, interleave, types, min_channels)
                 if best is None or _better(candidate, best):
                     best = candidate
     return best if best is not None and best.saved_s > 0 else None
@@ -203,6 +219,14 @@ def _ssprop_advice(
                 "on this machine"
             ],
         )
+    return _ssprop_row(m, choice, min_saving)
+
+
+def _ssprop_row(m: Measurements, choice: SSPropChoice, min_saving: float) -> MethodAdvice:
+    if not choice.layers:
+        return MethodAdvice(
+            "ssprop", None, None, None, False, ["this setting converts no layer of the model"]
+        )
     time_saving = choice.saved_s * choice.sparse_share / m.step.step_s
     flops_saving = choice.saved_flops * choice.sparse_share / m.step.step_flops
     schedule = "interleaved (every other epoch dense)" if choice.interleave else "constant"
@@ -222,14 +246,14 @@ def _ssprop_advice(
     )
 
 
-def _vcas_advice(m: Measurements, min_saving: float) -> MethodAdvice:
+def _vcas_advice(m: Measurements, min_saving: float, every: int | None = None) -> MethodAdvice:
     timing = m.vcas
     if timing is None or timing.refused:
         why = timing.refused if timing is not None and timing.refused else "not measured"
         return MethodAdvice("vcas", None, None, None, False, [f"does not apply: {why}"])
     assert timing.backward_s is not None and timing.dense_backward_s is not None
     assert timing.backward_flops is not None
-    every = vcas_update_every(m.total_steps)
+    every = vcas_update_every(m.total_steps) if every is None else every
     spec = f"vcas:update_every={every},{VCAS_FAST}"
     step = m.step
     # Estimation per update: M forwards and 3M backwards, charged at dense cost.
@@ -254,8 +278,8 @@ def _vcas_advice(m: Measurements, min_saving: float) -> MethodAdvice:
     return MethodAdvice("vcas", spec, flops_saving, time_saving, time_saving >= min_saving, reasons)
 
 
-def _gradsamp_advice(m: Measurements, min_saving: float) -> MethodAdvice:
-    strategy = parse_strategy(GRADSAMP_STRATEGY, epochs=m.epochs)
+def _gradsamp_advice(m: Measurements, min_saving: float, chosen: str = GRADSAMP_STRATEGY) -> MethodAdvice:
+    strategy = parse_strategy(chosen, epochs=m.epochs)
     skipped = strategy.skipped_epochs(m.epochs)
     saving = len(skipped) / m.epochs
     if not skipped:
@@ -268,13 +292,14 @@ def _gradsamp_advice(m: Measurements, min_saving: float) -> MethodAdvice:
             [f"{m.epochs} epoch(s): the first and last always train, so no epoch can be replaced"],
         )
     reasons = [
-        f"Pe=2 replaces epoch(s) {', '.join(str(e) for e in skipped)} of {m.epochs} by a sampled update: "
+        f"{strategy.label} replaces epoch(s) {', '.join(str(e) for e in skipped)} of {m.epochs} by a "
+        "sampled update: "
         f"their FLOPs and training time saved ({_pct(saving)}); its accuracy cost is not probed here"
     ]
     note = _probe_note(m.probes, "gradsamp")
     if note:
         reasons.append(note)
-    spec = f"gradsamp:strategy={GRADSAMP_STRATEGY}"
+    spec = f"gradsamp:strategy={chosen}"
     return MethodAdvice("gradsamp", spec, saving, saving, saving >= min_saving, reasons)
 
 
@@ -284,7 +309,11 @@ def _combination(rows: Sequence[MethodAdvice]) -> MethodAdvice | None:
     partners = [r for r in (by_name["ssprop"], by_name["vcas"]) if r.recommended]
     if not gradsamp.recommended or not partners:
         return None
-    partner = max(partners, key=lambda r: r.time_saving or 0.0)
+    return _combine(gradsamp, max(partners, key=lambda r: r.time_saving or 0.0))
+
+
+def _combine(gradsamp: MethodAdvice, partner: MethodAdvice) -> MethodAdvice:
+    """GradSamp with a per-step method: its replaced epochs run no step, so the savings multiply."""
     assert gradsamp.flops_saving is not None and partner.flops_saving is not None
     assert gradsamp.time_saving is not None and partner.time_saving is not None
     flops = 1 - (1 - gradsamp.flops_saving) * (1 - partner.flops_saving)
@@ -294,9 +323,67 @@ def _combination(rows: Sequence[MethodAdvice]) -> MethodAdvice | None:
         f"{gradsamp.spec};{partner.spec}",
         flops,
         time,
-        True,
+        gradsamp.recommended and partner.recommended,
         [f"GradSamp's replaced epochs run no step, so the savings multiply: time {_pct(time)}"],
     )
+
+
+def check_predictable(spec: str, keeps: Sequence[float] | None = None) -> MethodSpec:
+    """``spec`` parsed, if :func:`predict_spec` can predict it; else GreenpropError saying why."""
+    parsed = parse_method(spec)
+    if parsed.parts:
+        names = [p.name for p in parsed.parts]
+        if len(parsed.parts) != 2 or names[0] != "gradsamp" or names[1] not in ("ssprop", "vcas"):
+            raise GreenpropError(
+                f"cannot predict {spec!r}: only gradsamp;ssprop and gradsamp;vcas combine here"
+            )
+        for part in parsed.parts:
+            check_predictable(part.label, keeps)
+        return parsed
+    if parsed.name == "gradsamp":
+        GradSampConfig.from_dict(parsed.options)
+    elif parsed.name == "vcas":
+        VCASConfig.from_dict(parsed.options)
+    elif parsed.name == "ssprop":
+        config = SSPropConfig.from_dict(parsed.options)
+        if config.schedule != "constant" or config.warmup or config.include_output:
+            raise GreenpropError(f"cannot predict {spec!r}: only a constant or interleaved keep, no warmup")
+        if keeps is not None and config.keep < 1.0 and config.keep not in keeps:
+            raise GreenpropError(f"cannot predict {spec!r}: keep {config.keep:g} is not in --keeps")
+    elif parsed.name != "baseline":
+        raise GreenpropError(f"cannot predict {spec!r}: advise models gradsamp, ssprop and vcas")
+    return parsed
+
+
+def predict_spec(m: Measurements, spec: str, *, min_saving: float = 0.01) -> MethodAdvice:
+    """The prediction for one given method spec (``--predict``), by the same rules as the advice.
+
+    Covers baseline, ``gradsamp`` (any strategy), ``ssprop`` (constant or interleaved keep
+    among the timed ones, ``layers``, ``min_channels``), ``vcas`` (its ``update_every``) and
+    GradSamp combined with one of the other two. Anything else raises GreenpropError.
+    """
+    parsed = check_predictable(spec)
+    if parsed.parts:
+        rows = [predict_spec(m, p.label, min_saving=min_saving) for p in parsed.parts]
+        if rows[0].spec is None or rows[1].spec is None:
+            return MethodAdvice(spec, None, None, None, False, [r for row in rows for r in row.reasons])
+        combined = _combine(rows[0], rows[1])
+        combined.method, combined.spec = spec, spec
+        return combined
+    if parsed.name == "baseline":
+        return MethodAdvice(spec, spec, 0.0, 0.0, False, ["dense training"])
+    if parsed.name == "gradsamp":
+        row = _gradsamp_advice(m, min_saving, GradSampConfig.from_dict(parsed.options).strategy)
+    elif parsed.name == "vcas":
+        row = _vcas_advice(m, min_saving, VCASConfig.from_dict(parsed.options).update_every)
+    else:
+        config = SSPropConfig.from_dict(parsed.options)
+        choice = ssprop_setting(m.layers, config.keep, config.interleave, config.layers, config.min_channels)
+        row = _ssprop_row(m, choice, min_saving)
+    row.method = spec
+    if row.spec is not None:
+        row.spec = spec
+    return row
 
 
 def recommend(

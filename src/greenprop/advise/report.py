@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from greenprop.advise.recommend import Advice, Measurements
+from greenprop.advise.recommend import Advice, Measurements, MethodAdvice
 
 __all__ = ["format_advice", "to_json"]
 
@@ -25,7 +25,13 @@ def _ms(seconds: float) -> str:
 
 
 def format_advice(
-    m: Measurements, advice: Advice, *, title: str, environment: str, keeps: Sequence[float]
+    m: Measurements,
+    advice: Advice,
+    *,
+    title: str,
+    environment: str,
+    keeps: Sequence[float],
+    predictions: Sequence[MethodAdvice] = (),
 ) -> str:
     """Markdown: the dense step, the per-layer timings, the probes, the advice and the reasons."""
     step = m.step
@@ -79,6 +85,10 @@ def format_advice(
     ]
     lines += [*_table(["method", "setting", "FLOPs", "time", "recommended"], rows), ""]
     lines += [f"- {r.method}: {reason}" for r in advice.rows for reason in r.reasons]
+    if predictions:
+        lines += ["", "Predicted for the settings asked for (--predict), by the same rules:", ""]
+        rows = [[f"`{r.method}`", _saving(r.flops_saving), _saving(r.time_saving)] for r in predictions]
+        lines += _table(["setting", "FLOPs", "time"], rows)
     best = advice.best
     lines += [
         "",
@@ -87,10 +97,11 @@ def format_advice(
     return "\n".join(lines)
 
 
-def to_json(m: Measurements, advice: Advice) -> dict[str, Any]:
-    """Measurements and advice as plain data (``--json``)."""
+def to_json(m: Measurements, advice: Advice, predictions: Sequence[MethodAdvice] = ()) -> dict[str, Any]:
+    """Measurements, advice and predictions as plain data (``--json``)."""
     return {
         "measurements": asdict(m),
         "advice": [asdict(r) for r in advice.rows],
+        "predictions": [asdict(r) for r in predictions],
         "best": advice.best.spec if advice.best else None,
     }
