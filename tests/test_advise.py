@@ -178,7 +178,7 @@ TINY = [
     "--warmup",
     "0",
 ]
-TINY += ["--probe-subset", "32", "--probe-epochs", "3", "--no-progress"]
+TINY += ["--probe-subset", "32", "--probe-epochs", "3", "--keeps", "0.2", "--no-progress"]
 
 
 def test_cli_end_to_end_on_a_tiny_vit(tmp_path, capsys):
