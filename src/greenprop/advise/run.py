@@ -19,6 +19,7 @@ from greenprop.advise.recommend import (
     Measurements,
     choose_ssprop,
     recommend,
+    vcas_update_every,
 )
 from greenprop.errors import GreenpropError
 from greenprop.models import task_of
@@ -132,8 +133,9 @@ def _probes(
     choice = choose_ssprop(m.layers, options.keeps, max_drop=options.max_drop)
     if choice is not None:
         methods["ssprop"] = choice.spec()
-    if vcas_applies:  # update 4 times within the probe, to see where the ratios go
-        methods["vcas"] = f"vcas:update_every={max(1, probe_steps // 4)},{VCAS_FAST}"
+    if vcas_applies:  # as many controller updates as the real run would make (at most one a step)
+        updates = max(1, m.total_steps // vcas_update_every(m.total_steps))
+        methods["vcas"] = f"vcas:update_every={max(1, probe_steps // updates)},{VCAS_FAST}"
     results = {}
     for index, (key, method) in enumerate(methods.items()):
         say(
