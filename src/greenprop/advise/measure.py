@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import statistics
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from greenprop.errors import GreenpropError
+from greenprop.metering.flops import count_flops
 from greenprop.metering.interleave import interleaved_times
 from greenprop.ssprop import SSPropConfig, apply_ssprop
 from greenprop.ssprop.surgery import sparse_layers
@@ -99,8 +101,6 @@ def _split_step(
     model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn, out: dict[str, list[float]]
 ) -> None:
     """One forward and backward, their seconds appended to ``out``; grads reset untimed."""
-    import time
-
     start = time.perf_counter()
     loss = loss_fn(call_model(model, inputs), targets)
     mid = time.perf_counter()
@@ -123,16 +123,6 @@ def time_steps(
     return {n: (_median(p["forward"][warmup:]), _median(p["backward"][warmup:])) for n, p in parts.items()}
 
 
-def count_pass_flops(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn) -> tuple[float, float]:
-    """Counted (forward, backward) FLOPs of one step; grads reset afterwards."""
-    with FlopCounterMode(display=False) as forward:
-        loss = loss_fn(call_model(model, inputs), targets)
-    with FlopCounterMode(display=False) as backward:
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    return float(forward.get_total_flops()), float(backward.get_total_flops())
-
-
 def dense_step(
     model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn, *, repeats: int, warmup: int
 ) -> StepTiming:
@@ -140,8 +130,8 @@ def dense_step(
     forward_s, backward_s = time_steps(
         {"dense": model}, inputs, targets, loss_fn, repeats=repeats, warmup=warmup
     )["dense"]
-    forward_flops, backward_flops = count_pass_flops(model, inputs, targets, loss_fn)
-    return StepTiming(forward_s, backward_s, forward_flops, backward_flops)
+    flops = count_flops(model, inputs, targets, loss_fn)
+    return StepTiming(forward_s, backward_s, float(flops.forward), float(flops.backward))
 
 
 def _captured_inputs(model: nn.Module, layers: dict[str, nn.Module], inputs: Any) -> dict[str, Tensor]:
@@ -305,7 +295,7 @@ def time_vcas(
     medians = time_steps(
         {"dense": model, "vcas": sampled}, inputs, targets, loss_fn, repeats=repeats, warmup=warmup
     )
-    _, backward_flops = count_pass_flops(sampled, inputs, targets, loss_fn)
+    backward_flops = float(count_flops(sampled, inputs, targets, loss_fn).backward)  # one random draw
     return VCASTiming(
         ratios={"blocks": [float(r) for r in block_ratios], "weights": dict(weight_ratios)},
         dense_backward_s=medians["dense"][1],
