@@ -248,3 +248,13 @@ def test_unpredictable_specs_are_refused_before_measuring(capsys, spec, fragment
     assert main(["advise", "--model", "mlp", *TINY, "--predict", spec]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and fragment in err[0], err
+
+
+def test_progress_goes_to_stderr(capsys):
+    args = ["advise", "--model", "mlp", "--width", "8", *[a for a in TINY if a != "--no-progress"]]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    progress = captured.err.strip().splitlines()
+    assert progress and all(line.startswith("advise: ") for line in progress)
+    assert any("probe 1/" in line for line in progress)
+    assert "\nadvise: " not in captured.out and "recommended:" in captured.out
