@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from greenprop.advise.measure import LayerTiming, StepTiming, VCASTiming
 from greenprop.advise.probe import ProbeResult
@@ -69,6 +70,21 @@ class Measurements:
     @property
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Measurements:
+        """The inverse of ``dataclasses.asdict`` (what ``--json`` writes under "measurements")."""
+
+        def keeps(values: dict[Any, float]) -> dict[float, float]:  # JSON made the keeps strings
+            return {float(k): v for k, v in values.items()}
+
+        layers = [
+            LayerTiming(**{**t, "sparse_s": keeps(t["sparse_s"]), "sparse_flops": keeps(t["sparse_flops"])})
+            for t in data["layers"]
+        ]
+        vcas = VCASTiming(**data["vcas"]) if data.get("vcas") else None
+        probes = {k: ProbeResult(**v) for k, v in data.get("probes", {}).items()}
+        return cls(data["epochs"], data["steps_per_epoch"], StepTiming(**data["step"]), layers, vcas, probes)
 
 
 @dataclass
@@ -114,6 +130,15 @@ class MethodAdvice:
     time_saving: float | None
     recommended: bool
     reasons: list[str]
+    #: (FLOPs, time) saving of each epoch of the run; the savings above are their means.
+    per_epoch: list[tuple[float, float]] = field(default_factory=list)
+
+
+def _mean_savings(per_epoch: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    return (
+        sum(f for f, _ in per_epoch) / len(per_epoch),
+        sum(t for _, t in per_epoch) / len(per_epoch),
+    )
 
 
 @dataclass
@@ -227,8 +252,10 @@ def _ssprop_row(m: Measurements, choice: SSPropChoice, min_saving: float) -> Met
         return MethodAdvice(
             "ssprop", None, None, None, False, ["this setting converts no layer of the model"]
         )
-    time_saving = choice.saved_s * choice.sparse_share / m.step.step_s
-    flops_saving = choice.saved_flops * choice.sparse_share / m.step.step_flops
+    sparse = (choice.saved_flops / m.step.step_flops, choice.saved_s / m.step.step_s)
+    # Interleaving runs the odd epochs sparse (ssProp's schedule), the even ones dense.
+    per_epoch = [sparse if not choice.interleave or e % 2 else (0.0, 0.0) for e in range(m.epochs)]
+    flops_saving, time_saving = _mean_savings(per_epoch)
     schedule = "interleaved (every other epoch dense)" if choice.interleave else "constant"
     where = "+".join(choice.layer_types) + (
         f" >= {choice.min_channels} channels" if choice.min_channels > 1 else ""
@@ -236,14 +263,13 @@ def _ssprop_row(m: Measurements, choice: SSPropChoice, min_saving: float) -> Met
     reasons = [
         f"keep {choice.keep:g} {schedule} on {len(choice.layers)} {where} layer(s): those layers' backward "
         f"{_pct(choice.saved_s / choice.dense_layer_s)}, whole backward "
-        f"{_pct(choice.saved_s * choice.sparse_share / m.step.backward_s)}, whole step {_pct(time_saving)}"
+        f"{_pct(time_saving * m.step.step_s / m.step.backward_s)}, whole step {_pct(time_saving)}"
     ]
     note = _probe_note(m.probes, "ssprop")
     if note:
         reasons.append(note)
-    return MethodAdvice(
-        "ssprop", choice.spec(), flops_saving, time_saving, time_saving >= min_saving, reasons
-    )
+    recommended = time_saving >= min_saving
+    return MethodAdvice("ssprop", choice.spec(), flops_saving, time_saving, recommended, reasons, per_epoch)
 
 
 def _vcas_advice(m: Measurements, min_saving: float, every: int | None = None) -> MethodAdvice:
@@ -275,7 +301,10 @@ def _vcas_advice(m: Measurements, min_saving: float, every: int | None = None) -
     note = _probe_note(m.probes, "vcas")
     if note:
         reasons.append(note)
-    return MethodAdvice("vcas", spec, flops_saving, time_saving, time_saving >= min_saving, reasons)
+    per_epoch = [(flops_saving, time_saving)] * m.epochs
+    return MethodAdvice(
+        "vcas", spec, flops_saving, time_saving, time_saving >= min_saving, reasons, per_epoch
+    )
 
 
 def _gradsamp_advice(m: Measurements, min_saving: float, chosen: str = GRADSAMP_STRATEGY) -> MethodAdvice:
@@ -300,7 +329,8 @@ def _gradsamp_advice(m: Measurements, min_saving: float, chosen: str = GRADSAMP_
     if note:
         reasons.append(note)
     spec = f"gradsamp:strategy={chosen}"
-    return MethodAdvice("gradsamp", spec, saving, saving, saving >= min_saving, reasons)
+    per_epoch = [(1.0, 1.0) if e in skipped else (0.0, 0.0) for e in range(m.epochs)]
+    return MethodAdvice("gradsamp", spec, saving, saving, saving >= min_saving, reasons, per_epoch)
 
 
 def _combination(rows: Sequence[MethodAdvice]) -> MethodAdvice | None:
@@ -313,18 +343,27 @@ def _combination(rows: Sequence[MethodAdvice]) -> MethodAdvice | None:
 
 
 def _combine(gradsamp: MethodAdvice, partner: MethodAdvice) -> MethodAdvice:
-    """GradSamp with a per-step method: its replaced epochs run no step, so the savings multiply."""
-    assert gradsamp.flops_saving is not None and partner.flops_saving is not None
-    assert gradsamp.time_saving is not None and partner.time_saving is not None
-    flops = 1 - (1 - gradsamp.flops_saving) * (1 - partner.flops_saving)
-    time = 1 - (1 - gradsamp.time_saving) * (1 - partner.time_saving)
+    """GradSamp with a per-step method, epoch by epoch: a replaced epoch runs no step at all.
+
+    So the savings multiply within each epoch; over the run they need not (GradSamp Pe=2
+    may replace exactly the epochs an interleaved ssProp runs dense).
+    """
+    per_epoch = [
+        (1 - (1 - gf) * (1 - pf), 1 - (1 - gt) * (1 - pt))
+        for (gf, gt), (pf, pt) in zip(gradsamp.per_epoch, partner.per_epoch, strict=True)
+    ]
+    flops, time = _mean_savings(per_epoch)
     return MethodAdvice(
         f"gradsamp+{partner.method}",
         f"{gradsamp.spec};{partner.spec}",
         flops,
         time,
         gradsamp.recommended and partner.recommended,
-        [f"GradSamp's replaced epochs run no step, so the savings multiply: time {_pct(time)}"],
+        [
+            f"GradSamp's replaced epochs run no step; the others save as {partner.method} alone: "
+            f"time {_pct(time)}"
+        ],
+        per_epoch,
     )
 
 
