@@ -214,6 +214,7 @@ def test_cli_end_to_end_on_a_tiny_vit(tmp_path, capsys):
         (["--subset", "8"], "batch-size 16 is larger than the 8 training examples"),
         (["--repeats", "0"], "repeats must be a positive integer"),
         (["--max-drop", "1"], "max-drop must be in [0, 1)"),
+        (["--device", "cuda"], "advise times and probes on the CPU"),
     ],
 )
 def test_bad_input_is_one_error_line(capsys, extra, fragment):

@@ -65,6 +65,9 @@ def measure_and_probe(
 ) -> Measurements:
     """Time the dense step and each ssProp layer, probe each method, time VCAS at the probe's ratios."""
     say = progress or (lambda _message: None)
+    if config.device not in ("auto", "cpu"):
+        raise GreenpropError(f"advise times and probes on the CPU; --device {config.device} is not supported")
+    config = config.replace(device="cpu")  # the timings are the CPU's, so the probes run there too
     if task_of(config.model) != "classification":
         raise GreenpropError(f"advise supports classification models; {config.model!r} is not one")
     pair = gp_data.load(config.dataset, data_dir=config.data_dir, subset=config.subset, test_subset=1)
