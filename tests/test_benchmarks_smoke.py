@@ -219,7 +219,8 @@ def test_vcas_step_benchmark_times_the_token_policy_too(capsys):
 
 def test_vcas_linear_benchmark_shows_the_ratio_under_the_token_policy():
     argv = ["--shapes", "minilm", "--seq-len", "4", "--rs", "1", "--nus", "1", "0.5", "--policy"]
-    rows = _import("vcas_linear").main([*argv, "--repeats", "1", "--warmup", "0", "--threads", "1"])["results"]
+    result = _import("vcas_linear").main([*argv, "--repeats", "1", "--warmup", "0", "--threads", "1"])
+    rows = result["results"]
     for row in rows:
         one = next(r for r in rows if r["layers"] == row["layers"] and r["nu"] == 1)
         # Below the break-even the layer samples (its own time), else it runs exact tokens.
