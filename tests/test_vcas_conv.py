@@ -56,7 +56,7 @@ def test_ratio_one_equals_dense_autograd(kind: str) -> None:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     reference = _twin(model)
-    handle = vcas_handle(apply_vcas(model, VCASConfig(seed=3)))
+    handle = vcas_handle(apply_vcas(model, VCASConfig(seed=3, compact_max_ratio=1.0)))
     assert handle.convs and all(s.ratio == 1.0 for s in handle.samplers)
     if kind == "convnet":
         conv1 = handle.convs["0.conv1"]
@@ -66,6 +66,7 @@ def test_ratio_one_equals_dense_autograd(kind: str) -> None:
             (2, 2),
             True,
         )
+    model(x)  # the compacted blocks' first forward checks them; the next runs compacted
     inputs = []
     for net in (model, reference):
         xi = x.clone().requires_grad_(True)
@@ -82,12 +83,13 @@ def test_ratio_one_equals_dense_autograd(kind: str) -> None:
 def test_unconvertible_convs_stay_plain_and_exact() -> None:
     model = convnet(extra=True)
     reference = _twin(model)
-    handle = vcas_handle(apply_vcas(model, VCASConfig(seed=1)))
+    handle = vcas_handle(apply_vcas(model, VCASConfig(seed=1, compact_max_ratio=1.0)))
     same, reflect = model[1].extra
     assert type(same) is nn.Conv2d and type(reflect) is nn.Conv2d
     assert not hasattr(same, "vcas_runtime") and not hasattr(reflect, "vcas_runtime")
     assert sorted(handle.convs) == sorted(f"{b}.{c}" for b in "01" for c in ("conv1", "conv2", "shortcut"))
     x = skewed((6, 4, 9, 11), seed=3)
+    model(x)  # the compacted blocks' first forward checks them
     for net in (model, reference):
         net(x).square().sum().backward()
     _assert_same_grads(model, reference)
@@ -114,7 +116,10 @@ def _setup_unbiasedness() -> tuple[nn.Module, Tensor, list[Tensor], Tensor]:
     for sampler in handle.samplers:
         sampler.ratio = 0.5
     x, target = skewed((8, 4, 7, 7), seed=4), skewed((8, 6, 4, 4), seed=5)
-    loss = (model(x).tanh() * target).sum()
+    model(x)  # the compacted blocks' first forward checks them: the draws below run compacted
+    out = model(x)
+    assert type(out.grad_fn).__name__ == "_CompactedBlockBackward"
+    loss = (out.tanh() * target).sum()
     exact = grads((reference(x).tanh() * target).sum(), list(reference.parameters()))
     return model, loss, list(model.parameters()), exact
 

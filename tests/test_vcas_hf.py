@@ -82,3 +82,29 @@ def test_sampled_step_keeps_fewer_rows_and_the_controller_adapts(minilm, batch):
     kept, seen = tally.rows[0]
     assert kept < seen == len(batch[1])
     assert all(torch.isfinite(p.grad).all() for p in minilm.parameters() if p.grad is not None)
+
+
+def test_compacted_layers_with_dropout_and_padding_masks(batch):
+    """Encoder dropout 0.1 on: exact at ratio 1 (the re-run replays the masks), and a sampled
+    backward whose re-runs on the kept samples reproduce the forward (the masks sliced)."""
+    torch.manual_seed(0)
+    model = models.create("minilm", num_classes=2)  # the checkpoint's dropout 0.1
+    reference = copy.deepcopy(model)
+    config = VCASConfig(check_rows=True, compact_max_ratio=1.0)  # compacted at ratio 1 too
+    handle = vcas_handle(apply_vcas(model, config, block_types=(BertLayer,)))
+    assert len(handle.compacted) == 6
+    assert bool((batch[0][:, 1] == 0).any())  # some padding: the attention mask matters
+    for seed in (0, 1):  # the first forward checks the blocks, the second runs compacted only
+        torch.manual_seed(seed)
+        got = _grads(model, batch)
+        torch.manual_seed(seed)
+        want = _grads(reference, batch)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+    assert all(block.forward.draws_random for block in handle.compacted)
+    for sampler in handle.samplers:
+        sampler.ratio = 0.5
+    got = _grads(model, batch)  # check_rows: every re-run is compared with the forward's rows
+    assert all(torch.isfinite(g).all() for g in got)
+    kept, seen = handle.runtime.take_tally().rows[0]
+    assert kept < seen

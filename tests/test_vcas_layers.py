@@ -61,12 +61,12 @@ class TupleNet(nn.Module):
         return x.tanh().sum() + total
 
 
-def _pair(**kwargs) -> tuple[nn.Sequential, nn.Sequential]:
+def _pair(compact: bool = True, **kwargs) -> tuple[nn.Sequential, nn.Sequential]:
     """A VCAS model and a plain copy with the same weights (loaded through state_dict)."""
     model = stack(**kwargs)
     reference = stack(**{**kwargs, "seed": 99})
     reference.load_state_dict(model.state_dict())
-    apply_vcas(model, VCASConfig(seed=3))
+    apply_vcas(model, VCASConfig(seed=3, compact=compact, compact_max_ratio=1.0))
     return model, reference
 
 
@@ -77,8 +77,9 @@ def _pair(**kwargs) -> tuple[nn.Sequential, nn.Sequential]:
 @pytest.mark.parametrize("dims", [2, 3])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("input_grad", [True, False])
-def test_ratio_one_equals_dense_autograd(dims: int, bias: bool, input_grad: bool) -> None:
-    model, reference = _pair(depth=3, bias=bias)
+@pytest.mark.parametrize("compact", [True, False])
+def test_ratio_one_equals_dense_autograd(dims: int, bias: bool, input_grad: bool, compact: bool) -> None:
+    model, reference = _pair(compact, depth=3, bias=bias)
     handle = vcas_handle(model)
     assert handle.runtime.mode is Mode.FULL
     assert all(s.ratio == 1.0 for s in handle.samplers)
@@ -86,6 +87,7 @@ def test_ratio_one_equals_dense_autograd(dims: int, bias: bool, input_grad: bool
     shape = (7, 6) if dims == 2 else (7, 4, 6)
     x = skewed(shape, seed=1)
     target = skewed(shape, seed=2)
+    model(x)  # a compacted block's first forward checks it (uncompacted); the next one is compacted
     inputs = []
     for net in (model, reference):
         xi = x.clone().requires_grad_(input_grad)
@@ -109,9 +111,11 @@ def test_ratio_one_vit_equals_dense_autograd_on_digits(digits) -> None:
     model = tiny_vit().double()
     reference = tiny_vit(seed=5).double()
     reference.load_state_dict(model.state_dict())
-    handle = vcas_handle(apply_vcas(model))
+    handle = vcas_handle(apply_vcas(model, VCASConfig(compact_max_ratio=1.0)))
     assert [s.name for s in handle.samplers] == ["blocks.0", "blocks.1"]
     x, y = digits.train[:24]
+    model(x.double())  # the compacted blocks' first forward checks them
+    assert "_CompactedBlockBackward" in _graph_nodes(model(x.double()))
     for net in (model, reference):
         F.cross_entropy(net(x.double()), y).backward()
     got, expected = grad_dict(model), grad_dict(reference)
@@ -125,10 +129,14 @@ def test_ratio_one_vit_equals_dense_autograd_on_digits(digits) -> None:
 
 
 def _setup_unbiasedness(
-    activation: tuple[float, float], weight: dict[str, float]
+    activation: tuple[float, float], weight: dict[str, float], compact: bool = True
 ) -> tuple[nn.Module, Tensor, list[Tensor], Tensor]:
-    """A 2-block float64 model with the given ratios, ONE fixed forward graph and the exact gradient."""
-    model, reference = _pair(depth=2, dim=6, hidden=8)
+    """A 2-block float64 model with the given ratios, ONE fixed forward graph and the exact gradient.
+
+    A forward before that one lets compacted blocks check themselves (their first forward
+    runs the uncompacted path), so the draws go through the compacted backward.
+    """
+    model, reference = _pair(compact, depth=2, dim=6, hidden=8)
     handle = vcas_handle(model)
     for sampler, ratio in zip(handle.samplers, activation, strict=True):
         sampler.ratio = ratio
@@ -136,6 +144,7 @@ def _setup_unbiasedness(
         handle.linears[name].vcas_weight_ratio = ratio
     x, target = skewed((10, 3, 6), seed=4), skewed((10, 3, 6), seed=5)
     params = list(model.parameters())
+    model(x)
     loss = (model(x).tanh() * target).sum()
     exact = grads((reference(x).tanh() * target).sum(), list(reference.parameters()))
     return model, loss, params, exact
@@ -152,9 +161,11 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_sampled_gradients_are_unbiased(case: str) -> None:
+@pytest.mark.parametrize("compact", [True, False])
+def test_sampled_gradients_are_unbiased(case: str, compact: bool) -> None:
     activation, weight = CASES[case]
-    model, loss, params, exact = _setup_unbiasedness(activation, weight)
+    model, loss, params, exact = _setup_unbiasedness(activation, weight, compact)
+    assert ("_CompactedBlockBackward" in _graph_nodes(loss)) is compact
     runtime = vcas_handle(model).runtime
     runtime.take_tally()
     draws = draw(loss, params, DRAWS)
@@ -262,8 +273,9 @@ def test_a_backward_that_drops_every_sample_costs_nothing(layers: str) -> None:
     else:
         model, x = convnet(), skewed((4, 4, 9, 11), seed=1)
         handle = vcas_handle(apply_vcas(model))
-    handle.samplers[1].ratio = 0.05  # expected 0.2 of 4 samples kept
     x.requires_grad_(True)
+    model(x).sum().backward()  # a compacted block learns its dense cost per sample from a backward that runs
+    handle.samplers[1].ratio = 0.05  # expected 0.2 of 4 samples kept
     for _ in range(50):
         model.zero_grad(set_to_none=True)
         x.grad = None
@@ -357,8 +369,9 @@ def _graph_nodes(t: Tensor) -> set[str]:
     return names
 
 
-def test_eval_and_no_grad_forwards_are_plain() -> None:
-    model, reference = _pair(depth=2)
+@pytest.mark.parametrize("compact", [True, False])
+def test_eval_and_no_grad_forwards_are_plain(compact: bool) -> None:
+    model, reference = _pair(compact, depth=2)
     handle = vcas_handle(model)
     for s in handle.samplers:
         s.ratio = 0.2
@@ -366,12 +379,15 @@ def test_eval_and_no_grad_forwards_are_plain() -> None:
         layer.vcas_weight_ratio = 0.2
     x = skewed((9, 3, 6), seed=10)
     train_nodes = _graph_nodes(model(x))
-    assert {"_SampleGradientBackward", "_VCASLinearFunctionBackward"} <= train_nodes
+    if compact:  # the layers' Functions live in the graph of the backward's re-run
+        assert "_CompactedBlockBackward" in train_nodes and "_VCASLinearFunctionBackward" not in train_nodes
+    else:
+        assert {"_SampleGradientBackward", "_VCASLinearFunctionBackward"} <= train_nodes
 
     model.eval()
     reference.eval()
     out = model(x)
-    assert not any("VCAS" in n or "SampleGradient" in n for n in _graph_nodes(out))
+    assert not any(word in n for n in _graph_nodes(out) for word in ("VCAS", "SampleGradient", "Compacted"))
     assert torch.equal(out, reference(x))
     out.sum().backward()
     reference(x).sum().backward()

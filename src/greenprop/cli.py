@@ -209,6 +209,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--overwrite", action="store_true", help="replace results already in --out")
 
+    score = sub.add_parser(
+        "score-diffusion",
+        help="score saved ddpm-unet runs: FD (greenprop CNN features) and sample grids",
+        description="Sample the kept models of finished diffusion runs (the last epoch from "
+        "checkpoint.pt, earlier scored epochs from model_epoch<N>.pt) and write FD, its real-data "
+        "floor and a PNG grid into each run's metrics.json, as an in-run score would; epochs already "
+        "scored with the same --samples are kept (rerun to go on after an interruption).",
+    )
+    score.add_argument(
+        "runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders (with metrics.json)"
+    )
+    score.add_argument(
+        "--samples", type=int, help="images sampled per score (default: the run's --score-samples)"
+    )
+    score.add_argument("--epochs", nargs="+", type=int, help="1-based epochs to score (default: the last)")
+    score.add_argument("--fd-cache", type=Path, help="FD classifier folder (default: the run's own)")
+
     sub.add_parser("methods", help="list the methods and their options")
     sub.add_parser("presets", help="list the compare presets")
     _add_fl_parser(sub)
@@ -364,6 +381,16 @@ def _cmd_ggd_check(args: argparse.Namespace, argv: Sequence[str]) -> None:
     print("report: " + "  ".join(str(p) for p in result.paths.values()))
 
 
+def _cmd_score_diffusion(args: argparse.Namespace) -> None:
+    from greenprop.diffusion.rescore import describe, score_saved_run
+
+    for run_dir in args.runs:
+        for result in score_saved_run(
+            run_dir, samples=args.samples, epochs=args.epochs, fd_cache=args.fd_cache
+        ):
+            print(describe(run_dir, result), flush=True)
+
+
 def _cmd_methods() -> None:
     from greenprop.methods import available_methods, get_method
     from greenprop.options import FALSE_WORDS, TRUE_WORDS
@@ -439,6 +466,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         _cmd_compare(args, argv)
     elif args.command == "ggd-check":
         _cmd_ggd_check(args, argv)
+    elif args.command == "score-diffusion":
+        _cmd_score_diffusion(args)
     elif args.command == "methods":
         _cmd_methods()
     elif args.command == "presets":

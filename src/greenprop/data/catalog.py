@@ -6,11 +6,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from greenprop.data import sources, text
+from greenprop.data import lm, sources, text
 from greenprop.data.dataset import DatasetInfo, DatasetPair, ImageDataset, TokenDataset
 from greenprop.errors import GreenpropError
 
@@ -40,7 +41,17 @@ _TEXT: dict[str, tuple[Callable[[], text.RawText], int]] = {
     "rotten-tomatoes": (text.rotten_tomatoes, len(text.CLASSES)),
 }
 
-DATASETS: tuple[str, ...] = (*_SPECS, *_TEXT)
+# Causal-LM text: token blocks for next-token prediction (greenprop.data.lm).
+_LM: dict[str, Callable[[], lm.LMText]] = {
+    "rotten-tomatoes-lm": lm.rotten_tomatoes_lm,
+}
+
+# Sentiment classification with a language model, the label as its next token (greenprop.data.lm).
+_LM_SENTIMENT: dict[str, Callable[[], lm.LMSentiment]] = {
+    "rotten-tomatoes-lm-sentiment": lm.rotten_tomatoes_lm_sentiment,
+}
+
+DATASETS: tuple[str, ...] = (*_SPECS, *_TEXT, *_LM, *_LM_SENTIMENT)
 
 
 def load(
@@ -55,7 +66,11 @@ def load(
 
     Images come normalised in an :class:`ImageDataset`; text (``rotten-tomatoes``, see
     :mod:`greenprop.data.text`) comes tokenised in a :class:`TokenDataset`, whose
-    tokenised splits are kept in memory for the rest of the process.
+    tokenised splits are kept in memory for the rest of the process; so do the
+    causal-LM token blocks (``rotten-tomatoes-lm``, see :mod:`greenprop.data.lm`), whose
+    ``info.task`` is ``"causal-lm"`` and ``info.num_classes`` the vocabulary size, and the
+    prompted reviews for sentiment with a language model (``rotten-tomatoes-lm-sentiment``,
+    ``info.task`` ``"lm-classification"``, ``info.label_tokens`` the label words' tokens).
 
     Args:
         name: one of :data:`DATASETS` (case-insensitive; ``_`` works for ``-``).
@@ -81,10 +96,14 @@ def load(
     """
     key = str(name).strip().lower().replace("_", "-")
     if key not in _SPECS:
-        if key not in _TEXT:
+        if key not in _TEXT and key not in _LM and key not in _LM_SENTIMENT:
             raise GreenpropError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
         if pad_to_32:
             raise GreenpropError(f"pad_to_32 applies to image datasets, not to the text dataset {key}")
+        if key in _LM:
+            return _load_lm(key, subset, test_subset)
+        if key in _LM_SENTIMENT:
+            return _load_lm_sentiment(key, subset, test_subset)
         return _load_text(key, subset, test_subset)
     spec = _SPECS[key]
     raw = spec.read(data_dir)
@@ -119,7 +138,30 @@ def load(
 
 def _load_text(key: str, subset: int | None, test_subset: int | None) -> DatasetPair:
     read, num_classes = _TEXT[key]
-    raw = read()
+    return _token_pair(key, read(), subset, test_subset, num_classes=num_classes)
+
+
+def _load_lm_sentiment(key: str, subset: int | None, test_subset: int | None) -> DatasetPair:
+    raw = _LM_SENTIMENT[key]()
+    return _token_pair(
+        key,
+        raw,
+        subset,
+        test_subset,
+        num_classes=raw.vocab_size,
+        task="lm-classification",
+        label_tokens=raw.label_tokens,
+    )
+
+
+def _token_pair(
+    key: str,
+    raw: text.RawText | lm.LMSentiment,
+    subset: int | None,
+    test_subset: int | None,
+    **info_fields: Any,
+) -> DatasetPair:
+    """Labelled token rows, subset, with their :class:`DatasetInfo` (``info_fields`` added)."""
     train_idx = _subset_indices(len(raw.train_labels), subset, "subset", key, "training")
     test_idx = _subset_indices(len(raw.test_labels), test_subset, "test_subset", key, "test")
 
@@ -131,14 +173,39 @@ def _load_text(key: str, subset: int | None, test_subset: int | None) -> Dataset
     train = build(raw.train_tokens, raw.train_labels, train_idx)
     info = DatasetInfo(
         name=key,
-        num_classes=num_classes,
         in_channels=2,
         image_size=train.seq_len,
         mean=0.0,
         std=1.0,
         modality="text",
+        **info_fields,
     )
     return DatasetPair(train=train, test=build(raw.test_tokens, raw.test_labels, test_idx), info=info)
+
+
+def _load_lm(key: str, subset: int | None, test_subset: int | None) -> DatasetPair:
+    raw = _LM[key]()
+
+    def build(blocks: torch.Tensor, size: int | None, option: str, split: str) -> TokenDataset:
+        idx = _subset_indices(len(blocks), size, option, key, split)
+        chosen = blocks.clone() if idx is None else blocks[torch.from_numpy(idx)]
+        tokens = torch.stack([chosen, torch.ones_like(chosen)], dim=1)  # ids, attention mask
+        return TokenDataset(tokens, torch.zeros(len(chosen), dtype=torch.int64))  # blocks have no label
+
+    train = build(raw.train_blocks, subset, "subset", "training")
+    info = DatasetInfo(
+        name=key,
+        num_classes=raw.vocab_size,
+        in_channels=2,
+        image_size=train.seq_len,
+        mean=0.0,
+        std=1.0,
+        modality="text",
+        task="causal-lm",
+    )
+    return DatasetPair(
+        train=train, test=build(raw.test_blocks, test_subset, "test_subset", "test"), info=info
+    )
 
 
 def _subset_indices(total: int, size: int | None, option: str, name: str, split: str) -> np.ndarray | None:

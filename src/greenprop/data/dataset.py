@@ -128,6 +128,10 @@ class DatasetInfo:
     applies to every channel. For text one input is a ``(2, L)`` LongTensor (token ids,
     attention mask; see :class:`TokenDataset`): ``in_channels`` is 2, ``image_size``
     is the sequence length ``L``, and ``mean``/``std`` are 0/1 (ids are not normalised).
+    ``task`` is what the data is for: ``"classification"`` (``num_classes`` labels),
+    ``"causal-lm"`` (next-token prediction; ``num_classes`` is the vocabulary size) or
+    ``"lm-classification"`` (a language model writes the label as its next token:
+    ``num_classes`` is the vocabulary size, ``label_tokens`` the token of each label).
     """
 
     name: str
@@ -137,6 +141,8 @@ class DatasetInfo:
     mean: float
     std: float
     modality: str = "image"
+    task: str = "classification"
+    label_tokens: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

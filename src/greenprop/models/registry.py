@@ -2,7 +2,9 @@
 
 Image classifiers (:data:`MODELS`) take ``(B, C, H, W)`` float images; text models
 (:data:`TEXT_MODELS`) take ``(B, 2, L)`` token tensors (ids, attention mask); diffusion
-models (:data:`DIFFUSION_MODELS`) take noisy images and timesteps, ``model(x_t, t)``.
+models (:data:`DIFFUSION_MODELS`) take noisy images and timesteps, ``model(x_t, t)``;
+causal language models (:data:`LM_MODELS`) take ``(B, L)`` token ids and give next-token
+logits ``(B, L, vocabulary)``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 from greenprop.errors import GreenpropError
 from greenprop.models.activations import ACTIVATIONS
 from greenprop.models.cnn import SmallCNN
+from greenprop.models.gpt import GPT2Tiny
 from greenprop.models.mixer import MLPMixer
 from greenprop.models.mlp import MLP
 from greenprop.models.resnet import ResNet18
@@ -73,6 +76,7 @@ class _Entry:
     options: dict[str, Callable[[str, Any], Any]]  # extra keyword -> validator
     uses_image_size: bool = True
     task: str = "classification"  # what a run of this model learns (greenprop.train.tasks)
+    modality: str = "image"  # what its inputs are (greenprop.data.DatasetInfo.modality)
 
 
 _ENTRIES: dict[str, _Entry] = {
@@ -96,14 +100,24 @@ _ENTRIES: dict[str, _Entry] = {
     ),
     # Noise prediction for DDPM (ssProp's diffusion setting); any side divisible by 4.
     "ddpm-unet": _Entry(DDPMUNet, 16, "width", {}, uses_image_size=False, task="diffusion"),
+    # A from-scratch decoder on token ids; num_classes is the vocabulary, image_size the length.
+    "gpt2-tiny": _Entry(
+        GPT2Tiny,
+        128,
+        "dim",
+        {"depth": _positive_int, "heads": _positive_int, "mlp_ratio": _positive_float},
+        task="causal-lm",
+        modality="text",
+    ),
 }
 
 
 @dataclass(frozen=True)
 class _TextEntry:
-    build: Callable[..., nn.Module]  # called with num_classes, dropout and options
+    build: Callable[..., nn.Module]  # called with dropout, options and (classifiers) num_classes
     options: dict[str, Callable[[str, Any], Any]]
     fixed_width: str  # why `width` does not apply
+    task: str = "classification"  # "causal-lm": next-token logits (B, L, vocabulary), no num_classes
 
 
 def _minilm(**kwargs: Any) -> nn.Module:
@@ -112,11 +126,23 @@ def _minilm(**kwargs: Any) -> nn.Module:
     return MiniLMClassifier(**kwargs)
 
 
+def _smollm2(**kwargs: Any) -> nn.Module:
+    from greenprop.models.smollm import SmolLM2  # imports transformers only when used
+
+    return SmolLM2(**kwargs)
+
+
 _TEXT_ENTRIES: dict[str, _TextEntry] = {
     "minilm": _TextEntry(
         _minilm,
         {"encoder_dropout": _probability},
         "it is the pretrained all-MiniLM-L6-v2 (hidden size 384)",
+    ),
+    "smollm2-135m": _TextEntry(
+        _smollm2,
+        {"num_layers": _positive_int},
+        "it is the pretrained SmolLM2-135M (hidden size 576)",
+        task="causal-lm",
     ),
 }
 
@@ -125,8 +151,13 @@ MODELS: tuple[str, ...] = tuple(k for k, e in _ENTRIES.items() if e.task == "cla
 #: Diffusion models: ``model(x_t, t)`` predicts the noise in ``x_t`` (B, C, H, W).
 DIFFUSION_MODELS: tuple[str, ...] = tuple(k for k, e in _ENTRIES.items() if e.task == "diffusion")
 #: Text models: (B, 2, L) token ids and attention mask, e.g. from ``rotten-tomatoes``.
-TEXT_MODELS: tuple[str, ...] = tuple(_TEXT_ENTRIES)
+TEXT_MODELS: tuple[str, ...] = tuple(k for k, e in _TEXT_ENTRIES.items() if e.task == "classification")
+#: Causal language models: (B, L) token ids -> next-token logits (B, L, vocabulary).
+LM_MODELS: tuple[str, ...] = tuple(
+    k for entries in (_ENTRIES, _TEXT_ENTRIES) for k, e in entries.items() if e.task == "causal-lm"
+)
 MODALITIES = ("image", "text")
+_INPUTS = {"image": "images", "text": "token ids"}
 
 
 def create(
@@ -143,11 +174,12 @@ def create(
     """Build a freshly initialised model from the zoo.
 
     Args:
-        name: one of :data:`MODELS`, :data:`TEXT_MODELS` or :data:`DIFFUSION_MODELS`
+        name: one of :data:`MODELS`, :data:`TEXT_MODELS`, :data:`DIFFUSION_MODELS` or :data:`LM_MODELS`
             (case-insensitive; ``_`` works for ``-``), optionally with options after ``:``
             as in ``--method``:
             ``cnn:activation=tanh,hidden=64`` (the same as passing them in ``options``).
-        num_classes: outputs of the final ``head`` Linear.
+        num_classes: outputs of the final ``head`` Linear (classifiers; a causal
+            language model's outputs are its vocabulary, and this is ignored).
         in_channels: image channels (1 for grey, 3 for ``pad_to_32`` data). Ignored by
             text models.
         image_size: side of the square input; mlp, cnn, mixer and vit are built for
@@ -166,7 +198,8 @@ def create(
             mixer ``depth`` (4), ``patch_size`` (4 for 16+ pixels, else 2); vit
             ``depth`` (6), ``heads`` (4), ``mlp_ratio`` (2.0), ``patch_size`` (as mixer);
             minilm ``encoder_dropout`` (dropout inside the encoder; default: the
-            checkpoint's 0.1).
+            checkpoint's 0.1); smollm2-135m ``num_layers`` (keep the first decoder
+            layers; default all 30).
 
     Raises:
         GreenpropError: unknown name or option, or an invalid value (named); a text
@@ -183,11 +216,14 @@ def create(
     entry = _ENTRIES.get(key)
     if entry is None:
         raise GreenpropError(
-            f"unknown model {name!r}; choose one of {', '.join(MODELS + TEXT_MODELS + DIFFUSION_MODELS)}"
+            f"unknown model {name!r}; choose one of "
+            f"{', '.join(MODELS + TEXT_MODELS + DIFFUSION_MODELS + LM_MODELS)}"
         )
-    if modality == "text":
+    if modality is not None and modality != entry.modality:
+        others = MODELS if modality == "image" else TEXT_MODELS + LM_MODELS
         raise GreenpropError(
-            f"model {key!r} takes images but the dataset is text; text models: {', '.join(TEXT_MODELS)}"
+            f"model {key!r} takes {_INPUTS[entry.modality]} but the dataset is {modality}; "
+            f"{modality} models: {', '.join(others)}"
         )
     kwargs: dict[str, Any] = {
         "num_classes": _positive_int("num_classes", num_classes),
@@ -210,9 +246,10 @@ def create(
 
 
 def task_of(name: str) -> str:
-    """What a run of model ``name`` learns: ``"classification"`` or ``"diffusion"`` (ddpm-unet)."""
+    """What a run of model ``name`` learns: ``"classification"``, ``"diffusion"`` (ddpm-unet)
+    or ``"causal-lm"`` (gpt2-tiny, smollm2-135m: next-token prediction)."""
     key = parse_model_spec(name)[0].strip().lower().replace("_", "-")
-    entry = _ENTRIES.get(key)
+    entry = _ENTRIES.get(key) or _TEXT_ENTRIES.get(key)
     return entry.task if entry is not None else "classification"
 
 
@@ -244,10 +281,9 @@ def _create_text(
         )
     if width is not None:
         raise GreenpropError(f"model {key!r} has a fixed width ({entry.fixed_width}): drop width={width!r}")
-    kwargs: dict[str, Any] = {
-        "num_classes": _positive_int("num_classes", num_classes),
-        "dropout": _dropout(dropout),
-    }
+    kwargs: dict[str, Any] = {"dropout": _dropout(dropout)}
+    if entry.task == "classification":  # a language model's outputs are its vocabulary
+        kwargs["num_classes"] = _positive_int("num_classes", num_classes)
     for option, value in options.items():
         validate = entry.options.get(option)
         if validate is None:

@@ -17,13 +17,18 @@ from greenprop.models.tokens import Mlp, PatchEmbed, default_patch_size
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention: ``qkv`` Linear -> SDPA -> ``proj`` Linear."""
+    """Multi-head self-attention: ``qkv`` Linear -> SDPA -> ``proj`` Linear.
 
-    def __init__(self, dim: int, heads: int) -> None:
+    ``causal``: each token attends only to itself and earlier tokens (a decoder's mask).
+    Either way attention mixes tokens within a sample, never across samples.
+    """
+
+    def __init__(self, dim: int, heads: int, causal: bool = False) -> None:
         super().__init__()
         if heads <= 0 or dim % heads:
             raise GreenpropError(f"heads={heads} must be a positive divisor of dim={dim}")
         self.heads = heads
+        self.causal = causal
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
@@ -31,17 +36,17 @@ class Attention(nn.Module):
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, tokens, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 2.0) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 2.0, causal: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, causal)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 

@@ -58,7 +58,9 @@ class TrainConfig:
         diffusion_steps: T of the DDPM noise schedule (diffusion models only).
         score_every: diffusion models: score samples (FD, PNG grid) after every this
             many epochs and after the last; None scores the last epoch only, 0 never.
-        score_samples: diffusion models: samples drawn per score.
+        score_samples: diffusion models: samples drawn per score; 0 scores nothing
+            during training but keeps the model of every scored epoch
+            (``model_epoch<N>.pt``) for ``greenprop score-diffusion``.
         fd_cache: diffusion models: folder of the FD classifier cache (None: next to
             the run's output, see :mod:`greenprop.diffusion.scoring`).
     """
@@ -100,7 +102,7 @@ class TrainConfig:
         if self.tuned and not self.channels_last:  # tuned implies it, so the saved config says so
             object.__setattr__(self, "channels_last", True)
         positive = ("epochs", "batch_size", "step_size", "flops_samples", "eval_batch_size")
-        for name in (*positive, "diffusion_steps", "score_samples"):
+        for name in (*positive, "diffusion_steps"):
             _require(
                 isinstance(getattr(self, name), int) and getattr(self, name) > 0,
                 name,
@@ -115,6 +117,12 @@ class TrainConfig:
                 value,
                 "must be a positive integer",
             )
+        _require(
+            _int(self.score_samples) and self.score_samples >= 0,
+            "score_samples",
+            self.score_samples,
+            "must be an integer >= 0 (0: keep the models, score later)",
+        )
         _require(
             self.score_every is None or (_int(self.score_every) and self.score_every >= 0),
             "score_every",

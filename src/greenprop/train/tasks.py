@@ -4,7 +4,9 @@ The trainer is task-agnostic: it asks its :class:`Task` for the step's ``(inputs
 targets)``, calls ``loss_fn(model(*inputs), targets)``, and lets the task evaluate and
 describe the epoch. The task follows from the model (:func:`greenprop.models.task_of`):
 classifiers learn :class:`ClassificationTask`, ``ddpm-unet`` learns noise prediction
-(:class:`greenprop.diffusion.task.DiffusionTask`).
+(:class:`greenprop.diffusion.task.DiffusionTask`), causal language models learn next-token
+prediction (:class:`greenprop.lm.task.CausalLMTask`) on causal-LM data, or write the label
+as the next token (:class:`greenprop.lm.task.LMClassificationTask`) on LM sentiment data.
 
 Each task names its metrics (:class:`Metric`) in ``metrics.json``, so reports know which
 columns to show and whether lower is better without knowing the task.
@@ -148,11 +150,16 @@ class ClassificationTask(Task):
         }
 
 
+#: Data tasks a causal language model learns (:attr:`greenprop.data.DatasetInfo.task`).
+LM_DATA_TASKS = ("causal-lm", "lm-classification")
+
+
 def make_task(config: TrainConfig, data: gp_data.DatasetPair, world_size: int = 1) -> Task:
     """The task ``config.model`` learns, with its options checked against the data."""
     from greenprop.models import task_of
 
     kind = task_of(config.model)
+    _check_model_fits_data(config.model, kind, data.info)
     if kind == "diffusion":
         from greenprop.diffusion.task import DiffusionTask
 
@@ -165,4 +172,27 @@ def make_task(config: TrainConfig, data: gp_data.DatasetPair, world_size: int = 
     if diffusion_only:
         shown = ", ".join(f"{k}={v!r}" for k, v in diffusion_only.items())
         raise GreenpropError(f"{shown} only apply to a diffusion model (ddpm-unet), not to {config.model!r}")
+    if kind == "causal-lm":
+        from greenprop.lm.task import CausalLMTask, LMClassificationTask
+
+        if data.info.task == "lm-classification":
+            return LMClassificationTask(data.info.num_classes, data.info.label_tokens)
+        return CausalLMTask(data.info.num_classes)
     return ClassificationTask(config.label_smoothing)
+
+
+def _check_model_fits_data(model: str, kind: str, info: gp_data.DatasetInfo) -> None:
+    """Language-model data (next tokens, labels as next tokens) is for causal language models only."""
+    from greenprop.models import LM_MODELS
+
+    lm_data = info.task in LM_DATA_TASKS
+    if kind == "causal-lm" and not lm_data:
+        raise GreenpropError(
+            f"model {model!r} is a causal language model (next-token prediction) but dataset "
+            f"{info.name!r} is for {info.task}; use rotten-tomatoes-lm or rotten-tomatoes-lm-sentiment"
+        )
+    if kind != "causal-lm" and lm_data:
+        raise GreenpropError(
+            f"dataset {info.name!r} is for a language model ({info.task}), which model {model!r} "
+            f"({kind}) is not; use a causal language model: {', '.join(LM_MODELS)}"
+        )

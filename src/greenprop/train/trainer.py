@@ -66,7 +66,8 @@ RECORD_FIELDS = frozenset(
     {
         *("epoch", "lr", "energy", "memory", "loss", "acc1", "acc5", "flops", "time", "steps", "samples"),
         *("train_loss", "train_acc", "step_losses", "replaced_by", "reevaluated_by", "load"),
-        *("fd", "sample_grid"),  # the diffusion task's (greenprop.diffusion.task)
+        *("fd", "fd_samples", "fd_floor", "sample_grid"),  # the diffusion task's (diffusion/task.py)
+        "ppl",  # the causal-LM task's (greenprop.lm.task)
     }
 )
 

@@ -63,6 +63,17 @@ class VCASConfig(MethodConfig):
         None, "JSON file of the token policy's timings, read and extended (none: time every run)"
     )
     seed: int = option(0, "seed of the samplers", default_text="the run's seed")
+    compact: bool = option(
+        True,
+        "true: a block's backward re-runs it on the kept samples only (every op, not only the "
+        "Linear/Conv2d layers; no activation graph kept between forward and backward); false: the "
+        "layers skip dropped rows inside the full-size backward",
+    )
+    compact_max_ratio: float = option(
+        0.7,
+        "compact a block only while its ratio is at most this, in [0, 1] (ours: near ratio 1 the "
+        "re-run costs more than it saves; measured on the zoo ViT)",
+    )
     check_rows: bool = option(
         False, "true: every sampled layer verifies that skipped rows carry no gradient (debug)"
     )
@@ -80,6 +91,7 @@ class VCASConfig(MethodConfig):
         check_interval(self, "estimation_fraction", "(0, 1]")
         check_interval(self, "initial_s", "(0, 1]")
         check_interval(self, "min_ratio", "(0, 1]")
+        check_interval(self, "compact_max_ratio", "[0, 1]")
         require(
             self,
             "initial_weight_ratio",

@@ -79,6 +79,12 @@ class VCASRuntime:
     # block's sampler; None = all): set by the sampler, read by the layers inside the block.
     # No entry: the layers find the zero rows themselves (see _rows_to_compute).
     alive: dict[int, tuple[int, Tensor | None]] = field(default_factory=dict)
+    # Set by a compacted block (greenprop.vcas.compaction) while it runs: records the layers'
+    # outputs in its graph-free forward and hands them back when it re-runs on the kept rows.
+    cache: Any = None
+    # block -> (rows re-run, batch rows) while a compacted block's backward re-runs it: the
+    # layers tally their dense cost at the full batch.
+    compact: dict[int, tuple[int, int]] = field(default_factory=dict)
     # Set by the variance estimation: called in mode ACTIVATION with each VCASLinear's
     # (layer, dy, x) token matrices, to draw its token sampler on the side (estimation.py).
     token_probe: Callable[[VCASLinear, Tensor, Tensor], None] | None = None
@@ -138,26 +144,38 @@ class BlockSampler:
         if self.sole_path:
             self.runtime.alive[self.index] = (n, alive)
 
-    def sample(self, grad: Tensor) -> Tensor:
-        """Soft top-k over the per-sample gradient norms, Horvitz-Thompson rescaled (unbiased)."""
+    def draw(self, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Soft top-k over the per-sample gradient norms: the kept rows and their ``1/p`` scales.
+
+        ``(None, None)``: every row, unscaled (exact mode). At ratio 1 the scales are None
+        (all 1) and the rows those with a non-zero gradient (None if all are).
+        """
         runtime = self.runtime
         n = grad.shape[0]
         self._record(n, None)
         if runtime.mode is Mode.EXACT and not runtime.record_norms:
-            return grad
+            return None, None
         norms = row_norms(grad.detach())
         if runtime.record_norms:
             runtime.norms[self.index] = norms.double().cpu()
         if runtime.mode is Mode.EXACT:
-            return grad
+            return None, None
         tally = runtime.tally
         tally.samples += n if self.last else 0
         rows = tally.rows.setdefault(self.index, [0, 0])
         rows[1] += n
         alive, scale = activation_sample(grad, self.ratio, runtime.activation_generator, norms=norms)
         rows[0] += alive.numel()
-        self._record(n, None if alive.numel() == n else alive)
+        every = alive.numel() == n
+        self._record(n, None if every else alive)
         if self.ratio >= 1.0:  # nothing drawn: every non-zero row kept with scale 1
+            return (None if every else alive), None
+        return alive, scale
+
+    def sample(self, grad: Tensor) -> Tensor:
+        """The gradient with the dropped rows zeroed and the kept ones Horvitz-Thompson rescaled."""
+        alive, scale = self.draw(grad)
+        if scale is None:  # exact, or ratio 1: a zero row kept or dropped is the same
             return grad
         shape = (-1,) + (1,) * (grad.dim() - 1)
         out = torch.zeros_like(grad)
@@ -210,6 +228,12 @@ def _rows_to_compute(layer: VCASLinear | VCASConv2d, grad: Tensor) -> Tensor | N
     return rows
 
 
+def _dense_factor(layer: VCASLinear | VCASConv2d, grad: Tensor) -> float:
+    """Batch rows per row of ``grad``: above 1 inside a compacted block's re-run on the kept rows."""
+    rows, batch = layer.vcas_runtime.compact.get(layer.vcas_block, (0, 0))
+    return batch / rows if rows == grad.shape[0] and rows > 0 else 1.0
+
+
 def _check_skipped_rows_are_zero(layer: nn.Module, grad: Tensor, rows: Tensor) -> None:
     """Raise if a row the layer is about to skip carries gradient (the samplers' assumptions fail)."""
     skipped = torch.ones(grad.shape[0], dtype=torch.bool, device=grad.device)
@@ -244,12 +268,14 @@ class _VCASLinearFunction(torch.autograd.Function):
     """``y = x W^T + b`` with a backward on the non-zero samples and sampled tokens."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, layer: VCASLinear) -> Tensor:
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, layer: VCASLinear, ready: Tensor | None
+    ) -> Tensor:
         _save(ctx, x, weight, bias, layer)
-        return F.linear(x, weight, bias)
+        return ready if ready is not None else F.linear(x, weight, bias)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         layer: VCASLinear = ctx.layer
         runtime = layer.vcas_runtime
@@ -259,7 +285,7 @@ class _VCASLinearFunction(torch.autograd.Function):
         out_features, in_features = weight.shape
         rows = _rows_to_compute(layer, grad_out)
         dy, xs = _gather_rows(rows, grad_out, x)
-        tokens_dense = grad_out.numel() // out_features
+        tokens_dense = grad_out.numel() // out_features * _dense_factor(layer, grad_out)
         tokens = dy.numel() // out_features
         dense = done = 0.0
         grad_x = grad_w = grad_b = None
@@ -282,7 +308,7 @@ class _VCASLinearFunction(torch.autograd.Function):
             grad_b = dy2.sum(0).to(weight.dtype)
         runtime.tally.dense += dense
         runtime.tally.done += done
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 class VCASLinear(nn.Linear):
@@ -302,9 +328,12 @@ class VCASLinear(nn.Linear):
     vcas_token_break_even: float = 1.0
 
     def forward(self, x: Tensor) -> Tensor:
+        cache = self.vcas_runtime.cache
         if not (self.training and torch.is_grad_enabled()):
-            return F.linear(x, self.weight, self.bias)
-        return _VCASLinearFunction.apply(x, self.weight, self.bias, self)
+            y = F.linear(x, self.weight, self.bias)
+            return y if cache is None else cache.record(self, y)
+        ready = None if cache is None else cache.replay(self, x, (*x.shape[:-1], self.out_features))
+        return _VCASLinearFunction.apply(x, self.weight, self.bias, self, ready)
 
     def extra_repr(self) -> str:
         ratio = self.vcas_weight_ratio
@@ -315,12 +344,16 @@ class _VCASConv2dFunction(torch.autograd.Function):
     """``conv2d(x, W, b)`` with one ``convolution_backward`` on the kept samples only."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, layer: VCASConv2d) -> Tensor:
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, layer: VCASConv2d, ready: Tensor | None
+    ) -> Tensor:
         _save(ctx, x, weight, bias, layer)
+        if ready is not None:
+            return ready
         return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         layer: VCASConv2d = ctx.layer
         rows = _rows_to_compute(layer, grad_out)
@@ -351,9 +384,10 @@ class _VCASConv2dFunction(torch.autograd.Function):
         # Each of grad_x and grad_W costs what the forward does: 2 * outputs * (C_in / groups) * kh * kw.
         per_sample = 2.0 * grad_out[0].numel() * weight[0].numel()
         passes = int(need_x) + int(need_w)
-        layer.vcas_runtime.tally.dense += passes * per_sample * grad_out.shape[0]
+        dense_rows = grad_out.shape[0] * _dense_factor(layer, grad_out)
+        layer.vcas_runtime.tally.dense += passes * per_sample * dense_rows
         layer.vcas_runtime.tally.done += passes * per_sample * dy.shape[0]
-        return (grad_x if need_x else None), (grad_w if need_w else None), grad_b, None
+        return (grad_x if need_x else None), (grad_w if need_w else None), grad_b, None, None
 
 
 class VCASConv2d(nn.Conv2d):
@@ -368,9 +402,22 @@ class VCASConv2d(nn.Conv2d):
     vcas_block: int
 
     def forward(self, x: Tensor) -> Tensor:
+        cache = self.vcas_runtime.cache
         if not (self.training and torch.is_grad_enabled()):
-            return super().forward(x)
-        return _VCASConv2dFunction.apply(x, self.weight, self.bias, self)
+            y = super().forward(x)
+            return y if cache is None else cache.record(self, y)
+        ready = None if cache is None else cache.replay(self, x, self._output_shape(x))
+        return _VCASConv2dFunction.apply(x, self.weight, self.bias, self, ready)
+
+    def _output_shape(self, x: Tensor) -> tuple[int, ...]:
+        """The shape ``forward(x)`` returns (numeric zero padding: what VCAS converts)."""
+        spatial = (
+            (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+            for size, pad, dil, k, stride in zip(
+                x.shape[-2:], self.padding, self.dilation, self.kernel_size, self.stride, strict=True
+            )
+        )
+        return (*x.shape[:-3], self.out_channels, *spatial)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, vcas_block={self.vcas_block}"

@@ -31,6 +31,7 @@ from greenprop.surgery import (
     unswap,
     warn_nothing_swapped,
 )
+from greenprop.vcas.compaction import CompactedForward
 from greenprop.vcas.config import VCASConfig
 from greenprop.vcas.layers import BlockSampler, VCASConv2d, VCASLinear, VCASRuntime
 
@@ -50,6 +51,7 @@ class VCASHandle:
     linears: dict[str, VCASLinear]
     convs: dict[str, VCASConv2d] = field(default_factory=dict)
     hooks: list[RemovableHandle] = field(default_factory=list)
+    compacted: list[nn.Module] = field(default_factory=list)  # blocks whose forward is a CompactedForward
 
     @property
     def layers(self) -> dict[str, VCASLinear | VCASConv2d]:
@@ -189,7 +191,12 @@ def apply_vcas(
     for index, name in enumerate(names):
         sampler = BlockSampler(index, name, runtime, last=index == len(names) - 1)
         handle.samplers.append(sampler)
-        handle.hooks.append(modules[name].register_forward_hook(sampler.hook))
+        if config.compact:  # the sampler runs inside the compacted backward (it owns the hook call too)
+            compacted = CompactedForward(modules[name], sampler, runtime, config.compact_max_ratio)
+            modules[name].forward = compacted
+            handle.compacted.append(modules[name])
+        else:
+            handle.hooks.append(modules[name].register_forward_hook(sampler.hook))
     setattr(model, _ATTR, handle)
     return model
 
@@ -225,6 +232,8 @@ def remove_vcas(model: nn.Module) -> nn.Module:
         return model
     for hook in handle.hooks:
         hook.remove()
+    for block in handle.compacted:
+        del block.forward  # the class's forward again
     for layer in handle.layers.values():
         unswap(layer)
     delattr(model, _ATTR)

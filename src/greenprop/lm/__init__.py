@@ -1,0 +1,1 @@
+"""Causal language modelling: the next-token task (:mod:`greenprop.lm.task`)."""

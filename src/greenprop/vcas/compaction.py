@@ -1,0 +1,478 @@
+"""Compacted blocks: a VCAS block's backward re-runs the block on the samples its sampler kept.
+
+Without compaction only the VCAS Linear/Conv2d layers skip the dropped samples; the
+attention, norms, activations and residual adds between them run on the full, partly
+zero tensors. A compacted block instead:
+
+* **forward**: runs the block without an autograd graph, inside one autograd Function
+  that saves the block's inputs, the outputs of its VCAS layers (no copy: they exist
+  anyway) and, for a block that draws random numbers (dropout), every draw;
+* **backward**: the block's sampler picks the rows (samples) to keep from the output
+  gradient, exactly as without compaction; the block runs again, with grad, on the
+  kept samples only, its VCAS layers handing back the kept rows of their saved
+  outputs instead of redoing the matmul (:meth:`BlockCache.replay`) and its random ops
+  the kept rows of their recorded draws (:class:`_RandomDraws`); backpropagating the
+  ``1/p``-rescaled kept gradient through that small graph gives the parameter
+  gradients and the kept samples' input gradients (zeros for the others). The VCAS
+  layers still sample tokens for their weight gradients.
+
+So every op of the block costs the kept fraction in backward, plus its non-matmul
+forward ops again on the kept rows, and no block keeps its activation graph between
+forward and backward. The estimate is the same Horvitz-Thompson one (unbiased), and at
+ratio 1 the gradients are dense autograd's.
+
+What it needs (checked where possible): every per-sample tensor argument of the block
+has the batch first (tensors whose first dimension is the batch size are sliced, others
+such as a ``(1, 1, T, T)`` mask are passed whole); samples are independent inside the
+block (a re-run on a subset must reproduce those rows of the forward: checked on the
+first re-run on a subset and always under ``check_rows``); gradient enters only
+through the block's first output, and the block's parameters are its own. The first
+training forward of each block runs the plain sampled path and checks the last two
+(:meth:`CompactedForward._probe`); a block that fails them stays on the plain path
+with a warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from greenprop.errors import GreenpropError
+from greenprop.vcas.layers import BlockSampler, Mode, VCASRuntime, _carries_grad
+
+__all__ = ["BlockCache", "CompactedForward", "CompactionWarning"]
+
+# Random ops whose recorded output cannot stand in for a re-run: their backward redraws
+# (fused attention with dropout) or their output mixes the draw with the input (rrelu).
+_UNREPLAYABLE = ("attention", "rrelu")
+
+
+class CompactionWarning(UserWarning):
+    """A block that cannot be compacted runs the plain sampled path instead."""
+
+
+class BlockCache:
+    """The outputs of one compacted block's VCAS layers: recorded in its forward, replayed in its re-run."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[nn.Module, list[tuple[Tensor, int]]] = {}
+        self.rows: Tensor | None = None  # re-run: the kept samples (None: all)
+        self.recording = True
+        self._position: dict[nn.Module, int] = {}
+
+    def record(self, layer: nn.Module, y: Tensor) -> Tensor:
+        """Keep a layer's output (with its version, to notice in-place changes); returns it."""
+        if self.recording:
+            self.outputs.setdefault(layer, []).append((y, y._version))
+        return y
+
+    def unchanged(self) -> list[Tensor]:
+        """Drop the outputs changed in place after they were recorded; the others, flat."""
+        for layer, entries in self.outputs.items():
+            self.outputs[layer] = [(y, v) if y._version == v else (y, -1) for y, v in entries]
+        return [y for entries in self.outputs.values() for y, v in entries if v >= 0]
+
+    def restore(self, tensors: Iterator[Tensor]) -> None:
+        """Take the kept outputs back from autograd's saved tensors (same order as :meth:`unchanged`)."""
+        for layer, entries in self.outputs.items():
+            self.outputs[layer] = [(next(tensors), 0) if v >= 0 else (y, -1) for y, v in entries]
+
+    def release(self) -> None:
+        """Let go of the outputs (autograd keeps them while it needs them), keeping which ones were kept."""
+        for layer, entries in self.outputs.items():
+            self.outputs[layer] = [(None, v) for _, v in entries]  # type: ignore[misc]
+
+    def start_replay(self, rows: Tensor | None) -> None:
+        self.recording, self.rows, self._position = False, rows, {}
+
+    def replay(self, layer: nn.Module, x: Tensor, shape: tuple[int, ...]) -> Tensor | None:
+        """The kept rows of this call's recorded output, or None: compute it (nothing fits).
+
+        A copy, so in-place ops of the re-run cannot touch the record (the variance
+        estimation re-runs a block three times). None when recording, when the layer
+        was called more often than recorded, when its output was changed in place after
+        the forward recorded it, or when the rows do not give ``shape`` (e.g. a block
+        that flattens the batch into its tokens before this layer).
+        """
+        if self.recording:
+            return None
+        i = self._position.get(layer, 0)
+        self._position[layer] = i + 1
+        entries = self.outputs.get(layer, ())
+        if i >= len(entries) or entries[i][1] < 0:
+            return None
+        y = entries[i][0]
+        ready = y.clone() if self.rows is None else y.index_select(0, self.rows)
+        return ready if tuple(ready.shape) == tuple(shape) else None
+
+
+class _RandomDraws(TorchDispatchMode):
+    """Records a block's random draws in its forward; hands back their kept rows in its re-run.
+
+    Ops tagged ``nondeterministic_seeded`` (bernoulli_ of dropout, rand, native_dropout)
+    are intercepted: recording keeps a copy of their outputs, replaying returns (or, for
+    in-place draws, writes) the kept samples' rows of the recorded output instead of
+    drawing, so a re-run sees the forward's dropout masks. A draw whose first dimension
+    is not the batch is replayed whole.
+    """
+
+    def __init__(self, draws: list[Tensor], *, block: str, rows: Tensor | None, batch: int, record: bool):
+        super().__init__()
+        self.draws, self.block, self.rows, self.batch, self.record = draws, block, rows, batch, record
+        self._next = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if torch.Tag.nondeterministic_seeded not in func.tags:
+            return func(*args, **kwargs)
+        name = func.name()
+        if any(word in name for word in _UNREPLAYABLE):
+            raise GreenpropError(
+                f"VCAS compaction: block {self.block!r} draws random numbers in {name}, which cannot be "
+                "replayed on the kept samples; use vcas:compact=false or switch that dropout off"
+            )
+        in_place = func._schema.is_mutable
+        if self.record:
+            out = func(*args, **kwargs)
+            outs = out if isinstance(out, tuple) else (out,)
+            self.draws.extend(t.clone() for t in outs if isinstance(t, Tensor))
+            return out
+        if in_place:
+            target = args[0]
+            target.copy_(self._take(tuple(target.shape)))
+            return target
+        n_out = len(func._schema.returns)
+        outs = tuple(self._take(None) for _ in range(n_out))
+        return outs if n_out > 1 else outs[0]
+
+    def _take(self, shape: tuple[int, ...] | None) -> Tensor:
+        if self._next >= len(self.draws):
+            raise GreenpropError(
+                f"VCAS compaction: block {self.block!r} drew more random numbers in its re-run than in "
+                "its forward; use vcas:compact=false for it"
+            )
+        recorded = self.draws[self._next]
+        self._next += 1
+        per_sample = self.rows is not None and recorded.dim() > 0 and recorded.shape[0] == self.batch
+        value = recorded.index_select(0, self.rows) if per_sample else recorded.clone()
+        if shape is not None and tuple(value.shape) != shape:
+            raise GreenpropError(
+                f"VCAS compaction: block {self.block!r} draws random numbers of shape {shape} in its re-run "
+                f"but {tuple(recorded.shape)} in its forward; use vcas:compact=false for it"
+            )
+        return value
+
+
+def _rng_state(device: torch.device) -> Tensor:
+    """The generator state a block's random ops on ``device`` advance."""
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state: Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def _autocast_devices() -> tuple[str, ...]:
+    return ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+
+
+class _Run:
+    """One forward of a compacted block: its arguments, what it recorded, and how to re-run it."""
+
+    def __init__(self, owner: CompactedForward, leaves: list[Any], spec: Any, tensor_at: list[int]) -> None:
+        self.owner = owner
+        self.leaves, self.spec, self.tensor_at = leaves, spec, tensor_at
+        main = leaves[tensor_at[0]]
+        self.batch = main.shape[0] if main.dim() > 0 else 0
+        self.per_sample = [
+            self.batch > 0 and t.dim() > 0 and t.shape[0] == self.batch for t in self.tensors()
+        ]
+        self.cache = BlockCache()
+        self.draws: list[Tensor] = []
+        self.extras: tuple[Any, ...] | None = None  # a tuple output's items after the first
+        self.params = owner.trainable()  # the Function's inputs after the tensors
+        self.autocast = {
+            d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _autocast_devices()
+        }
+
+    def tensors(self) -> list[Tensor]:
+        return [self.leaves[i] for i in self.tensor_at]
+
+    def call(self, tensors: list[Tensor]) -> Any:
+        leaves = list(self.leaves)
+        for i, t in zip(self.tensor_at, tensors, strict=True):
+            leaves[i] = t
+        args, kwargs = tree_unflatten(leaves, self.spec)
+        return self.owner.plain(*args, **kwargs)
+
+    @contextmanager
+    def _layers(self) -> Iterator[None]:
+        runtime = self.owner.runtime
+        previous, runtime.cache = runtime.cache, self.cache
+        try:
+            yield
+        finally:
+            runtime.cache = previous
+
+    def forward(self) -> Tensor:
+        """The block's forward, graph-free; records layer outputs (and random draws if it draws any)."""
+        owner = self.owner
+        device = self.tensors()[0].device
+        with self._layers():
+            if owner.draws_random:
+                out = self._recording_draws()
+            else:
+                state = _rng_state(device)
+                out = self.call(self.tensors())
+                if not torch.equal(state, _rng_state(device)):  # it draws: record its draws from now on
+                    _set_rng_state(device, state)
+                    owner.draws_random = True
+                    self.cache = BlockCache()
+                    with self._layers():
+                        out = self._recording_draws()
+        if isinstance(out, tuple):
+            self.extras = out[1:]
+            out = out[0]
+        if not isinstance(out, Tensor):
+            raise GreenpropError(
+                f"VCAS compaction: block {owner.sampler.name!r} returned {type(out).__name__}, not a tensor "
+                "(or a tuple starting with one); use vcas:compact=false"
+            )
+        return out
+
+    def _recording_draws(self) -> Any:
+        name = self.owner.sampler.name
+        with _RandomDraws(self.draws, block=name, rows=None, batch=self.batch, record=True):
+            return self.call(self.tensors())
+
+    def rerun(
+        self, saved: list[Tensor], rows: Tensor | None, needs_grad: list[bool]
+    ) -> tuple[Tensor, list[Tensor]]:
+        """The block again, with grad, on the kept ``rows``: its first output and its new input leaves."""
+        self.cache.start_replay(rows)
+        with ExitStack() as stack:
+            stack.enter_context(torch.enable_grad())
+            inputs = []
+            for t, sliced, grad in zip(saved, self.per_sample, needs_grad, strict=True):
+                leaf = t.detach()
+                if sliced and rows is not None:
+                    leaf = leaf.index_select(0, rows)
+                if (
+                    grad
+                ):  # not a leaf: module hooks (FlopCounterMode's) cannot watch leaves inside autograd.grad
+                    leaf = leaf.requires_grad_(True).view_as(leaf)
+                inputs.append(leaf)
+            for device, (enabled, dtype) in self.autocast.items():
+                stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+            stack.enter_context(self._layers())
+            if self.draws:
+                name = self.owner.sampler.name
+                stack.enter_context(
+                    _RandomDraws(self.draws, block=name, rows=rows, batch=self.batch, record=False)
+                )
+            out = self.call(inputs)
+        return (out[0] if isinstance(out, tuple) else out), inputs
+
+
+class _CompactedBlock(torch.autograd.Function):
+    """Forward: the block without graph. Backward: sample rows, re-run on them, backpropagate, scatter."""
+
+    @staticmethod
+    def forward(ctx: Any, run: _Run, *inputs: Tensor) -> Tensor:
+        ctx.set_materialize_grads(False)
+        ctx.run = run
+        out = run.forward()
+        kept_outputs = run.cache.unchanged()
+        ctx.n_tensors, ctx.n_cached = len(run.tensor_at), len(kept_outputs)
+        ctx.save_for_backward(*run.tensors(), out, *kept_outputs, *run.draws)
+        run.cache.release()
+        run.leaves = [None if isinstance(leaf, Tensor) else leaf for leaf in run.leaves]  # saved above
+        run.draws = []
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor | None) -> tuple[Tensor | None, ...]:
+        run: _Run = ctx.run
+        n_inputs = len(ctx.needs_input_grad) - 1
+        if grad is None:
+            return (None,) * (1 + n_inputs)
+        saved = list(ctx.saved_tensors)
+        tensors, out = saved[: ctx.n_tensors], saved[ctx.n_tensors]
+        cached = saved[ctx.n_tensors + 1 : ctx.n_tensors + 1 + ctx.n_cached]
+        run.cache.restore(iter(cached))
+        run.draws = saved[ctx.n_tensors + 1 + ctx.n_cached :]
+        owner = run.owner
+        params = run.params
+        needs = list(ctx.needs_input_grad[1 : 1 + len(tensors)])
+        rows, scale = owner.sampler.draw(grad)
+        batch = grad.shape[0]
+        if rows is not None and rows.numel() == 0:  # every sample dropped: all gradients are zero
+            owner.runtime.tally.dense += owner.dense_per_row * batch
+            zeros = [torch.zeros_like(t) if need else None for t, need in zip(tensors, needs, strict=True)]
+            return (None, *zeros, *(torch.zeros_like(p) for p in params))
+        kept = grad if rows is None else grad.index_select(0, rows)
+        if scale is not None:
+            kept = (kept * scale.view((-1,) + (1,) * (grad.dim() - 1))).to(grad.dtype)  # 1/p in fp32 at least
+        runtime, block = owner.runtime, owner.sampler.index
+        runtime.compact[block] = (kept.shape[0], batch)
+        dense_before = runtime.tally.dense
+        try:
+            out_kept, inputs = run.rerun(tensors, rows, needs)
+            owner.verify(out_kept, out, rows)
+            wrt = [t for t in inputs if t.requires_grad] + params
+            grads = list(torch.autograd.grad(out_kept, wrt, kept, allow_unused=True)) if wrt else []
+        finally:
+            runtime.compact.pop(block, None)
+            run.cache.release()  # a later backward of a retained graph takes them from ctx again
+            run.draws = []
+        owner.dense_per_row = (runtime.tally.dense - dense_before) / batch
+        result: list[Tensor | None] = []
+        for t, sliced, need in zip(tensors, run.per_sample, needs, strict=True):
+            g = grads.pop(0) if need else None
+            if g is not None and sliced and rows is not None:
+                g = g.new_zeros(t.shape).index_copy_(0, rows, g)
+            result.append(g)
+        return (None, *result, *grads)
+
+
+class CompactedForward:
+    """Stands in for a block's ``forward`` (an instance attribute set by :func:`~greenprop.vcas.apply_vcas`).
+
+    Training forwards with grad run the block compacted (:class:`_CompactedBlock`) while
+    its sampler's ratio is at most ``max_ratio`` (``VCASConfig.compact_max_ratio``);
+    anything else (eval, no grad, the dense FLOP count in exact mode, a higher ratio)
+    runs it plainly,
+    and the first training forward runs the plain sampled path while checking that
+    the block can be compacted (:meth:`_probe`).
+    """
+
+    def __init__(self, block: nn.Module, sampler: BlockSampler, runtime: VCASRuntime, max_ratio: float = 1.0):
+        self.block = block
+        self.sampler = sampler
+        self.runtime = runtime
+        self.max_ratio = max_ratio  # blocks whose sampler ratio is above run uncompacted
+        self.compactable: bool | None = None  # None: not probed yet
+        self.draws_random = False  # learnt from the generator's state: record the block's draws
+        self.verified = False  # a re-run on a subset matched the forward
+        # The layers' dense backward FLOPs per sample at the last re-run: what a backward that
+        # drops every sample (and so runs nothing) tallies as its dense cost.
+        self.dense_per_row = 0.0
+
+    @property
+    def plain(self) -> Callable[..., Any]:
+        """The block's own forward."""
+        return functools.partial(type(self.block).forward, self.block)
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.block.parameters() if p.requires_grad]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        block = self.block
+        training = block.training and torch.is_grad_enabled() and self.runtime.mode is not Mode.EXACT
+        training = training and self.sampler.ratio <= self.max_ratio  # above: the re-run costs more
+        leaves, spec = tree_flatten((args, kwargs))
+        tensor_at = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+        if training and tensor_at and self.compactable is None:
+            out, self.compactable = self._probe(args, kwargs, leaves[tensor_at[0]].device)
+            if not self.compactable:
+                return self.sampler.hook(block, args, out)
+        if not (training and tensor_at and self.compactable):
+            return self.sampler.hook(block, args, self.plain(*args, **kwargs))
+        run = _Run(self, leaves, spec, tensor_at)
+        out = _CompactedBlock.apply(run, *run.tensors(), *run.params)
+        return out if run.extras is None else (out, *run.extras)
+
+    def _probe(self, args: tuple, kwargs: dict, device: torch.device) -> tuple[Any, bool]:
+        """Run the block once with its autograd graph and check that gradient reaches it only
+        through its inputs and own parameters and leaves it only through its first output.
+
+        Returns that output and the verdict; a block that passes is then run compacted
+        (the random generator is set back, so it draws the same numbers again).
+        """
+        state = _rng_state(device)
+        before = self._tensor_attributes()
+        out = self.plain(*args, **kwargs)
+        kept = [
+            k
+            for k, t in self._tensor_attributes().items()
+            if t.grad_fn is not None and before.get(k) is not t
+        ]
+        main = out[0] if isinstance(out, tuple) and out else out
+        if kept:
+            reason = f"its forward keeps a tensor that carries gradient in {kept[0]} (an auxiliary loss?)"
+        elif not isinstance(main, Tensor):
+            reason = f"it returns {type(out).__name__}, not a tensor or a tuple starting with one"
+        elif isinstance(out, tuple) and _carries_grad(out[1:]):
+            reason = "items of its tuple output after the first carry gradient"
+        else:
+            reason = self._foreign_leaf(main, tree_flatten((args, kwargs))[0])
+        if reason is None:
+            _set_rng_state(device, state)
+            return out, True
+        warnings.warn(
+            f"VCAS compaction: block {self.sampler.name!r} runs uncompacted: {reason}",
+            CompactionWarning,
+            stacklevel=4,
+        )
+        return out, False
+
+    def _tensor_attributes(self) -> dict[str, Tensor]:
+        """Plain tensor attributes of the block and its submodules (not parameters or buffers), by name."""
+        found = {}
+        for prefix, module in self.block.named_modules():
+            for key, value in vars(module).items():
+                if isinstance(value, Tensor):
+                    found[
+                        f"{self.sampler.name}.{prefix}.{key}" if prefix else f"{self.sampler.name}.{key}"
+                    ] = value
+        return found
+
+    def _foreign_leaf(self, out: Tensor, leaves: list[Any]) -> str | None:
+        """A reason if ``out``'s graph reaches a trainable tensor that is not an input or own parameter."""
+        if out.grad_fn is None:
+            return None
+        inputs = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
+        stops = {t.grad_fn for t in inputs if t.grad_fn is not None}
+        own = {id(t) for t in inputs} | {id(p) for p in self.block.parameters()}
+        seen, todo = set(), [out.grad_fn]
+        while todo:
+            node = todo.pop()
+            if node is None or node in seen or node in stops:
+                continue
+            seen.add(node)
+            variable = getattr(node, "variable", None)
+            if variable is not None and id(variable) not in own:
+                shape = tuple(variable.shape)
+                return f"its forward uses a trainable tensor of shape {shape}, not an argument or its own"
+            todo.extend(fn for fn, _ in node.next_functions)
+        return None
+
+    def verify(self, out_kept: Tensor, out: Tensor, rows: Tensor | None) -> None:
+        """Raise if the re-run on the kept rows does not reproduce the forward's rows (samples interact)."""
+        if rows is None or (self.verified and not self.runtime.check_rows):
+            return
+        expected = out.index_select(0, rows)
+        scale = float(expected.abs().max()) if expected.numel() else 0.0
+        diff = float((out_kept.detach() - expected).abs().max()) if expected.numel() else 0.0
+        tolerance = 1e-4 * scale + 1e-6 if expected.dtype != torch.float64 else 1e-9 * scale + 1e-12
+        if diff > tolerance or out_kept.shape != expected.shape:
+            raise GreenpropError(
+                f"VCAS compaction: block {self.sampler.name!r} gives other outputs when run on "
+                f"{rows.numel()} of its {out.shape[0]} samples (max difference {diff:.3g}): its samples are "
+                "not independent (a cross-sample op such as BatchNorm or a batch mean, or a batch that is "
+                "not dim 0), so compaction would be biased; use vcas:compact=false"
+            )
+        self.verified = True
