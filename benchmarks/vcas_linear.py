@@ -16,6 +16,11 @@ Every repetition runs one forward per variant (untimed) and times only
 order rotates every repetition. ``ideal = r * (1 + nu) / 2`` is the FLOPs ratio of
 grad_input + grad_weight (``r`` as the realised ``k / B``).
 
+With ``--policy`` each shape's break-even token ratio is measured as VCAS's measured
+token policy measures it (:mod:`greenprop.vcas.policy`, on the whole batch's tokens),
+and each row also shows what the layer runs under that policy: the sampled ratio where
+``nu`` is below the break-even, else the same ``r``'s ``nu = 1`` row (tokens exact).
+
 Run from the repository root: ``python benchmarks/vcas_linear.py --help``.
 """
 
@@ -46,6 +51,7 @@ from _common import (
 )
 from greenprop import models
 from greenprop.vcas.layers import Mode, VCASLinear, VCASRuntime
+from greenprop.vcas.policy import WeightGradShape, break_even, time_weight_grad
 
 VARIANTS = ("dense", "sampled")
 
@@ -100,6 +106,8 @@ class Row:
     ideal: float  # (k / B) * (1 + nu) / 2
     flops_tally: float  # VCASRuntime's FLOPs done / dense over all calls (nu as actually drawn)
     per_repeat_s: dict[str, list[float]]
+    break_even: float | None = None  # --policy: the shape's measured break-even token ratio
+    policy_ratio: float | None = None  # --policy: sampled / dense under the policy
 
 
 def measure(shape: LinearShape, r: float, nu: float, args: argparse.Namespace) -> Row:
@@ -162,9 +170,18 @@ def measure(shape: LinearShape, r: float, nu: float, args: argparse.Namespace) -
     )
 
 
+def with_policy(shape: LinearShape, rows: Sequence[Row]) -> None:
+    """Fill in the shape's break-even ratio and each row's ratio under the token policy."""
+    timing = time_weight_grad(WeightGradShape(shape.batch * shape.tokens, shape.d_in, shape.d_out))
+    ratio_one = {row.r: row.ratio for row in rows if row.nu == 1.0}
+    for row in rows:
+        row.break_even = break_even(timing)
+        row.policy_ratio = row.ratio if row.nu < row.break_even else ratio_one.get(row.r)
+
+
 def result_table(rows: Sequence[Row]) -> list[str]:
     header = ["model: layers (in->out)", "tokens B x T", "r", "nu", "dense (ms)", "sampled (ms)"]
-    header += ["sampled/dense", "per-repeat [IQR]", "ideal", "FLOPs (tally)"]
+    header += ["sampled/dense", "per-repeat [IQR]", "ideal", "FLOPs (tally)", "break-even", "with policy"]
     body = [
         [
             f"{r.model}: {r.layers} ({r.d_in}->{r.d_out})",
@@ -177,6 +194,8 @@ def result_table(rows: Sequence[Row]) -> list[str]:
             f"{r.ratio_per_repeat:.3f} [{r.ratio_iqr[0]:.3f}, {r.ratio_iqr[1]:.3f}]",
             f"{r.ideal:.3f}",
             f"{r.flops_tally:.3f}",
+            "-" if r.break_even is None else f"{r.break_even:.2f}",
+            "-" if r.policy_ratio is None else f"{r.policy_ratio:.3f}",
         ]
         for r in rows
     ]
@@ -206,6 +225,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--nus", type=float, nargs="+", default=[1.0, 0.5, 0.25], help="token ratios")
     p.add_argument("--repeats", type=int, default=30, help="timed repeats per variant (default 30)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per variant first (default 3)")
+    p.add_argument("--policy", action="store_true", help="measure each shape's token policy (needs nu 1)")
     add_common_options(p)
     args = p.parse_args(argv)
     if args.seq_len < 1 or args.repeats < 1 or args.warmup < 0:
@@ -222,10 +242,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     shapes += vit_shapes() if args.shapes in ("vit", "all") else []
     rows = []
     for shape in shapes:
+        shape_rows = []
         for r in args.rs:
             for nu in args.nus:
                 print(f"  {shape.model} {shape.layers} r={r:g} nu={nu:g}", file=sys.stderr, flush=True)
-                rows.append(measure(shape, r, nu, args))
+                shape_rows.append(measure(shape, r, nu, args))
+        if args.policy:
+            with_policy(shape, shape_rows)
+        rows += shape_rows
     print(report(env, args, rows), flush=True)
     out = {"benchmark": "vcas_linear", "environment": env, "results": [asdict(row) for row in rows]}
     return save_results(out, args)

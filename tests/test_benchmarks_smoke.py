@@ -224,6 +224,17 @@ def test_vcas_step_benchmark_times_the_token_policy_too(capsys):
         assert set(row["per_repeat_s"]) == {"dense", "vcas", "compact", "policy"}
 
 
+def test_vcas_linear_benchmark_shows_the_ratio_under_the_token_policy():
+    argv = ["--shapes", "minilm", "--seq-len", "4", "--rs", "1", "--nus", "1", "0.5", "--policy"]
+    result = _import("vcas_linear").main([*argv, "--repeats", "1", "--warmup", "0", "--threads", "1"])
+    rows = result["results"]
+    for row in rows:
+        one = next(r for r in rows if r["layers"] == row["layers"] and r["nu"] == 1)
+        # Below the break-even the layer samples (its own time), else it runs exact tokens.
+        want = row["ratio"] if row["nu"] < row["break_even"] else one["ratio"]
+        assert 0 <= row["break_even"] <= 1 and row["policy_ratio"] == want
+
+
 def test_vcas_estimation_benchmark_reports_the_share_and_the_controller_path(tmp_path, capsys):
     variants = ["update_every=2", "update_every=2,estimation_fraction=0.25"]
     argv = ["--steps", "3", "--subset", "40", "--batch", "32", "--threads", "1", "--variants", *variants]

@@ -123,7 +123,7 @@ def break_evens(
 
 
 def time_weight_grad(
-    shape: WeightGradShape, *, repeats: int = 5, warmup: int = 2, seed: int = 0
+    shape: WeightGradShape, *, repeats: int = 9, warmup: int = 2, seed: int = 0
 ) -> WeightGradTiming:
     """Time ``dy^T x`` against :func:`sampled_weight_grad` at :data:`PROBE_RATIOS`, interleaved.
 
