@@ -258,7 +258,7 @@ def test_zoo_entry_builds_a_causal_lm_on_token_ids(model, monkeypatch):
 
 # ---------------------------------------------------------------- methods on the decoder
 def _loss_grads(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
-    logits = model(input_ids=ids[:, :-1]).logits
+    logits = model(input_ids=ids[:, :-1], use_cache=False).logits  # as the zoo entry calls it
     loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
     return list(torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad]))
 

@@ -197,6 +197,49 @@ def test_a_parameter_the_block_does_not_own_keeps_it_uncompacted() -> None:
     assert shared.grad is not None and bool((shared.grad != 0).any())
 
 
+class Cache:
+    """A stand-in for a key/value cache: state the block updates on every call."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+
+class CachingBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x: Tensor, cache: Cache) -> Tensor:
+        cache.calls += 1
+        return x + self.fc(x)
+
+
+class CachingNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([CachingBlock(), CachingBlock()])
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.cache = Cache()
+        for block in self.blocks:
+            x = block(x, self.cache)
+        return x
+
+
+def test_a_stateful_argument_keeps_the_block_uncompacted_so_it_is_updated_once() -> None:
+    model = CachingNet()
+    reference = copy.deepcopy(model)
+    handle = vcas_handle(apply_vcas(model, ALWAYS))
+    x, w = next(token_batches())
+    with pytest.warns(CompactionWarning, match="takes a Cache argument, which a re-run would update twice"):
+        weighted_sum_loss(model, (x, w)).backward()
+    assert model.cache.calls == 2  # one call per block: no re-run
+    assert not any(b.forward.compactable for b in handle.compacted)
+    weighted_sum_loss(reference, (x, w)).backward()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+
+
 def test_variance_estimation_runs_through_the_compacted_blocks_alike() -> None:
     """two_backwards gives the same exact / activation / token-sampled draws compacted or not."""
     torch.manual_seed(0)

@@ -179,5 +179,7 @@ class SmolLM2(nn.Module):
                 "smollm2-135m takes token ids: an integer (B, L) tensor (e.g. the rotten-tomatoes-lm "
                 f"dataset), got {ids.dtype} of shape {tuple(ids.shape)}"
             )
-        hidden = self.hf.model(input_ids=ids).last_hidden_state
+        # No key/value cache: training never reuses it, and VCAS's compacted re-run of a block
+        # would append to it twice.
+        hidden = self.hf.model(input_ids=ids, use_cache=False).last_hidden_state
         return self.hf.lm_head(self.drop(hidden))

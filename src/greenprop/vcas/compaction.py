@@ -55,6 +55,18 @@ __all__ = ["BlockCache", "CompactedForward", "CompactionWarning"]
 _UNREPLAYABLE = ("attention", "rrelu")
 
 
+#: Argument types a block can take without state a re-run would change.
+_PLAIN_ARGUMENTS = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+def _stateful_argument(leaves: list[Any]) -> str | None:
+    """The type name of the first argument that is neither a tensor nor a plain value."""
+    for leaf in leaves:
+        if not isinstance(leaf, (Tensor, *_PLAIN_ARGUMENTS)):
+            return type(leaf).__name__
+    return None
+
+
 class CompactionWarning(UserWarning):
     """A block that cannot be compacted runs the plain sampled path instead."""
 
@@ -404,6 +416,7 @@ class CompactedForward:
         """
         state = _rng_state(device)
         before = self._tensor_attributes()
+        stateful = _stateful_argument(tree_flatten((args, kwargs))[0])
         out = self.plain(*args, **kwargs)
         kept = [
             k
@@ -411,7 +424,12 @@ class CompactedForward:
             if t.grad_fn is not None and before.get(k) is not t
         ]
         main = out[0] if isinstance(out, tuple) and out else out
-        if kept:
+        if stateful is not None:
+            reason = (
+                f"it takes a {stateful} argument, which a re-run would update twice "
+                "(e.g. a key/value cache: call the model with use_cache=False)"
+            )
+        elif kept:
             reason = f"its forward keeps a tensor that carries gradient in {kept[0]} (an auxiliary loss?)"
         elif not isinstance(main, Tensor):
             reason = f"it returns {type(out).__name__}, not a tensor or a tuple starting with one"
