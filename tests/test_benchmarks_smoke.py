@@ -17,7 +17,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from greenprop.ssprop import SparseConv2d
+from greenprop.ssprop import SparseConv2d, kernels
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -113,7 +113,8 @@ def test_step_benchmark_runs_tiny(step_module, tmp_path, capsys):
     assert row["flops_b_over_a"] < 1.0
     assert all(len(t) == 1 and t[0] > 0 for t in row["per_round_s"].values())
     assert json.loads(out.read_text())["results"][0]["keep"] == 0.4
-    _assert_step_memory(row["memory"], {"a", "b", "c"})
+    _assert_step_memory(row["memory"], {"a", "b", "c", "d"})
+    assert row["kernels_loaded"] == kernels.load()  # False only where the C++ ops cannot build
     assert "Peak memory of one untimed step" in printed
 
 

@@ -25,10 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
+from greenprop.ssprop import kernels
+
 __all__ = [
     "SELECTIONS",
     "ChannelSelector",
     "channel_scores",
+    "channel_scores_torch",
     "conv2d_sparse_backward",
     "gather_channels",
     "keep_count",
@@ -69,26 +72,41 @@ def _physical_channels_last(t: Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
+def _channel_view(t: Tensor, channel_dim: int) -> Tensor:
+    """A contiguous ``(outer, C, inner)`` view of ``t``'s physical layout (copies only if strided).
+
+    NCHW is ``(N, C, H*W)``; channels_last and Linear rows ``(rows, C, 1)``.
+    """
+    c = t.shape[channel_dim]
+    if channel_dim == t.dim() - 1:
+        return t.reshape(-1, c, 1)  # Linear: rows are samples/tokens, columns are features
+    if channel_dim == 1 and _physical_channels_last(t):
+        return t.permute(0, 2, 3, 1).reshape(-1, c, 1)
+    return t.contiguous().view(math.prod(t.shape[:channel_dim]), c, -1)
+
+
 def channel_scores(grad_output: Tensor, channel_dim: int = 1) -> Tensor:
     """Importance of each output channel: sum of ``|dy|`` over all other dims (float32).
 
     A sum ranks exactly like the paper's mean. The reduction follows the physical
     layout (see the module docstring) and accumulates in float32 so bfloat16 gradients
-    do not produce spurious ties.
+    do not produce spurious ties. On CPU it is one read of ``dy`` in the C++ op of
+    :mod:`greenprop.ssprop.kernels` when that is built; otherwise (and on other devices)
+    ``|dy|`` is materialised and summed with PyTorch ops.
     """
-    dy = grad_output
     if channel_dim < 0:
-        channel_dim += dy.dim()
-    c = dy.shape[channel_dim]
-    if channel_dim == dy.dim() - 1:
-        flat = dy.reshape(-1, c)  # Linear: rows are samples/tokens, columns are features
-        return flat.abs().sum(0, dtype=torch.float32)
-    if channel_dim == 1 and _physical_channels_last(dy):
-        flat = dy.permute(0, 2, 3, 1).reshape(-1, c)
-        return flat.abs().sum(0, dtype=torch.float32)
-    dy = dy.contiguous()
-    lead = math.prod(dy.shape[:channel_dim])
-    return dy.view(lead, c, -1).abs().sum(dim=(0, 2), dtype=torch.float32)
+        channel_dim += grad_output.dim()
+    view = _channel_view(grad_output, channel_dim)
+    if kernels.available(view):
+        return kernels.channel_abs_sum(view)
+    return channel_scores_torch(view)
+
+
+def channel_scores_torch(view: Tensor) -> Tensor:
+    """The PyTorch-ops scoring of an ``(outer, C, inner)`` view (the kernel's fallback)."""
+    if view.shape[2] == 1:
+        return view.squeeze(2).abs().sum(0, dtype=torch.float32)
+    return view.abs().sum(dim=(0, 2), dtype=torch.float32)
 
 
 def select_channels(
