@@ -1,11 +1,11 @@
-// ssProp's two channel passes as CPU kernels, registered as torch.library ops.
+// ssProp's channel scoring as a CPU kernel, registered as a torch.library op.
 //
-// Both take a contiguous 3-D view (outer, C, inner) of the output gradient:
-// NCHW is (N, C, H*W), channels_last and Linear rows are (rows, C, 1).
-//   greenprop::channel_abs_sum(t)      -> float32 [C]: sum of |t| over outer and inner,
-//                                         one read of t and no temporary tensor.
-//   greenprop::gather_channels(t, idx) -> t[:, idx, :] as a contiguous (outer, k, inner).
+//   greenprop::channel_abs_sum(t) -> float32 [C]: sum of |t| over dims 0 and 2 of a
+//   contiguous (outer, C, inner) view of the output gradient (NCHW is (N, C, H*W),
+//   channels_last and Linear rows are (rows, C, 1)), in one read of t and without the
+//   temporary |t| tensor that PyTorch ops materialise.
 // Built and loaded by greenprop/ssprop/kernels.py, which falls back to PyTorch ops.
+// (A gather kernel was tried and dropped: it was no faster than index_select.)
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -16,7 +16,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <vector>
 
 namespace {
@@ -102,48 +101,12 @@ at::Tensor channel_abs_sum(const at::Tensor& t) {
   return out;
 }
 
-at::Tensor gather_channels(const at::Tensor& t, const at::Tensor& idx) {
-  check_view(t);
-  TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong && idx.device().is_cpu(),
-              "idx must be a 1-D int64 CPU tensor");
-  const int64_t outer = t.size(0), c = t.size(1), inner = t.size(2), k = idx.size(0);
-  at::Tensor index = idx.contiguous();
-  const int64_t* ix = index.const_data_ptr<int64_t>();
-  for (int64_t j = 0; j < k; ++j) TORCH_CHECK(ix[j] >= 0 && ix[j] < c, "channel index out of range");
-  at::Tensor out = at::empty({outer, k, inner}, t.options());
-  if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "gather_channels", [&] {
-    const scalar_t* src = t.const_data_ptr<scalar_t>();
-    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    if (inner == 1) {
-      at::parallel_for(0, outer, std::max<int64_t>(1, 32768 / std::max<int64_t>(k, 1)), [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r) {
-          const scalar_t* row = src + r * c;
-          scalar_t* o = dst + r * k;
-          for (int64_t j = 0; j < k; ++j) o[j] = row[ix[j]];
-        }
-      });
-    } else {
-      const size_t bytes = inner * sizeof(scalar_t);
-      at::parallel_for(0, outer * k, std::max<int64_t>(1, 32768 / inner), [&](int64_t b, int64_t e) {
-        for (int64_t p = b; p < e; ++p) {
-          const int64_t o = p / k, j = p % k;
-          std::memcpy(dst + p * inner, src + (o * c + ix[j]) * inner, bytes);
-        }
-      });
-    }
-  });
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY(greenprop, m) {
   m.def("channel_abs_sum(Tensor t) -> Tensor");
-  m.def("gather_channels(Tensor t, Tensor idx) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(greenprop, CPU, m) {
   m.impl("channel_abs_sum", &channel_abs_sum);
-  m.impl("gather_channels", &gather_channels);
 }

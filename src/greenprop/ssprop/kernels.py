@@ -1,15 +1,15 @@
-"""ssProp's channel scoring and gathering as C++ ops, built on first use, with a PyTorch fallback.
+"""ssProp's channel scoring as a C++ op, built on first use, with a PyTorch fallback.
 
 ``_channel_ops.cpp`` registers ``torch.ops.greenprop.channel_abs_sum`` (``sum |dy|`` per
-channel in one read, no temporary ``|dy|`` tensor) and ``torch.ops.greenprop.gather_channels``
-through ``torch.library``. :func:`load` compiles it once with
-:func:`torch.utils.cpp_extension.load` (needs a C++ compiler and ninja; the build is cached
+channel in one read, no temporary ``|dy|`` tensor) through ``torch.library``. :func:`load`
+compiles it once with :func:`torch.utils.cpp_extension.load` (needs a C++ compiler and
+ninja; the build is cached
 in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). Where that fails,
 or with ``GREENPROP_NO_KERNELS=1``, :func:`load` logs one line and returns False and
 ssProp computes through PyTorch ops: the same results (tested), one more pass over ``dy``.
 
-Both ops take a contiguous ``(outer, C, inner)`` view: NCHW ``(N, C, H*W)``, channels_last
-and Linear rows ``(rows, C, 1)``; they run on CPU tensors only.
+The op takes a contiguous ``(outer, C, inner)`` view: NCHW ``(N, C, H*W)``, channels_last
+and Linear rows ``(rows, C, 1)``; it runs on CPU tensors only.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "channel_abs_sum", "gather_channels", "load", "use_kernels"]
+__all__ = ["available", "channel_abs_sum", "load", "use_kernels"]
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,3 @@ def channel_abs_sum(view: Tensor) -> Tensor:
     """float32 ``|view|.sum((0, 2))`` of a contiguous ``(outer, C, inner)`` CPU tensor."""
     return torch.ops.greenprop.channel_abs_sum(view)
 
-
-def gather_channels(view: Tensor, idx: Tensor) -> Tensor:
-    """``view[:, idx, :]`` as a new contiguous tensor (``idx`` int64 on CPU)."""
-    return torch.ops.greenprop.gather_channels(view, idx)
