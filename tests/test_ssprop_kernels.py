@@ -19,6 +19,12 @@ needs_kernels = pytest.mark.skipif(not kernels.load(), reason="the C++ op could 
 
 
 @pytest.fixture
+def any_size(monkeypatch):
+    """The op serves tensors of every size (by default small ones take PyTorch ops)."""
+    monkeypatch.setattr(kernels, "MIN_NUMEL", 1)
+
+
+@pytest.fixture
 def fresh_loader(monkeypatch):
     """A loader that has not tried to build yet (the process-wide outcome is restored after)."""
     monkeypatch.setattr(kernels, "_state", {})
@@ -57,7 +63,7 @@ def test_op_equals_the_pytorch_scores(outer, channels, inner, dtype, seed):
         ((2, 7, 12), torch.contiguous_format, -1),  # Linear with leading dims
     ],
 )
-def test_scores_use_the_op_and_agree_with_it_off(shape, memory_format, channel_dim, monkeypatch):
+def test_scores_use_the_op_and_agree_with_it_off(shape, memory_format, channel_dim, monkeypatch, any_size):
     dy = torch.randn(shape).contiguous(memory_format=memory_format)
     calls = []
     op = kernels.channel_abs_sum
@@ -74,7 +80,7 @@ def test_scores_use_the_op_and_agree_with_it_off(shape, memory_format, channel_d
 
 @needs_kernels
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, CL])
-def test_sparse_backward_is_identical_with_and_without_the_op(memory_format):
+def test_sparse_backward_is_identical_with_and_without_the_op(memory_format, any_size):
     torch.manual_seed(0)
     layer = SparseConv2d(6, 16, 3, padding=1, keep=0.5).to(memory_format=memory_format)
     x = torch.randn(4, 6, 9, 9).contiguous(memory_format=memory_format)
@@ -90,7 +96,7 @@ def test_sparse_backward_is_identical_with_and_without_the_op(memory_format):
         assert torch.equal(with_op, without)
 
 
-def test_a_failed_build_falls_back_with_one_logged_line(fresh_loader, monkeypatch, caplog):
+def test_a_failed_build_falls_back_with_one_logged_line(fresh_loader, any_size, monkeypatch, caplog):
     builds = []
 
     def broken_build():
@@ -118,10 +124,12 @@ def test_the_environment_switch_skips_the_build(fresh_loader, monkeypatch, caplo
     assert kernels.DISABLE_ENV in caplog.records[0].getMessage()
 
 
-def test_the_op_is_not_used_off_cpu_or_for_integers(monkeypatch):
+def test_the_op_is_not_used_off_cpu_for_integers_or_small_tensors(monkeypatch):
     monkeypatch.setattr(kernels, "load", lambda: True)
-    assert not kernels.available(torch.ones(3, dtype=torch.int64))
-    assert not kernels.available(torch.ones(3, device="meta"))
+    big = kernels.MIN_NUMEL
+    assert not kernels.available(torch.ones(big, dtype=torch.int64))
+    assert not kernels.available(torch.ones(big, device="meta"))
+    assert not kernels.available(torch.ones(big - 1))
     with kernels.use_kernels(False):
-        assert not kernels.available(torch.ones(3))
-    assert kernels.available(torch.ones(3))
+        assert not kernels.available(torch.ones(big))
+    assert kernels.available(torch.ones(big))

@@ -3,10 +3,12 @@
 ``_channel_ops.cpp`` registers ``torch.ops.greenprop.channel_abs_sum`` (``sum |dy|`` per
 channel in one read, no temporary ``|dy|`` tensor) through ``torch.library``. :func:`load`
 compiles it once with :func:`torch.utils.cpp_extension.load` (needs a C++ compiler and
-ninja; the build is cached
-in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). Where that fails,
+ninja; the build is cached in ``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``). Where that fails,
 or with ``GREENPROP_NO_KERNELS=1``, :func:`load` logs one line and returns False and
 ssProp computes through PyTorch ops: the same results (tested), one more pass over ``dy``.
+Tensors under :data:`MIN_NUMEL` elements always take the PyTorch ops (the pass they save
+is negligible), so small models and most unit tests never trigger the build.
 
 The op takes a contiguous ``(outer, C, inner)`` view: NCHW ``(N, C, H*W)``, channels_last
 and Linear rows ``(rows, C, 1)``; it runs on CPU tensors only.
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("_channel_ops.cpp")
 #: Set to 1 to skip the build and always use the PyTorch ops.
 DISABLE_ENV = "GREENPROP_NO_KERNELS"
+#: Smaller gradients are scored with PyTorch ops (and do not trigger the build).
+MIN_NUMEL = 1 << 16
 
 _lock = threading.Lock()
 _state: dict[str, bool] = {}  # "loaded" -> outcome of the one build attempt
@@ -104,8 +108,10 @@ def use_kernels(enabled: bool) -> Iterator[None]:
 
 
 def available(t: Tensor) -> bool:
-    """Whether the C++ ops will serve ``t`` (a CPU floating tensor; builds on first call)."""
-    return _use[0] and t.device.type == "cpu" and t.is_floating_point() and load()
+    """Whether the C++ op will serve ``t`` (a large CPU floating tensor; builds on first call)."""
+    return (
+        _use[0] and t.device.type == "cpu" and t.is_floating_point() and t.numel() >= MIN_NUMEL and load()
+    )
 
 
 def channel_abs_sum(view: Tensor) -> Tensor:
