@@ -78,6 +78,12 @@ def test_scores_use_the_op_and_agree_with_it_off(shape, memory_format, channel_d
     torch.testing.assert_close(with_op, exact)
 
 
+def test_a_strided_linear_gradient_is_scored_without_the_op(any_size, monkeypatch):
+    monkeypatch.setattr(kernels, "channel_abs_sum", lambda v: pytest.fail("the op got a strided view"))
+    dy = torch.randn(9, 5).t()  # (rows 5, features 9), features not contiguous
+    torch.testing.assert_close(channel_scores(dy, -1), dy.abs().sum(0))
+
+
 @needs_kernels
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, CL])
 def test_sparse_backward_is_identical_with_and_without_the_op(memory_format, any_size):

@@ -73,9 +73,10 @@ def _physical_channels_last(t: Tensor) -> bool:
 
 
 def _channel_view(t: Tensor, channel_dim: int) -> Tensor:
-    """A contiguous ``(outer, C, inner)`` view of ``t``'s physical layout (copies only if strided).
+    """An ``(outer, C, inner)`` view of ``t``'s physical layout.
 
-    NCHW is ``(N, C, H*W)``; channels_last and Linear rows ``(rows, C, 1)``.
+    NCHW is ``(N, C, H*W)`` (copied only if strided), channels_last and Linear rows
+    ``(rows, C, 1)`` (contiguous unless a Linear gradient is strided).
     """
     c = t.shape[channel_dim]
     if channel_dim == t.dim() - 1:
@@ -97,7 +98,7 @@ def channel_scores(grad_output: Tensor, channel_dim: int = 1) -> Tensor:
     if channel_dim < 0:
         channel_dim += grad_output.dim()
     view = _channel_view(grad_output, channel_dim)
-    if kernels.available(view):
+    if view.is_contiguous() and kernels.available(view):  # a strided Linear gradient stays in torch
         return kernels.channel_abs_sum(view)
     return channel_scores_torch(view)
 
