@@ -55,6 +55,28 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results here")
 
 
+#: ``--clock`` choices: wall time, or the process's CPU time (all its threads).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def add_clock_option(parser: argparse.ArgumentParser) -> None:
+    """``--clock wall|cpu``: what interleaved timings measure."""
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall time (default) or the process's CPU time: steadier than wall time when other "
+        "processes oversubscribe the cores; with --threads 1 it is the work's own time",
+    )
+
+
+def clock_note(clock: str) -> str:
+    """A sentence for the report saying what the times are."""
+    if clock == "cpu":
+        return " Times are the process's CPU time (`--clock cpu`), not wall time."
+    return ""
+
+
 def check_ratios(parser: argparse.ArgumentParser, flags: str, values: Sequence[float]) -> None:
     """Exit with a usage error unless every keep ratio in ``values`` is in (0, 1]."""
     if any(not 0.0 < v <= 1.0 for v in values):
@@ -181,6 +203,7 @@ def interleaved_times(
     rounds: int,
     warmup: int,
     device: torch.device | str | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Timings:
     """Seconds (and page faults) per call of each function, one call each per round.
 
@@ -188,7 +211,7 @@ def interleaved_times(
     the order rotates every round so none gets a first-in-round advantage. Python's
     GC is off while timing so a collection does not land in one variant's measurement.
     On CUDA the device is synchronized before and after every call, so a call is
-    charged its kernels' time, not their launches'.
+    charged its kernels' time, not their launches'. ``clock`` is one of :data:`CLOCKS`.
     """
     sync = synchronizer(device)
     names = list(fns)
@@ -204,10 +227,10 @@ def interleaved_times(
             for name in rotated(names, r):
                 faults = minor_page_faults()
                 sync()
-                start = time.perf_counter()
+                start = clock()
                 fns[name]()
                 sync()
-                timings.seconds[name].append(time.perf_counter() - start)
+                timings.seconds[name].append(clock() - start)
                 timings.minor_faults[name].append(minor_page_faults() - faults)
     finally:
         if gc_was_enabled:

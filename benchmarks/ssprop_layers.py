@@ -33,8 +33,11 @@ import torch
 from torch import Tensor, nn
 
 from _common import (
+    CLOCKS,
+    add_clock_option,
     add_common_options,
     check_ratios,
+    clock_note,
     header_lines,
     interleaved_times,
     markdown_table,
@@ -155,7 +158,7 @@ def measure(
 ) -> tuple[int, dict[str, list[float]]]:
     """``k`` and the interleaved backward times of the three variants."""
     k, calls = backward_calls(shape, keep, round_to, args.batch, args.channels_last, args.seed)
-    return k, interleaved_times(calls, args.repeats, args.warmup).seconds
+    return k, interleaved_times(calls, args.repeats, args.warmup, clock=CLOCKS[args.clock]).seconds
 
 
 def summarise(
@@ -251,7 +254,8 @@ def report(env: dict[str, Any], args: argparse.Namespace, results: Sequence[Laye
         f"{args.repeats} interleaved repeats after {args.warmup} warm-up calls. speedup = dense / "
         "sparse (greenprop `SparseConv2d`), ideal = C/k, of ideal = speedup * k/C; floor = "
         "first-k `convolution_backward` with no ranking/gather/scatter (the same k); PyTorch ops = "
-        f"the sparse layer with its C++ channel ops off (ops {'built' if kernels.load() else 'NOT built'}).",
+        f"the sparse layer with its C++ channel ops off (ops {'built' if kernels.load() else 'NOT built'})."
+        + clock_note(args.clock),
         "",
         *result_table(results),
         "",
@@ -286,6 +290,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-downsample", action="store_true", help="skip the 1x1 stride-2 shortcut convs")
     p.add_argument("--progress", action="store_true", help="one line per row on stderr while running")
+    add_clock_option(p)
     add_common_options(p)
     args = p.parse_args(argv)
     if args.batch < 1 or args.repeats < 1 or args.warmup < 0 or min(args.round_to) < 1:

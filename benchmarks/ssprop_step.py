@@ -42,8 +42,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from _common import (
+    CLOCKS,
+    add_clock_option,
     add_common_options,
     check_ratios,
+    clock_note,
     forward_backward_flops,
     header_lines,
     interleaved_times,
@@ -157,7 +160,7 @@ def benchmark_keep(base: nn.Module, keep: float, args: argparse.Namespace) -> St
     flops = {name: forward_backward_flops(m, fx, fy) for name, m in variants.items()}
     steps = {name: make_step(m, x, y, args.lr) for name, m in variants.items()}
     steps["d"] = without_kernels(steps["d"])
-    timings = interleaved_times(steps, args.rounds, args.warmup)
+    timings = interleaved_times(steps, args.rounds, args.warmup, clock=CLOCKS[args.clock])
     times = timings.seconds
     final_loss = {name: float(step()) for name, step in steps.items()}  # one untimed step: a NaN check
     memory = step_memory(steps)
@@ -257,7 +260,8 @@ def report(env: Mapping[str, Any], args: argparse.Namespace, results: Sequence[S
         "no ranking/gather/scatter), d = greenprop with its C++ channel ops off (PyTorch-ops "
         f"scoring; C++ ops {'built' if results[0].kernels_loaded else 'NOT built: b = d'}). "
         "Ratios are medians of per-round ratios unless noted; "
-        "FLOPs b/a is the ideal step ratio if time followed counted FLOPs.",
+        "FLOPs b/a is the ideal step ratio if time followed counted FLOPs."
+        + clock_note(args.clock),
         "",
         *result_table(results),
         "",
@@ -306,6 +310,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=64, help="ResNet-18 base width (default 64)")
     p.add_argument("--image-size", type=int, default=32, help="input side (default 32)")
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default 0.01)")
+    add_clock_option(p)
     add_common_options(p)
     args = p.parse_args(argv)
     for name in ("batch", "rounds", "width", "image_size", "round_to"):
