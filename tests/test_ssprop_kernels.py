@@ -139,3 +139,14 @@ def test_the_op_is_not_used_off_cpu_for_integers_or_small_tensors(monkeypatch):
     with kernels.use_kernels(False):
         assert not kernels.available(torch.ones(big))
     assert kernels.available(torch.ones(big))
+
+
+def test_the_pypi_ninja_is_put_on_path_when_none_is_installed(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
+    monkeypatch.setitem(sys.modules, "ninja", types.SimpleNamespace(BIN_DIR=str(tmp_path)))
+    monkeypatch.setenv("PATH", "/usr/bin")
+    kernels._ninja_on_path()
+    assert kernels.os.environ["PATH"].split(kernels.os.pathsep) == [str(tmp_path), "/usr/bin"]
