@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import sys
+import types
 
 import pytest
 import torch
@@ -142,9 +144,6 @@ def test_the_op_is_not_used_off_cpu_for_integers_or_small_tensors(monkeypatch):
 
 
 def test_the_pypi_ninja_is_put_on_path_when_none_is_installed(monkeypatch, tmp_path):
-    import sys
-    import types
-
     monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
     monkeypatch.setitem(sys.modules, "ninja", types.SimpleNamespace(BIN_DIR=str(tmp_path)))
     monkeypatch.setenv("PATH", "/usr/bin")
