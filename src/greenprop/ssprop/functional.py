@@ -177,14 +177,11 @@ def _take_rows(t: Tensor, idx: Tensor) -> Tensor:
 def _scatter_rows(full_like: Tensor, idx: Tensor, rows: Tensor) -> Tensor:
     """Zeros shaped like ``full_like`` with ``rows`` written at ``idx`` (dim 0).
 
-    Only the rows not in ``idx`` are zeroed, so every byte is written once (zeroing the
-    whole tensor first costs another ``k / C`` of it, noticeable for wide layers).
+    (Zeroing only the dropped rows, so each byte is written once, measured no faster:
+    ``index_fill_`` is slower per byte than the memset of ``zeros_like``.)
     """
-    out = torch.empty_like(full_like)
+    out = torch.zeros_like(full_like)
     out.index_copy_(0, idx, rows.to(out.dtype))
-    kept = torch.zeros(out.shape[0], dtype=torch.uint8, device=out.device).index_fill_(0, idx, 1)
-    dropped = kept.argsort(stable=True)[: out.shape[0] - idx.numel()]  # no host sync, unlike nonzero()
-    out.index_fill_(0, dropped, 0)
     return out
 
 
