@@ -19,6 +19,7 @@ import platform
 import shlex
 import statistics
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,28 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     add_threads_option(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results here")
+
+
+#: ``--clock`` choices: wall time, or the process's CPU time (all its threads).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def add_clock_option(parser: argparse.ArgumentParser) -> None:
+    """``--clock wall|cpu``: what interleaved timings measure."""
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall time (default) or the process's CPU time: steadier than wall time when other "
+        "processes oversubscribe the cores; with --threads 1 it is the work's own time",
+    )
+
+
+def clock_note(clock: str) -> str:
+    """A sentence for the report saying what the times are."""
+    if clock == "cpu":
+        return " Times are the process's CPU time (`--clock cpu`), not wall time."
+    return ""
 
 
 def check_ratios(parser: argparse.ArgumentParser, flags: str, values: Sequence[float]) -> None:

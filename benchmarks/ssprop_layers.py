@@ -1,6 +1,6 @@
 """Per-layer backward time vs keep for the convolutions of a CIFAR ResNet-18.
 
-For every conv shape and keep ratio three backwards of the same layer (same weights,
+For every conv shape and keep ratio four backwards of the same layer (same weights,
 same input, same output gradient) are timed side by side:
 
 * dense: autograd through a plain ``nn.Conv2d`` (one ``aten.convolution_backward``
@@ -8,7 +8,9 @@ same input, same output gradient) are timed side by side:
 * sparse: greenprop's :class:`~greenprop.ssprop.SparseConv2d` at that keep (top-k
   ranking, gather, ``convolution_backward`` on ``k`` channels, scatter);
 * floor: :class:`_narrow_conv.NarrowConv2d` with the same ``k``: the same small
-  ``convolution_backward`` on the first ``k`` channels, no ranking/gather/scatter.
+  ``convolution_backward`` on the first ``k`` channels, no ranking/gather/scatter;
+* torch_ops: the sparse layer with greenprop's C++ channel ops switched off
+  (``kernels.use_kernels(False)``): its scoring in PyTorch ops, as before the ops existed.
 
 Only the backward is timed (``torch.autograd.grad(..., retain_graph=True)`` on a
 graph built once). Calls are interleaved and the order rotates every repeat; the
@@ -31,8 +33,11 @@ import torch
 from torch import Tensor, nn
 
 from _common import (
+    CLOCKS,
+    add_clock_option,
     add_common_options,
     check_ratios,
+    clock_note,
     header_lines,
     interleaved_times,
     markdown_table,
@@ -40,11 +45,11 @@ from _common import (
     start,
 )
 from _narrow_conv import NarrowConv2d
-from greenprop.ssprop import SparseConv2d
+from greenprop.ssprop import SparseConv2d, kernels
 from greenprop.ssprop.functional import keep_count
 
 DEFAULT_KEEPS = (1.0, 0.8, 0.6, 0.4, 0.2)
-VARIANTS = ("dense", "sparse", "floor")
+VARIANTS = ("dense", "sparse", "floor", "torch_ops")
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,7 @@ class LayerResult:
     ideal: float  # C / k
     of_ideal: float  # speedup * k / C
     sparse_over_floor: float
+    torch_ops_over_floor: float
     reused_from_round_to: int | None = None
 
 
@@ -137,7 +143,14 @@ def backward_calls(
     def call(out: Tensor, weight: Tensor) -> Callable[[], object]:
         return lambda: torch.autograd.grad(out, (x, weight), dy, retain_graph=True)
 
-    return k, {name: call(outputs[name], layers[name].weight) for name in VARIANTS}
+    calls = {name: call(outputs[name], layers[name].weight) for name in ("dense", "sparse", "floor")}
+    sparse_call = calls["sparse"]
+
+    def torch_ops() -> object:
+        with kernels.use_kernels(False):
+            return sparse_call()
+
+    return k, {**calls, "torch_ops": torch_ops}
 
 
 def measure(
@@ -145,7 +158,7 @@ def measure(
 ) -> tuple[int, dict[str, list[float]]]:
     """``k`` and the interleaved backward times of the three variants."""
     k, calls = backward_calls(shape, keep, round_to, args.batch, args.channels_last, args.seed)
-    return k, interleaved_times(calls, args.repeats, args.warmup).seconds
+    return k, interleaved_times(calls, args.repeats, args.warmup, clock=CLOCKS[args.clock]).seconds
 
 
 def summarise(
@@ -167,6 +180,7 @@ def summarise(
         ideal=shape.c_out / k,
         of_ideal=speedup * k / shape.c_out,
         sparse_over_floor=med["sparse"] / med["floor"],
+        torch_ops_over_floor=med["torch_ops"] / med["floor"],
     )
 
 
@@ -202,10 +216,12 @@ def result_table(results: Sequence[LayerResult]) -> list[str]:
         "dense (ms)",
         "sparse (ms)",
         "floor (ms)",
+        "PyTorch ops (ms)",
         "speedup",
         "ideal C/k",
         "of ideal",
         "sparse/floor",
+        "PyTorch ops/floor",
     ]
     rows = []
     for r in results:
@@ -219,10 +235,12 @@ def result_table(results: Sequence[LayerResult]) -> list[str]:
                 ms["dense"],
                 ms["sparse"],
                 ms["floor"],
+                ms["torch_ops"],
                 f"{r.speedup:.2f}x",
                 f"{r.ideal:.2f}x",
                 f"{100 * r.of_ideal:.0f}%",
                 f"{r.sparse_over_floor:.2f}",
+                f"{r.torch_ops_over_floor:.2f}",
             ]
         )
     return markdown_table(header, rows)
@@ -235,7 +253,9 @@ def report(env: dict[str, Any], args: argparse.Namespace, results: Sequence[Laye
         f"Backward only (grad_input + grad_weight), batch {args.batch}, fp32, {layout}; median of "
         f"{args.repeats} interleaved repeats after {args.warmup} warm-up calls. speedup = dense / "
         "sparse (greenprop `SparseConv2d`), ideal = C/k, of ideal = speedup * k/C; floor = "
-        "first-k `convolution_backward` with no ranking/gather/scatter (the same k).",
+        "first-k `convolution_backward` with no ranking/gather/scatter (the same k); PyTorch ops = "
+        f"the sparse layer with its C++ channel ops off (ops {'built' if kernels.load() else 'NOT built'})."
+        + clock_note(args.clock),
         "",
         *result_table(results),
         "",
@@ -270,6 +290,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-downsample", action="store_true", help="skip the 1x1 stride-2 shortcut convs")
     p.add_argument("--progress", action="store_true", help="one line per row on stderr while running")
+    add_clock_option(p)
     add_common_options(p)
     args = p.parse_args(argv)
     if args.batch < 1 or args.repeats < 1 or args.warmup < 0 or min(args.round_to) < 1:

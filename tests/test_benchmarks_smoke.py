@@ -17,7 +17,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from greenprop.ssprop import SparseConv2d
+from greenprop.ssprop import SparseConv2d, kernels
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -103,9 +103,11 @@ def test_apply_reference_converts_the_same_layers_in_place(reference_module):
 def test_step_benchmark_runs_tiny(step_module, tmp_path, capsys):
     out = tmp_path / "step.json"
     argv = ["--batch", "2", "--rounds", "1", "--warmup", "0", "--width", "8", "--image-size", "16"]
+    argv += ["--clock", "cpu"]
     result = step_module.main([*argv, "--keeps", "0.4", "--threads", "1", "--json", str(out)])
     printed = capsys.readouterr().out
     assert "GLIBC_TUNABLES" in printed and "| keep |" in printed and "--image-size 16" in printed
+    assert "process's CPU time" in printed
     (row,) = result["results"]
     assert row["layers_converted"] == 20  # every conv of ResNet-18; the head stays dense
     assert row["k_total"] < row["channels_total"]
@@ -113,7 +115,8 @@ def test_step_benchmark_runs_tiny(step_module, tmp_path, capsys):
     assert row["flops_b_over_a"] < 1.0
     assert all(len(t) == 1 and t[0] > 0 for t in row["per_round_s"].values())
     assert json.loads(out.read_text())["results"][0]["keep"] == 0.4
-    _assert_step_memory(row["memory"], {"a", "b", "c"})
+    _assert_step_memory(row["memory"], {"a", "b", "c", "d"})
+    assert row["kernels_loaded"] == kernels.load()  # False only where the C++ ops cannot build
     assert "Peak memory of one untimed step" in printed
 
 

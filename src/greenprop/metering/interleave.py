@@ -59,12 +59,14 @@ def interleaved_times(
     rounds: int,
     warmup: int,
     device: torch.device | str | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Timings:
     """Seconds (and page faults) per call of each function, one call each per round.
 
     Python's GC is off while timing so a collection does not land in one variant's
     measurement. On CUDA the device is synchronized before and after every call, so a
-    call is charged its kernels' time, not their launches'.
+    call is charged its kernels' time, not their launches'. ``clock`` measures: wall time
+    by default, or e.g. ``time.process_time`` (CPU time) on a machine shared with other jobs.
     """
     sync = synchronizer(device)
     names = list(fns)
@@ -80,10 +82,10 @@ def interleaved_times(
             for name in rotated(names, r):
                 faults = minor_page_faults()
                 sync()
-                start = time.perf_counter()
+                start = clock()
                 fns[name]()
                 sync()
-                timings.seconds[name].append(time.perf_counter() - start)
+                timings.seconds[name].append(clock() - start)
                 timings.minor_faults[name].append(minor_page_faults() - faults)
     finally:
         if gc_was_enabled:

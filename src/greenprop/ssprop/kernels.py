@@ -1,0 +1,120 @@
+"""ssProp's channel scoring as a C++ op, built on first use, with a PyTorch fallback.
+
+``_channel_ops.cpp`` registers ``torch.ops.greenprop.channel_abs_sum`` (``sum |dy|`` per
+channel in one read, no temporary ``|dy|`` tensor) through ``torch.library``. :func:`load`
+compiles it once with :func:`torch.utils.cpp_extension.load` (needs a C++ compiler and
+ninja; the build is cached in ``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``). Where that fails,
+or with ``GREENPROP_NO_KERNELS=1``, :func:`load` logs one line and returns False and
+ssProp computes through PyTorch ops: the same results (tested), one more pass over ``dy``.
+Tensors under :data:`MIN_NUMEL` elements always take the PyTorch ops (the pass they save
+is negligible), so small models and most unit tests never trigger the build.
+
+The op takes a contiguous ``(outer, C, inner)`` view: NCHW ``(N, C, H*W)``, channels_last
+and Linear rows ``(rows, C, 1)``; it runs on CPU tensors only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "channel_abs_sum", "load", "use_kernels"]
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("_channel_ops.cpp")
+#: Set to 1 to skip the build and always use the PyTorch ops.
+DISABLE_ENV = "GREENPROP_NO_KERNELS"
+#: Smaller gradients are scored with PyTorch ops (and do not trigger the build).
+MIN_NUMEL = 1 << 16
+
+_lock = threading.Lock()
+_state: dict[str, bool] = {}  # "loaded" -> outcome of the one build attempt
+_use = [True]  # switched by use_kernels()
+
+
+def _compile_flags() -> list[str]:
+    """-O3, plus the vector ISA this CPU runs PyTorch's own kernels with."""
+    flags = ["-O3", "-fopenmp"]
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma", "-mf16c"]
+    return flags
+
+
+def _ninja_on_path() -> None:
+    """Put the PyPI ``ninja`` package's binary on PATH when no system ninja is there."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja  # type: ignore[import-not-found]
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    _ninja_on_path()
+    cpp_extension.load(
+        name="greenprop_channel_ops",
+        sources=[str(_SOURCE)],
+        extra_cflags=_compile_flags(),
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def load() -> bool:
+    """Build (first call) and load the C++ ops; False, after one logged line, where they cannot be."""
+    with _lock:
+        if "loaded" not in _state:
+            if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+                log.warning("greenprop: ssProp C++ kernels disabled by %s; using PyTorch ops", DISABLE_ENV)
+                _state["loaded"] = False
+            else:
+                try:
+                    _build()
+                    _state["loaded"] = hasattr(torch.ops.greenprop, "channel_abs_sum")
+                except Exception as exc:  # no compiler, no ninja, a failed build: fall back
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    log.warning("greenprop: ssProp C++ kernels unavailable (%s); using PyTorch ops", first)
+                    _state["loaded"] = False
+        return _state["loaded"]
+
+
+@contextmanager
+def use_kernels(enabled: bool) -> Iterator[None]:
+    """Inside the block ssProp uses (or, with False, does not use) the C++ ops.
+
+    For side-by-side timing and tests of the PyTorch path; the default is to use them.
+    """
+    previous, _use[0] = _use[0], enabled
+    try:
+        yield
+    finally:
+        _use[0] = previous
+
+
+def available(t: Tensor) -> bool:
+    """Whether the C++ op will serve ``t`` (a large CPU floating tensor; builds on first call)."""
+    return (
+        _use[0] and t.device.type == "cpu" and t.is_floating_point() and t.numel() >= MIN_NUMEL and load()
+    )
+
+
+def channel_abs_sum(view: Tensor) -> Tensor:
+    """float32 ``|view|.sum((0, 2))`` of a contiguous ``(outer, C, inner)`` CPU tensor."""
+    return torch.ops.greenprop.channel_abs_sum(view)
+

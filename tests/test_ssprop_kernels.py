@@ -1,0 +1,151 @@
+"""ssProp's C++ channel-scoring op against the PyTorch path, and its fallback."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import types
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from greenprop.ssprop import SparseConv2d, kernels
+from greenprop.ssprop.functional import channel_scores, channel_scores_torch, select_channels
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+CL = torch.channels_last
+
+needs_kernels = pytest.mark.skipif(not kernels.load(), reason="the C++ op could not be built here")
+
+
+@pytest.fixture
+def any_size(monkeypatch):
+    """The op serves tensors of every size (by default small ones take PyTorch ops)."""
+    monkeypatch.setattr(kernels, "MIN_NUMEL", 1)
+
+
+@pytest.fixture
+def fresh_loader(monkeypatch):
+    """A loader that has not tried to build yet (the process-wide outcome is restored after)."""
+    monkeypatch.setattr(kernels, "_state", {})
+    return kernels
+
+
+@needs_kernels
+@SETTINGS
+@given(
+    outer=st.integers(0, 300),
+    channels=st.integers(1, 40),
+    inner=st.integers(1, 70),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
+def test_op_equals_the_pytorch_scores(outer, channels, inner, dtype, seed):
+    view = (torch.randn(outer, channels, inner, generator=torch.Generator().manual_seed(seed)) * 3).to(dtype)
+    got = kernels.channel_abs_sum(view)
+    want = channel_scores_torch(view)
+    assert got.dtype == torch.float32 and got.shape == (channels,)
+    exact = view.double().abs().sum((0, 2))
+    # both accumulate in float32 in different orders; neither is further than this from exact
+    tol = 1e-5 * exact + 1e-6
+    assert bool(((got.double() - exact).abs() <= tol).all())
+    assert bool(((want.double() - exact).abs() <= tol).all())
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("shape", "memory_format", "channel_dim"),
+    [
+        ((3, 8, 5, 6), torch.contiguous_format, 1),
+        ((3, 8, 5, 6), CL, 1),
+        ((3, 8, 1, 1), CL, 1),  # ambiguous strides: read as NCHW
+        ((7, 12), torch.contiguous_format, -1),  # Linear rows
+        ((2, 7, 12), torch.contiguous_format, -1),  # Linear with leading dims
+    ],
+)
+def test_scores_use_the_op_and_agree_with_it_off(shape, memory_format, channel_dim, monkeypatch, any_size):
+    dy = torch.randn(shape).contiguous(memory_format=memory_format)
+    calls = []
+    op = kernels.channel_abs_sum
+    monkeypatch.setattr(kernels, "channel_abs_sum", lambda v: calls.append(v.shape) or op(v))
+    with_op = channel_scores(dy, channel_dim)
+    assert calls, "the C++ op was not used"
+    with kernels.use_kernels(False):
+        without = channel_scores(dy, channel_dim)
+    assert len(calls) == 1
+    torch.testing.assert_close(with_op, without, rtol=1e-5, atol=1e-6)
+    exact = dy.movedim(channel_dim, -1).reshape(-1, shape[channel_dim]).abs().sum(0)
+    torch.testing.assert_close(with_op, exact)
+
+
+def test_a_strided_linear_gradient_is_scored_without_the_op(any_size, monkeypatch):
+    monkeypatch.setattr(kernels, "channel_abs_sum", lambda v: pytest.fail("the op got a strided view"))
+    dy = torch.randn(9, 5).t()  # (rows 5, features 9), features not contiguous
+    torch.testing.assert_close(channel_scores(dy, -1), dy.abs().sum(0))
+
+
+@needs_kernels
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, CL])
+def test_sparse_backward_is_identical_with_and_without_the_op(memory_format, any_size):
+    torch.manual_seed(0)
+    layer = SparseConv2d(6, 16, 3, padding=1, keep=0.5).to(memory_format=memory_format)
+    x = torch.randn(4, 6, 9, 9).contiguous(memory_format=memory_format)
+    scale = torch.linspace(0.5, 2.0, 16).view(1, -1, 1, 1)  # channel scores well apart
+    dy = (torch.randn(4, 16, 9, 9) * scale).contiguous(memory_format=memory_format)
+    grads = []
+    for enabled in (True, False):
+        with kernels.use_kernels(enabled):
+            xr = x.clone().requires_grad_()
+            grads.append(torch.autograd.grad(layer(xr), (xr, layer.weight, layer.bias), dy))
+        assert select_channels(dy, 8).tolist() == list(range(8, 16))
+    for with_op, without in zip(*grads, strict=True):
+        assert torch.equal(with_op, without)
+
+
+def test_a_failed_build_falls_back_with_one_logged_line(fresh_loader, any_size, monkeypatch, caplog):
+    builds = []
+
+    def broken_build():
+        builds.append(1)
+        raise RuntimeError("Error building extension 'greenprop_channel_ops'\nmore compiler output")
+
+    monkeypatch.setattr(kernels, "_build", broken_build)
+    monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
+    dy = torch.randn(2, 5, 3, 3)
+    with caplog.at_level(logging.WARNING, logger="greenprop.ssprop.kernels"):
+        scores = channel_scores(dy)
+        assert not kernels.available(dy) and not kernels.load()
+    torch.testing.assert_close(scores, dy.abs().sum((0, 2, 3)))
+    assert len(builds) == 1  # tried once per process
+    (record,) = caplog.records
+    assert "unavailable (Error building extension 'greenprop_channel_ops')" in record.getMessage()
+    assert "\n" not in record.getMessage()
+
+
+def test_the_environment_switch_skips_the_build(fresh_loader, monkeypatch, caplog):
+    monkeypatch.setattr(kernels, "_build", lambda: pytest.fail("built although disabled"))
+    monkeypatch.setenv(kernels.DISABLE_ENV, "1")
+    with caplog.at_level(logging.WARNING, logger="greenprop.ssprop.kernels"):
+        assert not kernels.load()
+    assert kernels.DISABLE_ENV in caplog.records[0].getMessage()
+
+
+def test_the_op_is_not_used_off_cpu_for_integers_or_small_tensors(monkeypatch):
+    monkeypatch.setattr(kernels, "load", lambda: True)
+    big = kernels.MIN_NUMEL
+    assert not kernels.available(torch.ones(big, dtype=torch.int64))
+    assert not kernels.available(torch.ones(big, device="meta"))
+    assert not kernels.available(torch.ones(big - 1))
+    with kernels.use_kernels(False):
+        assert not kernels.available(torch.ones(big))
+    assert kernels.available(torch.ones(big))
+
+
+def test_the_pypi_ninja_is_put_on_path_when_none_is_installed(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
+    monkeypatch.setitem(sys.modules, "ninja", types.SimpleNamespace(BIN_DIR=str(tmp_path)))
+    monkeypatch.setenv("PATH", "/usr/bin")
+    kernels._ninja_on_path()
+    assert kernels.os.environ["PATH"].split(kernels.os.pathsep) == [str(tmp_path), "/usr/bin"]
