@@ -9,8 +9,11 @@ file's permuted q/k rows), computes the logits. The model is loaded once for the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.metadata
+import io
+import os
 
 import numpy as np
 import pytest
@@ -22,6 +25,7 @@ from greenprop import models
 from greenprop.data import locate
 from greenprop.data.text import read_snippets
 from greenprop.errors import GreenpropError
+from greenprop.models.loading import TemplateCache, load_progress
 from greenprop.ssprop import SSPropConfig, apply_ssprop, remove_ssprop, sparse_layers
 from greenprop.vcas import VCASConfig, apply_vcas, find_blocks, remove_vcas
 from greenprop.vcas.surgery import vcas_handle
@@ -57,8 +61,18 @@ def gguf_tensors(reader) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def model() -> nn.Module:
-    return smollm.load_smollm2()
+def quiet_load() -> tuple[nn.Module, str]:
+    """The full model read from the file with progress off, and what the read printed."""
+    smollm.clear_loaded()  # read the file here, not copy an earlier test's model
+    printed = io.StringIO()
+    with contextlib.redirect_stderr(printed), contextlib.redirect_stdout(printed), load_progress(False):
+        loaded = smollm.load_smollm2()
+    return loaded, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model(quiet_load) -> nn.Module:
+    return quiet_load[0]
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +195,67 @@ def test_logits_match_an_independent_llama_forward(model, tokenizer, gguf_tensor
     torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-3)
     assert got.std() > 1.0  # informative logits, not a constant
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+# ---------------------------------------------------------------- loading once, quietly
+def test_a_read_with_progress_off_prints_nothing(quiet_load):
+    assert quiet_load[1] == ""  # transformers' own tqdm bar used to print here regardless
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("shown", [True, False])
+def test_the_dequantising_bar_is_named_and_drawn_only_with_progress_on(shown):
+    from transformers import modeling_gguf_pytorch_utils as gguf_loader
+
+    terminal = _Terminal()
+    with contextlib.redirect_stderr(terminal), smollm._tensor_bar(shown):
+        drawn = gguf_loader.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors...")
+        assert list(drawn) == [0, 1, 2]
+    assert ("SmolLM2-135M: dequantising GGUF tensors" in terminal.getvalue()) is shown
+    assert "Converting" not in terminal.getvalue()
+    assert gguf_loader.tqdm is not None and gguf_loader.tqdm.__module__.startswith("tqdm")  # restored
+
+
+def test_a_second_load_copies_the_kept_model_instead_of_reading_the_file(model):
+    reads = smollm._LOADED.loads
+    first, second = smollm.load_smollm2(), smollm.load_smollm2()
+    assert smollm._LOADED.loads - reads <= 1  # 0 when the fixture's model is still kept
+    after_first = smollm._LOADED.loads
+    smollm.load_smollm2()
+    assert smollm._LOADED.loads == after_first
+    for loaded in (first, second):
+        assert not loaded.training and loaded.lm_head.weight is loaded.model.embed_tokens.weight
+        for (name, got), want in zip(loaded.named_parameters(), model.parameters(), strict=True):
+            assert torch.equal(got, want), name
+    storages = [{p.untyped_storage().data_ptr() for p in m.parameters()} for m in (first, second, model)]
+    assert not storages[0] & storages[1] and not (storages[0] | storages[1]) & storages[2]
+
+
+def test_the_kept_model_is_keyed_by_file_dtype_and_slice(tmp_path, monkeypatch):
+    file = tmp_path / "SmolLM2.gguf"
+    file.write_bytes(b"x")
+    reads = []
+
+    def fake_read(transformers, path, dtype, num_layers):
+        reads.append((path, dtype, num_layers))
+        return nn.Linear(2, 2)
+
+    monkeypatch.setattr(smollm, "_LOADED", TemplateCache())
+    monkeypatch.setattr(smollm, "_read", fake_read)
+    monkeypatch.setattr(smollm, "gguf_path", lambda: file)
+    for _ in range(2):
+        smollm.load_smollm2(num_layers=2)
+    assert reads == [(file, torch.float32, 2)]
+    smollm.load_smollm2(num_layers=3)
+    smollm.load_smollm2(torch.float64, num_layers=3)
+    assert reads[1:] == [(file, torch.float32, 3), (file, torch.float64, 3)]
+    os.utime(file, ns=(1, 1))  # the file was replaced: read it again
+    smollm.load_smollm2(torch.float64, num_layers=3)
+    assert len(reads) == 4
 
 
 # ---------------------------------------------------------------- errors and the zoo entry

@@ -348,8 +348,8 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> None:
     from greenprop.experiments.frontier import (
         DEFAULT_FRACTIONS,
         compare_with_frontier,
-        format_frontier_table,
-        verdict_lines,
+        frontier_metrics,
+        frontier_text,
     )
     from greenprop.experiments.load_check import load_notes
     from greenprop.experiments.presets import get_preset
@@ -378,9 +378,7 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> None:
     frontier_rows = compare_with_frontier(results)
     if frontier_rows:
         print("Against the dense frontier (dense training at the method's FLOPs / time):")
-        print(format_frontier_table(frontier_rows))
-        print("\n".join(verdict_lines(frontier_rows)))
-        print()
+        print("\n".join(frontier_text(frontier_rows, frontier_metrics(results), markdown=False)))
     print("report: " + "  ".join(str(p) for p in paths.values()))
 
 

@@ -128,9 +128,6 @@ def run_compare(
     if task_of(base.model) == "diffusion" and base.fd_cache is None:
         base = base.replace(fd_cache=str(out))  # one FD classifier for every run compared
     runs = [(spec.label, base.replace(method=spec.label)) for spec in specs]
-    if frontier and task_of(base.model) == "diffusion":
-        print("compare: no dense frontier for this task yet (it reads Acc@1), so none is trained")
-        frontier = ()
     dense_budgets = frontier_runs(base, frontier)
     if frontier:
         budgets = ", ".join(str(config.epochs) for _, config in dense_budgets) or "none"
