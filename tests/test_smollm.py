@@ -13,6 +13,7 @@ import contextlib
 import copy
 import importlib.metadata
 import io
+import json
 import os
 
 import numpy as np
@@ -393,3 +394,34 @@ def test_vcas_on_the_decoder_layers_keeps_keys_is_exact_at_ratio_one_and_passes_
     assert all(torch.isfinite(g).all() for g in grads)
     remove_vcas(two_layers)
     assert not any(type(m).__name__ == "VCASLinear" for m in two_layers.modules())
+
+
+# ---------------------------------------------------------------- a test-sized compare
+def test_compare_reads_the_file_once_quietly_and_reports_its_perplexity_frontier(tmp_path, capfd):
+    """Every epoch slice and every method's check builds the model: from one read of the
+    file, with no loading bar under --no-progress."""
+    from greenprop.cli import main
+
+    smollm.clear_loaded()
+    reads = smollm._LOADED.loads
+    out = tmp_path / "cmp"
+    argv = ["compare", "--model", "smollm2-135m:num_layers=1", "--dataset", "rotten-tomatoes-lm"]
+    argv += ["--subset", "2", "--test-subset", "2", "--epochs", "2", "--batch-size", "2"]
+    argv += ["--eval-batch-size", "2", "--optimizer", "adamw", "--lr", "1e-3", "--lr-schedule", "none"]
+    argv += ["--flops-samples", "1"]
+    argv += ["--methods", "baseline", "ssprop:keep=0.5,layers=linear", "--frontier-budgets", "0.5"]
+    assert main([*argv, "--no-progress", "--out", str(out)]) == 0
+    printed = capfd.readouterr()
+    assert smollm._LOADED.loads - reads == 1  # 2 method checks + 5 epoch slices, one read
+    assert "GGUF" not in printed.err + printed.out and "dequantising" not in printed.err
+    assert "Δ Perplexity ↓ (FLOPs)" in printed.out
+    data = json.loads((out / "results.json").read_text())
+    (row,) = data["frontier"]
+    assert row["method"] == "ssprop:keep=0.5,layers=linear" and row["dense_ppl_at_flops"] > 0
+    # Each run trained its own copy: with a constant learning rate dense@1ep is exactly the
+    # baseline's first epoch, though it trained after the baseline and ssProp had trained theirs.
+    first = [
+        json.loads((out / name / "seed0" / "metrics.json").read_text())["epochs"][0]
+        for name in ("baseline", "dense_1ep")
+    ]
+    assert first[0]["loss"] == first[1]["loss"] and first[0]["train_loss"] == first[1]["train_loss"]

@@ -10,6 +10,7 @@ nothing that was saved.
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import warnings
@@ -95,6 +96,8 @@ def _validate_up_front(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             build_method(spec, scratch, epochs=base.epochs, steps_per_epoch=steps, seed=seeds[0])
+        del scratch
+        gc.collect()  # free each scratch model (and its method's cycles) before the next
 
 
 def run_compare(
@@ -168,3 +171,8 @@ def _train_slice(run: _Run, epoch: int, where: str, *, data: gp_data.DatasetPair
     except TrainingDiverged as err:
         print(f"{where} {run.label} seed {run.seed} diverged ({err}); recorded, going on")
         run.metrics = json.loads((run.path / METRICS).read_text())
+    finally:
+        # The trainer, its model and optimizer hold reference cycles (hooks, methods): free
+        # them now, before the next slice builds its model, not at the collector's leisure.
+        del trainer
+        gc.collect()

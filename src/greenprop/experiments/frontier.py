@@ -107,6 +107,10 @@ class FrontierMetric:
                 "scale": "log" if self.log else "linear"}
 
 
+#: Shorter labels for the frontier's columns (the main table's say the unit).
+_SHORT = {"acc1": "Acc@1"}
+
+
 def frontier_metrics(results: list[RunResult]) -> tuple[FrontierMetric, ...]:
     """The task's metrics the frontier compares on, the ranking one first.
 
@@ -118,7 +122,9 @@ def frontier_metrics(results: list[RunResult]) -> tuple[FrontierMetric, ...]:
     metrics = task_metrics(results)
     keys = {m["key"] for m in metrics}
     return tuple(
-        FrontierMetric(m["key"], m["label"], m["higher_is_better"], log=m["key"] == "ppl")
+        FrontierMetric(
+            m["key"], _SHORT.get(m["key"], m["label"]), m["higher_is_better"], log=m["key"] == "ppl"
+        )
         for m in metrics
         if m["key"] != "acc5" and not (m["key"] == "test_loss" and "ppl" in keys)
     )
