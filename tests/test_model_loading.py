@@ -8,7 +8,7 @@ import weakref
 import torch
 from torch import nn
 
-from greenprop.models.loading import TemplateCache, load_progress, progress_shown
+from greenprop.models.loading import TemplateCache, keep_loaded, load_progress, progress_shown
 
 
 class Tied(nn.Module):
@@ -32,7 +32,8 @@ def test_copies_come_from_one_load_share_nothing_and_keep_ties():
         made.append(Tied())
         return made[-1]
 
-    first, second = cache.get("a", load), cache.get("a", load)
+    with keep_loaded():
+        first, second = cache.get("a", load), cache.get("a", load)
     assert cache.loads == 1 and len(made) == 1
     for copy in (first, second):
         assert copy is not made[0] and copy.head.weight is copy.embed.weight  # tied inside the copy
@@ -46,16 +47,36 @@ def test_copies_come_from_one_load_share_nothing_and_keep_ties():
 
 def test_a_new_key_loads_again_and_frees_the_old_template():
     cache = TemplateCache()
-    cache.get(("file", 1), Tied)
-    old = weakref.ref(cache._template)
-    cache.get(("file", 2), Tied)  # e.g. another num_layers or a changed file
+    with keep_loaded():
+        cache.get(("file", 1), Tied)
+        old = weakref.ref(cache._template)
+        cache.get(("file", 2), Tied)  # e.g. another num_layers or a changed file
+        gc.collect()
+        assert cache.loads == 2 and old() is None  # one template at most
+        cache.get(("file", 2), Tied)
+        assert cache.loads == 2
+        cache.clear()
+        cache.get(("file", 2), Tied)
+        assert cache.loads == 3
+
+
+def test_nothing_is_kept_outside_keep_loaded_and_the_outermost_block_frees_it():
+    cache, made = TemplateCache(), []
+
+    def load() -> nn.Module:
+        made.append(Tied())
+        return made[-1]
+
+    assert cache.get("a", load) is made[0] and cache.get("a", load) is made[1]  # a plain load, twice
+    assert cache._template is None and cache.loads == 2
+    with keep_loaded():
+        with keep_loaded():  # e.g. advise inside a compare: one template for both
+            cache.get("b", Tied)
+        assert cache._template is not None
+        cache.get("b", Tied)
+        template = weakref.ref(cache._template)
     gc.collect()
-    assert cache.loads == 2 and old() is None  # one template at most
-    cache.get(("file", 2), Tied)
-    assert cache.loads == 2
-    cache.clear()
-    cache.get(("file", 2), Tied)
-    assert cache.loads == 3
+    assert cache.loads == 3 and cache._template is None and template() is None
 
 
 def test_load_progress_is_scoped_and_restored():

