@@ -220,12 +220,12 @@ def test_the_dequantising_bar_is_named_and_drawn_only_with_progress_on(shown):
     assert gguf_loader.tqdm is not None and gguf_loader.tqdm.__module__.startswith("tqdm")  # restored
 
 
-def test_inside_keep_loaded_a_load_copies_the_kept_model_instead_of_reading_the_file(model):
-    reads = smollm._LOADED.loads
+def test_inside_keep_loaded_a_load_copies_the_kept_model_instead_of_reading_the_file(model, monkeypatch):
+    reads = []
+    monkeypatch.setattr(smollm, "_read", lambda *args: reads.append(args) or model)  # as read before
     with keep_loaded():
         first, second = smollm.load_smollm2(), smollm.load_smollm2()
-        assert smollm._LOADED.loads - reads == 1
-        assert smollm._LOADED._template is not None
+        assert len(reads) == 1 and smollm._LOADED._template is model
     assert smollm._LOADED._template is None  # freed with the block
     for loaded in (first, second):
         assert not loaded.training and loaded.lm_head.weight is loaded.model.embed_tokens.weight
@@ -399,12 +399,23 @@ def test_vcas_on_the_decoder_layers_keeps_keys_is_exact_at_ratio_one_and_passes_
 
 
 # ---------------------------------------------------------------- a test-sized compare
-def test_compare_reads_the_file_once_quietly_and_reports_its_perplexity_frontier(tmp_path, capfd):
+def test_compare_reads_the_file_once_quietly_and_reports_its_perplexity_frontier(
+    model, tmp_path, monkeypatch
+):
     """Every epoch slice and every method's check builds the model: from one read of the
-    file, with no loading bar under --no-progress."""
+    file, with progress off under --no-progress, each run training its own copy."""
     from greenprop.cli import main
+    from greenprop.models.loading import progress_shown
 
-    reads = smollm._LOADED.loads
+    reads = []
+
+    def read_one_layer(transformers, path, dtype, num_layers):  # the file's model, already read
+        reads.append((num_layers, progress_shown()))
+        sliced = copy.deepcopy(model)
+        smollm._keep_layers(sliced, num_layers)
+        return sliced
+
+    monkeypatch.setattr(smollm, "_read", read_one_layer)
     out = tmp_path / "cmp"
     argv = ["compare", "--model", "smollm2-135m:num_layers=1", "--dataset", "rotten-tomatoes-lm"]
     argv += ["--subset", "2", "--test-subset", "2", "--epochs", "2", "--batch-size", "2"]
@@ -412,11 +423,8 @@ def test_compare_reads_the_file_once_quietly_and_reports_its_perplexity_frontier
     argv += ["--flops-samples", "1"]
     argv += ["--methods", "baseline", "ssprop:keep=0.5,layers=linear", "--frontier-budgets", "0.5"]
     assert main([*argv, "--no-progress", "--out", str(out)]) == 0
-    printed = capfd.readouterr()
-    assert smollm._LOADED.loads - reads == 1  # 2 method checks + 5 epoch slices, one read
+    assert reads == [(1, False)]  # 2 method checks + 5 epoch slices: one read, no progress drawn
     assert smollm._LOADED._template is None  # freed when the compare ended
-    assert "GGUF" not in printed.err + printed.out and "dequantising" not in printed.err
-    assert "Δ Perplexity ↓ (FLOPs)" in printed.out
     data = json.loads((out / "results.json").read_text())
     (row,) = data["frontier"]
     assert row["method"] == "ssprop:keep=0.5,layers=linear" and row["dense_ppl_at_flops"] > 0
