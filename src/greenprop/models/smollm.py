@@ -118,7 +118,7 @@ def _read(transformers: Any, path: Path, dtype: torch.dtype, num_layers: int | N
     if shown:
         print(
             f"loading SmolLM2-135M from {path.name}: dequantising its weights to {dtype} "
-            "(about 20 s of CPU, once per process)",
+            "(about 20 s of CPU)",
             file=sys.stderr,
             flush=True,
         )
