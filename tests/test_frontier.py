@@ -198,10 +198,16 @@ def test_each_task_metric_gets_its_frontier_and_an_unmeasured_one_says_so():
     assert m["dense_test_loss_at_flops"] == pytest.approx(0.15)
     assert m["verdict_test_loss_flops"] == "above the frontier"  # a lower loss is better
     # "late" (15 FLOPs) lies under FD's cheapest measured point (20) but inside the loss's.
-    assert late["verdict_fd_flops"] == "not measured (no finished run has this metric)"
+    assert late["verdict_fd_flops"] == "not measured (the method or every dense budget lacks this metric)"
     assert late["dense_test_loss_at_flops"] == pytest.approx(0.25)
     assert late["verdict_test_loss_flops"] == "above the frontier"
     assert late["verdict_flops"] == late["verdict_fd_flops"]  # the ranking metric's, under the old name
+    # No dense budget scored: nothing to compare FD with (not "cheaper than the smallest budget").
+    unscored = [
+        _result(r.method, 0, r.metrics["config"]["epochs"], 1.0, 1.0, None, ("fd", False)) for r in dense
+    ]
+    (lone,) = compare_with_frontier([*unscored, methods[0]])
+    assert lone["position_fd_flops"] == "unmeasured" and lone["dense_fd_at_flops"] is None
     text = "\n".join(frontier_text(list(rows.values()), frontier_metrics(dense), markdown=True))
     assert "### FD ↓ (lower is better)" in text and "### TEST_LOSS ↓ (lower is better)" in text
     assert "- FD ↓, at the same FLOPs: below the frontier: `m`" in text

@@ -103,8 +103,13 @@ class FrontierMetric:
         return self.label + ("" if self.higher_is_better else " ↓")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "label": self.label, "higher_is_better": self.higher_is_better,
-                "scale": "log" if self.log else "linear"}
+        """As ``results.json`` lists it (``scale``: how the frontier interpolates it)."""
+        return {
+            "key": self.key,
+            "label": self.label,
+            "higher_is_better": self.higher_is_better,
+            "scale": "log" if self.log else "linear",
+        }
 
 
 #: Shorter labels for the frontier's columns (the main table's say the unit).
@@ -184,7 +189,7 @@ def _verdict(mean: float | None, std: float | None, position: str, higher_is_bet
     if position == "diverged":
         return "no finished run (every seed diverged)"
     if position == "unmeasured":
-        return "not measured (no finished run has this metric)"
+        return "not measured (the method or every dense budget lacks this metric)"
     if mean is None:
         return "cheaper than the smallest budget (no dense run to compare)"
     better = mean if higher_is_better else -mean
@@ -216,6 +221,8 @@ def _against(
         if value is None:
             continue
         line = [p for p in frontier.get(seed, []) if p.values[name] is not None]
+        if not line:  # no dense budget of this seed has the metric (e.g. none scored)
+            continue
         at, position = interpolate(
             [getattr(p, key) for p in line], [p.values[name] for p in line], getattr(point, key),
             log=metric.log,
