@@ -96,6 +96,7 @@ class FrontierMetric:
     label: str
     higher_is_better: bool
     log: bool = False  # interpolate its logarithm (perplexity: the exponential of the test loss)
+    fmt: str = ".4g"  # how the tables write it: 4 significant digits (a noise MSE of 0.1615)
 
     @property
     def heading(self) -> str:
@@ -128,7 +129,11 @@ def frontier_metrics(results: list[RunResult]) -> tuple[FrontierMetric, ...]:
     keys = {m["key"] for m in metrics}
     return tuple(
         FrontierMetric(
-            m["key"], _SHORT.get(m["key"], m["label"]), m["higher_is_better"], log=m["key"] == "ppl"
+            m["key"],
+            _SHORT.get(m["key"], m["label"]),
+            m["higher_is_better"],
+            log=m["key"] == "ppl",
+            fmt=".2f" if m["key"] == "acc1" else ".4g",  # percentage points, as always
         )
         for m in metrics
         if m["key"] != "acc5" and not (m["key"] == "test_loss" and "ppl" in keys)
@@ -312,10 +317,10 @@ def cost_points(results: list[RunResult]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _signed(mean: float | None, std: float | None) -> str:
+def _signed(mean: float | None, std: float | None, fmt: str = ".2f") -> str:
     if mean is None:
         return "n/a"
-    return f"{mean:+.2f}" + ("" if std is None else f" ± {std:.2f}")
+    return f"{mean:+{fmt}}" + ("" if std is None else f" ± {std:{fmt}}")
 
 
 def frontier_columns(metric: FrontierMetric) -> tuple[str, ...]:
@@ -329,7 +334,7 @@ def frontier_columns(metric: FrontierMetric) -> tuple[str, ...]:
     )
 
 
-ACC1 = FrontierMetric("acc1", "Acc@1", True)
+ACC1 = FrontierMetric("acc1", "Acc@1", True, fmt=".2f")
 FRONTIER_COLUMNS = frontier_columns(ACC1)
 
 
@@ -341,8 +346,9 @@ def frontier_cells(rows: list[dict[str, Any]], metric: FrontierMetric = ACC1) ->
         for key, _ in COSTS:
             dense = row[f"dense_{metric.key}_at_{key}"]
             mark = "*" if row[f"position_{metric.key}_{key}"] == "beyond" else ""
-            cells.append("n/a" if dense is None else f"{dense:.2f}{mark}")
-            cells.append(_signed(row[f"delta_{metric.key}_{key}"], row[f"delta_{metric.key}_{key}_std"]))
+            cells.append("n/a" if dense is None else f"{dense:{metric.fmt}}{mark}")
+            delta = row[f"delta_{metric.key}_{key}"], row[f"delta_{metric.key}_{key}_std"]
+            cells.append(_signed(*delta, metric.fmt))
         body.append(cells)
     return body
 
