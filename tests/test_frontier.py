@@ -20,6 +20,7 @@ from greenprop.experiments.frontier import (
     cost_points,
     format_frontier_table,
     frontier_metrics,
+    frontier_report,
     frontier_runs,
     frontier_text,
     interpolate,
@@ -180,7 +181,7 @@ def test_perplexity_is_interpolated_in_its_logarithm_the_test_loss():
     assert row["verdict_time"] == "on the frontier"
 
 
-def test_each_task_metric_gets_its_frontier_and_an_unmeasured_one_says_so():
+def test_each_task_metric_gets_its_frontier_and_an_unmeasured_one_says_so(tmp_path):
     # Diffusion: FD and the test noise MSE, both lower is better; FD unscored on one budget
     # and on the method "late".
     dense = [
@@ -206,10 +207,18 @@ def test_each_task_metric_gets_its_frontier_and_an_unmeasured_one_says_so():
     assert late["verdict_flops"] == late["verdict_fd_flops"]  # the ranking metric's, under the old name
     # No dense budget scored: nothing to compare FD with (not "cheaper than the smallest budget").
     unscored = [
-        _result(r.method, 0, r.metrics["config"]["epochs"], 1.0, 1.0, None, ("fd", False)) for r in dense
+        _result(r.method, 0, r.metrics["config"]["epochs"], 10.0 * r.metrics["config"]["epochs"],
+                1.0, None, ("fd", False), test_loss=r.metrics["summary"]["test_loss"])
+        for r in dense
     ]
     (lone,) = compare_with_frontier([*unscored, methods[0]])
     assert lone["position_fd_flops"] == "unmeasured" and lone["dense_fd_at_flops"] is None
+    _, lines, paths = frontier_report([*unscored, methods[0]], tmp_path)
+    assert "No FD plot: no dense budget has it.\n" in lines
+    assert sorted(path.name for path in paths.values()) == [
+        "frontier_test_loss_flops.png",
+        "frontier_test_loss_time.png",
+    ]
     text = "\n".join(frontier_text(list(rows.values()), frontier_metrics(dense), markdown=True))
     assert "### FD ↓ (lower is better)" in text and "### TEST_LOSS ↓ (lower is better)" in text
     assert "- FD ↓, at the same FLOPs: below the frontier: `m`" in text

@@ -431,6 +431,9 @@ def frontier_report(
     paths: dict[str, Path] = {}
     figures = []
     for i, metric in enumerate(metrics):
+        if not any(p["dense"] and p[metric.key] is not None for p in points.values()):
+            figures.append(f"No {metric.label} plot: no dense budget has it.\n")
+            continue
         for key, words in COSTS:
             path = Path(out_dir) / plot_name(metric, key, i == 0)
             plot_frontier(points, key, path, metric)
