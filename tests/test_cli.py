@@ -170,3 +170,22 @@ def test_compare_with_vcas_plots_step_losses_and_the_controller(tmp_path, capsys
     # Forward FLOPs grow by the estimation passes; backward differs by saving and overhead.
     assert rows["vcas:update_every=3"]["tflops_forward"] > rows["baseline"]["tflops_forward"]
     assert rows["vcas:update_every=3"]["tflops_backward"] != rows["baseline"]["tflops_backward"]
+
+
+@pytest.mark.parametrize("command", ["presets", "methods"])
+def test_a_closed_stdout_ends_quietly_with_sigpipes_status(command):
+    """``greenprop presets | head``: the reader went away; no traceback, status 128 + SIGPIPE."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "greenprop", command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    process.stdout.close()  # the reader is gone before anything is written
+    _, err = process.communicate(timeout=120)
+    assert err.decode() == "" and process.returncode == 128 + signal.SIGPIPE

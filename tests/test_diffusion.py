@@ -373,8 +373,9 @@ def test_compare_of_diffusion_runs_shares_one_fd_classifier_and_reports_fd(tmp_p
     from greenprop.experiments.compare import run_compare
     from greenprop.experiments.report import write_report
 
-    base = diffusion_run(epochs=1, score_every=None, score_samples=8, diffusion_steps=5)
-    results = run_compare(base, ["baseline", "ssprop:keep=0.5"], [0], tmp_path)
+    base = diffusion_run(epochs=2, score_every=None, score_samples=8, diffusion_steps=5)
+    results = run_compare(base, ["baseline", "ssprop:keep=0.5"], [0], tmp_path, frontier=(0.5,))
+    assert [r.method for r in results] == ["baseline", "ssprop:keep=0.5", "dense@1ep"]
     caches = sorted(p.name for p in tmp_path.glob("fd-classifier-*"))
     assert caches == ["fd-classifier-digits-32"]
     assert all(r.metrics["config"]["fd_cache"] == str(tmp_path) for r in results)
@@ -383,3 +384,19 @@ def test_compare_of_diffusion_runs_shares_one_fd_classifier_and_reports_fd(tmp_p
     report = paths["markdown"].read_text()
     assert "FD (greenprop CNN features) ↓" in report and "Acc@1" not in report
     assert paths["curves_plot"].exists() and paths["saving_plot"].exists()
+    # The dense frontier on both metrics, lower is better: ssProp's cost lies between dense@1ep
+    # and the baseline, where dense's value is read linearly in the FLOPs.
+    (row,) = json.loads(paths["json"].read_text())["frontier"]
+    assert row["metrics"] == ["fd", "test_loss"] and row["position_flops"] == "inside"
+    summary = {r.method: r.metrics["summary"] for r in results}
+    flops = {m: s["flops"]["forward"]["value"] + s["flops"]["backward"]["value"] for m, s in summary.items()}
+    share = (flops["ssprop:keep=0.5"] - flops["dense@1ep"]) / (flops["baseline"] - flops["dense@1ep"])
+    for key in ("fd", "test_loss"):
+        dense = summary["dense@1ep"][key] + share * (summary["baseline"][key] - summary["dense@1ep"][key])
+        assert row[f"dense_{key}_at_flops"] == pytest.approx(dense)
+        delta = summary["ssprop:keep=0.5"][key] - dense
+        assert row[f"verdict_{key}_flops"] == ("above the frontier" if delta < 0 else "below the frontier")
+    assert "### FD (greenprop CNN features) ↓ (lower is better)" in report
+    assert "### Test loss (noise MSE) ↓ (lower is better)" in report
+    for name in ("frontier_flops.png", "frontier_test_loss_flops.png", "frontier_test_loss_time.png"):
+        assert (tmp_path / name).stat().st_size > 0

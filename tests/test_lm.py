@@ -397,3 +397,18 @@ def test_compare_ranks_by_perplexity_and_trains_the_dense_frontier(rt_lm, tmp_pa
     assert rows["dense@1ep"]["tflops_backward"] < rows["baseline"]["tflops_backward"]
     sampled = json.loads((out / "gradsamp_strategy=pe_1" / "seed0" / "metrics.json").read_text())
     assert [r["replaced_by"] for r in sampled["epochs"]] == [None, "gradsamp", None]
+    # The frontier reads perplexity (lower is better), in its logarithm: GradSamp costs what
+    # dense@2ep costs, so dense's value at its FLOPs is dense@2ep's.
+    results = json.loads((out / "results.json").read_text())
+    (row,) = results["frontier"]
+    assert row["method"] == "gradsamp:strategy=pe:1" and row["metrics"] == ["ppl"]
+    assert row["dense_ppl_at_flops"] == pytest.approx(rows["dense@2ep"]["ppl_mean"], rel=1e-6)
+    delta = row["delta_ppl_flops"]
+    assert delta == pytest.approx(rows["gradsamp:strategy=pe:1"]["ppl_mean"] - rows["dense@2ep"]["ppl_mean"])
+    assert row["verdict_flops"] == ("above the frontier" if delta < 0 else "below the frontier")
+    assert results["frontier_metrics"] == [
+        {"key": "ppl", "label": "Perplexity", "higher_is_better": False, "scale": "log"}
+    ]
+    assert "Δ Perplexity ↓ (FLOPs)" in printed and "At the same FLOPs:" in printed
+    report = (out / "report.md").read_text()
+    assert "Δ Perplexity ↓ (FLOPs)" in report and (out / "frontier_flops.png").stat().st_size > 0

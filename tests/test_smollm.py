@@ -9,8 +9,12 @@ file's permuted q/k rows), computes the logits. The model is loaded once for the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.metadata
+import io
+import json
+import os
 
 import numpy as np
 import pytest
@@ -22,6 +26,7 @@ from greenprop import models
 from greenprop.data import locate
 from greenprop.data.text import read_snippets
 from greenprop.errors import GreenpropError
+from greenprop.models.loading import TemplateCache, keep_loaded, load_progress
 from greenprop.ssprop import SSPropConfig, apply_ssprop, remove_ssprop, sparse_layers
 from greenprop.vcas import VCASConfig, apply_vcas, find_blocks, remove_vcas
 from greenprop.vcas.surgery import vcas_handle
@@ -57,8 +62,17 @@ def gguf_tensors(reader) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def model() -> nn.Module:
-    return smollm.load_smollm2()
+def quiet_load() -> tuple[nn.Module, str]:
+    """The full model read from the file with progress off, and what the read printed."""
+    printed = io.StringIO()
+    with contextlib.redirect_stderr(printed), contextlib.redirect_stdout(printed), load_progress(False):
+        loaded = smollm.load_smollm2()
+    return loaded, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model(quiet_load) -> nn.Module:
+    return quiet_load[0]
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +195,70 @@ def test_logits_match_an_independent_llama_forward(model, tokenizer, gguf_tensor
     torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-3)
     assert got.std() > 1.0  # informative logits, not a constant
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+# ---------------------------------------------------------------- loading once, quietly
+def test_a_read_with_progress_off_prints_nothing(quiet_load):
+    assert quiet_load[1] == ""  # transformers' own tqdm bar used to print here regardless
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("shown", [True, False])
+def test_the_dequantising_bar_is_named_and_drawn_only_with_progress_on(shown):
+    from transformers import modeling_gguf_pytorch_utils as gguf_loader
+
+    terminal = _Terminal()
+    with contextlib.redirect_stderr(terminal), smollm._tensor_bar(shown):
+        drawn = gguf_loader.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors...")
+        assert list(drawn) == [0, 1, 2]
+    assert ("SmolLM2-135M: dequantising GGUF tensors" in terminal.getvalue()) is shown
+    assert "Converting" not in terminal.getvalue()
+    assert gguf_loader.tqdm is not None and gguf_loader.tqdm.__module__.startswith("tqdm")  # restored
+
+
+def test_inside_keep_loaded_a_load_copies_the_kept_model_instead_of_reading_the_file(model, monkeypatch):
+    reads = []
+    monkeypatch.setattr(smollm, "_read", lambda *args: reads.append(args) or model)  # as read before
+    with keep_loaded():
+        first, second = smollm.load_smollm2(), smollm.load_smollm2()
+        assert len(reads) == 1 and smollm._LOADED._template is model
+    assert smollm._LOADED._template is None  # freed with the block
+    for loaded in (first, second):
+        assert not loaded.training and loaded.lm_head.weight is loaded.model.embed_tokens.weight
+        for (name, got), want in zip(loaded.named_parameters(), model.parameters(), strict=True):
+            assert torch.equal(got, want), name
+    storages = [{p.untyped_storage().data_ptr() for p in m.parameters()} for m in (first, second, model)]
+    assert not storages[0] & storages[1] and not (storages[0] | storages[1]) & storages[2]
+
+
+def test_the_kept_model_is_keyed_by_file_dtype_and_slice(tmp_path, monkeypatch):
+    file = tmp_path / "SmolLM2.gguf"
+    file.write_bytes(b"x")
+    reads = []
+
+    def fake_read(transformers, path, dtype, num_layers):
+        reads.append((path, dtype, num_layers))
+        return nn.Linear(2, 2)
+
+    monkeypatch.setattr(smollm, "_LOADED", TemplateCache())
+    monkeypatch.setattr(smollm, "_read", fake_read)
+    monkeypatch.setattr(smollm, "gguf_path", lambda: file)
+    with keep_loaded():
+        for _ in range(2):
+            smollm.load_smollm2(num_layers=2)
+        assert reads == [(file, torch.float32, 2)]
+        smollm.load_smollm2(num_layers=3)
+        smollm.load_smollm2(torch.float64, num_layers=3)
+        assert reads[1:] == [(file, torch.float32, 3), (file, torch.float64, 3)]
+        os.utime(file, ns=(1, 1))  # the file was replaced: read it again
+        smollm.load_smollm2(torch.float64, num_layers=3)
+        assert len(reads) == 4
+    smollm.load_smollm2(torch.float64, num_layers=3)  # outside keep_loaded: read, not kept
+    assert len(reads) == 5
 
 
 # ---------------------------------------------------------------- errors and the zoo entry
@@ -318,3 +396,42 @@ def test_vcas_on_the_decoder_layers_keeps_keys_is_exact_at_ratio_one_and_passes_
     assert all(torch.isfinite(g).all() for g in grads)
     remove_vcas(two_layers)
     assert not any(type(m).__name__ == "VCASLinear" for m in two_layers.modules())
+
+
+# ---------------------------------------------------------------- a test-sized compare
+def test_compare_reads_the_file_once_quietly_and_reports_its_perplexity_frontier(
+    model, tmp_path, monkeypatch
+):
+    """Every epoch slice and every method's check builds the model: from one read of the
+    file, with progress off under --no-progress, each run training its own copy."""
+    from greenprop.cli import main
+    from greenprop.models.loading import progress_shown
+
+    reads = []
+
+    def read_one_layer(transformers, path, dtype, num_layers):  # the file's model, already read
+        reads.append((num_layers, progress_shown()))
+        sliced = copy.deepcopy(model)
+        smollm._keep_layers(sliced, num_layers)
+        return sliced
+
+    monkeypatch.setattr(smollm, "_read", read_one_layer)
+    out = tmp_path / "cmp"
+    argv = ["compare", "--model", "smollm2-135m:num_layers=1", "--dataset", "rotten-tomatoes-lm"]
+    argv += ["--subset", "2", "--test-subset", "2", "--epochs", "2", "--batch-size", "2"]
+    argv += ["--eval-batch-size", "2", "--optimizer", "sgd", "--lr", "0.01", "--lr-schedule", "none"]
+    argv += ["--flops-samples", "1"]
+    argv += ["--methods", "baseline", "ssprop:keep=0.5,layers=linear", "--frontier-budgets", "0.5"]
+    assert main([*argv, "--no-progress", "--out", str(out)]) == 0
+    assert reads == [(1, False)]  # 2 method checks + 5 epoch slices: one read, no progress drawn
+    assert smollm._LOADED._template is None  # freed when the compare ended
+    data = json.loads((out / "results.json").read_text())
+    (row,) = data["frontier"]
+    assert row["method"] == "ssprop:keep=0.5,layers=linear" and row["dense_ppl_at_flops"] > 0
+    # Each run trained its own copy: with a constant learning rate dense@1ep is exactly the
+    # baseline's first epoch, though it trained after the baseline and ssProp had trained theirs.
+    first = [
+        json.loads((out / name / "seed0" / "metrics.json").read_text())["epochs"][0]
+        for name in ("baseline", "dense_1ep")
+    ]
+    assert first[0]["loss"] == first[1]["loss"] and first[0]["train_loss"] == first[1]["train_loss"]

