@@ -23,10 +23,10 @@ checkouts with different sources never rebuild each other's library.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
-import hashlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -120,15 +120,12 @@ def use_kernels(enabled: bool) -> Iterator[None]:
 
 def available(t: Tensor) -> bool:
     """Whether the C++ ops will serve ``t`` (a large CPU floating tensor; builds on first call)."""
-    return (
-        _use[0] and t.device.type == "cpu" and t.is_floating_point() and t.numel() >= MIN_NUMEL and load()
-    )
+    return _use[0] and t.device.type == "cpu" and t.is_floating_point() and t.numel() >= MIN_NUMEL and load()
 
 
 def channel_abs_sum(view: Tensor) -> Tensor:
     """float32 ``|view|.sum((0, 2))`` of a contiguous ``(outer, C, inner)`` CPU tensor."""
     return torch.ops.greenprop.channel_abs_sum(view)
-
 
 
 def gather_channels(view: Tensor, idx: Tensor) -> Tensor:
