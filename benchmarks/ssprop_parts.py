@@ -13,9 +13,9 @@ summed over the network's 20 convolutions:
 * writing grad_weight's kept rows into the full-size gradient (the C++ op, and
   ``zeros_like`` + ``index_copy_``) against the floor's zero-padding.
 
-Each part also reports whether it ran on more than one thread: the process's threads'
-CPU ticks (``/proc/self/task``) are read around the part, so a serial part shows up
-even on a busy machine. A serial part costs the same at 1 thread and twice its share
+With ``--thread-share`` each part also reports whether it ran on more than one thread:
+the process's threads' CPU ticks (``/proc/self/task``) are read around the part, so a
+serial part shows up even on a busy machine. A serial part costs the same at 1 thread and twice its share
 at 2, which is how ssProp's gap to the floor can be larger at 2 threads than at 1.
 
 Run ``python benchmarks/ssprop_parts.py --help`` for the options.
@@ -61,17 +61,19 @@ def _thread_ticks() -> dict[int, int]:
     return ticks
 
 
-def other_threads_share(fn: Callable[[], object], calls: int) -> float | None:
-    """Fraction of ``calls`` runs' CPU ticks spent outside the calling thread (None: too few ticks)."""
+#: Calls per part and layer when counting which threads did the work (ticks are ~10 ms).
+SHARE_CALLS = 40
+
+
+def thread_ticks_of(fn: Callable[[], object], calls: int) -> tuple[int, int]:
+    """CPU ticks that ``calls`` runs of ``fn`` took on the calling thread and on all others."""
     before = _thread_ticks()
     for _ in range(calls):
         fn()
     after = _thread_ticks()
     spent = {tid: after[tid] - before.get(tid, 0) for tid in after}
-    total = sum(spent.values())
-    if total < 5:
-        return None
-    return 1.0 - spent.get(threading.get_native_id(), 0) / total
+    mine = spent.pop(threading.get_native_id(), 0)
+    return mine, sum(spent.values())
 
 
 def median_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -119,17 +121,17 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     if not kernels.load():
         raise SystemExit("greenprop: error: the C++ channel ops could not be built; nothing to compare")
     totals: dict[str, float] = {}
-    shares: dict[str, list[float]] = {}
+    ticks: dict[str, tuple[int, int]] = {}
     for count, c_out, side, c_in, kernel in resnet18_convs(args.width, args.image_size):
         parts = layer_parts(c_out, side, c_in, kernel, args)
         for name, ms in median_ms(parts, args.repeats).items():
             totals[name] = totals.get(name, 0.0) + count * ms
-        if c_out == c_in == args.width:  # the first stage: the largest dy
+        if args.thread_share:
             for name, fn in parts.items():
-                share = other_threads_share(fn, args.repeats)
-                if share is not None:
-                    shares.setdefault(name, []).append(share)
-    share = {name: statistics.mean(values) for name, values in shares.items()}
+                mine, other = thread_ticks_of(fn, SHARE_CALLS)
+                before = ticks.get(name, (0, 0))
+                ticks[name] = (before[0] + mine, before[1] + other)
+    share = {name: other / (mine + other) for name, (mine, other) in ticks.items() if mine + other >= 5}
     return {name: {"ms_per_step": ms, "other_threads_share": share.get(name)} for name, ms in totals.items()}
 
 
@@ -141,7 +143,8 @@ def report(env: dict[str, Any], args: argparse.Namespace, parts: dict[str, dict[
         f"{args.image_size}x{args.image_size} input, {layout}, keep {args.keep:g}; each part timed alone "
         f"on each layer's shapes (median of {args.repeats}, interleaved), summed over the layers. "
         "'Other threads' is the share of the part's CPU time spent off the calling thread "
-        f"(0 = serial; {torch.get_num_threads()} torch threads), read at the first stage's layers.",
+        f"(0 = serial; {torch.get_num_threads()} torch threads; over {SHARE_CALLS} more calls per "
+        "layer; '-' where not measured or under 5 clock ticks).",
         "",
     ]
     rows = []
@@ -160,6 +163,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=32, help="input side (default 32)")
     p.add_argument("--repeats", type=int, default=9, help="timed calls per part and layer (default 9)")
     p.add_argument("--channels-last", action="store_true", help="gradients and weights in NHWC")
+    p.add_argument(
+        "--thread-share",
+        action="store_true",
+        help=f"also count which threads did each part's work ({SHARE_CALLS} more calls per part and layer)",
+    )
     add_common_options(p)
     args = p.parse_args(argv)
     for name in ("batch", "width", "image_size", "repeats"):

@@ -388,7 +388,7 @@ def test_parts_benchmark_covers_every_conv_and_runs_tiny(tmp_path, capsys):
         pytest.skip("the C++ channel ops could not be built here")
     out = tmp_path / "parts.json"
     argv = ["--batch", "2", "--width", "8", "--image-size", "8", "--repeats", "2", "--threads", "1"]
-    result = parts.main([*argv, "--channels-last", "--json", str(out)])
+    result = parts.main([*argv, "--channels-last", "--thread-share", "--json", str(out)])
     assert "| score (C++ op) |" in capsys.readouterr().out
     assert all(p["ms_per_step"] > 0 for p in result["parts"].values())
     assert json.loads(out.read_text())["parts"].keys() == result["parts"].keys()
