@@ -10,7 +10,7 @@ same input, same output gradient) are timed side by side:
 * floor: :class:`_narrow_conv.NarrowConv2d` with the same ``k``: the same small
   ``convolution_backward`` on the first ``k`` channels, no ranking/gather/scatter;
 * torch_ops: the sparse layer with greenprop's C++ channel ops switched off
-  (``kernels.use_kernels(False)``): its scoring in PyTorch ops, as before the ops existed.
+  (``kernels.use_kernels(False)``): its scoring, gather and scatter in PyTorch ops.
 
 Only the backward is timed (``torch.autograd.grad(..., retain_graph=True)`` on a
 graph built once). Calls are interleaved and the order rotates every repeat; the

@@ -11,9 +11,10 @@ instance each) run forward + backward + SGD step on one fixed batch:
   machine: whatever ``b`` costs above ``c`` is greenprop's overhead, whatever ``c``
   costs above ``k/C`` of the dense backward is the kernels' (smaller GEMMs are less
   efficient) and the rest of the step's (forward, BatchNorm, optimizer);
-* ``d`` greenprop without its C++ channel ops (``kernels.use_kernels(False)``): the
-  PyTorch-ops scoring, i.e. greenprop before the ops existed, so ``d/c`` vs ``b/c``
-  shows what the ops close of the gap (``b`` equals ``d`` where the ops cannot build).
+* ``d`` greenprop without its C++ channel ops (``kernels.use_kernels(False)``): scoring,
+  gather and scatter in PyTorch ops (``abs().sum()``, ``index_select``, ``zeros_like`` +
+  ``index_copy_``), so ``d/c`` vs ``b/c`` shows what the ops close of the gap (``b``
+  equals ``d`` where the ops cannot build).
 
 Timings are interleaved: every round runs one step of each variant, in an order that
 rotates so each variant goes first equally often (when ``--rounds`` is a multiple of
@@ -258,7 +259,8 @@ def report(env: Mapping[str, Any], args: argparse.Namespace, results: Sequence[S
         f"{args.warmup} warm-up rounds. a = dense, b = greenprop `apply_ssprop` (all "
         f"{results[0].layers_converted} convs, head dense), c = first-k reference (same k, "
         "no ranking/gather/scatter), d = greenprop with its C++ channel ops off (PyTorch-ops "
-        f"scoring; C++ ops {'built' if results[0].kernels_loaded else 'NOT built: b = d'}). "
+        "scoring, gather and scatter; C++ ops "
+        f"{'built' if results[0].kernels_loaded else 'NOT built: b = d'}). "
         "Ratios are medians of per-round ratios unless noted; "
         "FLOPs b/a is the ideal step ratio if time followed counted FLOPs."
         + clock_note(args.clock),

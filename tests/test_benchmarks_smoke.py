@@ -370,3 +370,25 @@ def test_smollm_step_benchmark_runs_tiny(tmp_path, capsys, monkeypatch):
     assert json.loads(out.read_text())["parameters"] == sum(p.numel() for p in tiny().parameters())
     with pytest.raises(SystemExit):
         module.main(["--shapes", "8by64"])
+
+
+def test_parts_benchmark_covers_every_conv_and_runs_tiny(tmp_path, capsys):
+    from greenprop import models
+
+    parts = _import("ssprop_parts")
+    model = models.create("resnet18", in_channels=3, image_size=32, width=64)
+    convs = sorted(
+        (m.out_channels, m.in_channels, m.kernel_size[0])
+        for m in model.modules()
+        if isinstance(m, torch.nn.Conv2d)
+    )
+    listed = sorted((c, c_in, k) for n, c, _, c_in, k in parts.resnet18_convs(64, 32) for _ in range(n))
+    assert listed == convs
+    if not kernels.load():
+        pytest.skip("the C++ channel ops could not be built here")
+    out = tmp_path / "parts.json"
+    argv = ["--batch", "2", "--width", "8", "--image-size", "8", "--repeats", "2", "--threads", "1"]
+    result = parts.main([*argv, "--channels-last", "--thread-share", "--json", str(out)])
+    assert "| score (C++ op) |" in capsys.readouterr().out
+    assert all(p["ms_per_step"] > 0 for p in result["parts"].values())
+    assert json.loads(out.read_text())["parts"].keys() == result["parts"].keys()

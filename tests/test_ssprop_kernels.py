@@ -1,4 +1,4 @@
-"""ssProp's C++ channel-scoring op against the PyTorch path, and its fallback."""
+"""ssProp's C++ channel ops (scoring, gather, scatter) against the PyTorch path, and their fallback."""
 
 from __future__ import annotations
 
@@ -12,7 +12,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from greenprop.ssprop import SparseConv2d, kernels
-from greenprop.ssprop.functional import channel_scores, channel_scores_torch, select_channels
+from greenprop.ssprop.functional import (
+    _scatter_rows,
+    channel_scores,
+    channel_scores_torch,
+    gather_channels,
+    select_channels,
+    sparse_linear,
+)
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CL = torch.channels_last
@@ -80,6 +87,72 @@ def test_scores_use_the_op_and_agree_with_it_off(shape, memory_format, channel_d
     torch.testing.assert_close(with_op, exact)
 
 
+@st.composite
+def views_and_indices(draw, inner_max=70):
+    """A random ``(outer, C, inner)`` tensor and a random subset of its channels (any order)."""
+    outer, channels = draw(st.integers(0, 40)), draw(st.integers(1, 40))
+    inner = draw(st.integers(1, inner_max))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    perm = torch.randperm(channels, generator=gen)[: draw(st.integers(1, channels))]
+    idx = perm.sort().values if draw(st.booleans()) else perm  # top-k indices come sorted
+    return torch.randn(outer, channels, inner, generator=gen).to(dtype), idx
+
+
+@needs_kernels
+@SETTINGS
+@given(case=views_and_indices())
+def test_the_gather_op_equals_index_select(case):
+    view, idx = case
+    got = kernels.gather_channels(view, idx)
+    assert got.is_contiguous() and got.dtype == view.dtype
+    assert torch.equal(got, view.index_select(1, idx))
+
+
+@needs_kernels
+@SETTINGS
+@given(case=views_and_indices(inner_max=1))
+def test_the_scatter_op_equals_zeros_plus_index_copy(case):
+    view, idx = case
+    rows_all = view.transpose(0, 1).reshape(view.shape[1], -1).contiguous()  # (n, m)
+    rows = rows_all.index_select(0, idx)
+    out = torch.full(rows_all.shape, float("nan"), dtype=rows.dtype)  # every byte must be written
+    assert kernels.scatter_rows_(out, idx, rows) is out
+    assert torch.equal(out, torch.zeros_like(rows_all).index_copy_(0, idx, rows))
+
+
+@needs_kernels
+def test_the_ops_reject_bad_indices():
+    view = torch.randn(2, 5, 3)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.gather_channels(view, torch.tensor([0, 5]))
+    with pytest.raises(RuntimeError, match="int64"):
+        kernels.gather_channels(view, torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.scatter_rows_(torch.empty(4, 3), torch.tensor([-1]), torch.randn(1, 3))
+    with pytest.raises(RuntimeError, match="rows must be"):
+        kernels.scatter_rows_(torch.empty(4, 3), torch.tensor([0, 1]), torch.randn(1, 3))
+
+
+@needs_kernels
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, CL])
+def test_gather_and_scatter_use_the_ops_and_keep_the_layout(memory_format, any_size, monkeypatch):
+    used = []
+    for name in ("gather_channels", "scatter_rows_"):
+        op = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _op=op, _name=name: used.append(_name) or _op(*a))
+    t = torch.randn(3, 8, 4, 5).contiguous(memory_format=memory_format)
+    idx = torch.tensor([0, 1, 2, 6])
+    g = gather_channels(t, idx)
+    assert torch.equal(g, t[:, idx]) and g.is_contiguous(memory_format=memory_format)
+    full = torch.randn(8, 3, 3, 3).contiguous(memory_format=memory_format)
+    rows = torch.randn(4, 3, 3, 3)  # NCHW rows into a channels_last gradient are converted
+    out = _scatter_rows(full, idx, rows)
+    assert torch.equal(out[idx], rows) and torch.count_nonzero(out[[3, 4, 5, 7]]) == 0
+    assert out.is_contiguous(memory_format=memory_format)
+    assert used == ["gather_channels", "scatter_rows_"]
+
+
 def test_a_strided_linear_gradient_is_scored_without_the_op(any_size, monkeypatch):
     monkeypatch.setattr(kernels, "channel_abs_sum", lambda v: pytest.fail("the op got a strided view"))
     dy = torch.randn(9, 5).t()  # (rows 5, features 9), features not contiguous
@@ -102,6 +175,50 @@ def test_sparse_backward_is_identical_with_and_without_the_op(memory_format, any
         assert select_channels(dy, 8).tolist() == list(range(8, 16))
     for with_op, without in zip(*grads, strict=True):
         assert torch.equal(with_op, without)
+
+
+@needs_kernels
+def test_sparse_linear_backward_is_identical_with_and_without_the_ops(any_size):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 7)
+    w, b = torch.randn(12, 7, requires_grad=True), torch.randn(12, requires_grad=True)
+    dy = torch.randn(3, 5, 12) * torch.logspace(0, 3, 12)  # the last 6 features score highest
+    grads = []
+    for enabled in (True, False):
+        with kernels.use_kernels(enabled):
+            xr = x.clone().requires_grad_()
+            grads.append(torch.autograd.grad(sparse_linear(xr, w, b, keep=0.5), (xr, w, b), dy))
+    for with_op, without in zip(*grads, strict=True):
+        assert torch.equal(with_op, without)
+    assert torch.count_nonzero(grads[0][1][:6]) == 0 and torch.count_nonzero(grads[0][2][:6]) == 0
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, CL])
+def test_without_a_build_the_sparse_backward_uses_pytorch_ops(
+    fresh_loader, any_size, monkeypatch, memory_format
+):
+    def no_compiler():
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(kernels, "_build", no_compiler)
+    for name in ("channel_abs_sum", "gather_channels", "scatter_rows_"):
+        monkeypatch.setattr(kernels, name, lambda *a, _n=name: pytest.fail(f"{_n} used without a build"))
+    torch.manual_seed(0)
+    layer = SparseConv2d(4, 8, 3, padding=1, keep=0.5).to(memory_format=memory_format)
+    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=memory_format).requires_grad_()
+    dy = (torch.randn(2, 8, 6, 6) * torch.linspace(0.5, 2.0, 8).view(1, -1, 1, 1)).contiguous(
+        memory_format=memory_format
+    )
+    got = torch.autograd.grad(layer(x), (x, layer.weight, layer.bias), dy)
+    # the top 4 channels by |dy| are the last 4: dense autograd on dy with the rest zeroed
+    masked = dy.clone()
+    masked[:, :4] = 0
+    x2 = x.detach().clone().requires_grad_()
+    plain = torch.nn.functional.conv2d(x2, layer.weight, layer.bias, padding=1)
+    want = torch.autograd.grad(plain, (x2, layer.weight, layer.bias), masked)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+    assert got[1].is_contiguous(memory_format=memory_format)
 
 
 def test_a_failed_build_falls_back_with_one_logged_line(fresh_loader, any_size, monkeypatch, caplog):

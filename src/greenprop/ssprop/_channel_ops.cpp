@@ -4,8 +4,14 @@
 //   contiguous (outer, C, inner) view of the output gradient (NCHW is (N, C, H*W),
 //   channels_last and Linear rows are (rows, C, 1)), in one read of t and without the
 //   temporary |t| tensor that PyTorch ops materialise.
+//   greenprop::gather_channels(t, idx) -> (outer, k, inner): channels idx of the same
+//   view, dense. Planes (inner > 1, NCHW) are copied as runs of consecutive kept
+//   channels, one memcpy per run and outer row (index_select over dim 1 copies them
+//   element by element); rows (inner == 1) element by element.
+//   greenprop::scatter_rows_(out, idx, rows) -> out: out[idx[j]] = rows[j] and zeros in
+//   every other row of a 2-D (n, m) matrix, each byte written once (what zeros_like
+//   followed by index_copy_ does in two passes, the second one element by element).
 // Built and loaded by greenprop/ssprop/kernels.py, which falls back to PyTorch ops.
-// (A gather kernel was tried and dropped: it was no faster than index_select.)
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -16,6 +22,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -101,12 +109,115 @@ at::Tensor channel_abs_sum(const at::Tensor& t) {
   return out;
 }
 
+// Checked int64 indices as a vector, each in [0, limit).
+std::vector<int64_t> checked_indices(const at::Tensor& idx, int64_t limit) {
+  TORCH_CHECK(idx.device().is_cpu() && idx.dim() == 1 && idx.scalar_type() == at::kLong,
+              "expected a 1-D int64 CPU index tensor");
+  const at::Tensor ix = idx.contiguous();
+  const int64_t* p = ix.const_data_ptr<int64_t>();
+  std::vector<int64_t> out(p, p + ix.numel());
+  for (int64_t i : out) TORCH_CHECK(i >= 0 && i < limit, "index ", i, " out of range [0, ", limit, ")");
+  return out;
+}
+
+struct Run {
+  int64_t src, dst, len;  // in channels
+};
+
+// Maximal runs of consecutive indices: idx = [2, 3, 4, 7] is runs (2, 0, 3), (7, 3, 1).
+std::vector<Run> runs_of(const std::vector<int64_t>& idx) {
+  std::vector<Run> runs;
+  for (int64_t j = 0; j < static_cast<int64_t>(idx.size()); ++j) {
+    if (!runs.empty() && runs.back().src + runs.back().len == idx[j]) {
+      ++runs.back().len;
+    } else {
+      runs.push_back({idx[j], j, 1});
+    }
+  }
+  return runs;
+}
+
+// Rows of a (rows, C) matrix (channels_last, Linear): element by element, as an integer
+// of the element's width (runs here are short, so a memcpy per run costs more).
+template <typename Word>
+void gather_columns(const void* src, void* dst, int64_t rows, int64_t c, const std::vector<int64_t>& idx) {
+  const Word* s = static_cast<const Word*>(src);
+  Word* d = static_cast<Word*>(dst);
+  const int64_t k = static_cast<int64_t>(idx.size());
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, k)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const Word* row = s + r * c;
+      Word* out = d + r * k;
+      for (int64_t j = 0; j < k; ++j) out[j] = row[idx[j]];
+    }
+  });
+}
+
+at::Tensor gather_channels(const at::Tensor& t, const at::Tensor& idx) {
+  check_view(t);
+  const int64_t outer = t.size(0), c = t.size(1), inner = t.size(2);
+  const std::vector<int64_t> ix = checked_indices(idx, c);
+  const int64_t k = static_cast<int64_t>(ix.size());
+  at::Tensor out = at::empty({outer, k, inner}, t.options());
+  if (out.numel() == 0) return out;
+  const int64_t size = static_cast<int64_t>(t.element_size());
+  if (inner == 1 && (size == 2 || size == 4 || size == 8)) {
+    if (size == 2) gather_columns<uint16_t>(t.const_data_ptr(), out.mutable_data_ptr(), outer, c, ix);
+    if (size == 4) gather_columns<uint32_t>(t.const_data_ptr(), out.mutable_data_ptr(), outer, c, ix);
+    if (size == 8) gather_columns<uint64_t>(t.const_data_ptr(), out.mutable_data_ptr(), outer, c, ix);
+    return out;
+  }
+  const std::vector<Run> runs = runs_of(ix);
+  const int64_t row = inner * size;  // bytes per channel
+  const char* src = static_cast<const char*>(t.const_data_ptr());
+  char* dst = static_cast<char*>(out.mutable_data_ptr());
+  at::parallel_for(0, outer, std::max<int64_t>(1, 32768 / (k * inner)), [&](int64_t b, int64_t e) {
+    for (int64_t o = b; o < e; ++o) {
+      const char* s = src + o * c * row;
+      char* d = dst + o * k * row;
+      for (const Run& r : runs) std::memcpy(d + r.dst * row, s + r.src * row, r.len * row);
+    }
+  });
+  return out;
+}
+
+at::Tensor& scatter_rows_(at::Tensor& out, const at::Tensor& idx, const at::Tensor& rows) {
+  TORCH_CHECK(out.device().is_cpu() && rows.device().is_cpu(), "greenprop channel ops run on CPU tensors only");
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && rows.dim() == 2 && rows.is_contiguous(),
+              "expected contiguous 2-D out and rows");
+  TORCH_CHECK(out.scalar_type() == rows.scalar_type(), "out and rows differ in dtype");
+  const int64_t n = out.size(0), m = out.size(1);
+  const std::vector<int64_t> ix = checked_indices(idx, n);
+  TORCH_CHECK(rows.size(0) == static_cast<int64_t>(ix.size()) && rows.size(1) == m,
+              "rows must be (len(idx), out.size(1))");
+  std::vector<int64_t> source(n, -1);  // row of `rows` that lands in each row of out
+  for (int64_t j = 0; j < static_cast<int64_t>(ix.size()); ++j) source[ix[j]] = j;
+  const int64_t bytes = m * static_cast<int64_t>(out.element_size());
+  if (bytes == 0) return out;
+  const char* src = static_cast<const char*>(rows.const_data_ptr());
+  char* dst = static_cast<char*>(out.mutable_data_ptr());
+  at::parallel_for(0, n, std::max<int64_t>(1, 65536 / bytes), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      if (source[r] >= 0) {
+        std::memcpy(dst + r * bytes, src + source[r] * bytes, bytes);
+      } else {
+        std::memset(dst + r * bytes, 0, bytes);  // all-zero bits are 0.0 in every float type
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(greenprop, m) {
   m.def("channel_abs_sum(Tensor t) -> Tensor");
+  m.def("gather_channels(Tensor t, Tensor idx) -> Tensor");
+  m.def("scatter_rows_(Tensor(a!) out, Tensor idx, Tensor rows) -> Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(greenprop, CPU, m) {
   m.impl("channel_abs_sum", &channel_abs_sum);
+  m.impl("gather_channels", &gather_channels);
+  m.impl("scatter_rows_", &scatter_rows_);
 }

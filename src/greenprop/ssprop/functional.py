@@ -151,16 +151,23 @@ def select_channels(
 def gather_channels(t: Tensor, idx: Tensor, channel_dim: int = 1) -> Tensor:
     """``t`` restricted to channels ``idx``, dense, in the same memory format as ``t``.
 
-    Gathers run on a contiguous physical view: for channels_last the ``(N*H*W, C)``
-    matrix, otherwise the tensor itself (NCHW rows are contiguous blocks of ``H*W``).
+    Gathers run on the contiguous physical ``(outer, C, inner)`` view of
+    :func:`_channel_view` (for channels_last the ``(N*H*W, C)`` matrix): on CPU in the C++
+    op of :mod:`greenprop.ssprop.kernels` when that is built, otherwise ``index_select``.
     """
     if channel_dim < 0:
         channel_dim += t.dim()
+    view = _channel_view(t, channel_dim)
+    if view.is_contiguous() and kernels.available(view):
+        kept = kernels.gather_channels(view, idx)
+    else:
+        kept = view.index_select(1, idx)
     if channel_dim == 1 and _physical_channels_last(t):
-        n, c, h, w = t.shape
-        flat = t.permute(0, 2, 3, 1).reshape(-1, c)
-        return flat.index_select(1, idx).view(n, h, w, -1).permute(0, 3, 1, 2)
-    return t.contiguous().index_select(channel_dim, idx)
+        n, _, h, w = t.shape
+        return kept.view(n, h, w, -1).permute(0, 3, 1, 2)
+    shape = list(t.shape)
+    shape[channel_dim] = idx.numel()
+    return kept.view(shape)
 
 
 def _take_rows(t: Tensor, idx: Tensor) -> Tensor:
@@ -168,20 +175,37 @@ def _take_rows(t: Tensor, idx: Tensor) -> Tensor:
 
     A plain ``index_select`` returns a channels_last weight as contiguous NCHW, which
     ``convolution_backward`` would copy back to channels_last before running.
+    (``index_select`` over dim 0 copies whole rows already; the C++ gather is no faster.)
     """
     if _physical_channels_last(t):
         return t.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
     return t.index_select(0, idx)
 
 
-def _scatter_rows(full_like: Tensor, idx: Tensor, rows: Tensor) -> Tensor:
-    """Zeros shaped like ``full_like`` with ``rows`` written at ``idx`` (dim 0).
+def _row_matrix(t: Tensor) -> Tensor | None:
+    """An ``(rows, -1)`` view of ``t``'s physical layout (dim 0 outermost), or None if it has none."""
+    physical = t.permute(0, 2, 3, 1) if _physical_channels_last(t) else t
+    return physical.view(t.shape[0], -1) if physical.is_contiguous() else None
 
-    (Zeroing only the dropped rows, so each byte is written once, measured no faster:
-    ``index_fill_`` is slower per byte than the memset of ``zeros_like``.)
+
+def _scatter_rows(full_like: Tensor, idx: Tensor, rows: Tensor) -> Tensor:
+    """Zeros shaped (and laid out) like ``full_like`` with ``rows`` written at ``idx`` (dim 0).
+
+    On CPU the C++ ``scatter_rows_`` op writes each byte of a fresh ``empty_like`` once
+    (kept rows copied, the others zeroed), as the first-k floor's padding does; without
+    it, ``zeros_like`` plus ``index_copy_``. (Zeroing only the dropped rows with
+    ``index_fill_`` measured slower: it is slower per byte than the memset of ``zeros_like``.)
     """
+    rows = rows.to(full_like.dtype)
+    if kernels.available(rows):
+        out = torch.empty_like(full_like)
+        fmt = torch.channels_last if _physical_channels_last(out) else torch.contiguous_format
+        out_matrix, rows_matrix = _row_matrix(out), _row_matrix(rows.contiguous(memory_format=fmt))
+        if out_matrix is not None and rows_matrix is not None:
+            kernels.scatter_rows_(out_matrix, idx, rows_matrix)
+            return out
     out = torch.zeros_like(full_like)
-    out.index_copy_(0, idx, rows.to(out.dtype))
+    out.index_copy_(0, idx, rows)
     return out
 
 
@@ -261,7 +285,7 @@ def linear_sparse_backward(
     out_f, in_f = weight.shape
     dy = grad_output.reshape(-1, out_f)
     if idx is not None:
-        dy = dy.index_select(1, idx)
+        dy = gather_channels(dy, idx)
         w = weight.index_select(0, idx)
     else:
         w = weight

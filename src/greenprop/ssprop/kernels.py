@@ -1,21 +1,29 @@
-"""ssProp's channel scoring as a C++ op, built on first use, with a PyTorch fallback.
+"""ssProp's channel scoring, gather and scatter as C++ ops, built on first use, with PyTorch fallbacks.
 
-``_channel_ops.cpp`` registers ``torch.ops.greenprop.channel_abs_sum`` (``sum |dy|`` per
-channel in one read, no temporary ``|dy|`` tensor) through ``torch.library``. :func:`load`
+``_channel_ops.cpp`` registers through ``torch.library``: ``greenprop.channel_abs_sum``
+(``sum |dy|`` per channel in one read, no temporary ``|dy|`` tensor),
+``greenprop.gather_channels`` (the kept channels of ``dy``, copied as runs of
+consecutive channels) and ``greenprop.scatter_rows_`` (the kept rows of a weight
+gradient written into the full-size gradient, every other row zeroed, each byte
+written once). :func:`load`
 compiles it once with :func:`torch.utils.cpp_extension.load` (needs a C++ compiler and
 ninja; the build is cached in ``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``). Where that fails,
 or with ``GREENPROP_NO_KERNELS=1``, :func:`load` logs one line and returns False and
-ssProp computes through PyTorch ops: the same results (tested), one more pass over ``dy``.
-Tensors under :data:`MIN_NUMEL` elements always take the PyTorch ops (the pass they save
-is negligible), so small models and most unit tests never trigger the build.
+ssProp computes through PyTorch ops (``abs().sum()``, ``index_select``, ``zeros_like``
+plus ``index_copy_``): the same results (tested), slower. Tensors under
+:data:`MIN_NUMEL` elements always take the PyTorch ops (what the ops save there is
+negligible), so small models and most unit tests never trigger the build.
 
-The op takes a contiguous ``(outer, C, inner)`` view: NCHW ``(N, C, H*W)``, channels_last
-and Linear rows ``(rows, C, 1)``; it runs on CPU tensors only.
+Scoring and gathering take a contiguous ``(outer, C, inner)`` view: NCHW ``(N, C, H*W)``,
+channels_last and Linear rows ``(rows, C, 1)``; the scatter a contiguous ``(rows, m)``
+matrix. They run on CPU tensors only. The build is named after a hash of the source, so
+checkouts with different sources never rebuild each other's library.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -27,11 +35,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "channel_abs_sum", "load", "use_kernels"]
+__all__ = ["available", "channel_abs_sum", "gather_channels", "load", "scatter_rows_", "use_kernels"]
 
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("_channel_ops.cpp")
+#: The ops the library must register for :func:`load` to report success.
+_OPS = ("channel_abs_sum", "gather_channels", "scatter_rows_")
 #: Set to 1 to skip the build and always use the PyTorch ops.
 DISABLE_ENV = "GREENPROP_NO_KERNELS"
 #: Smaller gradients are scored with PyTorch ops (and do not trigger the build).
@@ -66,8 +76,9 @@ def _build() -> None:
     from torch.utils import cpp_extension
 
     _ninja_on_path()
+    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
     cpp_extension.load(
-        name="greenprop_channel_ops",
+        name=f"greenprop_channel_ops_{digest}",
         sources=[str(_SOURCE)],
         extra_cflags=_compile_flags(),
         extra_ldflags=["-fopenmp"],
@@ -86,7 +97,7 @@ def load() -> bool:
             else:
                 try:
                     _build()
-                    _state["loaded"] = hasattr(torch.ops.greenprop, "channel_abs_sum")
+                    _state["loaded"] = all(hasattr(torch.ops.greenprop, op) for op in _OPS)
                 except Exception as exc:  # no compiler, no ninja, a failed build: fall back
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                     log.warning("greenprop: ssProp C++ kernels unavailable (%s); using PyTorch ops", first)
@@ -108,13 +119,20 @@ def use_kernels(enabled: bool) -> Iterator[None]:
 
 
 def available(t: Tensor) -> bool:
-    """Whether the C++ op will serve ``t`` (a large CPU floating tensor; builds on first call)."""
-    return (
-        _use[0] and t.device.type == "cpu" and t.is_floating_point() and t.numel() >= MIN_NUMEL and load()
-    )
+    """Whether the C++ ops will serve ``t`` (a large CPU floating tensor; builds on first call)."""
+    return _use[0] and t.device.type == "cpu" and t.is_floating_point() and t.numel() >= MIN_NUMEL and load()
 
 
 def channel_abs_sum(view: Tensor) -> Tensor:
     """float32 ``|view|.sum((0, 2))`` of a contiguous ``(outer, C, inner)`` CPU tensor."""
     return torch.ops.greenprop.channel_abs_sum(view)
 
+
+def gather_channels(view: Tensor, idx: Tensor) -> Tensor:
+    """``view.index_select(1, idx)`` of a contiguous ``(outer, C, inner)`` CPU tensor, contiguous."""
+    return torch.ops.greenprop.gather_channels(view, idx)
+
+
+def scatter_rows_(out: Tensor, idx: Tensor, rows: Tensor) -> Tensor:
+    """``out`` := zeros with ``out[idx] = rows``; both contiguous 2-D CPU tensors of one dtype."""
+    return torch.ops.greenprop.scatter_rows_(out, idx, rows)
