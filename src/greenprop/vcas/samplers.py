@@ -88,9 +88,10 @@ def soft_topk_probabilities(scores: Tensor, k: float) -> Tensor:
         raise GreenpropError(f"k must be a number in (0, {n}], got {k!r}")
     out_dtype = _prob_dtype(scores.dtype)
     s = scores.to(torch.float64)
-    if not bool(torch.isfinite(s).all()):
-        raise GreenpropError(f"scores must be finite, got {scores[~torch.isfinite(s)][0].item()!r}")
-    if bool((s < 0).any()):
+    lowest, highest = torch.aminmax(s)  # one pass; NaN propagates into both
+    if not (math.isfinite(float(highest)) and float(lowest) >= 0):
+        if not bool(torch.isfinite(s).all()):
+            raise GreenpropError(f"scores must be finite, got {scores[~torch.isfinite(s)][0].item()!r}")
         raise GreenpropError(f"scores must be >= 0, got {scores[s < 0][0].item()!r}")
     k = float(k)
     if k >= n:
@@ -102,8 +103,45 @@ def soft_topk_probabilities(scores: Tensor, k: float) -> Tensor:
         # Fewer positive scores than k: keep them all, spread the rest over the zeros.
         fill = (k - n_pos) / (n - n_pos)  # n_pos <= k < n, so there is at least one zero
         return torch.where(positive, 1.0, fill).to(out_dtype)
+    level = _water_level(s, k)
+    p = _water_level_sorted(s, k) if level is None else (level * s).clamp_(max=1.0)
+    return p.to(out_dtype)
 
-    # k < n_pos. Sort descending; with the m largest capped at 1 the others get
+
+#: Rounds of :func:`_water_level` before it gives way to the sort.
+_WATER_ROUNDS = 8
+
+
+def _water_level(s: Tensor, k: float) -> float | None:
+    """The ``c`` of ``p = min(1, c * s)``, ``sum p = k`` (``k`` < positive scores), without sorting.
+
+    Fixed point on the capped set: with the items of ``c * s >= 1`` capped,
+    ``c = (k - m) / (sum of the others)``. From ``c = k / sum(s)`` (nothing capped) ``c``
+    only grows, so the capped set only grows, and the first set that repeats is the
+    solution: the same ``c`` the sort finds (the largest scores capped, the rest
+    proportional). Usually two or three rounds of a few elementwise passes, where the
+    sort of thousands of scores costs several times more. None (use the sort) when
+    ``_WATER_ROUNDS`` rounds did not settle or rounding broke the monotony.
+    """
+    m, tail = 0, float(s.sum())
+    for _ in range(_WATER_ROUNDS):
+        c = (k - m) / tail
+        capped = s * c >= 1.0
+        count = int(capped.sum())
+        if count == m:
+            return c
+        if count < m or count >= k:
+            return None
+        m, tail = count, float(torch.where(capped, 0.0, s).sum())
+        if tail <= 0.0:
+            return None
+    return None
+
+
+def _water_level_sorted(s: Tensor, k: float) -> Tensor:
+    """:func:`soft_topk_probabilities`'s result for ``k`` < positive scores, through one sort."""
+    n = s.numel()
+    # Sort descending; with the m largest capped at 1 the others get
     # c_m * s_i with c_m = (k - m) / tail_m, tail_m = sum of sorted[m:]. The answer is
     # the smallest m whose first uncapped item fits: (k - m) * sorted[m] <= tail_m.
     # m = ceil(k) - 1 always fits (k - m <= 1 and tail_m >= sorted[m]), so one exists.
@@ -116,7 +154,7 @@ def soft_topk_probabilities(scores: Tensor, k: float) -> Tensor:
     c = (k - m) / tail[m]
     p = (c * s).clamp_(max=1.0)
     p[order[:m]] = 1.0
-    return p.to(out_dtype)
+    return p
 
 
 def _check_probs(probs: Tensor) -> None:
@@ -173,6 +211,8 @@ def row_norms(grad: Tensor) -> Tensor:
 def _positive(scores: Tensor, idx: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     """The drawn ``(idx, scale)`` without the items of score zero (their term is zero)."""
     keep = scores.index_select(0, idx) > 0
+    if bool(keep.all()):  # the usual case: no boolean-mask copies
+        return idx, scale
     return idx[keep], scale[keep]
 
 
