@@ -172,6 +172,11 @@ def sample_mask(probs: Tensor, generator: torch.Generator | None = None) -> Tens
     ``p = 1`` is always kept and ``p = 0`` never (uniform draws lie in ``[0, 1)``).
     """
     _check_probs(probs)
+    return _bernoulli(probs, generator)
+
+
+def _bernoulli(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """:func:`sample_mask` without checking ``probs`` (for probabilities this module made)."""
     # Draw where the generator lives (greenprop's are CPU generators), then move: a CUDA
     # gradient with a CPU generator would otherwise fail, and CPU and GPU draw alike.
     device = generator.device if generator is not None else probs.device
@@ -187,7 +192,13 @@ def sample_rows(probs: Tensor, generator: torch.Generator | None = None) -> tupl
     """
     if isinstance(probs, Tensor) and probs.dim() != 1:
         raise GreenpropError(f"probs must be a 1-D tensor, got shape {tuple(probs.shape)}")
-    idx = sample_mask(probs, generator).nonzero().squeeze(1)
+    _check_probs(probs)
+    return _draw_rows(probs, generator)
+
+
+def _draw_rows(probs: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """:func:`sample_rows` without checking ``probs`` (for probabilities this module made)."""
+    idx = _bernoulli(probs, generator).nonzero().squeeze(1)
     return idx, probs.index_select(0, idx).reciprocal()
 
 
@@ -239,7 +250,7 @@ def activation_sample(
     if ratio >= 1.0:
         idx = (norms > 0).nonzero().squeeze(1)
         return idx, torch.ones(idx.numel(), dtype=norms.dtype, device=norms.device)
-    return _positive(norms, *sample_rows(soft_topk_probabilities(norms, ratio * n), generator))
+    return _positive(norms, *_draw_rows(soft_topk_probabilities(norms, ratio * n), generator))
 
 
 def _token_matrices(grad_out: Tensor, inp: Tensor) -> tuple[Tensor, Tensor]:
@@ -280,8 +291,15 @@ def leverage_sample(
     if ratio >= 1.0:
         dtype = _prob_dtype(torch.promote_types(dy.dtype, x.dtype))
         return torch.arange(t, device=dy.device), torch.ones(t, dtype=dtype, device=dy.device)
-    scores = leverage_scores(grad_out, inp)
-    return _positive(scores, *sample_rows(soft_topk_probabilities(scores, ratio * t), generator))
+    return _leverage_draw(dy, x, ratio, generator)
+
+
+def _leverage_draw(
+    dy: Tensor, x: Tensor, ratio: float, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """:func:`leverage_sample`'s draw on ``(T, out)`` and ``(T, in)`` token matrices, ``ratio < 1``."""
+    scores = _norms(dy) * _norms(x)
+    return _positive(scores, *_draw_rows(soft_topk_probabilities(scores, ratio * dy.shape[0]), generator))
 
 
 def sampled_weight_grad(
@@ -300,7 +318,7 @@ def sampled_weight_grad(
     dy, x = _token_matrices(grad_out, inp)
     if ratio >= 1.0 or dy.shape[0] == 0:
         return dy.t() @ x, dy.shape[0]
-    idx, scale = leverage_sample(grad_out, inp, ratio, generator)
+    idx, scale = _leverage_draw(dy, x, ratio, generator)
     dy_k, x_k = dy.index_select(0, idx), x.index_select(0, idx).to(dy.dtype)
     # Scaling either side gives the same estimate; the narrower is fewer multiplications.
     (dy_k if dy_k.shape[1] <= x_k.shape[1] else x_k).mul_(scale.unsqueeze(1))
