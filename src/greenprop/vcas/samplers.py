@@ -318,7 +318,7 @@ def sampled_weight_grad(
     dy, x = _token_matrices(grad_out, inp)
     if ratio >= 1.0 or dy.shape[0] == 0:
         return dy.t() @ x, dy.shape[0]
-    idx, scale = _leverage_draw(dy, x, ratio, generator)
+    idx, scale = leverage_sample(dy, x, ratio, generator)
     dy_k, x_k = dy.index_select(0, idx), x.index_select(0, idx).to(dy.dtype)
     # Scaling either side gives the same estimate; the narrower is fewer multiplications.
     (dy_k if dy_k.shape[1] <= x_k.shape[1] else x_k).mul_(scale.unsqueeze(1))
