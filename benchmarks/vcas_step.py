@@ -36,7 +36,7 @@ import gc
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -45,8 +45,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from _common import (
+    CLOCKS,
+    add_clock_option,
     add_common_options,
     check_ratios,
+    clock_note,
     forward_backward_flops,
     header_lines,
     markdown_table,
@@ -132,13 +135,15 @@ def set_ratios(handle: VCASHandle, r: float, nu: float) -> None:
         layer.vcas_weight_ratio = nu
 
 
-def timed_step(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
+def timed_step(
+    model: nn.Module, x: Tensor, y: Tensor, clock: Callable[[], float] = time.perf_counter
+) -> tuple[float, float]:
     """Seconds of the forward (with the loss) and of ``loss.backward()``; grads reset untimed."""
-    start = time.perf_counter()
+    start = clock()
     loss = F.cross_entropy(model(x), y)
-    mid = time.perf_counter()
+    mid = clock()
     loss.backward()
-    end = time.perf_counter()
+    end = clock()
     model.zero_grad(set_to_none=True)
     return mid - start, end - mid
 
@@ -158,6 +163,7 @@ def measure(
     for handle in handles.values():
         set_ratios(handle, r, nu)
     x, y = batch
+    clock = CLOCKS[args.clock]
     for i in range(max(1, args.warmup)):  # at least one: a compacted block's first forward checks it
         for v in rotated(names, i):
             timed_step(variants[v], x, y)
@@ -171,7 +177,7 @@ def measure(
     try:
         for i in range(args.repeats):
             for v in rotated(names, i):
-                fwd, bwd = timed_step(variants[v], x, y)
+                fwd, bwd = timed_step(variants[v], x, y, clock)
                 times[v]["fwd"].append(fwd)
                 times[v]["bwd"].append(bwd)
     finally:
@@ -266,6 +272,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (default 3)")
     p.add_argument("--policy", action="store_true", help="also time compact with the measured token policy")
     add_common_options(p)
+    add_clock_option(p)
     args = p.parse_args(argv)
     if args.seq_len < 1 or args.repeats < 1 or args.warmup < 0 or (args.batch or 1) < 1:
         p.error("--batch, --seq-len and --repeats must be >= 1, --warmup >= 0")
@@ -286,7 +293,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "FLOPs: FlopCounterMode, one step (compact: its re-run forward included); layer bwd FLOPs: the "
         "compact runtime's tally over the timed steps; kept rows: mean per block per step; "
         "peak MiB: memory of one untimed step above its start (on CPU the rise of the process's "
-        "peak RSS after freed heap pages went back to the OS; on CUDA torch.cuda.max_memory_allocated).",
+        "peak RSS after freed heap pages went back to the OS; on CUDA torch.cuda.max_memory_allocated)."
+        + clock_note(args.clock),
         "",
     ]
     out: dict[str, Any] = {"benchmark": "vcas_step", "environment": env, "models": {}, "results": []}

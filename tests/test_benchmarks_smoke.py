@@ -392,3 +392,27 @@ def test_parts_benchmark_covers_every_conv_and_runs_tiny(tmp_path, capsys):
     assert "| score (C++ op) |" in capsys.readouterr().out
     assert all(p["ms_per_step"] > 0 for p in result["parts"].values())
     assert json.loads(out.read_text())["parts"].keys() == result["parts"].keys()
+
+
+def test_vcas_phases_benchmark_splits_the_compacted_step(capsys):
+    argv = ["--models", "vit", "resnet", "--batch", "4", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+    result = _import("vcas_phases").main(argv)
+    assert "#### vit" in capsys.readouterr().out
+    by_model = {row["model"]: row["median_s"] for row in result["results"]}
+    for name, med in by_model.items():
+        blocks = med["block forward (graph-free)"] + med["block backward, all of it"]
+        assert 0 < blocks <= med["compact step"]
+        assert med["rest of the step"] == pytest.approx(med["compact step"] - blocks)
+        inner = med["- re-run on the kept rows"] + med["- backprop through the re-run"]
+        assert 0 < inner <= med["block backward, all of it"]  # nested phases are parts of the outer one
+        layer = "-- VCAS Linear backward" if name == "vit" else "-- VCAS Conv2d backward"
+        assert 0 < med[layer] <= med["- backprop through the re-run"]
+    assert by_model["vit"]["---- token scores, soft top-k, draw"] > 0  # nu = 0.3: tokens were sampled
+    assert by_model["resnet"]["-- VCAS Linear backward"] == 0  # no Linear in the ResNet's blocks
+    assert compaction_functions_restored()
+
+
+def compaction_functions_restored() -> bool:
+    """The timers are gone after the run: the library's functions are its own again."""
+    phases = _import("vcas_phases")
+    return all(not hasattr(getattr(owner, name), "__wrapped__") for _, owner, name in phases.PHASES)

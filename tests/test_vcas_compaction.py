@@ -136,6 +136,22 @@ def test_fresh_dropout_masks_in_the_rerun_would_be_caught(monkeypatch) -> None:
     assert not unbiased(z)
 
 
+def test_in_place_bernoulli_draws_are_kept_as_bool_and_replay_the_same_values() -> None:
+    """Dropout's CPU mask (bernoulli_ into a float tensor) is recorded as bool, replayed as its 0s and 1s."""
+    draws: list[Tensor] = []
+    with compaction._RandomDraws(draws, block="b", rows=None, batch=6, record=True):
+        mask = torch.empty(6, 5, dtype=torch.float64).bernoulli_(0.3)
+        noise = torch.rand(6, 5)
+    assert [d.dtype for d in draws] == [torch.bool, torch.float32]
+    assert torch.equal(draws[0], mask.bool()) and torch.equal(draws[1], noise)
+    rows = torch.tensor([1, 4])
+    with compaction._RandomDraws(draws, block="b", rows=rows, batch=6, record=False):
+        again = torch.full((2, 5), 7.0, dtype=torch.float64).bernoulli_(0.3)
+        noise_again = torch.rand(2, 5)
+    assert again.dtype == torch.float64 and torch.equal(again, mask[rows])
+    assert torch.equal(noise_again, noise[rows])
+
+
 class BatchMeanBlock(nn.Module):
     """Subtracts the batch mean: its samples interact, which no static check sees."""
 

@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 from greenprop.errors import GreenpropError
+from greenprop.vcas import samplers
 from greenprop.vcas.samplers import (
     activation_sample,
     leverage_sample,
@@ -82,6 +83,30 @@ def test_soft_topk_exact_ones_at_k_equal_n(values: list[float]) -> None:
     s = torch.tensor(values)
     p = soft_topk_probabilities(s, s.numel())
     assert torch.equal(p, torch.ones_like(p))
+
+
+@SETTINGS
+@given(values=score_lists, frac=st.floats(0.01, 1.0))
+def test_soft_topk_fixed_point_equals_the_sort(values: list[float], frac: float) -> None:
+    """The sort-free water level (the usual path) gives the sort's probabilities."""
+    s = torch.tensor(values, dtype=torch.float64)
+    k = frac * s.numel()
+    assume(k < int((s > 0).sum()))  # the other cases never reach the water level
+    level = samplers._water_level(s, k)
+    if level is not None:
+        torch.testing.assert_close((level * s).clamp(max=1.0), samplers._water_level_sorted(s, k))
+    torch.testing.assert_close(soft_topk_probabilities(s, k), samplers._water_level_sorted(s, k))
+
+
+def test_soft_topk_falls_back_to_the_sort_when_the_fixed_point_is_slow() -> None:
+    # Scores falling by 10x: every round caps one more item, more rounds than allowed.
+    s = 10.0 ** -torch.arange(30, dtype=torch.float64)
+    k = samplers._WATER_ROUNDS + 5.0
+    assert samplers._water_level(s, k) is None
+    p = soft_topk_probabilities(s, k)
+    torch.testing.assert_close(p, samplers._water_level_sorted(s, k))
+    assert math.isclose(float(p.sum()), k, rel_tol=1e-9)
+    assert bool((p[: int(k) - 1] == 1).all())
 
 
 def test_soft_topk_known_values() -> None:

@@ -130,7 +130,8 @@ class _RandomDraws(TorchDispatchMode):
     """Records a block's random draws in its forward; hands back their kept rows in its re-run.
 
     Ops tagged ``nondeterministic_seeded`` (bernoulli_ of dropout, rand, native_dropout)
-    are intercepted: recording keeps a copy of their outputs, replaying returns (or, for
+    are intercepted: recording keeps a copy of their outputs (an in-place Bernoulli draw,
+    dropout's mask on CPU, as bool), replaying returns (or, for
     in-place draws, writes) the kept samples' rows of the recorded output instead of
     drawing, so a re-run sees the forward's dropout masks. A draw whose first dimension
     is not the batch is replayed whole.
@@ -154,6 +155,12 @@ class _RandomDraws(TorchDispatchMode):
         in_place = func._schema.is_mutable
         if self.record:
             out = func(*args, **kwargs)
+            if in_place and name.startswith("aten::bernoulli"):
+                # Dropout's mask on CPU: 0s and 1s written into a float tensor (then scaled in
+                # place). Kept as bool, a quarter of float32's memory and copy; the replay's
+                # copy_ into the float target gives the same 0s and 1s back.
+                self.draws.append(out.to(torch.bool, copy=True))
+                return out
             outs = out if isinstance(out, tuple) else (out,)
             self.draws.extend(t.clone() for t in outs if isinstance(t, Tensor))
             return out

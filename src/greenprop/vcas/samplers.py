@@ -88,9 +88,10 @@ def soft_topk_probabilities(scores: Tensor, k: float) -> Tensor:
         raise GreenpropError(f"k must be a number in (0, {n}], got {k!r}")
     out_dtype = _prob_dtype(scores.dtype)
     s = scores.to(torch.float64)
-    if not bool(torch.isfinite(s).all()):
-        raise GreenpropError(f"scores must be finite, got {scores[~torch.isfinite(s)][0].item()!r}")
-    if bool((s < 0).any()):
+    lowest, highest = torch.aminmax(s)  # one pass; NaN propagates into both
+    if not (math.isfinite(float(highest)) and float(lowest) >= 0):
+        if not bool(torch.isfinite(s).all()):
+            raise GreenpropError(f"scores must be finite, got {scores[~torch.isfinite(s)][0].item()!r}")
         raise GreenpropError(f"scores must be >= 0, got {scores[s < 0][0].item()!r}")
     k = float(k)
     if k >= n:
@@ -102,8 +103,45 @@ def soft_topk_probabilities(scores: Tensor, k: float) -> Tensor:
         # Fewer positive scores than k: keep them all, spread the rest over the zeros.
         fill = (k - n_pos) / (n - n_pos)  # n_pos <= k < n, so there is at least one zero
         return torch.where(positive, 1.0, fill).to(out_dtype)
+    level = _water_level(s, k)
+    p = _water_level_sorted(s, k) if level is None else (level * s).clamp_(max=1.0)
+    return p.to(out_dtype)
 
-    # k < n_pos. Sort descending; with the m largest capped at 1 the others get
+
+#: Rounds of :func:`_water_level` before it gives way to the sort.
+_WATER_ROUNDS = 8
+
+
+def _water_level(s: Tensor, k: float) -> float | None:
+    """The ``c`` of ``p = min(1, c * s)``, ``sum p = k`` (``k`` < positive scores), without sorting.
+
+    Fixed point on the capped set: with the items of ``c * s >= 1`` capped,
+    ``c = (k - m) / (sum of the others)``. From ``c = k / sum(s)`` (nothing capped) ``c``
+    only grows, so the capped set only grows, and the first set that repeats is the
+    solution: the same ``c`` the sort finds (the largest scores capped, the rest
+    proportional). Usually two or three rounds of a few elementwise passes, where the
+    sort of thousands of scores costs several times more. None (use the sort) when
+    ``_WATER_ROUNDS`` rounds did not settle or rounding broke the monotony.
+    """
+    m, tail = 0, float(s.sum())
+    for _ in range(_WATER_ROUNDS):
+        c = (k - m) / tail
+        capped = s * c >= 1.0
+        count = int(capped.sum())
+        if count == m:
+            return c
+        if count < m or count >= k:
+            return None
+        m, tail = count, float(torch.where(capped, 0.0, s).sum())
+        if tail <= 0.0:
+            return None
+    return None
+
+
+def _water_level_sorted(s: Tensor, k: float) -> Tensor:
+    """:func:`soft_topk_probabilities`'s result for ``k`` < positive scores, through one sort."""
+    n = s.numel()
+    # Sort descending; with the m largest capped at 1 the others get
     # c_m * s_i with c_m = (k - m) / tail_m, tail_m = sum of sorted[m:]. The answer is
     # the smallest m whose first uncapped item fits: (k - m) * sorted[m] <= tail_m.
     # m = ceil(k) - 1 always fits (k - m <= 1 and tail_m >= sorted[m]), so one exists.
@@ -116,7 +154,7 @@ def soft_topk_probabilities(scores: Tensor, k: float) -> Tensor:
     c = (k - m) / tail[m]
     p = (c * s).clamp_(max=1.0)
     p[order[:m]] = 1.0
-    return p.to(out_dtype)
+    return p
 
 
 def _check_probs(probs: Tensor) -> None:
@@ -134,6 +172,11 @@ def sample_mask(probs: Tensor, generator: torch.Generator | None = None) -> Tens
     ``p = 1`` is always kept and ``p = 0`` never (uniform draws lie in ``[0, 1)``).
     """
     _check_probs(probs)
+    return _bernoulli(probs, generator)
+
+
+def _bernoulli(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """:func:`sample_mask` without checking ``probs`` (for probabilities this module made)."""
     # Draw where the generator lives (greenprop's are CPU generators), then move: a CUDA
     # gradient with a CPU generator would otherwise fail, and CPU and GPU draw alike.
     device = generator.device if generator is not None else probs.device
@@ -149,7 +192,13 @@ def sample_rows(probs: Tensor, generator: torch.Generator | None = None) -> tupl
     """
     if isinstance(probs, Tensor) and probs.dim() != 1:
         raise GreenpropError(f"probs must be a 1-D tensor, got shape {tuple(probs.shape)}")
-    idx = sample_mask(probs, generator).nonzero().squeeze(1)
+    _check_probs(probs)
+    return _draw_rows(probs, generator)
+
+
+def _draw_rows(probs: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """:func:`sample_rows` without checking ``probs`` (for probabilities this module made)."""
+    idx = _bernoulli(probs, generator).nonzero().squeeze(1)
     return idx, probs.index_select(0, idx).reciprocal()
 
 
@@ -173,6 +222,8 @@ def row_norms(grad: Tensor) -> Tensor:
 def _positive(scores: Tensor, idx: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     """The drawn ``(idx, scale)`` without the items of score zero (their term is zero)."""
     keep = scores.index_select(0, idx) > 0
+    if bool(keep.all()):  # the usual case: no boolean-mask copies
+        return idx, scale
     return idx[keep], scale[keep]
 
 
@@ -199,7 +250,7 @@ def activation_sample(
     if ratio >= 1.0:
         idx = (norms > 0).nonzero().squeeze(1)
         return idx, torch.ones(idx.numel(), dtype=norms.dtype, device=norms.device)
-    return _positive(norms, *sample_rows(soft_topk_probabilities(norms, ratio * n), generator))
+    return _positive(norms, *_draw_rows(soft_topk_probabilities(norms, ratio * n), generator))
 
 
 def _token_matrices(grad_out: Tensor, inp: Tensor) -> tuple[Tensor, Tensor]:
@@ -240,8 +291,15 @@ def leverage_sample(
     if ratio >= 1.0:
         dtype = _prob_dtype(torch.promote_types(dy.dtype, x.dtype))
         return torch.arange(t, device=dy.device), torch.ones(t, dtype=dtype, device=dy.device)
-    scores = leverage_scores(grad_out, inp)
-    return _positive(scores, *sample_rows(soft_topk_probabilities(scores, ratio * t), generator))
+    return _leverage_draw(dy, x, ratio, generator)
+
+
+def _leverage_draw(
+    dy: Tensor, x: Tensor, ratio: float, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """:func:`leverage_sample`'s draw on ``(T, out)`` and ``(T, in)`` token matrices, ``ratio < 1``."""
+    scores = _norms(dy) * _norms(x)
+    return _positive(scores, *_draw_rows(soft_topk_probabilities(scores, ratio * dy.shape[0]), generator))
 
 
 def sampled_weight_grad(
@@ -260,7 +318,7 @@ def sampled_weight_grad(
     dy, x = _token_matrices(grad_out, inp)
     if ratio >= 1.0 or dy.shape[0] == 0:
         return dy.t() @ x, dy.shape[0]
-    idx, scale = leverage_sample(grad_out, inp, ratio, generator)
+    idx, scale = leverage_sample(dy, x, ratio, generator)
     dy_k, x_k = dy.index_select(0, idx), x.index_select(0, idx).to(dy.dtype)
     # Scaling either side gives the same estimate; the narrower is fewer multiplications.
     (dy_k if dy_k.shape[1] <= x_k.shape[1] else x_k).mul_(scale.unsqueeze(1))
