@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from scipy import stats
 from torch import nn
 
 from greenprop.controller import RunContext
-from greenprop.gradsamp import GradSamp, GradSampConfig, ggd
+from greenprop.gradsamp import GradSamp, GradSampConfig, NothingSampledWarning, ggd
 from greenprop.gradsamp.ggd import GGDFitWarning, GGDParams
 
 # The 4-way head's bias is below ggd.MIN_FIT_SIZE: its documented fallback warns every time.
@@ -190,6 +191,15 @@ def test_degenerate_updates_fall_back_to_zero_with_a_named_warning():
     assert torch.equal(after["0.bias"], before["0.bias"])
     assert all(torch.isfinite(t).all() for t in after.values())
     assert not torch.equal(after["3.weight"], before["3.weight"])
+
+
+def test_a_schedule_sampling_no_epoch_of_the_run_warns_that_it_is_dense():
+    with pytest.warns(NothingSampledWarning, match=r"pe:1 samples no epoch of this 2-epoch run"):
+        gs = GradSamp(_model(), GradSampConfig(strategy="pe:1", seed=0), epochs=2)
+    assert gs.skipped_epochs() == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NothingSampledWarning)
+        assert GradSamp(_model(), GradSampConfig(strategy="pe:1", seed=0), epochs=3).skipped_epochs() == [1]
 
 
 def test_first_and_last_epochs_are_real_and_skip_matches_the_strategy():

@@ -7,7 +7,7 @@ sampled), ``sampling`` (the draw rule), ``config`` (:class:`GradSampConfig`), ``
 """
 
 from greenprop.gradsamp.config import DEFAULT_STRATEGY, GradSampConfig
-from greenprop.gradsamp.controller import GradSamp
+from greenprop.gradsamp.controller import GradSamp, NothingSampledWarning
 from greenprop.gradsamp.sampling import DEFAULT_BETA_BOUNDS, TOLERANCE_MODES, UPDATE_VARIANTS
 
 __all__ = [
@@ -17,4 +17,5 @@ __all__ = [
     "UPDATE_VARIANTS",
     "GradSamp",
     "GradSampConfig",
+    "NothingSampledWarning",
 ]

@@ -30,9 +30,13 @@ from greenprop.gradsamp.sampling import DrawStats, FitMethod, ToleranceMode, Upd
 from greenprop.gradsamp.schedule import Strategy, parse_strategy
 from greenprop.seeding import gradsamp_draw_seed
 
-__all__ = ["GradSamp"]
+__all__ = ["GradSamp", "NothingSampledWarning"]
 
 _STATE_FORMAT = 1
+
+
+class NothingSampledWarning(UserWarning):
+    """A schedule that samples no epoch of the run: it trains exactly like dense."""
 
 
 class GradSamp(Controller):
@@ -76,6 +80,14 @@ class GradSamp(Controller):
         )
         self.epochs = epochs
         self.seed = config.seed
+        if not self.strategy.skipped_epochs(epochs):
+            warnings.warn(
+                f"GradSamp {self.strategy.spec} samples no epoch of this {epochs}-epoch run "
+                f"(seed {config.seed}; the first and last epochs are always real), "
+                "so it trains exactly like dense",
+                NothingSampledWarning,
+                stacklevel=2,
+            )
         self.tolerance = config.tolerance
         self.tolerance_mode: ToleranceMode = config.tolerance_mode
         self.update: UpdateVariant = config.update
