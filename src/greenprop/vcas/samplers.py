@@ -269,7 +269,11 @@ def leverage_scores(grad_out: Tensor, inp: Tensor) -> Tensor:
     ``||dy_t^T x_t||_F = ||dy_t|| * ||x_t||``: the norm of token ``t``'s term in
     ``grad_W``, hence the variance-optimal sampling score for that sum.
     """
-    dy, x = _token_matrices(grad_out, inp)
+    return _token_leverage(*_token_matrices(grad_out, inp))
+
+
+def _token_leverage(dy: Tensor, x: Tensor) -> Tensor:
+    """:func:`leverage_scores` of ``(T, out)`` and ``(T, in)`` token matrices."""
     return _norms(dy) * _norms(x)
 
 
@@ -298,7 +302,7 @@ def _leverage_draw(
     dy: Tensor, x: Tensor, ratio: float, generator: torch.Generator | None
 ) -> tuple[Tensor, Tensor]:
     """:func:`leverage_sample`'s draw on ``(T, out)`` and ``(T, in)`` token matrices, ``ratio < 1``."""
-    scores = _norms(dy) * _norms(x)
+    scores = _token_leverage(dy, x)
     return _positive(scores, *_draw_rows(soft_topk_probabilities(scores, ratio * dy.shape[0]), generator))
 
 
