@@ -22,6 +22,7 @@ from greenprop.diffusion.schedule import NoiseSchedule, ancestral_sample
 from greenprop.diffusion.task import DiffusionTask
 from greenprop.errors import GreenpropError
 from greenprop.experiments.compare import RunResult
+from greenprop.experiments.frontier import ONE_SEED
 from greenprop.experiments.report import aggregate, format_table, task_metrics
 from greenprop.methods import build_method, parse_method
 from greenprop.models import DIFFUSION_MODELS, MODELS, DDPMUNet, ResBlock, create, task_of
@@ -395,7 +396,8 @@ def test_compare_of_diffusion_runs_shares_one_fd_classifier_and_reports_fd(tmp_p
         dense = summary["dense@1ep"][key] + share * (summary["baseline"][key] - summary["dense@1ep"][key])
         assert row[f"dense_{key}_at_flops"] == pytest.approx(dense)
         delta = summary["ssprop:keep=0.5"][key] - dense
-        assert row[f"verdict_{key}_flops"] == ("above the frontier" if delta < 0 else "below the frontier")
+        side = "above" if delta < 0 else "below"
+        assert row[f"verdict_{key}_flops"] == f"{side} the frontier{ONE_SEED}"
     assert "### FD (greenprop CNN features) ↓ (lower is better)" in report
     assert "### Test loss (noise MSE) ↓ (lower is better)" in report
     for name in ("frontier_flops.png", "frontier_test_loss_flops.png", "frontier_test_loss_time.png"):

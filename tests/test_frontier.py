@@ -15,6 +15,7 @@ from greenprop.cli import main
 from greenprop.errors import GreenpropError
 from greenprop.experiments.compare import RunResult
 from greenprop.experiments.frontier import (
+    ONE_SEED,
     budget_epochs,
     compare_with_frontier,
     cost_points,
@@ -176,7 +177,7 @@ def test_perplexity_is_interpolated_in_its_logarithm_the_test_loss():
     # Halfway in FLOPs: dense's loss 5.0, so its perplexity e^5; the method's e^4.5 is lower: better.
     assert row["dense_ppl_at_flops"] == pytest.approx(math.exp(5.0))
     assert row["delta_ppl_flops"] == pytest.approx(math.exp(4.5) - math.exp(5.0))
-    assert row["verdict_ppl_flops"] == "above the frontier"
+    assert row["verdict_ppl_flops"] == "above the frontier" + ONE_SEED
     assert row["dense_ppl_at_time"] == pytest.approx(math.exp(4.5))  # 2.5 s: 3/4 of the way
     assert row["verdict_time"] == "on the frontier"
 
@@ -197,13 +198,13 @@ def test_each_task_metric_gets_its_frontier_and_an_unmeasured_one_says_so(tmp_pa
     rows = {row["method"]: row for row in compare_with_frontier([*dense, *methods])}
     m, late = rows["m"], rows["late"]
     assert m["dense_fd_at_flops"] == pytest.approx(125.0) and m["delta_fd_flops"] == pytest.approx(5.0)
-    assert m["verdict_fd_flops"] == "below the frontier"  # a higher FD is worse
+    assert m["verdict_fd_flops"] == "below the frontier" + ONE_SEED  # a higher FD is worse
     assert m["dense_test_loss_at_flops"] == pytest.approx(0.15)
-    assert m["verdict_test_loss_flops"] == "above the frontier"  # a lower loss is better
+    assert m["verdict_test_loss_flops"] == "above the frontier" + ONE_SEED  # a lower loss is better
     # "late" (15 FLOPs) lies under FD's cheapest measured point (20) but inside the loss's.
     assert late["verdict_fd_flops"] == "not measured (the method or every dense budget lacks this metric)"
     assert late["dense_test_loss_at_flops"] == pytest.approx(0.25)
-    assert late["verdict_test_loss_flops"] == "above the frontier"
+    assert late["verdict_test_loss_flops"] == "above the frontier" + ONE_SEED
     assert late["verdict_flops"] == late["verdict_fd_flops"]  # the ranking metric's, under the old name
     # No dense budget scored: nothing to compare FD with (not "cheaper than the smallest budget").
     unscored = [
@@ -221,7 +222,7 @@ def test_each_task_metric_gets_its_frontier_and_an_unmeasured_one_says_so(tmp_pa
     ]
     text = "\n".join(frontier_text(list(rows.values()), frontier_metrics(dense), markdown=True))
     assert "### FD ↓ (lower is better)" in text and "### TEST_LOSS ↓ (lower is better)" in text
-    assert "- FD ↓, at the same FLOPs: below the frontier: `m`" in text
+    assert "- FD ↓, at the same FLOPs: below the frontier (one seed: no spread to judge by): `m`" in text
 
 
 @pytest.mark.parametrize("metric", DIRECTIONS)

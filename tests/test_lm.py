@@ -20,6 +20,7 @@ from greenprop.cli import main
 from greenprop.data import catalog, lm
 from greenprop.data.dataset import DatasetInfo, DatasetPair, TokenDataset
 from greenprop.errors import GreenpropError
+from greenprop.experiments.frontier import ONE_SEED
 from greenprop.lm.task import IGNORE, CausalLMTask, LMClassificationTask
 from greenprop.methods import build_method, parse_method
 from greenprop.models import LM_MODELS, MODELS, GPT2Tiny, create, task_of
@@ -405,7 +406,7 @@ def test_compare_ranks_by_perplexity_and_trains_the_dense_frontier(rt_lm, tmp_pa
     assert row["dense_ppl_at_flops"] == pytest.approx(rows["dense@2ep"]["ppl_mean"], rel=1e-6)
     delta = row["delta_ppl_flops"]
     assert delta == pytest.approx(rows["gradsamp:strategy=pe:1"]["ppl_mean"] - rows["dense@2ep"]["ppl_mean"])
-    assert row["verdict_flops"] == ("above the frontier" if delta < 0 else "below the frontier")
+    assert row["verdict_flops"] == (("above" if delta < 0 else "below") + " the frontier" + ONE_SEED)
     assert results["frontier_metrics"] == [
         {"key": "ppl", "label": "Perplexity", "higher_is_better": False, "scale": "log"}
     ]

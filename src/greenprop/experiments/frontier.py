@@ -190,7 +190,14 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def _verdict(mean: float | None, std: float | None, position: str, higher_is_better: bool = True) -> str:
+#: What a one-seed verdict adds: its difference has no seed spread to be judged by.
+ONE_SEED = " (one seed: no spread to judge by)"
+
+
+def _verdict(
+    mean: float | None, std: float | None, position: str, higher_is_better: bool = True, seeds: int = 2
+) -> str:
+    """The verdict in words; with one seed a difference has no spread to judge it by: it says so."""
     if position == "diverged":
         return "no finished run (every seed diverged)"
     if position == "unmeasured":
@@ -206,6 +213,8 @@ def _verdict(mean: float | None, std: float | None, position: str, higher_is_bet
         words = "below the frontier"
     else:
         words = "on the frontier"
+    if seeds == 1 and words != "on the frontier":
+        words += ONE_SEED
     if position == "beyond":
         words += " (costs more than full dense; compared with full dense)"
     return words
@@ -245,7 +254,7 @@ def _against(
         f"delta_{name}_{key}": delta,
         f"delta_{name}_{key}_std": delta_std,
         f"position_{name}_{key}": position,
-        f"verdict_{name}_{key}": _verdict(delta, delta_std, position, metric.higher_is_better),
+        f"verdict_{name}_{key}": _verdict(delta, delta_std, position, metric.higher_is_better, len(deltas)),
     }
 
 
@@ -402,7 +411,8 @@ EXPLANATION = (
     "upside down, so better is up). n/a: the method is cheaper than the smallest budget "
     "(or the metric was not measured). "
     "*: the method costs more than full dense and is compared with full dense, which more "
-    "epochs might beat. A difference within the seed spread counts as on the frontier. "
+    "epochs might beat. A difference within the seed spread counts as on the frontier; with one "
+    "seed there is no spread, and the verdict says so. "
     "Train times carry the load of whatever else ran on the machine: compare them only "
     "from a quiet machine or runs taken side by side."
 )
