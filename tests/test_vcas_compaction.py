@@ -285,6 +285,29 @@ def test_variance_estimation_runs_through_the_compacted_blocks_alike() -> None:
         torch.testing.assert_close(a, b)
 
 
+def test_sampled_training_steps_draw_the_same_samples_compacted_or_not() -> None:
+    """Compaction changes where the backward runs, not what it draws: the same seeds give the
+    same sampled gradients step after step (dropout, block and token sampling on), so runs
+    and their accuracy tables do not change when compaction is switched on."""
+    torch.manual_seed(0)
+    base = DropoutNet()
+    x, c, w = _dropout_inputs()
+    steps = {}
+    for compact in (True, False):
+        model = copy.deepcopy(base).double()
+        handle = vcas_handle(apply_vcas(model, VCASConfig(seed=4, compact=compact, compact_max_ratio=1.0)))
+        assert bool(handle.compacted) == compact
+        for sampler in handle.samplers:
+            sampler.ratio = 0.5
+        for layer in handle.linears.values():
+            layer.vcas_weight_ratio = 0.5
+        params = list(model.parameters())
+        steps[compact] = [grads(_loss(model, x, c, w, seed=step), params) for step in range(4)]
+    for step, (on, off) in enumerate(zip(steps[True], steps[False], strict=True)):
+        torch.testing.assert_close(on, off, rtol=1e-10, atol=1e-12, msg=f"step {step}")
+    assert not torch.equal(steps[True][1], steps[True][2])  # new draws every step
+
+
 def _saved_bytes(model: nn.Module, x: Tensor) -> int:
     """Bytes of the distinct tensors autograd keeps between one forward and its backward."""
     storages: dict[int, int] = {}
