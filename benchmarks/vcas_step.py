@@ -271,12 +271,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=20, help="timed steps per variant (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (default 3)")
     p.add_argument("--policy", action="store_true", help="also time compact with the measured token policy")
+    p.add_argument(
+        "--compact-max-ratio",
+        type=float,
+        default=VCASConfig().compact_max_ratio,
+        help="compact blocks only at ratios up to this (default: VCASConfig's, 0.7; 1: always)",
+    )
     add_common_options(p)
     add_clock_option(p)
     args = p.parse_args(argv)
     if args.seq_len < 1 or args.repeats < 1 or args.warmup < 0 or (args.batch or 1) < 1:
         p.error("--batch, --seq-len and --repeats must be >= 1, --warmup >= 0")
     check_ratios(p, "--rs and --nus", [*args.rs, *args.nus])
+    if not 0.0 <= args.compact_max_ratio <= 1.0:
+        p.error(f"--compact-max-ratio must be in [0, 1], got {args.compact_max_ratio:g}")
     return args
 
 
@@ -288,7 +296,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     lines += [
         f"Median of {args.repeats} interleaved steps per variant after {args.warmup} warm-up steps, "
         "fp32, dropout off, no optimizer; times in ms. vcas = `apply_vcas(compact=False)` (mode FULL), "
-        "compact = `apply_vcas(compact=True)`, every sampler's ratio = r, every Linear's "
+        f"compact = `apply_vcas(compact=True)` (compacted at "
+        f"ratios <= {args.compact_max_ratio:g}), every sampler's "
+        "ratio = r, every Linear's "
         "`vcas_weight_ratio` = nu. Ratios are of medians; [IQR] of the per-repeat step ratios. step "
         "FLOPs: FlopCounterMode, one step (compact: its re-run forward included); layer bwd FLOPs: the "
         "compact runtime's tally over the timed steps; kept rows: mean per block per step; "
@@ -306,7 +316,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         handles: dict[str, VCASHandle] = {}
         for v in VARIANTS[1:] + ((POLICY,) if args.policy else ()):
             variants[v] = copy.deepcopy(dense)
-            config = VCASConfig(seed=args.seed, compact=v != "vcas")
+            config = VCASConfig(
+                seed=args.seed,
+                compact=v != "vcas",
+                compact_max_ratio=args.compact_max_ratio,
+            )
             handles[v] = handle = vcas_handle(apply_vcas(variants[v], config))
         break_even: dict[str, float] = {}
         if args.policy:

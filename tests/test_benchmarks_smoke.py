@@ -227,6 +227,16 @@ def test_vcas_step_benchmark_times_the_token_policy_too(capsys):
         assert set(row["per_repeat_s"]) == {"dense", "vcas", "compact", "policy"}
 
 
+def test_vcas_step_benchmark_reads_the_compact_max_ratio_and_refuses_a_bad_one(capsys):
+    module = _import("vcas_step")
+    assert module.parse_args([]).compact_max_ratio == 0.7  # VCASConfig's default
+    assert module.parse_args(["--compact-max-ratio", "1"]).compact_max_ratio == 1.0
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--compact-max-ratio", "1.5"])
+    assert exit_info.value.code == 2
+    assert "--compact-max-ratio must be in [0, 1], got 1.5" in capsys.readouterr().err
+
+
 def test_vcas_linear_benchmark_shows_the_ratio_under_the_token_policy():
     argv = ["--shapes", "minilm", "--seq-len", "4", "--rs", "1", "--nus", "1", "0.5", "--policy"]
     result = _import("vcas_linear").main([*argv, "--repeats", "1", "--warmup", "0", "--threads", "1"])
