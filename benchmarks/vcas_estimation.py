@@ -1,7 +1,8 @@
 """Share of VCAS's training time spent in its variance estimation, and the controller's path.
 
 Trains the vcas-vit preset's model (the zoo ViT, dim 128, depth 6, on 28x28 Fashion-MNIST
-images, batch 128, AdamW lr 1e-3) for ``--steps`` steps once per variant; each variant is
+images, batch 128, AdamW lr 1e-3), or with ``--model resnet`` the vcas-resnet preset's
+(ResNet-18-GN, width 16, SGD lr 0.05), for ``--steps`` steps once per variant; each variant is
 a VCAS option string (``update_every=50,estimation_fraction=0.25``). The variants train
 side by side: same initial weights, same batches in the same order, their steps
 interleaved (order rotating every step), Python's GC off while timing. Per variant it
@@ -47,6 +48,20 @@ def batches(train: Any, size: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]
         yield train[torch.randperm(len(train), generator=gen)[:size]]
 
 
+#: --model: the preset whose model is trained, and how it reads in the report.
+MODELS = {
+    "vit": "vcas-vit's model (ViT dim 128, depth 6)",
+    "resnet": "vcas-resnet's model (ResNet-18-GN, width 16)",
+}
+
+
+def build(name: str) -> nn.Module:
+    """The preset's model for 28x28 grey images, 10 classes."""
+    if name == "resnet":
+        return models.create("resnet18-gn", num_classes=10, in_channels=1, image_size=28, width=16)
+    return models.create("vit", num_classes=10, in_channels=1, image_size=28)
+
+
 class Run:
     """One variant: its model, optimizer, controller, estimation batches and timings."""
 
@@ -55,11 +70,14 @@ class Run:
     ) -> None:
         self.options = options
         torch.manual_seed(args.seed)
-        self.model = models.create("vit", num_classes=10, in_channels=1, image_size=28)
+        self.model = build(args.model)
         self.model.load_state_dict(initial)
         config = VCASConfig.from_dict({"seed": args.seed, **parse_method(f"vcas:{options}").options})
         self.vcas = VCAS(apply_vcas(self.model, config))
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.05)
+        if args.model == "resnet":  # the vcas-resnet preset's optimizer
+            self.opt: torch.optim.Optimizer = torch.optim.SGD(self.model.parameters(), lr=0.05)
+        else:
+            self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.05)
         self.estimation = batches(train, args.batch, args.seed + 1)
         self.update_s: list[float] = []
         self.step_s: list[float] = []
@@ -148,6 +166,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=["update_every=50,s_step=0.05,weight_ratio_multiplier=0.8"],
         help="VCAS option strings, one per variant (default: the vcas-vit preset's)",
     )
+    p.add_argument("--model", choices=tuple(MODELS), default="vit", help="preset model (default vit)")
     p.add_argument("--steps", type=int, default=100, help="training steps per variant (default 100)")
     p.add_argument("--subset", type=int, default=5000, help="Fashion-MNIST training images (default 5000)")
     p.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
@@ -165,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     env = start(args, __file__, argv)
     train = data.load("fashion-mnist", subset=args.subset).train
     torch.manual_seed(args.seed)
-    initial = models.create("vit", num_classes=10, in_channels=1, image_size=28).state_dict()
+    initial = build(args.model).state_dict()
     runs = {v: Run(v, initial, train, args) for v in args.variants}
     order = batches(train, args.batch, args.seed)
     gc.collect()
@@ -181,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows = [run.summary(args.share_at) for run in runs.values()]
     lines = header_lines(env, "VCAS: the variance estimation's share of training time")
     lines += [
-        f"vcas-vit's model (ViT dim 128, depth 6) on {args.subset} Fashion-MNIST images, batch {args.batch}, "
+        f"{MODELS[args.model]} on {args.subset} Fashion-MNIST images, batch {args.batch}, "
         f"{args.steps} steps per variant, side by side. estimation = time in `vcas.step` (its updates); "
         "training steps = forward + backward + optimizer. The implied share is median update / "
         f"(median update + {args.share_at} x median step).",

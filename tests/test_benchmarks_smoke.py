@@ -248,11 +248,13 @@ def test_vcas_linear_benchmark_shows_the_ratio_under_the_token_policy():
         assert 0 <= row["break_even"] <= 1 and row["policy_ratio"] == want
 
 
-def test_vcas_estimation_benchmark_reports_the_share_and_the_controller_path(tmp_path, capsys):
+@pytest.mark.parametrize("model", ["vit", "resnet"])
+def test_vcas_estimation_benchmark_reports_the_share_and_the_controller_path(tmp_path, capsys, model):
     variants = ["update_every=2", "update_every=2,estimation_fraction=0.25"]
     argv = ["--steps", "3", "--subset", "40", "--batch", "32", "--threads", "1", "--variants", *variants]
-    result = _import("vcas_estimation").main(argv)
-    assert "estimation share" in capsys.readouterr().out
+    result = _import("vcas_estimation").main([*argv, "--model", model])
+    out = capsys.readouterr().out
+    assert "estimation share" in out and ("ResNet-18-GN" in out) == (model == "resnet")
     for row in result["results"]:
         assert row["updates"] == 2 and len(row["history"]) == 2  # steps 0 and 2
         assert 0 < row["share"] < 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -451,3 +453,41 @@ def test_check_rows_catches_gradient_that_bypasses_the_sampler(aux: bool):
     else:
         loss.backward()  # the assumptions hold: nothing to report
         assert all(p.grad is not None for p in model.parameters())
+
+
+def _old_sample(grad: Tensor, alive: Tensor, scale: Tensor) -> Tensor:
+    """BlockSampler.sample as written before: zeros, then the kept rows gathered, rescaled, scattered."""
+    shape = (-1,) + (1,) * (grad.dim() - 1)
+    out = torch.zeros_like(grad)
+    out.index_copy_(0, alive, (grad.index_select(0, alive) * scale.view(shape)).to(grad.dtype))
+    return out
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rows=st.integers(1, 24),
+    inner=st.lists(st.integers(1, 5), min_size=0, max_size=3),
+    ratio=st.floats(0.05, 1.0),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_one_pass_rescaling_equals_the_gather_scale_scatter(
+    rows: int, inner: list[int], ratio: float, dtype: torch.dtype, seed: int
+) -> None:
+    """BlockSampler.sample (rows times their weights) and scaled_rows give the old formulas' tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    spread = torch.rand(rows, *([1] * len(inner)), generator=gen) ** 3  # skewed sample norms
+    grad = (torch.randn(rows, *inner, generator=gen) * spread).to(dtype)
+    grad[torch.rand(rows, generator=gen) < 0.2] = 0  # some all-zero samples
+    runtime = vcas_layers.VCASRuntime(torch.Generator().manual_seed(seed), torch.Generator())
+    sampler = vcas_layers.BlockSampler(0, "block", runtime, ratio=ratio)
+    new = sampler.sample(grad)
+    runtime.activation_generator.manual_seed(seed)
+    alive, scale = sampler.draw(grad)
+    if scale is None:  # ratio 1: the gradient itself
+        assert new is grad
+        return
+    assert new.dtype == grad.dtype and torch.equal(new, _old_sample(grad, alive, scale))
+    shape = (-1,) + (1,) * (grad.dim() - 1)
+    old_kept = (grad.index_select(0, alive) * scale.view(shape)).to(grad.dtype)
+    assert torch.equal(vcas_layers.scaled_rows(grad, alive, scale), old_kept)

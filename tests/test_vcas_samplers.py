@@ -325,3 +325,27 @@ def test_draws_follow_the_generator_not_the_tensor_device():
     b = sample_mask(probs, torch.Generator().manual_seed(5))
     assert torch.equal(a, b) and a.device == probs.device
     assert 200 < int(a.sum()) < 400
+
+
+def _old_positive_draw(
+    scores: torch.Tensor, k: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draw as written before the zero-score filter was skipped: filter every draw."""
+    idx, scale = samplers._draw_rows(soft_topk_probabilities(scores, k), gen)
+    keep = scores.index_select(0, idx) > 0
+    return idx[keep], scale[keep]
+
+
+@SETTINGS
+@given(values=score_lists, frac=st.floats(0.01, 1.0), seed=st.integers(0, 2**16))
+def test_draw_skips_the_zero_filter_only_where_it_filters_nothing(
+    values: list[float], frac: float, seed: int
+) -> None:
+    """The draw without the filter on the water-level path gives the filtered draw: same rows, same 1/p."""
+    for dtype in (torch.float32, torch.float64):
+        s = torch.tensor(values, dtype=dtype)
+        k = frac * s.numel()
+        idx, scale = samplers._draw_positive(s, k, _gen(seed))
+        old_idx, old_scale = _old_positive_draw(s, k, _gen(seed))
+        assert torch.equal(idx, old_idx) and torch.equal(scale, old_scale)
+        assert bool((s[idx] > 0).all())

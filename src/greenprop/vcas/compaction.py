@@ -46,7 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from greenprop.errors import GreenpropError
-from greenprop.vcas.layers import BlockSampler, Mode, VCASRuntime, _carries_grad
+from greenprop.vcas.layers import BlockSampler, Mode, VCASRuntime, _carries_grad, scaled_rows
 
 __all__ = ["BlockCache", "CompactedForward", "CompactionWarning"]
 
@@ -342,9 +342,10 @@ class _CompactedBlock(torch.autograd.Function):
             owner.runtime.tally.dense += owner.dense_per_row * batch
             zeros = [torch.zeros_like(t) if need else None for t, need in zip(tensors, needs, strict=True)]
             return (None, *zeros, *(torch.zeros_like(p) for p in params))
-        kept = grad if rows is None else grad.index_select(0, rows)
-        if scale is not None:
-            kept = (kept * scale.view((-1,) + (1,) * (grad.dim() - 1))).to(grad.dtype)  # 1/p in fp32 at least
+        if scale is not None:  # the draw gives scales only with rows
+            kept = scaled_rows(grad, rows, scale)
+        else:
+            kept = grad if rows is None else grad.index_select(0, rows)
         runtime, block = owner.runtime, owner.sampler.index
         runtime.compact[block] = (kept.shape[0], batch)
         dense_before = runtime.tally.dense

@@ -177,11 +177,25 @@ class BlockSampler:
         alive, scale = self.draw(grad)
         if scale is None:  # exact, or ratio 1: a zero row kept or dropped is the same
             return grad
-        shape = (-1,) + (1,) * (grad.dim() - 1)
-        out = torch.zeros_like(grad)
-        kept = (grad.index_select(0, alive) * scale.view(shape)).to(grad.dtype)  # 1/p in fp32 at least
-        out.index_copy_(0, alive, kept)
-        return out
+        # One pass: each row times its weight, 1/p if kept and 0 if dropped (the draw refused
+        # non-finite rows, so 0 * row is 0). Zeros + gather + scale + scatter read and wrote
+        # the kept rows three times more. The product is in fp32 at least (bf16 * fp32 weights).
+        weights = scale.new_zeros(grad.shape[0]).index_copy_(0, alive, scale)
+        return (grad * weights.view((-1,) + (1,) * (grad.dim() - 1))).to(grad.dtype)
+
+
+def scaled_rows(grad: Tensor, rows: Tensor, scale: Tensor) -> Tensor:
+    """``grad[rows] * scale`` per row (Horvitz-Thompson ``1/p``), in ``grad``'s dtype.
+
+    Scaled in place in the gathered copy where ``scale`` has ``grad``'s dtype (fp32 /
+    fp64: the same products, one tensor fewer); otherwise (bf16 / fp16 gradients) the
+    product is taken in ``scale``'s fp32 and cast back, as before.
+    """
+    kept = grad.index_select(0, rows)
+    shape = (-1,) + (1,) * (grad.dim() - 1)
+    if scale.dtype == kept.dtype:
+        return kept.mul_(scale.view(shape))
+    return (kept * scale.view(shape)).to(grad.dtype)
 
 
 def _carries_grad(obj: Any) -> bool:

@@ -76,6 +76,11 @@ def soft_topk_probabilities(scores: Tensor, k: float) -> Tensor:
         Probabilities in ``[0, 1]`` (float32, or float64 for float64 scores), summing
         to ``k`` up to float rounding, on the scores' device.
     """
+    return _soft_topk(scores, k)[0]
+
+
+def _soft_topk(scores: Tensor, k: float) -> tuple[Tensor, bool]:
+    """:func:`soft_topk_probabilities`, and whether a zero score may have got ``p > 0``."""
     if not isinstance(scores, Tensor) or scores.dim() != 1:
         shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
         raise GreenpropError(f"scores must be a 1-D tensor, got {shape}")
@@ -95,17 +100,18 @@ def soft_topk_probabilities(scores: Tensor, k: float) -> Tensor:
         raise GreenpropError(f"scores must be >= 0, got {scores[s < 0][0].item()!r}")
     k = float(k)
     if k >= n:
-        return torch.ones(n, dtype=out_dtype, device=scores.device)
+        return torch.ones(n, dtype=out_dtype, device=scores.device), True
 
     positive = s > 0
     n_pos = int(positive.sum())
     if k >= n_pos:
         # Fewer positive scores than k: keep them all, spread the rest over the zeros.
         fill = (k - n_pos) / (n - n_pos)  # n_pos <= k < n, so there is at least one zero
-        return torch.where(positive, 1.0, fill).to(out_dtype)
+        return torch.where(positive, 1.0, fill).to(out_dtype), True
+    # From here p = min(1, c * s) with c > 0 (or the sort's equivalent): zero exactly where s is.
     level = _water_level(s, k)
     p = _water_level_sorted(s, k) if level is None else (level * s).clamp_(max=1.0)
-    return p.to(out_dtype)
+    return p.to(out_dtype), False
 
 
 #: Rounds of :func:`_water_level` before it gives way to the sort.
@@ -219,12 +225,22 @@ def row_norms(grad: Tensor) -> Tensor:
     return _norms(grad.reshape(grad.shape[0], -1))
 
 
-def _positive(scores: Tensor, idx: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-    """The drawn ``(idx, scale)`` without the items of score zero (their term is zero)."""
-    keep = scores.index_select(0, idx) > 0
-    if bool(keep.all()):  # the usual case: no boolean-mask copies
-        return idx, scale
-    return idx[keep], scale[keep]
+def _draw_positive(scores: Tensor, k: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Soft top-k draw on ``scores`` (expected count ``k``) without the items of score zero.
+
+    Leaving out a drawn zero-score item changes no estimate (its term is zero) and saves
+    its work. Only the all-ones and spread-over-zeros cases of
+    :func:`soft_topk_probabilities` give a zero score a positive probability; on the
+    water-level path ``p = min(1, c * s)`` is zero exactly where ``s`` is, so nothing is
+    filtered there (no gather of the drawn scores).
+    """
+    probs, zeros_drawable = _soft_topk(scores, k)
+    idx, scale = _draw_rows(probs, generator)
+    if zeros_drawable:
+        keep = scores.index_select(0, idx) > 0
+        if not bool(keep.all()):
+            return idx[keep], scale[keep]
+    return idx, scale
 
 
 def activation_sample(
@@ -250,7 +266,7 @@ def activation_sample(
     if ratio >= 1.0:
         idx = (norms > 0).nonzero().squeeze(1)
         return idx, torch.ones(idx.numel(), dtype=norms.dtype, device=norms.device)
-    return _positive(norms, *_draw_rows(soft_topk_probabilities(norms, ratio * n), generator))
+    return _draw_positive(norms, ratio * n, generator)
 
 
 def _token_matrices(grad_out: Tensor, inp: Tensor) -> tuple[Tensor, Tensor]:
@@ -302,8 +318,7 @@ def _leverage_draw(
     dy: Tensor, x: Tensor, ratio: float, generator: torch.Generator | None
 ) -> tuple[Tensor, Tensor]:
     """:func:`leverage_sample`'s draw on ``(T, out)`` and ``(T, in)`` token matrices, ``ratio < 1``."""
-    scores = _token_leverage(dy, x)
-    return _positive(scores, *_draw_rows(soft_topk_probabilities(scores, ratio * dy.shape[0]), generator))
+    return _draw_positive(_token_leverage(dy, x), ratio * dy.shape[0], generator)
 
 
 def sampled_weight_grad(
