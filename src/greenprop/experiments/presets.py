@@ -132,8 +132,10 @@ PRESETS: dict[str, Preset] = {
 # its defaults (update every 50 steps instead of 100, s step 0.05 instead of 0.01, weight
 # ratios x0.8 instead of x0.95) to reach its variance-bounded ratios within the run; the
 # thresholds tau_act = tau_w = 0.025, M = 2 repeats, EMA 0.6 and the 1% entries are the
-# paper's. docs/vcas.md discusses the choice.
-_VCAS_FAST = "vcas:update_every=50,s_step=0.05,weight_ratio_multiplier=0.8"
+# paper's. The variance estimation measures on a quarter of each estimation batch (at least
+# 16 samples), which keeps its cost under 2% of training (7.5% on whole batches, measured in
+# docs/benchmarks.md). docs/vcas.md discusses the choice.
+_VCAS_FAST = "vcas:update_every=50,s_step=0.05,weight_ratio_multiplier=0.8,estimation_fraction=0.25"
 PRESETS["vcas-vit"] = Preset(
     description="VCAS vs exact: the zoo's tiny ViT (dim 128, depth 6) on a 5k/2k Fashion-MNIST "
     "subset, 10 epochs (400 steps), AdamW, 3 seeds",
