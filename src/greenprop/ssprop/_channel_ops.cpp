@@ -183,7 +183,7 @@ void gather_columns(const void* src, void* dst, int64_t rows, int64_t c, const s
   Word* d = static_cast<Word*>(dst);
   const int64_t k = static_cast<int64_t>(idx.size());
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, k)), [&](int64_t b, int64_t e) {
-    for (int64_t r = e - 1; r >= b; --r) {  // backwards: the rows scored last are still cached
+    for (int64_t r = b; r < e; ++r) {
       const Word* row = s + r * c;
       Word* out = d + r * k;
       for (int64_t j = 0; j < k; ++j) out[j] = row[idx[j]];
@@ -210,7 +210,7 @@ at::Tensor gather_channels(const at::Tensor& t, const at::Tensor& idx) {
   const char* src = static_cast<const char*>(t.const_data_ptr());
   char* dst = static_cast<char*>(out.mutable_data_ptr());
   at::parallel_for(0, outer, std::max<int64_t>(1, 32768 / (k * inner)), [&](int64_t b, int64_t e) {
-    for (int64_t o = e - 1; o >= b; --o) {  // backwards: the planes scored last are still cached
+    for (int64_t o = b; o < e; ++o) {
       const char* s = src + o * c * row;
       char* d = dst + o * k * row;
       for (const Run& r : runs) std::memcpy(d + r.dst * row, s + r.src * row, r.len * row);
