@@ -2,6 +2,7 @@
 
 ``_channel_ops.cpp`` registers through ``torch.library``: ``greenprop.channel_abs_sum``
 (``sum |dy|`` per channel in one read, no temporary ``|dy|`` tensor),
+``greenprop.topk_channels`` (those scores and the top-k choice in one call),
 ``greenprop.gather_channels`` (the kept channels of ``dy``, copied as runs of
 consecutive channels) and ``greenprop.scatter_rows_`` (the kept rows of a weight
 gradient written into the full-size gradient, every other row zeroed, each byte
