@@ -6,7 +6,8 @@ not do, or does differently, are timed on their own on that layer's real shapes 
 summed over the network's 20 convolutions:
 
 * scoring ``dy`` (the C++ op and, for comparison, PyTorch ops), and choosing the top-k
-  (``select_channels``: scoring plus ``topk`` and ``sort``);
+  (the C++ ``topk_channels`` op that scores, ranks and sorts in one call, and the PyTorch
+  path: scores, then a stable sort);
 * gathering the kept channels of ``dy`` (the C++ op, and ``index_select``) against the
   floor's copy of the first ``k`` channels;
 * gathering the kept weight rows (the floor takes a view);
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from _common import add_common_options, header_lines, markdown_table, save_results, start
 from _narrow_conv import _pad_rows
@@ -102,10 +104,15 @@ def layer_parts(
     idx = functional.select_channels(dy, k)
     rows = functional._take_rows(weight, idx).clone(memory_format=fmt)  # a k-row gradient
     view = functional._channel_view(dy, 1)
+
+    def torch_select() -> Tensor:
+        return functional.top_k(functional.channel_scores_torch(view).unsqueeze(0), k).sort(dim=1).values
+
     return {
         "score (C++ op)": lambda: kernels.channel_abs_sum(view),
         "score (PyTorch ops)": lambda: functional.channel_scores_torch(view),
-        "score + topk + sort": lambda: functional.select_channels(dy, k),
+        "score + top-k (C++ op, one call)": lambda: kernels.topk_channels(view, k, 1),
+        "score + top-k (PyTorch ops)": lambda: torch_select(),
         "gather dy (C++ op)": lambda: kernels.gather_channels(view, idx),
         "gather dy (index_select)": lambda: view.index_select(1, idx),
         "floor: copy dy[:, :k]": lambda: dy.narrow(1, 0, k).contiguous(memory_format=fmt),

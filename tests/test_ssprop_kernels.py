@@ -1,4 +1,4 @@
-"""ssProp's C++ channel ops (scoring, gather, scatter) against the PyTorch path, and their fallback."""
+"""ssProp's C++ channel ops (scoring, top-k, gather, scatter) against the PyTorch path, and their fallback."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from greenprop.ssprop.functional import (
     gather_channels,
     select_channels,
     sparse_linear,
+    top_k,
 )
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -85,6 +86,60 @@ def test_scores_use_the_op_and_agree_with_it_off(shape, memory_format, channel_d
     torch.testing.assert_close(with_op, without, rtol=1e-5, atol=1e-6)
     exact = dy.movedim(channel_dim, -1).reshape(-1, shape[channel_dim]).abs().sum(0)
     torch.testing.assert_close(with_op, exact)
+
+
+@st.composite
+def scored_views(draw):
+    """An ``(outer, C, inner)`` tensor whose channel scores often tie (small integers, NaN), k, groups."""
+    groups, per_group = draw(st.integers(1, 4)), draw(st.integers(1, 40))
+    outer, inner = draw(st.integers(1, 6)), draw(st.integers(1, 9))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    view = torch.randint(-2, 3, (outer, groups * per_group, inner), generator=gen).float()
+    if draw(st.booleans()):
+        view[:, torch.randperm(groups * per_group, generator=gen)[: draw(st.integers(0, 3))]] = float("nan")
+    return view, draw(st.integers(1, per_group)), groups
+
+
+@needs_kernels
+@SETTINGS
+@given(case=scored_views())
+def test_the_topk_op_equals_a_stable_sort_of_its_scores(case):
+    view, k, groups = case
+    got = kernels.topk_channels(view, k, groups)
+    scores = kernels.channel_abs_sum(view).view(groups, -1)
+    offsets = torch.arange(0, view.shape[1], scores.shape[1]).unsqueeze(1)
+    want = (top_k(scores, k).sort(dim=1).values + offsets).reshape(-1)
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+
+
+def test_top_k_breaks_ties_to_the_lower_index_and_ranks_nan_highest():
+    scores = torch.tensor([[1.0, 3.0, 3.0, float("nan"), 0.0, 3.0]])
+    assert top_k(scores, 3).tolist() == [[3, 1, 2]]
+
+
+@needs_kernels
+def test_the_topk_op_rejects_bad_arguments():
+    view = torch.randn(2, 6, 3)
+    with pytest.raises(RuntimeError, match="does not divide"):
+        kernels.topk_channels(view, 1, 4)
+    with pytest.raises(RuntimeError, match="k must be in"):
+        kernels.topk_channels(view, 4, 2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, CL])
+def test_selection_uses_the_topk_op_and_agrees_with_it_off(memory_format, any_size, monkeypatch):
+    calls = []
+    op = kernels.topk_channels
+    monkeypatch.setattr(kernels, "topk_channels", lambda *a: calls.append(a[1:]) or op(*a))
+    dy = (torch.randn(3, 12, 4, 5) * torch.logspace(0, 2, 12).view(1, -1, 1, 1)).contiguous(
+        memory_format=memory_format
+    )
+    with_op = select_channels(dy, 2, groups=3)
+    with kernels.use_kernels(False):
+        without = select_channels(dy, 2, groups=3)
+    assert calls == [(2, 3)]
+    assert with_op.tolist() == without.tolist() == [2, 3, 6, 7, 10, 11]
 
 
 @st.composite
@@ -201,7 +256,7 @@ def test_without_a_build_the_sparse_backward_uses_pytorch_ops(
         raise RuntimeError("no compiler")
 
     monkeypatch.setattr(kernels, "_build", no_compiler)
-    for name in ("channel_abs_sum", "gather_channels", "scatter_rows_"):
+    for name in kernels._OPS:
         monkeypatch.setattr(kernels, name, lambda *a, _n=name: pytest.fail(f"{_n} used without a build"))
     torch.manual_seed(0)
     layer = SparseConv2d(4, 8, 3, padding=1, keep=0.5).to(memory_format=memory_format)

@@ -4,6 +4,11 @@
 //   contiguous (outer, C, inner) view of the output gradient (NCHW is (N, C, H*W),
 //   channels_last and Linear rows are (rows, C, 1)), in one read of t and without the
 //   temporary |t| tensor that PyTorch ops materialise.
+//   greenprop::topk_channels(t, k, groups) -> int64 [groups * k]: the k channels of each
+//   of `groups` equal blocks with the largest channel_abs_sum, ascending, in one call
+//   (scores, selection and ordering without the five PyTorch ops and the sort of the
+//   Python path). Ranking: larger score first, NaN above everything, and among equal
+//   scores the lower index (what a stable descending sort gives); an O(C) partition.
 //   greenprop::gather_channels(t, idx) -> (outer, k, inner): channels idx of the same
 //   view, dense. Planes (inner > 1, NCHW) are copied as runs of consecutive kept
 //   channels, one memcpy per run and outer row (index_select over dim 1 copies them
@@ -106,6 +111,39 @@ at::Tensor channel_abs_sum(const at::Tensor& t) {
       planes_abs_sum(src, outer, c, inner, out.mutable_data_ptr<float>());
     }
   });
+  return out;
+}
+
+// Whether channel a ranks above channel b: larger score, NaN first, then lower index.
+struct RanksAbove {
+  const float* score;
+  bool operator()(int64_t a, int64_t b) const {
+    const float x = score[a], y = score[b];
+    const bool nan_x = std::isnan(x), nan_y = std::isnan(y);
+    if (nan_x != nan_y) return nan_x;
+    if (!nan_x && x != y) return x > y;
+    return a < b;
+  }
+};
+
+at::Tensor topk_channels(const at::Tensor& t, int64_t k, int64_t groups) {
+  check_view(t);
+  const int64_t c = t.size(1);
+  TORCH_CHECK(groups >= 1 && c % groups == 0, "groups=", groups, " does not divide ", c, " channels");
+  const int64_t per_group = c / groups;
+  TORCH_CHECK(k >= 1 && k <= per_group, "k must be in [1, ", per_group, "], got ", k);
+  const at::Tensor scores = channel_abs_sum(t);
+  const float* score = scores.const_data_ptr<float>();
+  at::Tensor out = at::empty({groups * k}, t.options().dtype(at::kLong));
+  int64_t* chosen = out.mutable_data_ptr<int64_t>();
+  std::vector<int64_t> order(per_group);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t first = g * per_group;
+    for (int64_t j = 0; j < per_group; ++j) order[j] = first + j;
+    if (k < per_group) std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), RanksAbove{score});
+    std::sort(order.begin(), order.begin() + k);  // ascending indices keep the gathers cache-friendly
+    std::copy(order.begin(), order.begin() + k, chosen + g * k);
+  }
   return out;
 }
 
@@ -212,12 +250,14 @@ at::Tensor& scatter_rows_(at::Tensor& out, const at::Tensor& idx, const at::Tens
 
 TORCH_LIBRARY(greenprop, m) {
   m.def("channel_abs_sum(Tensor t) -> Tensor");
+  m.def("topk_channels(Tensor t, int k, int groups) -> Tensor");
   m.def("gather_channels(Tensor t, Tensor idx) -> Tensor");
   m.def("scatter_rows_(Tensor(a!) out, Tensor idx, Tensor rows) -> Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(greenprop, CPU, m) {
   m.impl("channel_abs_sum", &channel_abs_sum);
+  m.impl("topk_channels", &topk_channels);
   m.impl("gather_channels", &gather_channels);
   m.impl("scatter_rows_", &scatter_rows_);
 }

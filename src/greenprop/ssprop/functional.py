@@ -39,6 +39,7 @@ __all__ = [
     "select_channels",
     "sparse_conv2d",
     "sparse_linear",
+    "top_k",
 ]
 
 #: How kept channels are chosen: the paper's top-k by mean |dy|, or its random ablation.
@@ -110,6 +111,16 @@ def channel_scores_torch(view: Tensor) -> Tensor:
     return view.abs().sum(dim=(0, 2), dtype=torch.float32)
 
 
+def top_k(scores: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` largest ``scores`` of each row; ties go to the lower index.
+
+    A stable descending sort, so the choice is deterministic and the same as the C++
+    ``topk_channels`` op's (NaN ranks highest in both); ``torch.topk`` breaks ties
+    arbitrarily.
+    """
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+
+
 def select_channels(
     grad_output: Tensor,
     k: int,
@@ -121,7 +132,8 @@ def select_channels(
 ) -> Tensor:
     """Indices (int64, ascending) of the ``k`` channels *per group* to keep.
 
-    ``topk`` ranks channels by :func:`channel_scores` of ``grad_output``; ``random``
+    ``topk`` ranks channels by :func:`channel_scores` of ``grad_output`` (ties to the
+    lower index, see :func:`top_k`; on CPU one call of the C++ op when it is built); ``random``
     draws uniformly from ``generator`` (a CPU generator, indices moved to the
     gradient's device) and never reads the gradient, so the ablation is reproducible.
     With ``groups > 1`` the channels split into ``groups`` equal blocks and ``k`` are
@@ -136,8 +148,12 @@ def select_channels(
     if not 1 <= k <= per_group:
         raise ValueError(f"k must be in [1, {per_group}], got {k}")
     if selection == "topk":
-        scores = channel_scores(grad_output, channel_dim).view(groups, per_group)
-        chosen = torch.topk(scores, k, dim=1, sorted=False).indices
+        if channel_dim < 0:
+            channel_dim += grad_output.dim()
+        view = _channel_view(grad_output, channel_dim)
+        if view.is_contiguous() and kernels.available(view):
+            return kernels.topk_channels(view, k, groups)  # scores, ranks and sorts in one call
+        chosen = top_k(channel_scores_torch(view).view(groups, per_group), k)
     else:
         chosen = torch.stack([torch.randperm(per_group, generator=generator)[:k] for _ in range(groups)]).to(
             grad_output.device, non_blocking=True

@@ -2,6 +2,7 @@
 
 ``_channel_ops.cpp`` registers through ``torch.library``: ``greenprop.channel_abs_sum``
 (``sum |dy|`` per channel in one read, no temporary ``|dy|`` tensor),
+``greenprop.topk_channels`` (those scores and the top-k choice in one call),
 ``greenprop.gather_channels`` (the kept channels of ``dy``, copied as runs of
 consecutive channels) and ``greenprop.scatter_rows_`` (the kept rows of a weight
 gradient written into the full-size gradient, every other row zeroed, each byte
@@ -35,13 +36,21 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "channel_abs_sum", "gather_channels", "load", "scatter_rows_", "use_kernels"]
+__all__ = [
+    "available",
+    "channel_abs_sum",
+    "gather_channels",
+    "load",
+    "scatter_rows_",
+    "topk_channels",
+    "use_kernels",
+]
 
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("_channel_ops.cpp")
 #: The ops the library must register for :func:`load` to report success.
-_OPS = ("channel_abs_sum", "gather_channels", "scatter_rows_")
+_OPS = ("channel_abs_sum", "topk_channels", "gather_channels", "scatter_rows_")
 #: Set to 1 to skip the build and always use the PyTorch ops.
 DISABLE_ENV = "GREENPROP_NO_KERNELS"
 #: Smaller gradients are scored with PyTorch ops (and do not trigger the build).
@@ -126,6 +135,15 @@ def available(t: Tensor) -> bool:
 def channel_abs_sum(view: Tensor) -> Tensor:
     """float32 ``|view|.sum((0, 2))`` of a contiguous ``(outer, C, inner)`` CPU tensor."""
     return torch.ops.greenprop.channel_abs_sum(view)
+
+
+def topk_channels(view: Tensor, k: int, groups: int) -> Tensor:
+    """Ascending int64 indices of the ``k`` top-scoring channels of each of ``groups`` blocks.
+
+    Scores are :func:`channel_abs_sum` of the contiguous ``(outer, C, inner)`` view; ties go
+    to the lower index and NaN ranks highest, as a stable descending sort orders them.
+    """
+    return torch.ops.greenprop.topk_channels(view, k, groups)
 
 
 def gather_channels(view: Tensor, idx: Tensor) -> Tensor:
