@@ -96,12 +96,17 @@ def channel_scores(grad_output: Tensor, channel_dim: int = 1) -> Tensor:
     :mod:`greenprop.ssprop.kernels` when that is built; otherwise (and on other devices)
     ``|dy|`` is materialised and summed with PyTorch ops.
     """
+    view, use_kernel = _scoring_view(grad_output, channel_dim)
+    return kernels.channel_abs_sum(view) if use_kernel else channel_scores_torch(view)
+
+
+def _scoring_view(grad_output: Tensor, channel_dim: int) -> tuple[Tensor, bool]:
+    """The ``(outer, C, inner)`` view scores are read from, and whether the C++ ops take it
+    (built, on CPU, contiguous: a strided Linear gradient stays with PyTorch ops)."""
     if channel_dim < 0:
         channel_dim += grad_output.dim()
     view = _channel_view(grad_output, channel_dim)
-    if view.is_contiguous() and kernels.available(view):  # a strided Linear gradient stays in torch
-        return kernels.channel_abs_sum(view)
-    return channel_scores_torch(view)
+    return view, view.is_contiguous() and kernels.available(view)
 
 
 def channel_scores_torch(view: Tensor) -> Tensor:
@@ -148,10 +153,8 @@ def select_channels(
     if not 1 <= k <= per_group:
         raise ValueError(f"k must be in [1, {per_group}], got {k}")
     if selection == "topk":
-        if channel_dim < 0:
-            channel_dim += grad_output.dim()
-        view = _channel_view(grad_output, channel_dim)
-        if view.is_contiguous() and kernels.available(view):
+        view, use_kernel = _scoring_view(grad_output, channel_dim)
+        if use_kernel:
             return kernels.topk_channels(view, k, groups)  # scores, ranks and sorts in one call
         chosen = top_k(channel_scores_torch(view).view(groups, per_group), k)
     else:
