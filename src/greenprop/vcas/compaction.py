@@ -46,6 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from greenprop.errors import GreenpropError
+from greenprop.vcas.direct import DirectRule, rule_for
 from greenprop.vcas.layers import BlockSampler, Mode, VCASRuntime, _carries_grad, scaled_rows
 
 __all__ = ["BlockCache", "CompactedForward", "CompactionWarning"]
@@ -336,16 +337,11 @@ class _CompactedBlock(torch.autograd.Function):
         owner = run.owner
         params = run.params
         needs = list(ctx.needs_input_grad[1 : 1 + len(tensors)])
-        rows, scale = owner.sampler.draw(grad)
+        rows, kept = owner.kept_gradient(grad)
         batch = grad.shape[0]
-        if rows is not None and rows.numel() == 0:  # every sample dropped: all gradients are zero
-            owner.runtime.tally.dense += owner.dense_per_row * batch
+        if kept is None:  # every sample dropped: all gradients are zero
             zeros = [torch.zeros_like(t) if need else None for t, need in zip(tensors, needs, strict=True)]
             return (None, *zeros, *(torch.zeros_like(p) for p in params))
-        if scale is not None:  # the draw gives scales only with rows
-            kept = scaled_rows(grad, rows, scale)
-        else:
-            kept = grad if rows is None else grad.index_select(0, rows)
         runtime, block = owner.runtime, owner.sampler.index
         runtime.compact[block] = (kept.shape[0], batch)
         dense_before = runtime.tally.dense
@@ -368,6 +364,60 @@ class _CompactedBlock(torch.autograd.Function):
         return (None, *result, *grads)
 
 
+class _DirectBlock(torch.autograd.Function):
+    """Forward: a known block's rule, graph-free. Backward: sample rows, the rule's backward on them.
+
+    Inputs after the rule and the call: the block's first argument, then its trainable parameters.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        owner: CompactedForward,
+        rule: DirectRule,
+        call: tuple[tuple, dict, list],
+        x: Tensor,
+        *params: Tensor,
+    ) -> Tensor:
+        ctx.set_materialize_grads(False)
+        args, kwargs, extras = call
+        out, saved = rule.forward(owner.block, args, kwargs)
+        if isinstance(out, tuple):
+            extras.extend(out[1:])
+            out = out[0]
+        ctx.owner, ctx.rule, ctx.params = owner, rule, params
+        ctx.input = (x.shape, x.dtype, x.device)
+        ctx.save_for_backward(*saved)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor | None) -> tuple[Tensor | None, ...]:
+        owner: CompactedForward = ctx.owner
+        need_x = ctx.needs_input_grad[3]
+        if grad is None:
+            return (None,) * len(ctx.needs_input_grad)
+        saved = list(ctx.saved_tensors)
+        shape, dtype, device = ctx.input
+        rows, kept = owner.kept_gradient(grad)
+        if kept is None:  # every sample dropped: all gradients are zero
+            zeros = torch.zeros(shape, dtype=dtype, device=device) if need_x else None
+            return (None, None, None, zeros, *map(torch.zeros_like, ctx.params))
+        runtime, block = owner.runtime, owner.sampler.index
+        batch = grad.shape[0]
+        runtime.compact[block] = (kept.shape[0], batch)
+        dense_before = runtime.tally.dense
+        try:
+            if rows is not None:
+                saved = [t.index_select(0, rows) for t in saved]
+            grad_x, grads = ctx.rule.backward(owner.block, saved, kept, need_x)
+        finally:
+            runtime.compact.pop(block, None)
+        owner.dense_per_row = (runtime.tally.dense - dense_before) / batch
+        if grad_x is not None and rows is not None:
+            grad_x = grad_x.new_zeros(shape).index_copy_(0, rows, grad_x)
+        return (None, None, None, grad_x if need_x else None, *(grads.get(p) for p in ctx.params))
+
+
 class CompactedForward:
     """Stands in for a block's ``forward`` (an instance attribute set by :func:`~greenprop.vcas.apply_vcas`).
 
@@ -379,8 +429,17 @@ class CompactedForward:
     the block can be compacted (:meth:`_probe`).
     """
 
-    def __init__(self, block: nn.Module, sampler: BlockSampler, runtime: VCASRuntime, max_ratio: float = 1.0):
+    def __init__(
+        self,
+        block: nn.Module,
+        sampler: BlockSampler,
+        runtime: VCASRuntime,
+        max_ratio: float = 1.0,
+        *,
+        direct: bool = True,
+    ):
         self.block = block
+        self.direct = direct  # known block types backpropagate their kept rows without a re-run
         self.sampler = sampler
         self.runtime = runtime
         self.max_ratio = max_ratio  # blocks whose sampler ratio is above run uncompacted
@@ -411,9 +470,37 @@ class CompactedForward:
                 return self.sampler.hook(block, args, out)
         if not (training and tensor_at and self.compactable):
             return self.sampler.hook(block, args, self.plain(*args, **kwargs))
+        rule = self._direct_rule(args, kwargs, leaves)
+        if rule is not None:
+            extras: list[Any] = []
+            out = _DirectBlock.apply(self, rule, (args, kwargs, extras), args[0], *self.trainable())
+            return (out, *extras) if extras else out
         run = _Run(self, leaves, spec, tensor_at)
         out = _CompactedBlock.apply(run, *run.tensors(), *run.params)
         return out if run.extras is None else (out, *run.extras)
+
+    def _direct_rule(self, args: tuple, kwargs: dict, leaves: list[Any]) -> DirectRule | None:
+        """The block's direct rule if this call can take it: gradient enters only through the
+        first argument, no autocast (the rules compute in the tensors' dtype), the rule agrees."""
+        rule = rule_for(self.block) if self.direct else None
+        if rule is None or not args or not isinstance(args[0], Tensor):
+            return None
+        if any(isinstance(leaf, Tensor) and leaf.requires_grad and leaf is not args[0] for leaf in leaves):
+            return None
+        if any(torch.is_autocast_enabled(device) for device in _autocast_devices()):
+            return None
+        return rule if rule.refuse(self.block, args, kwargs) is None else None
+
+    def kept_gradient(self, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """The sampler's draw on the block's output gradient: the kept rows (None: all) and
+        their ``1/p``-rescaled gradient (None: every sample dropped, its dense cost tallied)."""
+        rows, scale = self.sampler.draw(grad)
+        if rows is not None and rows.numel() == 0:
+            self.runtime.tally.dense += self.dense_per_row * grad.shape[0]
+            return rows, None
+        if scale is not None:  # the draw gives scales only with rows
+            return rows, scaled_rows(grad, rows, scale)
+        return rows, (grad if rows is None else grad.index_select(0, rows))
 
     def _probe(self, args: tuple, kwargs: dict, device: torch.device) -> tuple[Any, bool]:
         """Run the block once with its autograd graph and check that gradient reaches it only

@@ -74,6 +74,12 @@ class VCASConfig(MethodConfig):
         "compact a block only while its ratio is at most this, in [0, 1] (ours: near ratio 1 the "
         "re-run costs more than it saves; measured on the zoo ViT)",
     )
+    direct: bool = option(
+        True,
+        "true: compacted blocks of known types (the zoo's ViT and ResNet blocks, BERT layers) keep "
+        "their activations and compute the kept samples' backward op by op, without re-running the "
+        "forward (ours); false: every compacted block re-runs",
+    )
     check_rows: bool = option(
         False, "true: every sampled layer verifies that skipped rows carry no gradient (debug)"
     )

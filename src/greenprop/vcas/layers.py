@@ -19,6 +19,7 @@ generators and the tally of backward FLOPs done versus dense.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,16 @@ from torch import Tensor, nn
 from greenprop.errors import GreenpropError
 from greenprop.vcas.samplers import activation_sample, row_norms, sampled_weight_grad
 
-__all__ = ["BackwardTally", "BlockSampler", "Mode", "VCASConv2d", "VCASLinear", "VCASRuntime"]
+__all__ = [
+    "BackwardTally",
+    "BlockSampler",
+    "Mode",
+    "VCASConv2d",
+    "VCASLinear",
+    "VCASRuntime",
+    "conv_backward",
+    "linear_backward",
+]
 
 
 class Mode(enum.Enum):
@@ -292,37 +302,72 @@ class _VCASLinearFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         layer: VCASLinear = ctx.layer
-        runtime = layer.vcas_runtime
-        # Under autocast the saved fp32 weight meets a bf16/fp16 gradient: compute in the
-        # gradient's dtype, return the weight's gradient in the weight's dtype.
-        x, w = x.to(grad_out.dtype), weight.to(grad_out.dtype)
-        out_features, in_features = weight.shape
         rows = _rows_to_compute(layer, grad_out)
         dy, xs = _gather_rows(rows, grad_out, x)
-        tokens_dense = grad_out.numel() // out_features * _dense_factor(layer, grad_out)
-        tokens = dy.numel() // out_features
-        dense = done = 0.0
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _scatter_rows(rows, dy @ w, x)
-            dense += 2.0 * tokens_dense * out_features * in_features
-            done += 2.0 * tokens * out_features * in_features
-        dy2, x2 = dy.reshape(-1, out_features), xs.reshape(-1, in_features)
-        if ctx.needs_input_grad[1]:
-            if runtime.token_probe is not None and runtime.mode is Mode.ACTIVATION:
-                runtime.token_probe(layer, dy2, x2)
-            ratio = layer.vcas_weight_ratio if runtime.mode is Mode.FULL else 1.0
-            ratio = ratio if ratio < layer.vcas_token_break_even else 1.0  # policy.py: pays only below
-            grad_w, kept_tokens = sampled_weight_grad(dy2, x2, ratio, runtime.weight_generator)
-            dense += 2.0 * tokens_dense * out_features * in_features
-            done += 2.0 * kept_tokens * out_features * in_features
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = dy2.sum(0).to(weight.dtype)
-        runtime.tally.dense += dense
-        runtime.tally.done += done
+        tokens_dense = grad_out.numel() // weight.shape[0] * _dense_factor(layer, grad_out)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        grad_x, grad_w, grad_b = _linear_grads(layer, dy, xs, weight, (need_x, need_w, need_b), tokens_dense)
+        if grad_x is not None:
+            grad_x = _scatter_rows(rows, grad_x, x)
         return grad_x, grad_w, grad_b, None, None
+
+
+def _linear_grads(
+    layer: VCASLinear,
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    needs: tuple[bool, bool, bool],
+    tokens_dense: float,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``grad_x`` of the rows given, the token-sampled ``grad_W`` and ``grad_b``; tallies the FLOPs.
+
+    ``tokens_dense``: the tokens a dense backward would have run (the full batch's).
+    """
+    runtime = layer.vcas_runtime
+    need_x, need_w, need_b = needs
+    # Under autocast the saved fp32 weight meets a bf16/fp16 gradient: compute in the
+    # gradient's dtype, return the weight's gradient in the weight's dtype.
+    x, w = x.to(dy.dtype), weight.to(dy.dtype)
+    out_features, in_features = weight.shape
+    tokens = dy.numel() // out_features
+    dense = done = 0.0
+    grad_x = grad_w = grad_b = None
+    if need_x:
+        grad_x = dy @ w
+        dense += 2.0 * tokens_dense * out_features * in_features
+        done += 2.0 * tokens * out_features * in_features
+    dy2, x2 = dy.reshape(-1, out_features), x.reshape(-1, in_features)
+    if need_w:
+        if runtime.token_probe is not None and runtime.mode is Mode.ACTIVATION:
+            runtime.token_probe(layer, dy2, x2)
+        ratio = layer.vcas_weight_ratio if runtime.mode is Mode.FULL else 1.0
+        ratio = ratio if ratio < layer.vcas_token_break_even else 1.0  # policy.py: pays only below
+        grad_w, kept_tokens = sampled_weight_grad(dy2, x2, ratio, runtime.weight_generator)
+        grad_w = grad_w.to(weight.dtype)
+        dense += 2.0 * tokens_dense * out_features * in_features
+        done += 2.0 * kept_tokens * out_features * in_features
+    if need_b:
+        grad_b = dy2.sum(0).to(weight.dtype)
+    runtime.tally.dense += dense
+    runtime.tally.done += done
+    return grad_x, grad_w, grad_b
+
+
+def linear_backward(
+    layer: VCASLinear, dy: Tensor, x: Tensor, need_x: bool = True
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """One VCAS Linear's backward on rows that are all computed (a known block's direct backward).
+
+    ``dy`` and ``x`` are the kept samples' rows. Returns ``grad_x`` (None unless
+    ``need_x``), the token-sampled ``grad_W`` and ``grad_b`` (None for frozen or absent
+    parameters); tallies the FLOPs against the full batch's dense cost.
+    """
+    bias = layer.bias
+    needs = (need_x, layer.weight.requires_grad, bias is not None and bias.requires_grad)
+    tokens_dense = dy.numel() // layer.out_features * _dense_factor(layer, dy)
+    return _linear_grads(layer, dy, x, layer.weight, needs, tokens_dense)
 
 
 class VCASLinear(nn.Linear):
@@ -374,34 +419,61 @@ class _VCASConv2dFunction(torch.autograd.Function):
         dy, xs = _gather_rows(rows, grad_out, x)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
-        grad_x = grad_w = grad_b = None
-        if dy.shape[0] > 0 and (need_x or need_w or need_b):
-            grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                dy,
-                xs,
-                weight,
-                [weight.shape[0]] if ctx.has_bias else None,
-                list(layer.stride),
-                list(layer.padding),
-                list(layer.dilation),
-                False,
-                [0, 0],
-                layer.groups,
-                [need_x, need_w, need_b],
-            )
-        elif dy.shape[0] == 0:  # every sample dropped: nothing to compute
-            grad_w = torch.zeros_like(weight) if need_w else None
-            grad_b = weight.new_zeros(weight.shape[0]) if need_b else None
-            grad_x = torch.zeros_like(x) if need_x else None
-        if need_x and dy.shape[0] > 0:
-            grad_x = _scatter_rows(rows, grad_x, x)
-        # Each of grad_x and grad_W costs what the forward does: 2 * outputs * (C_in / groups) * kh * kw.
-        per_sample = 2.0 * grad_out[0].numel() * weight[0].numel()
-        passes = int(need_x) + int(need_w)
         dense_rows = grad_out.shape[0] * _dense_factor(layer, grad_out)
-        layer.vcas_runtime.tally.dense += passes * per_sample * dense_rows
-        layer.vcas_runtime.tally.done += passes * per_sample * dy.shape[0]
-        return (grad_x if need_x else None), (grad_w if need_w else None), grad_b, None, None
+        grad_x, grad_w, grad_b = _conv_grads(layer, dy, xs, weight, (need_x, need_w, need_b), dense_rows)
+        if need_x:
+            grad_x = _scatter_rows(rows, grad_x, x) if dy.shape[0] > 0 else torch.zeros_like(x)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def _conv_grads(
+    layer: VCASConv2d,
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    needs: tuple[bool, bool, bool],
+    dense_rows: float,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """One ``convolution_backward`` on the rows given; tallies the FLOPs against ``dense_rows`` samples."""
+    need_x, need_w, need_b = needs
+    grad_x = grad_w = grad_b = None
+    if dy.shape[0] > 0 and (need_x or need_w or need_b):
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            dy,
+            x,
+            weight,
+            [weight.shape[0]] if layer.bias is not None else None,
+            list(layer.stride),
+            list(layer.padding),
+            list(layer.dilation),
+            False,
+            [0, 0],
+            layer.groups,
+            [need_x, need_w, need_b],
+        )
+    elif dy.shape[0] == 0:  # every sample dropped: nothing to compute
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = weight.new_zeros(weight.shape[0]) if need_b else None
+    # Each of grad_x and grad_W costs what the forward does: 2 * outputs * (C_in / groups) * kh * kw.
+    per_sample = 2.0 * math.prod(dy.shape[1:]) * weight[0].numel()
+    passes = int(need_x) + int(need_w)
+    runtime = layer.vcas_runtime
+    runtime.tally.dense += passes * per_sample * dense_rows
+    runtime.tally.done += passes * per_sample * dy.shape[0]
+    return (grad_x if need_x else None), (grad_w if need_w else None), (grad_b if need_b else None)
+
+
+def conv_backward(
+    layer: VCASConv2d, dy: Tensor, x: Tensor, need_x: bool = True
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """One VCAS Conv2d's backward on rows that are all computed (a known block's direct backward).
+
+    ``dy`` and ``x`` are the kept samples' rows; returns ``grad_x`` (None unless
+    ``need_x``), ``grad_W`` and ``grad_b`` (None for frozen or absent parameters).
+    """
+    bias = layer.bias
+    needs = (need_x, layer.weight.requires_grad, bias is not None and bias.requires_grad)
+    return _conv_grads(layer, dy, x, layer.weight, needs, dy.shape[0] * _dense_factor(layer, dy))
 
 
 class VCASConv2d(nn.Conv2d):

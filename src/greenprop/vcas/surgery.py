@@ -192,7 +192,9 @@ def apply_vcas(
         sampler = BlockSampler(index, name, runtime, last=index == len(names) - 1)
         handle.samplers.append(sampler)
         if config.compact:  # the sampler runs inside the compacted backward (it owns the hook call too)
-            compacted = CompactedForward(modules[name], sampler, runtime, config.compact_max_ratio)
+            compacted = CompactedForward(
+                modules[name], sampler, runtime, config.compact_max_ratio, direct=config.direct
+            )
             modules[name].forward = compacted
             handle.compacted.append(modules[name])
         else:

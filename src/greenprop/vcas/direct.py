@@ -1,0 +1,79 @@
+"""Known blocks' backward written out on the kept rows: compaction without a re-run.
+
+A compacted block (:mod:`greenprop.vcas.compaction`) normally re-runs its forward on
+the samples its sampler kept and backpropagates through that small graph: every op's
+forward runs a second time on the kept rows. For block types whose ops are known, a
+:class:`DirectRule` instead keeps what the backward needs from the one graph-free
+forward (batch first) and computes the kept rows' gradients op by op from the kept rows
+of those tensors (aten's backward kernels: ``native_layer_norm_backward``,
+``native_group_norm_backward``, the flash-attention backward, ``threshold_backward``...),
+with the VCAS layers' own backward (:func:`~greenprop.vcas.layers.linear_backward`,
+:func:`~greenprop.vcas.layers.conv_backward`: token sampling and FLOP tally included).
+No op runs twice; the price is keeping the activations dense autograd keeps.
+
+Rules are registered per block class (:func:`register`); a block whose class has no
+rule, or whose rule refuses the call (dropout on, autocast, an unexpected argument),
+takes the re-run path. At ratio 1 a rule's gradients must equal dense autograd's.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Protocol
+
+from torch import Tensor, nn
+
+__all__ = ["DirectRule", "register", "rule_for"]
+
+
+class DirectRule(Protocol):
+    """How one block class runs graph-free and backpropagates its kept rows by hand."""
+
+    def refuse(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        """Why this call cannot take the direct path (the re-run path runs it), or None."""
+
+    def forward(
+        self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Any, list[Tensor]]:
+        """The block's output, exactly as its own forward gives it, and what the backward needs.
+
+        Runs without grad. Every saved tensor has the batch as its first dimension (the
+        caller keeps only the kept samples' rows of each). VCAS layers are called as
+        modules (their hooks fire; without grad they run plainly).
+        """
+
+    def backward(
+        self, block: nn.Module, saved: list[Tensor], grad: Tensor, need_input: bool
+    ) -> tuple[Tensor | None, dict[nn.Parameter, Tensor]]:
+        """The kept rows' gradient w.r.t. the block's first argument and its parameters' gradients.
+
+        ``saved``: the kept rows of :meth:`forward`'s tensors; ``grad``: the kept rows of the
+        gradient of the block's (first) output, already rescaled by ``1/p``. Returns the
+        input gradient of those rows (None unless ``need_input``) and a gradient for each
+        trainable parameter (parameters left out get none).
+        """
+
+
+#: The rules that ship, by block class (``module.qualname``) -> ``module:attribute`` of the
+#: rule, imported on first use (so transformers is imported only for its own blocks).
+_KNOWN: dict[str, str] = {}
+
+_RULES: dict[str, DirectRule] = {}
+
+
+def _class_name(block_type: type) -> str:
+    return f"{block_type.__module__}.{block_type.__qualname__}"
+
+
+def register(block_type: type[nn.Module] | str, rule: DirectRule) -> None:
+    """Let blocks of exactly ``block_type`` (a class or its ``module.qualname``) take the direct path."""
+    _RULES[block_type if isinstance(block_type, str) else _class_name(block_type)] = rule
+
+
+def rule_for(block: nn.Module) -> DirectRule | None:
+    """The rule for this block's class, if any."""
+    name = _class_name(type(block))
+    if name not in _RULES and name in _KNOWN:
+        module, attribute = _KNOWN[name].split(":")
+        _RULES[name] = getattr(importlib.import_module(module), attribute)
+    return _RULES.get(name)
