@@ -13,6 +13,7 @@ from greenprop import data as gp_data
 from greenprop import models
 from greenprop.vcas import VCAS, VCASConfig, apply_vcas, find_blocks, remove_vcas
 from greenprop.vcas.surgery import vcas_handle
+from vcas_helpers import graph_nodes
 
 pytestmark = pytest.mark.text
 BertLayer = pytest.importorskip("transformers.models.bert.modeling_bert").BertLayer
@@ -84,13 +85,16 @@ def test_sampled_step_keeps_fewer_rows_and_the_controller_adapts(minilm, batch):
     assert all(torch.isfinite(p.grad).all() for p in minilm.parameters() if p.grad is not None)
 
 
-def test_compacted_layers_with_dropout_and_padding_masks(batch):
-    """Encoder dropout 0.1 on: exact at ratio 1 (the re-run replays the masks), and a sampled
-    backward whose re-runs on the kept samples reproduce the forward (the masks sliced)."""
+@pytest.mark.parametrize("direct", [True, False])
+def test_compacted_layers_with_dropout_and_padding_masks(batch, direct):
+    """Encoder dropout 0.1 on: exact at ratio 1 (the direct rule draws the masks as the layer
+    does and keeps them; the re-run replays them), and a sampled backward on the kept samples
+    (re-runs checked against the forward's rows)."""
     torch.manual_seed(0)
     model = models.create("minilm", num_classes=2)  # the checkpoint's dropout 0.1
     reference = copy.deepcopy(model)
-    config = VCASConfig(check_rows=True, compact_max_ratio=1.0)  # compacted at ratio 1 too
+    # compacted at ratio 1 too
+    config = VCASConfig(check_rows=True, compact_max_ratio=1.0, direct=direct)
     handle = vcas_handle(apply_vcas(model, config, block_types=(BertLayer,)))
     assert len(handle.compacted) == 6
     assert bool((batch[0][:, 1] == 0).any())  # some padding: the attention mask matters
@@ -101,7 +105,11 @@ def test_compacted_layers_with_dropout_and_padding_masks(batch):
         want = _grads(reference, batch)
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
-    assert all(block.forward.draws_random for block in handle.compacted)
+    # the direct path draws inside BertLayer's rule; the re-run path learns that the layers draw
+    assert all(block.forward.draws_random is not direct for block in handle.compacted)
+    x, _ = batch
+    nodes = graph_nodes(model(x))
+    assert ("_DirectBlockBackward" in nodes) is direct and ("_CompactedBlockBackward" in nodes) is not direct
     for sampler in handle.samplers:
         sampler.ratio = 0.5
     got = _grads(model, batch)  # check_rows: every re-run is compared with the forward's rows

@@ -72,3 +72,15 @@ def drop_rescale(monkeypatch, module: ModuleType, name: str) -> None:
         return idx, torch.ones_like(scale)
 
     monkeypatch.setattr(module, name, unscaled)
+
+
+def graph_nodes(out: Tensor) -> set[str]:
+    """The names of the nodes of ``out``'s autograd graph (walked by node: op names repeat)."""
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo.extend(fn for fn, _ in node.next_functions)
+    return {node.name() for node in seen}

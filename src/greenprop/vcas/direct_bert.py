@@ -1,0 +1,288 @@
+"""The direct rule of Hugging Face transformers' ``BertLayer`` (eager attention, post-norm).
+
+What all-MiniLM-L6-v2 (:mod:`greenprop.models.hf`) runs in each of its 6 layers::
+
+    q, k, v = query(x), key(x), value(x)                 # split into heads
+    probs   = softmax(q k^T * d**-0.5 + mask)            # mask: additive, (B, 1, T, T) or None
+    context = dropout(probs) v                           # heads merged back
+    a       = LayerNorm1(dropout(attention_dense(context)) + x)
+    out     = LayerNorm2(dropout(output_dense(gelu(intermediate_dense(a)))) + a)
+
+The forward runs those ops with the kernels the layer's own forward uses (bit for bit the
+same output) and draws its dropout masks with the same calls in the same order, so the
+random generator ends where the layer's forward would leave it. It keeps, batch first:
+the input, q, k, v, the attention probabilities, the context, both LayerNorms' inputs and
+statistics, the first LayerNorm's output, the intermediate layer's input and output of
+GELU, and the dropout masks as bool (dense autograd keeps the same tensors plus float
+masks and the dropped probabilities). The backward runs aten's backward kernels on the
+kept rows and the VCAS Linears' :func:`~greenprop.vcas.layers.linear_backward`, in the
+order autograd's engine runs them on the re-run's graph (value, key, query last), so the
+token samplers draw the same numbers on either path.
+
+Calls it cannot reproduce are refused (the re-run path takes them): cross-attention, a
+cache, ``output_attentions``, any argument it does not know, another attention kernel
+than eager, another activation than GELU, feed-forward chunking, submodules with hooks
+or of other classes, a Linear VCAS left unconverted, and dropout on devices other than
+the CPU (CUDA's dropout kernel draws differently; not checked here).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.activations import GELUActivation
+from transformers.models.bert import modeling_bert as bert
+
+from greenprop.vcas.layers import VCASLinear, linear_backward
+
+__all__ = ["RULE", "BertLayerRule"]
+
+#: BertLayer.forward's parameters, in order (``past_key_values`` is the deprecated name of ``cache``).
+_POSITIONAL = ("hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask", "cache")
+#: Arguments that must be None (or False) for a plain self-attention layer.
+_ABSENT = ("encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values", "output_attentions")
+#: Arguments eager self-attention passes on and never reads.
+_UNREAD = ("position_ids", "output_hidden_states")
+
+#: The submodules' classes the rule was written from (exact: a subclass may change the forward).
+_PARTS = {
+    "attention": bert.BertAttention,
+    "attention.self": bert.BertSelfAttention,
+    "attention.output": bert.BertSelfOutput,
+    "intermediate": bert.BertIntermediate,
+    "output": bert.BertOutput,
+}
+_LINEARS = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
+_NORMS = ("attention.output.LayerNorm", "output.LayerNorm")
+
+
+def _bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """BertLayer.forward's arguments by name; None if there are more positional ones than it takes."""
+    if len(args) > len(_POSITIONAL):
+        return None
+    return {**dict(zip(_POSITIONAL, args, strict=False)), **kwargs}
+
+
+def _gelu_approximation(act: nn.Module) -> str | None:
+    """``F.gelu``'s ``approximate`` for the layers' activation, or None if it is not plain GELU."""
+    if type(act) is GELUActivation and act.act is F.gelu:
+        return "none"
+    if type(act) is nn.GELU:
+        return act.approximate
+    return None
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    )
+
+
+def _attention_dropout(block: nn.Module) -> float:
+    """What eager attention passes to ``F.dropout`` for the probabilities."""
+    attention = block.attention.self
+    return attention.dropout.p if attention.training else 0.0
+
+
+def _hidden_dropout(part: nn.Module) -> float:
+    """What ``part.dropout`` (an ``nn.Dropout``) drops in this mode."""
+    return part.dropout.p if part.dropout.training else 0.0
+
+
+def _dropout(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """``F.dropout(x, p, training=True)`` on the CPU, and its mask (bool; ``(B, 0)`` when nothing drops).
+
+    The same calls as ATen's CPU dropout (``bernoulli_(1 - p)`` into a tensor like ``x``,
+    divided by ``1 - p`` in place, times ``x``): the same draw and the same values.
+    """
+    if p == 0.0:
+        return x, x.new_empty((x.shape[0], 0), dtype=torch.bool)
+    noise = torch.empty_like(x).bernoulli_(1 - p)
+    keep = noise.to(torch.bool)
+    return x * noise.div_(1 - p), keep
+
+
+def _dropout_backward(grad: Tensor, keep: Tensor, p: float) -> Tensor:
+    """Dropout's backward: ``grad`` times the forward's noise (rebuilt from the mask, same values)."""
+    if keep.dim() == 2:  # the (B, 0) stand-in: nothing dropped (real masks have the tokens' dims)
+        return grad
+    return grad * keep.to(grad.dtype).div_(1 - p)
+
+
+def _heads(t: Tensor, head_size: int) -> Tensor:
+    """``(B, T, H * d)`` -> ``(B, H, T, d)``, as BertSelfAttention splits its projections."""
+    return t.view(*t.shape[:-1], -1, head_size).transpose(1, 2)
+
+
+def _merge(t: Tensor) -> Tensor:
+    """``(B, H, T, d)`` -> ``(B, T, H * d)``."""
+    return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
+
+
+def _layer_norm(norm: nn.LayerNorm, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``F.layer_norm``'s output (the same kernel) with the mean and 1/std its backward needs."""
+    return torch.native_layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def _layer_norm_backward(
+    norm: nn.LayerNorm, grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, found: dict
+) -> Tensor:
+    """The input gradient; the weight's and bias' gradients go into ``found``."""
+    weight, bias = norm.weight, norm.bias
+    dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+        grad,
+        x,
+        norm.normalized_shape,
+        mean,
+        rstd,
+        weight,
+        bias,
+        [True, weight.requires_grad, bias.requires_grad],
+    )
+    found.update({p: d for p, d in ((weight, dw), (bias, db)) if d is not None})
+    return dx
+
+
+def _linear_backward(
+    layer: VCASLinear, dy: Tensor, x: Tensor, found: dict, need_x: bool = True
+) -> Tensor | None:
+    """The VCAS Linear's backward (token sampling, tally); its parameters' gradients go into ``found``."""
+    dx, dw, db = linear_backward(layer, dy, x, need_x)
+    found.update({p: d for p, d in ((layer.weight, dw), (layer.bias, db)) if d is not None})
+    return dx
+
+
+class BertLayerRule:
+    """:class:`~greenprop.vcas.direct.DirectRule` of ``transformers``' ``BertLayer``."""
+
+    def refuse(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        call = _bind(args, kwargs)
+        if call is None:
+            return f"{len(args)} positional arguments"
+        unknown = sorted(set(call) - set(_POSITIONAL) - set(_ABSENT) - set(_UNREAD))
+        if unknown:
+            return f"argument {unknown[0]!r}"
+        present = [name for name in _ABSENT if call.get(name) is not None and call[name] is not False]
+        if present:
+            return f"{present[0]} given (cross-attention, a cache or attention outputs)"
+        x, mask = call["hidden_states"], call.get("attention_mask")
+        if not isinstance(x, Tensor) or x.dim() != 3 or not x.is_floating_point():
+            return "hidden_states is not a float (batch, tokens, hidden) tensor"
+        if mask is not None and not isinstance(mask, Tensor):
+            return f"attention_mask is a {type(mask).__name__}"
+        return self._refuse_structure(block) or self._refuse_dropout(block, x)
+
+    def _refuse_structure(self, block: nn.Module) -> str | None:
+        modules = dict(block.named_modules())
+        for name, cls in _PARTS.items():
+            if type(modules.get(name)) is not cls:
+                return f"{name} is not a {cls.__name__}"
+        if block.attention.is_cross_attention:
+            return "its attention is cross-attention"
+        implementation = block.attention.self.config._attn_implementation
+        if implementation != "eager":
+            return f"attention implementation {implementation!r} (the rule writes out eager attention)"
+        if block.chunk_size_feed_forward:
+            return "feed-forward chunking"
+        if _gelu_approximation(block.intermediate.intermediate_act_fn) is None:
+            return f"activation {type(block.intermediate.intermediate_act_fn).__name__} (not GELU)"
+        for name in _LINEARS:
+            if type(modules[name]) is not VCASLinear:
+                return f"{name} is a {type(modules[name]).__name__}, not a VCAS Linear"
+        for name in _NORMS:
+            norm = modules[name]
+            if type(norm) is not nn.LayerNorm or norm.weight is None or norm.bias is None:
+                return f"{name} is not an affine LayerNorm"
+        linears = {modules[name] for name in _LINEARS}
+        hooked = [name for name, m in modules.items() if m is not block and m not in linears and _hooked(m)]
+        if hooked:  # e.g. transformers' output capture on BertSelfAttention (output_attentions)
+            return f"{hooked[0]} has hooks, and the rule does not call it"
+        return None
+
+    def _refuse_dropout(self, block: nn.Module, x: Tensor) -> str | None:
+        rates = (
+            _attention_dropout(block),
+            _hidden_dropout(block.attention.output),
+            _hidden_dropout(block.output),
+        )
+        if any(p >= 1.0 for p in rates):
+            return "dropout probability 1"
+        if any(p > 0.0 for p in rates) and x.device.type != "cpu":
+            return f"dropout on {x.device.type} (its fused dropout kernel is not reproduced)"
+        return None
+
+    def forward(
+        self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Tensor, list[Tensor]]:
+        call = _bind(args, kwargs)
+        assert call is not None  # refuse() checked it
+        x, mask = call["hidden_states"], call.get("attention_mask")
+        attention, attention_out, output = block.attention.self, block.attention.output, block.output
+        size = attention.attention_head_size
+        q, k, v = attention.query(x), attention.key(x), attention.value(x)
+        scores = torch.matmul(_heads(q, size), _heads(k, size).transpose(2, 3)) * attention.scaling
+        if mask is not None:
+            scores = scores + mask
+        probs = F.softmax(scores, dim=-1)
+        dropped, keep_probs = _dropout(probs, _attention_dropout(block))
+        context = _merge(torch.matmul(dropped, _heads(v, size))).contiguous()
+        h, keep_attention = _dropout(attention_out.dense(context), _hidden_dropout(attention_out))
+        s1 = h + x
+        a, mean1, rstd1 = _layer_norm(attention_out.LayerNorm, s1)
+        pre = block.intermediate.dense(a)
+        act = F.gelu(pre, approximate=_gelu_approximation(block.intermediate.intermediate_act_fn))
+        h, keep_output = _dropout(output.dense(act), _hidden_dropout(output))
+        s2 = h + a
+        out, mean2, rstd2 = _layer_norm(output.LayerNorm, s2)
+        saved = [x, q, k, v, probs, keep_probs, context, keep_attention, s1, mean1, rstd1, a, pre, act]
+        return out, [*saved, keep_output, s2, mean2, rstd2]
+
+    def backward(
+        self, block: nn.Module, saved: list[Tensor], grad: Tensor, need_input: bool
+    ) -> tuple[Tensor | None, dict[nn.Parameter, Tensor]]:
+        x, q, k, v, probs, keep_probs, context, keep_attention, s1, mean1, rstd1, a, pre, act = saved[:14]
+        keep_output, s2, mean2, rstd2 = saved[14:]
+        attention, attention_out, output = block.attention.self, block.attention.output, block.output
+        size = attention.attention_head_size
+        found: dict[nn.Parameter, Tensor] = {}
+        # Feed-forward half: LayerNorm2, dropout, output dense, GELU, intermediate dense, residual.
+        ds2 = _layer_norm_backward(output.LayerNorm, grad, s2, mean2, rstd2, found)
+        dh = _dropout_backward(ds2, keep_output, _hidden_dropout(output))
+        d_act = _linear_backward(output.dense, dh, act, found)
+        approximate = _gelu_approximation(block.intermediate.intermediate_act_fn)
+        d_pre = torch.ops.aten.gelu_backward(d_act, pre, approximate=approximate)
+        da = _linear_backward(block.intermediate.dense, d_pre, a, found) + ds2
+        # Attention half: LayerNorm1, dropout, attention output dense, attention, residual.
+        ds1 = _layer_norm_backward(attention_out.LayerNorm, da, s1, mean1, rstd1, found)
+        dh = _dropout_backward(ds1, keep_attention, _hidden_dropout(attention_out))
+        d_context = _heads(_linear_backward(attention_out.dense, dh, context, found), size)
+        p = _attention_dropout(block)
+        dropped = probs if p == 0.0 else probs * keep_probs.to(probs.dtype).div_(1 - p)
+        dv = _merge(torch.matmul(dropped.transpose(2, 3), d_context))
+        d_probs = _dropout_backward(torch.matmul(d_context, _heads(v, size).transpose(2, 3)), keep_probs, p)
+        d_scores = torch.ops.aten._softmax_backward_data(d_probs, probs, -1, probs.dtype) * attention.scaling
+        dq = _merge(torch.matmul(d_scores, _heads(k, size)))
+        dk = _merge(torch.matmul(d_scores.transpose(2, 3), _heads(q, size)))
+        # autograd's order on the re-run's graph: value, key, query (the token samplers draw in turn)
+        dx = ds1 if need_input else None
+        for layer, dy in ((attention.value, dv), (attention.key, dk), (attention.query, dq)):
+            dx_part = _linear_backward(layer, dy, x, found, need_input)
+            dx = dx + dx_part if dx is not None else None
+        return dx, found
+
+
+#: The rule :mod:`greenprop.vcas.direct` registers for ``BertLayer``.
+RULE = BertLayerRule()

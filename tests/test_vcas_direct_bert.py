@@ -1,0 +1,263 @@
+"""The direct rule of transformers' BertLayer: the layer's forward bit for bit, its backward by hand.
+
+On a tiny float64 BERT built from a config (16 hidden, 4 heads, 2 layers, dropout 0.1, eager
+attention, a padding mask): the rule's forward equals the layer's own output and leaves the
+random generator where the layer's forward does; at ratio 1 the gradients equal dense
+autograd's; sampled, they equal the re-run path's from the same seeds; the calls the rule
+cannot reproduce go to the re-run path. MiniLM itself: tests/test_vcas_hf.py.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from greenprop.vcas import VCASConfig, apply_vcas, direct
+from greenprop.vcas.surgery import vcas_handle
+from vcas_helpers import grad_dict, grads, graph_nodes, skewed
+
+pytestmark = [pytest.mark.text, pytest.mark.usefixtures("one_thread")]
+transformers = pytest.importorskip("transformers")
+bert = pytest.importorskip("transformers.models.bert.modeling_bert")
+direct_bert = pytest.importorskip("greenprop.vcas.direct_bert")
+
+BATCH, TOKENS, HIDDEN = 6, 5, 16
+
+
+class TinyBert(nn.Module):
+    """A 2-layer BERT encoder from a config (random weights), ``(ids, mask) -> last hidden state``."""
+
+    def __init__(self, dropout: float = 0.1, attention: str = "eager", **config: Any) -> None:
+        super().__init__()
+        settings = dict(
+            vocab_size=40,
+            hidden_size=HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=24,
+            max_position_embeddings=TOKENS,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+        )
+        torch.manual_seed(0)
+        cfg = transformers.BertConfig(**{**settings, **config})
+        cfg._attn_implementation = attention
+        self.bert = transformers.BertModel(cfg, add_pooling_layer=False).double()
+
+    def forward(self, batch: tuple[Tensor, Tensor], **kwargs: Any) -> Tensor:
+        ids, mask = batch
+        return self.bert(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state
+
+
+def _batch() -> tuple[Tensor, Tensor]:
+    ids = torch.randint(1, 40, (BATCH, TOKENS), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(BATCH, TOKENS, dtype=torch.long)
+    mask[1, 3:] = 0  # padding: the additive attention mask matters
+    mask[4, 2:] = 0
+    return ids, mask
+
+
+def _target() -> Tensor:
+    return skewed((BATCH, TOKENS, HIDDEN), seed=2)
+
+
+def _vcas(
+    model: nn.Module, ratio: float = 1.0, token_ratio: float = 1.0, module_filter_fn=None, **config: Any
+) -> nn.Module:
+    settings = {"seed": 3, "compact_max_ratio": 1.0, **config}
+    handle = vcas_handle(
+        apply_vcas(
+            model, VCASConfig(**settings), block_types=(bert.BertLayer,), module_filter_fn=module_filter_fn
+        )
+    )
+    for sampler in handle.samplers:
+        sampler.ratio = ratio
+    for layer in handle.linears.values():
+        layer.vcas_weight_ratio = token_ratio
+    return model
+
+
+def _layer_call(model: TinyBert, batch) -> tuple[nn.Module, tuple, dict]:
+    """The first BertLayer and the arguments the encoder calls it with."""
+    layer = model.bert.encoder.layer[0]
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda m, a, k: seen.append((a, k)), with_kwargs=True)
+    with torch.no_grad():
+        model(batch)
+    handle.remove()
+    args, kwargs = seen[0]
+    return layer, args, kwargs
+
+
+def test_the_rule_is_registered_for_bert_layers() -> None:
+    layer = TinyBert().bert.encoder.layer[0]
+    assert direct.rule_for(layer) is direct_bert.RULE
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("padded", [True, False])
+def test_forward_is_the_layers_own_bit_for_bit_with_the_same_draws(dtype: torch.dtype, padded: bool) -> None:
+    model = _vcas(TinyBert().to(dtype))
+    ids, mask = _batch()
+    layer, args, kwargs = _layer_call(model, (ids, mask if padded else torch.ones_like(mask)))
+    assert (args[1] is not None) is padded  # transformers passes no mask when nothing is padded
+    assert direct_bert.RULE.refuse(layer, args, kwargs) is None
+    torch.manual_seed(7)
+    with torch.no_grad():
+        want = type(layer).forward(layer, *args, **kwargs)
+    after = torch.rand(4)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        got, saved = direct_bert.RULE.forward(layer, args, kwargs)
+    assert isinstance(want, Tensor) and torch.equal(got, want)
+    assert torch.equal(torch.rand(4), after)  # the generator advanced exactly as the layer's forward
+    assert all(t.shape[0] == BATCH for t in saved)  # batch first: the caller keeps the kept rows
+    masks = [t for t in saved if t.dtype == torch.bool]
+    assert len(masks) == 3 and all(m.dim() > 2 for m in masks)  # three dropouts drawn, kept as bool
+
+
+def test_no_dropout_keeps_no_masks() -> None:
+    model = _vcas(TinyBert(dropout=0.0))
+    layer, args, kwargs = _layer_call(model, _batch())
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        _, saved = direct_bert.RULE.forward(layer, args, kwargs)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert [tuple(t.shape) for t in saved if t.dtype == torch.bool] == [(BATCH, 0)] * 3
+
+
+@pytest.mark.parametrize("frozen_embeddings", [False, True])
+def test_ratio_one_equals_dense_autograd_with_dropout_and_padding(frozen_embeddings: bool) -> None:
+    reference = TinyBert()
+    reference.bert.embeddings.requires_grad_(not frozen_embeddings)  # layer 0 then needs no input grad
+    model = _vcas(copy.deepcopy(reference))
+    batch, target = _batch(), _target()
+    model(batch)  # the first forward checks the blocks
+    for seed in (0, 1):
+        for net in (model, reference):
+            net.zero_grad()
+            torch.manual_seed(seed)
+            out = net(batch)
+            (out.tanh() * target).sum().backward()
+            if net is model:
+                assert "_DirectBlockBackward" in graph_nodes(out)
+                assert "_CompactedBlockBackward" not in graph_nodes(out)
+        got, expected = grad_dict(model), grad_dict(reference)
+        assert got.keys() == expected.keys() and len(got) == 32 + 5 * (not frozen_embeddings)
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-12, atol=1e-14, msg=name)
+    tally = vcas_handle(model).runtime.take_tally()
+    assert tally.done == tally.dense > 0
+
+
+def test_sampled_gradients_equal_the_rerun_paths_from_the_same_seeds() -> None:
+    """Block ratio 0.5, token ratio 0.5, dropout 0.1: same draws, same gradients, same FLOP tally."""
+    base, batch, target = TinyBert(), _batch(), _target()
+    steps: dict[bool, list[Tensor]] = {}
+    tallies = {}
+    for on in (True, False):
+        model = _vcas(copy.deepcopy(base), 0.5, 0.5, direct=on)
+        params = [p for p in model.parameters() if p.requires_grad]
+        model(batch)
+        steps[on] = []
+        for seed in range(3):
+            torch.manual_seed(seed)
+            out = model(batch)
+            assert ("_DirectBlockBackward" in graph_nodes(out)) is on
+            steps[on].append(grads((out.tanh() * target).sum(), params))
+        tallies[on] = vcas_handle(model).runtime.take_tally()
+    for step, (a, b) in enumerate(zip(steps[True], steps[False], strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"step {step}")
+    assert not torch.equal(steps[True][0], steps[True][1])  # new draws every step
+    on, off = tallies[True], tallies[False]
+    assert on.rows == off.rows and on.done == pytest.approx(off.done) and on.dense == pytest.approx(off.dense)
+    kept, seen = on.rows[0]
+    assert 0 < kept < seen and on.done < on.dense
+
+
+def _refused(model: TinyBert, call=None) -> tuple[str | None, bool]:
+    """The rule's reason for the first layer's call, and whether the graph took the re-run path."""
+    batch = _batch()
+    layer, args, kwargs = _layer_call(model, batch) if call is None else call
+    reason = direct_bert.RULE.refuse(layer, args, kwargs)
+    model(batch)  # the first forward checks the blocks
+    nodes = graph_nodes(model(batch))
+    return reason, "_CompactedBlockBackward" in nodes and "_DirectBlockBackward" not in nodes
+
+
+@pytest.mark.parametrize(
+    ("build", "words"),
+    [
+        (lambda: _vcas(TinyBert(attention="sdpa")), "attention implementation 'sdpa'"),
+        (lambda: _vcas(TinyBert(hidden_act="relu")), "activation"),
+        (lambda: _vcas(TinyBert(chunk_size_feed_forward=TOKENS)), "chunking"),
+        (
+            lambda: _vcas(TinyBert(), module_filter_fn=lambda layer, name: not name.endswith("key")),
+            "attention.self.key is a Linear",
+        ),
+    ],
+    ids=["sdpa", "relu", "chunked", "unconverted-linear"],
+)
+def test_layers_the_rule_does_not_know_re_run(build, words: str) -> None:
+    reason, reran = _refused(build())
+    assert reason is not None and words in reason and reran
+
+
+def test_output_attentions_re_runs_and_still_captures_them() -> None:
+    # No dropout: the re-run path runs a block twice on its first forward that draws (to learn
+    # that it draws), and the capture hooks would then record that layer's attentions twice.
+    model = _vcas(TinyBert(dropout=0.0))
+    batch = _batch()
+    model(batch)
+    out = model.bert(input_ids=batch[0], attention_mask=batch[1], output_attentions=True)
+    assert len(out.attentions) == 2 and out.attentions[0].shape == (BATCH, 4, TOKENS, TOKENS)
+    layer, args, kwargs = _layer_call(model, batch)
+    assert "has hooks" in direct_bert.RULE.refuse(layer, args, kwargs)  # transformers' capture hooks
+    assert "_DirectBlockBackward" not in graph_nodes(model(batch))
+
+
+def test_calls_the_rule_cannot_reproduce_are_refused() -> None:
+    model = _vcas(TinyBert())
+    layer, args, kwargs = _layer_call(model, _batch())
+    x = args[0]
+    refuse = direct_bert.RULE.refuse
+    assert refuse(layer, args, kwargs) is None
+    assert "encoder_hidden_states" in refuse(layer, (x, args[1], x), kwargs)
+    assert "cache" in refuse(layer, args, {**kwargs, "cache": object()})
+    assert "past_key_values" in refuse(layer, args, {**kwargs, "past_key_values": object()})
+    assert "output_attentions" in refuse(layer, args, {**kwargs, "output_attentions": True})
+    assert refuse(layer, args, {**kwargs, "output_attentions": False}) is None
+    assert "'head_mask'" in refuse(layer, args, {**kwargs, "head_mask": x})
+    assert "positional" in refuse(layer, (*args, None, None, None), kwargs)
+    assert "attention_mask" in refuse(layer, (x, "mask"), kwargs)
+    assert "hidden_states" in refuse(layer, (x[0], args[1]), kwargs)
+    meta = (x.to("meta"), args[1])
+    assert "dropout on meta" in refuse(layer, meta, kwargs)
+    layer.eval()  # no dropout: any device is fine
+    assert refuse(layer, meta, kwargs) is None
+    layer.train()
+    layer.output.dropout.p = 1.0
+    assert "probability 1" in refuse(layer, args, kwargs)
+
+
+def test_a_refused_call_re_runs_end_to_end(monkeypatch) -> None:
+    """A refusal at training time sends that call down the re-run path, with the right gradients."""
+    reference = TinyBert()
+    model = _vcas(copy.deepcopy(reference))
+    monkeypatch.setattr(direct_bert.BertLayerRule, "_refuse_dropout", lambda self, block, x: "no")
+    batch, target = _batch(), _target()
+    model(batch)
+    outs = {}
+    for net in (model, reference):
+        torch.manual_seed(5)
+        outs[net] = net(batch)
+        (outs[net].tanh() * target).sum().backward()
+    assert "_CompactedBlockBackward" in graph_nodes(outs[model])
+    assert "_DirectBlockBackward" not in graph_nodes(outs[model])
+    got, expected = grad_dict(model), grad_dict(reference)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12, msg=name)
