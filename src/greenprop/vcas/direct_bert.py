@@ -64,6 +64,8 @@ _LINEARS = (
     "output.dense",
 )
 _NORMS = ("attention.output.LayerNorm", "output.LayerNorm")
+#: The forward's saved tensors up to LayerNorm1's statistics; the feed-forward half's follow.
+_ATTENTION_HALF = 11
 
 
 def _bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
@@ -247,41 +249,69 @@ class BertLayerRule:
         h, keep_output = _dropout(output.dense(act), _hidden_dropout(output))
         s2 = h + a
         out, mean2, rstd2 = _layer_norm(output.LayerNorm, s2)
-        saved = [x, q, k, v, probs, keep_probs, context, keep_attention, s1, mean1, rstd1, a, pre, act]
-        return out, [*saved, keep_output, s2, mean2, rstd2]
+        attention_half = [x, q, k, v, probs, keep_probs, context, keep_attention, s1, mean1, rstd1]
+        return out, [*attention_half, a, pre, act, keep_output, s2, mean2, rstd2]
 
     def backward(
         self, block: nn.Module, saved: list[Tensor], grad: Tensor, need_input: bool
     ) -> tuple[Tensor | None, dict[nn.Parameter, Tensor]]:
-        x, q, k, v, probs, keep_probs, context, keep_attention, s1, mean1, rstd1, a, pre, act = saved[:14]
-        keep_output, s2, mean2, rstd2 = saved[14:]
-        attention, attention_out, output = block.attention.self, block.attention.output, block.output
-        size = attention.attention_head_size
+        """Both halves in turn; each empties its part of ``saved`` (the kept rows) once read,
+        so those rows are freed as soon as their half is done."""
         found: dict[nn.Parameter, Tensor] = {}
-        # Feed-forward half: LayerNorm2, dropout, output dense, GELU, intermediate dense, residual.
+        feed_forward = saved[_ATTENTION_HALF:]
+        del saved[_ATTENTION_HALF:]
+        da = self._feed_forward_backward(block, feed_forward, grad, found)
+        return self._attention_backward(block, saved, da, need_input, found), found
+
+    def _feed_forward_backward(
+        self, block: nn.Module, saved: list[Tensor], grad: Tensor, found: dict
+    ) -> Tensor:
+        """LayerNorm2, dropout, output dense, GELU, intermediate dense, residual: the gradient at ``a``."""
+        a, pre, act, keep_output, s2, mean2, rstd2 = saved
+        saved.clear()
+        output = block.output
         ds2 = _layer_norm_backward(output.LayerNorm, grad, s2, mean2, rstd2, found)
+        del s2, mean2, rstd2
         dh = _dropout_backward(ds2, keep_output, _hidden_dropout(output))
         d_act = _linear_backward(output.dense, dh, act, found)
+        del dh, act, keep_output
         approximate = _gelu_approximation(block.intermediate.intermediate_act_fn)
         d_pre = torch.ops.aten.gelu_backward(d_act, pre, approximate=approximate)
-        da = _linear_backward(block.intermediate.dense, d_pre, a, found) + ds2
-        # Attention half: LayerNorm1, dropout, attention output dense, attention, residual.
-        ds1 = _layer_norm_backward(attention_out.LayerNorm, da, s1, mean1, rstd1, found)
+        del d_act, pre
+        return _linear_backward(block.intermediate.dense, d_pre, a, found).add_(ds2)
+
+    def _attention_backward(
+        self, block: nn.Module, saved: list[Tensor], grad: Tensor, need_input: bool, found: dict
+    ) -> Tensor | None:
+        """LayerNorm1, dropout, attention output dense, attention, residual: the input's gradient."""
+        x, q, k, v, probs, keep_probs, context, keep_attention, s1, mean1, rstd1 = saved
+        saved.clear()
+        attention, attention_out = block.attention.self, block.attention.output
+        size = attention.attention_head_size
+        ds1 = _layer_norm_backward(attention_out.LayerNorm, grad, s1, mean1, rstd1, found)
+        del s1, mean1, rstd1
         dh = _dropout_backward(ds1, keep_attention, _hidden_dropout(attention_out))
         d_context = _heads(_linear_backward(attention_out.dense, dh, context, found), size)
+        del dh, context, keep_attention
         p = _attention_dropout(block)
         dropped = probs if p == 0.0 else probs * keep_probs.to(probs.dtype).div_(1 - p)
         dv = _merge(torch.matmul(dropped.transpose(2, 3), d_context))
+        del dropped
         d_probs = _dropout_backward(torch.matmul(d_context, _heads(v, size).transpose(2, 3)), keep_probs, p)
-        d_scores = torch.ops.aten._softmax_backward_data(d_probs, probs, -1, probs.dtype) * attention.scaling
+        del d_context, v, keep_probs
+        d_scores = torch.ops.aten._softmax_backward_data(d_probs, probs, -1, probs.dtype).mul_(
+            attention.scaling
+        )
+        del d_probs, probs
         dq = _merge(torch.matmul(d_scores, _heads(k, size)))
         dk = _merge(torch.matmul(d_scores.transpose(2, 3), _heads(q, size)))
+        del d_scores, q, k
         # autograd's order on the re-run's graph: value, key, query (the token samplers draw in turn)
         dx = ds1 if need_input else None
         for layer, dy in ((attention.value, dv), (attention.key, dk), (attention.query, dq)):
             dx_part = _linear_backward(layer, dy, x, found, need_input)
             dx = dx + dx_part if dx is not None else None
-        return dx, found
+        return dx
 
 
 #: The rule :mod:`greenprop.vcas.direct` registers for ``BertLayer``.
