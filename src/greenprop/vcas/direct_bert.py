@@ -11,13 +11,15 @@ What all-MiniLM-L6-v2 (:mod:`greenprop.models.hf`) runs in each of its 6 layers:
 The forward runs those ops with the kernels the layer's own forward uses (bit for bit the
 same output) and draws its dropout masks with the same calls in the same order, so the
 random generator ends where the layer's forward would leave it. It keeps, batch first:
-the input, q, k, v, the attention probabilities, the context, both LayerNorms' inputs and
-statistics, the first LayerNorm's output, the intermediate layer's input and output of
-GELU, and the dropout masks as bool (dense autograd keeps the same tensors plus float
-masks and the dropped probabilities). The backward runs aten's backward kernels on the
-kept rows and the VCAS Linears' :func:`~greenprop.vcas.layers.linear_backward`, in the
-order autograd's engine runs them on the re-run's graph (value, key, query last), so the
-token samplers draw the same numbers on either path.
+the input, the query, key and value heads (the contiguous copies ``torch.matmul`` makes
+of them anyway, so the backward's matmuls copy nothing), the attention probabilities,
+the context, both LayerNorms' inputs and statistics, the first LayerNorm's output, the
+intermediate layer's input and output of GELU, and the dropout masks as bool (dense
+autograd keeps the same tensors plus float masks and the dropped probabilities). The
+backward runs aten's backward kernels on the kept rows and the VCAS Linears'
+:func:`~greenprop.vcas.layers.linear_backward`, in the order autograd's engine runs them
+on the re-run's graph (value, key, query last), so the token samplers draw the same
+numbers on either path.
 
 Calls it cannot reproduce are refused (the re-run path takes them): cross-attention, a
 cache, ``output_attentions``, any argument it does not know, another attention kernel
@@ -234,13 +236,17 @@ class BertLayerRule:
         x, mask = call["hidden_states"], call.get("attention_mask")
         attention, attention_out, output = block.attention.self, block.attention.output, block.output
         size = attention.attention_head_size
-        q, k, v = attention.query(x), attention.key(x), attention.value(x)
-        scores = torch.matmul(_heads(q, size), _heads(k, size).transpose(2, 3)) * attention.scaling
+        # The contiguous copies torch.matmul would make of the heads itself (the same bmm runs on
+        # the same layout): kept for the backward, whose matmuls then copy nothing.
+        q = _heads(attention.query(x), size).contiguous()
+        key_t = _heads(attention.key(x), size).transpose(2, 3).contiguous()
+        v = _heads(attention.value(x), size).contiguous()
+        scores = torch.matmul(q, key_t) * attention.scaling
         if mask is not None:
             scores = scores + mask
         probs = F.softmax(scores, dim=-1)
         dropped, keep_probs = _dropout(probs, _attention_dropout(block))
-        context = _merge(torch.matmul(dropped, _heads(v, size))).contiguous()
+        context = _merge(torch.matmul(dropped, v)).contiguous()
         h, keep_attention = _dropout(attention_out.dense(context), _hidden_dropout(attention_out))
         s1 = h + x
         a, mean1, rstd1 = _layer_norm(attention_out.LayerNorm, s1)
@@ -249,7 +255,7 @@ class BertLayerRule:
         h, keep_output = _dropout(output.dense(act), _hidden_dropout(output))
         s2 = h + a
         out, mean2, rstd2 = _layer_norm(output.LayerNorm, s2)
-        attention_half = [x, q, k, v, probs, keep_probs, context, keep_attention, s1, mean1, rstd1]
+        attention_half = [x, q, key_t, v, probs, keep_probs, context, keep_attention, s1, mean1, rstd1]
         return out, [*attention_half, a, pre, act, keep_output, s2, mean2, rstd2]
 
     def backward(
@@ -284,33 +290,34 @@ class BertLayerRule:
         self, block: nn.Module, saved: list[Tensor], grad: Tensor, need_input: bool, found: dict
     ) -> Tensor | None:
         """LayerNorm1, dropout, attention output dense, attention, residual: the input's gradient."""
-        x, q, k, v, probs, keep_probs, context, keep_attention, s1, mean1, rstd1 = saved
+        x, q, key_t, v, probs, keep_probs, context, keep_attention, s1, mean1, rstd1 = saved
         saved.clear()
         attention, attention_out = block.attention.self, block.attention.output
         size = attention.attention_head_size
         ds1 = _layer_norm_backward(attention_out.LayerNorm, grad, s1, mean1, rstd1, found)
         del s1, mean1, rstd1
         dh = _dropout_backward(ds1, keep_attention, _hidden_dropout(attention_out))
-        d_context = _heads(_linear_backward(attention_out.dense, dh, context, found), size)
+        d_context = _heads(_linear_backward(attention_out.dense, dh, context, found), size).contiguous()
         del dh, context, keep_attention
         p = _attention_dropout(block)
         dropped = probs if p == 0.0 else probs * keep_probs.to(probs.dtype).div_(1 - p)
         dv = _merge(torch.matmul(dropped.transpose(2, 3), d_context))
         del dropped
-        d_probs = _dropout_backward(torch.matmul(d_context, _heads(v, size).transpose(2, 3)), keep_probs, p)
+        d_probs = _dropout_backward(torch.matmul(d_context, v.transpose(2, 3)), keep_probs, p)
         del d_context, v, keep_probs
         d_scores = torch.ops.aten._softmax_backward_data(d_probs, probs, -1, probs.dtype).mul_(
             attention.scaling
         )
         del d_probs, probs
-        dq = _merge(torch.matmul(d_scores, _heads(k, size)))
-        dk = _merge(torch.matmul(d_scores.transpose(2, 3), _heads(q, size)))
-        del d_scores, q, k
+        dq = _merge(torch.matmul(d_scores, key_t.transpose(2, 3)))
+        dk = _merge(torch.matmul(d_scores.transpose(2, 3), q))
+        del d_scores, q, key_t
         # autograd's order on the re-run's graph: value, key, query (the token samplers draw in turn)
-        dx = ds1 if need_input else None
+        dx = ds1 if need_input else None  # a fresh tensor no longer read elsewhere: summed into in place
         for layer, dy in ((attention.value, dv), (attention.key, dk), (attention.query, dq)):
             dx_part = _linear_backward(layer, dy, x, found, need_input)
-            dx = dx + dx_part if dx is not None else None
+            if dx is not None:
+                dx.add_(dx_part)
         return dx
 
 
