@@ -56,7 +56,7 @@ class DirectRule(Protocol):
 
 #: The rules that ship, by block class (``module.qualname``) -> ``module:attribute`` of the
 #: rule, imported on first use (so transformers is imported only for its own blocks).
-_KNOWN: dict[str, str] = {}
+_KNOWN: dict[str, str] = {"greenprop.models.vit.Block": "greenprop.vcas.direct_vit:RULE"}
 
 _RULES: dict[str, DirectRule] = {}
 
