@@ -76,6 +76,24 @@ def test_ratio_one_causal_gpt_equals_dense_autograd_bit_for_bit(rule) -> None:
     _assert_same_grads(model, reference)
 
 
+def test_frozen_parameters_and_an_input_without_gradient(rule, digits) -> None:
+    """The first block's input needs no gradient (embedding frozen), nor its first norm (frozen)."""
+    reference = tiny_vit().double()
+    frozen = ("patch_embed", "cls_token", "pos_embed", "blocks.0.norm1", "blocks.1.attn.qkv.bias")
+    for name, p in reference.named_parameters():
+        p.requires_grad_(not name.startswith(frozen))
+    model = fixed_ratios(copy.deepcopy(reference))
+    x, y = digits.train[:12]
+    model(x.double())
+    assert "_DirectBlockBackward" in graph_nodes(model(x.double()))
+    for net in (model, reference):
+        F.cross_entropy(net(x.double()), y).backward()
+    got, expected = grad_dict(model), grad_dict(reference)
+    assert got.keys() == expected.keys() and len(got) == 25  # 32 parameters, 7 frozen
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
 def test_sampled_gradients_equal_the_rerun_paths_from_the_same_seeds(rule, digits) -> None:
     """Same seeds, same draws, same gradients: block ratio 0.5 and token ratio 0.5, three steps."""
     x, y = digits.train[:16]

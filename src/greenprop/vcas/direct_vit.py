@@ -118,8 +118,7 @@ class ViTBlockRule:
     ) -> tuple[Tensor | None, dict[nn.Parameter, Tensor]]:
         x, qkv, o2, lse, x1, h = saved[:6]
         attn, mlp, norm1, norm2 = block.attn, block.mlp, block.norm1, block.norm2
-        if self.recompute:
-            a, mean1, rstd1 = _layer_norm(norm1, x)
+        if self.recompute:  # each just before its use: fewer at once
             c, mean2, rstd2 = _layer_norm(norm2, x1)
             g = F.gelu(h, approximate=mlp.act.approximate)
         else:
@@ -129,7 +128,8 @@ class ViTBlockRule:
         dg = _linear(mlp.fc2, grad, g, True, found)
         dh = torch.ops.aten.gelu_backward(dg, h, approximate=mlp.act.approximate)
         dc = _linear(mlp.fc1, dh, c, True, found)
-        dx1 = grad + _layer_norm_backward(norm2, dc, x1, mean2, rstd2, True, found)
+        d_norm2 = _layer_norm_backward(norm2, dc, x1, mean2, rstd2, True, found)
+        dx1 = grad if d_norm2 is None else d_norm2.add_(grad)  # in place: a fresh tensor of ours
         # attention half: x1 = x + proj(attention(qkv(norm1(x))))
         do2 = _linear(attn.proj, dx1, o2, True, found)
         q, k, v = _heads(qkv, attn.heads)
@@ -137,10 +137,14 @@ class ViTBlockRule:
         o, do = (t.reshape(per_head).transpose(1, 2) for t in (o2, do2))
         dq, dk, dv = _flash_backward(do, q, k, v, o, lse, 0.0, attn.causal)
         dqkv = torch.stack([d.transpose(1, 2) for d in (dq, dk, dv)], dim=2).reshape(qkv.shape)
+        if self.recompute:
+            a, mean1, rstd1 = _layer_norm(norm1, x)
         need_a = need_input or _trainable(norm1)
         da = _linear(attn.qkv, dqkv, a, need_a, found)
         dx = _layer_norm_backward(norm1, da, x, mean1, rstd1, need_input, found) if need_a else None
-        return (dx1 + dx if need_input else None), found
+        if not need_input:
+            return None, found
+        return (dx1 if dx is None else dx.add_(dx1)), found
 
 
 RULE = ViTBlockRule()
