@@ -117,34 +117,66 @@ class ViTBlockRule:
         self, block: nn.Module, saved: list[Tensor], grad: Tensor, need_input: bool
     ) -> tuple[Tensor | None, dict[nn.Parameter, Tensor]]:
         x, qkv, o2, lse, x1, h = saved[:6]
-        attn, mlp, norm1, norm2 = block.attn, block.mlp, block.norm1, block.norm2
-        if self.recompute:  # each just before its use: fewer at once
-            c, mean2, rstd2 = _layer_norm(norm2, x1)
-            g = F.gelu(h, approximate=mlp.act.approximate)
-        else:
-            a, mean1, rstd1, c, mean2, rstd2, g = saved[6:]
+        kept = saved[6:]  # recompute=False: a, mean1, rstd1, c, mean2, rstd2, g
         found: dict[nn.Parameter, Tensor] = {}
-        # MLP half: y = x1 + fc2(gelu(fc1(norm2(x1))))
-        dg = _linear(mlp.fc2, grad, g, True, found)
-        dh = torch.ops.aten.gelu_backward(dg, h, approximate=mlp.act.approximate)
-        dc = _linear(mlp.fc1, dh, c, True, found)
-        d_norm2 = _layer_norm_backward(norm2, dc, x1, mean2, rstd2, True, found)
-        dx1 = grad if d_norm2 is None else d_norm2.add_(grad)  # in place: a fresh tensor of ours
-        # attention half: x1 = x + proj(attention(qkv(norm1(x))))
-        do2 = _linear(attn.proj, dx1, o2, True, found)
-        q, k, v = _heads(qkv, attn.heads)
-        per_head = q.transpose(1, 2).shape  # (B, T, heads, head_dim): the layout of o and its gradient
-        o, do = (t.reshape(per_head).transpose(1, 2) for t in (o2, do2))
-        dq, dk, dv = _flash_backward(do, q, k, v, o, lse, 0.0, attn.causal)
-        dqkv = torch.stack([d.transpose(1, 2) for d in (dq, dk, dv)], dim=2).reshape(qkv.shape)
-        if self.recompute:
-            a, mean1, rstd1 = _layer_norm(norm1, x)
-        need_a = need_input or _trainable(norm1)
-        da = _linear(attn.qkv, dqkv, a, need_a, found)
-        dx = _layer_norm_backward(norm1, da, x, mean1, rstd1, need_input, found) if need_a else None
+        dx1 = _mlp_backward(block.norm2, block.mlp, grad, x1, h, kept[3:], found)
+        dx = _attention_backward(block, dx1, x, (qkv, o2, lse), kept[:3], need_input, found)
         if not need_input:
             return None, found
         return (dx1 if dx is None else dx.add_(dx1)), found
+
+
+def _mlp_backward(
+    norm: nn.LayerNorm,
+    mlp: Mlp,
+    grad: Tensor,
+    x1: Tensor,
+    h: Tensor,
+    kept: list[Tensor],
+    found: dict[nn.Parameter, Tensor],
+) -> Tensor:
+    """The gradient of ``x1`` through ``y = x1 + fc2(gelu(fc1(norm(x1))))``.
+
+    Intermediates are dropped as soon as they are used (the kept rows' backward holds a
+    block's worth of them otherwise: above dense autograd's peak at ratios near 1).
+    """
+    c, mean, rstd, g = kept or (*_layer_norm(norm, x1), F.gelu(h, approximate=mlp.act.approximate))
+    dg = _linear(mlp.fc2, grad, g, True, found)
+    del g
+    dh = torch.ops.aten.gelu_backward(dg, h, approximate=mlp.act.approximate)
+    del dg
+    dc = _linear(mlp.fc1, dh, c, True, found)
+    del dh
+    d_norm = _layer_norm_backward(norm, dc, x1, mean, rstd, True, found)
+    return grad if d_norm is None else d_norm.add_(grad)  # in place: a fresh tensor of ours
+
+
+def _attention_backward(
+    block: Block,
+    dx1: Tensor,
+    x: Tensor,
+    attention: tuple[Tensor, Tensor, Tensor],
+    kept: list[Tensor],
+    need_input: bool,
+    found: dict[nn.Parameter, Tensor],
+) -> Tensor | None:
+    """The gradient of ``x`` through ``proj(attention(qkv(norm1(x))))`` (None unless ``need_input``)."""
+    attn, norm = block.attn, block.norm1
+    qkv, o2, lse = attention
+    do2 = _linear(attn.proj, dx1, o2, True, found)
+    q, k, v = _heads(qkv, attn.heads)
+    per_head = q.transpose(1, 2).shape  # (B, T, heads, head_dim): the layout of o and its gradient
+    o, do = (t.reshape(per_head).transpose(1, 2) for t in (o2, do2))
+    del do2
+    dq, dk, dv = _flash_backward(do, q, k, v, o, lse, 0.0, attn.causal)
+    del do
+    dqkv = torch.stack([d.transpose(1, 2) for d in (dq, dk, dv)], dim=2).reshape(qkv.shape)
+    del dq, dk, dv
+    a, mean, rstd = kept or _layer_norm(norm, x)
+    need_a = need_input or _trainable(norm)
+    da = _linear(attn.qkv, dqkv, a, need_a, found)
+    del dqkv, a
+    return _layer_norm_backward(norm, da, x, mean, rstd, need_input, found) if need_a else None
 
 
 RULE = ViTBlockRule()
