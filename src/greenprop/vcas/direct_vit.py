@@ -11,9 +11,10 @@ attention's logsumexp (one number per token and head), ``x1`` and the ``fc1`` ou
 (``mlp_ratio dim``). That is 8 of the 12 ``dim``-wide tensors per token dense autograd
 keeps at the ViT's MLP ratio 2: the LayerNorm outputs and the GELU output are not kept
 but computed again in the backward on the kept rows only (``recompute=True``, the
-default; elementwise, cheap next to the matmuls and the attention backward). With
-``recompute=False`` the rule keeps them too (and the norms' mean / rstd): no op runs
-twice, at dense autograd's memory.
+default). With ``recompute=False`` the rule keeps them too (and the norms' mean / rstd):
+no op runs twice, at dense autograd's memory; measured on the CPU it was also slower,
+since gathering the kept rows of those tensors costs about what computing them does
+(docs/vcas.md, "Direct path for the zoo's transformer block").
 
 The backward runs aten's backward kernels on the kept rows (``native_layer_norm_backward``,
 ``gelu_backward``, ``_scaled_dot_product_flash_attention_for_cpu_backward``) and the VCAS
@@ -72,7 +73,7 @@ class ViTBlockRule:
     """:class:`~greenprop.vcas.direct.DirectRule` of :class:`greenprop.models.vit.Block`.
 
     ``recompute``: compute the LayerNorm and GELU outputs again on the kept rows in the
-    backward instead of keeping them from the forward (less memory, a little more work).
+    backward instead of keeping them from the forward (less memory; on the CPU not slower).
     """
 
     def __init__(self, recompute: bool = True) -> None:
