@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fixtures import Block, stack
-from greenprop.vcas import direct
+from greenprop.vcas import VCASConfig, apply_vcas, direct
 from greenprop.vcas.layers import linear_backward
 from greenprop.vcas.surgery import vcas_handle
 from vcas_helpers import fixed_ratios, grad_dict, graph_nodes, same_steps_direct_and_rerun, skewed
@@ -151,3 +151,27 @@ def test_a_second_argument_with_gradient_re_runs(rule: ToyRule, monkeypatch) -> 
     assert "_DirectBlockBackward" not in graph_nodes(model[0](x, y))
     F.mse_loss(model[0](x, y), x).backward()
     assert y.grad is not None
+
+
+
+def test_each_path_compacts_up_to_its_own_ratio_limit(rule: ToyRule) -> None:
+    """Direct blocks compact up to direct_max_ratio; a call the rule refuses re-runs only up to
+    compact_max_ratio; above its path's limit a block runs the plain sampled path."""
+    model = stack(depth=2)
+    config = VCASConfig(seed=3, compact_max_ratio=0.6, direct_max_ratio=0.8)
+    handle = vcas_handle(apply_vcas(model, config))
+    x = skewed((5, 3, 6), seed=1)
+    model(x)  # the first forward checks the blocks
+    expected = {
+        (None, 0.5): "_DirectBlockBackward",
+        (None, 0.7): "_DirectBlockBackward",
+        (None, 0.9): "_SampleGradientBackward",
+        ("no", 0.5): "_CompactedBlockBackward",
+        ("no", 0.7): "_SampleGradientBackward",
+        ("no", 0.9): "_SampleGradientBackward",
+    }
+    for (refusal, ratio), node in expected.items():
+        rule.refusal = refusal
+        for sampler in handle.samplers:
+            sampler.ratio = ratio
+        assert model(x).grad_fn.name() == node, (refusal, ratio)

@@ -84,7 +84,7 @@ def fixed_ratios(
     model: nn.Module, ratio: float = 1.0, token_ratio: float = 1.0, block_types: Any = None, **config: Any
 ) -> nn.Module:
     """``apply_vcas`` (seed 3, compacted at every ratio) with every sampler and Linear at fixed ratios."""
-    config = VCASConfig(seed=3, compact_max_ratio=1.0, **config)
+    config = VCASConfig(seed=3, compact_max_ratio=1.0, direct_max_ratio=1.0, **config)
     handle = vcas_handle(apply_vcas(model, config, block_types=block_types))
     for sampler in handle.samplers:
         sampler.ratio = ratio
