@@ -56,7 +56,9 @@ class DirectRule(Protocol):
 
 #: The rules that ship, by block class (``module.qualname``) -> ``module:attribute`` of the
 #: rule, imported on first use (so transformers is imported only for its own blocks).
-_KNOWN: dict[str, str] = {}
+_KNOWN: dict[str, str] = {
+    "greenprop.models.resnet.BasicBlock": "greenprop.vcas.direct_resnet:RULE",
+}
 
 _RULES: dict[str, DirectRule] = {}
 
