@@ -5,16 +5,20 @@ compacted (``apply_vcas(compact=True)``) copies alternating. During the compacte
 timers wrap the library's own functions (nested totals, so an inner phase is part of the
 outer one):
 
-* block forward: each block's graph-free forward (``_Run.forward``);
-* block backward: ``_CompactedBlock.backward`` as a whole, and inside it the block
-  sampler's draw, the re-run on the kept rows (of which: handing back the kept rows of
-  the recorded layer outputs), and the backpropagation through the re-run (of which:
-  the VCAS Linear / Conv2d backwards; of the Linears: the token-sampled weight gradient;
-  of that: the token scores, soft top-k and draw);
+* block forward: each block's graph-free forward (``_DirectBlock.forward`` for blocks a
+  direct rule knows, ``_Run.forward`` for the others);
+* block backward: ``_DirectBlock.backward`` / ``_CompactedBlock.backward`` as a whole,
+  and inside it the block sampler's draw; on the direct path the gather of the saved
+  tensors' kept rows; on the re-run path the re-run on the kept rows (of which: handing
+  back the kept rows of the recorded layer outputs) and the backpropagation through it;
+  on both the VCAS Linear / Conv2d backwards (on the re-run path part of the
+  backpropagation), of the Linears the token-sampled weight gradient, of that the
+  token scores, soft top-k and draw;
 * the rest of the step (embedding, head, loss, autograd's work between the blocks) is
   the step minus the blocks' forward and backward.
 
-With ``--threads 1 --clock cpu`` the phases are CPU time of the one busy thread, which a
+``--rerun`` measures the re-run path everywhere (``direct=False``). With ``--threads 1
+--clock cpu`` the phases are CPU time of the one busy thread, which a
 shared machine disturbs less than wall time. Run from the repository root:
 ``python benchmarks/vcas_phases.py --help``.
 """
@@ -47,19 +51,26 @@ from greenprop.vcas import VCASConfig, apply_vcas, compaction, layers, samplers
 from greenprop.vcas.surgery import vcas_handle
 from vcas_step import DEFAULT_BATCH, build, load_batch, set_ratios, timed_step
 
-#: (label, owner, attribute): the functions timed, outermost first; indented labels are inner phases.
+FORWARD, BACKWARD = "block forward (graph-free)", "block backward, all of it"
+
+#: (label, owner, attribute): the functions timed, outermost first; indented labels are inner
+#: phases; a label named twice adds both functions (the two compaction paths).
 PHASES: tuple[tuple[str, Any, str], ...] = (
-    ("block forward (graph-free)", compaction._Run, "forward"),
-    ("block backward, all of it", compaction._CompactedBlock, "backward"),
+    (FORWARD, compaction._Run, "forward"),
+    (FORWARD, compaction._DirectBlock, "forward"),
+    (BACKWARD, compaction._CompactedBlock, "backward"),
+    (BACKWARD, compaction._DirectBlock, "backward"),
     ("- block sampler draw", layers.BlockSampler, "draw"),
+    ("- gather of the saved tensors' kept rows (direct)", compaction, "_kept_rows"),
     ("- re-run on the kept rows", compaction._Run, "rerun"),
     ("-- replay of recorded layer outputs", compaction.BlockCache, "replay"),
     ("- backprop through the re-run", torch.autograd, "grad"),
-    ("-- VCAS Linear backward", layers._VCASLinearFunction, "backward"),
-    ("--- token-sampled weight gradient", layers, "sampled_weight_grad"),
-    ("---- token scores, soft top-k, draw", samplers, "_leverage_draw"),
-    ("-- VCAS Conv2d backward", layers._VCASConv2dFunction, "backward"),
+    ("- VCAS Linear backward (re-run: part of the backprop)", layers, "_linear_grads"),
+    ("-- token-sampled weight gradient", layers, "sampled_weight_grad"),
+    ("--- token scores, soft top-k, draw", samplers, "_leverage_draw"),
+    ("- VCAS Conv2d backward (re-run: part of the backprop)", layers, "_conv_grads"),
 )
+LABELS = tuple(dict.fromkeys(label for label, _, _ in PHASES))
 
 
 @contextmanager
@@ -92,7 +103,8 @@ def measure(name: str, r: float, nu: float, args: argparse.Namespace) -> dict[st
     x, y, source = load_batch(name, args.batch or DEFAULT_BATCH[name], args.seq_len, "real", args.seed)
     dense = build(name, args.seed)
     compact = copy.deepcopy(dense)
-    set_ratios(vcas_handle(apply_vcas(compact, VCASConfig(seed=args.seed, compact=True))), r, nu)
+    config = VCASConfig(seed=args.seed, compact=True, direct=not args.rerun)
+    set_ratios(vcas_handle(apply_vcas(compact, config)), r, nu)
     clock = CLOCKS[args.clock]
     for _ in range(max(1, args.warmup)):  # at least one: a compacted block's first forward checks it
         timed_step(dense, x, y, clock)
@@ -109,9 +121,9 @@ def measure(name: str, r: float, nu: float, args: argparse.Namespace) -> dict[st
             runs[f"{variant} forward"].append(fwd)
             runs[f"{variant} backward"].append(bwd)
             runs[f"{variant} step"].append(fwd + bwd)
-        for label, _, _ in PHASES:
+        for label in LABELS:
             runs[label].append(totals[label])
-        blocks = totals[PHASES[0][0]] + totals[PHASES[1][0]]
+        blocks = totals[FORWARD] + totals[BACKWARD]
         runs["rest of the step"].append(runs["compact step"][-1] - blocks)
     return {"model": name, "data": source, "median_s": {k: statistics.median(v) for k, v in runs.items()}}
 
@@ -119,7 +131,7 @@ def measure(name: str, r: float, nu: float, args: argparse.Namespace) -> dict[st
 def phase_table(result: dict[str, Any]) -> list[str]:
     med = result["median_s"]
     step, dense = med["compact step"], med["dense step"]
-    labels = [label for label, _, _ in PHASES if med[label] > 0] + ["rest of the step"]
+    labels = [label for label in LABELS if med[label] > 0] + ["rest of the step"]
     body = [
         [label, f"{1e3 * med[label]:.1f}", f"{med[label] / step:.1%}", f"{med[label] / dense:.3f}"]
         for label in labels
@@ -141,6 +153,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--nu", type=float, default=0.3, help="Linear token ratio (default 0.3)")
     p.add_argument("--repeats", type=int, default=8, help="timed steps per variant (default 8)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (default 2)")
+    p.add_argument("--rerun", action="store_true", help="every block re-runs (direct=False)")
     add_common_options(p)
     add_clock_option(p)
     args = p.parse_args(argv)
@@ -156,8 +169,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     env = start(args, __file__, argv)
     lines = header_lines(env, "VCAS: where the compacted training step's time goes")
     lines += [
-        f"Block ratio r = {args.r:g}, token ratio nu = {args.nu:g}, fp32, dropout off, no optimizer; "
-        f"medians of {args.repeats} steps alternating with dense after {args.warmup} warm-up steps; "
+        f"Block ratio r = {args.r:g}, token ratio nu = {args.nu:g}, fp32, dropout off, no optimizer, "
+        + ("every block re-run (`direct=False`); " if args.rerun else "known blocks direct; ")
+        + f"medians of {args.repeats} steps alternating with dense after {args.warmup} warm-up steps; "
         "phases nest (a '-' phase is part of the one above it)." + clock_note(args.clock),
         "",
     ]

@@ -9,8 +9,11 @@ same weights run forward + ``loss.backward()`` (no optimizer) on one fixed batch
 * vcas: ``apply_vcas(model, VCASConfig(compact=False))`` in mode FULL, every block
   sampler's ``ratio = r`` and every ``VCASLinear``'s ``vcas_weight_ratio = nu`` fixed
   (no controller): the layers skip the dropped rows inside a full-size backward;
-* compact: the same with ``compact=True``: each block's backward re-runs it on the
-  kept samples only (:mod:`greenprop.vcas.compaction`);
+* compact: the same with ``compact=True``: each block's backward runs on the kept
+  samples only (:mod:`greenprop.vcas.compaction`), op by op without re-running the
+  block where a direct rule knows its type (:mod:`greenprop.vcas.direct`), else by
+  re-running it on them;
+* rerun (with ``--rerun``): as compact with ``direct=False``: every block re-runs;
 * policy (with ``--policy``): as compact, plus the measured token policy
   (:mod:`greenprop.vcas.policy`): each Linear's weight gradient timed dense and sampled
   at its shape first; layers where sampling at ``nu`` would not pay run exact tokens.
@@ -66,7 +69,8 @@ from greenprop.vcas import VCASConfig, apply_vcas
 from greenprop.vcas.policy import measured_break_evens, recorded_shapes, set_break_evens
 from greenprop.vcas.surgery import VCASHandle, vcas_handle
 
-VARIANTS = ("dense", "vcas", "compact")  # "policy" joins them with --policy
+VARIANTS = ("dense", "vcas", "compact")  # "rerun" joins them with --rerun, "policy" with --policy
+RERUN = "rerun"
 POLICY = "policy"
 DEFAULT_BATCH = {"minilm": 32, "vit": 128, "resnet": 128}
 DATASET = {"minilm": "rotten-tomatoes", "vit": "fashion-mnist", "resnet": "fashion-mnist"}
@@ -271,6 +275,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=20, help="timed steps per variant (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (default 3)")
     p.add_argument("--policy", action="store_true", help="also time compact with the measured token policy")
+    p.add_argument("--rerun", action="store_true", help="also time compact with direct=False")
     p.add_argument(
         "--compact-max-ratio",
         type=float,
@@ -297,10 +302,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"Median of {args.repeats} interleaved steps per variant after {args.warmup} warm-up steps, "
         "fp32, dropout off, no optimizer; times in ms. vcas = `apply_vcas(compact=False)` (mode FULL), "
         f"compact = `apply_vcas(compact=True)` (compacted at "
-        f"ratios <= {args.compact_max_ratio:g}), every sampler's "
+        f"ratios <= {args.compact_max_ratio:g}; known blocks direct, others re-run), "
+        + ("rerun = the same with `direct=False` (every block re-runs), " if args.rerun else "")
+        + "every sampler's "
         "ratio = r, every Linear's "
         "`vcas_weight_ratio` = nu. Ratios are of medians; [IQR] of the per-repeat step ratios. step "
-        "FLOPs: FlopCounterMode, one step (compact: its re-run forward included); layer bwd FLOPs: the "
+        "FLOPs: FlopCounterMode, one step (re-run forwards included); layer bwd FLOPs: the "
         "compact runtime's tally over the timed steps; kept rows: mean per block per step; "
         "peak MiB: memory of one untimed step above its start (on CPU the rise of the process's "
         "peak RSS after freed heap pages went back to the OS; on CUDA torch.cuda.max_memory_allocated)."
@@ -314,12 +321,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         dense = build(name, args.seed)
         variants: dict[str, nn.Module] = {"dense": dense}
         handles: dict[str, VCASHandle] = {}
-        for v in VARIANTS[1:] + ((POLICY,) if args.policy else ()):
+        for v in VARIANTS[1:] + ((RERUN,) if args.rerun else ()) + ((POLICY,) if args.policy else ()):
             variants[v] = copy.deepcopy(dense)
             config = VCASConfig(
                 seed=args.seed,
                 compact=v != "vcas",
                 compact_max_ratio=args.compact_max_ratio,
+                direct=v != RERUN,
             )
             handles[v] = handle = vcas_handle(apply_vcas(variants[v], config))
         break_even: dict[str, float] = {}

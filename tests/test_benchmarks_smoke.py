@@ -217,14 +217,15 @@ def test_vcas_step_benchmark_runs_tiny(tmp_path, capsys):
 
 
 def test_vcas_step_benchmark_times_the_token_policy_too(capsys):
-    argv = ["--models", "vit", "--batch", "4", "--rs", "1", "--nus", "1", "0.5", "--policy"]
+    argv = ["--models", "vit", "--batch", "4", "--rs", "1", "--nus", "1", "0.5", "--policy", "--rerun"]
     result = _import("vcas_step").main([*argv, "--repeats", "1", "--warmup", "0", "--threads", "1"])
-    assert "break-even ratios" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "break-even ratios" in printed and "rerun = the same with `direct=False`" in printed
     break_even = result["models"]["vit"]["break_even"]
     assert len(break_even) == 24 and all(0.0 <= b <= 1.0 for b in break_even.values())
     for row in result["results"]:
-        assert row["step_ratio"]["policy"] > 0
-        assert set(row["per_repeat_s"]) == {"dense", "vcas", "compact", "policy"}
+        assert row["step_ratio"]["policy"] > 0 and row["step_ratio"]["rerun"] > 0
+        assert set(row["per_repeat_s"]) == {"dense", "vcas", "compact", "rerun", "policy"}
 
 
 def test_vcas_step_benchmark_reads_the_compact_max_ratio_and_refuses_a_bad_one(capsys):
@@ -406,21 +407,28 @@ def test_parts_benchmark_covers_every_conv_and_runs_tiny(tmp_path, capsys):
     assert json.loads(out.read_text())["parts"].keys() == result["parts"].keys()
 
 
-def test_vcas_phases_benchmark_splits_the_compacted_step(capsys):
+@pytest.mark.parametrize("rerun", [False, True])
+def test_vcas_phases_benchmark_splits_the_compacted_step(capsys, rerun):
     argv = ["--models", "vit", "resnet", "--batch", "4", "--repeats", "1", "--warmup", "0", "--threads", "1"]
-    result = _import("vcas_phases").main(argv)
+    result = _import("vcas_phases").main(argv + ["--rerun"] * rerun)
     assert "#### vit" in capsys.readouterr().out
     by_model = {row["model"]: row["median_s"] for row in result["results"]}
+    linear = "- VCAS Linear backward (re-run: part of the backprop)"
+    conv = "- VCAS Conv2d backward (re-run: part of the backprop)"
     for name, med in by_model.items():
         blocks = med["block forward (graph-free)"] + med["block backward, all of it"]
         assert 0 < blocks <= med["compact step"]
         assert med["rest of the step"] == pytest.approx(med["compact step"] - blocks)
-        inner = med["- re-run on the kept rows"] + med["- backprop through the re-run"]
-        assert 0 < inner <= med["block backward, all of it"]  # nested phases are parts of the outer one
-        layer = "-- VCAS Linear backward" if name == "vit" else "-- VCAS Conv2d backward"
-        assert 0 < med[layer] <= med["- backprop through the re-run"]
-    assert by_model["vit"]["---- token scores, soft top-k, draw"] > 0  # nu = 0.3: tokens were sampled
-    assert by_model["resnet"]["-- VCAS Linear backward"] == 0  # no Linear in the ResNet's blocks
+        layer = med[linear if name == "vit" else conv]
+        if rerun:
+            inner = med["- re-run on the kept rows"] + med["- backprop through the re-run"]
+            assert 0 < inner <= med["block backward, all of it"]  # nested phases are parts of the outer one
+            assert 0 < layer <= med["- backprop through the re-run"]
+        else:  # nothing re-runs where a direct rule knows the block (whichever rules are registered)
+            assert med["- backprop through the re-run"] <= med["block backward, all of it"]
+            assert 0 < layer <= med["block backward, all of it"]
+    assert by_model["vit"]["--- token scores, soft top-k, draw"] > 0  # nu = 0.3: tokens were sampled
+    assert by_model["resnet"][linear] == 0  # no Linear in the ResNet's blocks
     assert compaction_functions_restored()
 
 

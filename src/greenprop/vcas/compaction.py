@@ -364,6 +364,11 @@ class _CompactedBlock(torch.autograd.Function):
         return (None, *result, *grads)
 
 
+def _kept_rows(saved: list[Tensor], rows: Tensor | None) -> list[Tensor]:
+    """The kept samples' rows of each saved (batch-first) tensor; all of them if ``rows`` is None."""
+    return saved if rows is None else [t.index_select(0, rows) for t in saved]
+
+
 class _DirectBlock(torch.autograd.Function):
     """Forward: a known block's rule, graph-free. Backward: sample rows, the rule's backward on them.
 
@@ -407,9 +412,7 @@ class _DirectBlock(torch.autograd.Function):
         runtime.compact[block] = (kept.shape[0], batch)
         dense_before = runtime.tally.dense
         try:
-            if rows is not None:
-                saved = [t.index_select(0, rows) for t in saved]
-            grad_x, grads = ctx.rule.backward(owner.block, saved, kept, need_x)
+            grad_x, grads = ctx.rule.backward(owner.block, _kept_rows(saved, rows), kept, need_x)
         finally:
             runtime.compact.pop(block, None)
         owner.dense_per_row = (runtime.tally.dense - dense_before) / batch
