@@ -21,7 +21,7 @@ from fixtures import Block, stack
 from greenprop.vcas import VCASConfig, apply_vcas, direct
 from greenprop.vcas.layers import linear_backward
 from greenprop.vcas.surgery import vcas_handle
-from vcas_helpers import grad_dict, grads, skewed
+from vcas_helpers import grad_dict, grads, graph_nodes, skewed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,17 +70,6 @@ def rule(monkeypatch) -> ToyRule:
     return toy
 
 
-def _graph_nodes(out: Tensor) -> set[str]:
-    seen, todo = set(), [out.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or node.name() in seen:
-            continue
-        seen.add(node.name())
-        todo.extend(fn for fn, _ in node.next_functions)
-    return seen
-
-
 def _vcas(
     model: nn.Module, ratio: float, token_ratio: float, block_types: Any = None, **config: Any
 ) -> nn.Module:
@@ -105,7 +94,7 @@ def test_ratio_one_equals_dense_autograd(rule: ToyRule, input_grad: bool) -> Non
         out = net(xi)
         (out.tanh() * target).sum().backward()
         inputs.append(xi)
-    assert "_DirectBlockBackward" in _graph_nodes(out if net is model else model(x))
+    assert "_DirectBlockBackward" in graph_nodes(out if net is model else model(x))
     assert rule.backwards == 3
     got, expected = grad_dict(model), grad_dict(reference)
     assert got.keys() == expected.keys() and len(got) == 18
@@ -153,16 +142,16 @@ def test_calls_the_rule_does_not_take_re_run(rule: ToyRule) -> None:
     model = _vcas(stack(depth=2), 1.0, 1.0)
     x = skewed((5, 3, 6), seed=1)
     model(x)
-    assert "_DirectBlockBackward" in _graph_nodes(model(x))
+    assert "_DirectBlockBackward" in graph_nodes(model(x))
     rule.refusal = "not today"
-    assert "_DirectBlockBackward" not in _graph_nodes(model(x))
-    assert "_CompactedBlockBackward" in _graph_nodes(model(x))
+    assert "_DirectBlockBackward" not in graph_nodes(model(x))
+    assert "_CompactedBlockBackward" in graph_nodes(model(x))
     rule.refusal = None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert "_DirectBlockBackward" not in _graph_nodes(model(x))
+        assert "_DirectBlockBackward" not in graph_nodes(model(x))
     off = _vcas(stack(depth=2), 1.0, 1.0, direct=False)
     off(x)
-    assert "_DirectBlockBackward" not in _graph_nodes(off(x))
+    assert "_DirectBlockBackward" not in graph_nodes(off(x))
 
 
 class TwoInputs(nn.Module):
@@ -182,6 +171,6 @@ def test_a_second_argument_with_gradient_re_runs(rule: ToyRule, monkeypatch) -> 
     model = _vcas(nn.ModuleList([TwoInputs(), TwoInputs()]).double(), 1.0, 1.0, block_types=[TwoInputs])
     x, y = skewed((4, 3, 6), seed=1), skewed((4, 3, 6), seed=2).requires_grad_(True)
     model[0](x, y)
-    assert "_DirectBlockBackward" not in _graph_nodes(model[0](x, y))
+    assert "_DirectBlockBackward" not in graph_nodes(model[0](x, y))
     F.mse_loss(model[0](x, y), x).backward()
     assert y.grad is not None

@@ -72,3 +72,15 @@ def drop_rescale(monkeypatch, module: ModuleType, name: str) -> None:
         return idx, torch.ones_like(scale)
 
     monkeypatch.setattr(module, name, unscaled)
+
+
+def graph_nodes(out: Tensor) -> set[str]:
+    """The names of the autograd nodes ``out``'s graph reaches."""
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node.name() in seen:
+            continue
+        seen.add(node.name())
+        todo.extend(fn for fn, _ in node.next_functions)
+    return seen

@@ -6,9 +6,10 @@ autograd keeps apart from the first norm's activation: the input ``x`` and the o
 (both kept anyway: the neighbouring blocks' input and output), each conv's output, and
 each norm's mean and rstd (one number per sample and group). In backward the first
 norm's activation ``relu(gn1(conv1 x))``, conv2's input, is computed again on the kept
-rows from conv1's output (``native_group_norm``, the forward's kernel, so the same
-values), one activation per block less to keep for a norm-and-relu pass over the kept
-rows. Then, op by op on the kept rows: the output ReLU's mask from the output,
+rows from conv1's output and the forward's mean and rstd (one fused multiply-add and a
+ReLU over the kept rows, equal to the forward's within rounding): one activation per
+block less to keep than dense autograd, as many as the re-run path keeps. Then, op by
+op on the kept rows: the output ReLU's mask from the output,
 ``native_group_norm_backward``, each conv's :func:`~greenprop.vcas.layers.conv_backward`,
 and the residual sum.
 
@@ -48,6 +49,21 @@ def _norm_forward(norm: nn.GroupNorm, h: Tensor) -> tuple[Tensor, Tensor, Tensor
         h, norm.weight, norm.bias, n, c, h[0, 0].numel(), norm.num_groups, norm.eps
     )
     return y, h, mean, rstd
+
+
+def _norm_apply(norm: nn.GroupNorm, h: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
+    """The norm's output from its input and the forward's mean and rstd: ``h * scale + shift`` per
+    sample and channel (equal to the forward's within rounding, whatever kernel or layout)."""
+    n, c = h.shape[:2]
+    per_group = c // norm.num_groups
+    scale = rstd.repeat_interleave(per_group, dim=1)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -mean.repeat_interleave(per_group, dim=1) * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    shape = (n, c) + (1,) * (h.dim() - 2)
+    return torch.addcmul(shift.view(shape), h, scale.view(shape))
 
 
 def _norm_backward(
@@ -132,8 +148,7 @@ class BasicBlockRule:
         x, h1, mean1, rstd1, h2, mean2, rstd2, *shortcut, out = saved
         dz = _relu_backward(grad, out)
         dh2, grads = _norm_backward(block.bn2, dz, h2, mean2, rstd2)
-        # conv2's input again on the kept rows: the same kernel on the same rows, the same values.
-        r1 = _norm_forward(block.bn1, h1)[0].relu_()
+        r1 = _norm_apply(block.bn1, h1, mean1, rstd1).relu_()  # conv2's input, not kept
         dr1 = _conv_grads(block.conv2, dh2, r1, True, grads)
         dh1, grads1 = _norm_backward(block.bn1, _relu_backward(dr1, r1), h1, mean1, rstd1)
         grads.update(grads1)
