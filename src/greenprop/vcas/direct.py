@@ -47,7 +47,8 @@ class DirectRule(Protocol):
     ) -> tuple[Tensor | None, dict[nn.Parameter, Tensor]]:
         """The kept rows' gradient w.r.t. the block's first argument and its parameters' gradients.
 
-        ``saved``: the kept rows of :meth:`forward`'s tensors; ``grad``: the kept rows of the
+        ``saved``: the kept rows of :meth:`forward`'s tensors, in a list the rule owns (it may
+        empty it, so that each tensor goes once used); ``grad``: the kept rows of the
         gradient of the block's (first) output, already rescaled by ``1/p``. Returns the
         input gradient of those rows (None unless ``need_input``) and a gradient for each
         trainable parameter (parameters left out get none).

@@ -146,22 +146,28 @@ class BasicBlockRule:
         self, block: nn.Module, saved: list[Tensor], grad: Tensor, need_input: bool
     ) -> tuple[Tensor | None, dict[nn.Parameter, Tensor]]:
         x, h1, mean1, rstd1, h2, mean2, rstd2, *shortcut, out = saved
+        saved.clear()  # the kept rows are this call's own: each goes once used (lower peak memory)
         dz = _relu_backward(grad, out)
+        del out
         dh2, grads = _norm_backward(block.bn2, dz, h2, mean2, rstd2)
-        r1 = _norm_apply(block.bn1, h1, mean1, rstd1).relu_()  # conv2's input, not kept
-        dr1 = _conv_grads(block.conv2, dh2, r1, True, grads)
-        dh1, grads1 = _norm_backward(block.bn1, _relu_backward(dr1, r1), h1, mean1, rstd1)
-        grads.update(grads1)
-        dx = _conv_grads(block.conv1, dh1, x, need_input, grads)
+        del h2
+        d_residual: Tensor | None = dz
         if shortcut:
             hs, mean_s, rstd_s = shortcut
             conv, norm = block.shortcut
             dhs, grads_s = _norm_backward(norm, dz, hs, mean_s, rstd_s)
+            del hs, shortcut, dz
             grads.update(grads_s)
             d_residual = _conv_grads(conv, dhs, x, need_input, grads)
-        else:
-            d_residual = dz
-        return (dx + d_residual if need_input else None), grads
+            del dhs
+        r1 = _norm_apply(block.bn1, h1, mean1, rstd1).relu_()  # conv2's input, not kept
+        dr1 = _conv_grads(block.conv2, dh2, r1, True, grads)
+        del dh2
+        dh1, grads1 = _norm_backward(block.bn1, _relu_backward(dr1, r1), h1, mean1, rstd1)
+        del dr1, r1, h1
+        grads.update(grads1)
+        dx = _conv_grads(block.conv1, dh1, x, need_input, grads)
+        return (dx.add_(d_residual) if need_input else None), grads
 
 
 RULE = BasicBlockRule()
