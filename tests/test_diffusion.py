@@ -384,7 +384,8 @@ def test_compare_of_diffusion_runs_shares_one_fd_classifier_and_reports_fd(tmp_p
     paths = write_report(results, tmp_path, title="ddpm")
     report = paths["markdown"].read_text()
     assert "FD (greenprop CNN features) ↓" in report and "Acc@1" not in report
-    assert paths["curves_plot"].exists() and paths["saving_plot"].exists()
+    assert paths["curves_plot"].exists() and paths["saving_plot"].name == "fd_vs_saving.png"
+    assert paths["saving_plot"].exists() and "![fd vs saving](fd_vs_saving.png)" in report
     # The dense frontier on both metrics, lower is better: ssProp's cost lies between dense@1ep
     # and the baseline, where dense's value is read linearly in the FLOPs.
     (row,) = json.loads(paths["json"].read_text())["frontier"]

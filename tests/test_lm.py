@@ -413,3 +413,5 @@ def test_compare_ranks_by_perplexity_and_trains_the_dense_frontier(rt_lm, tmp_pa
     assert "Δ Perplexity ↓ (FLOPs)" in printed and "At the same FLOPs:" in printed
     report = (out / "report.md").read_text()
     assert "Δ Perplexity ↓ (FLOPs)" in report and (out / "frontier_flops.png").stat().st_size > 0
+    assert "![ppl vs saving](ppl_vs_saving.png)" in report and (out / "ppl_vs_saving.png").stat().st_size > 0
+    assert not (out / "accuracy_vs_saving.png").exists()  # it plots perplexity, and says so

@@ -20,10 +20,10 @@ from torch import Tensor, nn
 
 from fixtures import digits_batches, resnet
 from greenprop.models.resnet import BasicBlock
-from greenprop.vcas import VCASConfig, apply_vcas, direct_resnet
+from greenprop.vcas import direct_resnet
 from greenprop.vcas.direct_resnet import _norm_forward
 from greenprop.vcas.surgery import vcas_handle
-from vcas_helpers import grad_dict, graph_nodes
+from vcas_helpers import fixed_ratios, grad_dict, graph_nodes, same_steps_direct_and_rerun
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,13 +52,6 @@ def _batch(digits: Any, size: int = 16, seed: int = 0) -> tuple[Tensor, Tensor]:
     return x.double(), y
 
 
-def _vcas(model: nn.Module, ratio: float, **config: Any) -> nn.Module:
-    handle = vcas_handle(apply_vcas(model, VCASConfig(seed=3, compact_max_ratio=1.0, **config)))
-    for sampler in handle.samplers:
-        sampler.ratio = ratio
-    return model
-
-
 @pytest.fixture
 def shortcuts(monkeypatch) -> Counter:
     """Counts the rule's backward calls by the shortcut kind of the block."""
@@ -77,7 +70,7 @@ def shortcuts(monkeypatch) -> Counter:
 def test_ratio_one_equals_dense_autograd_on_digits(digits, shortcuts: Counter, layout: str) -> None:
     model = resnet().double().to(memory_format=LAYOUTS[layout])  # the trainer's channels_last option
     reference = copy.deepcopy(model)
-    _vcas(model, 1.0)
+    fixed_ratios(model, 1.0)
     x, y = _batch(digits)
     x = x.contiguous(memory_format=LAYOUTS[layout])
     model(x)  # the compacted blocks' first forward checks them; the next runs them direct
@@ -101,35 +94,21 @@ def test_ratio_one_equals_dense_autograd_on_digits(digits, shortcuts: Counter, l
     assert tally.done == tally.dense > 0  # every conv ran, on every sample
 
 
-@pytest.mark.parametrize(("dtype", "layout"), [(torch.float64, "nchw"), (torch.float32, "nchw")])
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 def test_sampled_gradients_equal_the_rerun_paths_from_the_same_seeds(
-    digits, shortcuts: Counter, dtype: torch.dtype, layout: str
+    digits, shortcuts: Counter, dtype: torch.dtype, tolerance: float
 ) -> None:
     """Same seeds, same draws, same gradients: the direct path computes what the re-run does."""
-    base = resnet().to(dtype=dtype, memory_format=LAYOUTS[layout])
     x, y = _batch(digits, size=12, seed=1)
-    x = x.to(dtype).contiguous(memory_format=LAYOUTS[layout])
-    steps: dict[bool, list[Tensor]] = {}
-    tallies = {}
-    for on in (True, False):
-        model = _vcas(copy.deepcopy(base), 0.5, direct=on)
-        params = list(model.parameters())
-        model(x)
-        steps[on] = []
-        for _ in range(3):
-            xi = x.clone().requires_grad_(True)
-            loss = F.cross_entropy(model(xi), y)
-            grads = torch.autograd.grad(loss, [xi, *params])
-            steps[on].append(torch.cat([g.reshape(-1) for g in grads]))
-        tallies[on] = vcas_handle(model).runtime.take_tally()
-    tight = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
-    for step, (a, b) in enumerate(zip(steps[True], steps[False], strict=True)):
-        torch.testing.assert_close(a, b, **tight, msg=f"step {step}")
-    assert not torch.equal(steps[True][0], steps[True][1])  # new draws every step
+    tally = same_steps_direct_and_rerun(
+        resnet().to(dtype),
+        x.to(dtype),
+        lambda out: F.cross_entropy(out, y),
+        rtol=tolerance,
+        atol=tolerance / 10,
+    )
     assert sum(shortcuts.values()) == 3 * 8
-    on, off = tallies[True], tallies[False]
-    assert on.rows == off.rows and on.done == pytest.approx(off.done) and on.dense == pytest.approx(off.dense)
-    assert on.done < on.dense
+    assert 0 < tally.rows[0][0] < tally.rows[0][1]
 
 
 def _saved_bytes(model: nn.Module, x: Tensor) -> int:
@@ -151,8 +130,8 @@ def test_it_keeps_no_more_than_the_rerun_path_and_less_than_dense(digits) -> Non
     saved = {}
     for name, model in {
         "dense": copy.deepcopy(base),
-        "direct": _vcas(copy.deepcopy(base), 0.5),
-        "rerun": _vcas(copy.deepcopy(base), 0.5, direct=False),
+        "direct": fixed_ratios(copy.deepcopy(base), 0.5),
+        "rerun": fixed_ratios(copy.deepcopy(base), 0.5, direct=False),
     }.items():
         model(x)  # the compacted blocks' first forward checks them
         saved[name] = _saved_bytes(model, x)
@@ -194,7 +173,7 @@ def test_other_block_structures_take_the_rerun_path(digits, change: str) -> None
     edit, changed = CHANGES[change]
     edit(model)
     reference = copy.deepcopy(model)
-    _vcas(model, 1.0)
+    fixed_ratios(model, 1.0)
     paths = {}
     for name, block in model.named_modules():
         if isinstance(block, BasicBlock):
@@ -224,7 +203,7 @@ def test_channels_last_samples_what_nchw_does(digits) -> None:
     x, y = _batch(digits, size=12, seed=2)
     steps: dict[str, list[Tensor]] = {}
     for layout, memory_format in LAYOUTS.items():
-        model = _vcas(copy.deepcopy(base).to(memory_format=memory_format), 0.5)
+        model = fixed_ratios(copy.deepcopy(base).to(memory_format=memory_format), 0.5)
         params = list(model.parameters())
         xl = x.contiguous(memory_format=memory_format)
         model(xl)

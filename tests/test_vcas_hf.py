@@ -90,7 +90,8 @@ def test_compacted_layers_with_dropout_and_padding_masks(batch):
     torch.manual_seed(0)
     model = models.create("minilm", num_classes=2)  # the checkpoint's dropout 0.1
     reference = copy.deepcopy(model)
-    config = VCASConfig(check_rows=True, compact_max_ratio=1.0)  # compacted at ratio 1 too
+    # Compacted at ratio 1 too.
+    config = VCASConfig(check_rows=True, compact_max_ratio=1.0, direct_max_ratio=1.0)
     handle = vcas_handle(apply_vcas(model, config, block_types=(BertLayer,)))
     assert len(handle.compacted) == 6
     assert bool((batch[0][:, 1] == 0).any())  # some padding: the attention mask matters

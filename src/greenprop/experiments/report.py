@@ -201,6 +201,13 @@ def render_table(header: Sequence[str], body: list[list[str]], *, markdown: bool
     )
 
 
+def saving_plot_name(metric: dict[str, Any]) -> str:
+    """The quality-vs-saving plot's file name after the task's first metric (``acc1``:
+    ``accuracy_vs_saving.png``; perplexity or FD runs name theirs for what they plot)."""
+    key = str(metric["key"])
+    return "accuracy_vs_saving.png" if key.startswith("acc") else f"{key}_vs_saving.png"
+
+
 def write_report(
     results: list[RunResult], out_dir: str | Path, *, title: str, command: str | None = None
 ) -> dict[str, Path]:
@@ -218,7 +225,7 @@ def write_report(
         "csv": out / "results.csv",
         "json": out / "results.json",
         "markdown": out / "report.md",
-        "saving_plot": out / "accuracy_vs_saving.png",
+        "saving_plot": out / saving_plot_name(metrics[0]),
         "curves_plot": out / "curves.png",
         "step_loss_plot": out / "loss_steps.png",
     }
@@ -278,7 +285,7 @@ def write_report(
         "",
         *load_notes(rows),
         "",
-        f"![accuracy vs saving]({paths['saving_plot'].name})",
+        f"![{paths['saving_plot'].stem.replace('_', ' ')}]({paths['saving_plot'].name})",
         "",
         f"![training curves]({paths['curves_plot'].name})",
         "",

@@ -58,6 +58,7 @@ class DirectRule(Protocol):
 #: The rules that ship, by block class (``module.qualname``) -> ``module:attribute`` of the
 #: rule, imported on first use (so transformers is imported only for its own blocks).
 _KNOWN: dict[str, str] = {
+    "greenprop.models.vit.Block": "greenprop.vcas.direct_vit:RULE",
     "greenprop.models.resnet.BasicBlock": "greenprop.vcas.direct_resnet:RULE",
 }
 
