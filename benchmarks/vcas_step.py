@@ -284,12 +284,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     add_common_options(p)
     add_clock_option(p)
+    p.add_argument(
+        "--direct-max-ratio",
+        type=float,
+        default=VCASConfig().direct_max_ratio,
+        help="compact blocks on the direct path only at ratios up to this (default: VCASConfig's, 0.9)",
+    )
     args = p.parse_args(argv)
     if args.seq_len < 1 or args.repeats < 1 or args.warmup < 0 or (args.batch or 1) < 1:
         p.error("--batch, --seq-len and --repeats must be >= 1, --warmup >= 0")
     check_ratios(p, "--rs and --nus", [*args.rs, *args.nus])
-    if not 0.0 <= args.compact_max_ratio <= 1.0:
-        p.error(f"--compact-max-ratio must be in [0, 1], got {args.compact_max_ratio:g}")
+    for option in ("compact_max_ratio", "direct_max_ratio"):
+        value = getattr(args, option)
+        if not 0.0 <= value <= 1.0:
+            p.error(f"--{option.replace('_', '-')} must be in [0, 1], got {value:g}")
     return args
 
 
@@ -302,7 +310,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"Median of {args.repeats} interleaved steps per variant after {args.warmup} warm-up steps, "
         "fp32, dropout off, no optimizer; times in ms. vcas = `apply_vcas(compact=False)` (mode FULL), "
         f"compact = `apply_vcas(compact=True)` (compacted at "
-        f"ratios <= {args.compact_max_ratio:g}; known blocks direct, others re-run), "
+        f"ratios <= {args.direct_max_ratio:g} on the direct path (known blocks), "
+        f"<= {args.compact_max_ratio:g} re-run (others)), "
         + ("rerun = the same with `direct=False` (every block re-runs), " if args.rerun else "")
         + "every sampler's "
         "ratio = r, every Linear's "
@@ -328,6 +337,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 compact=v != "vcas",
                 compact_max_ratio=args.compact_max_ratio,
                 direct=v != RERUN,
+                direct_max_ratio=args.direct_max_ratio,
             )
             handles[v] = handle = vcas_handle(apply_vcas(variants[v], config))
         break_even: dict[str, float] = {}

@@ -232,6 +232,10 @@ def test_vcas_step_benchmark_reads_the_compact_max_ratio_and_refuses_a_bad_one(c
     module = _import("vcas_step")
     assert module.parse_args([]).compact_max_ratio == 0.7  # VCASConfig's default
     assert module.parse_args(["--compact-max-ratio", "1"]).compact_max_ratio == 1.0
+    assert module.parse_args([]).direct_max_ratio == 0.9
+    with pytest.raises(SystemExit):
+        module.main(["--direct-max-ratio", "-0.5"])
+    assert "--direct-max-ratio must be in [0, 1], got -0.5" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--compact-max-ratio", "1.5"])
     assert exit_info.value.code == 2

@@ -27,7 +27,8 @@ from vcas_helpers import draw, grads, skewed, unbiased, z_scores
 DRAWS = 1500  # sampled backward passes per unbiasedness check
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ALWAYS = VCASConfig(compact_max_ratio=1.0)  # compact at every ratio (by default only at <= 0.7)
+# Compact at every ratio (by default re-runs only at <= 0.7, direct blocks at <= 0.9).
+ALWAYS = VCASConfig(compact_max_ratio=1.0, direct_max_ratio=1.0)
 
 
 class DropoutBlock(nn.Module):
@@ -70,7 +71,7 @@ def _dropout_pair(ratio: float) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     reference = DropoutNet().double()
     model = copy.deepcopy(reference)
-    handle = vcas_handle(apply_vcas(model, VCASConfig(seed=4, compact_max_ratio=1.0)))
+    handle = vcas_handle(apply_vcas(model, VCASConfig(seed=4, compact_max_ratio=1.0, direct_max_ratio=1.0)))
     assert len(handle.compacted) == 2 and all(isinstance(b.forward, CompactedForward) for b in model.blocks)
     for sampler in handle.samplers:
         sampler.ratio = ratio
@@ -295,7 +296,8 @@ def test_sampled_training_steps_draw_the_same_samples_compacted_or_not() -> None
     steps = {}
     for compact in (True, False):
         model = copy.deepcopy(base).double()
-        handle = vcas_handle(apply_vcas(model, VCASConfig(seed=4, compact=compact, compact_max_ratio=1.0)))
+        config = VCASConfig(seed=4, compact=compact, compact_max_ratio=1.0, direct_max_ratio=1.0)
+        handle = vcas_handle(apply_vcas(model, config))
         assert bool(handle.compacted) == compact
         for sampler in handle.samplers:
             sampler.ratio = 0.5

@@ -56,7 +56,7 @@ def test_ratio_one_equals_dense_autograd(kind: str) -> None:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     reference = _twin(model)
-    handle = vcas_handle(apply_vcas(model, VCASConfig(seed=3, compact_max_ratio=1.0)))
+    handle = vcas_handle(apply_vcas(model, VCASConfig(seed=3, compact_max_ratio=1.0, direct_max_ratio=1.0)))
     assert handle.convs and all(s.ratio == 1.0 for s in handle.samplers)
     if kind == "convnet":
         conv1 = handle.convs["0.conv1"]
@@ -83,7 +83,7 @@ def test_ratio_one_equals_dense_autograd(kind: str) -> None:
 def test_unconvertible_convs_stay_plain_and_exact() -> None:
     model = convnet(extra=True)
     reference = _twin(model)
-    handle = vcas_handle(apply_vcas(model, VCASConfig(seed=1, compact_max_ratio=1.0)))
+    handle = vcas_handle(apply_vcas(model, VCASConfig(seed=1, compact_max_ratio=1.0, direct_max_ratio=1.0)))
     same, reflect = model[1].extra
     assert type(same) is nn.Conv2d and type(reflect) is nn.Conv2d
     assert not hasattr(same, "vcas_runtime") and not hasattr(reflect, "vcas_runtime")

@@ -21,7 +21,7 @@ from fixtures import Block, stack
 from greenprop.vcas import VCASConfig, apply_vcas, direct
 from greenprop.vcas.layers import linear_backward
 from greenprop.vcas.surgery import vcas_handle
-from vcas_helpers import grad_dict, grads, skewed
+from vcas_helpers import fixed_ratios, grad_dict, graph_nodes, same_steps_direct_and_rerun, skewed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,33 +70,10 @@ def rule(monkeypatch) -> ToyRule:
     return toy
 
 
-def _graph_nodes(out: Tensor) -> set[str]:
-    seen, todo = set(), [out.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or node.name() in seen:
-            continue
-        seen.add(node.name())
-        todo.extend(fn for fn, _ in node.next_functions)
-    return seen
-
-
-def _vcas(
-    model: nn.Module, ratio: float, token_ratio: float, block_types: Any = None, **config: Any
-) -> nn.Module:
-    config = VCASConfig(seed=3, compact_max_ratio=1.0, **config)
-    handle = vcas_handle(apply_vcas(model, config, block_types=block_types))
-    for sampler in handle.samplers:
-        sampler.ratio = ratio
-    for layer in handle.linears.values():
-        layer.vcas_weight_ratio = token_ratio
-    return model
-
-
 @pytest.mark.parametrize("input_grad", [True, False])
 def test_ratio_one_equals_dense_autograd(rule: ToyRule, input_grad: bool) -> None:
     reference = stack(depth=3)
-    model = _vcas(copy.deepcopy(reference), 1.0, 1.0)
+    model = fixed_ratios(copy.deepcopy(reference), 1.0, 1.0)
     x, target = skewed((7, 4, 6), seed=1), skewed((7, 4, 6), seed=2)
     model(x)  # the first forward checks the blocks
     inputs = []
@@ -105,7 +82,7 @@ def test_ratio_one_equals_dense_autograd(rule: ToyRule, input_grad: bool) -> Non
         out = net(xi)
         (out.tanh() * target).sum().backward()
         inputs.append(xi)
-    assert "_DirectBlockBackward" in _graph_nodes(out if net is model else model(x))
+    assert "_DirectBlockBackward" in graph_nodes(out if net is model else model(x))
     assert rule.backwards == 3
     got, expected = grad_dict(model), grad_dict(reference)
     assert got.keys() == expected.keys() and len(got) == 18
@@ -119,27 +96,14 @@ def test_ratio_one_equals_dense_autograd(rule: ToyRule, input_grad: bool) -> Non
 
 def test_sampled_gradients_equal_the_rerun_paths_from_the_same_seeds(rule: ToyRule) -> None:
     """Same seeds, same draws, same gradients: the direct path computes what the re-run does."""
-    base = stack(depth=3, dim=6, hidden=8)
     x, target = skewed((12, 3, 6), seed=4), skewed((12, 3, 6), seed=5)
-    steps: dict[bool, list[Tensor]] = {}
-    tallies = {}
-    for on in (True, False):
-        model = _vcas(copy.deepcopy(base), 0.5, 0.5, direct=on)
-        params = list(model.parameters())
-        model(x)
-        steps[on] = [grads((model(x).tanh() * target).sum(), params) for _ in range(3)]
-        tallies[on] = vcas_handle(model).runtime.take_tally()
-    for step, (a, b) in enumerate(zip(steps[True], steps[False], strict=True)):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"step {step}")
-    assert not torch.equal(steps[True][0], steps[True][1])  # new draws every step
+    base = stack(depth=3, dim=6, hidden=8)
+    same_steps_direct_and_rerun(base, x, lambda out: (out.tanh() * target).sum(), rtol=1e-10, atol=1e-12)
     assert rule.backwards == 9
-    on, off = tallies[True], tallies[False]
-    assert on.rows == off.rows and on.done == pytest.approx(off.done) and on.dense == pytest.approx(off.dense)
-    assert on.done < on.dense
 
 
 def test_every_sample_dropped_gives_zero_gradients(rule: ToyRule, monkeypatch) -> None:
-    model = _vcas(stack(depth=2), 0.5, 1.0)
+    model = fixed_ratios(stack(depth=2), 0.5, 1.0)
     handle = vcas_handle(model)
     x = skewed((5, 3, 6), seed=1).requires_grad_(True)
     model(x)
@@ -150,19 +114,19 @@ def test_every_sample_dropped_gives_zero_gradients(rule: ToyRule, monkeypatch) -
 
 
 def test_calls_the_rule_does_not_take_re_run(rule: ToyRule) -> None:
-    model = _vcas(stack(depth=2), 1.0, 1.0)
+    model = fixed_ratios(stack(depth=2), 1.0, 1.0)
     x = skewed((5, 3, 6), seed=1)
     model(x)
-    assert "_DirectBlockBackward" in _graph_nodes(model(x))
+    assert "_DirectBlockBackward" in graph_nodes(model(x))
     rule.refusal = "not today"
-    assert "_DirectBlockBackward" not in _graph_nodes(model(x))
-    assert "_CompactedBlockBackward" in _graph_nodes(model(x))
+    assert "_DirectBlockBackward" not in graph_nodes(model(x))
+    assert "_CompactedBlockBackward" in graph_nodes(model(x))
     rule.refusal = None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert "_DirectBlockBackward" not in _graph_nodes(model(x))
-    off = _vcas(stack(depth=2), 1.0, 1.0, direct=False)
+        assert "_DirectBlockBackward" not in graph_nodes(model(x))
+    off = fixed_ratios(stack(depth=2), 1.0, 1.0, direct=False)
     off(x)
-    assert "_DirectBlockBackward" not in _graph_nodes(off(x))
+    assert "_DirectBlockBackward" not in graph_nodes(off(x))
 
 
 class TwoInputs(nn.Module):
@@ -179,9 +143,35 @@ class TwoInputs(nn.Module):
 def test_a_second_argument_with_gradient_re_runs(rule: ToyRule, monkeypatch) -> None:
     direct.register(TwoInputs, rule)
     torch.manual_seed(0)
-    model = _vcas(nn.ModuleList([TwoInputs(), TwoInputs()]).double(), 1.0, 1.0, block_types=[TwoInputs])
+    model = fixed_ratios(
+        nn.ModuleList([TwoInputs(), TwoInputs()]).double(), 1.0, 1.0, block_types=[TwoInputs]
+    )
     x, y = skewed((4, 3, 6), seed=1), skewed((4, 3, 6), seed=2).requires_grad_(True)
     model[0](x, y)
-    assert "_DirectBlockBackward" not in _graph_nodes(model[0](x, y))
+    assert "_DirectBlockBackward" not in graph_nodes(model[0](x, y))
     F.mse_loss(model[0](x, y), x).backward()
     assert y.grad is not None
+
+
+
+def test_each_path_compacts_up_to_its_own_ratio_limit(rule: ToyRule) -> None:
+    """Direct blocks compact up to direct_max_ratio; a call the rule refuses re-runs only up to
+    compact_max_ratio; above its path's limit a block runs the plain sampled path."""
+    model = stack(depth=2)
+    config = VCASConfig(seed=3, compact_max_ratio=0.6, direct_max_ratio=0.8)
+    handle = vcas_handle(apply_vcas(model, config))
+    x = skewed((5, 3, 6), seed=1)
+    model(x)  # the first forward checks the blocks
+    expected = {
+        (None, 0.5): "_DirectBlockBackward",
+        (None, 0.7): "_DirectBlockBackward",
+        (None, 0.9): "_SampleGradientBackward",
+        ("no", 0.5): "_CompactedBlockBackward",
+        ("no", 0.7): "_SampleGradientBackward",
+        ("no", 0.9): "_SampleGradientBackward",
+    }
+    for (refusal, ratio), node in expected.items():
+        rule.refusal = refusal
+        for sampler in handle.samplers:
+            sampler.ratio = ratio
+        assert model(x).grad_fn.name() == node, (refusal, ratio)

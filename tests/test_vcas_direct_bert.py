@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from greenprop.vcas import VCASConfig, apply_vcas, direct
 from greenprop.vcas.surgery import vcas_handle
-from vcas_helpers import grad_dict, grads, graph_nodes, skewed
+from vcas_helpers import fixed_ratios, grad_dict, graph_nodes, same_steps_direct_and_rerun, skewed
 
 pytestmark = [pytest.mark.text, pytest.mark.usefixtures("one_thread")]
 transformers = pytest.importorskip("transformers")
@@ -65,20 +65,8 @@ def _target() -> Tensor:
     return skewed((BATCH, TOKENS, HIDDEN), seed=2)
 
 
-def _vcas(
-    model: nn.Module, ratio: float = 1.0, token_ratio: float = 1.0, module_filter_fn=None, **config: Any
-) -> nn.Module:
-    settings = {"seed": 3, "compact_max_ratio": 1.0, **config}
-    handle = vcas_handle(
-        apply_vcas(
-            model, VCASConfig(**settings), block_types=(bert.BertLayer,), module_filter_fn=module_filter_fn
-        )
-    )
-    for sampler in handle.samplers:
-        sampler.ratio = ratio
-    for layer in handle.linears.values():
-        layer.vcas_weight_ratio = token_ratio
-    return model
+def _vcas(model: nn.Module, ratio: float = 1.0, token_ratio: float = 1.0, **config: Any) -> nn.Module:
+    return fixed_ratios(model, ratio, token_ratio, block_types=(bert.BertLayer,), **config)
 
 
 def _layer_call(model: TinyBert, batch) -> tuple[nn.Module, tuple, dict]:
@@ -156,27 +144,27 @@ def test_ratio_one_equals_dense_autograd_with_dropout_and_padding(frozen_embeddi
 
 def test_sampled_gradients_equal_the_rerun_paths_from_the_same_seeds() -> None:
     """Block ratio 0.5, token ratio 0.5, dropout 0.1: same draws, same gradients, same FLOP tally."""
-    base, batch, target = TinyBert(), _batch(), _target()
-    steps: dict[bool, list[Tensor]] = {}
-    tallies = {}
-    for on in (True, False):
-        model = _vcas(copy.deepcopy(base), 0.5, 0.5, direct=on)
-        params = [p for p in model.parameters() if p.requires_grad]
-        model(batch)
-        steps[on] = []
-        for seed in range(3):
-            torch.manual_seed(seed)
-            out = model(batch)
-            assert ("_DirectBlockBackward" in graph_nodes(out)) is on
-            steps[on].append(grads((out.tanh() * target).sum(), params))
-        tallies[on] = vcas_handle(model).runtime.take_tally()
-    for step, (a, b) in enumerate(zip(steps[True], steps[False], strict=True)):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"step {step}")
-    assert not torch.equal(steps[True][0], steps[True][1])  # new draws every step
-    on, off = tallies[True], tallies[False]
-    assert on.rows == off.rows and on.done == pytest.approx(off.done) and on.dense == pytest.approx(off.dense)
-    kept, seen = on.rows[0]
-    assert 0 < kept < seen and on.done < on.dense
+    target = _target()
+    tally = same_steps_direct_and_rerun(
+        TinyBert(),
+        _batch(),
+        lambda out: (out.tanh() * target).sum(),
+        rtol=1e-10,
+        atol=1e-12,
+        reseed=True,
+        block_types=(bert.BertLayer,),
+    )
+    kept, seen = tally.rows[0]
+    assert 0 < kept < seen
+
+
+def _unconverted_key(model: TinyBert) -> TinyBert:
+    """VCAS on every Linear of the layers but their attention keys."""
+    config = VCASConfig(compact_max_ratio=1.0, direct_max_ratio=1.0)
+    apply_vcas(
+        model, config, block_types=(bert.BertLayer,), module_filter_fn=lambda m, name: "key" not in name
+    )
+    return model
 
 
 def _refused(model: TinyBert, call=None) -> tuple[str | None, bool]:
@@ -195,10 +183,7 @@ def _refused(model: TinyBert, call=None) -> tuple[str | None, bool]:
         (lambda: _vcas(TinyBert(attention="sdpa")), "attention implementation 'sdpa'"),
         (lambda: _vcas(TinyBert(hidden_act="relu")), "activation"),
         (lambda: _vcas(TinyBert(chunk_size_feed_forward=TOKENS)), "chunking"),
-        (
-            lambda: _vcas(TinyBert(), module_filter_fn=lambda layer, name: not name.endswith("key")),
-            "attention.self.key is a Linear",
-        ),
+        (lambda: _unconverted_key(TinyBert()), "attention.self.key is a Linear"),
     ],
     ids=["sdpa", "relu", "chunked", "unconverted-linear"],
 )

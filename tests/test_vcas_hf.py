@@ -93,8 +93,8 @@ def test_compacted_layers_with_dropout_and_padding_masks(batch, direct):
     torch.manual_seed(0)
     model = models.create("minilm", num_classes=2)  # the checkpoint's dropout 0.1
     reference = copy.deepcopy(model)
-    # compacted at ratio 1 too
-    config = VCASConfig(check_rows=True, compact_max_ratio=1.0, direct=direct)
+    # compacted at ratio 1 too, on either path
+    config = VCASConfig(check_rows=True, compact_max_ratio=1.0, direct_max_ratio=1.0, direct=direct)
     handle = vcas_handle(apply_vcas(model, config, block_types=(BertLayer,)))
     assert len(handle.compacted) == 6
     assert bool((batch[0][:, 1] == 0).any())  # some padding: the attention mask matters

@@ -68,7 +68,7 @@ def _pair(compact: bool = True, **kwargs) -> tuple[nn.Sequential, nn.Sequential]
     model = stack(**kwargs)
     reference = stack(**{**kwargs, "seed": 99})
     reference.load_state_dict(model.state_dict())
-    apply_vcas(model, VCASConfig(seed=3, compact=compact, compact_max_ratio=1.0))
+    apply_vcas(model, VCASConfig(seed=3, compact=compact, compact_max_ratio=1.0, direct_max_ratio=1.0))
     return model, reference
 
 
@@ -109,15 +109,19 @@ def test_ratio_one_equals_dense_autograd(dims: int, bias: bool, input_grad: bool
     assert tally.rows == {i: [7, 7] for i in range(3)} and tally.samples == 7
 
 
-def test_ratio_one_vit_equals_dense_autograd_on_digits(digits) -> None:
+@pytest.mark.parametrize("direct", [True, False])
+def test_ratio_one_vit_equals_dense_autograd_on_digits(digits, direct: bool) -> None:
+    """Both compaction paths: the ViT block's direct rule (the default) and the re-run."""
     model = tiny_vit().double()
     reference = tiny_vit(seed=5).double()
     reference.load_state_dict(model.state_dict())
-    handle = vcas_handle(apply_vcas(model, VCASConfig(compact_max_ratio=1.0)))
+    config = VCASConfig(compact_max_ratio=1.0, direct_max_ratio=1.0, direct=direct)
+    handle = vcas_handle(apply_vcas(model, config))
     assert [s.name for s in handle.samplers] == ["blocks.0", "blocks.1"]
     x, y = digits.train[:24]
     model(x.double())  # the compacted blocks' first forward checks them
-    assert "_CompactedBlockBackward" in _graph_nodes(model(x.double()))
+    nodes = _graph_nodes(model(x.double()))
+    assert "_DirectBlockBackward" in nodes if direct else "_CompactedBlockBackward" in nodes
     for net in (model, reference):
         F.cross_entropy(net(x.double()), y).backward()
     got, expected = grad_dict(model), grad_dict(reference)

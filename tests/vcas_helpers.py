@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from greenprop.vcas import VCASConfig, apply_vcas
+from greenprop.vcas.surgery import vcas_handle
 
 
 def skewed(shape: tuple[int, ...], seed: int) -> Tensor:
@@ -74,8 +80,21 @@ def drop_rescale(monkeypatch, module: ModuleType, name: str) -> None:
     monkeypatch.setattr(module, name, unscaled)
 
 
+def fixed_ratios(
+    model: nn.Module, ratio: float = 1.0, token_ratio: float = 1.0, block_types: Any = None, **config: Any
+) -> nn.Module:
+    """``apply_vcas`` (seed 3, compacted at every ratio) with every sampler and Linear at fixed ratios."""
+    config = VCASConfig(seed=3, compact_max_ratio=1.0, direct_max_ratio=1.0, **config)
+    handle = vcas_handle(apply_vcas(model, config, block_types=block_types))
+    for sampler in handle.samplers:
+        sampler.ratio = ratio
+    for layer in handle.linears.values():
+        layer.vcas_weight_ratio = token_ratio
+    return model
+
+
 def graph_nodes(out: Tensor) -> set[str]:
-    """The names of the nodes of ``out``'s autograd graph (walked by node: op names repeat)."""
+    """The names of the autograd nodes ``out``'s graph reaches."""
     seen, todo = set(), [out.grad_fn]
     while todo:
         node = todo.pop()
@@ -84,3 +103,42 @@ def graph_nodes(out: Tensor) -> set[str]:
         seen.add(node)
         todo.extend(fn for fn, _ in node.next_functions)
     return {node.name() for node in seen}
+
+
+def same_steps_direct_and_rerun(
+    base: nn.Module,
+    x: Any,
+    loss_of: Callable[[Tensor], Tensor],
+    rtol: float,
+    atol: float,
+    steps: int = 3,
+    reseed: bool = False,
+    **config: Any,
+) -> Any:
+    """Train-mode steps of copies of ``base`` at block and token ratio 0.5 on the direct path and on
+    the re-run path, from the same seeds: asserts the same gradients every step (new draws each
+    step) and the same tally; returns the direct path's tally. ``reseed``: torch's global
+    generator is seeded with the step's number before each step's forward on both paths (blocks
+    with dropout: both then draw the same masks). ``config``: more arguments of :func:`fixed_ratios`."""
+    found: dict[bool, list[Tensor]] = {}
+    tallies = {}
+
+    def step(model: nn.Module, params: list[Tensor], number: int) -> Tensor:
+        if reseed:
+            torch.manual_seed(number)
+        return grads(loss_of(model(x)), params)
+
+    for on in (True, False):
+        model = fixed_ratios(copy.deepcopy(base), 0.5, 0.5, direct=on, **config)
+        params = list(model.parameters())
+        model(x)  # the first forward checks the blocks
+        assert ("_DirectBlockBackward" in graph_nodes(model(x))) is on
+        found[on] = [step(model, params, number) for number in range(steps)]
+        tallies[on] = vcas_handle(model).runtime.take_tally()
+    for step, (a, b) in enumerate(zip(found[True], found[False], strict=True)):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=f"step {step}")
+    assert not torch.equal(found[True][0], found[True][1])  # new draws every step
+    on, off = tallies[True], tallies[False]
+    assert on.rows == off.rows and math.isclose(on.done, off.done) and math.isclose(on.dense, off.dense)
+    assert on.done < on.dense
+    return on

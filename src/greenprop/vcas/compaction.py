@@ -424,10 +424,12 @@ class _DirectBlock(torch.autograd.Function):
 class CompactedForward:
     """Stands in for a block's ``forward`` (an instance attribute set by :func:`~greenprop.vcas.apply_vcas`).
 
-    Training forwards with grad run the block compacted (:class:`_CompactedBlock`) while
-    its sampler's ratio is at most ``max_ratio`` (``VCASConfig.compact_max_ratio``);
-    anything else (eval, no grad, the dense FLOP count in exact mode, a higher ratio)
-    runs it plainly,
+    Training forwards with grad run the block compacted: on the direct path
+    (:class:`_DirectBlock`, a rule of :mod:`greenprop.vcas.direct` knows the block) while
+    its sampler's ratio is at most ``direct_max_ratio`` (``VCASConfig.direct_max_ratio``),
+    else re-run (:class:`_CompactedBlock`) while it is at most ``max_ratio``
+    (``VCASConfig.compact_max_ratio``); anything else (eval, no grad, the dense FLOP
+    count in exact mode, a higher ratio) runs it plainly,
     and the first training forward runs the plain sampled path while checking that
     the block can be compacted (:meth:`_probe`).
     """
@@ -440,9 +442,11 @@ class CompactedForward:
         max_ratio: float = 1.0,
         *,
         direct: bool = True,
+        direct_max_ratio: float = 1.0,
     ):
         self.block = block
         self.direct = direct  # known block types backpropagate their kept rows without a re-run
+        self.direct_max_ratio = direct_max_ratio  # ... while the sampler's ratio is at most this
         self.sampler = sampler
         self.runtime = runtime
         self.max_ratio = max_ratio  # blocks whose sampler ratio is above run uncompacted
@@ -464,7 +468,10 @@ class CompactedForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         block = self.block
         training = block.training and torch.is_grad_enabled() and self.runtime.mode is not Mode.EXACT
-        training = training and self.sampler.ratio <= self.max_ratio  # above: the re-run costs more
+        # Above its path's ratio limit a compacted block costs more than the plain sampled one.
+        rerun = self.sampler.ratio <= self.max_ratio
+        direct = self.direct and self.sampler.ratio <= self.direct_max_ratio and rule_for(block) is not None
+        training = training and (rerun or direct)
         leaves, spec = tree_flatten((args, kwargs))
         tensor_at = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
         if training and tensor_at and self.compactable is None:
@@ -473,11 +480,13 @@ class CompactedForward:
                 return self.sampler.hook(block, args, out)
         if not (training and tensor_at and self.compactable):
             return self.sampler.hook(block, args, self.plain(*args, **kwargs))
-        rule = self._direct_rule(args, kwargs, leaves)
+        rule = self._direct_rule(args, kwargs, leaves) if direct else None
         if rule is not None:
             extras: list[Any] = []
             out = _DirectBlock.apply(self, rule, (args, kwargs, extras), args[0], *self.trainable())
             return (out, *extras) if extras else out
+        if not rerun:  # the rule refused this call, and a re-run would not pay at this ratio
+            return self.sampler.hook(block, args, self.plain(*args, **kwargs))
         run = _Run(self, leaves, spec, tensor_at)
         out = _CompactedBlock.apply(run, *run.tensors(), *run.params)
         return out if run.extras is None else (out, *run.extras)

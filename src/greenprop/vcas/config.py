@@ -71,14 +71,19 @@ class VCASConfig(MethodConfig):
     )
     compact_max_ratio: float = option(
         0.7,
-        "compact a block only while its ratio is at most this, in [0, 1] (ours: near ratio 1 the "
-        "re-run costs more than it saves; measured on the zoo ViT)",
+        "blocks that re-run are compacted only while their ratio is at most this, in [0, 1] (ours: "
+        "near ratio 1 the re-run costs more than it saves; measured on the zoo ViT)",
     )
     direct: bool = option(
         True,
         "true: compacted blocks of known types (the zoo's ViT and ResNet blocks, BERT layers) keep "
         "their activations and compute the kept samples' backward op by op, without re-running the "
         "forward (ours); false: every compacted block re-runs",
+    )
+    direct_max_ratio: float = option(
+        0.9,
+        "blocks on the direct path are compacted while their ratio is at most this, in [0, 1] "
+        "(ours: without a re-run compaction pays up to 0.9 on the zoo ViT, ResNet-18-GN and MiniLM)",
     )
     check_rows: bool = option(
         False, "true: every sampled layer verifies that skipped rows carry no gradient (debug)"
@@ -98,6 +103,7 @@ class VCASConfig(MethodConfig):
         check_interval(self, "initial_s", "(0, 1]")
         check_interval(self, "min_ratio", "(0, 1]")
         check_interval(self, "compact_max_ratio", "[0, 1]")
+        check_interval(self, "direct_max_ratio", "[0, 1]")
         require(
             self,
             "initial_weight_ratio",

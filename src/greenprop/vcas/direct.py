@@ -47,7 +47,8 @@ class DirectRule(Protocol):
     ) -> tuple[Tensor | None, dict[nn.Parameter, Tensor]]:
         """The kept rows' gradient w.r.t. the block's first argument and its parameters' gradients.
 
-        ``saved``: the kept rows of :meth:`forward`'s tensors; ``grad``: the kept rows of the
+        ``saved``: the kept rows of :meth:`forward`'s tensors, in a list the rule owns (it may
+        empty it, so that each tensor goes once used); ``grad``: the kept rows of the
         gradient of the block's (first) output, already rescaled by ``1/p``. Returns the
         input gradient of those rows (None unless ``need_input``) and a gradient for each
         trainable parameter (parameters left out get none).
@@ -58,6 +59,8 @@ class DirectRule(Protocol):
 #: rule, imported on first use (so transformers is imported only for its own blocks).
 _KNOWN: dict[str, str] = {
     "transformers.models.bert.modeling_bert.BertLayer": "greenprop.vcas.direct_bert:RULE",
+    "greenprop.models.vit.Block": "greenprop.vcas.direct_vit:RULE",
+    "greenprop.models.resnet.BasicBlock": "greenprop.vcas.direct_resnet:RULE",
 }
 
 _RULES: dict[str, DirectRule] = {}

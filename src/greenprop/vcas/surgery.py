@@ -193,7 +193,12 @@ def apply_vcas(
         handle.samplers.append(sampler)
         if config.compact:  # the sampler runs inside the compacted backward (it owns the hook call too)
             compacted = CompactedForward(
-                modules[name], sampler, runtime, config.compact_max_ratio, direct=config.direct
+                modules[name],
+                sampler,
+                runtime,
+                config.compact_max_ratio,
+                direct=config.direct,
+                direct_max_ratio=config.direct_max_ratio,
             )
             modules[name].forward = compacted
             handle.compacted.append(modules[name])

@@ -1,0 +1,183 @@
+"""The direct rule of the zoo's transformer block (ViT, causal GPT): no re-run in the compacted backward.
+
+Bit for bit against dense autograd at ratio 1 (float32 and float64, input gradients
+included, the causal GPT too), the same sampled gradients as the re-run path from the
+same seeds (so that path's unbiasedness tests carry over), no more kept than it says, and
+the calls it cannot reproduce sent to the re-run path.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from fixtures import tiny_vit
+from greenprop.models import create
+from greenprop.models.vit import Block
+from greenprop.vcas import direct
+from greenprop.vcas.direct_vit import RULE, ViTBlockRule
+from vcas_helpers import fixed_ratios, grad_dict, graph_nodes, same_steps_direct_and_rerun
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BLOCK = "greenprop.models.vit.Block"
+
+
+@pytest.fixture(params=[True, False], ids=["recompute", "keep-all"])
+def rule(request, monkeypatch) -> ViTBlockRule:
+    """The shipped rule (recomputing the norms and GELU) and the variant that keeps them."""
+    chosen = RULE if request.param else ViTBlockRule(recompute=False)
+    monkeypatch.setattr(direct, "_RULES", {BLOCK: chosen})
+    return chosen
+
+
+def _assert_same_grads(model: nn.Module, reference: nn.Module) -> None:
+    got, expected = grad_dict(model), grad_dict(reference)
+    assert got.keys() == expected.keys() == dict(model.named_parameters()).keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ratio_one_vit_equals_dense_autograd_bit_for_bit(rule, digits, dtype) -> None:
+    reference = tiny_vit().to(dtype)
+    model = fixed_ratios(copy.deepcopy(reference))
+    x, y = digits.train[:24]
+    x = x.to(dtype)
+    model(x)  # the first forward checks the blocks
+    assert "_DirectBlockBackward" in graph_nodes(model(x)) and "_CompactedBlockBackward" not in graph_nodes(
+        model(x)
+    )
+    inputs = []
+    for net in (model, reference):
+        xi = x.clone().requires_grad_(True)
+        F.cross_entropy(net(xi), y).backward()
+        inputs.append(xi.grad)
+    _assert_same_grads(model, reference)
+    assert torch.equal(inputs[0], inputs[1])
+
+
+def test_ratio_one_causal_gpt_equals_dense_autograd_bit_for_bit(rule) -> None:
+    torch.manual_seed(0)
+    reference = create("gpt2-tiny", num_classes=61, image_size=11, width=16, depth=2, heads=2).double()
+    model = copy.deepcopy(reference)
+    fixed_ratios(model, block_types=(Block,))
+    ids = torch.randint(0, 61, (6, 11), generator=torch.Generator().manual_seed(1))
+    model(ids)
+    assert "_DirectBlockBackward" in graph_nodes(model(ids))
+    for net in (model, reference):
+        logits = net(ids)
+        F.cross_entropy(logits[:, :-1].reshape(-1, 61), ids[:, 1:].reshape(-1)).backward()
+    _assert_same_grads(model, reference)
+
+
+def test_frozen_parameters_and_an_input_without_gradient(rule, digits) -> None:
+    """The first block's input needs no gradient (embedding frozen), nor its first norm (frozen)."""
+    reference = tiny_vit().double()
+    frozen = ("patch_embed", "cls_token", "pos_embed", "blocks.0.norm1", "blocks.1.attn.qkv.bias")
+    for name, p in reference.named_parameters():
+        p.requires_grad_(not name.startswith(frozen))
+    model = fixed_ratios(copy.deepcopy(reference))
+    x, y = digits.train[:12]
+    model(x.double())
+    assert "_DirectBlockBackward" in graph_nodes(model(x.double()))
+    for net in (model, reference):
+        F.cross_entropy(net(x.double()), y).backward()
+    got, expected = grad_dict(model), grad_dict(reference)
+    assert got.keys() == expected.keys() and len(got) == 25  # 32 parameters, 7 frozen
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+def test_sampled_gradients_equal_the_rerun_paths_from_the_same_seeds(rule, digits) -> None:
+    """Same seeds, same draws, same gradients: block ratio 0.5 and token ratio 0.5, three steps."""
+    x, y = digits.train[:16]
+    base = tiny_vit(seed=2).double()
+    tally = same_steps_direct_and_rerun(
+        base, x.double(), lambda out: F.cross_entropy(out, y), rtol=1e-12, atol=1e-15
+    )
+    assert all(kept < seen for kept, seen in tally.rows.values())
+
+
+def test_it_keeps_only_batch_first_tensors_and_less_than_dense_autograd(digits) -> None:
+    """Recomputing: x, qkv, the attention output, its logsumexp, x1 and the fc1 output; nothing else."""
+    model = fixed_ratios(tiny_vit())
+    block = model.blocks[0]
+    x = torch.randn(5, 17, 32)
+    with torch.no_grad():
+        out, saved = RULE.forward(block, (x,), {})
+        assert torch.equal(out, Block.forward(block, x))
+        _, kept_all = ViTBlockRule(recompute=False).forward(block, (x,), {})
+    assert all(t.shape[0] == 5 for t in saved + kept_all)
+    wide = x.numel()  # one dim-wide tensor: (B, T, dim); the MLP is 2 dim wide
+    assert sum(t.numel() for t in saved) == 8 * wide + 5 * 2 * 17  # + logsumexp (B, heads, T)
+    assert sum(t.numel() for t in kept_all) == 12 * wide + 5 * 2 * 17 + 4 * 5 * 17  # + means, rstds
+
+
+class _Extra(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+def _dropout(block: nn.Module) -> None:
+    block.attn.drop = nn.Dropout(0.1)
+
+
+def _extra(block: nn.Module) -> None:
+    block.mlp.extra = _Extra()
+
+
+def _hook(block: nn.Module) -> None:
+    block.norm2.register_forward_hook(lambda module, args, out: None)
+
+
+def _activation(block: nn.Module) -> None:
+    block.mlp.act = nn.ReLU()
+
+
+REFUSED = {
+    "dropout": (_dropout, "dropout attn.drop"),
+    "unknown module": (_extra, "module mlp.extra"),
+    "hook": (_hook, "hooks"),
+    "activation": (_activation, "ReLU, not GELU"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_blocks_it_cannot_reproduce_re_run(case: str) -> None:
+    change, reason = REFUSED[case]
+    model = fixed_ratios(tiny_vit())
+    block = model.blocks[1]
+    change(block)
+    x = torch.randn(3, 17, 32)
+    assert reason in RULE.refuse(block, (x,), {})
+    assert RULE.refuse(model.blocks[0], (x,), {}) is None
+    images = torch.randn(3, 1, 8, 8)
+    model(images)
+    nodes = graph_nodes(model(images))
+    assert "_DirectBlockBackward" in nodes and "_CompactedBlockBackward" in nodes  # block 0 / block 1
+
+
+def test_calls_it_cannot_reproduce_re_run(digits) -> None:
+    reference = tiny_vit().double()
+    model = fixed_ratios(copy.deepcopy(reference))
+    block = model.blocks[0]
+    x = torch.randn(3, 17, 32, dtype=torch.float64)
+    assert "meta" in RULE.refuse(block, (x.to("meta"),), {})
+    assert "bfloat16" in RULE.refuse(block, (x.bfloat16(),), {})
+    assert "(batch, tokens, dim)" in RULE.refuse(block, (x[0],), {})
+    assert "one tensor" in RULE.refuse(block, (x,), {"mask": None})
+    with sdpa_kernel(SDPBackend.MATH):  # the block's SDPA would take the math kernel: the re-run runs it
+        assert "flash" in RULE.refuse(block, (x,), {})
+        images, y = digits.train[:12]
+        model(images.double())
+        nodes = graph_nodes(model(images.double()))
+        assert "_CompactedBlockBackward" in nodes and "_DirectBlockBackward" not in nodes
+        for net in (model, reference):
+            F.cross_entropy(net(images.double()), y).backward()
+    _assert_same_grads(model, reference)
