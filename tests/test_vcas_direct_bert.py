@@ -220,11 +220,7 @@ def test_calls_the_rule_cannot_reproduce_are_refused() -> None:
     assert "positional" in refuse(layer, (*args, None, None, None), kwargs)
     assert "attention_mask" in refuse(layer, (x, "mask"), kwargs)
     assert "hidden_states" in refuse(layer, (x[0], args[1]), kwargs)
-    meta = (x.to("meta"), args[1])
-    assert "dropout on meta" in refuse(layer, meta, kwargs)
-    layer.eval()  # no dropout: any device is fine
-    assert refuse(layer, meta, kwargs) is None
-    layer.train()
+    assert "on meta" in refuse(layer, (x.to("meta"), args[1]), kwargs)  # checked on the CPU only
     layer.output.dropout.p = 1.0
     assert "probability 1" in refuse(layer, args, kwargs)
 
@@ -233,7 +229,7 @@ def test_a_refused_call_re_runs_end_to_end(monkeypatch) -> None:
     """A refusal at training time sends that call down the re-run path, with the right gradients."""
     reference = TinyBert()
     model = _vcas(copy.deepcopy(reference))
-    monkeypatch.setattr(direct_bert.BertLayerRule, "_refuse_dropout", lambda self, block, x: "no")
+    monkeypatch.setattr(direct_bert.BertLayerRule, "_refuse_dropout", lambda self, block: "no")
     batch, target = _batch(), _target()
     model(batch)
     outs = {}

@@ -24,8 +24,9 @@ numbers on either path.
 Calls it cannot reproduce are refused (the re-run path takes them): cross-attention, a
 cache, ``output_attentions``, any argument it does not know, another attention kernel
 than eager, another activation than GELU, feed-forward chunking, submodules with hooks
-or of other classes, a Linear VCAS left unconverted, and dropout on devices other than
-the CPU (CUDA's dropout kernel draws differently; not checked here).
+or of other classes, a Linear VCAS left unconverted, dropout probability 1, and devices
+other than the CPU (CUDA's dropout kernel draws differently, and nothing was checked on a
+GPU).
 """
 
 from __future__ import annotations
@@ -187,7 +188,9 @@ class BertLayerRule:
             return "hidden_states is not a float (batch, tokens, hidden) tensor"
         if mask is not None and not isinstance(mask, Tensor):
             return f"attention_mask is a {type(mask).__name__}"
-        return self._refuse_structure(block) or self._refuse_dropout(block, x)
+        if x.device.type != "cpu":
+            return f"hidden_states on {x.device.type} (the rule is checked on the CPU only)"
+        return self._refuse_structure(block) or self._refuse_dropout(block)
 
     def _refuse_structure(self, block: nn.Module) -> str | None:
         modules = dict(block.named_modules())
@@ -216,17 +219,13 @@ class BertLayerRule:
             return f"{hooked[0]} has hooks, and the rule does not call it"
         return None
 
-    def _refuse_dropout(self, block: nn.Module, x: Tensor) -> str | None:
+    def _refuse_dropout(self, block: nn.Module) -> str | None:
         rates = (
             _attention_dropout(block),
             _hidden_dropout(block.attention.output),
             _hidden_dropout(block.output),
         )
-        if any(p >= 1.0 for p in rates):
-            return "dropout probability 1"
-        if any(p > 0.0 for p in rates) and x.device.type != "cpu":
-            return f"dropout on {x.device.type} (its fused dropout kernel is not reproduced)"
-        return None
+        return "dropout probability 1" if any(p >= 1.0 for p in rates) else None
 
     def forward(
         self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
