@@ -22,7 +22,7 @@ from greenprop.vcas import VCASConfig, apply_vcas, compaction, remove_vcas
 from greenprop.vcas.compaction import CompactedForward, CompactionWarning
 from greenprop.vcas.estimation import pick_entries, two_backwards
 from greenprop.vcas.surgery import vcas_handle
-from vcas_helpers import draw, grads, skewed, unbiased, z_scores
+from vcas_helpers import draw, grads, saved_bytes, skewed, unbiased, z_scores
 
 DRAWS = 1500  # sampled backward passes per unbiasedness check
 
@@ -310,28 +310,14 @@ def test_sampled_training_steps_draw_the_same_samples_compacted_or_not() -> None
     assert not torch.equal(steps[True][1], steps[True][2])  # new draws every step
 
 
-def _saved_bytes(model: nn.Module, x: Tensor) -> int:
-    """Bytes of the distinct tensors autograd keeps between one forward and its backward."""
-    storages: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(x).square().sum()
-    loss.backward()
-    return sum(storages.values())
-
-
 def test_compacted_blocks_keep_fewer_activations_than_dense() -> None:
     torch.manual_seed(0)
     dense = stack(depth=4, dim=16, hidden=64)
     model = copy.deepcopy(dense)
     apply_vcas(model, ALWAYS)
     x = skewed((32, 10, 16), seed=1).requires_grad_(True)
-    _saved_bytes(model, x)  # the first forward checks the blocks
-    compact, plain = _saved_bytes(model, x), _saved_bytes(dense, x)
+    saved_bytes(model, x)  # the first forward checks the blocks
+    compact, plain = saved_bytes(model, x), saved_bytes(dense, x)
     # Dense keeps each block's input, norm output, fc1 input and output, GELU output; the
     # compacted block its input and its two Linears' outputs.
     assert compact < 0.75 * plain

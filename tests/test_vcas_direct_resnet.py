@@ -23,7 +23,7 @@ from greenprop.models.resnet import BasicBlock
 from greenprop.vcas import direct_resnet
 from greenprop.vcas.direct_resnet import _norm_forward
 from greenprop.vcas.surgery import vcas_handle
-from vcas_helpers import fixed_ratios, grad_dict, graph_nodes, same_steps_direct_and_rerun
+from vcas_helpers import fixed_ratios, grad_dict, graph_nodes, same_steps_direct_and_rerun, saved_bytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -111,19 +111,6 @@ def test_sampled_gradients_equal_the_rerun_paths_from_the_same_seeds(
     assert 0 < tally.rows[0][0] < tally.rows[0][1]
 
 
-def _saved_bytes(model: nn.Module, x: Tensor) -> int:
-    """Bytes of the distinct tensors a training forward saves for backward (parameters included)."""
-    storages: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return sum(storages.values())
-
-
 def test_it_keeps_no_more_than_the_rerun_path_and_less_than_dense(digits) -> None:
     base = resnet().double()
     x, _ = _batch(digits, size=16)
@@ -134,7 +121,7 @@ def test_it_keeps_no_more_than_the_rerun_path_and_less_than_dense(digits) -> Non
         "rerun": fixed_ratios(copy.deepcopy(base), 0.5, direct=False),
     }.items():
         model(x)  # the compacted blocks' first forward checks them
-        saved[name] = _saved_bytes(model, x)
+        saved[name] = saved_bytes(model, x)
     # The norms' means and rstds: per block two or three norms of (16 samples, groups) float64s.
     blocks = [m for m in base.modules() if isinstance(m, BasicBlock)]
     norms = [n for b in blocks for n in b.modules() if isinstance(n, nn.GroupNorm)]

@@ -142,3 +142,18 @@ def same_steps_direct_and_rerun(
     assert on.rows == off.rows and math.isclose(on.done, off.done) and math.isclose(on.dense, off.dense)
     assert on.done < on.dense
     return on
+
+
+def saved_bytes(model: nn.Module, x: Tensor) -> int:
+    """Bytes of the distinct storages autograd keeps between ``model(x)`` and its backward
+    (parameters included); the backward runs, so they are freed again."""
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(x).square().sum()
+    loss.backward()
+    return sum(storages.values())
