@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from torch import Tensor, nn
 
-__all__ = ["DirectRule", "register", "rule_for"]
+__all__ = ["DirectRule", "bypassed", "register", "rule_for"]
 
 
 class DirectRule(Protocol):
@@ -82,3 +82,15 @@ def rule_for(block: nn.Module) -> DirectRule | None:
         module, attribute = _KNOWN[name].split(":")
         _RULES[name] = getattr(importlib.import_module(module), attribute)
     return _RULES.get(name)
+
+
+def bypassed(module: nn.Module) -> bool:
+    """Whether a rule that computes ``module``'s op itself would skip something the module
+    does when called: forward or backward hooks, or a ``forward`` patched on the instance."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or "forward" in vars(module)
+    )

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from transformers.activations import GELUActivation
 from transformers.models.bert import modeling_bert as bert
 
+from greenprop.vcas.direct import bypassed
 from greenprop.vcas.layers import VCASLinear, linear_backward
 
 __all__ = ["RULE", "BertLayerRule"]
@@ -85,15 +86,6 @@ def _gelu_approximation(act: nn.Module) -> str | None:
     if type(act) is nn.GELU:
         return act.approximate
     return None
-
-
-def _hooked(module: nn.Module) -> bool:
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-    )
 
 
 def _attention_dropout(block: nn.Module) -> float:
@@ -214,7 +206,7 @@ class BertLayerRule:
             if type(norm) is not nn.LayerNorm or norm.weight is None or norm.bias is None:
                 return f"{name} is not an affine LayerNorm"
         linears = {modules[name] for name in _LINEARS}
-        hooked = [name for name, m in modules.items() if m is not block and m not in linears and _hooked(m)]
+        hooked = [name for name, m in modules.items() if m is not block and m not in linears and bypassed(m)]
         if hooked:  # e.g. transformers' output capture on BertSelfAttention (output_attentions)
             return f"{hooked[0]} has hooks, and the rule does not call it"
         return None

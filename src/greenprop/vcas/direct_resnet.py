@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from greenprop.vcas.direct import bypassed
 from greenprop.vcas.layers import VCASConv2d, conv_backward
 
 __all__ = ["RULE", "BasicBlockRule"]
@@ -101,7 +102,7 @@ def _relu_backward(grad: Tensor, result: Tensor) -> Tensor:
 
 def _plain_norm(module: nn.Module) -> bool:
     """A GroupNorm that ``_norm_forward`` computes as the module would (no hooks to skip)."""
-    return type(module) is nn.GroupNorm and not (module._forward_hooks or module._forward_pre_hooks)
+    return type(module) is nn.GroupNorm and not bypassed(module)
 
 
 class BasicBlockRule:

@@ -40,6 +40,7 @@ from torch.nn.attention import SDPBackend
 
 from greenprop.models.tokens import Mlp
 from greenprop.models.vit import Attention, Block
+from greenprop.vcas.direct import bypassed
 from greenprop.vcas.layers import VCASLinear, linear_backward
 
 __all__ = ["RULE", "ViTBlockRule"]
@@ -47,16 +48,6 @@ __all__ = ["RULE", "ViTBlockRule"]
 _DTYPES = (torch.float32, torch.float64)
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-
-
-def _hooked(module: nn.Module) -> bool:
-    """Whether calling past ``module`` would skip something: hooks or a patched ``forward``."""
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or "forward" in vars(module)
-    )
 
 
 def _sdpa_picks_flash(x: Tensor, heads: int) -> bool:
@@ -201,7 +192,7 @@ def _unknown_module(block: nn.Module) -> str | None:
     for linear in linears:
         if not isinstance(linear, VCASLinear):
             return f"{type(linear).__name__} is not a VCAS Linear"
-    if any(_hooked(m) for m in (block.attn, block.mlp, block.norm1, block.norm2, block.mlp.act)):
+    if any(bypassed(m) for m in (block.attn, block.mlp, block.norm1, block.norm2, block.mlp.act)):
         return "a module the rule calls past has hooks or a patched forward"
     return None
 
