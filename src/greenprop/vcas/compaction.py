@@ -47,7 +47,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from greenprop.errors import GreenpropError
 from greenprop.vcas.direct import DirectRule, rule_for
-from greenprop.vcas.layers import BlockSampler, Mode, VCASRuntime, _carries_grad, scaled_rows
+from greenprop.vcas.layers import BlockSampler, Mode, VCASRuntime, _carries_grad, _gather_rows, scaled_rows
 
 __all__ = ["BlockCache", "CompactedForward", "CompactionWarning"]
 
@@ -365,8 +365,8 @@ class _CompactedBlock(torch.autograd.Function):
 
 
 def _kept_rows(saved: list[Tensor], rows: Tensor | None) -> list[Tensor]:
-    """The kept samples' rows of each saved (batch-first) tensor; all of them if ``rows`` is None."""
-    return saved if rows is None else [t.index_select(0, rows) for t in saved]
+    """The kept samples' rows of each saved (batch-first) tensor, as a list the rule owns."""
+    return list(_gather_rows(rows, *saved))
 
 
 class _DirectBlock(torch.autograd.Function):
@@ -470,8 +470,8 @@ class CompactedForward:
         training = block.training and torch.is_grad_enabled() and self.runtime.mode is not Mode.EXACT
         # Above its path's ratio limit a compacted block costs more than the plain sampled one.
         rerun = self.sampler.ratio <= self.max_ratio
-        direct = self.direct and self.sampler.ratio <= self.direct_max_ratio and rule_for(block) is not None
-        training = training and (rerun or direct)
+        rule = rule_for(block) if self.direct and self.sampler.ratio <= self.direct_max_ratio else None
+        training = training and (rerun or rule is not None)
         leaves, spec = tree_flatten((args, kwargs))
         tensor_at = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
         if training and tensor_at and self.compactable is None:
@@ -480,8 +480,7 @@ class CompactedForward:
                 return self.sampler.hook(block, args, out)
         if not (training and tensor_at and self.compactable):
             return self.sampler.hook(block, args, self.plain(*args, **kwargs))
-        rule = self._direct_rule(args, kwargs, leaves) if direct else None
-        if rule is not None:
+        if rule is not None and self._takes_direct(rule, args, kwargs, leaves):
             extras: list[Any] = []
             out = _DirectBlock.apply(self, rule, (args, kwargs, extras), args[0], *self.trainable())
             return (out, *extras) if extras else out
@@ -491,17 +490,16 @@ class CompactedForward:
         out = _CompactedBlock.apply(run, *run.tensors(), *run.params)
         return out if run.extras is None else (out, *run.extras)
 
-    def _direct_rule(self, args: tuple, kwargs: dict, leaves: list[Any]) -> DirectRule | None:
-        """The block's direct rule if this call can take it: gradient enters only through the
+    def _takes_direct(self, rule: DirectRule, args: tuple, kwargs: dict, leaves: list[Any]) -> bool:
+        """Whether this call can take the block's direct rule: gradient enters only through the
         first argument, no autocast (the rules compute in the tensors' dtype), the rule agrees."""
-        rule = rule_for(self.block) if self.direct else None
-        if rule is None or not args or not isinstance(args[0], Tensor):
-            return None
+        if not args or not isinstance(args[0], Tensor):
+            return False
         if any(isinstance(leaf, Tensor) and leaf.requires_grad and leaf is not args[0] for leaf in leaves):
-            return None
+            return False
         if any(torch.is_autocast_enabled(device) for device in _autocast_devices()):
-            return None
-        return rule if rule.refuse(self.block, args, kwargs) is None else None
+            return False
+        return rule.refuse(self.block, args, kwargs) is None
 
     def kept_gradient(self, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """The sampler's draw on the block's output gradient: the kept rows (None: all) and

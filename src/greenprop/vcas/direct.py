@@ -21,9 +21,20 @@ from __future__ import annotations
 import importlib
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["DirectRule", "bypassed", "register", "rule_for"]
+from greenprop.vcas.layers import VCASConv2d, VCASLinear, conv_backward, linear_backward
+
+__all__ = [
+    "DirectRule",
+    "bypassed",
+    "layer_grads",
+    "layer_norm",
+    "layer_norm_backward",
+    "register",
+    "rule_for",
+]
 
 
 class DirectRule(Protocol):
@@ -94,3 +105,46 @@ def bypassed(module: nn.Module) -> bool:
         or module._backward_pre_hooks
         or "forward" in vars(module)
     )
+
+
+# What the rules share: a VCAS layer's and a LayerNorm's backward with the parameter
+# gradients collected into the rule's ``found`` dict.
+
+
+def layer_grads(
+    layer: VCASLinear | VCASConv2d,
+    dy: Tensor,
+    x: Tensor,
+    need_x: bool,
+    found: dict[nn.Parameter, Tensor],
+) -> Tensor | None:
+    """A VCAS layer's backward on the kept rows (token sampling, FLOP tally); its parameters'
+    gradients go into ``found``; returns the input gradient (None unless ``need_x``)."""
+    backward = conv_backward if isinstance(layer, VCASConv2d) else linear_backward
+    dx, dw, db = backward(layer, dy, x, need_x)
+    found.update({p: d for p, d in ((layer.weight, dw), (layer.bias, db)) if d is not None})
+    return dx
+
+
+def layer_norm(norm: nn.LayerNorm, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``norm(x)`` as nn.LayerNorm computes it, with the mean and rstd its backward needs."""
+    return torch.native_layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def layer_norm_backward(
+    norm: nn.LayerNorm,
+    grad: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    need_input: bool,
+    found: dict[nn.Parameter, Tensor],
+) -> Tensor | None:
+    """The input gradient (None unless ``need_input``); the norm's parameter gradients go into ``found``."""
+    params = (norm.weight, norm.bias)
+    mask = [need_input, *(p is not None and p.requires_grad for p in params)]
+    dx, *dparams = torch.ops.aten.native_layer_norm_backward(
+        grad, x, norm.normalized_shape, mean, rstd, norm.weight, norm.bias, mask
+    )
+    found.update({p: d for p, d in zip(params, dparams, strict=True) if p is not None and d is not None})
+    return dx

@@ -39,8 +39,8 @@ from torch import Tensor, nn
 from transformers.activations import GELUActivation
 from transformers.models.bert import modeling_bert as bert
 
-from greenprop.vcas.direct import bypassed
-from greenprop.vcas.layers import VCASLinear, linear_backward
+from greenprop.vcas.direct import bypassed, layer_grads, layer_norm, layer_norm_backward
+from greenprop.vcas.layers import VCASLinear
 
 __all__ = ["RULE", "BertLayerRule"]
 
@@ -129,39 +129,6 @@ def _merge(t: Tensor) -> Tensor:
     return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
 
 
-def _layer_norm(norm: nn.LayerNorm, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``F.layer_norm``'s output (the same kernel) with the mean and 1/std its backward needs."""
-    return torch.native_layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-
-
-def _layer_norm_backward(
-    norm: nn.LayerNorm, grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, found: dict
-) -> Tensor:
-    """The input gradient; the weight's and bias' gradients go into ``found``."""
-    weight, bias = norm.weight, norm.bias
-    dx, dw, db = torch.ops.aten.native_layer_norm_backward(
-        grad,
-        x,
-        norm.normalized_shape,
-        mean,
-        rstd,
-        weight,
-        bias,
-        [True, weight.requires_grad, bias.requires_grad],
-    )
-    found.update({p: d for p, d in ((weight, dw), (bias, db)) if d is not None})
-    return dx
-
-
-def _linear_backward(
-    layer: VCASLinear, dy: Tensor, x: Tensor, found: dict, need_x: bool = True
-) -> Tensor | None:
-    """The VCAS Linear's backward (token sampling, tally); its parameters' gradients go into ``found``."""
-    dx, dw, db = linear_backward(layer, dy, x, need_x)
-    found.update({p: d for p, d in ((layer.weight, dw), (layer.bias, db)) if d is not None})
-    return dx
-
-
 class BertLayerRule:
     """:class:`~greenprop.vcas.direct.DirectRule` of ``transformers``' ``BertLayer``."""
 
@@ -240,12 +207,12 @@ class BertLayerRule:
         context = _merge(torch.matmul(dropped, v)).contiguous()
         h, keep_attention = _dropout(attention_out.dense(context), _hidden_dropout(attention_out))
         s1 = h + x
-        a, mean1, rstd1 = _layer_norm(attention_out.LayerNorm, s1)
+        a, mean1, rstd1 = layer_norm(attention_out.LayerNorm, s1)
         pre = block.intermediate.dense(a)
         act = F.gelu(pre, approximate=_gelu_approximation(block.intermediate.intermediate_act_fn))
         h, keep_output = _dropout(output.dense(act), _hidden_dropout(output))
         s2 = h + a
-        out, mean2, rstd2 = _layer_norm(output.LayerNorm, s2)
+        out, mean2, rstd2 = layer_norm(output.LayerNorm, s2)
         attention_half = [x, q, key_t, v, probs, keep_probs, context, keep_attention, s1, mean1, rstd1]
         return out, [*attention_half, a, pre, act, keep_output, s2, mean2, rstd2]
 
@@ -267,15 +234,15 @@ class BertLayerRule:
         a, pre, act, keep_output, s2, mean2, rstd2 = saved
         saved.clear()
         output = block.output
-        ds2 = _layer_norm_backward(output.LayerNorm, grad, s2, mean2, rstd2, found)
+        ds2 = layer_norm_backward(output.LayerNorm, grad, s2, mean2, rstd2, True, found)
         del s2, mean2, rstd2
         dh = _dropout_backward(ds2, keep_output, _hidden_dropout(output))
-        d_act = _linear_backward(output.dense, dh, act, found)
+        d_act = layer_grads(output.dense, dh, act, True, found)
         del dh, act, keep_output
         approximate = _gelu_approximation(block.intermediate.intermediate_act_fn)
         d_pre = torch.ops.aten.gelu_backward(d_act, pre, approximate=approximate)
         del d_act, pre
-        return _linear_backward(block.intermediate.dense, d_pre, a, found).add_(ds2)
+        return layer_grads(block.intermediate.dense, d_pre, a, True, found).add_(ds2)
 
     def _attention_backward(
         self, block: nn.Module, saved: list[Tensor], grad: Tensor, need_input: bool, found: dict
@@ -285,10 +252,10 @@ class BertLayerRule:
         saved.clear()
         attention, attention_out = block.attention.self, block.attention.output
         size = attention.attention_head_size
-        ds1 = _layer_norm_backward(attention_out.LayerNorm, grad, s1, mean1, rstd1, found)
+        ds1 = layer_norm_backward(attention_out.LayerNorm, grad, s1, mean1, rstd1, True, found)
         del s1, mean1, rstd1
         dh = _dropout_backward(ds1, keep_attention, _hidden_dropout(attention_out))
-        d_context = _heads(_linear_backward(attention_out.dense, dh, context, found), size).contiguous()
+        d_context = _heads(layer_grads(attention_out.dense, dh, context, True, found), size).contiguous()
         del dh, context, keep_attention
         p = _attention_dropout(block)
         dropped = probs if p == 0.0 else probs * keep_probs.to(probs.dtype).div_(1 - p)
@@ -306,7 +273,7 @@ class BertLayerRule:
         # autograd's order on the re-run's graph: value, key, query (the token samplers draw in turn)
         dx = ds1 if need_input else None  # a fresh tensor no longer read elsewhere: summed into in place
         for layer, dy in ((attention.value, dv), (attention.key, dk), (attention.query, dq)):
-            dx_part = _linear_backward(layer, dy, x, found, need_input)
+            dx_part = layer_grads(layer, dy, x, need_input, found)
             if dx is not None:
                 dx.add_(dx_part)
         return dx

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from greenprop.vcas.direct import bypassed
-from greenprop.vcas.layers import VCASConv2d, conv_backward
+from greenprop.vcas.direct import bypassed, layer_grads
+from greenprop.vcas.layers import VCASConv2d
 
 __all__ = ["RULE", "BasicBlockRule"]
 
@@ -82,18 +82,6 @@ def _norm_backward(
     if mask[2]:
         grads[norm.bias] = db
     return dh, grads
-
-
-def _conv_grads(
-    conv: VCASConv2d, dy: Tensor, x: Tensor, need_x: bool, grads: dict[nn.Parameter, Tensor]
-) -> Tensor | None:
-    """One conv's backward: puts its parameters' gradients in ``grads``, returns the input's."""
-    dx, dw, db = conv_backward(conv, dy, x, need_x)
-    if dw is not None:
-        grads[conv.weight] = dw
-    if db is not None:
-        grads[conv.bias] = db
-    return dx
 
 
 def _relu_backward(grad: Tensor, result: Tensor) -> Tensor:
@@ -159,15 +147,15 @@ class BasicBlockRule:
             dhs, grads_s = _norm_backward(norm, dz, hs, mean_s, rstd_s)
             del hs, shortcut, dz
             grads.update(grads_s)
-            d_residual = _conv_grads(conv, dhs, x, need_input, grads)
+            d_residual = layer_grads(conv, dhs, x, need_input, grads)
             del dhs
         r1 = _norm_apply(block.bn1, h1, mean1, rstd1).relu_()  # conv2's input, not kept
-        dr1 = _conv_grads(block.conv2, dh2, r1, True, grads)
+        dr1 = layer_grads(block.conv2, dh2, r1, True, grads)
         del dh2
         dh1, grads1 = _norm_backward(block.bn1, _relu_backward(dr1, r1), h1, mean1, rstd1)
         del dr1, r1, h1
         grads.update(grads1)
-        dx = _conv_grads(block.conv1, dh1, x, need_input, grads)
+        dx = layer_grads(block.conv1, dh1, x, need_input, grads)
         return (dx.add_(d_residual) if need_input else None), grads
 
 

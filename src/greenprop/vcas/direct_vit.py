@@ -40,8 +40,8 @@ from torch.nn.attention import SDPBackend
 
 from greenprop.models.tokens import Mlp
 from greenprop.models.vit import Attention, Block
-from greenprop.vcas.direct import bypassed
-from greenprop.vcas.layers import VCASLinear, linear_backward
+from greenprop.vcas.direct import bypassed, layer_grads, layer_norm, layer_norm_backward
+from greenprop.vcas.layers import VCASLinear
 
 __all__ = ["RULE", "ViTBlockRule"]
 
@@ -92,12 +92,12 @@ class ViTBlockRule:
     ) -> tuple[Tensor, list[Tensor]]:
         (x,) = args
         attn, mlp = block.attn, block.mlp
-        a, mean1, rstd1 = _layer_norm(block.norm1, x)
+        a, mean1, rstd1 = layer_norm(block.norm1, x)
         qkv = attn.qkv(a)
         o, lse = _flash(*_heads(qkv, attn.heads), 0.0, attn.causal)
         o2 = o.transpose(1, 2).reshape(x.shape)  # the proj input (a view: flash's layout is (B, T, H, d))
         x1 = x + attn.proj(o2)
-        c, mean2, rstd2 = _layer_norm(block.norm2, x1)
+        c, mean2, rstd2 = layer_norm(block.norm2, x1)
         h = mlp.fc1(c)
         g = F.gelu(h, approximate=mlp.act.approximate)
         y = x1 + mlp.fc2(g)
@@ -132,14 +132,14 @@ def _mlp_backward(
     Intermediates are dropped as soon as they are used (the kept rows' backward holds a
     block's worth of them otherwise: above dense autograd's peak at ratios near 1).
     """
-    c, mean, rstd, g = kept or (*_layer_norm(norm, x1), F.gelu(h, approximate=mlp.act.approximate))
-    dg = _linear(mlp.fc2, grad, g, True, found)
+    c, mean, rstd, g = kept or (*layer_norm(norm, x1), F.gelu(h, approximate=mlp.act.approximate))
+    dg = layer_grads(mlp.fc2, grad, g, True, found)
     del g
     dh = torch.ops.aten.gelu_backward(dg, h, approximate=mlp.act.approximate)
     del dg
-    dc = _linear(mlp.fc1, dh, c, True, found)
+    dc = layer_grads(mlp.fc1, dh, c, True, found)
     del dh
-    d_norm = _layer_norm_backward(norm, dc, x1, mean, rstd, True, found)
+    d_norm = layer_norm_backward(norm, dc, x1, mean, rstd, True, found)
     return grad if d_norm is None else d_norm.add_(grad)  # in place: a fresh tensor of ours
 
 
@@ -155,7 +155,7 @@ def _attention_backward(
     """The gradient of ``x`` through ``proj(attention(qkv(norm1(x))))`` (None unless ``need_input``)."""
     attn, norm = block.attn, block.norm1
     qkv, o2, lse = attention
-    do2 = _linear(attn.proj, dx1, o2, True, found)
+    do2 = layer_grads(attn.proj, dx1, o2, True, found)
     q, k, v = _heads(qkv, attn.heads)
     per_head = q.transpose(1, 2).shape  # (B, T, heads, head_dim): the layout of o and its gradient
     o, do = (t.reshape(per_head).transpose(1, 2) for t in (o2, do2))
@@ -164,11 +164,11 @@ def _attention_backward(
     del do
     dqkv = torch.stack([d.transpose(1, 2) for d in (dq, dk, dv)], dim=2).reshape(qkv.shape)
     del dq, dk, dv
-    a, mean, rstd = kept or _layer_norm(norm, x)
+    a, mean, rstd = kept or layer_norm(norm, x)
     need_a = need_input or _trainable(norm)
-    da = _linear(attn.qkv, dqkv, a, need_a, found)
+    da = layer_grads(attn.qkv, dqkv, a, need_a, found)
     del dqkv, a
-    return _layer_norm_backward(norm, da, x, mean, rstd, need_input, found) if need_a else None
+    return layer_norm_backward(norm, da, x, mean, rstd, need_input, found) if need_a else None
 
 
 RULE = ViTBlockRule()
@@ -208,39 +208,3 @@ def _heads(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
     q, k, v = qkv.reshape(batch, tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4).unbind(0)
     return q, k, v
 
-
-def _layer_norm(norm: nn.LayerNorm, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``norm(x)`` as nn.LayerNorm computes it, with the mean and rstd its backward needs."""
-    return torch.native_layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-
-
-def _layer_norm_backward(
-    norm: nn.LayerNorm,
-    grad: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    rstd: Tensor,
-    need_input: bool,
-    found: dict[nn.Parameter, Tensor],
-) -> Tensor | None:
-    """The input gradient (None unless ``need_input``); the norm's parameter gradients go in ``found``."""
-    params = (norm.weight, norm.bias)
-    mask = [need_input, *(p is not None and p.requires_grad for p in params)]
-    dx, *dparams = torch.ops.aten.native_layer_norm_backward(
-        grad, x, norm.normalized_shape, mean, rstd, norm.weight, norm.bias, mask
-    )
-    for p, d in zip(params, dparams, strict=True):
-        if d is not None and p is not None and p.requires_grad:
-            found[p] = d
-    return dx
-
-
-def _linear(
-    layer: VCASLinear, grad: Tensor, x: Tensor, need_x: bool, found: dict[nn.Parameter, Tensor]
-) -> Tensor | None:
-    """:func:`linear_backward` of the kept rows; the parameter gradients go in ``found``."""
-    dx, dw, db = linear_backward(layer, grad, x, need_x)
-    for p, d in ((layer.weight, dw), (layer.bias, db)):
-        if d is not None:
-            found[p] = d
-    return dx

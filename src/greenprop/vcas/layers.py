@@ -355,6 +355,13 @@ def _linear_grads(
     return grad_x, grad_w, grad_b
 
 
+def _needs(layer: nn.Module, need_x: bool) -> tuple[bool, bool, bool]:
+    """Which of ``grad_x``, ``grad_W``, ``grad_b`` a direct backward computes: frozen or absent
+    parameters get none."""
+    bias = layer.bias
+    return need_x, layer.weight.requires_grad, bias is not None and bias.requires_grad
+
+
 def linear_backward(
     layer: VCASLinear, dy: Tensor, x: Tensor, need_x: bool = True
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -364,10 +371,8 @@ def linear_backward(
     ``need_x``), the token-sampled ``grad_W`` and ``grad_b`` (None for frozen or absent
     parameters); tallies the FLOPs against the full batch's dense cost.
     """
-    bias = layer.bias
-    needs = (need_x, layer.weight.requires_grad, bias is not None and bias.requires_grad)
     tokens_dense = dy.numel() // layer.out_features * _dense_factor(layer, dy)
-    return _linear_grads(layer, dy, x, layer.weight, needs, tokens_dense)
+    return _linear_grads(layer, dy, x, layer.weight, _needs(layer, need_x), tokens_dense)
 
 
 class VCASLinear(nn.Linear):
@@ -471,9 +476,8 @@ def conv_backward(
     ``dy`` and ``x`` are the kept samples' rows; returns ``grad_x`` (None unless
     ``need_x``), ``grad_W`` and ``grad_b`` (None for frozen or absent parameters).
     """
-    bias = layer.bias
-    needs = (need_x, layer.weight.requires_grad, bias is not None and bias.requires_grad)
-    return _conv_grads(layer, dy, x, layer.weight, needs, dy.shape[0] * _dense_factor(layer, dy))
+    dense_rows = dy.shape[0] * _dense_factor(layer, dy)
+    return _conv_grads(layer, dy, x, layer.weight, _needs(layer, need_x), dense_rows)
 
 
 class VCASConv2d(nn.Conv2d):
