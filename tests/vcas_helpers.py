@@ -83,8 +83,9 @@ def drop_rescale(monkeypatch, module: ModuleType, name: str) -> None:
 def fixed_ratios(
     model: nn.Module, ratio: float = 1.0, token_ratio: float = 1.0, block_types: Any = None, **config: Any
 ) -> nn.Module:
-    """``apply_vcas`` (seed 3, compacted at every ratio) with every sampler and Linear at fixed ratios."""
-    config = VCASConfig(seed=3, compact_max_ratio=1.0, direct_max_ratio=1.0, **config)
+    """``apply_vcas`` (seed 3, compacted and sampled at every ratio) with every sampler and Linear at
+    fixed ratios."""
+    config = VCASConfig(**{"seed": 3, "compact_max_ratio": 1.0, "direct_max_ratio": 1.0, "sample_max_ratio": 1.0, **config})
     handle = vcas_handle(apply_vcas(model, config, block_types=block_types))
     for sampler in handle.samplers:
         sampler.ratio = ratio

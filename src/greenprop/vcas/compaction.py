@@ -469,8 +469,9 @@ class CompactedForward:
         block = self.block
         training = block.training and torch.is_grad_enabled() and self.runtime.mode is not Mode.EXACT
         # Above its path's ratio limit a compacted block costs more than the plain sampled one.
-        rerun = self.sampler.ratio <= self.max_ratio
-        rule = rule_for(block) if self.direct and self.sampler.ratio <= self.direct_max_ratio else None
+        ratio = self.sampler.drawn_ratio
+        rerun = ratio <= self.max_ratio
+        rule = rule_for(block) if self.direct and ratio <= self.direct_max_ratio else None
         training = training and (rerun or rule is not None)
         leaves, spec = tree_flatten((args, kwargs))
         tensor_at = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]

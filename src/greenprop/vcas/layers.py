@@ -82,6 +82,7 @@ class VCASRuntime:
     weight_generator: torch.Generator
     mode: Mode = Mode.FULL
     check_rows: bool = False  # debug: verify that skipped rows are zero (VCASConfig.check_rows)
+    sample_max_ratio: float = 1.0  # blocks above this ratio run exact (VCASConfig.sample_max_ratio)
     record_norms: bool = False
     norms: dict[int, Tensor] = field(default_factory=dict)  # block index -> per-sample norms
     tally: BackwardTally = field(default_factory=BackwardTally)
@@ -136,6 +137,12 @@ class BlockSampler:
     def __repr__(self) -> str:
         return f"BlockSampler(index={self.index}, name={self.name!r}, ratio={self.ratio:g})"
 
+    @property
+    def drawn_ratio(self) -> float:
+        """The ratio the draws use: ``ratio``, or 1 (exact) above the runtime's ``sample_max_ratio``,
+        where the sampling's own passes would cost more than the few rows it drops."""
+        return self.ratio if self.ratio <= self.runtime.sample_max_ratio else 1.0
+
     def hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         """Forward hook: route the block's output (or the first item of a tuple) through the sampler."""
         if not (module.training and torch.is_grad_enabled()):
@@ -174,11 +181,12 @@ class BlockSampler:
         tally.samples += n if self.last else 0
         rows = tally.rows.setdefault(self.index, [0, 0])
         rows[1] += n
-        alive, scale = activation_sample(grad, self.ratio, runtime.activation_generator, norms=norms)
+        ratio = self.drawn_ratio
+        alive, scale = activation_sample(grad, ratio, runtime.activation_generator, norms=norms)
         rows[0] += alive.numel()
         every = alive.numel() == n
         self._record(n, None if every else alive)
-        if self.ratio >= 1.0:  # nothing drawn: every non-zero row kept with scale 1
+        if ratio >= 1.0:  # nothing drawn: every non-zero row kept with scale 1
             return (None if every else alive), None
         return alive, scale
 

@@ -166,6 +166,7 @@ def apply_vcas(
         activation_generator=torch.Generator().manual_seed(vcas_activation_seed(config.seed)),
         weight_generator=torch.Generator().manual_seed(vcas_weight_seed(config.seed)),
         check_rows=config.check_rows,
+        sample_max_ratio=config.sample_max_ratio,
     )
     handle = VCASHandle(config, runtime, samplers=[], linears={})
     plan: list[Swap] = []
