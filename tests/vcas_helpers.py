@@ -85,7 +85,8 @@ def fixed_ratios(
 ) -> nn.Module:
     """``apply_vcas`` (seed 3, compacted and sampled at every ratio) with every sampler and Linear at
     fixed ratios."""
-    config = VCASConfig(**{"seed": 3, "compact_max_ratio": 1.0, "direct_max_ratio": 1.0, "sample_max_ratio": 1.0, **config})
+    every = {"compact_max_ratio": 1.0, "direct_max_ratio": 1.0, "sample_max_ratio": 1.0}
+    config = VCASConfig(**{"seed": 3, **every, **config})
     handle = vcas_handle(apply_vcas(model, config, block_types=block_types))
     for sampler in handle.samplers:
         sampler.ratio = ratio
