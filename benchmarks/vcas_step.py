@@ -290,10 +290,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=VCASConfig().direct_max_ratio,
         help="compact blocks on the direct path only at ratios up to this (default: VCASConfig's, 0.9)",
     )
+    p.add_argument(
+        "--sample-max-ratio",
+        type=float,
+        default=VCASConfig().sample_max_ratio,
+        help="blocks sample only at ratios up to this and run exact above (default: VCASConfig's, "
+        "0.8; 1: always sample, to time sampling near ratio 1)",
+    )
     args = p.parse_args(argv)
     if args.seq_len < 1 or args.repeats < 1 or args.warmup < 0 or (args.batch or 1) < 1:
         p.error("--batch, --seq-len and --repeats must be >= 1, --warmup >= 0")
     check_ratios(p, "--rs and --nus", [*args.rs, *args.nus])
+    if not 0.0 < args.sample_max_ratio <= 1.0:
+        p.error(f"--sample-max-ratio must be in (0, 1], got {args.sample_max_ratio:g}")
     for option in ("compact_max_ratio", "direct_max_ratio"):
         value = getattr(args, option)
         if not 0.0 <= value <= 1.0:
@@ -311,7 +320,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "fp32, dropout off, no optimizer; times in ms. vcas = `apply_vcas(compact=False)` (mode FULL), "
         f"compact = `apply_vcas(compact=True)` (compacted at "
         f"ratios <= {args.direct_max_ratio:g} on the direct path (known blocks), "
-        f"<= {args.compact_max_ratio:g} re-run (others)), "
+        f"<= {args.compact_max_ratio:g} re-run (others); blocks sample at ratios <= "
+        f"{args.sample_max_ratio:g} and run exact above), "
         + ("rerun = the same with `direct=False` (every block re-runs), " if args.rerun else "")
         + "every sampler's "
         "ratio = r, every Linear's "
@@ -338,6 +348,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 compact_max_ratio=args.compact_max_ratio,
                 direct=v != RERUN,
                 direct_max_ratio=args.direct_max_ratio,
+                sample_max_ratio=args.sample_max_ratio,
             )
             handles[v] = handle = vcas_handle(apply_vcas(variants[v], config))
         break_even: dict[str, float] = {}

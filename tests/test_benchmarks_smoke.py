@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from greenprop.ssprop import SparseConv2d, kernels
+from greenprop.vcas import VCASConfig
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -233,6 +234,10 @@ def test_vcas_step_benchmark_reads_the_compact_max_ratio_and_refuses_a_bad_one(c
     assert module.parse_args([]).compact_max_ratio == 0.7  # VCASConfig's default
     assert module.parse_args(["--compact-max-ratio", "1"]).compact_max_ratio == 1.0
     assert module.parse_args([]).direct_max_ratio == 0.9
+    assert module.parse_args([]).sample_max_ratio == VCASConfig().sample_max_ratio
+    with pytest.raises(SystemExit):
+        module.main(["--sample-max-ratio", "0"])
+    assert "--sample-max-ratio must be in (0, 1], got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         module.main(["--direct-max-ratio", "-0.5"])
     assert "--direct-max-ratio must be in [0, 1], got -0.5" in capsys.readouterr().err
