@@ -119,6 +119,24 @@ def test_it_keeps_only_batch_first_tensors_and_less_than_dense_autograd(digits) 
     assert sum(t.numel() for t in kept_all) == 12 * wide + 5 * 2 * 17 + 4 * 5 * 17  # + means, rstds
 
 
+@pytest.mark.parametrize("recompute", [True, False])
+def test_backward_lets_go_of_every_kept_tensor(recompute: bool) -> None:
+    """The backward empties the list of kept rows it owns, so each goes once used."""
+    model = fixed_ratios(tiny_vit())
+    block = model.blocks[0]
+    x = torch.randn(3, 17, 32)
+    chosen = ViTBlockRule(recompute=recompute)
+    with torch.no_grad():
+        _, saved = chosen.forward(block, (x,), {})
+    grad = torch.randn(3, 17, 32)
+    dx, found = chosen.backward(block, saved, grad, True)
+    assert saved == []
+    xi = x.clone().requires_grad_(True)
+    Block.forward(block, xi).backward(grad)
+    torch.testing.assert_close(dx, xi.grad)
+    assert found.keys() == {p for p in block.parameters() if p.requires_grad}
+
+
 class _Extra(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x

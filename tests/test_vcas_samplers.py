@@ -98,6 +98,28 @@ def test_soft_topk_fixed_point_equals_the_sort(values: list[float], frac: float)
     torch.testing.assert_close(soft_topk_probabilities(s, k), samplers._water_level_sorted(s, k))
 
 
+@SETTINGS
+@given(values=score_lists, frac=st.floats(0.01, 1.0), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_water_level_shortcut_equals_the_pass(values: list[float], frac: float, dtype: torch.dtype) -> None:
+    """Given the largest score, a first round that caps nothing ends without a pass, at the same level."""
+    s = torch.tensor(values, dtype=dtype).to(torch.float64)
+    k = frac * s.numel()
+    assume(k < int((s > 0).sum()))
+    highest = float(s.max())
+    assert samplers._water_level(s, k, highest) == samplers._water_level(s, k)
+
+
+def test_water_level_shortcut_skips_the_pass_only_when_nothing_is_capped(monkeypatch) -> None:
+    s = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    passes = []
+    original = torch.Tensor.__mul__
+    monkeypatch.setattr(torch.Tensor, "__mul__", lambda t, c: passes.append(c) or original(t, c))
+    assert samplers._water_level(s, 2.0, 4.0) == 0.2  # 4 * 2/10 < 1: nothing capped, no pass
+    assert passes == []
+    assert samplers._water_level(s, 3.0, 4.0) is not None  # 4 * 3/10 >= 1: the pass runs
+    assert len(passes) >= 1
+
+
 def test_soft_topk_falls_back_to_the_sort_when_the_fixed_point_is_slow() -> None:
     # Scores falling by 10x: every round caps one more item, more rounds than allowed.
     s = 10.0 ** -torch.arange(30, dtype=torch.float64)

@@ -108,11 +108,15 @@ class ViTBlockRule:
     def backward(
         self, block: nn.Module, saved: list[Tensor], grad: Tensor, need_input: bool
     ) -> tuple[Tensor | None, dict[nn.Parameter, Tensor]]:
-        x, qkv, o2, lse, x1, h = saved[:6]
-        kept = saved[6:]  # recompute=False: a, mean1, rstd1, c, mean2, rstd2, g
+        # The rule owns ``saved``: the kept rows are this call's own, and each half of the
+        # backward pops what it needs, so every tensor goes once used (lower peak memory).
+        # recompute=False adds a, mean1, rstd1, c, mean2, rstd2, g after the first six.
+        kept = saved[6:]
+        del saved[6:]
         found: dict[nn.Parameter, Tensor] = {}
-        dx1 = _mlp_backward(block.norm2, block.mlp, grad, x1, h, kept[3:], found)
-        dx = _attention_backward(block, dx1, x, (qkv, o2, lse), kept[:3], need_input, found)
+        dx1 = _mlp_backward(block.norm2, block.mlp, grad, saved, kept[3:], found)
+        del grad
+        dx = _attention_backward(block, dx1, saved, kept[:3], need_input, found)
         if not need_input:
             return None, found
         return (dx1 if dx is None else dx.add_(dx1)), found
@@ -122,23 +126,29 @@ def _mlp_backward(
     norm: nn.LayerNorm,
     mlp: Mlp,
     grad: Tensor,
-    x1: Tensor,
-    h: Tensor,
+    saved: list[Tensor],
     kept: list[Tensor],
     found: dict[nn.Parameter, Tensor],
 ) -> Tensor:
     """The gradient of ``x1`` through ``y = x1 + fc2(gelu(fc1(norm(x1))))``.
 
-    Intermediates are dropped as soon as they are used (the kept rows' backward holds a
-    block's worth of them otherwise: above dense autograd's peak at ratios near 1).
+    Takes ``x1`` and ``h`` off the end of ``saved``. Intermediates are dropped as soon as
+    they are used (the kept rows' backward holds a block's worth of them otherwise: above
+    dense autograd's peak at ratios near 1); the norm's output is computed again only
+    right before ``fc1``'s backward needs it.
     """
-    c, mean, rstd, g = kept or (*layer_norm(norm, x1), F.gelu(h, approximate=mlp.act.approximate))
+    h = saved.pop()
+    x1 = saved.pop()
+    approximate = mlp.act.approximate
+    g = kept[3] if kept else F.gelu(h, approximate=approximate)
     dg = layer_grads(mlp.fc2, grad, g, True, found)
     del g
-    dh = torch.ops.aten.gelu_backward(dg, h, approximate=mlp.act.approximate)
-    del dg
+    dh = torch.ops.aten.gelu_backward(dg, h, approximate=approximate)
+    del dg, h
+    c, mean, rstd = kept[:3] if kept else layer_norm(norm, x1)
+    del kept
     dc = layer_grads(mlp.fc1, dh, c, True, found)
-    del dh
+    del dh, c
     d_norm = layer_norm_backward(norm, dc, x1, mean, rstd, True, found)
     return grad if d_norm is None else d_norm.add_(grad)  # in place: a fresh tensor of ours
 
@@ -146,25 +156,31 @@ def _mlp_backward(
 def _attention_backward(
     block: Block,
     dx1: Tensor,
-    x: Tensor,
-    attention: tuple[Tensor, Tensor, Tensor],
+    saved: list[Tensor],
     kept: list[Tensor],
     need_input: bool,
     found: dict[nn.Parameter, Tensor],
 ) -> Tensor | None:
-    """The gradient of ``x`` through ``proj(attention(qkv(norm1(x))))`` (None unless ``need_input``)."""
+    """The gradient of ``x`` through ``proj(attention(qkv(norm1(x))))`` (None unless ``need_input``).
+
+    Takes ``x``, ``qkv``, the attention output and its logsumexp out of ``saved`` (emptying it).
+    """
     attn, norm = block.attn, block.norm1
-    qkv, o2, lse = attention
+    x, qkv, o2, lse = saved
+    saved.clear()
     do2 = layer_grads(attn.proj, dx1, o2, True, found)
     q, k, v = _heads(qkv, attn.heads)
     per_head = q.transpose(1, 2).shape  # (B, T, heads, head_dim): the layout of o and its gradient
     o, do = (t.reshape(per_head).transpose(1, 2) for t in (o2, do2))
-    del do2
+    del do2, o2
     dq, dk, dv = _flash_backward(do, q, k, v, o, lse, 0.0, attn.causal)
-    del do
-    dqkv = torch.stack([d.transpose(1, 2) for d in (dq, dk, dv)], dim=2).reshape(qkv.shape)
+    del do, o, q, k, v, lse
+    shape = qkv.shape
+    del qkv
+    dqkv = torch.stack([d.transpose(1, 2) for d in (dq, dk, dv)], dim=2).reshape(shape)
     del dq, dk, dv
     a, mean, rstd = kept or layer_norm(norm, x)
+    del kept
     need_a = need_input or _trainable(norm)
     da = layer_grads(attn.qkv, dqkv, a, need_a, found)
     del dqkv, a
@@ -207,4 +223,3 @@ def _heads(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
     dim = width // 3
     q, k, v = qkv.reshape(batch, tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4).unbind(0)
     return q, k, v
-

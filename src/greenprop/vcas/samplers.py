@@ -93,8 +93,8 @@ def _soft_topk(scores: Tensor, k: float) -> tuple[Tensor, bool]:
         raise GreenpropError(f"k must be a number in (0, {n}], got {k!r}")
     out_dtype = _prob_dtype(scores.dtype)
     s = scores.to(torch.float64)
-    lowest, highest = torch.aminmax(s)  # one pass; NaN propagates into both
-    if not (math.isfinite(float(highest)) and float(lowest) >= 0):
+    lowest, highest = (float(v) for v in torch.aminmax(s))  # one pass; NaN propagates into both
+    if not (math.isfinite(highest) and lowest >= 0):
         if not bool(torch.isfinite(s).all()):
             raise GreenpropError(f"scores must be finite, got {scores[~torch.isfinite(s)][0].item()!r}")
         raise GreenpropError(f"scores must be >= 0, got {scores[s < 0][0].item()!r}")
@@ -102,14 +102,14 @@ def _soft_topk(scores: Tensor, k: float) -> tuple[Tensor, bool]:
     if k >= n:
         return torch.ones(n, dtype=out_dtype, device=scores.device), True
 
-    positive = s > 0
-    n_pos = int(positive.sum())
+    # The usual case (no zero score) needs no count: the minimum says it.
+    n_pos = n if lowest > 0 else int(torch.count_nonzero(s))
     if k >= n_pos:
         # Fewer positive scores than k: keep them all, spread the rest over the zeros.
         fill = (k - n_pos) / (n - n_pos)  # n_pos <= k < n, so there is at least one zero
-        return torch.where(positive, 1.0, fill).to(out_dtype), True
+        return torch.where(s > 0, 1.0, fill).to(out_dtype), True
     # From here p = min(1, c * s) with c > 0 (or the sort's equivalent): zero exactly where s is.
-    level = _water_level(s, k)
+    level = _water_level(s, k, highest)
     p = _water_level_sorted(s, k) if level is None else (level * s).clamp_(max=1.0)
     return p.to(out_dtype), False
 
@@ -118,7 +118,7 @@ def _soft_topk(scores: Tensor, k: float) -> tuple[Tensor, bool]:
 _WATER_ROUNDS = 8
 
 
-def _water_level(s: Tensor, k: float) -> float | None:
+def _water_level(s: Tensor, k: float, highest: float | None = None) -> float | None:
     """The ``c`` of ``p = min(1, c * s)``, ``sum p = k`` (``k`` < positive scores), without sorting.
 
     Fixed point on the capped set: with the items of ``c * s >= 1`` capped,
@@ -128,10 +128,16 @@ def _water_level(s: Tensor, k: float) -> float | None:
     proportional). Usually two or three rounds of a few elementwise passes, where the
     sort of thousands of scores costs several times more. None (use the sort) when
     ``_WATER_ROUNDS`` rounds did not settle or rounding broke the monotony.
+
+    ``highest``, the largest score if known, settles the first round without a pass when
+    nothing is capped (``highest * c < 1``: the same product and comparison the pass makes
+    for the largest item, and rounding keeps ``s * c`` monotone in ``s``).
     """
     m, tail = 0, float(s.sum())
     for _ in range(_WATER_ROUNDS):
         c = (k - m) / tail
+        if m == 0 and highest is not None and highest * c < 1.0:
+            return c
         capped = s * c >= 1.0
         count = int(capped.sum())
         if count == m:
