@@ -136,10 +136,12 @@ PRESETS: dict[str, Preset] = {
 # 16 samples), which keeps its cost under 2% of training (7.5% on whole batches, measured in
 # docs/benchmarks.md). Since session 26 a Linear samples tokens only at ratios its timing on
 # this machine shows to pay (token_policy=measured: on the ViT's 128-wide layers only below
-# token ratios of 0.3-0.5). docs/vcas.md discusses the choices.
+# token ratios of 0.3-0.5), and the norm mass s starts at 0.85, where the controller of the
+# session-25 runs arrived after its first three updates (the paper starts at 1 in runs 100x
+# longer; above tau_act the controller raises s again). docs/vcas.md discusses the choices.
 _VCAS_FAST = (
     "vcas:update_every=50,s_step=0.05,weight_ratio_multiplier=0.8,estimation_fraction=0.25,"
-    "token_policy=measured"
+    "token_policy=measured,initial_s=0.85"
 )
 PRESETS["vcas-vit"] = Preset(
     description="VCAS vs exact: the zoo's tiny ViT (dim 128, depth 6) on a 5k/2k Fashion-MNIST "
