@@ -47,7 +47,15 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from greenprop.errors import GreenpropError
 from greenprop.vcas.direct import DirectRule, rule_for
-from greenprop.vcas.layers import BlockSampler, Mode, VCASRuntime, _carries_grad, _gather_rows, scaled_rows
+from greenprop.vcas.layers import (
+    BlockSampler,
+    Mode,
+    VCASRuntime,
+    _carries_grad,
+    _gather_rows,
+    _scatter_rows,
+    scaled_rows,
+)
 
 __all__ = ["BlockCache", "CompactedForward", "CompactionWarning"]
 
@@ -417,7 +425,7 @@ class _DirectBlock(torch.autograd.Function):
             runtime.compact.pop(block, None)
         owner.dense_per_row = (runtime.tally.dense - dense_before) / batch
         if grad_x is not None and rows is not None:
-            grad_x = grad_x.new_zeros(shape).index_copy_(0, rows, grad_x)
+            grad_x = _scatter_rows(rows, grad_x, shape)
         return (None, None, None, grad_x if need_x else None, *(grads.get(p) for p in ctx.params))
 
 
