@@ -19,16 +19,26 @@ takes the re-run path. At ratio 1 a rule's gradients must equal dense autograd's
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from greenprop.vcas.layers import VCASConv2d, VCASLinear, conv_backward, linear_backward
+from greenprop.vcas.layers import (
+    VCASConv2d,
+    VCASLinear,
+    _dense_factor,
+    _gather_rows,
+    conv_backward,
+    linear_backward,
+)
 
 __all__ = [
     "DirectRule",
+    "KeptRows",
     "bypassed",
+    "input_grad",
     "layer_grads",
     "layer_norm",
     "layer_norm_backward",
@@ -63,6 +73,9 @@ class DirectRule(Protocol):
         gradient of the block's (first) output, already rescaled by ``1/p``. Returns the
         input gradient of those rows (None unless ``need_input``) and a gradient for each
         trainable parameter (parameters left out get none).
+
+        A rule whose class sets ``gathers = True`` gets a :class:`KeptRows` instead of the
+        list and takes each tensor's kept rows where it uses them.
         """
 
 
@@ -107,6 +120,28 @@ def bypassed(module: nn.Module) -> bool:
     )
 
 
+class KeptRows:
+    """A block's saved (batch-first) tensors whose kept samples' rows are gathered when taken.
+
+    A rule that takes each tensor just before its backward step uses it reads the gathered
+    copy while it is still in cache, and holds one step's copies at a time instead of the
+    whole block's (lower peak memory). Each tensor can be taken once.
+    """
+
+    def __init__(self, saved: list[Tensor], rows: Tensor | None) -> None:
+        self._saved: list[Tensor | None] = list(saved)
+        self.rows = rows  # the kept samples (None: all of them)
+
+    def take(self, *at: int) -> tuple[Tensor, ...]:
+        """The kept rows of the saved tensors at these positions (the full ones are let go)."""
+        tensors = [self._saved[i] for i in at]
+        if any(t is None for t in tensors):
+            raise RuntimeError(f"KeptRows: a tensor at {at} was taken before")
+        for i in at:
+            self._saved[i] = None
+        return _gather_rows(self.rows, *tensors)  # type: ignore[arg-type]
+
+
 # What the rules share: a VCAS layer's and a LayerNorm's backward with the parameter
 # gradients collected into the rule's ``found`` dict.
 
@@ -124,6 +159,34 @@ def layer_grads(
     dx, dw, db = backward(layer, dy, x, need_x)
     found.update({p: d for p, d in ((layer.weight, dw), (layer.bias, db)) if d is not None})
     return dx
+
+
+def input_grad(layers: Sequence[VCASLinear], dy: Tensor, residual: Tensor | None = None) -> Tensor:
+    """``residual + sum_i dy_i W_i``: the input gradient of VCAS Linears that read one input, in ONE matmul.
+
+    ``dy``: the layers' output gradients side by side in its last dim (the kept rows, in the
+    order of ``layers``); their weights are stacked to match, and ``residual`` (a gradient
+    reaching the same input another way) is added by the matmul itself (``addmm``). Against
+    one matmul per layer and an add per term this reads and writes the input gradient once
+    and runs one larger matmul. The layers' input-gradient FLOPs are tallied as
+    :func:`~greenprop.vcas.layers.linear_backward` tallies them (their weight gradients are
+    computed apart: ``layer_grads(..., need_x=False)``).
+    """
+    tally = layers[0].vcas_runtime.tally
+    start = 0
+    for layer in layers:
+        part = dy[..., start : start + layer.out_features]
+        start += layer.out_features
+        tokens = part.numel() // layer.out_features
+        flops = 2.0 * layer.out_features * layer.in_features
+        tally.dense += flops * tokens * _dense_factor(layer, part)
+        tally.done += flops * tokens
+    weight = layers[0].weight if len(layers) == 1 else torch.cat([layer.weight for layer in layers])
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    weight = weight.to(dy.dtype)
+    if residual is None:
+        return (dy2 @ weight).view(*dy.shape[:-1], weight.shape[1])
+    return torch.addmm(residual.reshape(-1, weight.shape[1]), dy2, weight).view(residual.shape)
 
 
 def layer_norm(norm: nn.LayerNorm, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
