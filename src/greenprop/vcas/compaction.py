@@ -413,7 +413,6 @@ class _DirectBlock(torch.autograd.Function):
         dense_before = runtime.tally.dense
         rule = ctx.rule
         kept_rows = KeptRows(saved, rows) if getattr(rule, "gathers", False) else _kept_rows(saved, rows)
-        del saved
         try:
             grad_x, grads = rule.backward(owner.block, kept_rows, kept, need_x)
         finally:

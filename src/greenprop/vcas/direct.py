@@ -123,9 +123,9 @@ def bypassed(module: nn.Module) -> bool:
 class KeptRows:
     """A block's saved (batch-first) tensors whose kept samples' rows are gathered when taken.
 
-    A rule that takes each tensor just before its backward step uses it reads the gathered
-    copy while it is still in cache, and holds one step's copies at a time instead of the
-    whole block's (lower peak memory). Each tensor can be taken once.
+    A rule that takes each tensor just before the backward step that uses it holds one
+    step's gathered copies at a time instead of the whole block's (lower peak memory).
+    Each tensor can be taken once.
     """
 
     def __init__(self, saved: list[Tensor], rows: Tensor | None) -> None:
@@ -173,14 +173,11 @@ def input_grad(layers: Sequence[VCASLinear], dy: Tensor, residual: Tensor | None
     computed apart: ``layer_grads(..., need_x=False)``).
     """
     tally = layers[0].vcas_runtime.tally
-    start = 0
+    tokens = dy.numel() // dy.shape[-1]
     for layer in layers:
-        part = dy[..., start : start + layer.out_features]
-        start += layer.out_features
-        tokens = part.numel() // layer.out_features
-        flops = 2.0 * layer.out_features * layer.in_features
-        tally.dense += flops * tokens * _dense_factor(layer, part)
-        tally.done += flops * tokens
+        flops = 2.0 * layer.out_features * layer.in_features * tokens
+        tally.dense += flops * _dense_factor(layer, dy)  # the full batch's (dy: the kept rows)
+        tally.done += flops
     weight = layers[0].weight if len(layers) == 1 else torch.cat([layer.weight for layer in layers])
     dy2 = dy.reshape(-1, dy.shape[-1])
     weight = weight.to(dy.dtype)

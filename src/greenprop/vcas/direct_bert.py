@@ -240,7 +240,7 @@ class BertLayerRule:
         self, block: nn.Module, saved: KeptRows, grad: Tensor, need_input: bool
     ) -> tuple[Tensor | None, dict[nn.Parameter, Tensor]]:
         """Both halves in turn; each saved tensor's kept rows are gathered just before their
-        step and dropped once used (in cache when read, one step's copies at a time)."""
+        step and dropped once used (one step's copies at a time)."""
         found: dict[nn.Parameter, Tensor] = {}
         da = self._feed_forward_backward(block, saved, grad, found)
         return self._attention_backward(block, saved, da, need_input, found), found
