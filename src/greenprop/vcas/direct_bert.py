@@ -212,7 +212,8 @@ class BertLayerRule:
         q = _heads(attention.query(x), size).contiguous()
         key_t = _heads(attention.key(x), size).transpose(2, 3).contiguous()
         v = _heads(attention.value(x), size).contiguous()
-        # In place where the layer's forward makes a new tensor: the same values, fewer allocations.
+        # In place where the layer's forward makes a new tensor (the scores are this call's own):
+        # the same values, fewer allocations.
         scores = torch.matmul(q, key_t).mul_(attention.scaling)
         if mask is not None:
             scores = scores.add_(mask) if _adds_in_place(scores, mask) else scores + mask
@@ -221,12 +222,12 @@ class BertLayerRule:
         dropped, keep_probs = _dropout(probs, _attention_dropout(block))
         context = _merge(torch.matmul(dropped, v)).contiguous()
         h, keep_attention = _dropout(attention_out.dense(context), _hidden_dropout(attention_out))
-        s1 = h.add_(x)  # h is this call's own (the Linear's output or dropout's product)
+        s1 = h + x  # not in place: a forward hook on the Linear may hold its output
         a, mean1, rstd1 = layer_norm(attention_out.LayerNorm, s1)
         pre = block.intermediate.dense(a)
         act = F.gelu(pre, approximate=_gelu_approximation(block.intermediate.intermediate_act_fn))
         h, keep_output = _dropout(output.dense(act), _hidden_dropout(output))
-        s2 = h.add_(a)
+        s2 = h + a
         out, mean2, rstd2 = layer_norm(output.LayerNorm, s2)
         saved = [x, q, key_t, v, probs, keep_probs, context, keep_attention, s1, mean1, rstd1]
         # GELU's output is not kept: the backward recomputes it on the kept rows (about what
