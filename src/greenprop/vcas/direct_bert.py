@@ -14,14 +14,12 @@ random generator ends where the layer's forward would leave it. It keeps, batch 
 the input, the query, key and value heads (the contiguous copies ``torch.matmul`` makes
 of them anyway, so the backward's matmuls copy nothing), the attention probabilities,
 the context, both LayerNorms' inputs and statistics, the first LayerNorm's output, the
-input of GELU, and the dropout masks as bool (dense autograd keeps the same tensors plus
-GELU's output, float masks and the dropped probabilities). The backward gathers each
-tensor's kept rows just before it uses them (:class:`~greenprop.vcas.direct.KeptRows`),
-recomputes GELU's output on them, runs aten's backward kernels and the VCAS Linears'
+intermediate layer's input and output of GELU, and the dropout masks as bool (dense
+autograd keeps the same tensors plus float masks and the dropped probabilities). The
+backward runs aten's backward kernels on the kept rows and the VCAS Linears'
 :func:`~greenprop.vcas.layers.linear_backward`, in the order autograd's engine runs them
 on the re-run's graph (value, key, query last), so the token samplers draw the same
-numbers on either path; the Linears that read one input get their input gradient from one
-matmul (:func:`~greenprop.vcas.direct.input_grad`).
+numbers on either path.
 
 Calls it cannot reproduce are refused (the re-run path takes them): cross-attention, a
 cache, ``output_attentions``, any argument it does not know, another attention kernel
@@ -72,7 +70,7 @@ _LINEARS = (
 _NORMS = ("attention.output.LayerNorm", "output.LayerNorm")
 #: Where :meth:`BertLayerRule.forward` puts each saved tensor.
 X, Q, KEY_T, V, PROBS, KEEP_PROBS, CONTEXT, KEEP_ATTENTION, S1, MEAN1, RSTD1 = range(11)
-A, PRE, KEEP_OUTPUT, S2, MEAN2, RSTD2 = range(11, 17)
+A, PRE, ACT, KEEP_OUTPUT, S2, MEAN2, RSTD2 = range(11, 18)
 
 
 def _bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
@@ -230,9 +228,7 @@ class BertLayerRule:
         s2 = h + a
         out, mean2, rstd2 = layer_norm(output.LayerNorm, s2)
         saved = [x, q, key_t, v, probs, keep_probs, context, keep_attention, s1, mean1, rstd1]
-        # GELU's output is not kept: the backward recomputes it on the kept rows (about what
-        # gathering them would cost, and a block keeps 4 * hidden floats per token less).
-        return out, [*saved, a, pre, keep_output, s2, mean2, rstd2]
+        return out, [*saved, a, pre, act, keep_output, s2, mean2, rstd2]
 
     #: The backward takes a :class:`~greenprop.vcas.direct.KeptRows` and gathers as it goes.
     gathers = True
@@ -253,12 +249,11 @@ class BertLayerRule:
         (keep_output,) = saved.take(KEEP_OUTPUT)
         dh = _dropout_backward(ds2, keep_output, _hidden_dropout(output))
         del keep_output
-        approximate = _gelu_approximation(block.intermediate.intermediate_act_fn)
-        (pre,) = saved.take(PRE)
-        d_act = layer_grads(output.dense, dh, F.gelu(pre, approximate=approximate), True, found)
+        d_act = layer_grads(output.dense, dh, *saved.take(ACT), True, found)
         del dh
-        d_pre = torch.ops.aten.gelu_backward(d_act, pre, approximate=approximate)
-        del d_act, pre
+        approximate = _gelu_approximation(block.intermediate.intermediate_act_fn)
+        d_pre = torch.ops.aten.gelu_backward(d_act, *saved.take(PRE), approximate=approximate)
+        del d_act
         layer_grads(intermediate, d_pre, *saved.take(A), False, found)
         return input_grad([intermediate], d_pre, residual=ds2)
 
