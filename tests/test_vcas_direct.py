@@ -10,7 +10,6 @@ to the re-run path.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import pytest
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 
 from fixtures import Block, stack
 from greenprop.vcas import VCASConfig, apply_vcas, direct
-from greenprop.vcas.layers import VCASLinear, VCASRuntime, linear_backward
+from greenprop.vcas.layers import linear_backward
 from greenprop.vcas.surgery import vcas_handle
 from vcas_helpers import fixed_ratios, grad_dict, graph_nodes, same_steps_direct_and_rerun, skewed
 
@@ -189,41 +188,3 @@ def test_kept_rows_gathers_each_tensor_when_taken_and_only_once() -> None:
     with pytest.raises(RuntimeError, match="taken before"):
         kept.take(0)
     assert direct.KeptRows([a], None).take(0)[0] is a  # every row kept: no copy
-
-
-def _vcas_linears(sizes: list[tuple[int, int]], runtime: VCASRuntime) -> list[VCASLinear]:
-    layers = []
-    torch.manual_seed(0)
-    for in_features, out_features in sizes:
-        layer = nn.Linear(in_features, out_features).double()
-        layer.__class__ = VCASLinear
-        layer.vcas_runtime, layer.vcas_block, layer.vcas_weight_ratio = runtime, 0, 1.0
-        layers.append(layer)
-    return layers
-
-
-@pytest.mark.parametrize("residual", [True, False])
-@pytest.mark.parametrize("compacted", [True, False])
-def test_input_grad_is_one_matmul_of_the_layers_input_gradients(residual: bool, compacted: bool) -> None:
-    """Three Linears reading one input: the sum of their input gradients (and a residual) from
-    one matmul over their stacked output gradients, tallied as their own backwards tally it."""
-    runtime = VCASRuntime(torch.Generator(), torch.Generator())
-    layers = _vcas_linears([(6, 4), (6, 5), (6, 3)], runtime)
-    if compacted:  # 3 kept rows of a batch of 8: dense FLOPs at the full batch
-        runtime.compact[0] = (3, 8)
-    dys = [skewed((3, 7, layer.out_features), seed=i) for i, layer in enumerate(layers)]
-    x, rest = skewed((3, 7, 6), seed=5), skewed((3, 7, 6), seed=6)
-    expected = rest.clone() if residual else torch.zeros_like(rest)
-    for layer, dy in zip(layers, dys, strict=True):
-        expected += linear_backward(layer, dy, x, need_x=True)[0]
-    own = runtime.take_tally()
-    for layer, dy in zip(layers, dys, strict=True):
-        linear_backward(layer, dy, x, need_x=False)
-    weights_only = runtime.take_tally()
-    got = direct.input_grad(layers, torch.cat(dys, dim=-1), residual=rest if residual else None)
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
-    tally = runtime.take_tally()
-    assert got.shape == x.shape and tally.done > 0
-    assert math.isclose(tally.done, own.done - weights_only.done)
-    assert math.isclose(tally.dense, own.dense - weights_only.dense)
-    assert math.isclose(tally.dense, tally.done * (8 / 3 if compacted else 1.0))

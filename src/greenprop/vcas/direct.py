@@ -19,26 +19,17 @@ takes the re-run path. At ratio 1 a rule's gradients must equal dense autograd's
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from greenprop.vcas.layers import (
-    VCASConv2d,
-    VCASLinear,
-    _dense_factor,
-    _gather_rows,
-    conv_backward,
-    linear_backward,
-)
+from greenprop.vcas.layers import VCASConv2d, VCASLinear, _gather_rows, conv_backward, linear_backward
 
 __all__ = [
     "DirectRule",
     "KeptRows",
     "bypassed",
-    "input_grad",
     "layer_grads",
     "layer_norm",
     "layer_norm_backward",
@@ -159,31 +150,6 @@ def layer_grads(
     dx, dw, db = backward(layer, dy, x, need_x)
     found.update({p: d for p, d in ((layer.weight, dw), (layer.bias, db)) if d is not None})
     return dx
-
-
-def input_grad(layers: Sequence[VCASLinear], dy: Tensor, residual: Tensor | None = None) -> Tensor:
-    """``residual + sum_i dy_i W_i``: the input gradient of VCAS Linears that read one input, in ONE matmul.
-
-    ``dy``: the layers' output gradients side by side in its last dim (the kept rows, in the
-    order of ``layers``); their weights are stacked to match, and ``residual`` (a gradient
-    reaching the same input another way) is added by the matmul itself (``addmm``). Against
-    one matmul per layer and an add per term this reads and writes the input gradient once
-    and runs one larger matmul. The layers' input-gradient FLOPs are tallied as
-    :func:`~greenprop.vcas.layers.linear_backward` tallies them (their weight gradients are
-    computed apart: ``layer_grads(..., need_x=False)``).
-    """
-    tally = layers[0].vcas_runtime.tally
-    tokens = dy.numel() // dy.shape[-1]
-    for layer in layers:
-        flops = 2.0 * layer.out_features * layer.in_features * tokens
-        tally.dense += flops * _dense_factor(layer, dy)  # the full batch's (dy: the kept rows)
-        tally.done += flops
-    weight = layers[0].weight if len(layers) == 1 else torch.cat([layer.weight for layer in layers])
-    dy2 = dy.reshape(-1, dy.shape[-1])
-    weight = weight.to(dy.dtype)
-    if residual is None:
-        return (dy2 @ weight).view(*dy.shape[:-1], weight.shape[1])
-    return torch.addmm(residual.reshape(-1, weight.shape[1]), dy2, weight).view(residual.shape)
 
 
 def layer_norm(norm: nn.LayerNorm, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -16,10 +16,11 @@ of them anyway, so the backward's matmuls copy nothing), the attention probabili
 the context, both LayerNorms' inputs and statistics, the first LayerNorm's output, the
 intermediate layer's input and output of GELU, and the dropout masks as bool (dense
 autograd keeps the same tensors plus float masks and the dropped probabilities). The
-backward runs aten's backward kernels on the kept rows and the VCAS Linears'
-:func:`~greenprop.vcas.layers.linear_backward`, in the order autograd's engine runs them
-on the re-run's graph (value, key, query last), so the token samplers draw the same
-numbers on either path.
+backward gathers each tensor's kept rows just before it uses them
+(:class:`~greenprop.vcas.direct.KeptRows`) and runs aten's backward kernels on them and
+the VCAS Linears' :func:`~greenprop.vcas.layers.linear_backward`, in the order autograd's
+engine runs them on the re-run's graph (value, key, query last), so the token samplers
+draw the same numbers on either path.
 
 Calls it cannot reproduce are refused (the re-run path takes them): cross-attention, a
 cache, ``output_attentions``, any argument it does not know, another attention kernel
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 from transformers.activations import GELUActivation
 from transformers.models.bert import modeling_bert as bert
 
-from greenprop.vcas.direct import KeptRows, bypassed, input_grad, layer_grads, layer_norm, layer_norm_backward
+from greenprop.vcas.direct import KeptRows, bypassed, layer_grads, layer_norm, layer_norm_backward
 from greenprop.vcas.layers import VCASLinear
 
 __all__ = ["RULE", "BertLayerRule"]
@@ -123,11 +124,6 @@ def _dropout_backward(grad: Tensor, keep: Tensor, p: float) -> Tensor:
 def _heads(t: Tensor, head_size: int) -> Tensor:
     """``(B, T, H * d)`` -> ``(B, H, T, d)``, as BertSelfAttention splits its projections."""
     return t.view(*t.shape[:-1], -1, head_size).transpose(1, 2)
-
-
-def _put_heads(into: Tensor, i: int, t: Tensor) -> None:
-    """Write ``(B, H, T, d)`` heads ``t`` merged into slot ``i`` of a ``(B, T, n, H, d)`` tensor."""
-    into[:, :, i].copy_(t.transpose(1, 2))
 
 
 def _adds_in_place(scores: Tensor, mask: Tensor) -> bool:
@@ -220,15 +216,15 @@ class BertLayerRule:
         dropped, keep_probs = _dropout(probs, _attention_dropout(block))
         context = _merge(torch.matmul(dropped, v)).contiguous()
         h, keep_attention = _dropout(attention_out.dense(context), _hidden_dropout(attention_out))
-        s1 = h + x  # not in place: a forward hook on the Linear may hold its output
+        s1 = h + x
         a, mean1, rstd1 = layer_norm(attention_out.LayerNorm, s1)
         pre = block.intermediate.dense(a)
         act = F.gelu(pre, approximate=_gelu_approximation(block.intermediate.intermediate_act_fn))
         h, keep_output = _dropout(output.dense(act), _hidden_dropout(output))
         s2 = h + a
         out, mean2, rstd2 = layer_norm(output.LayerNorm, s2)
-        saved = [x, q, key_t, v, probs, keep_probs, context, keep_attention, s1, mean1, rstd1]
-        return out, [*saved, a, pre, act, keep_output, s2, mean2, rstd2]
+        attention_half = [x, q, key_t, v, probs, keep_probs, context, keep_attention, s1, mean1, rstd1]
+        return out, [*attention_half, a, pre, act, keep_output, s2, mean2, rstd2]
 
     #: The backward takes a :class:`~greenprop.vcas.direct.KeptRows` and gathers as it goes.
     gathers = True
@@ -254,8 +250,7 @@ class BertLayerRule:
         approximate = _gelu_approximation(block.intermediate.intermediate_act_fn)
         d_pre = torch.ops.aten.gelu_backward(d_act, *saved.take(PRE), approximate=approximate)
         del d_act
-        layer_grads(intermediate, d_pre, *saved.take(A), False, found)
-        return input_grad([intermediate], d_pre, residual=ds2)
+        return layer_grads(intermediate, d_pre, *saved.take(A), True, found).add_(ds2)
 
     def _attention_backward(
         self, block: nn.Module, saved: KeptRows, grad: Tensor, need_input: bool, found: dict
@@ -273,12 +268,7 @@ class BertLayerRule:
         probs, keep_probs, v = saved.take(PROBS, KEEP_PROBS, V)
         p = _attention_dropout(block)
         dropped = probs if p == 0.0 else probs * keep_probs.to(probs.dtype).div_(1 - p)
-        # The value, key and query gradients side by side (that order: autograd's on the re-run's
-        # graph, in which the token samplers draw), for one matmul of the input gradient.
-        layers = (attention.value, attention.key, attention.query)
-        batch, heads, tokens, _ = d_context.shape
-        d_qkv = d_context.new_empty(batch, tokens, len(layers), heads, size)
-        _put_heads(d_qkv, 0, torch.matmul(dropped.transpose(2, 3), d_context))
+        dv = _merge(torch.matmul(dropped.transpose(2, 3), d_context))
         del dropped
         d_probs = _dropout_backward(torch.matmul(d_context, v.transpose(2, 3)), keep_probs, p)
         del d_context, v, keep_probs
@@ -287,16 +277,17 @@ class BertLayerRule:
         )
         del d_probs, probs
         q, key_t = saved.take(Q, KEY_T)
-        _put_heads(d_qkv, 1, torch.matmul(d_scores.transpose(2, 3), q))
-        _put_heads(d_qkv, 2, torch.matmul(d_scores, key_t.transpose(2, 3)))
+        dq = _merge(torch.matmul(d_scores, key_t.transpose(2, 3)))
+        dk = _merge(torch.matmul(d_scores.transpose(2, 3), q))
         del d_scores, q, key_t
-        d_qkv = d_qkv.view(*d_qkv.shape[:2], -1)
         (x,) = saved.take(X)
-        start = 0
-        for layer in layers:
-            layer_grads(layer, d_qkv[..., start : start + layer.out_features], x, False, found)
-            start += layer.out_features
-        return input_grad(layers, d_qkv, residual=ds1) if need_input else None
+        # autograd's order on the re-run's graph: value, key, query (the token samplers draw in turn)
+        dx = ds1 if need_input else None  # a fresh tensor no longer read elsewhere: summed into in place
+        for layer, dy in ((attention.value, dv), (attention.key, dk), (attention.query, dq)):
+            dx_part = layer_grads(layer, dy, x, need_input, found)
+            if dx is not None:
+                dx.add_(dx_part)
+        return dx
 
 
 #: The rule :mod:`greenprop.vcas.direct` registers for ``BertLayer``.
