@@ -47,7 +47,7 @@ from _common import (
     save_results,
     start,
 )
-from greenprop.vcas import VCASConfig, apply_vcas, compaction, layers, samplers
+from greenprop.vcas import VCASConfig, apply_vcas, compaction, direct, layers, samplers
 from greenprop.vcas.surgery import vcas_handle
 from vcas_step import DEFAULT_BATCH, build, load_batch, set_ratios, timed_step
 
@@ -62,6 +62,7 @@ PHASES: tuple[tuple[str, Any, str], ...] = (
     (BACKWARD, compaction._DirectBlock, "backward"),
     ("- block sampler draw", layers.BlockSampler, "draw"),
     ("- gather of the saved tensors' kept rows (direct)", compaction, "_kept_rows"),
+    ("- gather of the saved tensors' kept rows (direct)", direct.KeptRows, "take"),
     ("- re-run on the kept rows", compaction._Run, "rerun"),
     ("-- replay of recorded layer outputs", compaction.BlockCache, "replay"),
     ("- backprop through the re-run", torch.autograd, "grad"),

@@ -175,3 +175,16 @@ def test_each_path_compacts_up_to_its_own_ratio_limit(rule: ToyRule) -> None:
         for sampler in handle.samplers:
             sampler.ratio = ratio
         assert model(x).grad_fn.name() == node, (refusal, ratio)
+
+
+def test_kept_rows_gathers_each_tensor_when_taken_and_only_once() -> None:
+    a, b = skewed((6, 3), seed=1), skewed((6, 2, 2), seed=2)
+    rows = torch.tensor([1, 4])
+    kept = direct.KeptRows([a, b], rows)
+    (got_b,) = kept.take(1)
+    assert torch.equal(got_b, b[rows])
+    got_a, *rest = kept.take(0)
+    assert torch.equal(got_a, a[rows]) and not rest
+    with pytest.raises(RuntimeError, match="taken before"):
+        kept.take(0)
+    assert direct.KeptRows([a], None).take(0)[0] is a  # every row kept: no copy

@@ -46,7 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from greenprop.errors import GreenpropError
-from greenprop.vcas.direct import DirectRule, rule_for
+from greenprop.vcas.direct import DirectRule, KeptRows, rule_for
 from greenprop.vcas.layers import (
     BlockSampler,
     Mode,
@@ -419,8 +419,10 @@ class _DirectBlock(torch.autograd.Function):
         batch = grad.shape[0]
         runtime.compact[block] = (kept.shape[0], batch)
         dense_before = runtime.tally.dense
+        rule = ctx.rule
+        kept_rows = KeptRows(saved, rows) if getattr(rule, "gathers", False) else _kept_rows(saved, rows)
         try:
-            grad_x, grads = ctx.rule.backward(owner.block, _kept_rows(saved, rows), kept, need_x)
+            grad_x, grads = rule.backward(owner.block, kept_rows, kept, need_x)
         finally:
             runtime.compact.pop(block, None)
         owner.dense_per_row = (runtime.tally.dense - dense_before) / batch

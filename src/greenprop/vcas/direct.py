@@ -24,10 +24,11 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from greenprop.vcas.layers import VCASConv2d, VCASLinear, conv_backward, linear_backward
+from greenprop.vcas.layers import VCASConv2d, VCASLinear, _gather_rows, conv_backward, linear_backward
 
 __all__ = [
     "DirectRule",
+    "KeptRows",
     "bypassed",
     "layer_grads",
     "layer_norm",
@@ -63,6 +64,9 @@ class DirectRule(Protocol):
         gradient of the block's (first) output, already rescaled by ``1/p``. Returns the
         input gradient of those rows (None unless ``need_input``) and a gradient for each
         trainable parameter (parameters left out get none).
+
+        A rule whose class sets ``gathers = True`` gets a :class:`KeptRows` instead of the
+        list and takes each tensor's kept rows where it uses them.
         """
 
 
@@ -105,6 +109,28 @@ def bypassed(module: nn.Module) -> bool:
         or module._backward_pre_hooks
         or "forward" in vars(module)
     )
+
+
+class KeptRows:
+    """A block's saved (batch-first) tensors whose kept samples' rows are gathered when taken.
+
+    A rule that takes each tensor just before the backward step that uses it holds one
+    step's gathered copies at a time instead of the whole block's (lower peak memory).
+    Each tensor can be taken once.
+    """
+
+    def __init__(self, saved: list[Tensor], rows: Tensor | None) -> None:
+        self._saved: list[Tensor | None] = list(saved)
+        self.rows = rows  # the kept samples (None: all of them)
+
+    def take(self, *at: int) -> tuple[Tensor, ...]:
+        """The kept rows of the saved tensors at these positions (the full ones are let go)."""
+        tensors = [self._saved[i] for i in at]
+        if any(t is None for t in tensors):
+            raise RuntimeError(f"KeptRows: a tensor at {at} was taken before")
+        for i in at:
+            self._saved[i] = None
+        return _gather_rows(self.rows, *tensors)  # type: ignore[arg-type]
 
 
 # What the rules share: a VCAS layer's and a LayerNorm's backward with the parameter

@@ -16,10 +16,11 @@ of them anyway, so the backward's matmuls copy nothing), the attention probabili
 the context, both LayerNorms' inputs and statistics, the first LayerNorm's output, the
 intermediate layer's input and output of GELU, and the dropout masks as bool (dense
 autograd keeps the same tensors plus float masks and the dropped probabilities). The
-backward runs aten's backward kernels on the kept rows and the VCAS Linears'
-:func:`~greenprop.vcas.layers.linear_backward`, in the order autograd's engine runs them
-on the re-run's graph (value, key, query last), so the token samplers draw the same
-numbers on either path.
+backward gathers each tensor's kept rows just before it uses them
+(:class:`~greenprop.vcas.direct.KeptRows`) and runs aten's backward kernels on them and
+the VCAS Linears' :func:`~greenprop.vcas.layers.linear_backward`, in the order autograd's
+engine runs them on the re-run's graph (value, key, query last), so the token samplers
+draw the same numbers on either path.
 
 Calls it cannot reproduce are refused (the re-run path takes them): cross-attention, a
 cache, ``output_attentions``, any argument it does not know, another attention kernel
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 from transformers.activations import GELUActivation
 from transformers.models.bert import modeling_bert as bert
 
-from greenprop.vcas.direct import bypassed, layer_grads, layer_norm, layer_norm_backward
+from greenprop.vcas.direct import KeptRows, bypassed, layer_grads, layer_norm, layer_norm_backward
 from greenprop.vcas.layers import VCASLinear
 
 __all__ = ["RULE", "BertLayerRule"]
@@ -68,8 +69,9 @@ _LINEARS = (
     "output.dense",
 )
 _NORMS = ("attention.output.LayerNorm", "output.LayerNorm")
-#: The forward's saved tensors up to LayerNorm1's statistics; the feed-forward half's follow.
-_ATTENTION_HALF = 11
+#: Where :meth:`BertLayerRule.forward` puts each saved tensor.
+X, Q, KEY_T, V, PROBS, KEEP_PROBS, CONTEXT, KEEP_ATTENTION, S1, MEAN1, RSTD1 = range(11)
+A, PRE, ACT, KEEP_OUTPUT, S2, MEAN2, RSTD2 = range(11, 18)
 
 
 def _bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
@@ -122,6 +124,11 @@ def _dropout_backward(grad: Tensor, keep: Tensor, p: float) -> Tensor:
 def _heads(t: Tensor, head_size: int) -> Tensor:
     """``(B, T, H * d)`` -> ``(B, H, T, d)``, as BertSelfAttention splits its projections."""
     return t.view(*t.shape[:-1], -1, head_size).transpose(1, 2)
+
+
+def _adds_in_place(scores: Tensor, mask: Tensor) -> bool:
+    """Whether ``scores.add_(mask)`` gives ``scores + mask`` (same dtype, broadcast into ``scores``)."""
+    return mask.dtype == scores.dtype and torch.broadcast_shapes(scores.shape, mask.shape) == scores.shape
 
 
 def _merge(t: Tensor) -> Tensor:
@@ -199,10 +206,13 @@ class BertLayerRule:
         q = _heads(attention.query(x), size).contiguous()
         key_t = _heads(attention.key(x), size).transpose(2, 3).contiguous()
         v = _heads(attention.value(x), size).contiguous()
-        scores = torch.matmul(q, key_t) * attention.scaling
+        # In place where the layer's forward makes a new tensor (the scores are this call's own):
+        # the same values, fewer allocations.
+        scores = torch.matmul(q, key_t).mul_(attention.scaling)
         if mask is not None:
-            scores = scores + mask
+            scores = scores.add_(mask) if _adds_in_place(scores, mask) else scores + mask
         probs = F.softmax(scores, dim=-1)
+        del scores
         dropped, keep_probs = _dropout(probs, _attention_dropout(block))
         context = _merge(torch.matmul(dropped, v)).contiguous()
         h, keep_attention = _dropout(attention_out.dense(context), _hidden_dropout(attention_out))
@@ -216,47 +226,46 @@ class BertLayerRule:
         attention_half = [x, q, key_t, v, probs, keep_probs, context, keep_attention, s1, mean1, rstd1]
         return out, [*attention_half, a, pre, act, keep_output, s2, mean2, rstd2]
 
+    #: The backward takes a :class:`~greenprop.vcas.direct.KeptRows` and gathers as it goes.
+    gathers = True
+
     def backward(
-        self, block: nn.Module, saved: list[Tensor], grad: Tensor, need_input: bool
+        self, block: nn.Module, saved: KeptRows, grad: Tensor, need_input: bool
     ) -> tuple[Tensor | None, dict[nn.Parameter, Tensor]]:
-        """Both halves in turn; each empties its part of ``saved`` (the kept rows) once read,
-        so those rows are freed as soon as their half is done."""
+        """Both halves in turn; each saved tensor's kept rows are gathered just before their
+        step and dropped once used (one step's copies at a time)."""
         found: dict[nn.Parameter, Tensor] = {}
-        feed_forward = saved[_ATTENTION_HALF:]
-        del saved[_ATTENTION_HALF:]
-        da = self._feed_forward_backward(block, feed_forward, grad, found)
+        da = self._feed_forward_backward(block, saved, grad, found)
         return self._attention_backward(block, saved, da, need_input, found), found
 
-    def _feed_forward_backward(
-        self, block: nn.Module, saved: list[Tensor], grad: Tensor, found: dict
-    ) -> Tensor:
+    def _feed_forward_backward(self, block: nn.Module, saved: KeptRows, grad: Tensor, found: dict) -> Tensor:
         """LayerNorm2, dropout, output dense, GELU, intermediate dense, residual: the gradient at ``a``."""
-        a, pre, act, keep_output, s2, mean2, rstd2 = saved
-        saved.clear()
-        output = block.output
-        ds2 = layer_norm_backward(output.LayerNorm, grad, s2, mean2, rstd2, True, found)
-        del s2, mean2, rstd2
+        output, intermediate = block.output, block.intermediate.dense
+        ds2 = layer_norm_backward(output.LayerNorm, grad, *saved.take(S2, MEAN2, RSTD2), True, found)
+        (keep_output,) = saved.take(KEEP_OUTPUT)
         dh = _dropout_backward(ds2, keep_output, _hidden_dropout(output))
-        d_act = layer_grads(output.dense, dh, act, True, found)
-        del dh, act, keep_output
+        del keep_output
+        d_act = layer_grads(output.dense, dh, *saved.take(ACT), True, found)
+        del dh
         approximate = _gelu_approximation(block.intermediate.intermediate_act_fn)
-        d_pre = torch.ops.aten.gelu_backward(d_act, pre, approximate=approximate)
-        del d_act, pre
-        return layer_grads(block.intermediate.dense, d_pre, a, True, found).add_(ds2)
+        d_pre = torch.ops.aten.gelu_backward(d_act, *saved.take(PRE), approximate=approximate)
+        del d_act
+        return layer_grads(intermediate, d_pre, *saved.take(A), True, found).add_(ds2)
 
     def _attention_backward(
-        self, block: nn.Module, saved: list[Tensor], grad: Tensor, need_input: bool, found: dict
+        self, block: nn.Module, saved: KeptRows, grad: Tensor, need_input: bool, found: dict
     ) -> Tensor | None:
         """LayerNorm1, dropout, attention output dense, attention, residual: the input's gradient."""
-        x, q, key_t, v, probs, keep_probs, context, keep_attention, s1, mean1, rstd1 = saved
-        saved.clear()
         attention, attention_out = block.attention.self, block.attention.output
         size = attention.attention_head_size
-        ds1 = layer_norm_backward(attention_out.LayerNorm, grad, s1, mean1, rstd1, True, found)
-        del s1, mean1, rstd1
+        ds1 = layer_norm_backward(attention_out.LayerNorm, grad, *saved.take(S1, MEAN1, RSTD1), True, found)
+        (keep_attention,) = saved.take(KEEP_ATTENTION)
         dh = _dropout_backward(ds1, keep_attention, _hidden_dropout(attention_out))
-        d_context = _heads(layer_grads(attention_out.dense, dh, context, True, found), size).contiguous()
-        del dh, context, keep_attention
+        del keep_attention
+        d_context = _heads(layer_grads(attention_out.dense, dh, *saved.take(CONTEXT), True, found), size)
+        d_context = d_context.contiguous()
+        del dh
+        probs, keep_probs, v = saved.take(PROBS, KEEP_PROBS, V)
         p = _attention_dropout(block)
         dropped = probs if p == 0.0 else probs * keep_probs.to(probs.dtype).div_(1 - p)
         dv = _merge(torch.matmul(dropped.transpose(2, 3), d_context))
@@ -267,9 +276,11 @@ class BertLayerRule:
             attention.scaling
         )
         del d_probs, probs
+        q, key_t = saved.take(Q, KEY_T)
         dq = _merge(torch.matmul(d_scores, key_t.transpose(2, 3)))
         dk = _merge(torch.matmul(d_scores.transpose(2, 3), q))
         del d_scores, q, key_t
+        (x,) = saved.take(X)
         # autograd's order on the re-run's graph: value, key, query (the token samplers draw in turn)
         dx = ds1 if need_input else None  # a fresh tensor no longer read elsewhere: summed into in place
         for layer, dy in ((attention.value, dv), (attention.key, dk), (attention.query, dq)):
