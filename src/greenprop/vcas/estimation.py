@@ -137,8 +137,14 @@ def two_backwards(
     runtime = handle.runtime
     names = list(layers)
     weights = [layers[name].weight for name in names]
-    with torch.enable_grad():
-        loss = loss_fn(model, batch)
+    # Every Linear on its own Function: the sampled backward below hands each one's tokens to the
+    # token probe, which autograd's plain ops (an exact tail block's, VCASRuntime.exact_tail) skip.
+    plain_exact, runtime.plain_exact = runtime.plain_exact, False
+    try:
+        with torch.enable_grad():
+            loss = loss_fn(model, batch)
+    finally:
+        runtime.plain_exact = plain_exact
     if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
         raise GreenpropError("loss_fn(model, batch) must return a scalar loss that requires grad")
     previous = runtime.mode

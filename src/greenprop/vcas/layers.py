@@ -99,24 +99,65 @@ class VCASRuntime:
     # Set by the variance estimation: called in mode ACTIVATION with each VCASLinear's
     # (layer, dy, x) token matrices, to draw its token sampler on the side (estimation.py).
     token_probe: Callable[[VCASLinear, Tensor, Tensor], None] | None = None
+    # The model's samplers, in block (forward) order: each registers itself.
+    samplers: list[BlockSampler] = field(default_factory=list)
+    # Whether layers of the exact blocks at the model's end may take the plain autograd ops
+    # (see exact_tail); the variance estimation turns it off for its forward, whose backward
+    # passes record every sampler's norms and every Linear's token draw.
+    plain_exact: bool = True
+    # block -> backward FLOPs of its layers that ran plain autograd ops in this forward, handed
+    # to the block's sampler (which tallies them in backward as dense and done).
+    plain_flops: dict[int, float] = field(default_factory=dict)
 
     def take_tally(self) -> BackwardTally:
         """The tally since the last call, and a fresh one started."""
         tally, self.tally = self.tally, BackwardTally()
         return tally
 
+    def exact_tail(self, block: int) -> bool:
+        """Whether a training step's backward keeps every row of ``block``'s gradient: this block and
+        every block after it run exact (ratio above ``sample_max_ratio``, or 1).
+
+        No later sampler drops a row, so every row of the block's gradient is computed anyway:
+        its layers can run autograd's own ops (:meth:`VCASLinear.forward`), and its sampler
+        needs no norms to find zero rows (:meth:`BlockSampler.draw`). Only in mode FULL; a
+        block without a sampler is not exact.
+        """
+        if self.mode is not Mode.FULL:
+            return False
+        found = False
+        for sampler in self.samplers:
+            if sampler.index >= block:
+                if sampler.drawn_ratio < 1.0:
+                    return False
+                found = found or sampler.index == block
+        return found
+
+    def plain_layer(self, block: int) -> bool:
+        """Whether a layer of ``block`` runs autograd's own ops in this training forward: an
+        exact tail block, not inside a compacted block's run, not during the estimation."""
+        return self.plain_exact and self.cache is None and self.exact_tail(block)
+
+    def add_plain_flops(self, block: int, flops: float) -> None:
+        """Book a plain layer's backward FLOPs for its block's sampler to tally."""
+        self.plain_flops[block] = self.plain_flops.get(block, 0.0) + flops
+
 
 class _SampleGradient(torch.autograd.Function):
     """Identity forward; the block sampler's soft top-k row sampling in backward."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, sampler: BlockSampler) -> Tensor:
-        ctx.sampler = sampler
+    def forward(ctx: Any, x: Tensor, sampler: BlockSampler, plain_flops: float) -> Tensor:
+        ctx.sampler, ctx.plain_flops = sampler, plain_flops
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return ctx.sampler.sample(grad), None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        if ctx.plain_flops:  # the block's plain layers' backward, which runs next: dense = done
+            tally = ctx.sampler.runtime.tally
+            tally.dense += ctx.plain_flops
+            tally.done += ctx.plain_flops
+        return ctx.sampler.sample(grad), None, None
 
 
 class BlockSampler:
@@ -133,6 +174,7 @@ class BlockSampler:
         # Whether the sampled output is the only way gradient enters the block's layers; not
         # when other items of a tuple output carry gradient (they are not sampled).
         self.sole_path = True
+        runtime.samplers.append(self)
 
     def __repr__(self) -> str:
         return f"BlockSampler(index={self.index}, name={self.name!r}, ratio={self.ratio:g})"
@@ -147,14 +189,15 @@ class BlockSampler:
         """Forward hook: route the block's output (or the first item of a tuple) through the sampler."""
         if not (module.training and torch.is_grad_enabled()):
             return output
+        plain_flops = self.runtime.plain_flops.pop(self.index, 0.0)
         if isinstance(output, Tensor):
             self.sole_path = True
-            return _SampleGradient.apply(output, self)
+            return _SampleGradient.apply(output, self, plain_flops)
         if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
             self.sole_path = not _carries_grad(output[1:])
             if not self.sole_path:
                 self.runtime.alive.pop(self.index, None)
-            return (_SampleGradient.apply(output[0], self), *output[1:])
+            return (_SampleGradient.apply(output[0], self, plain_flops), *output[1:])
         return output
 
     def _record(self, n: int, alive: Tensor | None) -> None:
@@ -164,31 +207,40 @@ class BlockSampler:
     def draw(self, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """Soft top-k over the per-sample gradient norms: the kept rows and their ``1/p`` scales.
 
-        ``(None, None)``: every row, unscaled (exact mode). At ratio 1 the scales are None
-        (all 1) and the rows those with a non-zero gradient (None if all are).
+        ``(None, None)``: every row, unscaled (exact mode, or an exact tail block: see
+        :meth:`VCASRuntime.exact_tail`). At ratio 1 elsewhere the scales are None (all 1) and
+        the rows those with a non-zero gradient (None if all are).
         """
         runtime = self.runtime
         n = grad.shape[0]
         self._record(n, None)
         if runtime.mode is Mode.EXACT and not runtime.record_norms:
             return None, None
+        if not runtime.record_norms and runtime.exact_tail(self.index):
+            # No later block dropped a row, so a norm pass to find zero rows finds none worth it.
+            self._tally_rows(n, n)
+            return None, None
         norms = row_norms(grad.detach())
         if runtime.record_norms:
             runtime.norms[self.index] = norms.double().cpu()
         if runtime.mode is Mode.EXACT:
             return None, None
-        tally = runtime.tally
-        tally.samples += n if self.last else 0
-        rows = tally.rows.setdefault(self.index, [0, 0])
-        rows[1] += n
         ratio = self.drawn_ratio
         alive, scale = activation_sample(grad, ratio, runtime.activation_generator, norms=norms)
-        rows[0] += alive.numel()
+        self._tally_rows(alive.numel(), n)
         every = alive.numel() == n
         self._record(n, None if every else alive)
         if ratio >= 1.0:  # nothing drawn: every non-zero row kept with scale 1
             return (None if every else alive), None
         return alive, scale
+
+    def _tally_rows(self, kept: int, n: int) -> None:
+        """Count the rows kept of the ``n`` seen (and the batch's samples at the last block)."""
+        tally = self.runtime.tally
+        tally.samples += n if self.last else 0
+        rows = tally.rows.setdefault(self.index, [0, 0])
+        rows[0] += kept
+        rows[1] += n
 
     def sample(self, grad: Tensor) -> Tensor:
         """The gradient with the dropped rows zeroed and the kept ones Horvitz-Thompson rescaled."""
@@ -414,6 +466,13 @@ class VCASLinear(nn.Linear):
         if not (self.training and torch.is_grad_enabled()):
             y = F.linear(x, self.weight, self.bias)
             return y if cache is None else cache.record(self, y)
+        if self.vcas_weight_ratio >= min(1.0, self.vcas_token_break_even):  # no token sampling
+            runtime = self.vcas_runtime
+            if runtime.plain_layer(self.vcas_block):  # every row kept: autograd's own backward
+                passes = int(x.requires_grad) + int(self.weight.requires_grad)
+                flops = 2.0 * (x.numel() // self.in_features) * self.out_features * self.in_features
+                runtime.add_plain_flops(self.vcas_block, passes * flops)
+                return F.linear(x, self.weight, self.bias)
         ready = None if cache is None else cache.replay(self, x, (*x.shape[:-1], self.out_features))
         return _VCASLinearFunction.apply(x, self.weight, self.bias, self, ready)
 
@@ -514,6 +573,13 @@ class VCASConv2d(nn.Conv2d):
         if not (self.training and torch.is_grad_enabled()):
             y = super().forward(x)
             return y if cache is None else cache.record(self, y)
+        runtime = self.vcas_runtime
+        if runtime.plain_layer(self.vcas_block):  # every row kept: autograd's own backward
+            y = super().forward(x)
+            passes = int(x.requires_grad) + int(self.weight.requires_grad)
+            per_output = 2.0 * math.prod(self.weight.shape[1:])  # (C_in / groups) * kh * kw
+            runtime.add_plain_flops(self.vcas_block, passes * per_output * y.numel())
+            return y
         ready = None if cache is None else cache.replay(self, x, self._output_shape(x))
         return _VCASConv2dFunction.apply(x, self.weight, self.bias, self, ready)
 
