@@ -6,7 +6,10 @@
 * :class:`VCASLinear` / :class:`VCASConv2d` run their backward on the samples (rows of
   dim 0) the block's sampler kept, gathered into a smaller dense tensor; the Linear also
   samples tokens for its weight gradient
-  (:func:`~greenprop.vcas.samplers.sampled_weight_grad`) with its own ratio.
+  (:func:`~greenprop.vcas.samplers.sampled_weight_grad`) with its own ratio. In the
+  exact blocks at the model's end (:meth:`VCASRuntime.exact_tail`) they run plain
+  ``F.linear`` / ``conv2d`` instead: no row is dropped there, and autograd's own
+  backward costs less than a custom Function's.
 
 The layers between them (LayerNorm, attention, GELU, dropout, residual adds) act on each
 sample separately, so a zero row stays zero on its way back through a block; that is what
@@ -102,8 +105,8 @@ class VCASRuntime:
     # The model's samplers, in block (forward) order: each registers itself.
     samplers: list[BlockSampler] = field(default_factory=list)
     # Whether layers of the exact blocks at the model's end may take the plain autograd ops
-    # (see exact_tail); the variance estimation turns it off for its forward, whose backward
-    # passes record every sampler's norms and every Linear's token draw.
+    # (see exact_tail); the variance estimation turns it off for its forward, whose sampled
+    # backward hands every Linear's tokens to its token probe.
     plain_exact: bool = True
     # block -> backward FLOPs of its layers that ran plain autograd ops in this forward, handed
     # to the block's sampler (which tallies them in backward as dense and done).
