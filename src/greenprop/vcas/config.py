@@ -52,7 +52,7 @@ class VCASConfig(MethodConfig):
     estimation_fraction: float = option(
         1.0,
         "fraction of each estimation batch's samples the variances are measured on, in (0, 1] "
-        "(ours; at least 16 samples, or the whole batch if smaller)",
+        "(ours; at least 8 samples, or the whole batch if smaller)",
     )
     token_policy: Literal["all", "measured"] = option(
         "all",

@@ -37,7 +37,9 @@ from greenprop.vcas.surgery import VCASHandle, vcas_handle
 __all__ = ["VCAS"]
 
 _STATE_FORMAT = 2
-_MIN_ESTIMATION_SAMPLES = 16  # estimation_fraction never leaves fewer (soft top-k needs a few)
+# estimation_fraction never leaves fewer: the block ratios are read off this many norms
+# (a ratio in steps of 1/8 at worst, averaged over M draws and the EMA).
+_MIN_ESTIMATION_SAMPLES = 8
 
 
 def _mean_or_none(values: Iterable[float]) -> float | None:
