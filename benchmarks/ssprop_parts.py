@@ -38,7 +38,8 @@ from torch import Tensor
 
 from _common import add_common_options, header_lines, markdown_table, save_results, start
 from _narrow_conv import _pad_rows
-from greenprop.ssprop import functional, kernels
+from greenprop import kernels
+from greenprop.ssprop import functional
 
 
 def resnet18_convs(width: int, size: int) -> list[tuple[int, int, int, int, int]]:

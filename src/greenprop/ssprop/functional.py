@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from greenprop.ssprop import kernels
+from greenprop import kernels
 
 __all__ = [
     "SELECTIONS",
