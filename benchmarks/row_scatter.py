@@ -108,7 +108,9 @@ def cases(args: argparse.Namespace) -> list[tuple[str, str, tuple[int, ...], str
     return out
 
 
-def time_case(shape: tuple[int, ...], layout: str, ratio: float, args: argparse.Namespace) -> dict[str, float]:
+def time_case(
+    shape: tuple[int, ...], layout: str, ratio: float, args: argparse.Namespace
+) -> dict[str, float]:
     """Median ms of each variant, and a check that all three agree."""
     gen = torch.Generator().manual_seed(args.seed)
     fmt = CL if layout == "channels_last" else torch.contiguous_format
@@ -135,8 +137,16 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for s in shape:
             numel *= s
         results.append(
-            {"method": method, "what": what, "shape": list(shape), "layout": layout, "ratio": ratio,
-             "mib": 4 * numel / 2**20, "kernel_serves": numel >= kernels.MIN_NUMEL, "ms": ms}
+            {
+                "method": method,
+                "what": what,
+                "shape": list(shape),
+                "layout": layout,
+                "ratio": ratio,
+                "mib": 4 * numel / 2**20,
+                "kernel_serves": numel >= kernels.MIN_NUMEL,
+                "ms": ms,
+            }
         )
         if args.progress:
             print(f"  {method} {shape} {layout} {ratio:g}: {ms}", flush=True)
@@ -155,21 +165,45 @@ def report(env: dict[str, Any], args: argparse.Namespace, results: list[dict[str
     for res in results:
         ms = res["ms"]
         z = ms["zeros"]
-        rows.append([
-            res["method"], res["what"], "x".join(map(str, res["shape"])), res["layout"], f"{res['ratio']:g}",
-            f"{res['mib']:.2f}", "yes" if res["kernel_serves"] else "no",
-            f"{ms['C++ op']:.3f}", f"{ms['index_fill_']:.3f}", f"{z:.3f}",
-            f"{ms['C++ op'] / z:.2f}", f"{ms['index_fill_'] / z:.2f}",
-        ])
-    header = ["method", "tensor", "shape", "layout", "r / keep", "MiB", "kernel",
-              "C++ op", "index_fill_", "zeros", "C++/zeros", "fill/zeros"]
+        rows.append(
+            [
+                res["method"],
+                res["what"],
+                "x".join(map(str, res["shape"])),
+                res["layout"],
+                f"{res['ratio']:g}",
+                f"{res['mib']:.2f}",
+                "yes" if res["kernel_serves"] else "no",
+                f"{ms['C++ op']:.3f}",
+                f"{ms['index_fill_']:.3f}",
+                f"{z:.3f}",
+                f"{ms['C++ op'] / z:.2f}",
+                f"{ms['index_fill_'] / z:.2f}",
+            ]
+        )
+    header = [
+        "method",
+        "tensor",
+        "shape",
+        "layout",
+        "r / keep",
+        "MiB",
+        "kernel",
+        "C++ op",
+        "index_fill_",
+        "zeros",
+        "C++/zeros",
+        "fill/zeros",
+    ]
     lines += markdown_table(header, rows)
     return "\n".join([*lines, ""])
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--rs", type=float, nargs="+", default=[0.5, 0.8], help="VCAS kept sample ratios (0.5 0.8)")
+    p.add_argument(
+        "--rs", type=float, nargs="+", default=[0.5, 0.8], help="VCAS kept sample ratios (0.5 0.8)"
+    )
     p.add_argument("--keeps", type=float, nargs="+", default=[0.6, 0.4], help="ssProp keep ratios (0.6 0.4)")
     p.add_argument("--repeats", type=int, default=21, help="timed calls per variant and case (21)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per variant first (2)")

@@ -2,19 +2,19 @@
 
 ssProp's channel scoring and gather, and the row scatter that ssProp and VCAS share
 (:func:`greenprop.rows.scatter_rows`). ``_channel_ops.cpp`` registers through
-``torch.library``: ``greenprop.channel_abs_sum`` (``sum |dy|`` per channel in one read, no temporary ``|dy|`` tensor),
-``greenprop.topk_channels`` (those scores and the top-k choice in one call),
-``greenprop.gather_channels`` (the kept channels of ``dy``, copied as runs of
-consecutive channels) and ``greenprop.scatter_rows_`` (kept rows written into a
-full-size tensor, every other row zeroed, each byte written once). :func:`load`
+``torch.library``: ``greenprop.channel_abs_sum`` (``sum |dy|`` per channel in one read,
+no temporary ``|dy|`` tensor), ``greenprop.topk_channels`` (those scores and the top-k
+choice in one call), ``greenprop.gather_channels`` (the kept channels of ``dy``, copied
+as runs of consecutive channels) and ``greenprop.scatter_rows_`` (kept rows written into
+a full-size tensor, every other row zeroed, each byte written once). :func:`load`
 compiles it once with :func:`torch.utils.cpp_extension.load` (needs a C++ compiler and
 ninja; the build is cached in ``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``). Where that fails,
-or with ``GREENPROP_NO_KERNELS=1``, :func:`load` logs one line and returns False and
-the callers compute through PyTorch ops (``abs().sum()``, ``index_select``, ``zeros_like``
-plus ``index_copy_``): the same results (tested), slower. Tensors under
-:data:`MIN_NUMEL` elements always take the PyTorch ops (what the ops save there is
-negligible), so small models and most unit tests never trigger the build.
+``~/.cache/torch_extensions``). Where that fails, or with ``GREENPROP_NO_KERNELS=1``,
+:func:`load` logs one line and returns False and the callers compute through PyTorch
+ops (``abs().sum()``, ``index_select``, ``zeros`` plus ``index_copy_``): the same
+results (tested), slower. Tensors under :data:`MIN_NUMEL` elements always take the
+PyTorch ops (what the ops save there is negligible), so small models and most unit
+tests never trigger the build.
 
 Scoring and gathering take a contiguous ``(outer, C, inner)`` view: NCHW ``(N, C, H*W)``,
 channels_last and Linear rows ``(rows, C, 1)``; the scatter a contiguous ``(rows, m)``

@@ -5,11 +5,17 @@ full size with zeros in the other rows: ssProp's weight gradient (the kept outpu
 channels), VCAS's input gradient (the kept samples). :func:`scatter_rows` does it in
 the template's memory format. On CPU, for large floating tensors, the C++
 ``scatter_rows_`` op of :mod:`greenprop.kernels` writes each byte of a fresh empty
-tensor once; elsewhere (GPU, ``GREENPROP_NO_KERNELS=1``, small tensors) ``new_zeros``
-plus ``index_copy_``.
+tensor once; elsewhere (GPU, ``GREENPROP_NO_KERNELS=1``, small tensors) ``zeros`` plus
+``index_copy_``. Measured on both methods' shapes (``benchmarks/row_scatter.py``,
+docs/benchmarks.md): the op takes 0.45-0.76 of the fallback's time; zeroing only the
+dropped rows with ``index_fill_`` instead takes 0.8-0.9 of it at ratio 0.8 on VCAS's
+input gradients but as long or longer at 0.5 and on ssProp's weight gradients (up to
+2x), and its ``nonzero`` would make a GPU wait, so it is not used.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -27,7 +33,7 @@ def physical_channels_last(t: Tensor) -> bool:
 def row_matrix(t: Tensor) -> Tensor | None:
     """An ``(rows, -1)`` view of ``t``'s physical layout (dim 0 outermost), or None if it has none."""
     physical = t.permute(0, 2, 3, 1) if physical_channels_last(t) else t
-    return physical.view(t.shape[0], -1) if physical.is_contiguous() else None
+    return physical.view(t.shape[0], math.prod(t.shape[1:])) if physical.is_contiguous() else None
 
 
 def scatter_rows(kept: Tensor, idx: Tensor, like: Tensor | torch.Size) -> Tensor:
