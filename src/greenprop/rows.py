@@ -6,11 +6,11 @@ channels), VCAS's input gradient (the kept samples). :func:`scatter_rows` does i
 the template's memory format. On CPU, for large floating tensors, the C++
 ``scatter_rows_`` op of :mod:`greenprop.kernels` writes each byte of a fresh empty
 tensor once; elsewhere (GPU, ``GREENPROP_NO_KERNELS=1``, small tensors) ``zeros`` plus
-``index_copy_``. Measured on both methods' shapes (``benchmarks/row_scatter.py``,
-docs/benchmarks.md): the op takes 0.45-0.76 of the fallback's time; zeroing only the
-dropped rows with ``index_fill_`` instead takes 0.8-0.9 of it at ratio 0.8 on VCAS's
-input gradients but as long or longer at 0.5 and on ssProp's weight gradients (up to
-2x), and its ``nonzero`` would make a GPU wait, so it is not used.
+``index_copy_``. Measured on both methods' shapes at 1 thread (``benchmarks/row_scatter.py``,
+docs/benchmarks.md): the op takes 0.45-0.79 of the fallback's time on the tensors it
+serves; zeroing only the dropped rows with ``index_fill_`` instead takes 0.79-1.03 of it
+at ratio 0.8 on VCAS's input gradients, 0.98-1.25 at 0.5 and 0.96-1.78 on ssProp's
+weight gradients, and its ``nonzero`` would make a GPU wait, so it is not used.
 """
 
 from __future__ import annotations
