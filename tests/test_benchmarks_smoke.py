@@ -17,7 +17,8 @@ from types import ModuleType
 import pytest
 import torch
 
-from greenprop.ssprop import SparseConv2d, kernels
+from greenprop import kernels
+from greenprop.ssprop import SparseConv2d
 from greenprop.vcas import VCASConfig
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -445,3 +446,12 @@ def compaction_functions_restored() -> bool:
     """The timers are gone after the run: the library's functions are its own again."""
     phases = _import("vcas_phases")
     return all(not hasattr(getattr(owner, name), "__wrapped__") for _, owner, name in phases.PHASES)
+
+
+def test_row_scatter_benchmark_times_the_three_variants_tiny(capsys):
+    if not kernels.load():
+        pytest.skip("the C++ ops could not be built here")
+    result = _import("row_scatter").main(["--small", "--repeats", "1", "--warmup", "0", "--threads", "1"])
+    assert {c["layout"] for c in result["cases"]} == {"NCHW", "channels_last", "-"}
+    assert all(set(c["ms"]) == {"C++ op", "index_fill_", "zeros"} for c in result["cases"])
+    assert "| fill/zeros |" in capsys.readouterr().out
