@@ -445,3 +445,18 @@ def compaction_functions_restored() -> bool:
     """The timers are gone after the run: the library's functions are its own again."""
     phases = _import("vcas_phases")
     return all(not hasattr(getattr(owner, name), "__wrapped__") for _, owner, name in phases.PHASES)
+
+
+def test_vcas_block_policy_benchmark_runs_tiny(tmp_path, capsys):
+    out = tmp_path / "block_policy.json"
+    argv = ["--models", "vit", "resnet", "--batch", "4", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+    result = _import("vcas_block_policy").main([*argv, "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert (
+        "#### vit" in printed and "#### resnet" in printed and "| round | block [input] params |" in printed
+    )
+    for name, blocks, timings in (("vit", 6, 1), ("resnet", 8, 7)):
+        (only,) = result["models"][name]["rounds"]
+        assert len(only["limits"]) == blocks and all(0.0 <= v <= 1.0 for v in only["limits"].values())
+        assert len(only["timings"]) == timings and only["seconds"] > 0
+    assert json.loads(out.read_text())["benchmark"] == "vcas_block_policy"

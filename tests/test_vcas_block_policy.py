@@ -94,13 +94,21 @@ def test_the_timing_leaves_the_model_and_the_generators_as_they_were(digits) -> 
         sampler.ratio = 0.75
     runtime = handle.runtime
     batch = digits_batches(digits, 1, size=32)[0]
-    before = (torch.get_rng_state(), runtime.activation_generator.get_state(), runtime.weight_generator.get_state())
+    before = (
+        torch.get_rng_state(),
+        runtime.activation_generator.get_state(),
+        runtime.weight_generator.get_state(),
+    )
     limits = measured_block_limits(
         model, runtime, handle.samplers, lambda: cross_entropy_loss(model, batch), repeats=1, warmup=1
     )
     assert set(limits) == {s.name for s in handle.samplers}
     assert all(0.0 <= limit <= 1.0 for limit in limits.values())
-    after = (torch.get_rng_state(), runtime.activation_generator.get_state(), runtime.weight_generator.get_state())
+    after = (
+        torch.get_rng_state(),
+        runtime.activation_generator.get_state(),
+        runtime.weight_generator.get_state(),
+    )
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     assert [(s.ratio, s.sample_max_ratio) for s in handle.samplers] == [(0.75, None)] * 2
     assert runtime.tally.rows == {} and runtime.tally.dense == 0.0

@@ -24,6 +24,7 @@ import functools
 import statistics
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -119,8 +120,8 @@ def time_block(
     call: Call,
     *,
     ratios: tuple[float, ...] = BLOCK_PROBE_RATIOS,
-    repeats: int = 7,
-    warmup: int = 2,
+    repeats: int = 5,
+    warmup: int = 1,
     seed: int = 0,
 ) -> WeightGradTiming:
     """Median seconds of the block's forward + backward exact (ratio 1) and sampled at ``ratios``.
@@ -188,16 +189,17 @@ def measured_block_limits(
     runtime: VCASRuntime,
     samplers: list[BlockSampler],
     forward: Callable[[], Any],
-    cache: str | None = None,
+    cache: str | Path | TimingCache | None = None,
     **timing_options: Any,
 ) -> dict[str, float]:
-    """Each block's limit, timed on its inputs in ``forward()`` (one run without grad) or read from ``cache``.
+    """Each block's limit, timed on its inputs in ``forward()`` (one run without grad) or read from ``cache``
+    (a :class:`~greenprop.vcas.policy.TimingCache`, its file, or None: time every block here).
 
     Blocks that ``forward`` does not reach keep the runtime's limit (no entry).
     """
     blocks = {s.name: model.get_submodule(s.name) for s in samplers}
     by_name = {s.name: s for s in samplers}
-    timings = TimingCache(cache)
+    timings = cache if isinstance(cache, TimingCache) else TimingCache(cache)
     keys: dict[str, str] = {}
     with _untouched(model, runtime, samplers):
         with recorded_inputs(blocks) as calls, torch.no_grad():
