@@ -195,7 +195,8 @@ def measured_block_limits(
     """Each block's limit, timed on its inputs in ``forward()`` (one run without grad) or read from ``cache``
     (a :class:`~greenprop.vcas.policy.TimingCache`, its file, or None: time every block here).
 
-    Blocks that ``forward`` does not reach keep the runtime's limit (no entry).
+    Blocks that ``forward`` does not reach, or calls without a positional tensor first,
+    keep the runtime's limit (no entry).
     """
     blocks = {s.name: model.get_submodule(s.name) for s in samplers}
     by_name = {s.name: s for s in samplers}
@@ -206,6 +207,8 @@ def measured_block_limits(
             forward()
         found: dict[str, WeightGradTiming] = {}
         for name, call in calls.items():
+            if not call[0] or not isinstance(call[0][0], Tensor):
+                continue  # the gradient must enter through a first positional tensor: not timed
             key = keys[name] = block_key(blocks[name], call)
             if key not in found:
                 measure = functools.partial(time_block, blocks[name], by_name[name], call, **timing_options)

@@ -283,6 +283,8 @@ class VCAS(Controller):
             "activation_ratios": report["activation"],
             "weight_ratio_mean": _mean_or_none(report["weight"].values()),
             "realised_activation_ratio": realised,
+            "block_limits": self.block_limits,  # the measured block policy's (None: sample_max_ratio)
+            "block_timing_s": self.block_timing_s,
             "backward_ratio": report["backward_ratio"],
             "total_ratio_with_overhead": report["total_ratio_with_overhead"],
             "history": self.history[start_updates:],
