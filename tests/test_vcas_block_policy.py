@@ -11,7 +11,7 @@ import torch
 from fixtures import cross_entropy_loss, digits_batches, stack, tiny_vit
 from greenprop.errors import GreenpropError
 from greenprop.vcas import VCAS, VCASConfig, apply_vcas
-from greenprop.vcas.block_policy import block_limits, measured_block_limits
+from greenprop.vcas.block_policy import block_limits, measured_block_limits, recorded_inputs, time_block
 from greenprop.vcas.policy import WeightGradTiming
 from greenprop.vcas.surgery import vcas_handle
 from vcas_helpers import fixed_ratios, grad_dict, skewed
@@ -139,3 +139,20 @@ def test_measured_limits_from_the_cache_set_each_block_and_survive_a_resume(digi
     assert [s.sample_max_ratio for s in resumed.handle.samplers] == [
         s.sample_max_ratio for s in again.handle.samplers
     ]
+
+
+def test_a_block_is_timed_exact_and_sampled_through_its_training_path(digits) -> None:
+    model = apply_vcas(tiny_vit(), VCASConfig()).train()
+    handle = vcas_handle(model)
+    sampler = handle.samplers[1]
+    block = model.get_submodule(sampler.name)
+    batch = digits_batches(digits, 1, size=32)[0]
+    with recorded_inputs({sampler.name: block}) as calls, torch.no_grad():
+        cross_entropy_loss(model, batch)
+    handle.runtime.take_tally()
+    timing = time_block(block, sampler, calls[sampler.name], repeats=2, warmup=0)
+    assert timing.ratios == RATIOS and timing.dense_s > 0 and all(t > 0 for t in timing.sampled_s)
+    kept, seen = handle.runtime.tally.rows[sampler.index]
+    assert seen == 2 * 4 * 32  # 2 repeats of exact and three sampled ratios, 32 samples each
+    assert 2 * 32 < kept < seen  # exact kept every row, the sampled runs fewer
+    assert (sampler.ratio, sampler.sample_max_ratio) == (1.0, None)  # set back

@@ -126,8 +126,9 @@ def time_block(
 ) -> WeightGradTiming:
     """Median seconds of the block's forward + backward exact (ratio 1) and sampled at ``ratios``.
 
-    The sampler is forced to each ratio (its own limit lifted to 1); variants run
-    interleaved in a rotating order. The caller restores the state (:func:`_untouched`).
+    The sampler is forced to each ratio (its own limit lifted to 1) and set back after;
+    variants run interleaved in a rotating order. The generators and the runtime's tally
+    advance: :func:`measured_block_limits` puts them back.
     """
     args, _ = call
     if not args or not isinstance(args[0], Tensor):
@@ -137,16 +138,20 @@ def time_block(
     main = out[0] if isinstance(out, tuple) else out
     gen = torch.Generator().manual_seed(seed)
     grad = torch.randn(main.shape, generator=gen, dtype=main.dtype).to(main.device)
-    sampler.sample_max_ratio = 1.0
     variants = (1.0, *ratios)
     times: list[list[float]] = [[] for _ in variants]
-    for repeat in range(warmup + repeats):
-        for i in range(len(variants)):
-            j = (i + repeat) % len(variants)
-            sampler.ratio = variants[j]
-            seconds = _seconds(lambda: _forward_backward(block, call, grad), main.device.type)
-            if repeat >= warmup:
-                times[j].append(seconds)
+    before = sampler.ratio, sampler.sample_max_ratio
+    sampler.sample_max_ratio = 1.0
+    try:
+        for repeat in range(warmup + repeats):
+            for i in range(len(variants)):
+                j = (i + repeat) % len(variants)
+                sampler.ratio = variants[j]
+                seconds = _seconds(lambda: _forward_backward(block, call, grad), main.device.type)
+                if repeat >= warmup:
+                    times[j].append(seconds)
+    finally:
+        sampler.ratio, sampler.sample_max_ratio = before
     medians = [statistics.median(t) for t in times]
     return WeightGradTiming(medians[0], tuple(medians[1:]), tuple(ratios))
 
