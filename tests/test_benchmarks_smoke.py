@@ -455,3 +455,18 @@ def test_row_scatter_benchmark_times_the_three_variants_tiny(capsys):
     assert {c["layout"] for c in result["cases"]} == {"NCHW", "channels_last", "-"}
     assert all(set(c["ms"]) == {"C++ op", "index_fill_", "zeros"} for c in result["cases"])
     assert "| fill/zeros |" in capsys.readouterr().out
+
+
+def test_vcas_block_policy_benchmark_runs_tiny(tmp_path, capsys):
+    out = tmp_path / "block_policy.json"
+    argv = ["--models", "vit", "resnet", "--batch", "4", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+    result = _import("vcas_block_policy").main([*argv, "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert (
+        "#### vit" in printed and "#### resnet" in printed and "| round | block [input] params |" in printed
+    )
+    for name, blocks, timings in (("vit", 6, 1), ("resnet", 8, 7)):
+        (only,) = result["models"][name]["rounds"]
+        assert len(only["limits"]) == blocks and all(0.0 <= v <= 1.0 for v in only["limits"].values())
+        assert len(only["timings"]) == timings and only["seconds"] > 0
+    assert json.loads(out.read_text())["benchmark"] == "vcas_block_policy"

@@ -134,15 +134,18 @@ class BlockSampler:
         # Whether the sampled output is the only way gradient enters the block's layers; not
         # when other items of a tuple output carry gradient (they are not sampled).
         self.sole_path = True
+        # This block's own limit (a measured block policy, block_policy.py); None: the runtime's.
+        self.sample_max_ratio: float | None = None
 
     def __repr__(self) -> str:
         return f"BlockSampler(index={self.index}, name={self.name!r}, ratio={self.ratio:g})"
 
     @property
     def drawn_ratio(self) -> float:
-        """The ratio the draws use: ``ratio``, or 1 (exact) above the runtime's ``sample_max_ratio``,
-        where the sampling's own passes would cost more than the few rows it drops."""
-        return self.ratio if self.ratio <= self.runtime.sample_max_ratio else 1.0
+        """The ratio the draws use: ``ratio``, or 1 (exact) above the block's own ``sample_max_ratio``
+        (else the runtime's), where the sampling's own passes would cost more than the few rows it drops."""
+        limit = self.runtime.sample_max_ratio if self.sample_max_ratio is None else self.sample_max_ratio
+        return self.ratio if self.ratio <= limit else 1.0
 
     def hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         """Forward hook: route the block's output (or the first item of a tuple) through the sampler."""
