@@ -45,7 +45,8 @@ from _common import (
     start,
 )
 from _narrow_conv import NarrowConv2d
-from greenprop.ssprop import SparseConv2d, kernels
+from greenprop import kernels
+from greenprop.ssprop import SparseConv2d
 from greenprop.ssprop.functional import keep_count
 
 DEFAULT_KEEPS = (1.0, 0.8, 0.6, 0.4, 0.2)

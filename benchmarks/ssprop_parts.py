@@ -38,7 +38,9 @@ from torch import Tensor
 
 from _common import add_common_options, header_lines, markdown_table, save_results, start
 from _narrow_conv import _pad_rows
-from greenprop.ssprop import functional, kernels
+from greenprop import kernels
+from greenprop.rows import scatter_rows
+from greenprop.ssprop import functional
 
 
 def resnet18_convs(width: int, size: int) -> list[tuple[int, int, int, int, int]]:
@@ -117,7 +119,7 @@ def layer_parts(
         "gather dy (index_select)": lambda: view.index_select(1, idx),
         "floor: copy dy[:, :k]": lambda: dy.narrow(1, 0, k).contiguous(memory_format=fmt),
         "weight rows (index_select)": lambda: functional._take_rows(weight, idx),
-        "scatter grad_weight (C++ op)": lambda: functional._scatter_rows(weight, idx, rows),
+        "scatter grad_weight (C++ op)": lambda: scatter_rows(rows, idx, weight),
         "scatter (zeros_like + index_copy_)": lambda: torch.zeros_like(weight).index_copy_(0, idx, rows),
         "floor: zero-pad grad_weight": lambda: _pad_rows(rows, weight),
     }

@@ -59,8 +59,8 @@ from _common import (
     step_memory,
 )
 from _narrow_conv import apply_reference
-from greenprop import models
-from greenprop.ssprop import SSPropConfig, apply_ssprop, kernels, sparse_layers
+from greenprop import kernels, models
+from greenprop.ssprop import SSPropConfig, apply_ssprop, sparse_layers
 
 #: Targets for greenprop's step time relative to dense, per keep.
 TARGET_B_OVER_A: dict[float, float] = {0.6: 0.88, 0.4: 0.80}

@@ -17,7 +17,8 @@ from types import ModuleType
 import pytest
 import torch
 
-from greenprop.ssprop import SparseConv2d, kernels
+from greenprop import kernels
+from greenprop.ssprop import SparseConv2d
 from greenprop.vcas import VCASConfig
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -445,3 +446,27 @@ def compaction_functions_restored() -> bool:
     """The timers are gone after the run: the library's functions are its own again."""
     phases = _import("vcas_phases")
     return all(not hasattr(getattr(owner, name), "__wrapped__") for _, owner, name in phases.PHASES)
+
+
+def test_row_scatter_benchmark_times_the_three_variants_tiny(capsys):
+    if not kernels.load():
+        pytest.skip("the C++ ops could not be built here")
+    result = _import("row_scatter").main(["--small", "--repeats", "1", "--warmup", "0", "--threads", "1"])
+    assert {c["layout"] for c in result["cases"]} == {"NCHW", "channels_last", "-"}
+    assert all(set(c["ms"]) == {"C++ op", "index_fill_", "zeros"} for c in result["cases"])
+    assert "| fill/zeros |" in capsys.readouterr().out
+
+
+def test_vcas_block_policy_benchmark_runs_tiny(tmp_path, capsys):
+    out = tmp_path / "block_policy.json"
+    argv = ["--models", "vit", "resnet", "--batch", "4", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+    result = _import("vcas_block_policy").main([*argv, "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert (
+        "#### vit" in printed and "#### resnet" in printed and "| round | block [input] params |" in printed
+    )
+    for name, blocks, timings in (("vit", 6, 1), ("resnet", 8, 7)):
+        (only,) = result["models"][name]["rounds"]
+        assert len(only["limits"]) == blocks and all(0.0 <= v <= 1.0 for v in only["limits"].values())
+        assert len(only["timings"]) == timings and only["seconds"] > 0
+    assert json.loads(out.read_text())["benchmark"] == "vcas_block_policy"

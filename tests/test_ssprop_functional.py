@@ -13,7 +13,6 @@ from greenprop.ssprop.functional import (
     _LINEAR_OP,
     ChannelSelector,
     _conv2d_op,
-    _scatter_rows,
     _SparseFunction,
     _take_rows,
     channel_scores,
@@ -124,14 +123,6 @@ def test_weight_rows_keep_the_channels_last_layout():
     rows = _take_rows(w, idx)
     assert torch.equal(rows, w[idx]) and rows.is_contiguous(memory_format=CL)
     assert _take_rows(w.contiguous(), idx).is_contiguous()
-
-
-def test_scatter_writes_kept_rows_and_zeroes_the_rest():
-    full = torch.randn(6, 2, 3, 3).contiguous(memory_format=CL)
-    rows = torch.randn(3, 2, 3, 3)
-    out = _scatter_rows(full, torch.tensor([0, 2, 5]), rows)
-    assert torch.equal(out[[0, 2, 5]], rows) and torch.count_nonzero(out[[1, 3, 4]]) == 0
-    assert out.is_contiguous(memory_format=CL)
 
 
 # ---------------------------------------------------------------- conv backward

@@ -11,9 +11,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from greenprop.ssprop import SparseConv2d, kernels
+from greenprop import kernels
+from greenprop.rows import scatter_rows
+from greenprop.ssprop import SparseConv2d
 from greenprop.ssprop.functional import (
-    _scatter_rows,
     channel_scores,
     channel_scores_torch,
     gather_channels,
@@ -202,7 +203,7 @@ def test_gather_and_scatter_use_the_ops_and_keep_the_layout(memory_format, any_s
     assert torch.equal(g, t[:, idx]) and g.is_contiguous(memory_format=memory_format)
     full = torch.randn(8, 3, 3, 3).contiguous(memory_format=memory_format)
     rows = torch.randn(4, 3, 3, 3)  # NCHW rows into a channels_last gradient are converted
-    out = _scatter_rows(full, idx, rows)
+    out = scatter_rows(rows, idx, full)
     assert torch.equal(out[idx], rows) and torch.count_nonzero(out[[3, 4, 5, 7]]) == 0
     assert out.is_contiguous(memory_format=memory_format)
     assert used == ["gather_channels", "scatter_rows_"]
@@ -286,7 +287,7 @@ def test_a_failed_build_falls_back_with_one_logged_line(fresh_loader, any_size, 
     monkeypatch.setattr(kernels, "_build", broken_build)
     monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
     dy = torch.randn(2, 5, 3, 3)
-    with caplog.at_level(logging.WARNING, logger="greenprop.ssprop.kernels"):
+    with caplog.at_level(logging.WARNING, logger="greenprop.kernels"):
         scores = channel_scores(dy)
         assert not kernels.available(dy) and not kernels.load()
     torch.testing.assert_close(scores, dy.abs().sum((0, 2, 3)))
@@ -299,7 +300,7 @@ def test_a_failed_build_falls_back_with_one_logged_line(fresh_loader, any_size, 
 def test_the_environment_switch_skips_the_build(fresh_loader, monkeypatch, caplog):
     monkeypatch.setattr(kernels, "_build", lambda: pytest.fail("built although disabled"))
     monkeypatch.setenv(kernels.DISABLE_ENV, "1")
-    with caplog.at_level(logging.WARNING, logger="greenprop.ssprop.kernels"):
+    with caplog.at_level(logging.WARNING, logger="greenprop.kernels"):
         assert not kernels.load()
     assert kernels.DISABLE_ENV in caplog.records[0].getMessage()
 

@@ -497,16 +497,3 @@ def test_one_pass_rescaling_equals_the_gather_scale_scatter(
     assert torch.equal(vcas_layers.scaled_rows(grad, alive, scale), old_kept)
 
 
-@settings(max_examples=40, deadline=None)
-@given(batch=st.integers(1, 9), seed=st.integers(0, 2**16), channels_last=st.booleans())
-def test_scatter_rows_zeroes_exactly_the_dropped_rows(batch: int, seed: int, channels_last: bool) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    like = torch.full((batch, 3, 2, 2), float("nan"))  # the scatter must not read it
-    if channels_last:
-        like = like.contiguous(memory_format=torch.channels_last)
-    rows = torch.randperm(batch, generator=gen)[: int(torch.randint(0, batch + 1, (1,), generator=gen))]
-    part = torch.randn(rows.numel(), 3, 2, 2, generator=gen)
-    want = torch.zeros(like.shape).index_copy_(0, rows, part)
-    for shape in (like, like.shape):
-        torch.testing.assert_close(vcas_layers._scatter_rows(rows, part, shape), want, rtol=0, atol=0)
-    assert vcas_layers._scatter_rows(None, part, like) is part

@@ -104,7 +104,9 @@ def _batches(digits, size: int) -> Iterator[tuple[Tensor, Tensor]]:
     yield from digits_batches(digits, 8, size=size)
 
 
-@pytest.mark.parametrize(("fraction", "size", "estimated"), [(1.0, 64, 64), (0.25, 64, 16), (0.25, 24, 16)])
+@pytest.mark.parametrize(
+    ("fraction", "size", "estimated"), [(1.0, 64, 64), (0.25, 64, 16), (0.25, 24, 8), (0.25, 6, 6)]
+)
 def test_estimation_fraction_estimates_on_the_first_samples(digits, fraction, size, estimated) -> None:
     model = apply_vcas(tiny_vit(), VCASConfig(update_every=1, estimation_fraction=fraction))
     vcas = VCAS(model)

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from greenprop.ssprop import kernels
+from greenprop import kernels
+from greenprop.rows import physical_channels_last, scatter_rows
 
 __all__ = [
     "SELECTIONS",
@@ -68,11 +69,6 @@ def keep_count(keep: float, channels: int, round_to: int = 1) -> int:
     return min(k, channels)
 
 
-def _physical_channels_last(t: Tensor) -> bool:
-    """True when a 4-D tensor's channels are its innermost physical dimension."""
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
 def _channel_view(t: Tensor, channel_dim: int) -> Tensor:
     """An ``(outer, C, inner)`` view of ``t``'s physical layout.
 
@@ -82,7 +78,7 @@ def _channel_view(t: Tensor, channel_dim: int) -> Tensor:
     c = t.shape[channel_dim]
     if channel_dim == t.dim() - 1:
         return t.reshape(-1, c, 1)  # Linear: rows are samples/tokens, columns are features
-    if channel_dim == 1 and _physical_channels_last(t):
+    if channel_dim == 1 and physical_channels_last(t):
         return t.permute(0, 2, 3, 1).reshape(-1, c, 1)
     return t.contiguous().view(math.prod(t.shape[:channel_dim]), c, -1)
 
@@ -93,7 +89,7 @@ def channel_scores(grad_output: Tensor, channel_dim: int = 1) -> Tensor:
     A sum ranks exactly like the paper's mean. The reduction follows the physical
     layout (see the module docstring) and accumulates in float32 so bfloat16 gradients
     do not produce spurious ties. On CPU it is one read of ``dy`` in the C++ op of
-    :mod:`greenprop.ssprop.kernels` when that is built; otherwise (and on other devices)
+    :mod:`greenprop.kernels` when that is built; otherwise (and on other devices)
     ``|dy|`` is materialised and summed with PyTorch ops.
     """
     view, use_kernel = _scoring_view(grad_output, channel_dim)
@@ -172,7 +168,7 @@ def gather_channels(t: Tensor, idx: Tensor, channel_dim: int = 1) -> Tensor:
 
     Gathers run on the contiguous physical ``(outer, C, inner)`` view of
     :func:`_channel_view` (for channels_last the ``(N*H*W, C)`` matrix): on CPU in the C++
-    op of :mod:`greenprop.ssprop.kernels` when that is built, otherwise ``index_select``.
+    op of :mod:`greenprop.kernels` when that is built, otherwise ``index_select``.
     """
     if channel_dim < 0:
         channel_dim += t.dim()
@@ -181,7 +177,7 @@ def gather_channels(t: Tensor, idx: Tensor, channel_dim: int = 1) -> Tensor:
         kept = kernels.gather_channels(view, idx)
     else:
         kept = view.index_select(1, idx)
-    if channel_dim == 1 and _physical_channels_last(t):
+    if channel_dim == 1 and physical_channels_last(t):
         n, _, h, w = t.shape
         return kept.view(n, h, w, -1).permute(0, 3, 1, 2)
     shape = list(t.shape)
@@ -196,36 +192,9 @@ def _take_rows(t: Tensor, idx: Tensor) -> Tensor:
     ``convolution_backward`` would copy back to channels_last before running.
     (``index_select`` over dim 0 copies whole rows already; the C++ gather is no faster.)
     """
-    if _physical_channels_last(t):
+    if physical_channels_last(t):
         return t.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
     return t.index_select(0, idx)
-
-
-def _row_matrix(t: Tensor) -> Tensor | None:
-    """An ``(rows, -1)`` view of ``t``'s physical layout (dim 0 outermost), or None if it has none."""
-    physical = t.permute(0, 2, 3, 1) if _physical_channels_last(t) else t
-    return physical.view(t.shape[0], -1) if physical.is_contiguous() else None
-
-
-def _scatter_rows(full_like: Tensor, idx: Tensor, rows: Tensor) -> Tensor:
-    """Zeros shaped (and laid out) like ``full_like`` with ``rows`` written at ``idx`` (dim 0).
-
-    On CPU the C++ ``scatter_rows_`` op writes each byte of a fresh ``empty_like`` once
-    (kept rows copied, the others zeroed), as the first-k floor's padding does; without
-    it, ``zeros_like`` plus ``index_copy_``. (Zeroing only the dropped rows with
-    ``index_fill_`` measured slower: it is slower per byte than the memset of ``zeros_like``.)
-    """
-    rows = rows.to(full_like.dtype)
-    if kernels.available(rows):
-        out = torch.empty_like(full_like)
-        fmt = torch.channels_last if _physical_channels_last(out) else torch.contiguous_format
-        out_matrix, rows_matrix = _row_matrix(out), _row_matrix(rows.contiguous(memory_format=fmt))
-        if out_matrix is not None and rows_matrix is not None:
-            kernels.scatter_rows_(out_matrix, idx, rows_matrix)
-            return out
-    out = torch.zeros_like(full_like)
-    out.index_copy_(0, idx, rows)
-    return out
 
 
 def _bias_sizes(bias_present: bool, channels: int) -> list[int] | None:
@@ -278,9 +247,9 @@ def conv2d_sparse_backward(
     )
     if idx is not None:
         if need_w:
-            gw = _scatter_rows(weight, idx, gw)
+            gw = scatter_rows(gw, idx, weight)
         if need_b:
-            gb = _scatter_rows(weight.new_empty(c_out), idx, gb)
+            gb = scatter_rows(gb.to(weight.dtype), idx, torch.Size([c_out]))
     return (gi if need_in else None, gw if need_w else None, gb if need_b else None)
 
 
@@ -317,9 +286,9 @@ def linear_sparse_backward(
         gb = dy.sum(0)
     if idx is not None:
         if gw is not None:
-            gw = _scatter_rows(weight, idx, gw)
+            gw = scatter_rows(gw, idx, weight)
         if gb is not None:
-            gb = _scatter_rows(weight.new_empty(out_f), idx, gb)
+            gb = scatter_rows(gb.to(weight.dtype), idx, torch.Size([out_f]))
     return gi, gw, gb
 
 

@@ -46,6 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from greenprop.errors import GreenpropError
+from greenprop.rows import scatter_rows
 from greenprop.vcas.direct import DirectRule, KeptRows, rule_for
 from greenprop.vcas.layers import (
     BlockSampler,
@@ -53,7 +54,6 @@ from greenprop.vcas.layers import (
     VCASRuntime,
     _carries_grad,
     _gather_rows,
-    _scatter_rows,
     scaled_rows,
 )
 
@@ -367,7 +367,7 @@ class _CompactedBlock(torch.autograd.Function):
         for t, sliced, need in zip(tensors, run.per_sample, needs, strict=True):
             g = grads.pop(0) if need else None
             if g is not None and sliced and rows is not None:
-                g = g.new_zeros(t.shape).index_copy_(0, rows, g)
+                g = scatter_rows(g, rows, t)
             result.append(g)
         return (None, *result, *grads)
 
@@ -427,7 +427,7 @@ class _DirectBlock(torch.autograd.Function):
             runtime.compact.pop(block, None)
         owner.dense_per_row = (runtime.tally.dense - dense_before) / batch
         if grad_x is not None and rows is not None:
-            grad_x = _scatter_rows(rows, grad_x, shape)
+            grad_x = scatter_rows(grad_x, rows, shape)
         return (None, None, None, grad_x if need_x else None, *(grads.get(p) for p in ctx.params))
 
 

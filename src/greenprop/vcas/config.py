@@ -19,7 +19,8 @@ class VCASConfig(MethodConfig):
     ratios 1) and the controller lowers the ratios while the extra variance stays small.
     Each field's help (also listed by ``greenprop methods``) says what it does and marks
     the values that are our choices rather than the paper's (``min_ratio``, ``seed``,
-    ``check_rows``, ``estimation_fraction``, ``token_policy``, ``timing_cache``).
+    ``check_rows``, ``estimation_fraction``, ``token_policy``, ``timing_cache``,
+    ``block_policy``).
 
     Notes:
         ``s`` is the norm mass: the fraction of gradient-norm mass the kept samples must
@@ -52,7 +53,7 @@ class VCASConfig(MethodConfig):
     estimation_fraction: float = option(
         1.0,
         "fraction of each estimation batch's samples the variances are measured on, in (0, 1] "
-        "(ours; at least 16 samples, or the whole batch if smaller)",
+        "(ours; at least 8 samples, or the whole batch if smaller)",
     )
     token_policy: Literal["all", "measured"] = option(
         "all",
@@ -60,7 +61,7 @@ class VCASConfig(MethodConfig):
         "gradient at its shapes on this machine shows sampling is faster (ours)",
     )
     timing_cache: str | None = option(
-        None, "JSON file of the token policy's timings, read and extended (none: time every run)"
+        None, "JSON file of the token and block policies' timings, read and extended (none: time every run)"
     )
     seed: int = option(0, "seed of the samplers", default_text="the run's seed")
     compact: bool = option(
@@ -91,6 +92,12 @@ class VCASConfig(MethodConfig):
         "(ours: near ratio 1 the sampler's norms, draw and gathers cost more than the few rows "
         "they drop; the direct step's measured break-even on CPU: about 0.7 on the zoo ResNet-18-GN, "
         "0.85 on the ViT, 0.9 on MiniLM); 1: always sample",
+    )
+    block_policy: Literal["fixed", "measured"] = option(
+        "fixed",
+        "fixed: every block samples only while its ratio is at most sample_max_ratio; measured: each "
+        "block's own limit is where a timing of its forward + backward on the first update's batch "
+        "shows sampling is faster than running it exact (ours; timings kept in timing_cache)",
     )
     check_rows: bool = option(
         False, "true: every sampled layer verifies that skipped rows carry no gradient (debug)"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -28,6 +29,7 @@ from greenprop.surgery import not_converted
 from greenprop.train.distributed import pooled_over_ranks
 from greenprop.vcas import control
 from greenprop.vcas.accounting import VCASFlops
+from greenprop.vcas.block_policy import measured_block_limits, set_block_limits
 from greenprop.vcas.config import VCASConfig
 from greenprop.vcas.estimation import GradientDraws, pick_entries, two_backwards, variance_ratios
 from greenprop.vcas.layers import BackwardTally, VCASRuntime
@@ -37,7 +39,9 @@ from greenprop.vcas.surgery import VCASHandle, vcas_handle
 __all__ = ["VCAS"]
 
 _STATE_FORMAT = 2
-_MIN_ESTIMATION_SAMPLES = 16  # estimation_fraction never leaves fewer (soft top-k needs a few)
+# estimation_fraction never leaves fewer: the block ratios are read off this many norms
+# (a ratio in steps of 1/8 at worst, averaged over M draws and the EMA).
+_MIN_ESTIMATION_SAMPLES = 8
 
 
 def _mean_or_none(values: Iterable[float]) -> float | None:
@@ -98,6 +102,10 @@ class VCAS(Controller):
         self._run: RunContext | None = None
         #: Each Linear's break-even token ratio once the measured token policy has run (policy.py).
         self.token_break_even: dict[str, float] | None = None
+        #: Each block's own sampling limit once the measured block policy has run (block_policy.py),
+        #: and the seconds its timing took (None: read from the state, not timed in this process).
+        self.block_limits: dict[str, float] | None = None
+        self.block_timing_s: float | None = None
         self._epoch_start: tuple[BackwardTally, int] = (BackwardTally(), 0)
 
     # ------------------------------------------------------------------ state
@@ -152,6 +160,8 @@ class VCAS(Controller):
                 ) from None
             # Counted later, on first use: FlopCounterMode is slow and this method is timed.
             account.remember_batch(batch, loss_fn)
+            if repeat == 0 and self.config.block_policy == "measured" and self.block_limits is None:
+                self._apply_block_policy(batch, loss_fn)
             full, batch = self._estimation_part(batch)
             measure = repeat == 0 and self.config.token_policy == "measured" and self.token_break_even is None
             record = self.handle.linears if measure else {}
@@ -180,6 +190,24 @@ class VCAS(Controller):
         """
         decided = pooled_over_ranks([measured_break_evens(shapes, self.config.timing_cache)])[0]
         self._set_break_even(decided)
+
+    def _apply_block_policy(self, batch: Any, loss_fn: BatchLoss) -> None:
+        """Time each distinct block on its input from this (full) training batch, or read the
+        timing cache; set every block's own sampling limit. Under DDP every rank takes rank 0's."""
+        start = time.perf_counter()
+        limits = measured_block_limits(
+            self.model,
+            self.runtime,
+            self.handle.samplers,
+            lambda: loss_fn(self.model, batch),
+            self.config.timing_cache,
+        )
+        self._set_block_limits(pooled_over_ranks([limits])[0])
+        self.block_timing_s = time.perf_counter() - start
+
+    def _set_block_limits(self, limits: dict[str, float]) -> None:
+        self.block_limits = dict(limits)
+        set_block_limits(self.handle.samplers, limits)
 
     def _set_break_even(self, decided: dict[str, float]) -> None:
         self.token_break_even = dict(decided)
@@ -255,6 +283,8 @@ class VCAS(Controller):
             "activation_ratios": report["activation"],
             "weight_ratio_mean": _mean_or_none(report["weight"].values()),
             "realised_activation_ratio": realised,
+            "block_limits": self.block_limits,  # the measured block policy's (None: sample_max_ratio)
+            "block_timing_s": self.block_timing_s,
             "backward_ratio": report["backward_ratio"],
             "total_ratio_with_overhead": report["total_ratio_with_overhead"],
             "history": self.history[start_updates:],
@@ -280,6 +310,7 @@ class VCAS(Controller):
             "flops": self.flop_account.state_dict(),
             "history": list(self.history),
             "token_break_even": self.token_break_even,
+            "block_limits": self.block_limits,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -305,3 +336,5 @@ class VCAS(Controller):
         self.history = list(state["history"])
         if state.get("token_break_even") is not None:  # the measured policy, not measured again
             self._set_break_even(state["token_break_even"])
+        if state.get("block_limits") is not None:  # the measured block policy, not timed again
+            self._set_block_limits(state["block_limits"])

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from greenprop.errors import GreenpropError
+from greenprop.rows import scatter_rows
 from greenprop.vcas.samplers import activation_sample, row_norms, sampled_weight_grad
 
 __all__ = [
@@ -119,7 +120,7 @@ class VCASRuntime:
 
     def exact_tail(self, block: int) -> bool:
         """Whether a training step's backward keeps every row of ``block``'s gradient: this block and
-        every block after it run exact (ratio above ``sample_max_ratio``, or 1).
+        every block after it run exact (``BlockSampler.drawn_ratio`` 1: ratio 1, or above the block's limit).
 
         No later sampler drops a row, so every row of the block's gradient is computed anyway:
         its layers can run autograd's own ops (:meth:`VCASLinear.forward`), and its sampler
@@ -177,6 +178,8 @@ class BlockSampler:
         # Whether the sampled output is the only way gradient enters the block's layers; not
         # when other items of a tuple output carry gradient (they are not sampled).
         self.sole_path = True
+        # This block's own limit (a measured block policy, block_policy.py); None: the runtime's.
+        self.sample_max_ratio: float | None = None
         runtime.samplers.append(self)
 
     def __repr__(self) -> str:
@@ -184,9 +187,10 @@ class BlockSampler:
 
     @property
     def drawn_ratio(self) -> float:
-        """The ratio the draws use: ``ratio``, or 1 (exact) above the runtime's ``sample_max_ratio``,
-        where the sampling's own passes would cost more than the few rows it drops."""
-        return self.ratio if self.ratio <= self.runtime.sample_max_ratio else 1.0
+        """The ratio the draws use: ``ratio``, or 1 (exact) above the block's own ``sample_max_ratio``
+        (else the runtime's), where the sampling's own passes would cost more than the few rows it drops."""
+        limit = self.runtime.sample_max_ratio if self.sample_max_ratio is None else self.sample_max_ratio
+        return self.ratio if self.ratio <= limit else 1.0
 
     def hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         """Forward hook: route the block's output (or the first item of a tuple) through the sampler."""
@@ -340,21 +344,6 @@ def _gather_rows(rows: Tensor | None, *tensors: Tensor) -> tuple[Tensor, ...]:
     return tensors if rows is None else tuple(t.index_select(0, rows) for t in tensors)
 
 
-def _scatter_rows(rows: Tensor | None, part: Tensor, like: Tensor | torch.Size) -> Tensor:
-    """``part`` (the kept samples' rows) back in place in a zero tensor shaped like ``like``.
-
-    Only the dropped rows are zeroed (``new_zeros`` would write the kept ones twice: 0.68 of
-    its time for a ResNet stage's input gradient at ratio 0.8).
-    """
-    if rows is None:
-        return part
-    shape = like if isinstance(like, torch.Size) else like.shape
-    dropped = torch.ones(shape[0], dtype=torch.bool, device=part.device)
-    dropped[rows] = False
-    out = part.new_empty(shape).index_copy_(0, rows, part)
-    return out.index_fill_(0, dropped.nonzero().squeeze(1), 0)
-
-
 def _save(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, layer: nn.Module) -> None:
     """What both layers' backward needs: the input, the weight, the layer, whether there is a bias."""
     ctx.save_for_backward(x, weight)
@@ -382,7 +371,7 @@ class _VCASLinearFunction(torch.autograd.Function):
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
         grad_x, grad_w, grad_b = _linear_grads(layer, dy, xs, weight, (need_x, need_w, need_b), tokens_dense)
         if grad_x is not None:
-            grad_x = _scatter_rows(rows, grad_x, x)
+            grad_x = grad_x if rows is None else scatter_rows(grad_x, rows, x)
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -506,8 +495,10 @@ class _VCASConv2dFunction(torch.autograd.Function):
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
         dense_rows = grad_out.shape[0] * _dense_factor(layer, grad_out)
         grad_x, grad_w, grad_b = _conv_grads(layer, dy, xs, weight, (need_x, need_w, need_b), dense_rows)
-        if need_x:
-            grad_x = _scatter_rows(rows, grad_x, x) if dy.shape[0] > 0 else torch.zeros_like(x)
+        if need_x and dy.shape[0] == 0:
+            grad_x = torch.zeros_like(x)
+        elif need_x and rows is not None:
+            grad_x = scatter_rows(grad_x, rows, x)
         return grad_x, grad_w, grad_b, None, None
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -173,9 +173,12 @@ class TimingCache:
 
     def get(self, shape: WeightGradShape, **timing_options: Any) -> WeightGradTiming:
         """The cached timing of ``shape``, measured (and saved) first if there is none."""
-        key = shape.key()
+        return self.lookup(shape.key(), lambda: time_weight_grad(shape, **timing_options))
+
+    def lookup(self, key: str, measure: Callable[[], WeightGradTiming]) -> WeightGradTiming:
+        """The cached timing under ``key``, ``measure()``-d (and saved) first if there is none."""
         if key not in self.timings:
-            self.timings[key] = time_weight_grad(shape, **timing_options)
+            self.timings[key] = measure()
             if self.path is not None:
                 entries = {k: asdict(t) for k, t in self.timings.items()}
                 write_json({"format": _FORMAT, "timings": entries}, self.path)

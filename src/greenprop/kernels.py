@@ -1,20 +1,20 @@
-"""ssProp's channel scoring, gather and scatter as C++ ops, built on first use, with PyTorch fallbacks.
+"""greenprop's C++ CPU ops, built on first use, with PyTorch fallbacks.
 
-``_channel_ops.cpp`` registers through ``torch.library``: ``greenprop.channel_abs_sum``
-(``sum |dy|`` per channel in one read, no temporary ``|dy|`` tensor),
-``greenprop.topk_channels`` (those scores and the top-k choice in one call),
-``greenprop.gather_channels`` (the kept channels of ``dy``, copied as runs of
-consecutive channels) and ``greenprop.scatter_rows_`` (the kept rows of a weight
-gradient written into the full-size gradient, every other row zeroed, each byte
-written once). :func:`load`
+ssProp's channel scoring and gather, and the row scatter that ssProp and VCAS share
+(:func:`greenprop.rows.scatter_rows`). ``_channel_ops.cpp`` registers through
+``torch.library``: ``greenprop.channel_abs_sum`` (``sum |dy|`` per channel in one read,
+no temporary ``|dy|`` tensor), ``greenprop.topk_channels`` (those scores and the top-k
+choice in one call), ``greenprop.gather_channels`` (the kept channels of ``dy``, copied
+as runs of consecutive channels) and ``greenprop.scatter_rows_`` (kept rows written into
+a full-size tensor, every other row zeroed, each byte written once). :func:`load`
 compiles it once with :func:`torch.utils.cpp_extension.load` (needs a C++ compiler and
 ninja; the build is cached in ``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``). Where that fails,
-or with ``GREENPROP_NO_KERNELS=1``, :func:`load` logs one line and returns False and
-ssProp computes through PyTorch ops (``abs().sum()``, ``index_select``, ``zeros_like``
-plus ``index_copy_``): the same results (tested), slower. Tensors under
-:data:`MIN_NUMEL` elements always take the PyTorch ops (what the ops save there is
-negligible), so small models and most unit tests never trigger the build.
+``~/.cache/torch_extensions``). Where that fails, or with ``GREENPROP_NO_KERNELS=1``,
+:func:`load` logs one line and returns False and the callers compute through PyTorch
+ops (``abs().sum()``, ``index_select``, ``zeros`` plus ``index_copy_``): the same
+results (tested), slower. Tensors under :data:`MIN_NUMEL` elements always take the
+PyTorch ops (what the ops save there is negligible), so small models and most unit
+tests never trigger the build.
 
 Scoring and gathering take a contiguous ``(outer, C, inner)`` view: NCHW ``(N, C, H*W)``,
 channels_last and Linear rows ``(rows, C, 1)``; the scatter a contiguous ``(rows, m)``
@@ -101,7 +101,7 @@ def load() -> bool:
     with _lock:
         if "loaded" not in _state:
             if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
-                log.warning("greenprop: ssProp C++ kernels disabled by %s; using PyTorch ops", DISABLE_ENV)
+                log.warning("greenprop: C++ kernels disabled by %s; using PyTorch ops", DISABLE_ENV)
                 _state["loaded"] = False
             else:
                 try:
@@ -109,14 +109,14 @@ def load() -> bool:
                     _state["loaded"] = all(hasattr(torch.ops.greenprop, op) for op in _OPS)
                 except Exception as exc:  # no compiler, no ninja, a failed build: fall back
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                    log.warning("greenprop: ssProp C++ kernels unavailable (%s); using PyTorch ops", first)
+                    log.warning("greenprop: C++ kernels unavailable (%s); using PyTorch ops", first)
                     _state["loaded"] = False
         return _state["loaded"]
 
 
 @contextmanager
 def use_kernels(enabled: bool) -> Iterator[None]:
-    """Inside the block ssProp uses (or, with False, does not use) the C++ ops.
+    """Inside the block greenprop uses (or, with False, does not use) the C++ ops.
 
     For side-by-side timing and tests of the PyTorch path; the default is to use them.
     """

@@ -1,4 +1,4 @@
-// ssProp's channel scoring as a CPU kernel, registered as a torch.library op.
+// ssProp's channel ops and the row scatter ssProp and VCAS share, registered as torch.library ops.
 //
 //   greenprop::channel_abs_sum(t) -> float32 [C]: sum of |t| over dims 0 and 2 of a
 //   contiguous (outer, C, inner) view of the output gradient (NCHW is (N, C, H*W),
@@ -16,7 +16,7 @@
 //   greenprop::scatter_rows_(out, idx, rows) -> out: out[idx[j]] = rows[j] and zeros in
 //   every other row of a 2-D (n, m) matrix, each byte written once (what zeros_like
 //   followed by index_copy_ does in two passes, the second one element by element).
-// Built and loaded by greenprop/ssprop/kernels.py, which falls back to PyTorch ops.
+// Built and loaded by greenprop/kernels.py, which falls back to PyTorch ops.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
