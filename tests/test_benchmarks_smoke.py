@@ -20,6 +20,7 @@ import torch
 from greenprop import kernels
 from greenprop.ssprop import SparseConv2d
 from greenprop.vcas import VCASConfig
+from greenprop.vcas.layers import VCASRuntime
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -470,3 +471,14 @@ def test_vcas_block_policy_benchmark_runs_tiny(tmp_path, capsys):
         assert len(only["limits"]) == blocks and all(0.0 <= v <= 1.0 for v in only["limits"].values())
         assert len(only["timings"]) == timings and only["seconds"] > 0
     assert json.loads(out.read_text())["benchmark"] == "vcas_block_policy"
+
+
+def test_vcas_exact_tail_benchmark_times_three_variants_tiny(capsys):
+    argv = ["--models", "vit", "--batch", "4", "--repeats", "2", "--warmup", "0", "--threads", "1"]
+    result = _import("vcas_exact_tail").main(argv)
+    vit = result["models"]["vit"]
+    assert set(vit["median_s"]) == {"dense", "functions", "plain"}
+    assert all(t > 0 for t in vit["median_s"].values())
+    assert set(vit["ratio"]) == {"functions", "plain"}
+    assert "| functions / dense |" in capsys.readouterr().out
+    assert VCASRuntime.exact_tail.__name__ == "exact_tail"  # the patch is undone
