@@ -14,7 +14,7 @@ from greenprop.vcas import VCAS, VCASConfig, apply_vcas
 from greenprop.vcas.block_policy import block_limits, measured_block_limits, recorded_inputs, time_block
 from greenprop.vcas.policy import WeightGradTiming
 from greenprop.vcas.surgery import vcas_handle
-from vcas_helpers import fixed_ratios, grad_dict, skewed
+from vcas_helpers import fixed_ratios, step_grads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,16 +39,6 @@ def test_the_limit_is_where_the_fitted_sampled_time_meets_the_exact_one() -> Non
         block_limits({"a": "unknown"}, timings)
 
 
-def _steps(model: torch.nn.Module, steps: int = 3) -> list[dict[str, torch.Tensor]]:
-    out = []
-    for step in range(steps):
-        model.zero_grad(set_to_none=True)
-        x, target = skewed((16, 4, 6), seed=10 + step), skewed((16, 4, 6), seed=20 + step)
-        ((model(x) - target) ** 2).sum().backward()
-        out.append(grad_dict(model))
-    return out
-
-
 @pytest.mark.parametrize("compact", [True, False])
 def test_each_block_samples_only_below_its_own_limit(compact: bool) -> None:
     """Block 0 (limit 0.9) samples at 0.6; block 1 (limit 0.5) runs exact at 0.6, though the
@@ -59,7 +49,7 @@ def test_each_block_samples_only_below_its_own_limit(compact: bool) -> None:
     first, last = handle.samplers
     first.sample_max_ratio, last.sample_max_ratio = 0.9, 0.5
     assert (first.drawn_ratio, last.drawn_ratio) == (0.6, 1.0)
-    got, want = _steps(model), _steps(reference)
+    got, want = step_grads(model, 3), step_grads(reference, 3)
     for g, w in zip(got, want, strict=True):  # the last block is backpropagated first: exact
         for name in ("1.fc1.weight", "1.fc2.weight", "1.norm.weight"):
             torch.testing.assert_close(g[name], w[name], rtol=1e-12, atol=1e-12)

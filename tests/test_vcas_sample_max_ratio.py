@@ -16,19 +16,9 @@ from fixtures import stack
 from greenprop.errors import GreenpropError
 from greenprop.vcas import VCASConfig
 from greenprop.vcas.surgery import vcas_handle
-from vcas_helpers import fixed_ratios, grad_dict, skewed
+from vcas_helpers import fixed_ratios, step_grads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _steps(model: torch.nn.Module, steps: int = 4) -> list[dict[str, torch.Tensor]]:
-    out = []
-    for step in range(steps):
-        model.zero_grad(set_to_none=True)
-        x, target = skewed((16, 4, 6), seed=10 + step), skewed((16, 4, 6), seed=20 + step)
-        ((model(x) - target) ** 2).sum().backward()
-        out.append(grad_dict(model))
-    return out
 
 
 @pytest.mark.parametrize("compact", [True, False])
@@ -37,7 +27,7 @@ def test_a_block_above_the_limit_runs_exact(compact: bool) -> None:
     model = fixed_ratios(copy.deepcopy(reference), 0.85, 1.0, sample_max_ratio=0.8, compact=compact)
     handle = vcas_handle(model)
     assert [s.drawn_ratio for s in handle.samplers] == [1.0, 1.0, 1.0]
-    for got, want in zip(_steps(model), _steps(reference), strict=True):
+    for got, want in zip(step_grads(model, 4), step_grads(reference, 4), strict=True):
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-12, atol=1e-12)
     rows = handle.runtime.tally.rows
@@ -50,7 +40,7 @@ def test_at_or_below_the_limit_the_block_samples(limit: float) -> None:
     model = fixed_ratios(copy.deepcopy(reference), 0.85, 1.0, sample_max_ratio=limit)
     handle = vcas_handle(model)
     assert [s.drawn_ratio for s in handle.samplers] == [0.85] * 3
-    got, want = _steps(model), _steps(reference)
+    got, want = step_grads(model, 4), step_grads(reference, 4)
     differs = any(not torch.equal(g[n], w[n]) for g, w in zip(got, want, strict=True) for n in w)
     assert differs, "sampling at ratio 0.85 should change some gradient"
     kept = sum(k for k, _ in handle.runtime.tally.rows.values())

@@ -31,6 +31,18 @@ def grad_dict(model: nn.Module) -> dict[str, Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def step_grads(model: nn.Module, steps: int) -> list[dict[str, Tensor]]:
+    """Each parameter's gradient after each of ``steps`` squared-error steps on fixed skewed
+    (16, 4, 6) batches (a stack's input and target), ``.grad`` reset before each."""
+    out = []
+    for step in range(steps):
+        model.zero_grad(set_to_none=True)
+        x, target = skewed((16, 4, 6), seed=10 + step), skewed((16, 4, 6), seed=20 + step)
+        ((model(x) - target) ** 2).sum().backward()
+        out.append(grad_dict(model))
+    return out
+
+
 def draw(loss: Tensor, params: list[Tensor], n: int) -> Tensor:
     """``n`` sampled gradients of the same graph, one per row."""
     return torch.stack([grads(loss, params, retain_graph=True) for _ in range(n)])
