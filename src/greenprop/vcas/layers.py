@@ -404,8 +404,7 @@ def _linear_grads(
     if need_w:
         if runtime.token_probe is not None and runtime.mode is Mode.ACTIVATION:
             runtime.token_probe(layer, dy2, x2)
-        ratio = layer.vcas_weight_ratio if runtime.mode is Mode.FULL else 1.0
-        ratio = ratio if ratio < layer.vcas_token_break_even else 1.0  # policy.py: pays only below
+        ratio = layer.token_ratio if runtime.mode is Mode.FULL else 1.0
         grad_w, kept_tokens = sampled_weight_grad(dy2, x2, ratio, runtime.weight_generator)
         grad_w = grad_w.to(weight.dtype)
         dense += 2.0 * tokens_dense * out_features * in_features
@@ -453,12 +452,19 @@ class VCASLinear(nn.Linear):
     #: a measured token policy lowers it where sampling does not pay (policy.py).
     vcas_token_break_even: float = 1.0
 
+    @property
+    def token_ratio(self) -> float:
+        """The token ratio a training backward samples at: ``vcas_weight_ratio``, or 1 (exact) at or
+        above the break-even, where sampling would not pay (policy.py)."""
+        ratio = self.vcas_weight_ratio
+        return ratio if ratio < self.vcas_token_break_even else 1.0
+
     def forward(self, x: Tensor) -> Tensor:
         cache = self.vcas_runtime.cache
         if not (self.training and torch.is_grad_enabled()):
             y = F.linear(x, self.weight, self.bias)
             return y if cache is None else cache.record(self, y)
-        if self.vcas_weight_ratio >= min(1.0, self.vcas_token_break_even):  # no token sampling
+        if self.token_ratio >= 1.0:  # no token sampling
             runtime = self.vcas_runtime
             if runtime.plain_layer(self.vcas_block):  # every row kept: autograd's own backward
                 passes = int(x.requires_grad) + int(self.weight.requires_grad)
