@@ -132,3 +132,58 @@ def test_every_flop_count_in_the_project_goes_through_flop_counter() -> None:
         if path != made_here and pattern.search(path.read_text())
     ]
     assert offenders == []
+
+
+def _tiny_hf(kind: str, attention: str):
+    """A 2-layer, width-32 Hugging Face BERT classifier or (grouped-query) Llama, random weights."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    sizes = {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+    if kind == "bert":
+        config = transformers.BertConfig(
+            **sizes, intermediate_size=64, attention_probs_dropout_prob=0.0, num_labels=2
+        )
+        return transformers.BertForSequenceClassification._from_config(config, attn_implementation=attention)
+    config = transformers.LlamaConfig(**sizes, intermediate_size=64, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM._from_config(config, attn_implementation=attention)
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_hugging_face_sdpa_attention_counts_as_eager(kind: str) -> None:
+    """MiniLM (BERT) and SmolLM2 (Llama) run eager attention in the zoo; with "sdpa" the count holds."""
+    ids = torch.randint(100, (3, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0  # padding: BERT's sdpa path passes an attn_mask
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    counts = {}
+    for attention in ("eager", "sdpa"):
+        model = _tiny_hf(kind, attention)
+        assert model.config._attn_implementation == attention
+        counts[attention] = count_flops(model, inputs, None, lambda out, _: out.logits.square().sum())
+    recomputed = 2 * 2 * 3 * 4 * 10 * 10 * (32 // 4)  # 2 layers: q @ k^T of 4 heads, 10 tokens
+    assert counts["sdpa"].forward == counts["eager"].forward
+    assert counts["sdpa"].backward == counts["eager"].backward + recomputed
+
+
+def test_the_old_versus_new_table_script_takes_out_exactly_the_fused_attention() -> None:
+    """benchmarks/attention_flops.py's "old" count is the new one less the attention kernels."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import attention_flops
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    tiny = attention_flops.Case(
+        "tiny vit",
+        lambda: create("vit", width=32, depth=2, heads=4, image_size=16, patch_size=4),
+        lambda: torch.randn(3, 1, 16, 16),
+        attention_flops._classify,
+    )
+    counts = attention_flops.phase_counts(tiny)
+    scores = 2 * 3 * 4 * 17 * 17 * 8  # q @ k^T: batch 3, 4 heads, 17 tokens, head dim 8
+    (forward, forward_old), (backward, backward_old) = counts["forward"], counts["backward"]
+    assert forward - forward_old == 2 * 2 * scores  # 2 blocks: scores and scores @ v
+    assert backward - backward_old == 2 * 5 * scores  # 2 blocks: torch's 5 products
+    for new, old in attention_flops.phase_counts(attention_flops.CASES["cnn"]).values():
+        assert new == old > 0  # no attention in a CNN
