@@ -46,9 +46,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from greenprop.errors import GreenpropError
+from greenprop.metering.flops import FUSED_ATTENTION_FORMULAS
 from greenprop.rows import scatter_rows
 from greenprop.vcas.direct import DirectRule, KeptRows, rule_for
 from greenprop.vcas.layers import (
+    BackwardTally,
     BlockSampler,
     Mode,
     VCASRuntime,
@@ -197,6 +199,38 @@ class _RandomDraws(TorchDispatchMode):
                 f"but {tuple(recorded.shape)} in its forward; use vcas:compact=false for it"
             )
         return value
+
+
+class _AttentionTally(TorchDispatchMode):
+    """Counts the fused attention a compacted block's re-run runs on the kept rows, forward and
+    backward, with the FLOP counter's formulas (:data:`~greenprop.metering.flops.FUSED_ATTENTION_FORMULAS`).
+
+    The VCAS layers tally their own matmuls; attention is the other op the counter counts.
+    """
+
+    _BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forward = self.backward = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = FUSED_ATTENTION_FORMULAS.get(func.overloadpacket)
+        if formula is not None:
+            flops = formula(*args, **kwargs, out_val=out)
+            if func.overloadpacket is self._BACKWARD:
+                self.backward += flops
+            else:
+                self.forward += flops
+        return out
+
+    def add_to(self, tally: BackwardTally, dense_factor: float) -> None:
+        """Book the backward against ``dense_factor`` times it (the full batch's), and the forward
+        run again as done work with no dense counterpart (the dense step runs it once, in its forward)."""
+        tally.done += self.forward + self.backward
+        tally.dense += self.backward * dense_factor
 
 
 def _rng_state(device: torch.device) -> Tensor:
@@ -353,15 +387,18 @@ class _CompactedBlock(torch.autograd.Function):
         runtime, block = owner.runtime, owner.sampler.index
         runtime.compact[block] = (kept.shape[0], batch)
         dense_before = runtime.tally.dense
+        attention = _AttentionTally()
         try:
-            out_kept, inputs = run.rerun(tensors, rows, needs)
-            owner.verify(out_kept, out, rows)
-            wrt = [t for t in inputs if t.requires_grad] + params
-            grads = list(torch.autograd.grad(out_kept, wrt, kept, allow_unused=True)) if wrt else []
+            with attention:
+                out_kept, inputs = run.rerun(tensors, rows, needs)
+                owner.verify(out_kept, out, rows)
+                wrt = [t for t in inputs if t.requires_grad] + params
+                grads = list(torch.autograd.grad(out_kept, wrt, kept, allow_unused=True)) if wrt else []
         finally:
             runtime.compact.pop(block, None)
             run.cache.release()  # a later backward of a retained graph takes them from ctx again
             run.draws = []
+        attention.add_to(runtime.tally, batch / kept.shape[0])
         owner.dense_per_row = (runtime.tally.dense - dense_before) / batch
         result: list[Tensor | None] = []
         for t, sliced, need in zip(tensors, run.per_sample, needs, strict=True):
