@@ -211,6 +211,7 @@ def test_vcas_step_benchmark_runs_tiny(tmp_path, capsys):
         if row["r"] == 1 and not sampled_tokens:
             assert row["flops_tally"] == pytest.approx({"vcas": 1.0, "compact": 1.0})  # dense layer work
             assert row["flops_counted"]["vcas"] == pytest.approx(1.0)
+            assert row["flops_account"] == pytest.approx({"vcas": 1.0, "compact": 1.0})
         else:
             assert row["flops_tally"]["vcas"] < 1.0 and row["flops_tally"]["compact"] < 1.0
         if row["r"] == 1:
