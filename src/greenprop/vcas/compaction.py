@@ -34,6 +34,7 @@ with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from collections.abc import Callable, Iterator
@@ -50,7 +51,6 @@ from greenprop.metering.flops import FUSED_ATTENTION_FORMULAS
 from greenprop.rows import scatter_rows
 from greenprop.vcas.direct import DirectRule, KeptRows, rule_for
 from greenprop.vcas.layers import (
-    BackwardTally,
     BlockSampler,
     Mode,
     VCASRuntime,
@@ -201,11 +201,13 @@ class _RandomDraws(TorchDispatchMode):
         return value
 
 
-class _AttentionTally(TorchDispatchMode):
-    """Counts the fused attention a compacted block's re-run runs on the kept rows, forward and
-    backward, with the FLOP counter's formulas (:data:`~greenprop.metering.flops.FUSED_ATTENTION_FORMULAS`).
+class _AttentionCount(TorchDispatchMode):
+    """Counts the fused attention a compacted block's re-run runs, forward and backward, with the
+    FLOP counter's formulas (:data:`~greenprop.metering.flops.FUSED_ATTENTION_FORMULAS`).
 
     The VCAS layers tally their own matmuls; attention is the other op the counter counts.
+    A Python hook on every op (about 8% of the zoo ViT's re-run step), so a block counts
+    once per input shape (:attr:`CompactedForward.attention_per_row`).
     """
 
     _BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -226,11 +228,9 @@ class _AttentionTally(TorchDispatchMode):
                 self.forward += flops
         return out
 
-    def add_to(self, tally: BackwardTally, dense_factor: float) -> None:
-        """Book the backward against ``dense_factor`` times it (the full batch's), and the forward
-        run again as done work with no dense counterpart (the dense step runs it once, in its forward)."""
-        tally.done += self.forward + self.backward
-        tally.dense += self.backward * dense_factor
+    def per_row(self, rows: int) -> tuple[float, float]:
+        """The forward and backward FLOPs counted, per row of the ``rows`` the re-run ran on."""
+        return self.forward / rows, self.backward / rows
 
 
 def _rng_state(device: torch.device) -> Tensor:
@@ -262,6 +262,11 @@ class _Run:
         self.per_sample = [
             self.batch > 0 and t.dim() > 0 and t.shape[0] == self.batch for t in self.tensors()
         ]
+        # The call as far as it decides the ops' FLOPs per sample: the tensors' shapes (per-sample
+        # ones without the batch) and the other arguments.
+        tensors = zip(self.tensors(), self.per_sample, strict=True)
+        shapes = [tuple(t.shape[1:] if sliced else t.shape) for t, sliced in tensors]
+        self.shapes = (*shapes, *(leaf for leaf in leaves if not isinstance(leaf, Tensor)))
         self.cache = BlockCache()
         self.draws: list[Tensor] = []
         self.extras: tuple[Any, ...] | None = None  # a tuple output's items after the first
@@ -387,7 +392,8 @@ class _CompactedBlock(torch.autograd.Function):
         runtime, block = owner.runtime, owner.sampler.index
         runtime.compact[block] = (kept.shape[0], batch)
         dense_before = runtime.tally.dense
-        attention = _AttentionTally()
+        counted = owner.attention_per_row.get(run.shapes)
+        attention = _AttentionCount() if counted is None else contextlib.nullcontext()
         try:
             with attention:
                 out_kept, inputs = run.rerun(tensors, rows, needs)
@@ -398,7 +404,9 @@ class _CompactedBlock(torch.autograd.Function):
             runtime.compact.pop(block, None)
             run.cache.release()  # a later backward of a retained graph takes them from ctx again
             run.draws = []
-        attention.add_to(runtime.tally, batch / kept.shape[0])
+        if counted is None:
+            counted = owner.attention_per_row[run.shapes] = attention.per_row(kept.shape[0])
+        owner.tally_attention(counted, kept.shape[0], batch)
         owner.dense_per_row = (runtime.tally.dense - dense_before) / batch
         result: list[Tensor | None] = []
         for t, sliced, need in zip(tensors, run.per_sample, needs, strict=True):
@@ -503,6 +511,8 @@ class CompactedForward:
         # The layers' dense backward FLOPs per sample at the last re-run: what a backward that
         # drops every sample (and so runs nothing) tallies as its dense cost.
         self.dense_per_row = 0.0
+        # The re-run's fused attention FLOPs (forward, backward) per kept row, by _Run.shapes.
+        self.attention_per_row: dict[tuple[Any, ...], tuple[float, float]] = {}
 
     @property
     def plain(self) -> Callable[..., Any]:
@@ -548,6 +558,14 @@ class CompactedForward:
         if any(torch.is_autocast_enabled(device) for device in _autocast_devices()):
             return False
         return rule.refuse(self.block, args, kwargs) is None
+
+    def tally_attention(self, per_row: tuple[float, float], rows: int, batch: int) -> None:
+        """Tally the fused attention a re-run on ``rows`` of the ``batch`` rows ran: its backward
+        against the full batch's, its forward run again as done work only (the dense step runs
+        it once, in the forward)."""
+        forward, backward = per_row
+        self.runtime.tally.done += rows * (forward + backward)
+        self.runtime.tally.dense += batch * backward
 
     def kept_gradient(self, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """The sampler's draw on the block's output gradient: the kept rows (None: all) and
