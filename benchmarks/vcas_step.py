@@ -25,8 +25,8 @@ variants alternate and their order rotates every repeat, after untimed warm-up
 steps; Python's GC is off while timing. Besides times, each row reports the runtime's
 tally of the backward FLOPs VCAS runs itself (done / dense: the Linear layers, and the
 attention of compacted ViT blocks), the kept rows per block, FlopCounterMode's FLOPs of
-one whole step (vcas / dense; one random draw) and VCAS's account of a step (the dense
-count minus the tally's saving; mean of the timed steps), which should match the count.
+one whole step (vcas / dense; one random draw) and VCAS's account of that step (the dense
+count minus the tally's saving), which should match the count.
 
 Set ``GLIBC_TUNABLES`` in the shell (see ``benchmarks/README.md``). Run from the
 repository root: ``python benchmarks/vcas_step.py --help``.
@@ -92,7 +92,7 @@ class Row:
     step_ratio_iqr: dict[str, tuple[float, float]]
     flops_counted: dict[str, float]  # FlopCounterMode, one step, variant / dense
     flops_tally: dict[str, float]  # VCASRuntime: tallied backward FLOPs done / dense, all timed steps
-    flops_account: dict[str, float]  # dense step FLOPs minus the tally's saving per step, / dense
+    flops_account: dict[str, float]  # the counted step's: dense step FLOPs minus the tally's saving, / dense
     kept_rows: dict[int, float]  # block -> mean rows kept per step (compact variant)
     seen_rows: dict[int, float]  # block -> mean rows entering its sampler per step (the batch)
     per_repeat_s: dict[str, dict[str, list[float]]]
@@ -174,9 +174,10 @@ def measure(
     for i in range(max(1, args.warmup)):  # at least one: a compacted block's first forward checks it
         for v in rotated(names, i):
             timed_step(variants[v], x, y)
-    flops_counted = {v: forward_backward_flops(variants[v], x, y) / dense_flops for v in sampled}
     for handle in handles.values():
-        handle.runtime.take_tally()  # count the timed steps only
+        handle.runtime.take_tally()  # the account of the counted step only
+    flops_counted = {v: forward_backward_flops(variants[v], x, y) / dense_flops for v in sampled}
+    flops_account = {v: 1 - handles[v].runtime.take_tally().saved / dense_flops for v in sampled}
     times: dict[str, dict[str, list[float]]] = {v: {"fwd": [], "bwd": []} for v in names}
     gc.collect()
     gc_was_enabled = gc.isenabled()
@@ -211,7 +212,7 @@ def measure(
         step_ratio_iqr={v: (q[0], q[2]) for v, q in per_repeat.items()},
         flops_counted=flops_counted,
         flops_tally={v: t.done / t.dense for v, t in tallies.items()},
-        flops_account={v: 1 - t.saved / args.repeats / dense_flops for v, t in tallies.items()},
+        flops_account=flops_account,
         kept_rows={b: kept / args.repeats for b, (kept, _) in sorted(tally.rows.items())},
         seen_rows={b: seen / args.repeats for b, (_, seen) in sorted(tally.rows.items())},
         per_repeat_s=times,
@@ -333,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "ratio = r, every Linear's "
         "`vcas_weight_ratio` = nu. Ratios are of medians; [IQR] of the per-repeat step ratios. step "
         "FLOPs: FlopCounterMode, one step (re-run forwards included); step FLOPs (account): the "
-        "dense count minus the tallied saving, mean of the timed steps; layer bwd FLOPs: the "
+        "dense count minus the tallied saving, of the same step; layer bwd FLOPs: the "
         "compact runtime's tally over the timed steps; kept rows: mean per block per step; "
         "peak MiB: memory of one untimed step above its start (on CPU the rise of the process's "
         "peak RSS after freed heap pages went back to the OS; on CUDA torch.cuda.max_memory_allocated)."
