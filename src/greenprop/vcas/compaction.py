@@ -206,8 +206,8 @@ class _AttentionCount(TorchDispatchMode):
     FLOP counter's formulas (:data:`~greenprop.metering.flops.FUSED_ATTENTION_FORMULAS`).
 
     The VCAS layers tally their own matmuls; attention is the other op the counter counts.
-    A Python hook on every op (about 8% of the zoo ViT's re-run step), so a block counts
-    once per input shape (:attr:`CompactedForward.attention_per_row`).
+    A Python hook on every op (it made the zoo ViT's re-run step about 8% slower, batch 128,
+    one thread), so a block counts once per input shape (:attr:`CompactedForward.attention_per_row`).
     """
 
     _BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
