@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from greenprop.metering.quantity import Quantity
@@ -69,6 +69,13 @@ FUSED_ATTENTION_FORMULAS: dict[Any, Callable[..., int]] = {
         _aten._scaled_dot_product_flash_attention_backward
     ),
 }
+
+
+def attention_backward_flops(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor) -> int:
+    """FLOPs :func:`flop_counter` books for one fused attention backward on these ``(B, heads, T, d)``
+    tensors (for code that tallies the attention it runs on fewer rows than the dense step)."""
+    backward = FUSED_ATTENTION_FORMULAS[_aten._scaled_dot_product_flash_attention_for_cpu_backward]
+    return backward(grad_out, query, key, value)
 
 
 def flop_counter() -> FlopCounterMode:
