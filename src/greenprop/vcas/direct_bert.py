@@ -142,6 +142,15 @@ def _merge(t: Tensor) -> Tensor:
 LIVE_MAX_FRACTION = 0.95
 
 
+def _alive(t: Tensor) -> Tensor:
+    """Whether each token of a ``(kept samples, T, hidden)`` gradient is non-zero, flat.
+
+    Reductions that allocate nothing full-size (a norm could underflow to 0, ``aminmax`` over
+    a dim is several times slower here); a NaN counts as live, so it reaches the result.
+    """
+    return (t.amax(dim=-1) != 0).logical_or_(t.amin(dim=-1) != 0).flatten()
+
+
 class _Tokens:
     """The tokens the per-token ops of a backward run on (everything but the attention core).
 
@@ -155,29 +164,46 @@ class _Tokens:
     tensors' kept rows as they are.
     """
 
-    def __init__(self, saved: KeptRows, grad: Tensor, live: Tensor | None) -> None:
+    def __init__(self, saved: KeptRows, shape: torch.Size, live: Tensor | None) -> None:
         self.saved, self.live = saved, live
-        self.shape = grad.shape  # (kept samples, T, hidden)
+        self.shape = shape  # (kept samples, T, hidden)
         self.among: tuple[Tensor, int] | None = None
         if live is not None:
-            n_tokens = grad.shape[1]
+            n_tokens = shape[1]
             sample = live.div(n_tokens, rounding_mode="floor")
             if saved.rows is not None:
                 sample = saved.rows.index_select(0, sample)
             self.in_batch = sample * n_tokens + live.remainder(n_tokens)  # flat index in the full batch
-            self.among = (live, grad.shape[0] * n_tokens)
+            self.among = (live, shape[0] * n_tokens)
 
     @classmethod
-    def of(cls, block: nn.Module, saved: KeptRows, grad: Tensor) -> tuple[_Tokens, Tensor]:
-        """The tokens to run on and ``grad`` (the block's output gradient) on them."""
+    def of(cls, block: nn.Module, saved: KeptRows, grad: Tensor) -> _Tokens:
+        """The tokens to run on, given the block's output gradient ``grad``."""
         runtime = block.intermediate.dense.vcas_runtime
         if runtime.mode is not Mode.FULL or runtime.token_probe is not None:
-            return cls(saved, grad, None), grad  # the estimation draws on every token
-        alive = grad.ne(0).any(dim=-1).flatten()
+            return cls(saved, grad.shape, None)  # the estimation draws on every token
+        return cls(saved, grad.shape, cls._worth(_alive(grad)))
+
+    @staticmethod
+    def _worth(alive: Tensor) -> Tensor | None:
+        """The live tokens' positions, or None where nearly all are live."""
         live = alive.nonzero().squeeze(1)
-        if live.numel() > LIVE_MAX_FRACTION * alive.numel():
-            return cls(saved, grad, None), grad
-        return cls(saved, grad, live), grad.flatten(0, 1).index_select(0, live)
+        return None if live.numel() > LIVE_MAX_FRACTION * alive.numel() else live
+
+    def widened(self, *grads: Tensor) -> _Tokens:
+        """These tokens and those where any of ``grads`` (``(kept samples, T, hidden)``) is non-zero:
+        the attention's key and value gradients reach tokens whose own gradient was zero."""
+        if self.live is None:
+            return self
+        alive = torch.zeros(self.shape[0] * self.shape[1], dtype=torch.bool, device=self.live.device)
+        alive.index_fill_(0, self.live, True)
+        for t in grads:
+            alive.logical_or_(_alive(t))
+        return _Tokens(self.saved, self.shape, self._worth(alive))
+
+    def pick(self, t: Tensor) -> Tensor:
+        """A ``(kept samples, T, ...)`` tensor on these tokens."""
+        return t if self.live is None else t.flatten(0, 1).index_select(0, self.live)
 
     def take(self, *at: int) -> tuple[Tensor, ...]:
         """The saved tensors at these positions, on these tokens."""
@@ -290,8 +316,8 @@ class BertLayerRule:
         """Both halves in turn; each saved tensor's kept rows are gathered just before their
         step and dropped once used (one step's copies at a time)."""
         found: dict[nn.Parameter, Tensor] = {}
-        tokens, grad = _Tokens.of(block, saved, grad)
-        da = self._feed_forward_backward(block, tokens, grad, found)
+        tokens = _Tokens.of(block, saved, grad)
+        da = self._feed_forward_backward(block, tokens, tokens.pick(grad), found)
         return self._attention_backward(block, tokens, da, need_input, found), found
 
     def _feed_forward_backward(self, block: nn.Module, tokens: _Tokens, grad: Tensor, found: dict) -> Tensor:
@@ -337,14 +363,18 @@ class BertLayerRule:
         dq = _merge(torch.matmul(d_scores, key_t.transpose(2, 3)))
         dk = _merge(torch.matmul(d_scores.transpose(2, 3), q))
         del d_scores, q, key_t
-        (x,) = saved.take(X)
+        # The query's gradient is zero where the context's is; the key's and value's are not.
+        inputs = tokens.widened(dk, dv)
+        (x,) = inputs.take(X)
+        ds1 = tokens.full(ds1)
+        dx = inputs.pick(ds1) if need_input else None  # fresh, no longer read elsewhere: summed into
+        del ds1
         # autograd's order on the re-run's graph: value, key, query (the token samplers draw in turn)
-        dx = tokens.full(ds1) if need_input else None  # fresh, no longer read elsewhere: summed into in place
         for layer, dy in ((attention.value, dv), (attention.key, dk), (attention.query, dq)):
-            dx_part = layer_grads(layer, dy, x, need_input, found)
+            dx_part = layer_grads(layer, inputs.pick(dy), x, need_input, found, inputs.among)
             if dx is not None:
                 dx.add_(dx_part)
-        return dx
+        return None if dx is None else inputs.full(dx)
 
 
 #: The rule :mod:`greenprop.vcas.direct` registers for ``BertLayer``.
