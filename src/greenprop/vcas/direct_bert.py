@@ -22,6 +22,14 @@ the VCAS Linears' :func:`~greenprop.vcas.layers.linear_backward`, in the order a
 engine runs them on the re-run's graph (value, key, query last), so the token samplers
 draw the same numbers on either path.
 
+In a training backward, tokens whose gradient is exactly zero are left out
+(:class:`_Tokens`): every op but the attention core acts per token, so a token with a zero
+gradient at the layer's output (padding under the attention mask; in the last layer every
+token but the one the classifier reads) has a zero gradient up to the attention, and the
+query, key and value Linears run on the tokens their gradients reach. The Linears' token
+draw is still made over all kept tokens, so the gradients and the FLOP tally are those of
+the full computation (the tally does not count the skipped zeros as saved).
+
 Calls it cannot reproduce are refused (the re-run path takes them): cross-attention, a
 cache, ``output_attentions``, any argument it does not know, another attention kernel
 than eager, another activation than GELU, feed-forward chunking, submodules with hooks
