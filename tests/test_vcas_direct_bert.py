@@ -158,6 +158,62 @@ def test_sampled_gradients_equal_the_rerun_paths_from_the_same_seeds() -> None:
     assert 0 < kept < seen
 
 
+def _first_token_loss(out: Tensor) -> Tensor:
+    """A classifier's loss: only the first token of the last layer gets gradient, so every other
+    token of that layer, and the padded tokens of the one before, have a zero gradient."""
+    return (out[:, 0].tanh() * _target()[:, 0]).sum()
+
+
+def _live_fractions(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Records, for each direct backward, the fraction of kept tokens its per-token ops ran on."""
+    seen: list[float] = []
+    of = direct_bert._Tokens.of.__func__
+
+    def spy(cls, block, saved, grad):
+        tokens = of(cls, block, saved, grad)
+        total = grad.shape[0] * grad.shape[1]
+        seen.append(1.0 if tokens.live is None else tokens.live.numel() / total)
+        return tokens
+
+    monkeypatch.setattr(direct_bert._Tokens, "of", classmethod(spy))
+    return seen
+
+
+def test_ratio_one_on_the_live_tokens_equals_dense_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first-token loss with padding: both layers run their per-token ops on the live tokens
+    only (last layer: the first token; first layer: the unpadded ones) and the gradients are
+    still dense autograd's."""
+    seen = _live_fractions(monkeypatch)
+    reference = TinyBert()
+    model = _vcas(copy.deepcopy(reference))
+    batch = _batch()
+    model(batch)  # the first forward checks the blocks
+    for seed in (0, 1):
+        for net in (model, reference):
+            net.zero_grad()
+            torch.manual_seed(seed)
+            _first_token_loss(net(batch)).backward()
+        got, expected = grad_dict(model), grad_dict(reference)
+        assert got.keys() == expected.keys() and len(got) == 37
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-12, atol=1e-14, msg=name)
+    unpadded = float(batch[1].sum()) / batch[1].numel()
+    assert seen == [1 / TOKENS, unpadded] * 2  # backward order: the last layer first
+    tally = vcas_handle(model).runtime.take_tally()
+    assert tally.done == tally.dense > 0
+
+
+def test_sampled_on_the_live_tokens_equals_the_rerun_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Block and token ratio 0.5, dropout 0.1, a first-token loss: the live tokens' backward draws
+    what the re-run path (every token) draws, and gives its gradients and FLOP tally."""
+    seen = _live_fractions(monkeypatch)
+    model, batch = TinyBert(), _batch()
+    same_steps_direct_and_rerun(
+        model, batch, _first_token_loss, rtol=1e-10, atol=1e-12, reseed=True, block_types=(bert.BertLayer,)
+    )
+    assert seen.count(1 / TOKENS) == 3  # the last layer of each of the three steps
+
+
 def _unconverted_key(model: TinyBert) -> TinyBert:
     """VCAS on every Linear of the layers but their attention keys."""
     config = VCASConfig(compact_max_ratio=1.0, direct_max_ratio=1.0)

@@ -371,3 +371,28 @@ def test_draw_skips_the_zero_filter_only_where_it_filters_nothing(
         old_idx, old_scale = _old_positive_draw(s, k, _gen(seed))
         assert torch.equal(idx, old_idx) and torch.equal(scale, old_scale)
         assert bool((s[idx] > 0).all())
+
+
+@pytest.mark.parametrize("live", [3, 10, 24])
+def test_sampled_weight_grad_among_live_tokens_draws_as_on_all_tokens(live: int) -> None:
+    """Given only the tokens whose dy may be non-zero (``among``), the draw and the estimate are
+    those of all tokens with zeros in between: same generator, same result, same token count.
+    Few live tokens (3 of 30 at ratio 0.3) take the spread-over-zeros path, many the water level."""
+    total, ratio = 30, 0.3
+    positions = torch.randperm(total, generator=_gen(3))[:live].sort().values
+    dy_live = torch.randn(live, 4, generator=_gen(4), dtype=torch.float64)
+    x = torch.randn(total, 6, generator=_gen(5), dtype=torch.float64)
+    dy = torch.zeros(total, 4, dtype=torch.float64).index_copy_(0, positions, dy_live)
+    for seed in range(5):
+        want, count = sampled_weight_grad(dy, x, ratio, _gen(seed))
+        got, got_count = sampled_weight_grad(
+            dy_live, x[positions], ratio, _gen(seed), among=(positions, total)
+        )
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+        assert got_count == count > 0
+    if live > ratio * total:  # a real draw: other seeds, other tokens
+        draws = [
+            sampled_weight_grad(dy_live, x[positions], ratio, _gen(s), among=(positions, total))
+            for s in (0, 1)
+        ]
+        assert not torch.equal(draws[0][0], draws[1][0])

@@ -133,12 +133,23 @@ class KeptRows:
 
     def take(self, *at: int) -> tuple[Tensor, ...]:
         """The kept rows of the saved tensors at these positions (the full ones are let go)."""
+        return _gather_rows(self.rows, *self.take_full(*at))
+
+    def take_tokens(self, tokens: Tensor, *at: int) -> tuple[Tensor, ...]:
+        """Like :meth:`take`, but only the given tokens of ``(batch, tokens, ...)`` tensors, as
+        ``(len(tokens), ...)`` tensors; ``tokens``: flattened ``sample * T + token`` indices into
+        the full batch. Tensors with an empty last dimension (stand-ins) come back as they are."""
+        tensors = self.take_full(*at)
+        return tuple(t if t.shape[-1] == 0 else t.flatten(0, 1).index_select(0, tokens) for t in tensors)
+
+    def take_full(self, *at: int) -> tuple[Tensor, ...]:
+        """The saved tensors at these positions, every sample's rows (the caller picks what it reads)."""
         tensors = [self._saved[i] for i in at]
         if any(t is None for t in tensors):
             raise RuntimeError(f"KeptRows: a tensor at {at} was taken before")
         for i in at:
             self._saved[i] = None
-        return _gather_rows(self.rows, *tensors)  # type: ignore[arg-type]
+        return tuple(tensors)  # type: ignore[arg-type]
 
 
 # What the rules share: a VCAS layer's and a LayerNorm's backward with the parameter
@@ -151,11 +162,16 @@ def layer_grads(
     x: Tensor,
     need_x: bool,
     found: dict[nn.Parameter, Tensor],
+    among: tuple[Tensor, int] | None = None,
 ) -> Tensor | None:
     """A VCAS layer's backward on the kept rows (token sampling, FLOP tally); its parameters'
-    gradients go into ``found``; returns the input gradient (None unless ``need_x``)."""
-    backward = conv_backward if isinstance(layer, VCASConv2d) else linear_backward
-    dx, dw, db = backward(layer, dy, x, need_x)
+    gradients go into ``found``; returns the input gradient (None unless ``need_x``).
+    ``among``: a Linear's live tokens (:func:`~greenprop.vcas.layers.linear_backward`)."""
+    if among is not None:
+        dx, dw, db = linear_backward(layer, dy, x, need_x, among=among)  # type: ignore[arg-type]
+    else:
+        backward = conv_backward if isinstance(layer, VCASConv2d) else linear_backward
+        dx, dw, db = backward(layer, dy, x, need_x)
     found.update({p: d for p, d in ((layer.weight, dw), (layer.bias, db)) if d is not None})
     return dx
 

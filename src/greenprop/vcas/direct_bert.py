@@ -22,6 +22,14 @@ the VCAS Linears' :func:`~greenprop.vcas.layers.linear_backward`, in the order a
 engine runs them on the re-run's graph (value, key, query last), so the token samplers
 draw the same numbers on either path.
 
+In a training backward, tokens whose gradient is exactly zero are left out
+(:class:`_Tokens`): every op but the attention core acts per token, so a token with a zero
+gradient at the layer's output (padding under the attention mask; in the last layer every
+token but the one the classifier reads) has a zero gradient up to the attention, and the
+query, key and value Linears run on the tokens their gradients reach. The Linears' token
+draw is still made over all kept tokens, so the gradients and the FLOP tally are those of
+the full computation (the tally does not count the skipped zeros as saved).
+
 Calls it cannot reproduce are refused (the re-run path takes them): cross-attention, a
 cache, ``output_attentions``, any argument it does not know, another attention kernel
 than eager, another activation than GELU, feed-forward chunking, submodules with hooks
@@ -40,8 +48,9 @@ from torch import Tensor, nn
 from transformers.activations import GELUActivation
 from transformers.models.bert import modeling_bert as bert
 
+from greenprop.rows import scatter_rows
 from greenprop.vcas.direct import KeptRows, bypassed, layer_grads, layer_norm, layer_norm_backward
-from greenprop.vcas.layers import VCASLinear
+from greenprop.vcas.layers import Mode, VCASLinear
 
 __all__ = ["RULE", "BertLayerRule"]
 
@@ -116,7 +125,7 @@ def _dropout(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
 
 def _dropout_backward(grad: Tensor, keep: Tensor, p: float) -> Tensor:
     """Dropout's backward: ``grad`` times the forward's noise (rebuilt from the mask, same values)."""
-    if keep.dim() == 2:  # the (B, 0) stand-in: nothing dropped (real masks have the tokens' dims)
+    if keep.shape[-1] == 0:  # the (B, 0) stand-in: nothing dropped (real masks have the features' dim)
         return grad
     return grad * keep.to(grad.dtype).div_(1 - p)
 
@@ -134,6 +143,86 @@ def _adds_in_place(scores: Tensor, mask: Tensor) -> bool:
 def _merge(t: Tensor) -> Tensor:
     """``(B, H, T, d)`` -> ``(B, T, H * d)``."""
     return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
+
+
+#: The per-token half of the backward runs on the live tokens only when at most this fraction
+#: of the kept tokens is live (above, finding and scattering them costs about what it saves).
+LIVE_MAX_FRACTION = 0.95
+
+
+def _alive(t: Tensor) -> Tensor:
+    """Whether each token of a ``(kept samples, T, hidden)`` gradient is non-zero, flat.
+
+    Reductions that allocate nothing full-size (a norm could underflow to 0, ``aminmax`` over
+    a dim is several times slower here); a NaN counts as live, so it reaches the result.
+    """
+    return (t.amax(dim=-1) != 0).logical_or_(t.amin(dim=-1) != 0).flatten()
+
+
+class _Tokens:
+    """The tokens the per-token ops of a backward run on (everything but the attention core).
+
+    A token whose gradient at the block's output is zero (padding under the attention mask,
+    every token but the one a classifier reads in the last layer) keeps a zero gradient
+    through the LayerNorms, dropout, GELU, the residual adds and the attention output and
+    feed-forward Linears, which all act per token. So in a training backward those ops run
+    on the *live* tokens only, as ``(tokens, features)`` matrices gathered from the saved
+    tensors; the Linears' token draw is still the one over all kept tokens (``among``),
+    so the gradients are the same, zeros included. ``live`` None: every token, the saved
+    tensors' kept rows as they are.
+    """
+
+    def __init__(self, saved: KeptRows, shape: torch.Size, live: Tensor | None) -> None:
+        self.saved, self.live = saved, live
+        self.shape = shape  # (kept samples, T, hidden)
+        self.among: tuple[Tensor, int] | None = None
+        if live is not None:
+            n_tokens = shape[1]
+            sample = live.div(n_tokens, rounding_mode="floor")
+            if saved.rows is not None:
+                sample = saved.rows.index_select(0, sample)
+            self.in_batch = sample * n_tokens + live.remainder(n_tokens)  # flat index in the full batch
+            self.among = (live, shape[0] * n_tokens)
+
+    @classmethod
+    def of(cls, block: nn.Module, saved: KeptRows, grad: Tensor) -> _Tokens:
+        """The tokens to run on, given the block's output gradient ``grad``."""
+        runtime = block.intermediate.dense.vcas_runtime
+        if runtime.mode is not Mode.FULL or runtime.token_probe is not None:
+            return cls(saved, grad.shape, None)  # the estimation draws on every token
+        return cls(saved, grad.shape, cls._worth(_alive(grad)))
+
+    @staticmethod
+    def _worth(alive: Tensor) -> Tensor | None:
+        """The live tokens' positions, or None where nearly all are live."""
+        live = alive.nonzero().squeeze(1)
+        return None if live.numel() > LIVE_MAX_FRACTION * alive.numel() else live
+
+    def widened(self, *grads: Tensor) -> _Tokens:
+        """These tokens and those where any of ``grads`` (``(kept samples, T, hidden)``) is non-zero:
+        the attention's key and value gradients reach tokens whose own gradient was zero."""
+        if self.live is None:
+            return self
+        alive = torch.zeros(self.shape[0] * self.shape[1], dtype=torch.bool, device=self.live.device)
+        alive.index_fill_(0, self.live, True)
+        for t in grads:
+            alive.logical_or_(_alive(t))
+        return _Tokens(self.saved, self.shape, self._worth(alive))
+
+    def pick(self, t: Tensor) -> Tensor:
+        """A ``(kept samples, T, ...)`` tensor on these tokens."""
+        return t if self.live is None else t.flatten(0, 1).index_select(0, self.live)
+
+    def take(self, *at: int) -> tuple[Tensor, ...]:
+        """The saved tensors at these positions, on these tokens."""
+        return self.saved.take(*at) if self.live is None else self.saved.take_tokens(self.in_batch, *at)
+
+    def full(self, t: Tensor) -> Tensor:
+        """A ``(tokens, hidden)`` result back at ``(kept samples, T, hidden)``, zeros at the other tokens."""
+        if self.live is None:
+            return t
+        total = self.shape[0] * self.shape[1]
+        return scatter_rows(t, self.live, torch.Size((total, t.shape[-1]))).view(*self.shape[:2], -1)
 
 
 class BertLayerRule:
@@ -235,35 +324,37 @@ class BertLayerRule:
         """Both halves in turn; each saved tensor's kept rows are gathered just before their
         step and dropped once used (one step's copies at a time)."""
         found: dict[nn.Parameter, Tensor] = {}
-        da = self._feed_forward_backward(block, saved, grad, found)
-        return self._attention_backward(block, saved, da, need_input, found), found
+        tokens = _Tokens.of(block, saved, grad)
+        da = self._feed_forward_backward(block, tokens, tokens.pick(grad), found)
+        return self._attention_backward(block, tokens, da, need_input, found), found
 
-    def _feed_forward_backward(self, block: nn.Module, saved: KeptRows, grad: Tensor, found: dict) -> Tensor:
+    def _feed_forward_backward(self, block: nn.Module, tokens: _Tokens, grad: Tensor, found: dict) -> Tensor:
         """LayerNorm2, dropout, output dense, GELU, intermediate dense, residual: the gradient at ``a``."""
         output, intermediate = block.output, block.intermediate.dense
-        ds2 = layer_norm_backward(output.LayerNorm, grad, *saved.take(S2, MEAN2, RSTD2), True, found)
-        (keep_output,) = saved.take(KEEP_OUTPUT)
+        ds2 = layer_norm_backward(output.LayerNorm, grad, *tokens.take(S2, MEAN2, RSTD2), True, found)
+        (keep_output,) = tokens.take(KEEP_OUTPUT)
         dh = _dropout_backward(ds2, keep_output, _hidden_dropout(output))
         del keep_output
-        d_act = layer_grads(output.dense, dh, *saved.take(ACT), True, found)
+        d_act = layer_grads(output.dense, dh, *tokens.take(ACT), True, found, tokens.among)
         del dh
         approximate = _gelu_approximation(block.intermediate.intermediate_act_fn)
-        d_pre = torch.ops.aten.gelu_backward(d_act, *saved.take(PRE), approximate=approximate)
+        d_pre = torch.ops.aten.gelu_backward(d_act, *tokens.take(PRE), approximate=approximate)
         del d_act
-        return layer_grads(intermediate, d_pre, *saved.take(A), True, found).add_(ds2)
+        return layer_grads(intermediate, d_pre, *tokens.take(A), True, found, tokens.among).add_(ds2)
 
     def _attention_backward(
-        self, block: nn.Module, saved: KeptRows, grad: Tensor, need_input: bool, found: dict
+        self, block: nn.Module, tokens: _Tokens, grad: Tensor, need_input: bool, found: dict
     ) -> Tensor | None:
         """LayerNorm1, dropout, attention output dense, attention, residual: the input's gradient."""
         attention, attention_out = block.attention.self, block.attention.output
         size = attention.attention_head_size
-        ds1 = layer_norm_backward(attention_out.LayerNorm, grad, *saved.take(S1, MEAN1, RSTD1), True, found)
-        (keep_attention,) = saved.take(KEEP_ATTENTION)
+        saved = tokens.saved
+        ds1 = layer_norm_backward(attention_out.LayerNorm, grad, *tokens.take(S1, MEAN1, RSTD1), True, found)
+        (keep_attention,) = tokens.take(KEEP_ATTENTION)
         dh = _dropout_backward(ds1, keep_attention, _hidden_dropout(attention_out))
         del keep_attention
-        d_context = _heads(layer_grads(attention_out.dense, dh, *saved.take(CONTEXT), True, found), size)
-        d_context = d_context.contiguous()
+        d_context = layer_grads(attention_out.dense, dh, *tokens.take(CONTEXT), True, found, tokens.among)
+        d_context = _heads(tokens.full(d_context), size).contiguous()
         del dh
         probs, keep_probs, v = saved.take(PROBS, KEEP_PROBS, V)
         p = _attention_dropout(block)
@@ -280,14 +371,18 @@ class BertLayerRule:
         dq = _merge(torch.matmul(d_scores, key_t.transpose(2, 3)))
         dk = _merge(torch.matmul(d_scores.transpose(2, 3), q))
         del d_scores, q, key_t
-        (x,) = saved.take(X)
+        # The query's gradient is zero where the context's is; the key's and value's are not.
+        inputs = tokens.widened(dk, dv)
+        (x,) = inputs.take(X)
+        ds1 = tokens.full(ds1)
+        dx = inputs.pick(ds1) if need_input else None  # fresh, no longer read elsewhere: summed into
+        del ds1
         # autograd's order on the re-run's graph: value, key, query (the token samplers draw in turn)
-        dx = ds1 if need_input else None  # a fresh tensor no longer read elsewhere: summed into in place
         for layer, dy in ((attention.value, dv), (attention.key, dk), (attention.query, dq)):
-            dx_part = layer_grads(layer, dy, x, need_input, found)
+            dx_part = layer_grads(layer, inputs.pick(dy), x, need_input, found, inputs.among)
             if dx is not None:
                 dx.add_(dx_part)
-        return dx
+        return None if dx is None else inputs.full(dx)
 
 
 #: The rule :mod:`greenprop.vcas.direct` registers for ``BertLayer``.

@@ -382,10 +382,12 @@ def _linear_grads(
     weight: Tensor,
     needs: tuple[bool, bool, bool],
     tokens_dense: float,
+    among: tuple[Tensor, int] | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """``grad_x`` of the rows given, the token-sampled ``grad_W`` and ``grad_b``; tallies the FLOPs.
 
     ``tokens_dense``: the tokens a dense backward would have run (the full batch's).
+    ``among``: see :func:`linear_backward`.
     """
     runtime = layer.vcas_runtime
     need_x, need_w, need_b = needs
@@ -393,7 +395,9 @@ def _linear_grads(
     # gradient's dtype, return the weight's gradient in the weight's dtype.
     x, w = x.to(dy.dtype), weight.to(dy.dtype)
     out_features, in_features = weight.shape
-    tokens = dy.numel() // out_features
+    # Tokens left out for their zero gradient are tallied as done: the tally counts what
+    # sampling saves, the same on every path.
+    tokens = dy.numel() // out_features if among is None else among[1]
     dense = done = 0.0
     grad_x = grad_w = grad_b = None
     if need_x:
@@ -405,7 +409,8 @@ def _linear_grads(
         if runtime.token_probe is not None and runtime.mode is Mode.ACTIVATION:
             runtime.token_probe(layer, dy2, x2)
         ratio = layer.token_ratio if runtime.mode is Mode.FULL else 1.0
-        grad_w, kept_tokens = sampled_weight_grad(dy2, x2, ratio, runtime.weight_generator)
+        grad_w, kept_tokens = sampled_weight_grad(dy2, x2, ratio, runtime.weight_generator, among=among)
+        kept_tokens = tokens if among is not None and ratio >= 1.0 else kept_tokens
         grad_w = grad_w.to(weight.dtype)
         dense += 2.0 * tokens_dense * out_features * in_features
         done += 2.0 * kept_tokens * out_features * in_features
@@ -424,16 +429,25 @@ def _needs(layer: nn.Module, need_x: bool) -> tuple[bool, bool, bool]:
 
 
 def linear_backward(
-    layer: VCASLinear, dy: Tensor, x: Tensor, need_x: bool = True
+    layer: VCASLinear, dy: Tensor, x: Tensor, need_x: bool = True, *, among: tuple[Tensor, int] | None = None
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """One VCAS Linear's backward on rows that are all computed (a known block's direct backward).
 
     ``dy`` and ``x`` are the kept samples' rows. Returns ``grad_x`` (None unless
     ``need_x``), the token-sampled ``grad_W`` and ``grad_b`` (None for frozen or absent
     parameters); tallies the FLOPs against the full batch's dense cost.
+
+    ``among = (positions, total)``: ``dy`` and ``x`` are ``(tokens, features)`` matrices of
+    the kept samples' tokens at ``positions`` (ascending, flattened) of their ``total``
+    tokens, the others' ``dy`` being zero: ``grad_x`` is computed for the tokens given only,
+    the weight gradient's token draw and the tally are those of all ``total`` tokens.
     """
-    tokens_dense = dy.numel() // layer.out_features * _dense_factor(layer, dy)
-    return _linear_grads(layer, dy, x, layer.weight, _needs(layer, need_x), tokens_dense)
+    if among is None:
+        tokens_dense = dy.numel() // layer.out_features * _dense_factor(layer, dy)
+    else:
+        rows, batch = layer.vcas_runtime.compact.get(layer.vcas_block, (0, 0))
+        tokens_dense = among[1] * (batch / rows if rows > 0 else 1.0)
+    return _linear_grads(layer, dy, x, layer.weight, _needs(layer, need_x), tokens_dense, among)
 
 
 class VCASLinear(nn.Linear):

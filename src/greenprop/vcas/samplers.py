@@ -327,8 +327,26 @@ def _leverage_draw(
     return _draw_positive(_token_leverage(dy, x), ratio * dy.shape[0], generator)
 
 
+def _leverage_draw_among(
+    dy: Tensor, x: Tensor, ratio: float, generator: torch.Generator | None, positions: Tensor, total: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`_leverage_draw` over ``total`` tokens of which only those at ``positions`` (the rows
+    of ``dy`` and ``x``) may score above zero; returns indices into those rows."""
+    if positions.numel() == total:
+        return _leverage_draw(dy, x, ratio, generator)
+    scores = _token_leverage(dy, x)
+    every = scores.new_zeros(total).index_copy_(0, positions, scores)
+    idx, scale = _draw_positive(every, ratio * total, generator)
+    return torch.searchsorted(positions, idx), scale
+
+
 def sampled_weight_grad(
-    grad_out: Tensor, inp: Tensor, ratio: float, generator: torch.Generator | None = None
+    grad_out: Tensor,
+    inp: Tensor,
+    ratio: float,
+    generator: torch.Generator | None = None,
+    *,
+    among: tuple[Tensor, int] | None = None,
 ) -> tuple[Tensor, int]:
     """Unbiased ``grad_W ~= dy^T x`` from a ``ratio`` fraction of tokens (leverage sampling).
 
@@ -338,12 +356,21 @@ def sampled_weight_grad(
     ``ratio = 1``, or with no token at all, this is exactly ``dy^T x`` (no sampling).
     Returns the ``(out, in)`` estimate in ``grad_out``'s dtype and ``k``, the number of
     tokens its matmul used.
+
+    ``among = (positions, total)``: the tokens given are those at ``positions`` (ascending)
+    of ``total`` tokens, and every other token's ``dy`` is zero (left out by the caller, who
+    skips their work). The draw is the one over all ``total`` tokens: the same scores with
+    zeros in between, so the same probabilities and random numbers; a zero token drawn adds
+    nothing and is left out, as :func:`leverage_sample` does.
     """
     ratio = _check_ratio(ratio)
     dy, x = _token_matrices(grad_out, inp)
     if ratio >= 1.0 or dy.shape[0] == 0:
         return dy.t() @ x, dy.shape[0]
-    idx, scale = leverage_sample(dy, x, ratio, generator)
+    if among is None:
+        idx, scale = leverage_sample(dy, x, ratio, generator)
+    else:
+        idx, scale = _leverage_draw_among(dy, x, ratio, generator, *among)
     dy_k, x_k = dy.index_select(0, idx), x.index_select(0, idx).to(dy.dtype)
     # Scaling either side gives the same estimate; the narrower is fewer multiplications.
     (dy_k if dy_k.shape[1] <= x_k.shape[1] else x_k).mul_(scale.unsqueeze(1))
