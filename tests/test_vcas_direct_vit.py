@@ -1,7 +1,8 @@
 """The direct rule of the zoo's transformer block (ViT, causal GPT): no re-run in the compacted backward.
 
 Bit for bit against dense autograd at ratio 1 (float32 and float64, input gradients
-included, the causal GPT too), the same sampled gradients as the re-run path from the
+included, the causal GPT too) when every block runs on every token, to rounding when
+the last block runs on its live (cls) token only; the same sampled gradients as the re-run path from the
 same seeds (so that path's unbiasedness tests carry over), no more kept than it says, and
 the calls it cannot reproduce sent to the re-run path.
 """
@@ -20,8 +21,9 @@ from fixtures import tiny_vit
 from greenprop.metering.flops import flop_counter
 from greenprop.models import create
 from greenprop.models.vit import Block
-from greenprop.vcas import direct
+from greenprop.vcas import direct, direct_vit
 from greenprop.vcas.direct_vit import RULE, ViTBlockRule
+from greenprop.vcas.surgery import vcas_handle
 from vcas_helpers import fixed_ratios, grad_dict, graph_nodes, same_steps_direct_and_rerun
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,6 +40,26 @@ def rule(request, monkeypatch) -> ViTBlockRule:
     return chosen
 
 
+@pytest.fixture
+def every_token(monkeypatch) -> None:
+    """No live-token backward: every block's per-token ops run on every token (bit for bit)."""
+    monkeypatch.setattr(direct_vit._Columns, "of", classmethod(lambda cls, block, grad: None))
+
+
+def _live_fractions(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Records, for each direct backward, the fraction of token positions its per-token ops ran on."""
+    seen: list[float] = []
+    of = direct_vit._Columns.of.__func__
+
+    def spy(cls, block, grad):
+        live = of(cls, block, grad)
+        seen.append(1.0 if live is None else live.columns.numel() / grad.shape[1])
+        return live
+
+    monkeypatch.setattr(direct_vit._Columns, "of", classmethod(spy))
+    return seen
+
+
 def _assert_same_grads(model: nn.Module, reference: nn.Module) -> None:
     got, expected = grad_dict(model), grad_dict(reference)
     assert got.keys() == expected.keys() == dict(model.named_parameters()).keys()
@@ -46,7 +68,7 @@ def _assert_same_grads(model: nn.Module, reference: nn.Module) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_ratio_one_vit_equals_dense_autograd_bit_for_bit(rule, digits, dtype) -> None:
+def test_ratio_one_vit_equals_dense_autograd_bit_for_bit(rule, every_token, digits, dtype) -> None:
     reference = tiny_vit().to(dtype)
     model = fixed_ratios(copy.deepcopy(reference))
     x, y = digits.train[:24]
@@ -78,7 +100,7 @@ def test_ratio_one_causal_gpt_equals_dense_autograd_bit_for_bit(rule) -> None:
     _assert_same_grads(model, reference)
 
 
-def test_frozen_parameters_and_an_input_without_gradient(rule, digits) -> None:
+def test_frozen_parameters_and_an_input_without_gradient(rule, every_token, digits) -> None:
     """The first block's input needs no gradient (embedding frozen), nor its first norm (frozen)."""
     reference = tiny_vit().double()
     frozen = ("patch_embed", "cls_token", "pos_embed", "blocks.0.norm1", "blocks.1.attn.qkv.bias")
@@ -96,9 +118,11 @@ def test_frozen_parameters_and_an_input_without_gradient(rule, digits) -> None:
         assert torch.equal(got[name], expected[name]), name
 
 
-def test_sampled_gradients_equal_the_rerun_paths_from_the_same_seeds(rule, digits) -> None:
+def test_sampled_gradients_equal_the_rerun_paths_from_the_same_seeds(rule, digits, monkeypatch) -> None:
     """Same seeds, same draws, same gradients: block ratio 0.5 and token ratio 0.5, three steps.
-    Same tallies too, but for the attention forward the re-run path runs again on the kept rows."""
+    Same tallies too, but for the attention forward the re-run path runs again on the kept rows.
+    The last block's backward runs on the cls token only (the re-run path on every token)."""
+    seen = _live_fractions(monkeypatch)
     x, y = digits.train[:16]
     base = tiny_vit(seed=2).double()
     with flop_counter() as counter:
@@ -113,6 +137,53 @@ def test_sampled_gradients_equal_the_rerun_paths_from_the_same_seeds(rule, digit
         rerun_forward_per_row=per_row,
     )
     assert all(kept < seen for kept, seen in tally.rows.values())
+    assert seen == [1 / 17, 1.0] * 3  # backward order: the last block first
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ratio_one_on_the_live_token_equals_dense_autograd(rule, digits, monkeypatch, dtype) -> None:
+    """The last block's backward on the cls token only (its other 16 tokens' gradient is zero):
+    dense autograd's gradients to rounding, input gradients included, and a FLOP tally that
+    counts the full computation (done = dense at ratio 1: the skipped zeros are no saving)."""
+    seen = _live_fractions(monkeypatch)
+    reference = tiny_vit(depth=3).to(dtype)
+    model = fixed_ratios(copy.deepcopy(reference))
+    x, y = digits.train[:24]
+    model(x.to(dtype))  # the first forward checks the blocks
+    vcas_handle(model).runtime.take_tally()
+    seen.clear()
+    inputs = []
+    for net in (model, reference):
+        xi = x.to(dtype).clone().requires_grad_(True)
+        F.cross_entropy(net(xi), y).backward()
+        inputs.append(xi.grad)
+    assert seen == [1 / 17, 1.0, 1.0]
+    tol = {"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    got, expected = grad_dict(model), grad_dict(reference)
+    assert got.keys() == expected.keys() == dict(model.named_parameters()).keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], **tol, msg=name)
+    torch.testing.assert_close(inputs[0], inputs[1], **tol)
+    tally = vcas_handle(model).runtime.take_tally()
+    assert tally.done == tally.dense > 0
+
+
+def test_live_tokens_only_in_a_training_backward(monkeypatch) -> None:
+    """The controller's estimation draws on every token, a causal block's positions are all
+    read: neither takes the live tokens; a cls-only gradient in training does."""
+    model = fixed_ratios(tiny_vit())
+    block = model.blocks[1]
+    grad = torch.zeros(3, 17, 32)
+    grad[:, 0] = 1.0
+    live = direct_vit._Columns.of(block, grad)
+    assert live is not None and live.columns.tolist() == [0] and live.among[0].tolist() == [0, 17, 34]
+    assert direct_vit._Columns.of(block, torch.ones(3, 17, 32)) is None
+    runtime = vcas_handle(model).runtime
+    monkeypatch.setattr(runtime, "token_probe", lambda *args: None)
+    assert direct_vit._Columns.of(block, grad) is None
+    monkeypatch.setattr(runtime, "token_probe", None)
+    monkeypatch.setattr(block.attn, "causal", True)
+    assert direct_vit._Columns.of(block, grad) is None
 
 
 def test_it_keeps_only_batch_first_tensors_and_less_than_dense_autograd(digits) -> None:
@@ -192,7 +263,7 @@ def test_blocks_it_cannot_reproduce_re_run(case: str) -> None:
     assert "_DirectBlockBackward" in nodes and "_CompactedBlockBackward" in nodes  # block 0 / block 1
 
 
-def test_calls_it_cannot_reproduce_re_run(digits) -> None:
+def test_calls_it_cannot_reproduce_re_run(every_token, digits) -> None:
     reference = tiny_vit().double()
     model = fixed_ratios(copy.deepcopy(reference))
     block = model.blocks[0]

@@ -20,7 +20,21 @@ The backward runs aten's backward kernels on the kept rows (``native_layer_norm_
 ``gelu_backward``, ``_scaled_dot_product_flash_attention_for_cpu_backward``) and the VCAS
 Linears' own (:func:`~greenprop.vcas.layers.linear_backward`: token sampling and FLOP tally);
 the attention backward's FLOPs on the kept rows are tallied too (against the full batch's).
-At ratio 1 its gradients are dense autograd's, bit for bit.
+At ratio 1 its gradients are dense autograd's, bit for bit, but for blocks whose output
+gradient is zero at most tokens (below).
+
+Live tokens: the ViT classifies from the cls token only, so in the last block every
+other token's output gradient is exactly zero, and stays zero through the per-token ops
+(the MLP, LayerNorm 2, the residual adds, the attention's output projection) and the
+attention's queries. In a training backward (not the controller's estimation, which
+draws on every token) a non-causal block whose output gradient is non-zero at no more
+than :data:`~greenprop.vcas.direct_bert.LIVE_MAX_FRACTION` of its token positions runs
+those ops, and the attention backward's queries, on the live positions only (the same
+in every kept sample: :class:`_Columns`); the keys and values, and so the ``qkv`` Linear
+and LayerNorm 1, still take every token. The Linears' token draw is still the one over
+every token (``among``) and the tally is the full computation's (the skipped zeros are
+not counted as saved), so draws, tally and gradients are those of the dense backward
+(up to float rounding: sums over fewer zeros).
 
 The rule refuses (the re-run path takes the call) what it cannot reproduce exactly:
 attention off the CPU (the CUDA kernels are not checked here), dtypes other than float32
@@ -43,7 +57,10 @@ from greenprop.metering.flops import attention_backward_flops
 from greenprop.models.tokens import Mlp
 from greenprop.models.vit import Attention, Block
 from greenprop.vcas.direct import bypassed, layer_grads, layer_norm, layer_norm_backward, tally_kept_rows
-from greenprop.vcas.layers import VCASLinear
+
+# Shared with the BERT rule's live tokens (to move into a module of their own).
+from greenprop.vcas.direct_bert import _alive, _Tokens
+from greenprop.vcas.layers import Mode, VCASLinear
 
 __all__ = ["RULE", "ViTBlockRule"]
 
@@ -116,12 +133,51 @@ class ViTBlockRule:
         kept = saved[6:]
         del saved[6:]
         found: dict[nn.Parameter, Tensor] = {}
-        dx1 = _mlp_backward(block.norm2, block.mlp, grad, saved, kept[3:], found)
+        live = _Columns.of(block, grad)
+        if live is not None:  # the MLP half on the live tokens: pick their rows of what it reads
+            grad = live.pick(grad)
+            saved[4:] = map(live.pick, saved[4:])
+            kept[3:] = map(live.pick, kept[3:])
+        among = None if live is None else live.among
+        dx1 = _mlp_backward(block.norm2, block.mlp, grad, saved, kept[3:], found, among)
         del grad
-        dx = _attention_backward(block, dx1, saved, kept[:3], need_input, found)
+        dx = _attention_backward(block, dx1, saved, kept[:3], need_input, found, live)
         if not need_input:
             return None, found
+        if live is not None:
+            return (live.full(dx1) if dx is None else dx.index_add_(1, live.columns, dx1)), found
         return (dx1 if dx is None else dx.add_(dx1)), found
+
+
+class _Columns:
+    """The token positions a block's per-token backward runs on: those where the output gradient
+    is non-zero in some kept sample (the same positions in every sample, so the attention
+    backward runs on them as its queries). In the ViT's last block: the cls token."""
+
+    def __init__(self, columns: Tensor, shape: torch.Size) -> None:
+        batch, tokens = shape[:2]
+        self.columns, self.shape = columns, shape
+        flat = (torch.arange(batch, device=columns.device).unsqueeze(1) * tokens + columns).flatten()
+        self.among = (flat, batch * tokens)  # their flat positions among the kept tokens (Linears' draws)
+
+    @classmethod
+    def of(cls, block: Block, grad: Tensor) -> _Columns | None:
+        """The live positions given the block's output gradient, or None to run on every token."""
+        runtime = block.mlp.fc1.vcas_runtime
+        if block.attn.causal or runtime.mode is not Mode.FULL or runtime.token_probe is not None:
+            return None  # causal: every position is usually live; estimation: draws on every token
+        columns = _Tokens._worth(_alive(grad).view(grad.shape[:2]).any(dim=0))
+        return None if columns is None else cls(columns, grad.shape)
+
+    def pick(self, t: Tensor, dim: int = 1) -> Tensor:
+        """The live positions of a tensor whose ``dim`` runs over the tokens."""
+        return t.index_select(dim, self.columns)
+
+    def full(self, t: Tensor, dim: int = 1) -> Tensor:
+        """A live positions' result back at every position, zeros at the others."""
+        shape = list(t.shape)
+        shape[dim] = self.shape[1]
+        return t.new_zeros(shape).index_copy_(dim, self.columns, t)
 
 
 def _mlp_backward(
@@ -131,25 +187,27 @@ def _mlp_backward(
     saved: list[Tensor],
     kept: list[Tensor],
     found: dict[nn.Parameter, Tensor],
+    among: tuple[Tensor, int] | None = None,
 ) -> Tensor:
     """The gradient of ``x1`` through ``y = x1 + fc2(gelu(fc1(norm(x1))))``.
 
     Takes ``x1`` and ``h`` off the end of ``saved``. Intermediates are dropped as soon as
     they are used (the kept rows' backward holds a block's worth of them otherwise: above
     dense autograd's peak at ratios near 1); the norm's output is computed again only
-    right before ``fc1``'s backward needs it.
+    right before ``fc1``'s backward needs it. ``among``: the tokens given are these of the
+    kept ones (:class:`_Columns`), the others' gradient being zero.
     """
     h = saved.pop()
     x1 = saved.pop()
     approximate = mlp.act.approximate
     g = kept[3] if kept else F.gelu(h, approximate=approximate)
-    dg = layer_grads(mlp.fc2, grad, g, True, found)
+    dg = layer_grads(mlp.fc2, grad, g, True, found, among)
     del g
     dh = torch.ops.aten.gelu_backward(dg, h, approximate=approximate)
     del dg, h
     c, mean, rstd = kept[:3] if kept else layer_norm(norm, x1)
     del kept
-    dc = layer_grads(mlp.fc1, dh, c, True, found)
+    dc = layer_grads(mlp.fc1, dh, c, True, found, among)
     del dh, c
     d_norm = layer_norm_backward(norm, dc, x1, mean, rstd, True, found)
     return grad if d_norm is None else d_norm.add_(grad)  # in place: a fresh tensor of ours
@@ -162,22 +220,30 @@ def _attention_backward(
     kept: list[Tensor],
     need_input: bool,
     found: dict[nn.Parameter, Tensor],
+    live: _Columns | None = None,
 ) -> Tensor | None:
     """The gradient of ``x`` through ``proj(attention(qkv(norm1(x))))`` (None unless ``need_input``).
 
     Takes ``x``, ``qkv``, the attention output and its logsumexp out of ``saved`` (emptying it).
+    ``live``: ``dx1`` is given at these positions only (zero at the others), so ``proj`` and the
+    attention's queries run on them; the keys and values (and ``qkv``, ``norm1``) on every token.
     """
     attn, norm = block.attn, block.norm1
     x, qkv, o2, lse = saved
     saved.clear()
-    do2 = layer_grads(attn.proj, dx1, o2, True, found)
     q, k, v = _heads(qkv, attn.heads)
+    # The full computation's FLOPs (the grad_out's shape is the queries'): skipped zeros are no saving.
+    tally_kept_rows(attn.qkv, attention_backward_flops(q, q, k, v), q)
+    if live is not None:
+        o2, q, lse = live.pick(o2), live.pick(q, 2), live.pick(lse, 2)
+    do2 = layer_grads(attn.proj, dx1, o2, True, found, None if live is None else live.among)
     per_head = q.transpose(1, 2).shape  # (B, T, heads, head_dim): the layout of o and its gradient
     o, do = (t.reshape(per_head).transpose(1, 2) for t in (o2, do2))
     del do2, o2
     dq, dk, dv = _flash_backward(do, q, k, v, o, lse, 0.0, attn.causal)
-    tally_kept_rows(attn.qkv, attention_backward_flops(do, q, k, v), do)
     del do, o, q, k, v, lse
+    if live is not None:
+        dq = live.full(dq, 2)
     shape = qkv.shape
     del qkv
     dqkv = torch.stack([d.transpose(1, 2) for d in (dq, dk, dv)], dim=2).reshape(shape)
