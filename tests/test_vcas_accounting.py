@@ -52,8 +52,8 @@ def test_the_account_of_a_vit_step_is_the_count_of_what_it_ran(digits, ratio, di
     assert tally.samples == 16 and tally.rows.keys() == {0, 1, 2}
     assert counted.forward == 16 * dense.forward
     assert counted.backward == 16 * dense.backward - tally.saved
-    if ratio == 1:
-        assert tally.saved == 0 and all(kept == seen for kept, seen in tally.rows.values())
+    if ratio == 1:  # every row kept; the saving: the last block ran on the cls token only
+        assert tally.saved > 0 and all(kept == seen for kept, seen in tally.rows.values())
     else:
         assert all(kept < seen for kept, seen in tally.rows.values())
         assert counted.backward < 16 * dense.backward

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fixtures import tiny_vit
-from greenprop.metering.flops import flop_counter
+from greenprop.metering.flops import attention_backward_flops, flop_counter
 from greenprop.models import create
 from greenprop.models.vit import Block
 from greenprop.vcas import direct, direct_vit
@@ -135,16 +135,28 @@ def test_sampled_gradients_equal_the_rerun_paths_from_the_same_seeds(rule, digit
         rtol=1e-12,
         atol=1e-15,
         rerun_forward_per_row=per_row,
+        direct_saves_per_row={1: _skipped_per_row(base.blocks[1], weight_exact=False)},
     )
     assert all(kept < seen for kept, seen in tally.rows.values())
     assert seen == [1 / 17, 1.0] * 3  # backward order: the last block first
 
 
+def _skipped_per_row(block: Block, weight_exact: bool) -> float:
+    """FLOPs a sample's backward through ``block`` skips on the cls-only path: the input (and at
+    token ratio 1 the weight) gradients of fc2, fc1 and proj, and 16 of the 17 attention queries."""
+    dim, hidden = block.mlp.fc1.in_features, block.mlp.fc1.out_features
+    linears = 2 * (2 * dim * hidden + dim * dim) * (2 if weight_exact else 1)
+    every, cls_only = torch.empty(1, 2, 17, dim // 2), torch.empty(1, 2, 1, dim // 2)
+    return 16 * linears + attention_backward_flops(every, every, every, every) - attention_backward_flops(
+        cls_only, cls_only, every, every
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_ratio_one_on_the_live_token_equals_dense_autograd(rule, digits, monkeypatch, dtype) -> None:
     """The last block's backward on the cls token only (its other 16 tokens' gradient is zero):
-    dense autograd's gradients to rounding, input gradients included, and a FLOP tally that
-    counts the full computation (done = dense at ratio 1: the skipped zeros are no saving)."""
+    dense autograd's gradients to rounding, input gradients included, and a FLOP tally whose
+    saving is what FlopCounterMode counts the backward did not run."""
     seen = _live_fractions(monkeypatch)
     reference = tiny_vit(depth=3).to(dtype)
     model = fixed_ratios(copy.deepcopy(reference))
@@ -152,11 +164,14 @@ def test_ratio_one_on_the_live_token_equals_dense_autograd(rule, digits, monkeyp
     model(x.to(dtype))  # the first forward checks the blocks
     vcas_handle(model).runtime.take_tally()
     seen.clear()
-    inputs = []
+    inputs, counted = [], []
     for net in (model, reference):
         xi = x.to(dtype).clone().requires_grad_(True)
-        F.cross_entropy(net(xi), y).backward()
+        loss = F.cross_entropy(net(xi), y)
+        with flop_counter() as counter:
+            loss.backward()
         inputs.append(xi.grad)
+        counted.append(counter.get_total_flops())
     assert seen == [1 / 17, 1.0, 1.0]
     tol = {"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
     got, expected = grad_dict(model), grad_dict(reference)
@@ -165,7 +180,8 @@ def test_ratio_one_on_the_live_token_equals_dense_autograd(rule, digits, monkeyp
         torch.testing.assert_close(got[name], expected[name], **tol, msg=name)
     torch.testing.assert_close(inputs[0], inputs[1], **tol)
     tally = vcas_handle(model).runtime.take_tally()
-    assert tally.done == tally.dense > 0
+    assert tally.rows == {i: [24, 24] for i in range(3)}
+    assert tally.saved == counted[1] - counted[0] == 24 * _skipped_per_row(model.blocks[2], weight_exact=True)
 
 
 def test_live_tokens_only_in_a_training_backward(monkeypatch) -> None:

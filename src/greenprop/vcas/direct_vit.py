@@ -32,9 +32,10 @@ than :data:`~greenprop.vcas.direct_bert.LIVE_MAX_FRACTION` of its token position
 those ops, and the attention backward's queries, on the live positions only (the same
 in every kept sample: :class:`_Columns`); the keys and values, and so the ``qkv`` Linear
 and LayerNorm 1, still take every token. The Linears' token draw is still the one over
-every token (``among``) and the tally is the full computation's (the skipped zeros are
-not counted as saved), so draws, tally and gradients are those of the dense backward
-(up to float rounding: sums over fewer zeros).
+every token (``among``), so the draws and gradients are those of the backward on every
+token (up to float rounding: sums over fewer zeros). The FLOP tally books what ran (its
+saving includes the skipped tokens' work, so the account of a step stays the FLOP count
+of what it ran; the re-run path runs every token and saves less).
 
 The rule refuses (the re-run path takes the call) what it cannot reproduce exactly:
 attention off the CPU (the CUDA kernels are not checked here), dtypes other than float32
@@ -138,10 +139,11 @@ class ViTBlockRule:
             grad = live.pick(grad)
             saved[4:] = map(live.pick, saved[4:])
             kept[3:] = map(live.pick, kept[3:])
-        among = None if live is None else live.among
-        dx1 = _mlp_backward(block.norm2, block.mlp, grad, saved, kept[3:], found, among)
+        dx1 = _mlp_backward(block.norm2, block.mlp, grad, saved, kept[3:], found, live)
         del grad
         dx = _attention_backward(block, dx1, saved, kept[:3], need_input, found, live)
+        if live is not None:
+            block.mlp.fc1.vcas_runtime.tally.done -= live.skipped
         if not need_input:
             return None, found
         if live is not None:
@@ -159,6 +161,7 @@ class _Columns:
         self.columns, self.shape = columns, shape
         flat = (torch.arange(batch, device=columns.device).unsqueeze(1) * tokens + columns).flatten()
         self.among = (flat, batch * tokens)  # their flat positions among the kept tokens (Linears' draws)
+        self.skipped = 0.0  # FLOPs tallied as done that the backward did not run (the zero tokens')
 
     @classmethod
     def of(cls, block: Block, grad: Tensor) -> _Columns | None:
@@ -168,6 +171,21 @@ class _Columns:
             return None  # causal: every position is usually live; estimation: draws on every token
         columns = _Tokens._worth(_alive(grad).view(grad.shape[:2]).any(dim=0))
         return None if columns is None else cls(columns, grad.shape)
+
+    def linear_grads(
+        self, layer: VCASLinear, dy: Tensor, x: Tensor, found: dict[nn.Parameter, Tensor]
+    ) -> Tensor:
+        """:func:`~greenprop.vcas.direct.layer_grads` on the live tokens, and what it ran on them only.
+
+        ``linear_backward(among=...)`` tallies the input gradient, and the weight gradient where
+        it is exact (token ratio 1), as run on every token; a sampled weight gradient is tallied
+        at the tokens drawn, all of them live.
+        """
+        dx = layer_grads(layer, dy, x, True, found, self.among)
+        live, total = self.among[0].numel(), self.among[1]
+        exact_weight = layer.weight.requires_grad and layer.token_ratio >= 1.0
+        self.skipped += 2.0 * (total - live) * layer.in_features * layer.out_features * (1 + exact_weight)
+        return dx
 
     def pick(self, t: Tensor, dim: int = 1) -> Tensor:
         """The live positions of a tensor whose ``dim`` runs over the tokens."""
@@ -187,27 +205,28 @@ def _mlp_backward(
     saved: list[Tensor],
     kept: list[Tensor],
     found: dict[nn.Parameter, Tensor],
-    among: tuple[Tensor, int] | None = None,
+    live: _Columns | None = None,
 ) -> Tensor:
     """The gradient of ``x1`` through ``y = x1 + fc2(gelu(fc1(norm(x1))))``.
 
     Takes ``x1`` and ``h`` off the end of ``saved``. Intermediates are dropped as soon as
     they are used (the kept rows' backward holds a block's worth of them otherwise: above
     dense autograd's peak at ratios near 1); the norm's output is computed again only
-    right before ``fc1``'s backward needs it. ``among``: the tokens given are these of the
-    kept ones (:class:`_Columns`), the others' gradient being zero.
+    right before ``fc1``'s backward needs it. ``live``: the tokens given are these of the
+    kept ones, the others' gradient being zero.
     """
+    grads = layer_grads if live is None else _on_live(live)
     h = saved.pop()
     x1 = saved.pop()
     approximate = mlp.act.approximate
     g = kept[3] if kept else F.gelu(h, approximate=approximate)
-    dg = layer_grads(mlp.fc2, grad, g, True, found, among)
+    dg = grads(mlp.fc2, grad, g, True, found)
     del g
     dh = torch.ops.aten.gelu_backward(dg, h, approximate=approximate)
     del dg, h
     c, mean, rstd = kept[:3] if kept else layer_norm(norm, x1)
     del kept
-    dc = layer_grads(mlp.fc1, dh, c, True, found, among)
+    dc = grads(mlp.fc1, dh, c, True, found)
     del dh, c
     d_norm = layer_norm_backward(norm, dc, x1, mean, rstd, True, found)
     return grad if d_norm is None else d_norm.add_(grad)  # in place: a fresh tensor of ours
@@ -232,11 +251,15 @@ def _attention_backward(
     x, qkv, o2, lse = saved
     saved.clear()
     q, k, v = _heads(qkv, attn.heads)
-    # The full computation's FLOPs (the grad_out's shape is the queries'): skipped zeros are no saving.
-    tally_kept_rows(attn.qkv, attention_backward_flops(q, q, k, v), q)
+    # Done and dense at every query (the gradient's shape is the queries'); the live ones' below.
+    flops = attention_backward_flops(q, q, k, v)
+    tally_kept_rows(attn.qkv, flops, q)
+    grads = layer_grads
     if live is not None:
         o2, q, lse = live.pick(o2), live.pick(q, 2), live.pick(lse, 2)
-    do2 = layer_grads(attn.proj, dx1, o2, True, found, None if live is None else live.among)
+        live.skipped += flops - attention_backward_flops(q, q, k, v)
+        grads = _on_live(live)
+    do2 = grads(attn.proj, dx1, o2, True, found)
     per_head = q.transpose(1, 2).shape  # (B, T, heads, head_dim): the layout of o and its gradient
     o, do = (t.reshape(per_head).transpose(1, 2) for t in (o2, do2))
     del do2, o2
@@ -254,6 +277,15 @@ def _attention_backward(
     da = layer_grads(attn.qkv, dqkv, a, need_a, found)
     del dqkv, a
     return layer_norm_backward(norm, da, x, mean, rstd, need_input, found) if need_a else None
+
+
+def _on_live(live: _Columns) -> Any:
+    """:func:`~greenprop.vcas.direct.layer_grads`'s signature for a Linear's backward on ``live``."""
+
+    def grads(layer: VCASLinear, dy: Tensor, x: Tensor, need_x: bool, found: dict) -> Tensor:
+        return live.linear_grads(layer, dy, x, found)
+
+    return grads
 
 
 RULE = ViTBlockRule()
