@@ -173,18 +173,18 @@ class _Columns:
         return None if columns is None else cls(columns, grad.shape)
 
     def linear_grads(
-        self, layer: VCASLinear, dy: Tensor, x: Tensor, found: dict[nn.Parameter, Tensor]
-    ) -> Tensor:
+        self, layer: VCASLinear, dy: Tensor, x: Tensor, need_x: bool, found: dict[nn.Parameter, Tensor]
+    ) -> Tensor | None:
         """:func:`~greenprop.vcas.direct.layer_grads` on the live tokens, and what it ran on them only.
 
         ``linear_backward(among=...)`` tallies the input gradient, and the weight gradient where
         it is exact (token ratio 1), as run on every token; a sampled weight gradient is tallied
         at the tokens drawn, all of them live.
         """
-        dx = layer_grads(layer, dy, x, True, found, self.among)
+        dx = layer_grads(layer, dy, x, need_x, found, self.among)
         live, total = self.among[0].numel(), self.among[1]
-        exact_weight = layer.weight.requires_grad and layer.token_ratio >= 1.0
-        self.skipped += 2.0 * (total - live) * layer.in_features * layer.out_features * (1 + exact_weight)
+        runs = int(need_x) + int(layer.weight.requires_grad and layer.token_ratio >= 1.0)
+        self.skipped += 2.0 * (total - live) * layer.in_features * layer.out_features * runs
         return dx
 
     def pick(self, t: Tensor, dim: int = 1) -> Tensor:
@@ -215,7 +215,7 @@ def _mlp_backward(
     right before ``fc1``'s backward needs it. ``live``: the tokens given are these of the
     kept ones, the others' gradient being zero.
     """
-    grads = layer_grads if live is None else _on_live(live)
+    grads = layer_grads if live is None else live.linear_grads
     h = saved.pop()
     x1 = saved.pop()
     approximate = mlp.act.approximate
@@ -258,7 +258,7 @@ def _attention_backward(
     if live is not None:
         o2, q, lse = live.pick(o2), live.pick(q, 2), live.pick(lse, 2)
         live.skipped += flops - attention_backward_flops(q, q, k, v)
-        grads = _on_live(live)
+        grads = live.linear_grads
     do2 = grads(attn.proj, dx1, o2, True, found)
     per_head = q.transpose(1, 2).shape  # (B, T, heads, head_dim): the layout of o and its gradient
     o, do = (t.reshape(per_head).transpose(1, 2) for t in (o2, do2))
@@ -277,15 +277,6 @@ def _attention_backward(
     da = layer_grads(attn.qkv, dqkv, a, need_a, found)
     del dqkv, a
     return layer_norm_backward(norm, da, x, mean, rstd, need_input, found) if need_a else None
-
-
-def _on_live(live: _Columns) -> Any:
-    """:func:`~greenprop.vcas.direct.layer_grads`'s signature for a Linear's backward on ``live``."""
-
-    def grads(layer: VCASLinear, dy: Tensor, x: Tensor, need_x: bool, found: dict) -> Tensor:
-        return live.linear_grads(layer, dy, x, found)
-
-    return grads
 
 
 RULE = ViTBlockRule()
