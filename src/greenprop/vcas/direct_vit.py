@@ -58,9 +58,6 @@ from greenprop.metering.flops import attention_backward_flops
 from greenprop.models.tokens import Mlp
 from greenprop.models.vit import Attention, Block
 from greenprop.vcas.direct import bypassed, layer_grads, layer_norm, layer_norm_backward, tally_kept_rows
-
-# Shared with the BERT rule's live tokens (to move into a module of their own).
-from greenprop.vcas.direct_bert import _alive, _Tokens
 from greenprop.vcas.layers import Mode, VCASLinear
 
 __all__ = ["RULE", "ViTBlockRule"]
@@ -166,6 +163,10 @@ class _Columns:
     @classmethod
     def of(cls, block: Block, grad: Tensor) -> _Columns | None:
         """The live positions given the block's output gradient, or None to run on every token."""
+        # Shared with the BERT rule's live tokens, imported here: direct_bert imports transformers
+        # (3.4 s), which a ViT needs not. To move into a module of their own.
+        from greenprop.vcas.direct_bert import _alive, _Tokens
+
         runtime = block.mlp.fc1.vcas_runtime
         if block.attn.causal or runtime.mode is not Mode.FULL or runtime.token_probe is not None:
             return None  # causal: every position is usually live; estimation: draws on every token
