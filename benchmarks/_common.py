@@ -27,9 +27,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from greenprop.metering import PeakMemory
+from greenprop.metering.flops import flop_counter
 from greenprop.metering.interleave import (  # noqa: F401 (re-exported for the scripts)
     Timings,
     interleaved_times,
@@ -216,7 +216,7 @@ def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
 
 def forward_backward_flops(model: nn.Module, x: Tensor, y: Tensor) -> int:
     """FLOPs counted by FlopCounterMode for one forward + backward (no optimizer step)."""
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         F.cross_entropy(model(x), y).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()

@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from _common import (
     add_common_options,
@@ -39,6 +38,7 @@ from _common import (
     start,
     step_memory,
 )
+from greenprop.metering.flops import flop_counter
 from greenprop.models.smollm import load_smollm2
 
 
@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     memory = step_memory(steps)
     flops = {}
     for name, ids in batches.items():
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             logits = model(input_ids=ids[:, :-1]).logits
             F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
         model.zero_grad(set_to_none=True)

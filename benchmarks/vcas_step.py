@@ -23,8 +23,10 @@ work, and the samplers act per sample either way. Forward and backward are timed
 separately; gradients are reset (``set_to_none``, untimed) after every step. The
 variants alternate and their order rotates every repeat, after untimed warm-up
 steps; Python's GC is off while timing. Besides times, each row reports the runtime's
-tally of the Linear backward FLOPs (done / dense), the kept rows per block, and
-FlopCounterMode's FLOPs of one whole step (vcas / dense; one random draw).
+tally of the backward FLOPs VCAS runs itself (done / dense: the Linear layers, and the
+attention of compacted ViT blocks), the kept rows per block, FlopCounterMode's FLOPs of
+one whole step (vcas / dense; one random draw) and VCAS's account of that step (the dense
+count minus the tally's saving), which should match the count.
 
 Set ``GLIBC_TUNABLES`` in the shell (see ``benchmarks/README.md``). Run from the
 repository root: ``python benchmarks/vcas_step.py --help``.
@@ -89,7 +91,8 @@ class Row:
     step_ratio_per_repeat: dict[str, float]  # median of per-repeat ratios
     step_ratio_iqr: dict[str, tuple[float, float]]
     flops_counted: dict[str, float]  # FlopCounterMode, one step, variant / dense
-    flops_tally: dict[str, float]  # VCASRuntime: Linear/Conv2d backward FLOPs done / dense, all timed steps
+    flops_tally: dict[str, float]  # VCASRuntime: tallied backward FLOPs done / dense, all timed steps
+    flops_account: dict[str, float]  # the counted step's: dense step FLOPs minus the tally's saving, / dense
     kept_rows: dict[int, float]  # block -> mean rows kept per step (compact variant)
     seen_rows: dict[int, float]  # block -> mean rows entering its sampler per step (the batch)
     per_repeat_s: dict[str, dict[str, list[float]]]
@@ -171,9 +174,10 @@ def measure(
     for i in range(max(1, args.warmup)):  # at least one: a compacted block's first forward checks it
         for v in rotated(names, i):
             timed_step(variants[v], x, y)
-    flops_counted = {v: forward_backward_flops(variants[v], x, y) / dense_flops for v in sampled}
     for handle in handles.values():
-        handle.runtime.take_tally()  # count the timed steps only
+        handle.runtime.take_tally()  # the account of the counted step only
+    flops_counted = {v: forward_backward_flops(variants[v], x, y) / dense_flops for v in sampled}
+    flops_account = {v: 1 - handles[v].runtime.take_tally().saved / dense_flops for v in sampled}
     times: dict[str, dict[str, list[float]]] = {v: {"fwd": [], "bwd": []} for v in names}
     gc.collect()
     gc_was_enabled = gc.isenabled()
@@ -208,6 +212,7 @@ def measure(
         step_ratio_iqr={v: (q[0], q[2]) for v, q in per_repeat.items()},
         flops_counted=flops_counted,
         flops_tally={v: t.done / t.dense for v, t in tallies.items()},
+        flops_account=flops_account,
         kept_rows={b: kept / args.repeats for b, (kept, _) in sorted(tally.rows.items())},
         seen_rows={b: seen / args.repeats for b, (_, seen) in sorted(tally.rows.items())},
         per_repeat_s=times,
@@ -224,7 +229,8 @@ def result_table(rows: Sequence[Row]) -> list[str]:
     sampled = names[1:]
     header = ["r", "nu", *(f"{v} fwd / bwd" for v in names)]
     header += [f"bwd {v}/dense" for v in sampled] + [f"step {v}/dense [IQR]" for v in sampled]
-    header += [f"step FLOPs (counted) {' / '.join(sampled)}", "layer bwd FLOPs (tally)", "kept rows / B"]
+    header += [f"step FLOPs (counted) {' / '.join(sampled)}", f"step FLOPs (account) {' / '.join(sampled)}"]
+    header += ["layer bwd FLOPs (tally)", "kept rows / B"]
     header += ["peak MiB " + " / ".join(names)]
     body = []
     for row in rows:
@@ -241,6 +247,7 @@ def result_table(rows: Sequence[Row]) -> list[str]:
                 *(f"{row.bwd_ratio[v]:.3f}" for v in sampled),
                 *(f"**{row.step_ratio[v]:.3f}** [{_iqr(row.step_ratio_iqr[v])}]" for v in sampled),
                 " / ".join(f"{row.flops_counted[v]:.3f}" for v in sampled),
+                " / ".join(f"{row.flops_account[v]:.3f}" for v in sampled),
                 f"{row.flops_tally['compact']:.3f}",
                 f"{kept:.1f} / {seen:g}",
                 " / ".join(memory_cell(row.memory[v]) for v in names),
@@ -326,7 +333,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         + "every sampler's "
         "ratio = r, every Linear's "
         "`vcas_weight_ratio` = nu. Ratios are of medians; [IQR] of the per-repeat step ratios. step "
-        "FLOPs: FlopCounterMode, one step (re-run forwards included); layer bwd FLOPs: the "
+        "FLOPs: FlopCounterMode, one step (re-run forwards included); step FLOPs (account): the "
+        "dense count minus the tallied saving, of the same step; layer bwd FLOPs: the "
         "compact runtime's tally over the timed steps; kept rows: mean per block per step; "
         "peak MiB: memory of one untimed step above its start (on CPU the rise of the process's "
         "peak RSS after freed heap pages went back to the OS; on CUDA torch.cuda.max_memory_allocated)."

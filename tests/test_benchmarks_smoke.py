@@ -207,6 +207,8 @@ def test_vcas_step_benchmark_runs_tiny(tmp_path, capsys):
         assert len(row["seen_rows"]) == blocks and all(seen == 4 for seen in row["seen_rows"].values())
         assert all(t[0] > 0 for v in row["per_repeat_s"].values() for t in v.values())
         assert set(row["step_ratio"]) == {"vcas", "compact"}
+        # VCAS's account of the counted step (dense count minus the tallied saving) is the count.
+        assert row["flops_account"] == pytest.approx(row["flops_counted"], rel=1e-12)
         sampled_tokens = row["nu"] < 1 and row["model"] == "vit"  # the ResNet's blocks have no Linear
         if row["r"] == 1 and not sampled_tokens:
             assert row["flops_tally"] == pytest.approx({"vcas": 1.0, "compact": 1.0})  # dense layer work

@@ -216,3 +216,4 @@ def test_flop_count_helpers() -> None:
     assert quantities["total"] == Quantity(30.0, "FLOP", "counted", quantities["total"].source)
     assert all(q.kind == "counted" and q.unit == "FLOP" for q in quantities.values())
     assert "FlopCounterMode" in quantities["forward"].source
+    assert "fused CPU attention" in quantities["forward"].source  # tells counts since session 28 apart

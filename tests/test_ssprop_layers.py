@@ -234,11 +234,11 @@ def test_calibration_times_once_per_k_and_records_a_decision():
 
 
 def test_calibration_waits_while_flops_are_counted():
-    from torch.utils.flop_counter import FlopCounterMode
+    from greenprop.metering.flops import flop_counter
 
     layer = SparseConv2d(8, 32, 3, padding=1, keep=0.5, calibrate=True)
     y = layer(torch.randn(2, 8, 8, 8, requires_grad=True))
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         y.sum().backward()
     assert layer.calibration == {}
     dense = 2 * 2 * 2 * 8 * 8 * 32 * 8 * 9  # grad_input + grad_weight, 2 FLOPs per MAC

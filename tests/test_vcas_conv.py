@@ -10,10 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from fixtures import convnet, cross_entropy_loss, digits_batches, digits_subset, resnet
-from greenprop.metering.flops import count_flops_per_sample
+from greenprop.metering.flops import count_flops_per_sample, flop_counter
 from greenprop.train.config import TrainConfig
 from greenprop.train.trainer import Trainer
 from greenprop.vcas import VCAS, VCASConfig, apply_vcas
@@ -168,7 +167,7 @@ def test_conv_backward_flops_equal_the_tally_and_dropped_rows_stay_zero(monkeypa
     w = skewed((n, 6, 5, 6), seed=7)
     loss = (model(x) * w).sum()
     handle.runtime.take_tally()
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         loss.backward()
     tally = handle.runtime.take_tally()
 
@@ -185,7 +184,7 @@ def test_conv_backward_flops_equal_the_tally_and_dropped_rows_stay_zero(monkeypa
 
     xr = x.detach().clone().requires_grad_(True)
     dense_loss = (reference(xr) * w).sum()
-    with FlopCounterMode(display=False) as dense_counter:
+    with flop_counter() as dense_counter:
         dense_loss.backward()
     assert dense_counter.get_total_flops() == tally.dense == n * per_sample
     assert tally.saved == (n - len(kept)) * per_sample

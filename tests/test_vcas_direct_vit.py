@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fixtures import tiny_vit
+from greenprop.metering.flops import flop_counter
 from greenprop.models import create
 from greenprop.models.vit import Block
 from greenprop.vcas import direct
@@ -26,6 +27,7 @@ from vcas_helpers import fixed_ratios, grad_dict, graph_nodes, same_steps_direct
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 BLOCK = "greenprop.models.vit.Block"
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
 @pytest.fixture(params=[True, False], ids=["recompute", "keep-all"])
@@ -95,11 +97,20 @@ def test_frozen_parameters_and_an_input_without_gradient(rule, digits) -> None:
 
 
 def test_sampled_gradients_equal_the_rerun_paths_from_the_same_seeds(rule, digits) -> None:
-    """Same seeds, same draws, same gradients: block ratio 0.5 and token ratio 0.5, three steps."""
+    """Same seeds, same draws, same gradients: block ratio 0.5 and token ratio 0.5, three steps.
+    Same tallies too, but for the attention forward the re-run path runs again on the kept rows."""
     x, y = digits.train[:16]
     base = tiny_vit(seed=2).double()
+    with flop_counter() as counter:
+        base(x[:1].double())
+    per_row = counter.get_flop_counts()["Global"][_FLASH] / len(base.blocks)
     tally = same_steps_direct_and_rerun(
-        base, x.double(), lambda out: F.cross_entropy(out, y), rtol=1e-12, atol=1e-15
+        base,
+        x.double(),
+        lambda out: F.cross_entropy(out, y),
+        rtol=1e-12,
+        atol=1e-15,
+        rerun_forward_per_row=per_row,
     )
     assert all(kept < seen for kept, seen in tally.rows.values())
 

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from fixtures import (
     AuxLossBlock,
@@ -21,6 +20,7 @@ from fixtures import (
     weighted_sum_loss,
 )
 from greenprop.errors import GreenpropError
+from greenprop.metering.flops import flop_counter
 from greenprop.vcas import VCASConfig, apply_vcas
 from greenprop.vcas import layers as vcas_layers
 from greenprop.vcas import samplers as vcas_samplers
@@ -242,7 +242,7 @@ def test_backward_flops_shrink_with_the_kept_rows_and_tokens(monkeypatch) -> Non
     w = skewed((n, t, dim), seed=7)
     loss = (model(x) * w).sum()
     handle.runtime.take_tally()
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         loss.backward()
     tally = handle.runtime.take_tally()
 
@@ -261,7 +261,7 @@ def test_backward_flops_shrink_with_the_kept_rows_and_tokens(monkeypatch) -> Non
     assert counter.get_total_flops() == expected == tally.done
 
     dense_loss = (reference(x.detach()) * w).sum()
-    with FlopCounterMode(display=False) as dense_counter:
+    with flop_counter() as dense_counter:
         dense_loss.backward()
     assert dense_counter.get_total_flops() == tally.dense == 4 * (4 * n * t * dim * hidden)  # 4 Linears
 
@@ -287,7 +287,7 @@ def test_a_backward_that_drops_every_sample_costs_nothing(layers: str) -> None:
         x.grad = None
         loss = model(x).sum()
         handle.runtime.take_tally()
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             loss.backward()
         tally = handle.runtime.take_tally()
         if tally.rows[1][0] == 0:
@@ -311,7 +311,7 @@ def test_vit_backward_flops_drop_in_proportion_to_kept_samples(digits) -> None:
     x, y = digits.train[:32]
     handle.runtime.take_tally()
     loss = F.cross_entropy(model(x), y)
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         loss.backward()
     tally = handle.runtime.take_tally()
     kept, seen = tally.rows[1]
@@ -319,11 +319,19 @@ def test_vit_backward_flops_drop_in_proportion_to_kept_samples(digits) -> None:
     # With token ratios 1 every Linear's backward work scales exactly with the kept samples.
     assert tally.done / tally.dense == kept / 32
     dense_loss = F.cross_entropy(reference(x), y)
-    with FlopCounterMode(display=False) as dense_counter:
+    with flop_counter() as dense_counter:
         dense_loss.backward()
-    # Attention, the head and the patch embedding run dense; only the Linear work is saved.
+    # Block 1 (its sampler at 0.5) is compacted: its Linears' and its attention's backward run
+    # on the kept rows only, and the tally has both; block 0 keeps every row, so its
+    # attention, the head and the patch embedding run dense. The tally's saving is exactly
+    # what the backward did not run.
+    ops, dense_ops = counter.get_flop_counts()["Global"], dense_counter.get_flop_counts()["Global"]
+    attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    per_block = dense_ops[attention] // 2
+    assert per_block > 0 and ops[attention] == per_block + per_block * kept // 32
+    attention_saved = dense_ops[attention] - ops[attention]
+    assert ops[torch.ops.aten.mm] == dense_ops[torch.ops.aten.mm] - (tally.saved - attention_saved)
     assert counter.get_total_flops() == dense_counter.get_total_flops() - tally.saved
-    assert counter.get_total_flops() < dense_counter.get_total_flops()
     rows_alive = block_inputs[0].grad.reshape(32, -1).ne(0).any(dim=1)
     assert int(rows_alive.sum()) == kept
 

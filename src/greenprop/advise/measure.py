@@ -2,7 +2,8 @@
 
 Every timing is side by side (:func:`greenprop.metering.interleave.interleaved_times`):
 the variants of one measurement alternate, so drift from other processes hits them
-alike. FLOPs are counted with FlopCounterMode, as the trainer counts them.
+alike. FLOPs are counted with FlopCounterMode (:func:`greenprop.metering.flops.flop_counter`),
+as the trainer counts them.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from greenprop.errors import GreenpropError
-from greenprop.metering.flops import count_flops
+from greenprop.metering.flops import count_flops, flop_counter
 from greenprop.metering.interleave import interleaved_times
 from greenprop.ssprop import SSPropConfig, apply_ssprop
 from greenprop.ssprop.surgery import sparse_layers
@@ -165,7 +165,7 @@ def _backward_call(layer: nn.Module, x: Tensor, dy_seed: int) -> Callable[[], ob
 
 
 def _flops_of(call: Callable[[], object]) -> float:
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         call()
     return float(counter.get_total_flops())
 

@@ -10,6 +10,8 @@ What the counter counts: matrix products and convolutions (and attention kernels
 2 FLOPs per multiply-add. It ignores elementwise work (bias adds, activations,
 normalisation, the optimizer step), which is small next to the matmuls in the
 models we train but means a ``backward / forward`` ratio is not exactly 2.
+Every count in the project goes through :func:`flop_counter`, which adds the
+fused CPU attention kernel that torch's counter has no formula for.
 
 Counting is slow (a Python hook on every op): never run it inside a timed step.
 The reference trainer counts once, on a small slice of a batch, outside timing.
@@ -25,14 +27,63 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from greenprop.metering.quantity import Quantity
 
-SOURCE = "torch.utils.flop_counter.FlopCounterMode"
+#: Provenance of every count (flop_counter): before session 28 attention run by the fused CPU
+#: kernel was left out, so a record without "fused CPU attention" in its source misses it.
+SOURCE = "torch.utils.flop_counter.FlopCounterMode with fused CPU attention counted"
 
 LossFn = Callable[[Any, Any], torch.Tensor]
+
+_aten = torch.ops.aten
+
+
+def _torch_formula(op: Any) -> Callable[..., int]:
+    """Torch's registered FLOP formula for ``op``, marked to be passed the op's raw arguments.
+
+    The registry's formulas already map tensors to shapes; ``_get_raw`` stops
+    ``FlopCounterMode`` from wrapping them a second time.
+    """
+    formula = flop_registry[op]
+
+    def count(*args: Any, **kwargs: Any) -> int:
+        return formula(*args, **kwargs)
+
+    count._get_raw = True  # type: ignore[attr-defined]
+    return count
+
+
+#: Fused attention kernels torch's counter leaves out, each counted with the formula torch
+#: registers for the CUDA flash kernel: ``F.scaled_dot_product_attention`` runs
+#: ``_scaled_dot_product_flash_attention_for_cpu`` on CPU, whose leading arguments (query,
+#: key, value; the backward's grad_out first) are the CUDA kernel's. Like torch's, the
+#: formula counts a causal attention in full and the backward's recomputed scores.
+FUSED_ATTENTION_FORMULAS: dict[Any, Callable[..., int]] = {
+    _aten._scaled_dot_product_flash_attention_for_cpu: _torch_formula(
+        _aten._scaled_dot_product_flash_attention
+    ),
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _torch_formula(
+        _aten._scaled_dot_product_flash_attention_backward
+    ),
+}
+
+
+def attention_backward_flops(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor) -> int:
+    """FLOPs :func:`flop_counter` books for one fused attention backward on these ``(B, heads, T, d)``
+    tensors (for code that tallies the attention it runs on fewer rows than the dense step)."""
+    backward = FUSED_ATTENTION_FORMULAS[_aten._scaled_dot_product_flash_attention_for_cpu_backward]
+    return backward(grad_out, query, key, value)
+
+
+def flop_counter() -> FlopCounterMode:
+    """A silent ``FlopCounterMode`` that also counts the fused CPU attention kernels.
+
+    Use it wherever FLOPs are counted, so that no count misses attention.
+    """
+    return FlopCounterMode(display=False, custom_mapping=FUSED_ATTENTION_FORMULAS)
 
 
 @dataclass(frozen=True)
@@ -106,13 +157,13 @@ def count_flops(
     devices = _cuda_devices(model, inputs, targets)
     leaves = [t for t in _tensors((inputs, targets)) if t.requires_grad and t.is_leaf]
     with _preserved_state(model, train, devices, leaves), torch.enable_grad():
-        with FlopCounterMode(display=False) as fwd_mode:
+        with flop_counter() as fwd_mode:
             loss = loss_fn(_call(model, inputs), targets)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError("loss_fn must return a scalar tensor to count the backward pass")
         if not loss.requires_grad:
             raise ValueError("the loss does not require grad: no parameter takes part in it")
-        with FlopCounterMode(display=False) as bwd_mode:
+        with flop_counter() as bwd_mode:
             loss.backward()
     return FlopCount(fwd_mode.get_total_flops(), bwd_mode.get_total_flops())
 
@@ -143,10 +194,10 @@ def count_flops_per_sample(
 
 
 class _PhaseFlopCounter(FlopCounterMode):
-    """A FlopCounterMode that also tallies the FLOPs run inside autograd's backward engine."""
+    """A :func:`flop_counter` that also tallies the FLOPs run inside autograd's backward engine."""
 
     def __init__(self) -> None:
-        super().__init__(display=False)
+        super().__init__(display=False, custom_mapping=FUSED_ATTENTION_FORMULAS)
         self.backward_flops = 0
 
     def _count_flops(self, func_packet: Any, out: Any, args: Any, kwargs: Any) -> Any:

@@ -33,6 +33,7 @@ from greenprop.metering import (
     count_flops_per_sample,
 )
 from greenprop.metering.accounting import flop_accounts
+from greenprop.metering.flops import SOURCE as FLOP_SOURCE
 from greenprop.metering.flops import batch_head, count_step_flops
 from greenprop.metering.load import LoadMeter
 from greenprop.methods import build_method, parse_method
@@ -554,7 +555,7 @@ class Trainer:
             step_losses=step_losses,
         )
         source = (
-            f"torch.utils.flop_counter.FlopCounterMode on {min(c.flops_samples, c.batch_size)} "
+            f"{FLOP_SOURCE} on {min(c.flops_samples, c.batch_size)} "
             "samples, recounted whenever a method changes what a step computes, x samples run"
         )
         if self.flop_adjustments:

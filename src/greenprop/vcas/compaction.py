@@ -34,6 +34,7 @@ with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from collections.abc import Callable, Iterator
@@ -46,6 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from greenprop.errors import GreenpropError
+from greenprop.metering.flops import FUSED_ATTENTION_FORMULAS
 from greenprop.rows import scatter_rows
 from greenprop.vcas.direct import DirectRule, KeptRows, rule_for
 from greenprop.vcas.layers import (
@@ -199,6 +201,38 @@ class _RandomDraws(TorchDispatchMode):
         return value
 
 
+class _AttentionCount(TorchDispatchMode):
+    """Counts the fused attention a compacted block's re-run runs, forward and backward, with the
+    FLOP counter's formulas (:data:`~greenprop.metering.flops.FUSED_ATTENTION_FORMULAS`).
+
+    The VCAS layers tally their own matmuls; attention is the other op the counter counts.
+    A Python hook on every op (it made the zoo ViT's re-run step about 8% slower, batch 128,
+    one thread), so a block counts once per input shape (:attr:`CompactedForward.attention_per_row`).
+    """
+
+    _BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forward = self.backward = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = FUSED_ATTENTION_FORMULAS.get(func.overloadpacket)
+        if formula is not None:
+            flops = formula(*args, **kwargs, out_val=out)
+            if func.overloadpacket is self._BACKWARD:
+                self.backward += flops
+            else:
+                self.forward += flops
+        return out
+
+    def per_row(self, rows: int) -> tuple[float, float]:
+        """The forward and backward FLOPs counted, per row of the ``rows`` the re-run ran on."""
+        return self.forward / rows, self.backward / rows
+
+
 def _rng_state(device: torch.device) -> Tensor:
     """The generator state a block's random ops on ``device`` advance."""
     if device.type == "cuda":
@@ -228,6 +262,11 @@ class _Run:
         self.per_sample = [
             self.batch > 0 and t.dim() > 0 and t.shape[0] == self.batch for t in self.tensors()
         ]
+        # The call as far as it decides the ops' FLOPs per sample: the tensors' shapes (per-sample
+        # ones without the batch) and the other arguments.
+        tensors = zip(self.tensors(), self.per_sample, strict=True)
+        shapes = [tuple(t.shape[1:] if sliced else t.shape) for t, sliced in tensors]
+        self.shapes = (*shapes, *(leaf for leaf in leaves if not isinstance(leaf, Tensor)))
         self.cache = BlockCache()
         self.draws: list[Tensor] = []
         self.extras: tuple[Any, ...] | None = None  # a tuple output's items after the first
@@ -353,15 +392,21 @@ class _CompactedBlock(torch.autograd.Function):
         runtime, block = owner.runtime, owner.sampler.index
         runtime.compact[block] = (kept.shape[0], batch)
         dense_before = runtime.tally.dense
+        counted = owner.attention_per_row.get(run.shapes)
+        attention = _AttentionCount() if counted is None else contextlib.nullcontext()
         try:
-            out_kept, inputs = run.rerun(tensors, rows, needs)
-            owner.verify(out_kept, out, rows)
-            wrt = [t for t in inputs if t.requires_grad] + params
-            grads = list(torch.autograd.grad(out_kept, wrt, kept, allow_unused=True)) if wrt else []
+            with attention:
+                out_kept, inputs = run.rerun(tensors, rows, needs)
+                owner.verify(out_kept, out, rows)
+                wrt = [t for t in inputs if t.requires_grad] + params
+                grads = list(torch.autograd.grad(out_kept, wrt, kept, allow_unused=True)) if wrt else []
         finally:
             runtime.compact.pop(block, None)
             run.cache.release()  # a later backward of a retained graph takes them from ctx again
             run.draws = []
+        if counted is None:
+            counted = owner.attention_per_row[run.shapes] = attention.per_row(kept.shape[0])
+        owner.tally_attention(counted, kept.shape[0], batch)
         owner.dense_per_row = (runtime.tally.dense - dense_before) / batch
         result: list[Tensor | None] = []
         for t, sliced, need in zip(tensors, run.per_sample, needs, strict=True):
@@ -466,6 +511,8 @@ class CompactedForward:
         # The layers' dense backward FLOPs per sample at the last re-run: what a backward that
         # drops every sample (and so runs nothing) tallies as its dense cost.
         self.dense_per_row = 0.0
+        # The re-run's fused attention FLOPs (forward, backward) per kept row, by _Run.shapes.
+        self.attention_per_row: dict[tuple[Any, ...], tuple[float, float]] = {}
 
     @property
     def plain(self) -> Callable[..., Any]:
@@ -511,6 +558,14 @@ class CompactedForward:
         if any(torch.is_autocast_enabled(device) for device in _autocast_devices()):
             return False
         return rule.refuse(self.block, args, kwargs) is None
+
+    def tally_attention(self, per_row: tuple[float, float], rows: int, batch: int) -> None:
+        """Tally the fused attention a re-run on ``rows`` of the ``batch`` rows ran: its backward
+        against the full batch's, its forward run again as done work only (the dense step runs
+        it once, in the forward)."""
+        forward, backward = per_row
+        self.runtime.tally.done += rows * (forward + backward)
+        self.runtime.tally.dense += batch * backward
 
     def kept_gradient(self, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """The sampler's draw on the block's output gradient: the kept rows (None: all) and

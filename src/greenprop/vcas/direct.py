@@ -24,7 +24,14 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from greenprop.vcas.layers import VCASConv2d, VCASLinear, _gather_rows, conv_backward, linear_backward
+from greenprop.vcas.layers import (
+    VCASConv2d,
+    VCASLinear,
+    _dense_factor,
+    _gather_rows,
+    conv_backward,
+    linear_backward,
+)
 
 __all__ = [
     "DirectRule",
@@ -35,6 +42,7 @@ __all__ = [
     "layer_norm_backward",
     "register",
     "rule_for",
+    "tally_kept_rows",
 ]
 
 
@@ -166,6 +174,18 @@ def layer_grads(
         dx, dw, db = backward(layer, dy, x, need_x)
     found.update({p: d for p, d in ((layer.weight, dw), (layer.bias, db)) if d is not None})
     return dx
+
+
+def tally_kept_rows(layer: VCASLinear | VCASConv2d, flops: float, kept: Tensor) -> None:
+    """Tally an op outside the VCAS layers (attention) that ran ``flops`` on the kept rows ``kept``
+    (batch first) of ``layer``'s block: done, against the full batch's FLOPs as dense.
+
+    The dense step's count includes such ops at the full batch; without this tally the
+    account would take them at that count although the compacted backward ran fewer.
+    """
+    tally = layer.vcas_runtime.tally
+    tally.done += flops
+    tally.dense += flops * _dense_factor(layer, kept)
 
 
 def layer_norm(norm: nn.LayerNorm, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

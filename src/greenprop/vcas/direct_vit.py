@@ -18,7 +18,8 @@ since gathering the kept rows of those tensors costs about what computing them d
 
 The backward runs aten's backward kernels on the kept rows (``native_layer_norm_backward``,
 ``gelu_backward``, ``_scaled_dot_product_flash_attention_for_cpu_backward``) and the VCAS
-Linears' own (:func:`~greenprop.vcas.layers.linear_backward`: token sampling and FLOP tally).
+Linears' own (:func:`~greenprop.vcas.layers.linear_backward`: token sampling and FLOP tally);
+the attention backward's FLOPs on the kept rows are tallied too (against the full batch's).
 At ratio 1 its gradients are dense autograd's, bit for bit.
 
 The rule refuses (the re-run path takes the call) what it cannot reproduce exactly:
@@ -38,9 +39,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend
 
+from greenprop.metering.flops import attention_backward_flops
 from greenprop.models.tokens import Mlp
 from greenprop.models.vit import Attention, Block
-from greenprop.vcas.direct import bypassed, layer_grads, layer_norm, layer_norm_backward
+from greenprop.vcas.direct import bypassed, layer_grads, layer_norm, layer_norm_backward, tally_kept_rows
 from greenprop.vcas.layers import VCASLinear
 
 __all__ = ["RULE", "ViTBlockRule"]
@@ -174,6 +176,7 @@ def _attention_backward(
     o, do = (t.reshape(per_head).transpose(1, 2) for t in (o2, do2))
     del do2, o2
     dq, dk, dv = _flash_backward(do, q, k, v, o, lse, 0.0, attn.causal)
+    tally_kept_rows(attn.qkv, attention_backward_flops(do, q, k, v), do)
     del do, o, q, k, v, lse
     shape = qkv.shape
     del qkv
