@@ -165,7 +165,9 @@ def _first_token_loss(out: Tensor) -> Tensor:
 
 
 def _live_fractions(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """Records, for each direct backward, the fraction of kept tokens its per-token ops ran on."""
+    """Records, for each direct backward, the fraction of kept tokens its per-token ops ran on
+    (the live path taken wherever a token is dead, whatever the fraction)."""
+    monkeypatch.setattr(direct_bert, "LIVE_MAX_FRACTION", 1.0)
     seen: list[float] = []
     of = direct_bert._Tokens.of.__func__
 
@@ -212,6 +214,18 @@ def test_sampled_on_the_live_tokens_equals_the_rerun_path(monkeypatch: pytest.Mo
         model, batch, _first_token_loss, rtol=1e-10, atol=1e-12, reseed=True, block_types=(bert.BertLayer,)
     )
     assert seen.count(1 / TOKENS) == 3  # the last layer of each of the three steps
+
+
+def test_the_live_path_is_left_where_nearly_every_token_is_live(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loss on every token: all tokens live (1.0 recorded), and with a first-token loss the
+    first layer's 25 of 30 live tokens are above the default limit of 0.75, the last layer's not."""
+    seen = _live_fractions(monkeypatch)
+    monkeypatch.setattr(direct_bert, "LIVE_MAX_FRACTION", 0.75)
+    model, batch, target = _vcas(TinyBert()), _batch(), _target()
+    model(batch)
+    (model(batch).tanh() * target).sum().backward()
+    _first_token_loss(model(batch)).backward()
+    assert seen == [1.0, 1.0, 1 / TOKENS, 1.0]
 
 
 def _unconverted_key(model: TinyBert) -> TinyBert:
