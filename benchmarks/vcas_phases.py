@@ -9,7 +9,7 @@ outer one):
   direct rule knows, ``_Run.forward`` for the others);
 * block backward: ``_DirectBlock.backward`` / ``_CompactedBlock.backward`` as a whole,
   and inside it the block sampler's draw; on the direct path the gather of the saved
-  tensors' kept rows; on the re-run path the re-run on the kept rows (of which: handing
+  tensors' kept rows (or live tokens); on the re-run path the re-run on the kept rows (of which: handing
   back the kept rows of the recorded layer outputs) and the backpropagation through it;
   on both the VCAS Linear / Conv2d backwards (on the re-run path part of the
   backpropagation), of the Linears the token-sampled weight gradient, of that the
@@ -63,12 +63,14 @@ PHASES: tuple[tuple[str, Any, str], ...] = (
     ("- block sampler draw", layers.BlockSampler, "draw"),
     ("- gather of the saved tensors' kept rows (direct)", compaction, "_kept_rows"),
     ("- gather of the saved tensors' kept rows (direct)", direct.KeptRows, "take"),
+    ("- gather of the saved tensors' kept rows (direct)", direct.KeptRows, "take_tokens"),
     ("- re-run on the kept rows", compaction._Run, "rerun"),
     ("-- replay of recorded layer outputs", compaction.BlockCache, "replay"),
     ("- backprop through the re-run", torch.autograd, "grad"),
     ("- VCAS Linear backward (re-run: part of the backprop)", layers, "_linear_grads"),
     ("-- token-sampled weight gradient", layers, "sampled_weight_grad"),
     ("--- token scores, soft top-k, draw", samplers, "_leverage_draw"),
+    ("--- token scores, soft top-k, draw", samplers, "_leverage_draw_among"),
     ("- VCAS Conv2d backward (re-run: part of the backprop)", layers, "_conv_grads"),
 )
 LABELS = tuple(dict.fromkeys(label for label, _, _ in PHASES))

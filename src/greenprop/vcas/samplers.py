@@ -332,8 +332,6 @@ def _leverage_draw_among(
 ) -> tuple[Tensor, Tensor]:
     """:func:`_leverage_draw` over ``total`` tokens of which only those at ``positions`` (the rows
     of ``dy`` and ``x``) may score above zero; returns indices into those rows."""
-    if positions.numel() == total:
-        return _leverage_draw(dy, x, ratio, generator)
     scores = _token_leverage(dy, x)
     every = scores.new_zeros(total).index_copy_(0, positions, scores)
     idx, scale = _draw_positive(every, ratio * total, generator)
