@@ -167,7 +167,7 @@ def _first_token_loss(out: Tensor) -> Tensor:
 def _live_fractions(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """Records, for each direct backward, the fraction of kept tokens its per-token ops ran on
     (the live path taken wherever a token is dead, whatever the fraction)."""
-    monkeypatch.setattr(direct_bert, "LIVE_MAX_FRACTION", 1.0)
+    monkeypatch.setattr(direct, "LIVE_MAX_FRACTION", 1.0)
     seen: list[float] = []
     of = direct_bert._Tokens.of.__func__
 
@@ -220,7 +220,7 @@ def test_the_live_path_is_left_where_nearly_every_token_is_live(monkeypatch: pyt
     """A loss on every token: all tokens live (1.0 recorded), and with a first-token loss the
     first layer's 25 of 30 live tokens are above the default limit of 0.75, the last layer's not."""
     seen = _live_fractions(monkeypatch)
-    monkeypatch.setattr(direct_bert, "LIVE_MAX_FRACTION", 0.75)
+    monkeypatch.setattr(direct, "LIVE_MAX_FRACTION", 0.75)
     model, batch, target = _vcas(TinyBert()), _batch(), _target()
     model(batch)
     (model(batch).tanh() * target).sum().backward()

@@ -49,8 +49,17 @@ from transformers.activations import GELUActivation
 from transformers.models.bert import modeling_bert as bert
 
 from greenprop.rows import scatter_rows
-from greenprop.vcas.direct import KeptRows, bypassed, layer_grads, layer_norm, layer_norm_backward
-from greenprop.vcas.layers import Mode, VCASLinear
+from greenprop.vcas.direct import (
+    KeptRows,
+    bypassed,
+    layer_grads,
+    layer_norm,
+    layer_norm_backward,
+    live_positions,
+    nonzero_tokens,
+    skips_zero_tokens,
+)
+from greenprop.vcas.layers import VCASLinear
 
 __all__ = ["RULE", "BertLayerRule"]
 
@@ -145,23 +154,6 @@ def _merge(t: Tensor) -> Tensor:
     return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
 
 
-#: The per-token ops run on the live tokens only when at most this fraction of the kept tokens
-#: is live. Gathering tokens one by one, the scan and the scatters back cost more than the rows
-#: they spare above it: MiniLM's backward at block ratio 0.5, token ratio 0.3, 1 thread, busy
-#: machine, live path / every token with 60%, 75%, 91% and 100% of the tokens live: 0.88,
-#: 0.985, 1.07-1.08 and 1.01 (the last layer's few live tokens take the live path in both).
-LIVE_MAX_FRACTION = 0.75
-
-
-def _alive(t: Tensor) -> Tensor:
-    """Whether each token of a ``(kept samples, T, hidden)`` gradient is non-zero, flat.
-
-    Reductions that allocate nothing full-size (a norm could underflow to 0, ``aminmax`` over
-    a dim is several times slower here); a NaN counts as live, so it reaches the result.
-    """
-    return (t.amax(dim=-1) != 0).logical_or_(t.amin(dim=-1) != 0).flatten()
-
-
 class _Tokens:
     """The tokens the per-token ops of a backward run on (everything but the attention core).
 
@@ -190,16 +182,9 @@ class _Tokens:
     @classmethod
     def of(cls, block: nn.Module, saved: KeptRows, grad: Tensor) -> _Tokens:
         """The tokens to run on, given the block's output gradient ``grad``."""
-        runtime = block.intermediate.dense.vcas_runtime
-        if runtime.mode is not Mode.FULL or runtime.token_probe is not None:
-            return cls(saved, grad.shape, None)  # the estimation draws on every token
-        return cls(saved, grad.shape, cls._worth(_alive(grad)))
-
-    @staticmethod
-    def _worth(alive: Tensor) -> Tensor | None:
-        """The live tokens' positions, or None where nearly all are live."""
-        live = alive.nonzero().squeeze(1)
-        return None if live.numel() > LIVE_MAX_FRACTION * alive.numel() else live
+        if not skips_zero_tokens(block.intermediate.dense.vcas_runtime):
+            return cls(saved, grad.shape, None)
+        return cls(saved, grad.shape, live_positions(nonzero_tokens(grad)))
 
     def widened(self, *grads: Tensor) -> _Tokens:
         """These tokens and those where any of ``grads`` (``(kept samples, T, hidden)``) is non-zero:
@@ -209,8 +194,8 @@ class _Tokens:
         alive = torch.zeros(self.shape[0] * self.shape[1], dtype=torch.bool, device=self.live.device)
         alive.index_fill_(0, self.live, True)
         for t in grads:
-            alive.logical_or_(_alive(t))
-        return _Tokens(self.saved, self.shape, self._worth(alive))
+            alive.logical_or_(nonzero_tokens(t))
+        return _Tokens(self.saved, self.shape, live_positions(alive))
 
     def pick(self, t: Tensor) -> Tensor:
         """A ``(kept samples, T, ...)`` tensor on these tokens."""

@@ -28,7 +28,7 @@ other token's output gradient is exactly zero, and stays zero through the per-to
 (the MLP, LayerNorm 2, the residual adds, the attention's output projection) and the
 attention's queries. In a training backward (not the controller's estimation, which
 draws on every token) a non-causal block whose output gradient is non-zero at no more
-than :data:`~greenprop.vcas.direct_bert.LIVE_MAX_FRACTION` of its token positions runs
+than :data:`~greenprop.vcas.direct.LIVE_MAX_FRACTION` of its token positions runs
 those ops, and the attention backward's queries, on the live positions only (the same
 in every kept sample: :class:`_Columns`); the keys and values, and so the ``qkv`` Linear
 and LayerNorm 1, still take every token. The Linears' token draw is still the one over
@@ -57,8 +57,17 @@ from torch.nn.attention import SDPBackend
 from greenprop.metering.flops import attention_backward_flops
 from greenprop.models.tokens import Mlp
 from greenprop.models.vit import Attention, Block
-from greenprop.vcas.direct import bypassed, layer_grads, layer_norm, layer_norm_backward, tally_kept_rows
-from greenprop.vcas.layers import Mode, VCASLinear
+from greenprop.vcas.direct import (
+    bypassed,
+    layer_grads,
+    layer_norm,
+    layer_norm_backward,
+    live_positions,
+    nonzero_tokens,
+    skips_zero_tokens,
+    tally_kept_rows,
+)
+from greenprop.vcas.layers import VCASLinear
 
 __all__ = ["RULE", "ViTBlockRule"]
 
@@ -163,14 +172,9 @@ class _Columns:
     @classmethod
     def of(cls, block: Block, grad: Tensor) -> _Columns | None:
         """The live positions given the block's output gradient, or None to run on every token."""
-        # Shared with the BERT rule's live tokens, imported here: direct_bert imports transformers
-        # (3.4 s), which a ViT needs not. To move into a module of their own.
-        from greenprop.vcas.direct_bert import _alive, _Tokens
-
-        runtime = block.mlp.fc1.vcas_runtime
-        if block.attn.causal or runtime.mode is not Mode.FULL or runtime.token_probe is not None:
-            return None  # causal: every position is usually live; estimation: draws on every token
-        columns = _Tokens._worth(_alive(grad).view(grad.shape[:2]).any(dim=0))
+        if block.attn.causal or not skips_zero_tokens(block.mlp.fc1.vcas_runtime):
+            return None  # causal: every position is usually live
+        columns = live_positions(nonzero_tokens(grad).view(grad.shape[:2]).any(dim=0))
         return None if columns is None else cls(columns, grad.shape)
 
     def linear_grads(
