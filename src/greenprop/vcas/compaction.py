@@ -54,6 +54,7 @@ from greenprop.vcas.layers import (
     VCASRuntime,
     _carries_grad,
     _gather_rows,
+    scale_rows_,
     scaled_rows,
 )
 
@@ -377,6 +378,31 @@ def _kept_rows(saved: list[Tensor], rows: Tensor | None) -> list[Tensor]:
     return list(_gather_rows(rows, *saved))
 
 
+class GradientRows:
+    """A compacted block's input gradient as its backward returned it, its non-zero rows kept compact.
+
+    ``full`` is what autograd passes on (zeros but at ``rows``), ``values`` those rows. When
+    the block before receives exactly that tensor, unchanged (the same object at the same
+    version: no other gradient was added to it, no hook changed it), its sampler takes the
+    norms of ``values`` instead of reading every row of ``full``, and its kept rows come from
+    ``values`` (all of them, no copy, when it keeps every non-zero row). Used once.
+    """
+
+    def __init__(self, full: Tensor, rows: Tensor, values: Tensor) -> None:
+        self.full, self.version, self.rows, self.values = full, full._version, rows, values
+
+    def holds(self, grad: Tensor) -> bool:
+        """Whether ``grad`` is the returned gradient, unchanged."""
+        return grad is self.full and grad._version == self.version
+
+    def kept(self, rows: Tensor, scale: Tensor | None) -> Tensor:
+        """``full[rows]`` (``rows`` a subset of the non-zero rows), times ``scale`` per row if given."""
+        every = rows.numel() == self.rows.numel()  # every non-zero row: the compact rows themselves
+        kept = self.values if every else self.values.index_select(0, torch.searchsorted(self.rows, rows))
+        self.values = None  # type: ignore[assignment]  # used once (scaled in place below)
+        return kept if scale is None else scale_rows_(kept, scale)
+
+
 class _DirectBlock(torch.autograd.Function):
     """Forward: a known block's rule, graph-free. Backward: sample rows, the rule's backward on them.
 
@@ -427,7 +453,8 @@ class _DirectBlock(torch.autograd.Function):
             runtime.compact.pop(block, None)
         owner.dense_per_row = (runtime.tally.dense - dense_before) / batch
         if grad_x is not None and rows is not None:
-            grad_x = scatter_rows(grad_x, rows, shape)
+            compact, grad_x = grad_x, scatter_rows(grad_x, rows, shape)
+            runtime.handoff = GradientRows(grad_x, rows, compact)
         return (None, None, None, grad_x if need_x else None, *(grads.get(p) for p in ctx.params))
 
 
@@ -482,6 +509,10 @@ class CompactedForward:
         ratio = self.sampler.drawn_ratio
         rerun = ratio <= self.max_ratio
         rule = rule_for(block) if self.direct and ratio <= self.direct_max_ratio else None
+        if rule is None and self.direct and self.runtime.plain_layer(self.sampler.index):
+            # An exact tail block: the rule's path where it costs less than autograd's own ops.
+            rule = rule_for(block)
+            rule = rule if getattr(rule, "runs_exact_tail", False) else None
         training = training and (rerun or rule is not None)
         leaves, spec = tree_flatten((args, kwargs))
         tensor_at = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
@@ -515,10 +546,14 @@ class CompactedForward:
     def kept_gradient(self, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """The sampler's draw on the block's output gradient: the kept rows (None: all) and
         their ``1/p``-rescaled gradient (None: every sample dropped, its dense cost tallied)."""
-        rows, scale = self.sampler.draw(grad)
+        handoff, self.runtime.handoff = self.runtime.handoff, None
+        known = handoff if handoff is not None and handoff.holds(grad) else None
+        rows, scale = self.sampler.draw(grad, None if known is None else (known.rows, known.values))
         if rows is not None and rows.numel() == 0:
             self.runtime.tally.dense += self.dense_per_row * grad.shape[0]
             return rows, None
+        if rows is not None and known is not None:
+            return rows, known.kept(rows, scale)
         if scale is not None:  # the draw gives scales only with rows
             return rows, scaled_rows(grad, rows, scale)
         return rows, (grad if rows is None else grad.index_select(0, rows))

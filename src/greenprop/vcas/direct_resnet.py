@@ -13,6 +13,14 @@ op on the kept rows: the output ReLU's mask from the output,
 ``native_group_norm_backward``, each conv's :func:`~greenprop.vcas.layers.conv_backward`,
 and the residual sum.
 
+In an exact tail block (:meth:`~greenprop.vcas.layers.VCASRuntime.exact_tail`: no row of its
+gradient is dropped) the forward keeps conv2's input too, as dense autograd does: the
+backward then uses every row of it as it is, where recomputing it would be a pass more.
+There the direct path costs less than dense autograd (in-place ReLUs and residual add, no
+autograd graph, the input gradient's two terms summed in place), so
+:class:`~greenprop.vcas.compaction.CompactedForward` sends such blocks here
+(``runs_exact_tail``) instead of to their layers' plain autograd ops.
+
 BatchNorm blocks never reach VCAS (:func:`~greenprop.vcas.apply_vcas` refuses them); any
 other structure (a norm other than GroupNorm, a shortcut other than those two, a conv
 that is not a :class:`~greenprop.vcas.layers.VCASConv2d`, hooks on a norm) is refused and
@@ -21,6 +29,7 @@ takes the re-run path.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -47,7 +56,7 @@ def _norm_forward(norm: nn.GroupNorm, h: Tensor) -> tuple[Tensor, Tensor, Tensor
         h = h.contiguous()
     n, c = h.shape[:2]
     y, mean, rstd = torch.native_group_norm(
-        h, norm.weight, norm.bias, n, c, h[0, 0].numel(), norm.num_groups, norm.eps
+        h, norm.weight, norm.bias, n, c, math.prod(h.shape[2:]), norm.num_groups, norm.eps
     )
     return y, h, mean, rstd
 
@@ -74,7 +83,7 @@ def _norm_backward(
     n, c = h.shape[:2]
     mask = [True] + [p is not None and p.requires_grad for p in (norm.weight, norm.bias)]
     dh, dw, db = torch.ops.aten.native_group_norm_backward(
-        dy, h, mean, rstd, norm.weight, n, c, h[0, 0].numel(), norm.num_groups, mask
+        dy, h, mean, rstd, norm.weight, n, c, math.prod(h.shape[2:]), norm.num_groups, mask
     )
     grads = {}
     if mask[1]:
@@ -95,6 +104,9 @@ def _plain_norm(module: nn.Module) -> bool:
 
 class BasicBlockRule:
     """:class:`~greenprop.vcas.direct.DirectRule` of ``greenprop.models.resnet.BasicBlock`` with GroupNorm."""
+
+    #: Exact tail blocks take this path too: with every row kept it costs less than autograd's.
+    runs_exact_tail = True
 
     def refuse(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         if kwargs or len(args) != 1 or not isinstance(args[0], Tensor) or args[0].dim() != 4:
@@ -120,7 +132,8 @@ class BasicBlockRule:
     ) -> tuple[Tensor, list[Tensor]]:
         (x,) = args
         a1, h1, mean1, rstd1 = _norm_forward(block.bn1, block.conv1(x))
-        a2, h2, mean2, rstd2 = _norm_forward(block.bn2, block.conv2(a1.relu_()))
+        r1 = a1.relu_()
+        a2, h2, mean2, rstd2 = _norm_forward(block.bn2, block.conv2(r1))
         saved = [x, h1, mean1, rstd1, h2, mean2, rstd2]
         if type(block.shortcut) is nn.Identity:
             residual = x
@@ -129,13 +142,19 @@ class BasicBlockRule:
             residual, hs, mean_s, rstd_s = _norm_forward(norm, conv(x))
             saved += [hs, mean_s, rstd_s]
         out = a2.add_(residual).relu_()  # what relu(a2 + residual) gives, without two more tensors
-        return out, [*saved, out]
+        conv1 = block.conv1
+        # Every row goes back: conv2's input is used whole, so keep it (else recomputed on the kept rows).
+        keep_r1 = conv1.vcas_runtime.exact_tail(conv1.vcas_block)
+        return out, [*saved, out, *([r1] if keep_r1 else [])]
 
     def backward(
         self, block: nn.Module, saved: list[Tensor], grad: Tensor, need_input: bool
     ) -> tuple[Tensor | None, dict[nn.Parameter, Tensor]]:
-        x, h1, mean1, rstd1, h2, mean2, rstd2, *shortcut, out = saved
+        x, h1, mean1, rstd1, h2, mean2, rstd2, *rest = saved
         saved.clear()  # the kept rows are this call's own: each goes once used (lower peak memory)
+        n_shortcut = 0 if type(block.shortcut) is nn.Identity else 3
+        shortcut, out, kept_r1 = rest[:n_shortcut], rest[n_shortcut], rest[n_shortcut + 1 :]
+        del rest
         dz = _relu_backward(grad, out)
         del out
         dh2, grads = _norm_backward(block.bn2, dz, h2, mean2, rstd2)
@@ -149,7 +168,8 @@ class BasicBlockRule:
             grads.update(grads_s)
             d_residual = layer_grads(conv, dhs, x, need_input, grads)
             del dhs
-        r1 = _norm_apply(block.bn1, h1, mean1, rstd1).relu_()  # conv2's input, not kept
+        # conv2's input: kept in an exact tail block, else computed again on the kept rows.
+        r1 = kept_r1.pop() if kept_r1 else _norm_apply(block.bn1, h1, mean1, rstd1).relu_()
         dr1 = layer_grads(block.conv2, dh2, r1, True, grads)
         del dh2
         dh1, grads1 = _norm_backward(block.bn1, _relu_backward(dr1, r1), h1, mean1, rstd1)
