@@ -13,14 +13,6 @@ op on the kept rows: the output ReLU's mask from the output,
 ``native_group_norm_backward``, each conv's :func:`~greenprop.vcas.layers.conv_backward`,
 and the residual sum.
 
-In an exact tail block (:meth:`~greenprop.vcas.layers.VCASRuntime.exact_tail`: no row of its
-gradient is dropped) the forward keeps conv2's input too, as dense autograd does: the
-backward then uses every row of it as it is, where recomputing it would be a pass more.
-There the direct path costs less than dense autograd (in-place ReLUs and residual add, no
-autograd graph, the input gradient's two terms summed in place), so
-:class:`~greenprop.vcas.compaction.CompactedForward` sends such blocks here
-(``runs_exact_tail``) instead of to their layers' plain autograd ops.
-
 BatchNorm blocks never reach VCAS (:func:`~greenprop.vcas.apply_vcas` refuses them); any
 other structure (a norm other than GroupNorm, a shortcut other than those two, a conv
 that is not a :class:`~greenprop.vcas.layers.VCASConv2d`, hooks on a norm) is refused and
@@ -105,9 +97,6 @@ def _plain_norm(module: nn.Module) -> bool:
 class BasicBlockRule:
     """:class:`~greenprop.vcas.direct.DirectRule` of ``greenprop.models.resnet.BasicBlock`` with GroupNorm."""
 
-    #: Exact tail blocks take this path too: with every row kept it costs less than autograd's.
-    runs_exact_tail = True
-
     def refuse(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         if kwargs or len(args) != 1 or not isinstance(args[0], Tensor) or args[0].dim() != 4:
             return "the block takes one 4-d tensor"
@@ -132,8 +121,7 @@ class BasicBlockRule:
     ) -> tuple[Tensor, list[Tensor]]:
         (x,) = args
         a1, h1, mean1, rstd1 = _norm_forward(block.bn1, block.conv1(x))
-        r1 = a1.relu_()
-        a2, h2, mean2, rstd2 = _norm_forward(block.bn2, block.conv2(r1))
+        a2, h2, mean2, rstd2 = _norm_forward(block.bn2, block.conv2(a1.relu_()))
         saved = [x, h1, mean1, rstd1, h2, mean2, rstd2]
         if type(block.shortcut) is nn.Identity:
             residual = x
@@ -142,19 +130,13 @@ class BasicBlockRule:
             residual, hs, mean_s, rstd_s = _norm_forward(norm, conv(x))
             saved += [hs, mean_s, rstd_s]
         out = a2.add_(residual).relu_()  # what relu(a2 + residual) gives, without two more tensors
-        conv1 = block.conv1
-        # Every row goes back: conv2's input is used whole, so keep it (else recomputed on the kept rows).
-        keep_r1 = conv1.vcas_runtime.exact_tail(conv1.vcas_block)
-        return out, [*saved, out, *([r1] if keep_r1 else [])]
+        return out, [*saved, out]
 
     def backward(
         self, block: nn.Module, saved: list[Tensor], grad: Tensor, need_input: bool
     ) -> tuple[Tensor | None, dict[nn.Parameter, Tensor]]:
-        x, h1, mean1, rstd1, h2, mean2, rstd2, *rest = saved
+        x, h1, mean1, rstd1, h2, mean2, rstd2, *shortcut, out = saved
         saved.clear()  # the kept rows are this call's own: each goes once used (lower peak memory)
-        n_shortcut = 0 if type(block.shortcut) is nn.Identity else 3
-        shortcut, out, kept_r1 = rest[:n_shortcut], rest[n_shortcut], rest[n_shortcut + 1 :]
-        del rest
         dz = _relu_backward(grad, out)
         del out
         dh2, grads = _norm_backward(block.bn2, dz, h2, mean2, rstd2)
@@ -168,8 +150,7 @@ class BasicBlockRule:
             grads.update(grads_s)
             d_residual = layer_grads(conv, dhs, x, need_input, grads)
             del dhs
-        # conv2's input: kept in an exact tail block, else computed again on the kept rows.
-        r1 = kept_r1.pop() if kept_r1 else _norm_apply(block.bn1, h1, mean1, rstd1).relu_()
+        r1 = _norm_apply(block.bn1, h1, mean1, rstd1).relu_()  # conv2's input, not kept
         dr1 = layer_grads(block.conv2, dh2, r1, True, grads)
         del dh2
         dh1, grads1 = _norm_backward(block.bn1, _relu_backward(dr1, r1), h1, mean1, rstd1)
