@@ -55,7 +55,7 @@ from greenprop.vcas.layers import (
     Mode,
     VCASRuntime,
     _carries_grad,
-    _gather_rows,
+    scale_rows_,
     scaled_rows,
 )
 
@@ -384,7 +384,7 @@ class _CompactedBlock(torch.autograd.Function):
         owner = run.owner
         params = run.params
         needs = list(ctx.needs_input_grad[1 : 1 + len(tensors)])
-        rows, kept = owner.kept_gradient(grad)
+        rows, kept = owner.kept_gradient(grad, owner.handed_over(grad))
         batch = grad.shape[0]
         if kept is None:  # every sample dropped: all gradients are zero
             zeros = [torch.zeros_like(t) if need else None for t, need in zip(tensors, needs, strict=True)]
@@ -417,9 +417,64 @@ class _CompactedBlock(torch.autograd.Function):
         return (None, *result, *grads)
 
 
-def _kept_rows(saved: list[Tensor], rows: Tensor | None) -> list[Tensor]:
-    """The kept samples' rows of each saved (batch-first) tensor, as a list the rule owns."""
-    return list(_gather_rows(rows, *saved))
+def _kept_rows(saved: list[Tensor], rows: Tensor | None, known: GradientRows | None = None) -> list[Tensor]:
+    """The kept samples' rows of each saved (batch-first) tensor, as a list the rule owns; taken
+    from the later block's gathered input where a saved tensor is that input (``known``)."""
+    if rows is None:
+        return list(saved)
+    kept = []
+    for t in saved:
+        taken = None if known is None else known.input_rows(t, rows)
+        kept.append(t.index_select(0, rows) if taken is None else taken)
+    return kept
+
+
+class GradientRows:
+    """A compacted block's input gradient as its backward returned it, its non-zero rows kept compact.
+
+    ``full`` is what autograd passes on (zeros but at ``rows``), ``values`` those rows. When
+    the block before receives exactly that tensor, unchanged (the same object at the same
+    version: no other gradient was added to it, no hook changed it), its sampler takes the
+    norms of ``values`` instead of reading every row of ``full``, and its kept rows come from
+    ``values`` (all of them, no copy, when it keeps every non-zero row). ``block_input``: the
+    block's input as the forward saved it and its rows at ``rows``, as the backward gathered
+    them; the block before, whose output it is (a ResNet block's, kept for its ReLU), takes its
+    kept rows from those in the same way. Each is used once.
+    """
+
+    def __init__(
+        self, full: Tensor, rows: Tensor, values: Tensor, block_input: tuple[Tensor, Tensor] | None = None
+    ) -> None:
+        self.full, self.version, self.rows, self.values = full, full._version, rows, values
+        self.input = None if block_input is None else (*block_input, *(t._version for t in block_input))
+
+    def holds(self, grad: Tensor) -> bool:
+        """Whether ``grad`` is the returned gradient, unchanged."""
+        return grad is self.full and grad._version == self.version
+
+    def _subset(self, values: Tensor, rows: Tensor) -> Tensor:
+        """``values``' rows for ``rows``, a subset of :attr:`rows` (all of them: ``values`` itself)."""
+        if rows.numel() == self.rows.numel():
+            return values
+        return values.index_select(0, torch.searchsorted(self.rows, rows))
+
+    def kept(self, rows: Tensor, scale: Tensor | None) -> Tensor:
+        """``full[rows]`` (``rows`` a subset of the non-zero rows), times ``scale`` per row if given."""
+        kept = self._subset(self.values, rows)
+        self.values = None  # type: ignore[assignment]  # used once (scaled in place below)
+        return kept if scale is None else scale_rows_(kept, scale)
+
+    def input_rows(self, t: Tensor, rows: Tensor) -> Tensor | None:
+        """``t[rows]`` if ``t`` is the block's input, unchanged (the same memory, the same version, and
+        its gathered rows unchanged too), else None."""
+        if self.input is None:
+            return None
+        full, values, version, values_version = self.input
+        same = t.data_ptr() == full.data_ptr() and t.shape == full.shape and t.stride() == full.stride()
+        if not (same and t._version == version and values._version == values_version):
+            return None
+        self.input = None
+        return self._subset(values, rows)
 
 
 class _DirectBlock(torch.autograd.Function):
@@ -445,6 +500,7 @@ class _DirectBlock(torch.autograd.Function):
             out = out[0]
         ctx.owner, ctx.rule, ctx.params = owner, rule, params
         ctx.input = (x.shape, x.dtype, x.device)
+        ctx.input_at = next((i for i, t in enumerate(saved) if t is x), None)  # where the rule keeps x
         ctx.save_for_backward(*saved)
         return out
 
@@ -456,7 +512,8 @@ class _DirectBlock(torch.autograd.Function):
             return (None,) * len(ctx.needs_input_grad)
         saved = list(ctx.saved_tensors)
         shape, dtype, device = ctx.input
-        rows, kept = owner.kept_gradient(grad)
+        known = owner.handed_over(grad)
+        rows, kept = owner.kept_gradient(grad, known)
         if kept is None:  # every sample dropped: all gradients are zero
             zeros = torch.zeros(shape, dtype=dtype, device=device) if need_x else None
             return (None, None, None, zeros, *map(torch.zeros_like, ctx.params))
@@ -465,14 +522,21 @@ class _DirectBlock(torch.autograd.Function):
         runtime.compact[block] = (kept.shape[0], batch)
         dense_before = runtime.tally.dense
         rule = ctx.rule
-        kept_rows = KeptRows(saved, rows) if getattr(rule, "gathers", False) else _kept_rows(saved, rows)
+        block_input = None
+        if getattr(rule, "gathers", False):
+            kept_rows: KeptRows | list[Tensor] = KeptRows(saved, rows)
+        else:
+            kept_rows = _kept_rows(saved, rows, known)
+            if ctx.input_at is not None:
+                block_input = (saved[ctx.input_at], kept_rows[ctx.input_at])
         try:
             grad_x, grads = rule.backward(owner.block, kept_rows, kept, need_x)
         finally:
             runtime.compact.pop(block, None)
         owner.dense_per_row = (runtime.tally.dense - dense_before) / batch
         if grad_x is not None and rows is not None:
-            grad_x = scatter_rows(grad_x, rows, shape)
+            compact, grad_x = grad_x, scatter_rows(grad_x, rows, shape)
+            runtime.handoff = GradientRows(grad_x, rows, compact, block_input)
         return (None, None, None, grad_x if need_x else None, *(grads.get(p) for p in ctx.params))
 
 
@@ -567,13 +631,23 @@ class CompactedForward:
         self.runtime.tally.done += rows * (forward + backward)
         self.runtime.tally.dense += batch * backward
 
-    def kept_gradient(self, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    def handed_over(self, grad: Tensor) -> GradientRows | None:
+        """The later block's :class:`GradientRows` if ``grad`` is that gradient, unchanged (taken anyway)."""
+        handoff, self.runtime.handoff = self.runtime.handoff, None
+        return handoff if handoff is not None and handoff.holds(grad) else None
+
+    def kept_gradient(
+        self, grad: Tensor, known: GradientRows | None = None
+    ) -> tuple[Tensor | None, Tensor | None]:
         """The sampler's draw on the block's output gradient: the kept rows (None: all) and
-        their ``1/p``-rescaled gradient (None: every sample dropped, its dense cost tallied)."""
-        rows, scale = self.sampler.draw(grad)
+        their ``1/p``-rescaled gradient (None: every sample dropped, its dense cost tallied).
+        ``known``: ``grad``'s non-zero rows, compact (:meth:`handed_over`)."""
+        rows, scale = self.sampler.draw(grad, None if known is None else (known.rows, known.values))
         if rows is not None and rows.numel() == 0:
             self.runtime.tally.dense += self.dense_per_row * grad.shape[0]
             return rows, None
+        if rows is not None and known is not None:
+            return rows, known.kept(rows, scale)
         if scale is not None:  # the draw gives scales only with rows
             return rows, scaled_rows(grad, rows, scale)
         return rows, (grad if rows is None else grad.index_select(0, rows))

@@ -21,6 +21,7 @@ takes the re-run path.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -47,7 +48,7 @@ def _norm_forward(norm: nn.GroupNorm, h: Tensor) -> tuple[Tensor, Tensor, Tensor
         h = h.contiguous()
     n, c = h.shape[:2]
     y, mean, rstd = torch.native_group_norm(
-        h, norm.weight, norm.bias, n, c, h[0, 0].numel(), norm.num_groups, norm.eps
+        h, norm.weight, norm.bias, n, c, math.prod(h.shape[2:]), norm.num_groups, norm.eps
     )
     return y, h, mean, rstd
 
@@ -74,7 +75,7 @@ def _norm_backward(
     n, c = h.shape[:2]
     mask = [True] + [p is not None and p.requires_grad for p in (norm.weight, norm.bias)]
     dh, dw, db = torch.ops.aten.native_group_norm_backward(
-        dy, h, mean, rstd, norm.weight, n, c, h[0, 0].numel(), norm.num_groups, mask
+        dy, h, mean, rstd, norm.weight, n, c, math.prod(h.shape[2:]), norm.num_groups, mask
     )
     grads = {}
     if mask[1]:

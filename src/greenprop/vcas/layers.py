@@ -100,6 +100,9 @@ class VCASRuntime:
     # block -> (rows re-run, batch rows) while a compacted block's backward re-runs it: the
     # layers tally their dense cost at the full batch.
     compact: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # The input gradient the last compacted block's backward returned, with its non-zero rows
+    # still compact (greenprop.vcas.compaction.GradientRows): the block before reads those.
+    handoff: Any = None
     # Set by the variance estimation: called in mode ACTIVATION with each VCASLinear's
     # (layer, dy, x) token matrices, to draw its token sampler on the side (estimation.py).
     token_probe: Callable[[VCASLinear, Tensor, Tensor], None] | None = None
@@ -211,12 +214,16 @@ class BlockSampler:
         if self.sole_path:
             self.runtime.alive[self.index] = (n, alive)
 
-    def draw(self, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    def draw(
+        self, grad: Tensor, nonzero: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor | None, Tensor | None]:
         """Soft top-k over the per-sample gradient norms: the kept rows and their ``1/p`` scales.
 
         ``(None, None)``: every row, unscaled (exact mode, or an exact tail block: see
         :meth:`VCASRuntime.exact_tail`). At ratio 1 elsewhere the scales are None (all 1) and
-        the rows those with a non-zero gradient (None if all are).
+        the rows those with a non-zero gradient (None if all are). ``nonzero``, when known:
+        row indices of ``grad`` and those rows (``grad[rows]``), every other row being zero;
+        the norms are then taken of those rows only (the same numbers).
         """
         runtime = self.runtime
         n = grad.shape[0]
@@ -227,7 +234,12 @@ class BlockSampler:
             # No later block dropped a row, so a norm pass to find zero rows finds none worth it.
             self._tally_rows(n, n)
             return None, None
-        norms = row_norms(grad.detach())
+        if nonzero is None:
+            norms = row_norms(grad.detach())
+        else:
+            rows, values = nonzero
+            at_rows = row_norms(values.detach())
+            norms = at_rows.new_zeros(n).index_copy_(0, rows, at_rows)
         if runtime.record_norms:
             runtime.norms[self.index] = norms.double().cpu()
         if runtime.mode is Mode.EXACT:
@@ -268,11 +280,15 @@ def scaled_rows(grad: Tensor, rows: Tensor, scale: Tensor) -> Tensor:
     fp64: the same products, one tensor fewer); otherwise (bf16 / fp16 gradients) the
     product is taken in ``scale``'s fp32 and cast back, as before.
     """
-    kept = grad.index_select(0, rows)
-    shape = (-1,) + (1,) * (grad.dim() - 1)
+    return scale_rows_(grad.index_select(0, rows), scale)
+
+
+def scale_rows_(kept: Tensor, scale: Tensor) -> Tensor:
+    """``kept`` times ``scale`` per row (dim 0): in place where the dtypes agree, else a new tensor."""
+    shape = (-1,) + (1,) * (kept.dim() - 1)
     if scale.dtype == kept.dtype:
         return kept.mul_(scale.view(shape))
-    return (kept * scale.view(shape)).to(grad.dtype)
+    return (kept * scale.view(shape)).to(kept.dtype)
 
 
 def _carries_grad(obj: Any) -> bool:
