@@ -24,9 +24,10 @@ separately; gradients are reset (``set_to_none``, untimed) after every step. The
 variants alternate and their order rotates every repeat, after untimed warm-up
 steps; Python's GC is off while timing. Besides times, each row reports the runtime's
 tally of the backward FLOPs VCAS runs itself (done / dense: the Linear layers, and the
-attention of compacted ViT blocks), the kept rows per block, FlopCounterMode's FLOPs of
-one whole step (vcas / dense; one random draw) and VCAS's account of that step (the dense
-count minus the tally's saving), which should match the count.
+attention of compacted ViT blocks and direct-path BERT layers), the kept rows per block,
+FlopCounterMode's FLOPs of one whole step (vcas / dense; one random draw) and VCAS's
+account of that step (the dense count minus the tally's saving), which should match the
+count.
 
 Set ``GLIBC_TUNABLES`` in the shell (see ``benchmarks/README.md``). Run from the
 repository root: ``python benchmarks/vcas_step.py --help``.

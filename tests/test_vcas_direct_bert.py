@@ -16,7 +16,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from greenprop.metering.flops import count_step_flops
 from greenprop.vcas import VCASConfig, apply_vcas, direct
+from greenprop.vcas.accounting import VCASFlops
 from greenprop.vcas.surgery import vcas_handle
 from vcas_helpers import fixed_ratios, grad_dict, graph_nodes, same_steps_direct_and_rerun, skewed
 
@@ -25,7 +27,7 @@ transformers = pytest.importorskip("transformers")
 bert = pytest.importorskip("transformers.models.bert.modeling_bert")
 direct_bert = pytest.importorskip("greenprop.vcas.direct_bert")
 
-BATCH, TOKENS, HIDDEN = 6, 5, 16
+BATCH, TOKENS, HIDDEN, HEADS, INTERMEDIATE = 6, 5, 16, 4, 24
 
 
 class TinyBert(nn.Module):
@@ -37,8 +39,8 @@ class TinyBert(nn.Module):
             vocab_size=40,
             hidden_size=HIDDEN,
             num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=24,
+            num_attention_heads=HEADS,
+            intermediate_size=INTERMEDIATE,
             max_position_embeddings=TOKENS,
             hidden_dropout_prob=dropout,
             attention_probs_dropout_prob=dropout,
@@ -53,9 +55,13 @@ class TinyBert(nn.Module):
         return self.bert(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state
 
 
-def _batch() -> tuple[Tensor, Tensor]:
+def _batch(padded_from: int | None = None) -> tuple[Tensor, Tensor]:
+    """Two samples padded; ``padded_from``: every sample padded from this token on instead."""
     ids = torch.randint(1, 40, (BATCH, TOKENS), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(BATCH, TOKENS, dtype=torch.long)
+    if padded_from is not None:
+        mask[:, padded_from:] = 0
+        return ids, mask
     mask[1, 3:] = 0  # padding: the additive attention mask matters
     mask[4, 2:] = 0
     return ids, mask
@@ -143,7 +149,9 @@ def test_ratio_one_equals_dense_autograd_with_dropout_and_padding(frozen_embeddi
 
 
 def test_sampled_gradients_equal_the_rerun_paths_from_the_same_seeds() -> None:
-    """Block ratio 0.5, token ratio 0.5, dropout 0.1: same draws, same gradients, same FLOP tally."""
+    """Block ratio 0.5, token ratio 0.5, dropout 0.1: same draws, same gradients, same FLOP tally
+    but for the attention's bmms, which the direct path tallies (on the kept rows) and the re-run
+    path does not."""
     target = _target()
     tally = same_steps_direct_and_rerun(
         TinyBert(),
@@ -152,6 +160,7 @@ def test_sampled_gradients_equal_the_rerun_paths_from_the_same_seeds() -> None:
         rtol=1e-10,
         atol=1e-12,
         reseed=True,
+        direct_tallies_per_row=dict.fromkeys((0, 1), _ATTENTION_BACKWARD_PER_ROW),
         block_types=(bert.BertLayer,),
     )
     kept, seen = tally.rows[0]
@@ -202,18 +211,76 @@ def test_ratio_one_on_the_live_tokens_equals_dense_autograd(monkeypatch: pytest.
     unpadded = float(batch[1].sum()) / batch[1].numel()
     assert seen == [1 / TOKENS, unpadded] * 2  # backward order: the last layer first
     tally = vcas_handle(model).runtime.take_tally()
-    assert tally.done == tally.dense > 0
+    assert 0 < tally.done < tally.dense  # the zero tokens' work is saved (its amount: the tests below)
 
 
 def test_sampled_on_the_live_tokens_equals_the_rerun_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Block and token ratio 0.5, dropout 0.1, a first-token loss: the live tokens' backward draws
-    what the re-run path (every token) draws, and gives its gradients and FLOP tally."""
+    """Block and token ratio 0.5, dropout 0.1, a first-token loss, every sample padded after 3
+    tokens: the live tokens' backward draws what the re-run path (every token) draws, and gives
+    its gradients; its tally is the re-run path's less the zero tokens' input gradients (the
+    weight gradients are sampled), plus the attention's bmms."""
     seen = _live_fractions(monkeypatch)
-    model, batch = TinyBert(), _batch()
+    unpadded = 3
+    model, batch = TinyBert(), _batch(padded_from=unpadded)
     same_steps_direct_and_rerun(
-        model, batch, _first_token_loss, rtol=1e-10, atol=1e-12, reseed=True, block_types=(bert.BertLayer,)
+        model,
+        batch,
+        _first_token_loss,
+        rtol=1e-10,
+        atol=1e-12,
+        reseed=True,
+        direct_saves_per_row={
+            0: _zero_tokens_per_row(TOKENS - unpadded, TOKENS - unpadded),
+            1: _zero_tokens_per_row(TOKENS - 1, TOKENS - unpadded),
+        },
+        direct_tallies_per_row=dict.fromkeys((0, 1), _ATTENTION_BACKWARD_PER_ROW),
+        block_types=(bert.BertLayer,),
     )
     assert seen.count(1 / TOKENS) == 3  # the last layer of each of the three steps
+
+
+#: A sample's attention backward: four bmms of (tokens x tokens) x (tokens x head size) per head.
+_ATTENTION_BACKWARD_PER_ROW = 4 * 2 * HEADS * TOKENS * TOKENS * (HIDDEN // HEADS)
+
+
+def _zero_tokens_per_row(dead: int, dead_qkv: int) -> float:
+    """Input-gradient FLOPs a sample's layer backward skips with ``dead`` zero tokens at the output
+    (LayerNorms to the attention) and ``dead_qkv`` tokens the query, key and value gradients miss."""
+    after_attention = HIDDEN * HIDDEN + 2 * HIDDEN * INTERMEDIATE  # attention output, intermediate, output
+    return 2.0 * (dead * after_attention + dead_qkv * 3 * HIDDEN * HIDDEN)
+
+
+@pytest.mark.parametrize(("ratio", "token_ratio"), [(1.0, 1.0), (0.5, 0.5)])
+def test_the_account_of_a_step_is_the_count_of_what_it_ran(monkeypatch, ratio, token_ratio) -> None:
+    """A first-token loss with padding on the direct path: the account (the dense count less the
+    tally's saving) equals FlopCounterMode's count of the step, zero tokens left out and the
+    attention's bmms run on the kept rows included."""
+    seen = _live_fractions(monkeypatch)
+    model, batch = _vcas(TinyBert(), ratio, token_ratio), _batch()
+
+    def loss(net: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        return _first_token_loss(net(batch))
+
+    account = VCASFlops(model, vcas_handle(model).runtime)
+    account.remember_batch(batch, loss)
+    dense = account.dense_per_sample
+    torch.manual_seed(0)
+    for _ in range(2):  # the first training forward checks the blocks
+        loss(model, batch).backward()
+    assert "_DirectBlockBackward" in graph_nodes(model(batch))
+    account.runtime.take_tally()
+    seen.clear()
+
+    counted = count_step_flops(model, lambda: loss(model, batch).backward())
+    account.collect_train()
+    tally = account.train
+    assert tally.samples == BATCH and tally.rows.keys() == {0, 1}
+    assert seen[0] == 1 / TOKENS and 0 < seen[1] < 1  # both layers on their live tokens only
+    assert counted.forward == pytest.approx(BATCH * dense.forward, rel=1e-12)
+    assert counted.backward == pytest.approx(BATCH * dense.backward - tally.saved, rel=1e-12)
+    assert counted.backward < BATCH * dense.backward
+    if ratio < 1:
+        assert all(kept < seen for kept, seen in tally.rows.values())
 
 
 def test_the_live_path_is_left_where_nearly_every_token_is_live(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -129,6 +129,7 @@ def same_steps_direct_and_rerun(
     reseed: bool = False,
     rerun_forward_per_row: float = 0.0,
     direct_saves_per_row: dict[int, float] | None = None,
+    direct_tallies_per_row: dict[int, float] | None = None,
     **config: Any,
 ) -> Any:
     """Train-mode steps of copies of ``base`` at block and token ratio 0.5 on the direct path and on
@@ -136,9 +137,11 @@ def same_steps_direct_and_rerun(
     step) and the same tally, except that the re-run path's also holds the fused attention
     forward it re-runs: ``rerun_forward_per_row`` FLOPs per kept row of each block; returns
     the direct path's tally; ``direct_saves_per_row``: block -> FLOPs per kept row the direct path
-    runs less (live tokens: it skips the zero tokens' work). ``reseed``: torch's global
-    generator is seeded with the step's number before each step's forward on both paths (blocks
-    with dropout: both then draw the same masks). ``config``: more arguments of :func:`fixed_ratios`."""
+    runs less (live tokens: it skips the zero tokens' work); ``direct_tallies_per_row``: block ->
+    FLOPs per row of the ops only the direct path tallies (BERT's attention bmms: done per kept
+    row, dense per seen row). ``reseed``: torch's global generator is seeded with the step's
+    number before each step's forward on both paths (blocks with dropout: both then draw the
+    same masks). ``config``: more arguments of :func:`fixed_ratios`."""
     found: dict[bool, list[Tensor]] = {}
     tallies = {}
 
@@ -160,8 +163,11 @@ def same_steps_direct_and_rerun(
     on, off = tallies[True], tallies[False]
     rerun_forward = rerun_forward_per_row * sum(kept for kept, _ in on.rows.values())
     skipped = sum(per_row * on.rows[block][0] for block, per_row in (direct_saves_per_row or {}).items())
-    assert on.rows == off.rows and math.isclose(on.dense, off.dense)
-    assert math.isclose(on.done + rerun_forward + skipped, off.done)
+    only = (direct_tallies_per_row or {}).items()
+    only_done = sum(per_row * on.rows[block][0] for block, per_row in only)
+    only_dense = sum(per_row * on.rows[block][1] for block, per_row in only)
+    assert on.rows == off.rows and math.isclose(on.dense - only_dense, off.dense)
+    assert math.isclose(on.done - only_done + rerun_forward + skipped, off.done)
     assert on.done < on.dense
     return on
 

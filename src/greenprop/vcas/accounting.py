@@ -3,23 +3,24 @@
 VCAS's backward is random, so counting one step on a slice says nothing about the
 next. Instead what VCAS runs on the kept rows is tallied against its dense cost
 (:class:`BackwardTally`): the Linear/Conv2d layers' backward, and in compacted blocks the
-fused attention (SDPA's CPU kernel: the direct ViT rule's backward on the kept rows; the
+attention (SDPA's fused CPU kernel: the direct ViT rule's backward on the kept rows, the
 re-run path's backward and the forward it runs again, the latter as done work with no
-dense counterpart), each by the formula the FLOP counter uses. The step is counted dense
-(inside :meth:`counting`), and the difference plus the controller's estimation passes is
-the adjustment. Every other op the counter counts is taken at its dense count, which is
-what runs where every row runs (uncompacted blocks, the stem, the head): on the zoo ViT
-and ResNet the account of a step equals a FlopCounterMode count of it (tested). At batch
+dense counterpart; the direct BERT rule's backward ``bmm``s on the kept rows), each by the
+formula the FLOP counter uses; the tokens a direct rule leaves out for their zero gradient
+are tallied as saved. The step is counted dense (inside :meth:`counting`), and the
+difference plus the controller's estimation passes is the adjustment. Every other op the
+counter counts is taken at its dense count, which is what runs where every row runs
+(uncompacted blocks, the stem, the head): on the zoo ViT and ResNet, and on a BERT on the
+direct path, the account of a step equals a FlopCounterMode count of it (tested). At batch
 128, r = 0.5, nu = 0.3 both give 0.557 of the dense ViT step on the direct path and 0.572
 re-run (``benchmarks/vcas_step.py --threads 1 --rs 0.5 --nus 0.3 --repeats 1 --warmup 1
 --rerun --models vit``, columns "step FLOPs (counted)" and "(account)"); before the
 attention was tallied the account of the same step said 0.593 on both paths.
 
-Left out: attention written as plain matmuls in a compacted block, i.e. HF BERT's eager
-attention (MiniLM), whose ``bmm`` the direct BERT rule runs on the kept rows (and the
-re-run path runs again in its forward) untallied. They are 2.4% of MiniLM's dense
-backward (1.85 of 77.97 GFLOP at 32 x 56 tokens), so at ratio 0.5 the account misses
-about 0.8% of the dense step's saving.
+Left out: attention written as plain matmuls in a block compacted on the re-run path (HF
+BERT's eager attention off the direct path: ``direct=False``, or a call the rule refuses),
+whose ``bmm`` it runs on the kept rows, forward again and backward, untallied. They are
+2.4% of MiniLM's dense backward (1.85 of 77.97 GFLOP at 32 x 56 tokens).
 """
 
 from __future__ import annotations

@@ -42,12 +42,14 @@ __all__ = [
     "layer_grads",
     "layer_norm",
     "layer_norm_backward",
+    "live_layer_grads",
     "live_positions",
     "nonzero_tokens",
     "register",
     "rule_for",
     "skips_zero_tokens",
     "tally_kept_rows",
+    "zero_token_flops",
 ]
 
 
@@ -207,6 +209,31 @@ def layer_grads(
         backward = conv_backward if isinstance(layer, VCASConv2d) else linear_backward
         dx, dw, db = backward(layer, dy, x, need_x)
     found.update({p: d for p, d in ((layer.weight, dw), (layer.bias, db)) if d is not None})
+    return dx
+
+
+def zero_token_flops(layer: VCASLinear, among: tuple[Tensor, int] | None, need_x: bool) -> float:
+    """FLOPs :func:`~greenprop.vcas.layers.linear_backward` tallies as done for the tokens ``among``
+    leaves out (zero gradient: nothing ran for them): the input gradient's, and the weight
+    gradient's where it is exact (token ratio 1); a sampled one is tallied at the tokens drawn."""
+    if among is None:
+        return 0.0
+    runs = int(need_x) + int(layer.weight.requires_grad and layer.token_ratio >= 1.0)
+    return 2.0 * (among[1] - among[0].numel()) * layer.in_features * layer.out_features * runs
+
+
+def live_layer_grads(
+    layer: VCASLinear,
+    dy: Tensor,
+    x: Tensor,
+    need_x: bool,
+    found: dict[nn.Parameter, Tensor],
+    among: tuple[Tensor, int] | None,
+) -> Tensor | None:
+    """:func:`layer_grads` on the live tokens ``among`` (every token if None), the zero tokens'
+    FLOPs booked as saved: the tally holds what ran, as a FLOP count of the step does."""
+    dx = layer_grads(layer, dy, x, need_x, found, among)
+    layer.vcas_runtime.tally.done -= zero_token_flops(layer, among, need_x)
     return dx
 
 

@@ -27,8 +27,10 @@ In a training backward, tokens whose gradient is exactly zero are left out
 gradient at the layer's output (padding under the attention mask; in the last layer every
 token but the one the classifier reads) has a zero gradient up to the attention, and the
 query, key and value Linears run on the tokens their gradients reach. The Linears' token
-draw is still made over all kept tokens, so the gradients and the FLOP tally are those of
-the full computation (the tally does not count the skipped zeros as saved).
+draw is still made over all kept tokens, so the gradients are those of the full
+computation; the FLOP tally books what ran (the skipped zero tokens' work as saved, and the
+attention's four backward ``bmm``s on the kept rows against the full batch's), so the
+account of a step is the FLOP count of what it ran.
 
 Calls it cannot reproduce are refused (the re-run path takes them): cross-attention, a
 cache, ``output_attentions``, any argument it does not know, another attention kernel
@@ -52,12 +54,13 @@ from greenprop.rows import scatter_rows
 from greenprop.vcas.direct import (
     KeptRows,
     bypassed,
-    layer_grads,
     layer_norm,
     layer_norm_backward,
+    live_layer_grads,
     live_positions,
     nonzero_tokens,
     skips_zero_tokens,
+    tally_kept_rows,
 )
 from greenprop.vcas.layers import VCASLinear
 
@@ -323,12 +326,12 @@ class BertLayerRule:
         (keep_output,) = tokens.take(KEEP_OUTPUT)
         dh = _dropout_backward(ds2, keep_output, _hidden_dropout(output))
         del keep_output
-        d_act = layer_grads(output.dense, dh, *tokens.take(ACT), True, found, tokens.among)
+        d_act = live_layer_grads(output.dense, dh, *tokens.take(ACT), True, found, tokens.among)
         del dh
         approximate = _gelu_approximation(block.intermediate.intermediate_act_fn)
         d_pre = torch.ops.aten.gelu_backward(d_act, *tokens.take(PRE), approximate=approximate)
         del d_act
-        return layer_grads(intermediate, d_pre, *tokens.take(A), True, found, tokens.among).add_(ds2)
+        return live_layer_grads(intermediate, d_pre, *tokens.take(A), True, found, tokens.among).add_(ds2)
 
     def _attention_backward(
         self, block: nn.Module, tokens: _Tokens, grad: Tensor, need_input: bool, found: dict
@@ -341,10 +344,14 @@ class BertLayerRule:
         (keep_attention,) = tokens.take(KEEP_ATTENTION)
         dh = _dropout_backward(ds1, keep_attention, _hidden_dropout(attention_out))
         del keep_attention
-        d_context = layer_grads(attention_out.dense, dh, *tokens.take(CONTEXT), True, found, tokens.among)
+        (context,) = tokens.take(CONTEXT)
+        d_context = live_layer_grads(attention_out.dense, dh, context, True, found, tokens.among)
+        del context
         d_context = _heads(tokens.full(d_context), size).contiguous()
         del dh
         probs, keep_probs, v = saved.take(PROBS, KEEP_PROBS, V)
+        # The four bmms below (two per attention matmul), each 2 * numel(probs) * head size FLOPs.
+        tally_kept_rows(attention.query, 8.0 * probs.numel() * size, probs)
         p = _attention_dropout(block)
         dropped = probs if p == 0.0 else probs * keep_probs.to(probs.dtype).div_(1 - p)
         dv = _merge(torch.matmul(dropped.transpose(2, 3), d_context))
@@ -367,7 +374,7 @@ class BertLayerRule:
         del ds1
         # autograd's order on the re-run's graph: value, key, query (the token samplers draw in turn)
         for layer, dy in ((attention.value, dv), (attention.key, dk), (attention.query, dq)):
-            dx_part = layer_grads(layer, inputs.pick(dy), x, need_input, found, inputs.among)
+            dx_part = live_layer_grads(layer, inputs.pick(dy), x, need_input, found, inputs.among)
             if dx is not None:
                 dx.add_(dx_part)
         return None if dx is None else inputs.full(dx)

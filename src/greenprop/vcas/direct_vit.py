@@ -66,6 +66,7 @@ from greenprop.vcas.direct import (
     nonzero_tokens,
     skips_zero_tokens,
     tally_kept_rows,
+    zero_token_flops,
 )
 from greenprop.vcas.layers import VCASLinear
 
@@ -187,9 +188,7 @@ class _Columns:
         at the tokens drawn, all of them live.
         """
         dx = layer_grads(layer, dy, x, need_x, found, self.among)
-        live, total = self.among[0].numel(), self.among[1]
-        runs = int(need_x) + int(layer.weight.requires_grad and layer.token_ratio >= 1.0)
-        self.skipped += 2.0 * (total - live) * layer.in_features * layer.out_features * runs
+        self.skipped += zero_token_flops(layer, self.among, need_x)
         return dx
 
     def pick(self, t: Tensor, dim: int = 1) -> Tensor:
