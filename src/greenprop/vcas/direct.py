@@ -203,11 +203,10 @@ def layer_grads(
     """A VCAS layer's backward on the kept rows (token sampling, FLOP tally); its parameters'
     gradients go into ``found``; returns the input gradient (None unless ``need_x``).
     ``among``: a Linear's live tokens (:func:`~greenprop.vcas.layers.linear_backward`)."""
-    if among is not None:
-        dx, dw, db = linear_backward(layer, dy, x, need_x, among=among)  # type: ignore[arg-type]
+    if isinstance(layer, VCASConv2d):
+        dx, dw, db = conv_backward(layer, dy, x, need_x)
     else:
-        backward = conv_backward if isinstance(layer, VCASConv2d) else linear_backward
-        dx, dw, db = backward(layer, dy, x, need_x)
+        dx, dw, db = linear_backward(layer, dy, x, need_x, among=among)
     found.update({p: d for p, d in ((layer.weight, dw), (layer.bias, db)) if d is not None})
     return dx
 

@@ -62,11 +62,11 @@ from greenprop.vcas.direct import (
     layer_grads,
     layer_norm,
     layer_norm_backward,
+    live_layer_grads,
     live_positions,
     nonzero_tokens,
     skips_zero_tokens,
     tally_kept_rows,
-    zero_token_flops,
 )
 from greenprop.vcas.layers import VCASLinear
 
@@ -149,8 +149,6 @@ class ViTBlockRule:
         dx1 = _mlp_backward(block.norm2, block.mlp, grad, saved, kept[3:], found, live)
         del grad
         dx = _attention_backward(block, dx1, saved, kept[:3], need_input, found, live)
-        if live is not None:
-            block.mlp.fc1.vcas_runtime.tally.done -= live.skipped
         if not need_input:
             return None, found
         if live is not None:
@@ -168,7 +166,6 @@ class _Columns:
         self.columns, self.shape = columns, shape
         flat = (torch.arange(batch, device=columns.device).unsqueeze(1) * tokens + columns).flatten()
         self.among = (flat, batch * tokens)  # their flat positions among the kept tokens (Linears' draws)
-        self.skipped = 0.0  # FLOPs tallied as done that the backward did not run (the zero tokens')
 
     @classmethod
     def of(cls, block: Block, grad: Tensor) -> _Columns | None:
@@ -181,15 +178,9 @@ class _Columns:
     def linear_grads(
         self, layer: VCASLinear, dy: Tensor, x: Tensor, need_x: bool, found: dict[nn.Parameter, Tensor]
     ) -> Tensor | None:
-        """:func:`~greenprop.vcas.direct.layer_grads` on the live tokens, and what it ran on them only.
-
-        ``linear_backward(among=...)`` tallies the input gradient, and the weight gradient where
-        it is exact (token ratio 1), as run on every token; a sampled weight gradient is tallied
-        at the tokens drawn, all of them live.
-        """
-        dx = layer_grads(layer, dy, x, need_x, found, self.among)
-        self.skipped += zero_token_flops(layer, self.among, need_x)
-        return dx
+        """:func:`~greenprop.vcas.direct.live_layer_grads` on the live tokens (the zero tokens'
+        FLOPs booked as saved)."""
+        return live_layer_grads(layer, dy, x, need_x, found, self.among)
 
     def pick(self, t: Tensor, dim: int = 1) -> Tensor:
         """The live positions of a tensor whose ``dim`` runs over the tokens."""
@@ -261,7 +252,8 @@ def _attention_backward(
     grads = layer_grads
     if live is not None:
         o2, q, lse = live.pick(o2), live.pick(q, 2), live.pick(lse, 2)
-        live.skipped += flops - attention_backward_flops(q, q, k, v)
+        # The non-live queries did not run: their share of the tally's done comes off.
+        attn.qkv.vcas_runtime.tally.done -= flops - attention_backward_flops(q, q, k, v)
         grads = live.linear_grads
     do2 = grads(attn.proj, dx1, o2, True, found)
     per_head = q.transpose(1, 2).shape  # (B, T, heads, head_dim): the layout of o and its gradient
