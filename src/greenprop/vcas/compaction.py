@@ -47,7 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from greenprop.errors import GreenpropError
-from greenprop.metering.flops import FUSED_ATTENTION_FORMULAS
+from greenprop.metering.flops import flop_counter
 from greenprop.rows import scatter_rows
 from greenprop.vcas.direct import DirectRule, KeptRows, rule_for
 from greenprop.vcas.layers import (
@@ -201,36 +201,32 @@ class _RandomDraws(TorchDispatchMode):
         return value
 
 
-class _AttentionCount(TorchDispatchMode):
+class _AttentionCount:
     """Counts the fused attention a compacted block's re-run runs, forward and backward, with the
-    FLOP counter's formulas (:data:`~greenprop.metering.flops.FUSED_ATTENTION_FORMULAS`).
+    project's FLOP counter (:func:`~greenprop.metering.flops.flop_counter`).
 
     The VCAS layers tally their own matmuls; attention is the other op the counter counts.
     A Python hook on every op (it made the zoo ViT's re-run step about 8% slower, batch 128,
     one thread), so a block counts once per input shape (:attr:`CompactedForward.attention_per_row`).
     """
 
+    _FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     _BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
     def __init__(self) -> None:
-        super().__init__()
-        self.forward = self.backward = 0
+        self.counter = flop_counter()
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        formula = FUSED_ATTENTION_FORMULAS.get(func.overloadpacket)
-        if formula is not None:
-            flops = formula(*args, **kwargs, out_val=out)
-            if func.overloadpacket is self._BACKWARD:
-                self.backward += flops
-            else:
-                self.forward += flops
-        return out
+    def __enter__(self) -> _AttentionCount:
+        self.counter.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.counter.__exit__(*exc)
 
     def per_row(self, rows: int) -> tuple[float, float]:
         """The forward and backward FLOPs counted, per row of the ``rows`` the re-run ran on."""
-        return self.forward / rows, self.backward / rows
+        counts = self.counter.get_flop_counts()["Global"]
+        return counts.get(self._FORWARD, 0) / rows, counts.get(self._BACKWARD, 0) / rows
 
 
 def _rng_state(device: torch.device) -> Tensor:
