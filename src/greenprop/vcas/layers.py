@@ -132,13 +132,17 @@ class VCASRuntime:
         """
         if self.mode is not Mode.FULL:
             return False
-        found = False
-        for sampler in self.samplers:
-            if sampler.index >= block:
-                if sampler.drawn_ratio < 1.0:
-                    return False
-                found = found or sampler.index == block
-        return found
+        return any(sampler.index == block for sampler in self.samplers) and self.kept_ratio(block) >= 1.0
+
+    def kept_ratio(self, block: int) -> float:
+        """The fraction of rows ``block``'s backward keeps at most, in expectation: the lowest
+        ``BlockSampler.drawn_ratio`` of its sampler and every later one (1 if none).
+
+        Each sampler keeps rows among those the later ones left non-zero, so a block at ratio 1
+        behind a block at 0.5 keeps about half the rows (its path is chosen by this fraction:
+        :class:`~greenprop.vcas.compaction.CompactedForward`).
+        """
+        return min((s.drawn_ratio for s in self.samplers if s.index >= block), default=1.0)
 
     def plain_layer(self, block: int) -> bool:
         """Whether a layer of ``block`` runs autograd's own ops in this training forward: an

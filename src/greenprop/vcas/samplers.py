@@ -191,9 +191,13 @@ def _bernoulli(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     """:func:`sample_mask` without checking ``probs`` (for probabilities this module made)."""
     # Draw where the generator lives (greenprop's are CPU generators), then move: a CUDA
     # gradient with a CPU generator would otherwise fail, and CPU and GPU draw alike.
+    return _uniform(probs, generator).to(probs.device) < probs
+
+
+def _uniform(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """The uniform numbers :func:`_bernoulli` compares ``probs`` with (on the generator's device)."""
     device = generator.device if generator is not None else probs.device
-    u = torch.rand(probs.shape, generator=generator, device=device, dtype=probs.dtype)
-    return u.to(probs.device) < probs
+    return torch.rand(probs.shape, generator=generator, device=device, dtype=probs.dtype)
 
 
 def sample_rows(probs: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -239,14 +243,17 @@ def _draw_positive(scores: Tensor, k: float, generator: torch.Generator | None) 
     :func:`soft_topk_probabilities` give a zero score a positive probability; on the
     water-level path ``p = min(1, c * s)`` is zero exactly where ``s`` is, so nothing is
     filtered there (no gather of the drawn scores).
+
+    In those two cases every positive item has ``p = 1``: the draw's result is known without
+    comparing (every positive item, scale 1), so only the uniform numbers are drawn, to
+    advance the generator as the full draw does (later draws stay the same).
     """
     probs, zeros_drawable = _soft_topk(scores, k)
-    idx, scale = _draw_rows(probs, generator)
     if zeros_drawable:
-        keep = scores.index_select(0, idx) > 0
-        if not bool(keep.all()):
-            return idx[keep], scale[keep]
-    return idx, scale
+        _uniform(probs, generator)
+        idx = (scores > 0).nonzero().squeeze(1)
+        return idx, torch.ones(idx.numel(), dtype=probs.dtype, device=probs.device)
+    return _draw_rows(probs, generator)
 
 
 def activation_sample(
