@@ -126,7 +126,7 @@ def test_blocks_at_ratio_one_behind_a_sampling_block_run_direct(digits, shortcut
             sampler.ratio = 0.5 if sampler is samplers[-1] else 1.0
         model(x)  # the compacted blocks' first forward checks them
         models[compact] = model
-    for step in range(2):
+    for _ in range(2):  # two steps, new draws
         shortcuts.clear()
         got = {}
         for compact, model in models.items():

@@ -541,13 +541,13 @@ class CompactedForward:
 
     Training forwards with grad run the block compacted: on the direct path
     (:class:`_DirectBlock`, a rule of :mod:`greenprop.vcas.direct` knows the block) while
-    the fraction of rows its backward keeps at most (:meth:`VCASRuntime.kept_ratio`: the lowest
-    ratio of its sampler and every later one) is at most ``direct_max_ratio``
-    (``VCASConfig.direct_max_ratio``), else re-run (:class:`_CompactedBlock`) while it is at most ``max_ratio``
-    (``VCASConfig.compact_max_ratio``); anything else (eval, no grad, the dense FLOP
-    count in exact mode, a higher ratio) runs it plainly,
-    and the first training forward runs the plain sampled path while checking that
-    the block can be compacted (:meth:`_probe`).
+    the fraction of rows its backward keeps at most (:meth:`VCASRuntime.kept_ratio`: the
+    lowest ratio of its sampler and every later one) is at most ``direct_max_ratio``
+    (``VCASConfig.direct_max_ratio``), else re-run (:class:`_CompactedBlock`) while it is at
+    most ``max_ratio`` (``VCASConfig.compact_max_ratio``); anything else (eval, no grad, the
+    dense FLOP count in exact mode, a higher ratio) runs it plainly, and the first training
+    forward runs the plain sampled path while checking that the block can be compacted
+    (:meth:`_probe`).
     """
 
     def __init__(
