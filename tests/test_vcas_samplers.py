@@ -365,8 +365,8 @@ def test_draw_skips_the_zero_filter_only_where_it_filters_nothing(
 ) -> None:
     """The draw without the filter on the water-level path, and without the comparison where every
     positive score is kept surely, gives the filtered draw: same rows, same 1/p, and the generator
-    left in the same state (the draws after it are the same too)."""
-    for dtype in (torch.float32, torch.float64):
+    left in the same state (the draws after it are the same too; bf16 scores draw float32)."""
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):
         s = torch.tensor(values, dtype=dtype)
         k = frac * s.numel()
         gen, old_gen = _gen(seed), _gen(seed)
