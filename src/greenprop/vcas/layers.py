@@ -132,7 +132,13 @@ class VCASRuntime:
         """
         if self.mode is not Mode.FULL:
             return False
-        return any(sampler.index == block for sampler in self.samplers) and self.kept_ratio(block) >= 1.0
+        found = False
+        for sampler in self.samplers:
+            if sampler.index >= block:
+                if sampler.drawn_ratio < 1.0:
+                    return False
+                found = found or sampler.index == block
+        return found
 
     def kept_ratio(self, block: int) -> float:
         """The fraction of rows ``block``'s backward keeps at most, in expectation: the lowest
