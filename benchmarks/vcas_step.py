@@ -86,6 +86,7 @@ class Row:
     model: str
     r: float
     nu: float
+    last_r: float | None  # the last block's sampler ratio (--last-r); None: r like the others
     median_s: dict[str, dict[str, float]]  # variant -> fwd / bwd / step
     bwd_ratio: dict[str, float]  # sampled variant -> its backward / dense backward, of medians
     step_ratio: dict[str, float]  # sampled variant -> its step / dense step, of medians
@@ -135,10 +136,13 @@ def build(name: str, seed: int) -> nn.Module:
     return model.train()
 
 
-def set_ratios(handle: VCASHandle, r: float, nu: float) -> None:
-    """Fix every block sampler's ratio to ``r`` and every VCAS Linear's token ratio to ``nu``."""
+def set_ratios(handle: VCASHandle, r: float, nu: float, last_r: float | None = None) -> None:
+    """Fix every block sampler's ratio to ``r`` (the last block's to ``last_r`` if given) and every
+    VCAS Linear's token ratio to ``nu``."""
     for sampler in handle.samplers:
         sampler.ratio = r
+    if last_r is not None:
+        handle.samplers[-1].ratio = last_r
     for layer in handle.linears.values():
         layer.vcas_weight_ratio = nu
 
@@ -169,7 +173,7 @@ def measure(
     """Set the VCAS ratios, then time the variants' steps interleaved."""
     names, sampled = tuple(variants), tuple(handles)
     for handle in handles.values():
-        set_ratios(handle, r, nu)
+        set_ratios(handle, r, nu, args.last_r)
     x, y = batch
     clock = CLOCKS[args.clock]
     for i in range(max(1, args.warmup)):  # at least one: a compacted block's first forward checks it
@@ -206,6 +210,7 @@ def measure(
         model=name,
         r=r,
         nu=nu,
+        last_r=args.last_r,
         median_s=med,
         bwd_ratio={v: med[v]["bwd"] / med["dense"]["bwd"] for v in sampled},
         step_ratio={v: med[v]["step"] / med["dense"]["step"] for v in sampled},
@@ -242,7 +247,7 @@ def result_table(rows: Sequence[Row]) -> list[str]:
         seen = statistics.mean(row.seen_rows.values()) if row.seen_rows else float("nan")
         body.append(
             [
-                f"{row.r:g}",
+                f"{row.r:g}" + ("" if row.last_r is None else f" (last {row.last_r:g})"),
                 f"{row.nu:g}",
                 *(ms[v] for v in names),
                 *(f"{row.bwd_ratio[v]:.3f}" for v in sampled),
@@ -305,10 +310,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="blocks sample only at ratios up to this and run exact above (default: VCASConfig's, "
         "0.8; 1: always sample, to time sampling near ratio 1)",
     )
+    p.add_argument(
+        "--last-r",
+        type=float,
+        default=None,
+        help="the last block's sampler at this ratio, the others at r (a block that samples "
+        "behind blocks that do not, as after VCAS's first update)",
+    )
     args = p.parse_args(argv)
     if args.seq_len < 1 or args.repeats < 1 or args.warmup < 0 or (args.batch or 1) < 1:
         p.error("--batch, --seq-len and --repeats must be >= 1, --warmup >= 0")
-    check_ratios(p, "--rs and --nus", [*args.rs, *args.nus])
+    last = [] if args.last_r is None else [args.last_r]
+    check_ratios(p, "--rs, --nus and --last-r", [*args.rs, *args.nus, *last])
     if not 0.0 < args.sample_max_ratio <= 1.0:
         p.error(f"--sample-max-ratio must be in (0, 1], got {args.sample_max_ratio:g}")
     for option in ("compact_max_ratio", "direct_max_ratio"):
@@ -332,7 +345,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{args.sample_max_ratio:g} and run exact above), "
         + ("rerun = the same with `direct=False` (every block re-runs), " if args.rerun else "")
         + "every sampler's "
-        "ratio = r, every Linear's "
+        "ratio = r"
+        + ("" if args.last_r is None else f" but the last block's, {args.last_r:g}")
+        + ", every Linear's "
         "`vcas_weight_ratio` = nu. Ratios are of medians; [IQR] of the per-repeat step ratios. step "
         "FLOPs: FlopCounterMode, one step (re-run forwards included); step FLOPs (account): the "
         "dense count minus the tallied saving, of the same step; layer bwd FLOPs: the "

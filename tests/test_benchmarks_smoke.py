@@ -221,6 +221,16 @@ def test_vcas_step_benchmark_runs_tiny(tmp_path, capsys):
     assert len(json.loads(out.read_text())["results"]) == len(rows)
 
 
+def test_vcas_step_benchmark_sets_the_last_blocks_ratio_apart(capsys):
+    argv = ["--models", "resnet", "--batch", "8", "--rs", "1", "--nus", "1", "--last-r", "0.3"]
+    result = _import("vcas_step").main([*argv, "--repeats", "1", "--warmup", "0", "--threads", "1"])
+    assert "| 1 (last 0.3) | 1 |" in capsys.readouterr().out
+    (row,) = result["results"]
+    assert row["r"] == 1 and row["last_r"] == 0.3
+    kept = row["kept_rows"]
+    assert 0 < kept[7] < 8 and set(kept.values()) == {kept[7]}  # the blocks at 1 keep its rows
+
+
 def test_vcas_step_benchmark_times_the_token_policy_too(capsys):
     argv = ["--models", "vit", "--batch", "4", "--rs", "1", "--nus", "1", "0.5", "--policy", "--rerun"]
     result = _import("vcas_step").main([*argv, "--repeats", "1", "--warmup", "0", "--threads", "1"])

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from fixtures import digits_batches, resnet
 from greenprop.models.resnet import BasicBlock
-from greenprop.vcas import direct_resnet
+from greenprop.vcas import VCASConfig, apply_vcas, direct_resnet
 from greenprop.vcas.direct_resnet import _norm_forward
 from greenprop.vcas.surgery import vcas_handle
 from vcas_helpers import fixed_ratios, grad_dict, graph_nodes, same_steps_direct_and_rerun, saved_bytes
@@ -109,6 +109,35 @@ def test_sampled_gradients_equal_the_rerun_paths_from_the_same_seeds(
     )
     assert sum(shortcuts.values()) == 3 * 8
     assert 0 < tally.rows[0][0] < tally.rows[0][1]
+
+
+def test_blocks_at_ratio_one_behind_a_sampling_block_run_direct(digits, shortcuts: Counter) -> None:
+    """The last block samples at 0.5, the others run at ratio 1 (default limits: direct at 0.9 and
+    below). They keep only the rows the last block kept, so they take the direct path too
+    (``VCASRuntime.kept_ratio``), with the plain sampled path's gradients from the same seeds
+    (only the last block draws)."""
+    base = resnet().double()
+    x, y = _batch(digits)
+    models = {}
+    for compact in (True, False):
+        model = apply_vcas(copy.deepcopy(base), VCASConfig(seed=3, compact=compact))
+        samplers = vcas_handle(model).samplers
+        for sampler in samplers:
+            sampler.ratio = 0.5 if sampler is samplers[-1] else 1.0
+        model(x)  # the compacted blocks' first forward checks them
+        models[compact] = model
+    for _ in range(2):  # two steps, new draws
+        shortcuts.clear()
+        got = {}
+        for compact, model in models.items():
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            got[compact] = grad_dict(model)
+        assert shortcuts == {"Identity": 5, "Sequential": 3}  # every block took the direct path
+        for name, expected in got[False].items():
+            torch.testing.assert_close(got[True][name], expected, rtol=1e-10, atol=1e-12, msg=name)
+    rows = vcas_handle(models[True]).runtime.take_tally().rows
+    assert 0 < rows[0][0] == rows[7][0] < rows[0][1]  # block 0 kept the last block's rows only
 
 
 def test_it_keeps_no_more_than_the_rerun_path_and_less_than_dense(digits) -> None:

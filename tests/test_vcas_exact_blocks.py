@@ -172,3 +172,15 @@ def test_the_estimation_forward_keeps_every_function_for_the_token_probe() -> No
     assert any(not torch.equal(draws.full[n], draws.activation[n]) for n in handle.linears)
     for n in handle.linears:  # the exact blocks' activation pass is exact
         torch.testing.assert_close(draws.activation[n], draws.exact[n], rtol=1e-12, atol=1e-12)
+
+
+def test_kept_ratio_is_the_lowest_drawn_ratio_from_the_block_on() -> None:
+    """A block keeps at most the rows every later block kept: its bound is the lowest drawn ratio
+    (a ratio above sample_max_ratio 0.8 draws at 1) of its sampler and the later ones."""
+    _, handle = _vcas(_net("linear"), [0.9, 0.5, 0.85])
+    runtime = handle.runtime
+    assert [runtime.kept_ratio(i) for i in range(3)] == [0.5, 0.5, 1.0]
+    assert runtime.exact_tail(2) and not runtime.exact_tail(1)
+    handle.samplers[1].ratio = 0.7
+    assert [runtime.kept_ratio(i) for i in range(3)] == [0.7, 0.7, 1.0]
+    assert runtime.kept_ratio(3) == 1.0  # no sampler from there on

@@ -363,13 +363,18 @@ def _old_positive_draw(
 def test_draw_skips_the_zero_filter_only_where_it_filters_nothing(
     values: list[float], frac: float, seed: int
 ) -> None:
-    """The draw without the filter on the water-level path gives the filtered draw: same rows, same 1/p."""
-    for dtype in (torch.float32, torch.float64):
+    """The draw without the filter on the water-level path, and without the comparison where every
+    positive score is kept surely, gives the filtered draw: same rows, same 1/p, and the generator
+    left in the same state (the draws after it are the same too; bf16 scores draw float32)."""
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):
         s = torch.tensor(values, dtype=dtype)
         k = frac * s.numel()
-        idx, scale = samplers._draw_positive(s, k, _gen(seed))
-        old_idx, old_scale = _old_positive_draw(s, k, _gen(seed))
+        gen, old_gen = _gen(seed), _gen(seed)
+        idx, scale = samplers._draw_positive(s, k, gen)
+        old_idx, old_scale = _old_positive_draw(s, k, old_gen)
         assert torch.equal(idx, old_idx) and torch.equal(scale, old_scale)
+        assert scale.dtype == old_scale.dtype
+        assert torch.equal(gen.get_state(), old_gen.get_state())
         assert bool((s[idx] > 0).all())
 
 

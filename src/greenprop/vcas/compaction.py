@@ -541,12 +541,13 @@ class CompactedForward:
 
     Training forwards with grad run the block compacted: on the direct path
     (:class:`_DirectBlock`, a rule of :mod:`greenprop.vcas.direct` knows the block) while
-    its sampler's ratio is at most ``direct_max_ratio`` (``VCASConfig.direct_max_ratio``),
-    else re-run (:class:`_CompactedBlock`) while it is at most ``max_ratio``
-    (``VCASConfig.compact_max_ratio``); anything else (eval, no grad, the dense FLOP
-    count in exact mode, a higher ratio) runs it plainly,
-    and the first training forward runs the plain sampled path while checking that
-    the block can be compacted (:meth:`_probe`).
+    the fraction of rows its backward keeps at most (:meth:`VCASRuntime.kept_ratio`: the
+    lowest ratio of its sampler and every later one) is at most ``direct_max_ratio``
+    (``VCASConfig.direct_max_ratio``), else re-run (:class:`_CompactedBlock`) while it is at
+    most ``max_ratio`` (``VCASConfig.compact_max_ratio``); anything else (eval, no grad, the
+    dense FLOP count in exact mode, a higher ratio) runs it plainly, and the first training
+    forward runs the plain sampled path while checking that the block can be compacted
+    (:meth:`_probe`).
     """
 
     def __init__(
@@ -585,8 +586,10 @@ class CompactedForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         block = self.block
         training = block.training and torch.is_grad_enabled() and self.runtime.mode is not Mode.EXACT
-        # Above its path's ratio limit a compacted block costs more than the plain sampled one.
-        ratio = self.sampler.drawn_ratio
+        # Above its path's ratio limit a compacted block costs more than the plain sampled one. The
+        # rows it keeps are bounded by every later block's ratio too (a block at ratio 1 behind one
+        # at 0.5 keeps about half the rows: compacted, it runs on those only).
+        ratio = self.runtime.kept_ratio(self.sampler.index)
         rerun = ratio <= self.max_ratio
         rule = rule_for(block) if self.direct and ratio <= self.direct_max_ratio else None
         training = training and (rerun or rule is not None)

@@ -72,7 +72,8 @@ class VCASConfig(MethodConfig):
     )
     compact_max_ratio: float = option(
         0.7,
-        "blocks that re-run are compacted only while their ratio is at most this, in [0, 1] (ours: "
+        "blocks that re-run are compacted only while their ratio (or a later block's, if lower: the "
+        "rows they keep at most) is at most this, in [0, 1] (ours: "
         "near ratio 1 the re-run costs more than it saves; measured on the zoo ViT)",
     )
     direct: bool = option(
@@ -83,7 +84,8 @@ class VCASConfig(MethodConfig):
     )
     direct_max_ratio: float = option(
         0.9,
-        "blocks on the direct path are compacted while their ratio is at most this, in [0, 1] "
+        "blocks on the direct path are compacted while their ratio (or a later block's, if lower: the "
+        "rows they keep at most) is at most this, in [0, 1] "
         "(ours: without a re-run compaction pays up to 0.9 on the zoo ViT, ResNet-18-GN and MiniLM)",
     )
     sample_max_ratio: float = option(

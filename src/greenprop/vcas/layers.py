@@ -140,6 +140,16 @@ class VCASRuntime:
                 found = found or sampler.index == block
         return found
 
+    def kept_ratio(self, block: int) -> float:
+        """The fraction of rows ``block``'s backward keeps at most, in expectation: the lowest
+        ``BlockSampler.drawn_ratio`` of its sampler and every later one (1 if none).
+
+        Each sampler keeps rows among those the later ones left non-zero, so a block at ratio 1
+        behind a block at 0.5 keeps about half the rows (its path is chosen by this fraction:
+        :class:`~greenprop.vcas.compaction.CompactedForward`).
+        """
+        return min((s.drawn_ratio for s in self.samplers if s.index >= block), default=1.0)
+
     def plain_layer(self, block: int) -> bool:
         """Whether a layer of ``block`` runs autograd's own ops in this training forward: an
         exact tail block, not inside a compacted block's run, not during the estimation."""

@@ -79,8 +79,10 @@ def soft_topk_probabilities(scores: Tensor, k: float) -> Tensor:
     return _soft_topk(scores, k)[0]
 
 
-def _soft_topk(scores: Tensor, k: float) -> tuple[Tensor, bool]:
-    """:func:`soft_topk_probabilities`, and whether a zero score may have got ``p > 0``."""
+def _soft_topk(scores: Tensor, k: float, sure_probs: bool = True) -> tuple[Tensor | None, bool]:
+    """:func:`soft_topk_probabilities`, and whether every positive score got ``p = 1`` (only then
+    may a zero score have got ``p > 0``). ``sure_probs=False``: no probabilities (None) in that
+    case, where a draw knows its result without them."""
     if not isinstance(scores, Tensor) or scores.dim() != 1:
         shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
         raise GreenpropError(f"scores must be a 1-D tensor, got {shape}")
@@ -100,11 +102,13 @@ def _soft_topk(scores: Tensor, k: float) -> tuple[Tensor, bool]:
         raise GreenpropError(f"scores must be >= 0, got {scores[s < 0][0].item()!r}")
     k = float(k)
     if k >= n:
-        return torch.ones(n, dtype=out_dtype, device=scores.device), True
+        return (torch.ones(n, dtype=out_dtype, device=scores.device) if sure_probs else None), True
 
     # The usual case (no zero score) needs no count: the minimum says it.
     n_pos = n if lowest > 0 else int(torch.count_nonzero(s))
     if k >= n_pos:
+        if not sure_probs:
+            return None, True
         # Fewer positive scores than k: keep them all, spread the rest over the zeros.
         fill = (k - n_pos) / (n - n_pos)  # n_pos <= k < n, so there is at least one zero
         return torch.where(s > 0, 1.0, fill).to(out_dtype), True
@@ -191,9 +195,14 @@ def _bernoulli(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     """:func:`sample_mask` without checking ``probs`` (for probabilities this module made)."""
     # Draw where the generator lives (greenprop's are CPU generators), then move: a CUDA
     # gradient with a CPU generator would otherwise fail, and CPU and GPU draw alike.
-    device = generator.device if generator is not None else probs.device
-    u = torch.rand(probs.shape, generator=generator, device=device, dtype=probs.dtype)
-    return u.to(probs.device) < probs
+    return _uniform(probs, generator).to(probs.device) < probs
+
+
+def _uniform(like: Tensor, generator: torch.Generator | None, dtype: torch.dtype | None = None) -> Tensor:
+    """The uniform numbers :func:`_bernoulli` compares probabilities shaped ``like`` with (in ``dtype``,
+    default ``like``'s), on the generator's device."""
+    device = generator.device if generator is not None else like.device
+    return torch.rand(like.shape, generator=generator, device=device, dtype=dtype or like.dtype)
 
 
 def sample_rows(probs: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -239,14 +248,18 @@ def _draw_positive(scores: Tensor, k: float, generator: torch.Generator | None) 
     :func:`soft_topk_probabilities` give a zero score a positive probability; on the
     water-level path ``p = min(1, c * s)`` is zero exactly where ``s`` is, so nothing is
     filtered there (no gather of the drawn scores).
+
+    In those two cases every positive item has ``p = 1``: the draw's result is known without
+    the probabilities (every positive item, scale 1), so only the uniform numbers are drawn,
+    to advance the generator as the full draw does (later draws stay the same).
     """
-    probs, zeros_drawable = _soft_topk(scores, k)
-    idx, scale = _draw_rows(probs, generator)
-    if zeros_drawable:
-        keep = scores.index_select(0, idx) > 0
-        if not bool(keep.all()):
-            return idx[keep], scale[keep]
-    return idx, scale
+    probs, _ = _soft_topk(scores, k, sure_probs=False)
+    if probs is None:
+        dtype = _prob_dtype(scores.dtype)
+        _uniform(scores, generator, dtype)
+        idx = (scores > 0).nonzero().squeeze(1)
+        return idx, torch.ones(idx.numel(), dtype=dtype, device=scores.device)
+    return _draw_rows(probs, generator)
 
 
 def activation_sample(
