@@ -74,6 +74,15 @@ _TRAIN_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ),
     ("--compile", "compile", {"action": "store_true", "help": "torch.compile the model"}),
     (
+        "--trim-padding",
+        "trim_padding",
+        {
+            "action": "store_true",
+            "help": "text data: cut each batch to its longest sequence (dynamic padding), so the "
+            "dense step skips the padding; same outputs, FLOPs counted per batch length",
+        },
+    ),
+    (
         "--watts",
         "watts",
         {
