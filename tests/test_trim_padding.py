@@ -290,3 +290,13 @@ def test_the_framework_adapters_count_each_batch_at_its_own_length() -> None:
     assert record["flops"] == pytest.approx(
         {"forward": direct.forward, "backward": direct.backward}, rel=1e-12
     )
+
+
+def test_the_cli_turns_trimming_on_and_a_presets_off() -> None:
+    from greenprop.cli import _config_overrides, build_parser
+
+    parser = build_parser()
+    on = _config_overrides(parser.parse_args(["train", "--trim-padding"]))
+    off = _config_overrides(parser.parse_args(["compare", "--preset", "vcas-minilm", "--no-trim-padding"]))
+    assert on["trim_padding"] is True and off["trim_padding"] is False
+    assert "trim_padding" not in _config_overrides(parser.parse_args(["train"]))

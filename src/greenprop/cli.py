@@ -77,9 +77,10 @@ _TRAIN_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
         "--trim-padding",
         "trim_padding",
         {
-            "action": "store_true",
+            "action": argparse.BooleanOptionalAction,
             "help": "text data: cut each batch to its longest sequence (dynamic padding), so the "
-            "dense step skips the padding; same outputs, FLOPs counted per batch length",
+            "dense step skips the columns that are padding in every row; same outputs, FLOPs "
+            "counted per batch length (--no-trim-padding: a preset's fixed length)",
         },
     ),
     (
