@@ -245,8 +245,10 @@ class VCAS(Controller):
 
         Sampled-layer backward FLOPs are tallied exactly as run; everything else in the
         backward (attention, norms) is taken at its dense count, since it runs on the
-        full tensors. The dense per-sample FLOPs are counted (FlopCounterMode) once, on
-        first use. ``None`` ratios mean nothing was counted yet.
+        full tensors. The dense per-sample FLOPs are counted (FlopCounterMode) once per
+        batch shape, on first use; the training steps' dense FLOPs are what the loop booked
+        (the reference trainer and the adapters book each batch at its length), else the
+        first update's batch's per sample. ``None`` ratios mean nothing was counted yet.
         """
         return {"steps": self.steps, "updates": self.updates, **self.flop_account.report(), **self.ratios()}
 
