@@ -494,3 +494,13 @@ def test_vcas_exact_tail_benchmark_times_three_variants_tiny(capsys):
     assert set(vit["ratio"]) == {"functions", "plain"}
     assert "| functions / dense |" in capsys.readouterr().out
     assert VCASRuntime.exact_tail.__name__ == "exact_tail"  # the patch is undone
+
+
+@pytest.mark.text
+def test_trim_step_benchmark_runs_tiny(tmp_path, capsys):
+    tiny = ["--threads", "1", "--batches", "2", "--rounds", "1", "--warmup", "0"]
+    out = _import("trim_step").main([*tiny, "--json", str(tmp_path / "t.json")])
+    assert out["lengths"] == [53, 56] and set(out["median_s"]) == {"padded", "trimmed"}
+    assert out["flops"]["trimmed"] < out["flops"]["padded"]
+    assert "trimmed / padded" in capsys.readouterr().out
+    assert json.loads((tmp_path / "t.json").read_text())["lengths"] == [53, 56]

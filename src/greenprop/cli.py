@@ -74,6 +74,16 @@ _TRAIN_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ),
     ("--compile", "compile", {"action": "store_true", "help": "torch.compile the model"}),
     (
+        "--trim-padding",
+        "trim_padding",
+        {
+            "action": argparse.BooleanOptionalAction,
+            "help": "text data: cut each batch to its longest sequence (dynamic padding), so the "
+            "dense step skips the columns that are padding in every row; same outputs, FLOPs "
+            "counted per batch length (--no-trim-padding: a preset's fixed length)",
+        },
+    ),
+    (
         "--watts",
         "watts",
         {

@@ -6,7 +6,15 @@ indexing op.
 """
 
 from greenprop.data.catalog import DATASETS, load
-from greenprop.data.dataset import DatasetInfo, DatasetPair, ImageDataset, InMemoryDataset, TokenDataset
+from greenprop.data.dataset import (
+    DatasetInfo,
+    DatasetPair,
+    ImageDataset,
+    InMemoryDataset,
+    TokenDataset,
+    trim_padding,
+    trim_to_longest,
+)
 from greenprop.data.idx import read_idx, write_idx
 from greenprop.data.locate import locate_fashion_mnist, locate_minilm, locate_rotten_tomatoes
 
@@ -22,5 +30,7 @@ __all__ = [
     "locate_minilm",
     "locate_rotten_tomatoes",
     "read_idx",
+    "trim_padding",
+    "trim_to_longest",
     "write_idx",
 ]

@@ -89,23 +89,82 @@ class ImageDataset(InMemoryDataset):
         return f"{type(self).__name__}(n={len(self)}, image_shape={shape})"
 
 
+def trim_to_longest(tokens: torch.Tensor) -> torch.Tensor:
+    """A ``(B, 2, L)`` token batch cut to its longest sequence: the largest row sum of its mask.
+
+    This is a Hugging Face user's dynamic padding (each batch padded to its longest
+    sequence), so a dense step does not compute the padding. The mask must be 1s then
+    0s in every row (right padding), so every column cut is padding in every row; a
+    model that honours the mask gives the padded batch's outputs.
+
+    Raises:
+        GreenpropError: the batch is not ``(B, 2, L)`` with ``B, L >= 1``, or its mask
+            is not right padding (values other than 0 and 1, a 1 after a 0, an empty row).
+    """
+    if tokens.ndim != 3 or tokens.shape[1] != 2 or tokens.shape[0] == 0 or tokens.shape[2] == 0:
+        raise GreenpropError(
+            f"a token batch to trim must be (B, 2, L) with B, L >= 1, got shape {tuple(tokens.shape)}"
+        )
+    mask = tokens[:, 1]
+    check_right_padded(mask)
+    return tokens[:, :, : int(mask.sum(dim=1).max())]
+
+
+def check_right_padded(mask: torch.Tensor) -> None:
+    """Raise unless every row of the ``(N, L)`` attention mask is 1s then 0s, with at least one 1."""
+    bad_values = ((mask != 0) & (mask != 1)).any(dim=1)
+    if bad_values.any():
+        row = int(bad_values.nonzero()[0])
+        raise GreenpropError(
+            f"attention mask row {row} holds values other than 0 and 1: {mask[row].unique().tolist()}"
+        )
+    lengths = mask.sum(dim=1)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    right_padded = (mask == (positions < lengths[:, None])).all(dim=1) & (lengths > 0)
+    if not right_padded.all():
+        row = int((~right_padded).nonzero()[0])
+        raise GreenpropError(
+            f"attention mask row {row} is not right padding (1s then 0s, at least one 1): "
+            f"{mask[row].tolist()}; only right-padded batches can be trimmed"
+        )
+
+
 class TokenDataset(InMemoryDataset):
     """Tokenised text: int64 ``(N, 2, L)`` inputs and int64 labels ``(N,)``.
 
     Row 0 of an input holds the token ids (padded to ``L``), row 1 the attention mask
     (1 for real tokens, 0 for padding), so a batch is one ``(B, 2, L)`` LongTensor, as
     :class:`greenprop.models.hf.MiniLMClassifier` takes it.
+
+    With ``trim=True`` (:meth:`trimmed`) a batch (a list, 1-D tensor or array of indices,
+    or a slice) comes cut to its own longest sequence (:func:`trim_to_longest`); a
+    single item ``ds[i]`` keeps the full length, so collated items stack.
     """
 
     _noun = "token rows"
 
-    def __init__(self, tokens: torch.Tensor, labels: torch.Tensor) -> None:
+    def __init__(self, tokens: torch.Tensor, labels: torch.Tensor, *, trim: bool = False) -> None:
         if tokens.ndim != 3 or tokens.shape[1] != 2 or tokens.dtype != torch.int64:
             raise GreenpropError(
                 f"tokens must be an int64 (N, 2, L) tensor (ids, attention mask), got {tokens.dtype} "
                 f"of shape {tuple(tokens.shape)}"
             )
+        if not isinstance(trim, bool):
+            raise GreenpropError(f"trim={trim!r} must be True or False")
         super().__init__(tokens, labels)
+        if trim and len(tokens):
+            check_right_padded(tokens[:, 1])  # once here, so a bad row fails before training
+        self.trim = trim
+
+    def trimmed(self) -> TokenDataset:
+        """The same rows (shared, not copied), whose batches come cut to their longest sequence."""
+        return TokenDataset(self.tokens, self.labels, trim=True)
+
+    def __getitem__(self, index: Index) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = super().__getitem__(index)
+        if self.trim and x.ndim == 3 and len(x):
+            x = trim_to_longest(x)
+        return x, y
 
     @property
     def tokens(self) -> torch.Tensor:
@@ -116,7 +175,8 @@ class TokenDataset(InMemoryDataset):
         return int(self.tokens.shape[2])
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(n={len(self)}, seq_len={self.seq_len})"
+        trim = ", trim=True" if self.trim else ""
+        return f"{type(self).__name__}(n={len(self)}, seq_len={self.seq_len}{trim})"
 
 
 @dataclass(frozen=True)
@@ -152,3 +212,19 @@ class DatasetPair:
     train: InMemoryDataset
     test: InMemoryDataset
     info: DatasetInfo
+
+
+def trim_padding(pair: DatasetPair) -> DatasetPair:
+    """``pair`` whose batches come cut to their longest sequence (:meth:`TokenDataset.trimmed`).
+
+    Raises:
+        GreenpropError: the data is not token rows with an attention mask, or a mask
+            is not right padding.
+    """
+    train, test = pair.train, pair.test
+    if not isinstance(train, TokenDataset) or not isinstance(test, TokenDataset):
+        raise GreenpropError(
+            f"trim_padding applies to tokenised text (token ids and attention mask), "
+            f"not to the {pair.info.modality} dataset {pair.info.name!r}"
+        )
+    return DatasetPair(train=train.trimmed(), test=test.trimmed(), info=pair.info)

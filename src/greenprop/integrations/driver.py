@@ -21,7 +21,7 @@ from torch.utils.data import Sampler
 from greenprop.controller import BatchLoss, Controller, RunContext
 from greenprop.errors import GreenpropError
 from greenprop.metering.accounting import flop_accounts
-from greenprop.metering.flops import FlopCount, count_flops_per_sample
+from greenprop.metering.flops import FlopCount, count_flops_per_sample, sample_shapes
 from greenprop.methods import MethodSpec, build_method, parse_method
 from greenprop.seeding import trainer_epoch_seed
 
@@ -221,9 +221,11 @@ class MethodDriver:
         samples = batch_size_of(batch)
         record["samples"] += samples
         if self.loss_fn is not None:
-            per_sample = self._flops_per_sample(epoch, step, batch)
-            self._epoch_flops["forward"] += per_sample.forward * samples
-            self._epoch_flops["backward"] += per_sample.backward * samples
+            booked = self._flops_per_sample(epoch, step, batch).scale(samples)
+            self._epoch_flops["forward"] += booked.forward
+            self._epoch_flops["backward"] += booked.backward
+            for _, account in flop_accounts(self.controllers):
+                account.booked(booked, samples)
 
     def step_end(self, epoch: int, step: int, loss: float) -> None:
         """``on_step_end`` (after the optimizer step) and the methods' FLOP adjustments."""
@@ -255,9 +257,10 @@ class MethodDriver:
         return self._record
 
     def _flops_per_sample(self, epoch: int, step: int, batch: Any) -> FlopCount:
-        """Counted like the reference trainer: once per distinct cost key, on a slice, untimed."""
+        """Counted like the reference trainer: once per distinct cost key and sample shape (a
+        dynamically padded batch's length), on a slice, untimed."""
         accounts = flop_accounts(self.controllers)
-        key = tuple(account.cost_key(epoch, step) for _, account in accounts)
+        key = (*(account.cost_key(epoch, step) for _, account in accounts), sample_shapes(batch))
         if key not in self._flops_cache:
             assert self.model is not None and self.loss_fn is not None
             with ExitStack() as stack:
@@ -331,4 +334,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-

@@ -14,6 +14,8 @@ import contextlib
 from collections.abc import Hashable, Iterable
 from typing import Any, Protocol, runtime_checkable
 
+from greenprop.metering.flops import FlopCount
+
 __all__ = ["FlopAccount", "HasFlopAccount", "flop_accounts"]
 
 
@@ -22,9 +24,10 @@ class FlopAccount:
 
     The trainer, per training step (after the controllers' ``on_step_start``):
 
-    1. if the tuple of all accounts' :meth:`cost_key` is new, counts the step's FLOPs
-       again inside every account's :meth:`counting` context;
-    2. adds each account's :meth:`adjustment` to the counted forward/backward.
+    1. if the tuple of all accounts' :meth:`cost_key` (with the batch's sample shapes) is
+       new, counts the step's FLOPs again inside every account's :meth:`counting` context;
+    2. tells every account what it booked for the batch (:meth:`booked`);
+    3. adds each account's :meth:`adjustment` to the counted forward/backward.
     """
 
     def cost_key(self, epoch: int, step: int) -> Hashable:
@@ -46,6 +49,14 @@ class FlopAccount:
     def describe(self) -> str | None:
         """One line for the FLOP provenance, if the account changes the counted figures."""
         return None
+
+    def booked(self, count: FlopCount, samples: int) -> None:
+        """The counted FLOPs the loop booked for one batch (``samples`` samples), before any adjustment.
+
+        For an account that reports ratios against the loop's count: the count is per
+        batch shape, so with batches of varying length (text trimmed to its longest
+        sequence) no single per-sample figure is the dense reference.
+        """
 
 
 @runtime_checkable

@@ -14,7 +14,9 @@ Every count in the project goes through :func:`flop_counter`, which adds the
 fused CPU attention kernel that torch's counter has no formula for.
 
 Counting is slow (a Python hook on every op): never run it inside a timed step.
-The reference trainer counts once, on a small slice of a batch, outside timing.
+The reference trainer counts once per distinct step (a method's cost key and the
+batch's sample shapes, :func:`sample_shapes`: text batches trimmed to their longest
+sequence differ in length), on a small slice of a batch, outside timing.
 """
 
 from __future__ import annotations
@@ -272,6 +274,16 @@ def _head(obj: Any, n: int) -> Any:
 def batch_size(obj: Any) -> int:
     """Samples in a batch: dim 0 of its first tensor with one (tensors, tuples, lists, mappings)."""
     return _batch_size(obj)
+
+
+def sample_shapes(obj: Any) -> tuple[tuple[int, ...], ...]:
+    """The shape of one sample of every tensor in a batch (dim 0 dropped).
+
+    A per-sample FLOP count holds for batches of these sample shapes only: a batch
+    padded to its longest sequence costs more per sample than a shorter one, so
+    counts are cached per shape (and counted once per shape).
+    """
+    return tuple(tuple(t.shape[1:]) for t in _tensors(obj))
 
 
 def batch_head(obj: Any, n: int) -> Any:

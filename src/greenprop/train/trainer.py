@@ -34,7 +34,7 @@ from greenprop.metering import (
 )
 from greenprop.metering.accounting import flop_accounts
 from greenprop.metering.flops import SOURCE as FLOP_SOURCE
-from greenprop.metering.flops import batch_head, count_step_flops
+from greenprop.metering.flops import batch_head, count_step_flops, sample_shapes
 from greenprop.metering.load import LoadMeter
 from greenprop.methods import build_method, parse_method
 from greenprop.seeding import trainer_epoch_seed
@@ -132,12 +132,15 @@ class Trainer:
         self.method = parse_method(config.method)
         if data is not None:
             check_preloaded(data, config)
-        self.data = data or gp_data.load(
+        data = data or gp_data.load(
             config.dataset,
             data_dir=config.data_dir,
             subset=config.subset,
             test_subset=config.test_subset,
         )
+        # Trimmed, every batch drawn from the data (training, estimation, evaluation) is cut
+        # to its longest sequence; FLOPs are counted per batch shape (_flops_per_sample).
+        self.data = gp_data.trim_padding(data) if config.trim_padding else data
         #: What the model learns: batches to inputs and targets, loss, evaluation (train/tasks.py).
         self.task = make_task(config, self.data, self.parallel.world_size)
         torch.manual_seed(config.seed)
@@ -517,8 +520,9 @@ class Trainer:
                 for key, value in self.task.train_sums(outputs.detach(), targets).items():
                     task_sums[key] = task_sums.get(key, 0.0) + value
                 scored += len(y)
-            flops["forward"] += per_sample.forward * len(y)
-            flops["backward"] += per_sample.backward * len(y)
+            booked = per_sample.scale(len(y))
+            flops["forward"] += booked.forward
+            flops["backward"] += booked.backward
             loss_value = self.parallel.mean(float(loss.detach()))  # every rank stops at the same step
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(
@@ -529,6 +533,7 @@ class Trainer:
                 for controller in self.controllers:
                     controller.on_step_end(epoch, step, loss_value)
             for _, account in self.flop_accounts:
+                account.booked(booked, len(y))
                 for phase, delta in account.adjustment(epoch, step).items():
                     flops[phase] += delta
             step_losses.append(loss_value)
@@ -556,7 +561,8 @@ class Trainer:
         )
         source = (
             f"{FLOP_SOURCE} on {min(c.flops_samples, c.batch_size)} "
-            "samples, recounted whenever a method changes what a step computes, x samples run"
+            "samples, recounted whenever a method changes what a step computes or a batch's "
+            "sample shape changes, x samples run"
         )
         if self.flop_adjustments:
             source += "; " + "; ".join(self.flop_adjustments)
@@ -567,7 +573,7 @@ class Trainer:
     ) -> tuple[torch.Tensor, FlopCount] | None:
         """The step as a controller runs it (loss, counted FLOPs per sample), or None."""
         for controller in self.step_replacers:
-            key = (controller.name, *self._cost_key(epoch, step))
+            key = (controller.name, *self._cost_key(epoch, step), sample_shapes(x))
             if key not in self._replaced_flops:  # counted before the step, on a slice, then undone
                 self._replaced_flops[key] = self._count_replaced_step(controller, epoch, step, (x, y))
             with timer.phase("forward"):  # a replaced step runs forward passes only, or says so
@@ -598,11 +604,12 @@ class Trainer:
         return tuple(account.cost_key(epoch, step) for _, account in self.flop_accounts)
 
     def _flops_per_sample(self, epoch: int, step: int, x: Any, y: Any) -> FlopCount:
-        """Counted FLOPs of one sample's step, cached by the FLOP accounts' cost keys.
+        """Counted FLOPs of one sample's step, cached by the FLOP accounts' cost keys and the
+        batch's sample shapes (a trimmed text batch's length), so each distinct step is counted once.
 
         Counting runs outside the timed phases: FlopCounterMode slows a step many times.
         """
-        key = self._cost_key(epoch, step)
+        key = (*self._cost_key(epoch, step), sample_shapes(x))
         if key not in self._flops_cache:
             with ExitStack() as stack:
                 for _, account in self.flop_accounts:

@@ -32,12 +32,13 @@ from typing import Any
 from torch import Tensor, nn
 
 from greenprop.metering.accounting import FlopAccount
-from greenprop.metering.flops import FlopCount, batch_head, count_flops_per_sample
+from greenprop.metering.flops import FlopCount, batch_head, batch_size, count_flops_per_sample, sample_shapes
 from greenprop.vcas.layers import BackwardTally, Mode, VCASRuntime
 
 __all__ = ["VCASFlops"]
 
 _COUNT_SAMPLES = 16  # the dense FLOP count runs on this many samples of one batch
+Shapes = tuple[tuple[int, ...], ...]  # a batch's sample shapes (sample_shapes)
 
 
 class _LossOf(nn.Module):
@@ -55,8 +56,16 @@ class _LossOf(nn.Module):
 class VCASFlops(FlopAccount):
     """Tallies of the training steps and of the estimation passes, and the dense reference.
 
+    The dense count is per sample shape (:func:`~greenprop.metering.flops.sample_shapes`):
+    text batches trimmed to their longest sequence differ in length, so each estimation
+    batch's passes are booked at the dense count of its own shape (counted once per
+    shape, on first use), and the training steps' dense reference is what the loop
+    booked (:meth:`booked`); a loop that books nothing (VCAS in a user's own loop) is
+    taken at the first estimation batch's per-sample count, right where every batch
+    has the same shape.
+
     Args:
-        model: the converted model (for the one dense count).
+        model: the converted model (for the dense counts).
         runtime: the layers' shared runtime, whose tally this account collects.
     """
 
@@ -66,8 +75,14 @@ class VCASFlops(FlopAccount):
         self.train = BackwardTally()
         self.overhead = BackwardTally()
         self.overhead_samples = {"forward": 0, "exact_backward": 0, "sampled_backward": 0}
-        self._dense: FlopCount | None = None
-        self._pending_count: tuple[Any, Callable[[nn.Module, Any], Tensor]] | None = None
+        #: Estimation samples by sample shape (each books a forward and two backwards).
+        self._overhead_by_shape: dict[Shapes, int] = {}
+        self._dense: dict[Shapes, FlopCount] = {}  # per sample, by sample shape
+        self._pending: dict[Shapes, tuple[Any, Callable[[nn.Module, Any], Tensor]]] = {}
+        self._first_shape: Shapes | None = None
+        #: The loop's booked counts of the training steps (dense: counted inside counting()).
+        self._booked = FlopCount(0.0, 0.0)
+        self._booked_samples = 0
         self._reported = BackwardTally()
         self._reported_overhead: dict[str, float] = {"forward": 0.0, "backward": 0.0}
 
@@ -76,38 +91,57 @@ class VCASFlops(FlopAccount):
         """Move what the layers tallied since the last call into the training tally."""
         self.train.add(self.runtime.take_tally())
 
-    def collect_overhead(self, samples: int) -> None:
-        """Book one estimation on ``samples`` samples: a forward, an exact and a sampled backward."""
+    def collect_overhead(self, batch: Any) -> None:
+        """Book one estimation on ``batch``: a forward, an exact and a sampled backward."""
         self.overhead.add(self.runtime.take_tally())
-        self.overhead_samples["forward"] += samples
-        self.overhead_samples["exact_backward"] += samples
-        self.overhead_samples["sampled_backward"] += samples
+        samples, shapes = batch_size(batch), sample_shapes(batch)
+        self._overhead_by_shape[shapes] = self._overhead_by_shape.get(shapes, 0) + samples
+        for key in self.overhead_samples:
+            self.overhead_samples[key] += samples
 
     def remember_batch(self, batch: Any, loss_fn: Callable[[nn.Module, Any], Tensor]) -> None:
-        """Keep the first batch seen for the dense count, which runs on first use, untimed."""
-        if self._dense is None and self._pending_count is None:
-            self._pending_count = (batch_head(batch, _COUNT_SAMPLES), loss_fn)
+        """Keep a batch of a shape not counted yet for its dense count, which runs on first use, untimed."""
+        shapes = sample_shapes(batch)
+        if self._first_shape is None:
+            self._first_shape = shapes
+        if shapes not in self._dense and shapes not in self._pending:
+            self._pending[shapes] = (batch_head(batch, _COUNT_SAMPLES), loss_fn)
+
+    def booked(self, count: FlopCount, samples: int) -> None:
+        """The loop's count of a training batch (dense, as counted inside :meth:`counting`)."""
+        self._booked = self._booked + count
+        self._booked_samples += samples
+
+    def _train_dense(self, dense: FlopCount) -> FlopCount:
+        """Dense FLOPs of the training samples so far: the loop's booked counts where it
+        booked every sample, else ``dense`` (one sample's) times the samples."""
+        if self._booked_samples == self.train.samples:
+            return self._booked
+        return dense.scale(self.train.samples)
+
+    def _dense_of(self, shapes: Shapes) -> FlopCount:
+        """Dense forward/backward FLOPs of one sample of this shape (counted on first use)."""
+        if shapes not in self._dense:
+            batch, loss_fn = self._pending.pop(shapes)
+            with self.counting():
+                self._dense[shapes] = count_flops_per_sample(
+                    _LossOf(self.model, loss_fn), (batch,), None, lambda loss, _: loss
+                )
+        return self._dense[shapes]
 
     @property
     def dense_per_sample(self) -> FlopCount | None:
-        """Dense forward/backward FLOPs of one sample (counted on the first update's batch)."""
-        if self._dense is None and self._pending_count is not None:
-            batch, loss_fn = self._pending_count
-            with self.counting():
-                self._dense = count_flops_per_sample(
-                    _LossOf(self.model, loss_fn), (batch,), None, lambda loss, _: loss
-                )
-            self._pending_count = None
-        return self._dense
+        """Dense forward/backward FLOPs of one sample of the first update's batch (None: none yet)."""
+        return None if self._first_shape is None else self._dense_of(self._first_shape)
 
     def overhead_flops(self) -> dict[str, float]:
-        """Forward/backward FLOPs of all estimation passes so far."""
-        dense = self.dense_per_sample
-        if dense is None:
-            return {"forward": 0.0, "backward": 0.0}
-        o = self.overhead_samples
-        backward = (o["exact_backward"] + o["sampled_backward"]) * dense.backward - self.overhead.saved
-        return {"forward": o["forward"] * dense.forward, "backward": backward}
+        """Forward/backward FLOPs of all estimation passes so far, each at its batch's shape."""
+        forward = backward = 0.0
+        for shapes, samples in self._overhead_by_shape.items():
+            dense = self._dense_of(shapes)
+            forward += samples * dense.forward
+            backward += 2 * samples * dense.backward  # the exact and the sampled backward
+        return {"forward": forward, "backward": backward - self.overhead.saved}
 
     # ------------------------------------------------------------------ FlopAccount
     @contextmanager
@@ -140,7 +174,8 @@ class VCASFlops(FlopAccount):
     def report(self) -> dict[str, Any]:
         """Backward and whole-step FLOPs relative to dense, estimation overhead included.
 
-        ``None`` ratios mean nothing was counted yet.
+        ``None`` ratios mean nothing was counted yet. ``dense_*_per_sample`` are the
+        first update's batch's (with trimmed text batches, one length among several).
         """
         self.collect_train()
         dense = self.dense_per_sample
@@ -152,25 +187,25 @@ class VCASFlops(FlopAccount):
         if dense is None or self.train.samples == 0:
             report.update(backward_ratio=None, total_ratio=None, total_ratio_with_overhead=None)
             return report
-        n = self.train.samples
-        dense_bwd = n * dense.backward
-        bwd = dense_bwd - self.train.saved
+        train_dense = self._train_dense(dense)
+        bwd = train_dense.backward - self.train.saved
         overhead = self.overhead_flops()
-        dense_total = n * dense.total
         report.update(
             dense_forward_per_sample=dense.forward,
             dense_backward_per_sample=dense.backward,
-            backward_ratio=bwd / dense_bwd,
-            total_ratio=(n * dense.forward + bwd) / dense_total,
+            backward_ratio=bwd / train_dense.backward,
+            total_ratio=(train_dense.forward + bwd) / train_dense.total,
             overhead_flops=overhead["forward"] + overhead["backward"],
-            total_ratio_with_overhead=(n * dense.forward + bwd + sum(overhead.values())) / dense_total,
+            total_ratio_with_overhead=(train_dense.forward + bwd + sum(overhead.values()))
+            / train_dense.total,
         )
         return report
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         self.collect_train()
-        dense = self.dense_per_sample
+        for shapes in list(self._pending):
+            self._dense_of(shapes)
         return {
             "train_tally": (
                 self.train.done,
@@ -180,7 +215,10 @@ class VCASFlops(FlopAccount):
             ),
             "overhead_tally": (self.overhead.done, self.overhead.dense),
             "overhead_samples": dict(self.overhead_samples),
-            "dense_per_sample": None if dense is None else (dense.forward, dense.backward),
+            "overhead_by_shape": [(_plain(k), n) for k, n in self._overhead_by_shape.items()],
+            "dense_by_shape": [(_plain(k), d.forward, d.backward) for k, d in self._dense.items()],
+            "first_shape": None if self._first_shape is None else _plain(self._first_shape),
+            "booked": (self._booked.forward, self._booked.backward, self._booked_samples),
             "reported": (self._reported.done, self._reported.dense, dict(self._reported_overhead)),
         }
 
@@ -189,9 +227,22 @@ class VCASFlops(FlopAccount):
         self.train = BackwardTally(done, dense, samples, {int(k): list(v) for k, v in rows.items()})
         self.overhead = BackwardTally(*state["overhead_tally"])
         self.overhead_samples = dict(state["overhead_samples"])
-        d = state["dense_per_sample"]
-        self._dense = None if d is None else FlopCount(*d)
-        self._pending_count = None
+        self._overhead_by_shape = {_shapes(k): int(n) for k, n in state["overhead_by_shape"]}
+        self._dense = {_shapes(k): FlopCount(f, b) for k, f, b in state["dense_by_shape"]}
+        first = state["first_shape"]
+        self._first_shape = None if first is None else _shapes(first)
+        self._pending = {}
+        forward, backward, booked_samples = state["booked"]
+        self._booked, self._booked_samples = FlopCount(forward, backward), int(booked_samples)
         done, dense, overhead = state["reported"]
         self._reported, self._reported_overhead = BackwardTally(done, dense), dict(overhead)
         self.runtime.take_tally()
+
+
+def _plain(shapes: Shapes) -> list[list[int]]:
+    """Sample shapes as nested lists (what a checkpoint holds)."""
+    return [list(shape) for shape in shapes]
+
+
+def _shapes(plain: Any) -> Shapes:
+    return tuple(tuple(int(d) for d in shape) for shape in plain)

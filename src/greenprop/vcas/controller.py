@@ -38,7 +38,7 @@ from greenprop.vcas.surgery import VCASHandle, vcas_handle
 
 __all__ = ["VCAS"]
 
-_STATE_FORMAT = 2
+_STATE_FORMAT = 3  # 3: the FLOP account's dense counts per batch shape (trimmed text)
 # estimation_fraction never leaves fewer: the block ratios are read off this many norms
 # (a ratio in steps of 1/8 at worst, averaged over M draws and the EMA).
 _MIN_ESTIMATION_SAMPLES = 8
@@ -167,7 +167,7 @@ class VCAS(Controller):
             record = self.handle.linears if measure else {}
             with recorded_shapes(record, full / batch_size(batch)) as shapes:
                 draw = two_backwards(self.model, self.handle, batch, loss_fn, layers, self._entries)
-            account.collect_overhead(draw.samples)
+            account.collect_overhead(batch)
             draws.append(draw)
             if measure:
                 self._apply_token_policy(shapes)
@@ -245,8 +245,10 @@ class VCAS(Controller):
 
         Sampled-layer backward FLOPs are tallied exactly as run; everything else in the
         backward (attention, norms) is taken at its dense count, since it runs on the
-        full tensors. The dense per-sample FLOPs are counted (FlopCounterMode) once, on
-        first use. ``None`` ratios mean nothing was counted yet.
+        full tensors. The dense per-sample FLOPs are counted (FlopCounterMode) once per
+        batch shape, on first use; the training steps' dense FLOPs are what the loop booked
+        (the reference trainer and the adapters book each batch at its length), else the
+        first update's batch's per sample. ``None`` ratios mean nothing was counted yet.
         """
         return {"steps": self.steps, "updates": self.updates, **self.flop_account.report(), **self.ratios()}
 
