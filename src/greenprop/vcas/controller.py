@@ -317,7 +317,10 @@ class VCAS(Controller):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != _STATE_FORMAT:
-            raise GreenpropError(f"unknown VCAS state format {state.get('format')!r}")
+            raise GreenpropError(
+                f"VCAS state format {state.get('format')!r} is not this greenprop's ({_STATE_FORMAT}): "
+                "the checkpoint was saved by another version and cannot be resumed; start the run anew"
+            )
         blocks = [s.name for s in self.handle.samplers]
         if state["blocks"] != blocks or sorted(state["weight_ratios"]) != sorted(self.handle.linears):
             raise GreenpropError(f"VCAS state is for blocks {state['blocks']} but this model has {blocks}")
