@@ -256,7 +256,7 @@ def test_loading_a_mismatched_state_is_refused() -> None:
     other_config = VCAS(apply_vcas(tiny_vit(), VCASConfig(seed=1)))
     with pytest.raises(GreenpropError, match="another config"):
         other_config.load_state_dict(state)
-    with pytest.raises(GreenpropError, match="format 2 .*cannot be resumed"):
+    with pytest.raises(GreenpropError, match=r"format 2 .*cannot be resumed"):
         other_config.load_state_dict({**state, "format": 2})
 
 
