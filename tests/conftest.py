@@ -15,7 +15,10 @@ from fixtures import digits_run, digits_subset
 from greenprop import data as gp_data
 from greenprop.train.config import TrainConfig
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Two threads at most in all: under pytest-xdist (``-n 2``) each worker gets one, so the
+# workers do not oversubscribe a 2-core machine.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // _WORKERS))
 
 # CI replays the same examples every run (a landing must not hinge on a lucky draw);
 # local runs keep exploring new ones.
