@@ -30,8 +30,12 @@ data:
 demo: setup
 	$(VENV)/bin/greenprop compare --preset demo --out runs/demo
 
+# The default suite runs on 2 pytest-xdist workers, a test file to a worker (module fixtures
+# load once), files handed out in tests/conftest.py's order (longest first) rather than by test
+# count; conftest.py gives each worker one torch thread. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: setup
-	PYTHON=$(PY) bash scripts/run-tests.sh
+	PYTHON=$(PY) bash scripts/run-tests.sh -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-slow: setup
 	PYTHON=$(PY) bash scripts/run-tests.sh -m slow
