@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from fixtures import tiny_vit
 from greenprop.metering.flops import count_step_flops
+from greenprop.vcas import VCASConfig
 from greenprop.vcas.accounting import VCASFlops
 from greenprop.vcas.surgery import vcas_handle
 from vcas_helpers import fixed_ratios, graph_nodes
@@ -26,17 +27,25 @@ def _loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     return F.cross_entropy(model(x), y)
 
 
+#: VCASConfig's own limits: at ratio 1 every block runs exact, the last on the direct path's live
+#: tokens once it saw its gradient is cls-only (compaction.CompactedForward), the others plain.
+SHIPPED = {
+    key: getattr(VCASConfig(), key) for key in ("compact_max_ratio", "direct_max_ratio", "sample_max_ratio")
+}
+
+
 @pytest.mark.parametrize(
-    ("ratio", "direct", "node"),
+    ("ratio", "direct", "node", "limits"),
     [
-        (1.0, True, "_DirectBlockBackward"),
-        (0.5, True, "_DirectBlockBackward"),
-        (0.5, False, "_CompactedBlockBackward"),
+        (1.0, True, "_DirectBlockBackward", {}),
+        (1.0, True, "_DirectBlockBackward", SHIPPED),
+        (0.5, True, "_DirectBlockBackward", {}),
+        (0.5, False, "_CompactedBlockBackward", {}),
     ],
-    ids=["ratio-1", "direct-0.5", "rerun-0.5"],
+    ids=["ratio-1", "exact-live", "direct-0.5", "rerun-0.5"],
 )
-def test_the_account_of_a_vit_step_is_the_count_of_what_it_ran(digits, ratio, direct, node) -> None:
-    model = fixed_ratios(tiny_vit(seed=4, depth=3), ratio, direct=direct)
+def test_the_account_of_a_vit_step_is_the_count_of_what_it_ran(digits, ratio, direct, node, limits) -> None:
+    model = fixed_ratios(tiny_vit(seed=4, depth=3), ratio, direct=direct, **limits)
     batch = digits.train[:16]  # the account's dense count runs on 16 samples: no rounding
     account = VCASFlops(model, vcas_handle(model).runtime)
     account.remember_batch(batch, _loss)
@@ -57,3 +66,5 @@ def test_the_account_of_a_vit_step_is_the_count_of_what_it_ran(digits, ratio, di
     else:
         assert all(kept < seen for kept, seen in tally.rows.values())
         assert counted.backward < 16 * dense.backward
+    if limits:  # above the direct path's limit: the last block took it for its cls-only gradient
+        assert [block.forward.live_gradient for block in model.blocks] == [False, False, True]

@@ -49,7 +49,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from greenprop.errors import GreenpropError
 from greenprop.metering.flops import flop_counter
 from greenprop.rows import scatter_rows
-from greenprop.vcas.direct import DirectRule, KeptRows, rule_for
+from greenprop.vcas.direct import DirectRule, KeptRows, rule_for, skips_zero_tokens
 from greenprop.vcas.layers import (
     BlockSampler,
     Mode,
@@ -60,6 +60,10 @@ from greenprop.vcas.layers import (
 )
 
 __all__ = ["BlockCache", "CompactedForward", "CompactionWarning"]
+
+#: Plain calls of a block that takes the direct path only for a token-sparse output gradient
+#: (:meth:`CompactedForward.watch`) between two looks at its gradient, once it was found dense.
+LIVE_RECHECK = 16
 
 # Random ops whose recorded output cannot stand in for a re-run: their backward redraws
 # (fused attention with dropout) or their output mixes the draw with the input (rrelu).
@@ -476,7 +480,9 @@ class GradientRows:
 class _DirectBlock(torch.autograd.Function):
     """Forward: a known block's rule, graph-free. Backward: sample rows, the rule's backward on them.
 
-    Inputs after the rule and the call: the block's first argument, then its trainable parameters.
+    Inputs after the rule, ``live_only`` and the call: the block's first argument, then its
+    trainable parameters. ``live_only``: the block takes this path for its token-sparse output
+    gradient only (above its ratio limit): the backward tells the owner whether it still is.
     """
 
     @staticmethod
@@ -484,11 +490,13 @@ class _DirectBlock(torch.autograd.Function):
         ctx: Any,
         owner: CompactedForward,
         rule: DirectRule,
+        live_only: bool,
         call: tuple[tuple, dict, list],
         x: Tensor,
         *params: Tensor,
     ) -> Tensor:
         ctx.set_materialize_grads(False)
+        ctx.live_only = live_only
         args, kwargs, extras = call
         out, saved = rule.forward(owner.block, args, kwargs)
         if isinstance(out, tuple):
@@ -503,7 +511,7 @@ class _DirectBlock(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor | None) -> tuple[Tensor | None, ...]:
         owner: CompactedForward = ctx.owner
-        need_x = ctx.needs_input_grad[3]
+        need_x = ctx.needs_input_grad[4]
         if grad is None:
             return (None,) * len(ctx.needs_input_grad)
         saved = list(ctx.saved_tensors)
@@ -512,12 +520,14 @@ class _DirectBlock(torch.autograd.Function):
         rows, kept = owner.kept_gradient(grad, known)
         if kept is None:  # every sample dropped: all gradients are zero
             zeros = torch.zeros(shape, dtype=dtype, device=device) if need_x else None
-            return (None, None, None, zeros, *map(torch.zeros_like, ctx.params))
+            return (None, None, None, None, zeros, *map(torch.zeros_like, ctx.params))
         runtime, block = owner.runtime, owner.sampler.index
         batch = grad.shape[0]
         runtime.compact[block] = (kept.shape[0], batch)
         dense_before = runtime.tally.dense
         rule = ctx.rule
+        if ctx.live_only:  # whether the next call takes this path again (the rule falls back itself)
+            owner.live_gradient = rule.live_tokens(owner.block, kept)  # type: ignore[attr-defined]
         block_input = None
         if getattr(rule, "gathers", False):
             kept_rows: KeptRows | list[Tensor] = KeptRows(saved, rows)
@@ -533,7 +543,7 @@ class _DirectBlock(torch.autograd.Function):
         if grad_x is not None and rows is not None:
             compact, grad_x = grad_x, scatter_rows(grad_x, rows, shape)
             runtime.handoff = GradientRows(grad_x, rows, compact, block_input)
-        return (None, None, None, grad_x if need_x else None, *(grads.get(p) for p in ctx.params))
+        return (None, None, None, None, grad_x if need_x else None, *(grads.get(p) for p in ctx.params))
 
 
 class CompactedForward:
@@ -548,6 +558,15 @@ class CompactedForward:
     dense FLOP count in exact mode, a higher ratio) runs it plainly, and the first training
     forward runs the plain sampled path while checking that the block can be compacted
     (:meth:`_probe`).
+
+    Above ``direct_max_ratio`` (at ratio 1, say: an exact tail block) a block whose rule
+    leaves zero-gradient tokens out (``live_tokens``) still takes the direct path while its
+    output gradient is zero at most tokens (the last block of a ViT or BERT classifier:
+    cls only), so that its backward costs about its live fraction, not a dense autograd
+    backward. The block does not know that before its backward, so it goes by what it saw
+    last (:meth:`watch`): each such direct backward checks its gradient (the rule runs on
+    every token when it is not sparse, exact either way), a plain call looks at it on the
+    first call and every :data:`LIVE_RECHECK`-th after.
     """
 
     def __init__(
@@ -574,6 +593,10 @@ class CompactedForward:
         self.dense_per_row = 0.0
         # The re-run's fused attention FLOPs (forward, backward) per kept row, by _Run.shapes.
         self.attention_per_row: dict[tuple[Any, ...], tuple[float, float]] = {}
+        # Above direct_max_ratio: whether the output gradient was token-sparse when last seen
+        # (None: not seen yet), and the plain calls since it was last looked at (watch).
+        self.live_gradient: bool | None = None
+        self.unwatched = 0
 
     @property
     def plain(self) -> Callable[..., Any]:
@@ -591,7 +614,12 @@ class CompactedForward:
         # at 0.5 keeps about half the rows: compacted, it runs on those only).
         ratio = self.runtime.kept_ratio(self.sampler.index)
         rerun = ratio <= self.max_ratio
-        rule = rule_for(block) if self.direct and ratio <= self.direct_max_ratio else None
+        rule = rule_for(block) if self.direct else None
+        # Above its ratio limit the direct path pays only for a token-sparse output gradient.
+        live_only = ratio > self.direct_max_ratio
+        watched = live_only and training and self._may_go_live(rule)
+        if live_only and not (watched and self.live_gradient):
+            rule = None
         training = training and (rerun or rule is not None)
         leaves, spec = tree_flatten((args, kwargs))
         tensor_at = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
@@ -600,16 +628,49 @@ class CompactedForward:
             if not self.compactable:
                 return self.sampler.hook(block, args, out)
         if not (training and tensor_at and self.compactable):
-            return self.sampler.hook(block, args, self.plain(*args, **kwargs))
+            out = self.plain(*args, **kwargs)
+            if watched:
+                self.watch(out, rule_for(block))
+            return self.sampler.hook(block, args, out)
         if rule is not None and self._takes_direct(rule, args, kwargs, leaves):
             extras: list[Any] = []
-            out = _DirectBlock.apply(self, rule, (args, kwargs, extras), args[0], *self.trainable())
+            call = (args, kwargs, extras)
+            out = _DirectBlock.apply(self, rule, live_only, call, args[0], *self.trainable())
             return (out, *extras) if extras else out
         if not rerun:  # the rule refused this call, and a re-run would not pay at this ratio
             return self.sampler.hook(block, args, self.plain(*args, **kwargs))
         run = _Run(self, leaves, spec, tensor_at)
         out = _CompactedBlock.apply(run, *run.tensors(), *run.params)
         return out if run.extras is None else (out, *run.extras)
+
+    def _may_go_live(self, rule: DirectRule | None) -> bool:
+        """Whether this training call could take the direct path above its ratio limit: the rule
+        leaves zero-gradient tokens out, in a training backward (not the estimation's), and the
+        block was not found uncompactable."""
+        runtime = self.runtime
+        return (
+            hasattr(rule, "live_tokens")
+            and skips_zero_tokens(runtime)
+            and runtime.plain_exact
+            and self.compactable is not False
+        )
+
+    def watch(self, out: Any, rule: DirectRule) -> None:
+        """Look at the output gradient of this plain call in its backward (the first time, then
+        every :data:`LIVE_RECHECK`-th call): is it token-sparse, so that the rule would run on its
+        live tokens? A read of the gradient (two reductions), nothing changed."""
+        main = out[0] if isinstance(out, tuple) and out else out
+        due = self.live_gradient is None or self.unwatched >= LIVE_RECHECK
+        if not (isinstance(main, Tensor) and main.requires_grad and due):
+            self.unwatched += 1
+            return
+        self.unwatched = 0
+        block = self.block
+
+        def seen(grad: Tensor) -> None:
+            self.live_gradient = rule.live_tokens(block, grad)  # type: ignore[attr-defined]
+
+        main.register_hook(seen)
 
     def _takes_direct(self, rule: DirectRule, args: tuple, kwargs: dict, leaves: list[Any]) -> bool:
         """Whether this call can take the block's direct rule: gradient enters only through the

@@ -86,7 +86,8 @@ class VCASConfig(MethodConfig):
         0.9,
         "blocks on the direct path are compacted while their ratio (or a later block's, if lower: the "
         "rows they keep at most) is at most this, in [0, 1] "
-        "(ours: without a re-run compaction pays up to 0.9 on the zoo ViT, ResNet-18-GN and MiniLM)",
+        "(ours: without a re-run compaction pays up to 0.9 on the zoo ViT, ResNet-18-GN and MiniLM; "
+        "above it a ViT block or BERT layer whose output gradient is zero at most tokens still takes it)",
     )
     sample_max_ratio: float = option(
         0.8,

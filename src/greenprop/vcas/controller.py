@@ -313,6 +313,9 @@ class VCAS(Controller):
             "history": list(self.history),
             "token_break_even": self.token_break_even,
             "block_limits": self.block_limits,
+            # what each compacted block learnt of its output gradient (CompactedForward.watch):
+            # a resumed run takes the same paths, so its gradients are the same bit for bit
+            "live_gradients": [[b.forward.live_gradient, b.forward.unwatched] for b in self.handle.compacted],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -343,3 +346,6 @@ class VCAS(Controller):
             self._set_break_even(state["token_break_even"])
         if state.get("block_limits") is not None:  # the measured block policy, not timed again
             self._set_block_limits(state["block_limits"])
+        learnt = state.get("live_gradients", ())  # absent from states saved before session 29
+        for block, (live, unwatched) in zip(self.handle.compacted, learnt, strict=False):
+            block.forward.live_gradient, block.forward.unwatched = live, unwatched

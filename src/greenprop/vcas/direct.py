@@ -85,6 +85,12 @@ class DirectRule(Protocol):
         """
 
 
+#: A rule may also define ``live_tokens(block, grad) -> bool``: whether its backward runs the
+#: per-token ops on the live tokens only (zero-gradient tokens left out) for this output
+#: gradient. A block above its direct path's ratio limit (at ratio 1, say) then takes the direct
+#: path while its output gradient is so (:class:`~greenprop.vcas.compaction.CompactedForward`).
+
+
 #: The rules that ship, by block class (``module.qualname``) -> ``module:attribute`` of the
 #: rule, imported on first use (so transformers is imported only for its own blocks).
 _KNOWN: dict[str, str] = {

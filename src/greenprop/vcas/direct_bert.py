@@ -185,9 +185,14 @@ class _Tokens:
     @classmethod
     def of(cls, block: nn.Module, saved: KeptRows, grad: Tensor) -> _Tokens:
         """The tokens to run on, given the block's output gradient ``grad``."""
+        return cls(saved, grad.shape, cls.live(block, grad))
+
+    @staticmethod
+    def live(block: nn.Module, grad: Tensor) -> Tensor | None:
+        """The live tokens (flat) of the block's output gradient ``grad``, or None: every token."""
         if not skips_zero_tokens(block.intermediate.dense.vcas_runtime):
-            return cls(saved, grad.shape, None)
-        return cls(saved, grad.shape, live_positions(nonzero_tokens(grad)))
+            return None
+        return live_positions(nonzero_tokens(grad))
 
     def widened(self, *grads: Tensor) -> _Tokens:
         """These tokens and those where any of ``grads`` (``(kept samples, T, hidden)``) is non-zero:
@@ -308,6 +313,11 @@ class BertLayerRule:
 
     #: The backward takes a :class:`~greenprop.vcas.direct.KeptRows` and gathers as it goes.
     gathers = True
+
+    def live_tokens(self, block: nn.Module, grad: Tensor) -> bool:
+        """Whether :meth:`backward` runs the per-token ops on the live tokens only for this
+        output gradient (:meth:`_Tokens.live`)."""
+        return _Tokens.live(block, grad) is not None
 
     def backward(
         self, block: nn.Module, saved: KeptRows, grad: Tensor, need_input: bool

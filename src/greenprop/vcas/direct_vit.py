@@ -132,6 +132,11 @@ class ViTBlockRule:
             return y, [x, qkv, o2, lse, x1, h]
         return y, [x, qkv, o2, lse, x1, h, a, mean1, rstd1, c, mean2, rstd2, g]
 
+    def live_tokens(self, block: nn.Module, grad: Tensor) -> bool:
+        """Whether :meth:`backward` runs the per-token ops on the live tokens only for this
+        output gradient (:meth:`_Columns.of`)."""
+        return _Columns.of(block, grad) is not None
+
     def backward(
         self, block: nn.Module, saved: list[Tensor], grad: Tensor, need_input: bool
     ) -> tuple[Tensor | None, dict[nn.Parameter, Tensor]]:
