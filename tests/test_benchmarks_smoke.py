@@ -211,7 +211,11 @@ def test_vcas_step_benchmark_runs_tiny(tmp_path, capsys):
         assert row["flops_account"] == pytest.approx(row["flops_counted"], rel=1e-12)
         sampled_tokens = row["nu"] < 1 and row["model"] == "vit"  # the ResNet's blocks have no Linear
         if row["r"] == 1 and not sampled_tokens:
-            assert row["flops_tally"] == pytest.approx({"vcas": 1.0, "compact": 1.0})  # dense layer work
+            assert row["flops_tally"]["vcas"] == pytest.approx(1.0)  # dense layer work
+            if row["model"] == "vit":  # the exact last block runs on its live cls token only
+                assert row["flops_tally"]["compact"] < 1.0
+            else:
+                assert row["flops_tally"]["compact"] == pytest.approx(1.0)
             assert row["flops_counted"]["vcas"] == pytest.approx(1.0)
         else:
             assert row["flops_tally"]["vcas"] < 1.0 and row["flops_tally"]["compact"] < 1.0
