@@ -288,7 +288,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rs", type=float, nargs="+", default=[1.0, 0.5], help="block sampler ratios r")
     p.add_argument("--nus", type=float, nargs="+", default=[1.0, 0.3], help="Linear token ratios nu")
     p.add_argument("--repeats", type=int, default=20, help="timed steps per variant (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (default 3, at least 2 run)")
+    p.add_argument(
+        "--warmup", type=int, default=3, help="untimed steps per variant first (default 3, at least 2 run)"
+    )
     p.add_argument("--policy", action="store_true", help="also time compact with the measured token policy")
     p.add_argument("--rerun", action="store_true", help="also time compact with direct=False")
     p.add_argument(
