@@ -614,10 +614,10 @@ class CompactedForward:
         # at 0.5 keeps about half the rows: compacted, it runs on those only).
         ratio = self.runtime.kept_ratio(self.sampler.index)
         rerun = ratio <= self.max_ratio
-        rule = rule_for(block) if self.direct else None
+        known = rule = rule_for(block) if self.direct else None
         # Above its ratio limit the direct path pays only for a token-sparse output gradient.
         live_only = ratio > self.direct_max_ratio
-        watched = live_only and training and self._may_go_live(rule)
+        watched = live_only and training and self._may_go_live(known)
         if live_only and not (watched and self.live_gradient):
             rule = None
         training = training and (rerun or rule is not None)
@@ -630,7 +630,7 @@ class CompactedForward:
         if not (training and tensor_at and self.compactable):
             out = self.plain(*args, **kwargs)
             if watched:
-                self.watch(out, rule_for(block))
+                self.watch(out, known)  # type: ignore[arg-type]  # watched: a rule with live_tokens
             return self.sampler.hook(block, args, out)
         if rule is not None and self._takes_direct(rule, args, kwargs, leaves):
             extras: list[Any] = []

@@ -76,13 +76,15 @@ def soft_topk_probabilities(scores: Tensor, k: float) -> Tensor:
         Probabilities in ``[0, 1]`` (float32, or float64 for float64 scores), summing
         to ``k`` up to float rounding, on the scores' device.
     """
-    return _soft_topk(scores, k)[0]
+    probs = _soft_topk(scores, k)
+    assert probs is not None  # sure_probs (the default) always gives them
+    return probs
 
 
-def _soft_topk(scores: Tensor, k: float, sure_probs: bool = True) -> tuple[Tensor | None, bool]:
-    """:func:`soft_topk_probabilities`, and whether every positive score got ``p = 1`` (only then
-    may a zero score have got ``p > 0``). ``sure_probs=False``: no probabilities (None) in that
-    case, where a draw knows its result without them."""
+def _soft_topk(scores: Tensor, k: float, sure_probs: bool = True) -> Tensor | None:
+    """:func:`soft_topk_probabilities`. ``sure_probs=False``: None where every positive score gets
+    ``p = 1`` (the only case where a zero score may get ``p > 0``), since a draw then knows its
+    result without the probabilities."""
     if not isinstance(scores, Tensor) or scores.dim() != 1:
         shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
         raise GreenpropError(f"scores must be a 1-D tensor, got {shape}")
@@ -102,20 +104,20 @@ def _soft_topk(scores: Tensor, k: float, sure_probs: bool = True) -> tuple[Tenso
         raise GreenpropError(f"scores must be >= 0, got {scores[s < 0][0].item()!r}")
     k = float(k)
     if k >= n:
-        return (torch.ones(n, dtype=out_dtype, device=scores.device) if sure_probs else None), True
+        return torch.ones(n, dtype=out_dtype, device=scores.device) if sure_probs else None
 
     # The usual case (no zero score) needs no count: the minimum says it.
     n_pos = n if lowest > 0 else int(torch.count_nonzero(s))
     if k >= n_pos:
         if not sure_probs:
-            return None, True
+            return None
         # Fewer positive scores than k: keep them all, spread the rest over the zeros.
         fill = (k - n_pos) / (n - n_pos)  # n_pos <= k < n, so there is at least one zero
-        return torch.where(s > 0, 1.0, fill).to(out_dtype), True
+        return torch.where(s > 0, 1.0, fill).to(out_dtype)
     # From here p = min(1, c * s) with c > 0 (or the sort's equivalent): zero exactly where s is.
     level = _water_level(s, k, highest)
     p = _water_level_sorted(s, k) if level is None else (level * s).clamp_(max=1.0)
-    return p.to(out_dtype), False
+    return p.to(out_dtype)
 
 
 #: Rounds of :func:`_water_level` before it gives way to the sort.
@@ -253,7 +255,7 @@ def _draw_positive(scores: Tensor, k: float, generator: torch.Generator | None) 
     the probabilities (every positive item, scale 1), so only the uniform numbers are drawn,
     to advance the generator as the full draw does (later draws stay the same).
     """
-    probs, _ = _soft_topk(scores, k, sure_probs=False)
+    probs = _soft_topk(scores, k, sure_probs=False)
     if probs is None:
         dtype = _prob_dtype(scores.dtype)
         _uniform(scores, generator, dtype)
