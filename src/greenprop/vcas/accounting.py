@@ -74,7 +74,6 @@ class VCASFlops(FlopAccount):
         self.runtime = runtime
         self.train = BackwardTally()
         self.overhead = BackwardTally()
-        self.overhead_samples = {"forward": 0, "exact_backward": 0, "sampled_backward": 0}
         #: Estimation samples by sample shape (each books a forward and two backwards).
         self._overhead_by_shape: dict[Shapes, int] = {}
         self._dense: dict[Shapes, FlopCount] = {}  # per sample, by sample shape
@@ -96,8 +95,12 @@ class VCASFlops(FlopAccount):
         self.overhead.add(self.runtime.take_tally())
         samples, shapes = batch_size(batch), sample_shapes(batch)
         self._overhead_by_shape[shapes] = self._overhead_by_shape.get(shapes, 0) + samples
-        for key in self.overhead_samples:
-            self.overhead_samples[key] += samples
+
+    @property
+    def overhead_samples(self) -> dict[str, int]:
+        """Samples the estimation passes ran, per pass kind (each estimation runs all three)."""
+        samples = sum(self._overhead_by_shape.values())
+        return {"forward": samples, "exact_backward": samples, "sampled_backward": samples}
 
     def remember_batch(self, batch: Any, loss_fn: Callable[[nn.Module, Any], Tensor]) -> None:
         """Keep a batch of a shape not counted yet for its dense count, which runs on first use, untimed."""
@@ -214,7 +217,6 @@ class VCASFlops(FlopAccount):
                 {k: list(v) for k, v in self.train.rows.items()},
             ),
             "overhead_tally": (self.overhead.done, self.overhead.dense),
-            "overhead_samples": dict(self.overhead_samples),
             "overhead_by_shape": [(_plain(k), n) for k, n in self._overhead_by_shape.items()],
             "dense_by_shape": [(_plain(k), d.forward, d.backward) for k, d in self._dense.items()],
             "first_shape": None if self._first_shape is None else _plain(self._first_shape),
@@ -226,7 +228,6 @@ class VCASFlops(FlopAccount):
         done, dense, samples, rows = state["train_tally"]
         self.train = BackwardTally(done, dense, samples, {int(k): list(v) for k, v in rows.items()})
         self.overhead = BackwardTally(*state["overhead_tally"])
-        self.overhead_samples = dict(state["overhead_samples"])
         self._overhead_by_shape = {_shapes(k): int(n) for k, n in state["overhead_by_shape"]}
         self._dense = {_shapes(k): FlopCount(f, b) for k, f, b in state["dense_by_shape"]}
         first = state["first_shape"]
