@@ -508,3 +508,38 @@ def test_trim_step_benchmark_runs_tiny(tmp_path, capsys):
     assert out["flops"]["trimmed"] < out["flops"]["padded"]
     assert "trimmed / padded" in capsys.readouterr().out
     assert json.loads((tmp_path / "t.json").read_text())["lengths"] == [53, 56]
+
+
+def _epoch(forward: float, backward: float, hooks: float = 0.0, ratio: float | None = None) -> dict:
+    seconds = {"forward": forward, "backward": backward, "optimizer": 1.0, "hooks": hooks}
+    record = {"time": {phase: {"value": value} for phase, value in seconds.items()}}
+    if ratio is not None:
+        record["vcas"] = {"realised_activation_ratio": {"blocks.0": ratio, "blocks.1": ratio, "head": None}}
+    return record
+
+
+def test_vcas_run_vs_step_predicts_each_epoch_from_the_step_table(tmp_path) -> None:
+    """The whole-run check: an epoch's prediction is the exact epoch's forward + backward times
+    the table's step cost at the epoch's realised ratio (interpolated), plus the exact optimizer
+    and VCAS's own hooks; the runs are read from a compare folder."""
+    module = _import("vcas_run_vs_step")
+    table = module.parse_pairs(["1=1.0", "0.5=0.8"])
+    assert table == [(0.5, 0.8), (1.0, 1.0)]
+    assert module.interpolate(table, 0.75) == pytest.approx(0.9)
+    assert module.interpolate(table, 0.2) == 0.8  # held beyond the ends
+    exact = {"epochs": [_epoch(2.0, 7.0), _epoch(2.0, 7.0)]}
+    vcas = {"epochs": [_epoch(2.0, 7.0, hooks=0.5, ratio=1.0), _epoch(1.5, 4.0, hooks=0.5, ratio=0.75)]}
+    runs = []
+    for method, metrics in (("baseline", exact), ("vcas:initial_s=0.8", vcas)):
+        path = tmp_path / method.split(":")[0]
+        path.mkdir()
+        (path / "metrics.json").write_text(json.dumps(metrics))
+        runs.append({"method": method, "seed": 3, "path": str(path)})
+    (tmp_path / "results.json").write_text(json.dumps({"runs": runs}))
+    result = module.main([str(tmp_path), "--step", "0.5=0.8", "1=1.0"])[3]
+    # epoch 1: ratio 1, cost 1.0 -> 9 + 1 + 0.5 = 10.5; epoch 2: 0.9 * 9 + 1 + 0.5 = 9.6; exact 10 each
+    assert [e["predicted"] for e in result["epochs"]] == pytest.approx([1.05, 0.96])
+    assert [e["measured"] for e in result["epochs"]] == pytest.approx([1.05, 0.7])
+    assert result["predicted"] == pytest.approx(20.1 / 20)
+    assert result["measured"] == pytest.approx(17.5 / 20)
+    assert result["hooks_share"] == pytest.approx(1.0 / 17.5)
