@@ -143,20 +143,17 @@ PRESETS: dict[str, Preset] = {
 # Since session 28 ResNet-18-GN estimates on an eighth of its batches of 128 (16 samples):
 # a quarter took 3.1% of its train time (the issue's bound is 3%), an eighth 2.0% at the same
 # accuracy and time (session 27, docs/vcas.md); since session 29 the ViT does too (a quarter
-# took 3.1% of its train time in session 28). Since session 30 ResNet-18-GN starts at s 0.7:
-# from 0.85 its blocks' first ratios (0.78-0.81) sat above its limit 0.7, so its first 50
-# steps (16% of the run) ran exact; from 0.7 they sample from step 1, at the same accuracy
-# over 3 seeds but past tau_act early (the controller then raises s), docs/vcas.md "Where a
-# whole preset run's time goes". docs/vcas.md discusses the choices.
+# took 3.1% of its train time in session 28).
+# docs/vcas.md discusses the choices.
 _VCAS_FAST = "vcas:update_every=50,s_step=0.05,weight_ratio_multiplier=0.8"
 
 
-def _vcas_fast(sample_max_ratio: float, estimation_fraction: float = 0.25, initial_s: float = 0.85) -> str:
+def _vcas_fast(sample_max_ratio: float, estimation_fraction: float = 0.25) -> str:
     """The fast VCAS settings with blocks sampling only below the model's measured break-even
     (the direct step against dense on this CPU, docs/vcas.md "Exact above the break-even")."""
     return (
         f"{_VCAS_FAST},estimation_fraction={estimation_fraction:g},token_policy=measured,"
-        f"initial_s={initial_s:g},sample_max_ratio={sample_max_ratio:g}"
+        f"initial_s=0.85,sample_max_ratio={sample_max_ratio:g}"
     )
 
 
@@ -205,7 +202,7 @@ PRESETS["vcas-resnet"] = Preset(
     description="VCAS on a CNN (our addition to the paper): ResNet-18 with GroupNorm (width 16) on a "
     "5k/2k Fashion-MNIST subset, 8 epochs (320 steps), SGD, 3 seeds; residual blocks are the blocks",
     config={**_SSPROP_BASE, "model": "resnet18-gn", "width": 16, "subset": 5_000, "epochs": 8},
-    methods=("baseline", _vcas_fast(0.7, estimation_fraction=0.125, initial_s=0.7)),
+    methods=("baseline", _vcas_fast(0.7, estimation_fraction=0.125)),
     seeds=(0, 1, 2),
 )
 
