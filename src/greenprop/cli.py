@@ -84,6 +84,16 @@ _TRAIN_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
         },
     ),
     (
+        "--group-by-length",
+        "group_by_length",
+        {
+            "action": argparse.BooleanOptionalAction,
+            "help": "text data: put snippets of similar length in the same training batch (the Hugging "
+            "Face Trainer's group_by_length: shuffled by seed and epoch, sorted by length within "
+            "megabatches of 50 batches); with --trim-padding a batch then carries little padding",
+        },
+    ),
+    (
         "--watts",
         "watts",
         {

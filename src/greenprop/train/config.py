@@ -68,6 +68,12 @@ class TrainConfig:
             attention mask, as a Hugging Face user's dynamic padding does; the dense
             step then skips the padding. A model that honours the mask gives the same
             outputs (tested for ``minilm``); FLOPs are counted per batch length.
+        group_by_length: text data: order each epoch's training batches so that a batch
+            holds sequences of similar length, as the Hugging Face Trainer's
+            ``group_by_length`` does (shuffled from ``(seed, epoch)``, then sorted by length
+            within megabatches of up to 50 batches; :mod:`greenprop.data.grouping`). With
+            ``trim_padding`` a batch then carries little padding; without it only the order
+            changes. Estimation batches and evaluation keep their order.
     """
 
     model: str = "cnn"
@@ -103,6 +109,7 @@ class TrainConfig:
     score_samples: int = 256
     fd_cache: str | None = None
     trim_padding: bool = False
+    group_by_length: bool = False
 
     def __post_init__(self) -> None:
         if self.tuned and not self.channels_last:  # tuned implies it, so the saved config says so
@@ -161,9 +168,10 @@ class TrainConfig:
             self.watts,
             "must be a positive number of watts",
         )
-        _require(
-            isinstance(self.trim_padding, bool), "trim_padding", self.trim_padding, "must be True or False"
-        )
+        for name in ("trim_padding", "group_by_length"):
+            _require(
+                isinstance(getattr(self, name), bool), name, getattr(self, name), "must be True or False"
+            )
         parse_optimizer(self.optimizer)  # names the bad option
         _require(
             self.lr_schedule in LR_SCHEDULES,

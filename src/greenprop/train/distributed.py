@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
 
 from greenprop.controller import Controller
+from greenprop.data.grouping import length_grouped_order
 from greenprop.errors import GreenpropError
 from greenprop.metering import Quantity
 from greenprop.seeding import trainer_epoch_seed
@@ -203,9 +204,10 @@ class Parallelism:
         raise NotImplementedError
 
     def epoch_batches(
-        self, dataset: Dataset, batch_size: int, seed: int, epoch: int
+        self, dataset: Dataset, batch_size: int, seed: int, epoch: int, lengths: torch.Tensor | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's training batches of ``epoch``."""
+        """This rank's training batches of ``epoch``; with the samples' ``lengths``, batches of
+        similar length (:func:`greenprop.data.grouping.length_grouped_order`)."""
         raise NotImplementedError
 
     def estimation_data(self, dataset: Dataset) -> Dataset:
@@ -257,10 +259,13 @@ class SingleProcess(Parallelism):
         return math.ceil(examples / batch_size)
 
     def epoch_batches(
-        self, dataset: Dataset, batch_size: int, seed: int, epoch: int
+        self, dataset: Dataset, batch_size: int, seed: int, epoch: int, lengths: torch.Tensor | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = torch.Generator().manual_seed(trainer_epoch_seed(seed, epoch))
-        return iterate_batches(dataset, batch_size, generator=generator)
+        if lengths is None:
+            return iterate_batches(dataset, batch_size, generator=generator)
+        order = length_grouped_order(lengths, batch_size, generator)
+        return iterate_batches(Shard(dataset, order), batch_size)
 
 
 class DataParallel(Parallelism):
@@ -291,11 +296,19 @@ class DataParallel(Parallelism):
         return math.ceil(per_rank / self.rank_batch_size(batch_size))
 
     def epoch_batches(
-        self, dataset: Dataset, batch_size: int, seed: int, epoch: int
+        self, dataset: Dataset, batch_size: int, seed: int, epoch: int, lengths: torch.Tensor | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        sampler = self._sampler(dataset, seed)
-        sampler.set_epoch(epoch)
-        shard = Shard(dataset, torch.tensor(list(sampler), dtype=torch.int64))
+        if lengths is None:
+            sampler = self._sampler(dataset, seed)
+            sampler.set_epoch(epoch)
+            shard = Shard(dataset, torch.tensor(list(sampler), dtype=torch.int64))
+        else:  # every rank orders the whole epoch alike, then takes every world_size-th sample as
+            # DistributedSampler does: one step's rank batches together are one grouped batch
+            generator = torch.Generator().manual_seed(trainer_epoch_seed(seed, epoch))
+            order = length_grouped_order(lengths, batch_size, generator)
+            padded = math.ceil(len(order) / self.world_size) * self.world_size
+            order = torch.cat([order, order[: padded - len(order)]])
+            shard = Shard(dataset, order[self.rank :: self.world_size])
         return iterate_batches(shard, self.rank_batch_size(batch_size))
 
     def estimation_data(self, dataset: Dataset) -> Dataset:

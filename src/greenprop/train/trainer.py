@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from greenprop import data as gp_data
 from greenprop.controller import Controller, RunContext
+from greenprop.data.grouping import sequence_lengths
 from greenprop.errors import GreenpropError, TrainingDiverged
 from greenprop.metering import (
     EnergyMeter,
@@ -141,6 +142,12 @@ class Trainer:
         # Trimmed, every batch drawn from the data (training, estimation, evaluation) is cut
         # to its longest sequence; FLOPs are counted per batch shape (_flops_per_sample).
         self.data = gp_data.trim_padding(data) if config.trim_padding else data
+        #: Real tokens per training sample, when batches are grouped by length (else None).
+        self.train_lengths: torch.Tensor | None = None
+        if config.group_by_length:
+            info = self.data.info
+            what = f"the {info.modality} dataset {info.name!r}"
+            self.train_lengths = sequence_lengths(self.data.train, what)
         #: What the model learns: batches to inputs and targets, loss, evaluation (train/tasks.py).
         self.task = make_task(config, self.data, self.parallel.world_size)
         torch.manual_seed(config.seed)
@@ -480,7 +487,9 @@ class Trainer:
         c = self.config
         model, optimizer = self.train_model, self.optimizer
         model.train()
-        batches = self.parallel.epoch_batches(self.data.train, c.batch_size, c.seed, epoch)
+        batches = self.parallel.epoch_batches(
+            self.data.train, c.batch_size, c.seed, epoch, lengths=self.train_lengths
+        )
         flops = {"forward": 0.0, "backward": 0.0}
         loss_sum, samples, scored = 0.0, 0, 0  # scored: samples whose outputs the task saw
         task_sums: dict[str, float] = {}
