@@ -104,6 +104,7 @@ def test_grouping_cuts_the_padding_of_the_minilm_preset_s_batches() -> None:
     from greenprop.experiments.presets import PRESETS
 
     preset = PRESETS["vcas-minilm"].config
+    assert preset["group_by_length"] is True  # the preset trains on grouped batches
     train = gp_data.trim_padding(
         gp_data.load("rotten-tomatoes", subset=preset["subset"], test_subset=8)
     ).train
