@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fixtures import digits_batches, resnet
+from greenprop.metering.memory import peak_tensor_bytes
 from greenprop.models.resnet import BasicBlock
 from greenprop.vcas import VCASConfig, apply_vcas, direct_resnet
 from greenprop.vcas.direct_resnet import _norm_forward
@@ -231,3 +232,31 @@ def test_channels_last_samples_what_nchw_does(digits) -> None:
     for step, (a, b) in enumerate(zip(steps["channels-last"], steps["nchw"], strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=f"step {step}")
     assert not torch.equal(steps["nchw"][0], steps["nchw"][1])
+
+
+def _step_peak(model: nn.Module, x: Tensor, y: Tensor) -> int:
+    """Peak tensor bytes of one step (forward, loss, backward) above its start, gradients set to
+    None first (so each step allocates its own)."""
+    model.zero_grad(set_to_none=True)
+    peak = peak_tensor_bytes(lambda: F.cross_entropy(model(x), y).backward())
+    assert peak is not None
+    return peak
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.9, 0.5])
+def test_a_compacted_step_holds_no_more_tensor_bytes_than_dense(digits, ratio: float) -> None:
+    """The whole step's peak of tensor bytes (the allocator's count, not the RSS) at most dense
+    autograd's: the forward keeps less (no first-norm activation), and the backward, on the kept
+    rows, must not give that back by holding full-size and kept copies at once. At ratio 0.9 (the
+    direct path's limit) the kept copies are nearly full-size. Nothing is left held after it (the
+    first block's input gradient handed to no block)."""
+    base = resnet().double()
+    x, y = _batch(digits, size=64, seed=4)
+    dense = copy.deepcopy(base)
+    model = fixed_ratios(copy.deepcopy(base), ratio)
+    for net in (dense, model):  # the compacted blocks' first forward checks them
+        F.cross_entropy(net(x), y).backward()
+    assert "_DirectBlockBackward" in graph_nodes(model(x))
+    model.zero_grad(set_to_none=True)
+    assert _step_peak(model, x, y) <= _step_peak(dense, x, y)
+    assert vcas_handle(model).runtime.handoff is None

@@ -477,6 +477,18 @@ class GradientRows:
         return self._subset(values, rows)
 
 
+def _drop_when_backward_ends(runtime: VCASRuntime, handoff: GradientRows) -> None:
+    """Let go of ``handoff`` when this backward ends, if no block took it: the first block's is
+    never taken (nothing compacted before it), and it would keep its input gradient, those rows
+    and its input alive until the next step's backward (memory dense autograd frees)."""
+
+    def drop() -> None:
+        if runtime.handoff is handoff:
+            runtime.handoff = None
+
+    torch.autograd.Variable._execution_engine.queue_callback(drop)
+
+
 class _DirectBlock(torch.autograd.Function):
     """Forward: a known block's rule, graph-free. Backward: sample rows, the rule's backward on them.
 
@@ -535,6 +547,8 @@ class _DirectBlock(torch.autograd.Function):
             kept_rows = _kept_rows(saved, rows, known)
             if ctx.input_at is not None:
                 block_input = (saved[ctx.input_at], kept_rows[ctx.input_at])
+        if kept is grad and getattr(rule, "changes_grad", False):
+            kept = grad.clone()  # autograd's gradient may be another node's too: the rule gets its own
         try:
             grad_x, grads = rule.backward(owner.block, kept_rows, kept, need_x)
         finally:
@@ -543,6 +557,7 @@ class _DirectBlock(torch.autograd.Function):
         if grad_x is not None and rows is not None:
             compact, grad_x = grad_x, scatter_rows(grad_x, rows, shape)
             runtime.handoff = GradientRows(grad_x, rows, compact, block_input)
+            _drop_when_backward_ends(runtime, runtime.handoff)
         return (None, None, None, None, grad_x if need_x else None, *(grads.get(p) for p in ctx.params))
 
 

@@ -85,8 +85,9 @@ def _norm_backward(
     return dh, grads
 
 
-def _relu_backward(grad: Tensor, result: Tensor) -> Tensor:
-    return torch.ops.aten.threshold_backward(grad, result, 0)
+def _relu_backward_(grad: Tensor, result: Tensor) -> Tensor:
+    """The ReLU's input gradient written over ``grad`` (its values, one tensor fewer)."""
+    return torch.ops.aten.threshold_backward.grad_input(grad, result, 0, grad_input=grad)
 
 
 def _plain_norm(module: nn.Module) -> bool:
@@ -96,6 +97,9 @@ def _plain_norm(module: nn.Module) -> bool:
 
 class BasicBlockRule:
     """:class:`~greenprop.vcas.direct.DirectRule` of ``greenprop.models.resnet.BasicBlock`` with GroupNorm."""
+
+    #: The backward writes the output ReLU's gradient over ``grad`` (its caller's own copy).
+    changes_grad = True
 
     def refuse(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         if kwargs or len(args) != 1 or not isinstance(args[0], Tensor) or args[0].dim() != 4:
@@ -137,8 +141,8 @@ class BasicBlockRule:
     ) -> tuple[Tensor | None, dict[nn.Parameter, Tensor]]:
         x, h1, mean1, rstd1, h2, mean2, rstd2, *shortcut, out = saved
         saved.clear()  # the kept rows are this call's own: each goes once used (lower peak memory)
-        dz = _relu_backward(grad, out)
-        del out
+        dz = _relu_backward_(grad, out)
+        del out, grad
         dh2, grads = _norm_backward(block.bn2, dz, h2, mean2, rstd2)
         del h2
         d_residual: Tensor | None = dz
@@ -153,8 +157,10 @@ class BasicBlockRule:
         r1 = _norm_apply(block.bn1, h1, mean1, rstd1).relu_()  # conv2's input, not kept
         dr1 = layer_grads(block.conv2, dh2, r1, True, grads)
         del dh2
-        dh1, grads1 = _norm_backward(block.bn1, _relu_backward(dr1, r1), h1, mean1, rstd1)
-        del dr1, r1, h1
+        dr1 = _relu_backward_(dr1, r1)
+        del r1
+        dh1, grads1 = _norm_backward(block.bn1, dr1, h1, mean1, rstd1)
+        del dr1, h1
         grads.update(grads1)
         dx = layer_grads(block.conv1, dh1, x, need_input, grads)
         return (dx.add_(d_residual) if need_input else None), grads
