@@ -23,6 +23,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -33,7 +34,7 @@ try:
 except ImportError:  # not on Windows
     resource = None  # type: ignore[assignment]
 
-__all__ = ["MemoryReading", "PeakMemory", "peak_tensor_bytes", "release_free_heap"]
+__all__ = ["MemoryReading", "PeakMemory", "TensorBytes", "release_free_heap", "tensor_bytes"]
 
 #: Linux files the CPU meter reads and writes (module constants so tests can point them away).
 STATUS = Path("/proc/self/status")
@@ -173,12 +174,20 @@ class PeakMemory:
         return f"no peak memory counter for device {self.device.type!r}"
 
 
-def peak_tensor_bytes(fn: Callable[[], object]) -> int | None:
-    """The most CPU tensor bytes held at once during ``fn()`` above those held at its start.
+class TensorBytes(NamedTuple):
+    """CPU tensor bytes of a span above those held at its start: the most at once, and at its end."""
+
+    peak: int
+    held: int
+
+
+def tensor_bytes(fn: Callable[[], object]) -> TensorBytes | None:
+    """The most CPU tensor bytes held at once during ``fn()``, and those still held after it,
+    above what was held at its start.
 
     Read from PyTorch's CPU allocator (``torch.profiler`` with ``profile_memory``: every
     allocation and free in order), so unlike the RSS it does not depend on how the C
-    allocator lays out and returns its heap: the same work gives the same number. It counts
+    allocator lays out and returns its heap: the same work gives the same numbers. It counts
     tensors (and kernels' workspaces) only, not the interpreter's or the allocator's own
     memory; frees of older tensors count against the span. None when the profiler reports
     no allocation at all.
@@ -198,7 +207,7 @@ def peak_tensor_bytes(fn: Callable[[], object]) -> int | None:
     for _, nbytes in changes:
         held += nbytes
         peak = max(peak, held)
-    return peak
+    return TensorBytes(peak, held)
 
 
 _CPU = torch.autograd.DeviceType.CPU

@@ -86,8 +86,12 @@ def _norm_backward(
 
 
 def _relu_backward_(grad: Tensor, result: Tensor) -> Tensor:
-    """The ReLU's input gradient written over ``grad`` (its values, one tensor fewer)."""
-    return torch.ops.aten.threshold_backward.grad_input(grad, result, 0, grad_input=grad)
+    """The ReLU's input gradient, written over ``grad`` (one tensor fewer) where the two share a
+    layout; else a new tensor in the layout ``threshold_backward`` gives it (the norm backward
+    after it reads its gradient in its input's layout: NCHW against channels_last is wrong)."""
+    if grad.stride() == result.stride():
+        return torch.ops.aten.threshold_backward.grad_input(grad, result, 0, grad_input=grad)
+    return torch.ops.aten.threshold_backward(grad, result, 0)
 
 
 def _plain_norm(module: nn.Module) -> bool:
@@ -100,6 +104,8 @@ class BasicBlockRule:
 
     #: The backward writes the output ReLU's gradient over ``grad`` (its caller's own copy).
     changes_grad = True
+    #: Each saved tensor goes once its kept rows are gathered (not at the backward's end).
+    frees_saved = True
 
     def refuse(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         if kwargs or len(args) != 1 or not isinstance(args[0], Tensor) or args[0].dim() != 4:
