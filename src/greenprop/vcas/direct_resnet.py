@@ -11,7 +11,10 @@ ReLU over the kept rows, equal to the forward's within rounding): one activation
 block less to keep than dense autograd, as many as the re-run path keeps. Then, op by
 op on the kept rows: the output ReLU's mask from the output,
 ``native_group_norm_backward``, each conv's :func:`~greenprop.vcas.layers.conv_backward`,
-and the residual sum.
+and the residual sum. Its saved tensors are held beside autograd's (``frees_saved``): each
+goes as soon as its kept rows are gathered, not when the block's backward returns, so near
+ratio 1 the backward does not hold a full-size tensor beside its kept copy (the step's
+peak stays at or below dense autograd's: ``benchmarks/vcas_step.py``'s tensor peak).
 
 BatchNorm blocks never reach VCAS (:func:`~greenprop.vcas.apply_vcas` refuses them); any
 other structure (a norm other than GroupNorm, a shortcut other than those two, a conv
