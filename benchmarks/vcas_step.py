@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 from _common import (
     CLOCKS,
+    MIB,
     add_clock_option,
     add_common_options,
     check_ratios,
@@ -68,6 +69,7 @@ from _common import (
 )
 from greenprop import data, models
 from greenprop.errors import GreenpropError
+from greenprop.metering.memory import tensor_bytes
 from greenprop.vcas import VCASConfig, apply_vcas
 from greenprop.vcas.policy import measured_break_evens, recorded_shapes, set_break_evens
 from greenprop.vcas.surgery import VCASHandle, vcas_handle
@@ -99,6 +101,8 @@ class Row:
     seen_rows: dict[int, float]  # block -> mean rows entering its sampler per step (the batch)
     per_repeat_s: dict[str, dict[str, list[float]]]
     memory: dict[str, dict[str, Any]]  # variant -> peak memory of one untimed step (step_memory)
+    # variant -> {"peak_mib", "held_mib"}: the allocator's tensor bytes of one untimed step (None: n/a)
+    tensor_memory: dict[str, dict[str, float] | None]
 
 
 def load_batch(name: str, batch: int, seq_len: int, source: str, seed: int) -> tuple[Tensor, Tensor, str]:
@@ -200,6 +204,7 @@ def measure(
             gc.enable()
     tallies = {v: handles[v].runtime.take_tally() for v in sampled}
     memory = step_memory({v: functools.partial(timed_step, variants[v], x, y) for v in names})
+    tensor_memory = {v: step_tensor_bytes(functools.partial(timed_step, variants[v], x, y)) for v in names}
     for t in times.values():
         t["step"] = [f + b for f, b in zip(t["fwd"], t["bwd"], strict=True)]
     med = {v: {part: statistics.median(s) for part, s in t.items()} for v, t in times.items()}
@@ -225,7 +230,22 @@ def measure(
         seen_rows={b: seen / args.repeats for b, (_, seen) in sorted(tally.rows.items())},
         per_repeat_s=times,
         memory=memory,
+        tensor_memory=tensor_memory,
     )
+
+
+def step_tensor_bytes(step: Callable[[], object]) -> dict[str, float] | None:
+    """The allocator's tensor bytes of one step in MiB: the most held at once above the start,
+    and what is left held after it (deterministic, unlike the RSS); None where not counted."""
+    counted = tensor_bytes(step)
+    return None if counted is None else {"peak_mib": counted.peak / MIB, "held_mib": counted.held / MIB}
+
+
+def _tensor_cell(counted: dict[str, float] | None) -> str:
+    if counted is None:
+        return "n/a"
+    held = counted["held_mib"]
+    return f"{counted['peak_mib']:.1f}" + (f" (+{held:.1f} held)" if held > 0.05 else "")
 
 
 def _iqr(quartiles: tuple[float, float]) -> str:
@@ -239,7 +259,7 @@ def result_table(rows: Sequence[Row]) -> list[str]:
     header += [f"bwd {v}/dense" for v in sampled] + [f"step {v}/dense [IQR]" for v in sampled]
     header += [f"step FLOPs (counted) {' / '.join(sampled)}", f"step FLOPs (account) {' / '.join(sampled)}"]
     header += ["layer bwd FLOPs (tally)", "kept rows / B"]
-    header += ["peak MiB " + " / ".join(names)]
+    header += ["peak MiB " + " / ".join(names), "tensor peak MiB " + " / ".join(names)]
     body = []
     for row in rows:
         ms = {
@@ -259,6 +279,7 @@ def result_table(rows: Sequence[Row]) -> list[str]:
                 f"{row.flops_tally['compact']:.3f}",
                 f"{kept:.1f} / {seen:g}",
                 " / ".join(memory_cell(row.memory[v]) for v in names),
+                " / ".join(_tensor_cell(row.tensor_memory[v]) for v in names),
             ]
         )
     return markdown_table(header, body)
@@ -357,7 +378,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "dense count minus the tallied saving, of the same step; layer bwd FLOPs: the "
         "compact runtime's tally over the timed steps; kept rows: mean per block per step; "
         "peak MiB: memory of one untimed step above its start (on CPU the rise of the process's "
-        "peak RSS after freed heap pages went back to the OS; on CUDA torch.cuda.max_memory_allocated)."
+        "peak RSS after freed heap pages went back to the OS; on CUDA torch.cuda.max_memory_allocated); "
+        "tensor peak MiB: the most CPU tensor bytes that step held at once above its start, by the "
+        "allocator's count (torch.profiler, deterministic; '+x held': left held after it)."
         + clock_note(args.clock),
         "",
     ]

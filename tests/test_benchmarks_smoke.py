@@ -222,6 +222,10 @@ def test_vcas_step_benchmark_runs_tiny(tmp_path, capsys):
         if row["r"] == 1:
             assert all(kept == 4 for kept in row["kept_rows"].values())
         _assert_step_memory(row["memory"], {"dense", "vcas", "compact"})
+        tensors = row["tensor_memory"]
+        assert set(tensors) == {"dense", "vcas", "compact"}
+        assert all(t["peak_mib"] > 0 for t in tensors.values())
+        assert abs(tensors["compact"]["held_mib"]) < 0.01  # the step leaves nothing held
     assert len(json.loads(out.read_text())["results"]) == len(rows)
 
 

@@ -145,3 +145,20 @@ def test_the_run_peak_is_the_highest_epoch_and_old_records_are_not_zero():
     assert _peak_memory([epoch(None)])["kind"] == "unavailable"
     old = _peak_memory([{"epoch": 0}])  # written before peak memory was recorded
     assert old["value"] is None and "not recorded" in old["source"]
+
+
+def test_tensor_bytes_counts_the_most_held_at_once_and_what_is_left():
+    kept = []
+
+    def span() -> None:
+        a = torch.ones(MIB // 4)  # 1 MiB
+        b = torch.ones(MIB // 2)  # 2 MiB: 3 held at once
+        del a
+        kept.append(torch.ones(MIB // 8))  # 0.5 MiB, still held at the end
+        del b
+
+    first, second = memory.tensor_bytes(span), memory.tensor_bytes(span)
+    assert first == second  # the allocator's count, not the heap's layout: the same each time
+    assert 3 * MIB <= first.peak < 3 * MIB + 64 * 1024
+    assert MIB // 2 <= first.held < MIB // 2 + 64 * 1024
+    assert memory.tensor_bytes(lambda: None) is None

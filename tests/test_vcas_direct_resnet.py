@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fixtures import digits_batches, resnet
+from greenprop.metering.memory import tensor_bytes
 from greenprop.models.resnet import BasicBlock
 from greenprop.vcas import VCASConfig, apply_vcas, direct_resnet
 from greenprop.vcas.direct_resnet import _norm_forward
 from greenprop.vcas.surgery import vcas_handle
-from vcas_helpers import fixed_ratios, grad_dict, graph_nodes, same_steps_direct_and_rerun, saved_bytes
+from vcas_helpers import fixed_ratios, grad_dict, graph_nodes, same_steps_direct_and_rerun
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -150,13 +151,23 @@ def test_it_keeps_no_more_than_the_rerun_path_and_less_than_dense(digits) -> Non
         "rerun": fixed_ratios(copy.deepcopy(base), 0.5, direct=False),
     }.items():
         model(x)  # the compacted blocks' first forward checks them
-        saved[name] = saved_bytes(model, x)
+        saved[name] = _held_by_forward(model, x)
     # The norms' means and rstds: per block two or three norms of (16 samples, groups) float64s.
     blocks = [m for m in base.modules() if isinstance(m, BasicBlock)]
     norms = [n for b in blocks for n in b.modules() if isinstance(n, nn.GroupNorm)]
     stats = sum(2 * 16 * n.num_groups * 8 for n in norms)
     assert saved["direct"] <= saved["rerun"] + stats
     assert saved["direct"] < saved["dense"]
+
+
+def _held_by_forward(model: nn.Module, x: Tensor) -> int:
+    """Tensor bytes a forward leaves held for its backward (the allocator's count: the direct rule's
+    tensors are not autograd's saved tensors, which ``saved_tensors_hooks`` would count)."""
+    outs = []
+    counted = tensor_bytes(lambda: outs.append(model(x).square().sum()))
+    assert counted is not None
+    outs.pop().backward()
+    return counted.held
 
 
 def _instance_norm(model: nn.Module) -> None:
@@ -231,3 +242,55 @@ def test_channels_last_samples_what_nchw_does(digits) -> None:
     for step, (a, b) in enumerate(zip(steps["channels-last"], steps["nchw"], strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=f"step {step}")
     assert not torch.equal(steps["nchw"][0], steps["nchw"][1])
+
+
+def _step_peak(model: nn.Module, x: Tensor, y: Tensor) -> int:
+    """Peak tensor bytes of one step (forward, loss, backward) above its start, gradients set to
+    None first (so each step allocates its own)."""
+    model.zero_grad(set_to_none=True)
+    peak = tensor_bytes(lambda: F.cross_entropy(model(x), y).backward())
+    assert peak is not None
+    return peak.peak
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.8, 0.5])
+def test_a_compacted_step_holds_no_more_tensor_bytes_than_dense(digits, ratio: float) -> None:
+    """The whole step's peak of tensor bytes (the allocator's count, not the RSS) is at most dense
+    autograd's, with the default limits (direct path at drawn ratios up to 0.8, plain above): the
+    forward keeps less (no first-norm activation), and the backward on the kept rows must not give
+    that back by holding full-size tensors beside their kept rows (at 0.8 they are nearly
+    full-size). Nothing is left held after the step (the first block's input gradient, handed to
+    no block)."""
+    base = resnet().double()
+    x, y = _batch(digits, size=64, seed=4)
+    dense = copy.deepcopy(base)
+    model = apply_vcas(copy.deepcopy(base), VCASConfig(seed=3))
+    for sampler in vcas_handle(model).samplers:
+        sampler.ratio = ratio
+    for net in (dense, model):  # the compacted blocks' first forward checks them
+        F.cross_entropy(net(x), y).backward()
+    assert ("_DirectBlockBackward" in graph_nodes(model(x))) == (ratio < 1)
+    assert _step_peak(model, x, y) <= _step_peak(dense, x, y)
+    assert vcas_handle(model).runtime.handoff is None
+
+
+def test_its_freed_saved_tensors_still_serve_a_retained_graph_and_refuse_misuse(digits) -> None:
+    """The rule lets its saved tensors go during the backward (not autograd's saved tensors):
+    a retained graph still gets them a second time (the variance estimation's two backwards),
+    a third backward without retaining is refused, as is a saved output changed in place."""
+    x, y = _batch(digits, size=16)
+    model = fixed_ratios(resnet().double(), 1.0)
+    model(x)
+    params = list(model.parameters())
+    loss = F.cross_entropy(model(x), y)
+    first = torch.autograd.grad(loss, params, retain_graph=True)
+    second = torch.autograd.grad(loss, params)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="second time"):
+        torch.autograd.grad(loss, params)
+    out = model.layer1(model.bn1(model.conv1(x)).relu())
+    assert type(out.grad_fn).__name__ == "_DirectBlockBackward"
+    out.mul_(2)  # the last block's output, which its rule saved for its ReLU
+    with pytest.raises(RuntimeError, match="in-place"):
+        out.sum().backward()

@@ -174,7 +174,8 @@ def same_steps_direct_and_rerun(
 
 def saved_bytes(model: nn.Module, x: Tensor) -> int:
     """Bytes of the distinct storages autograd keeps between ``model(x)`` and its backward
-    (parameters included); the backward runs, so they are freed again."""
+    (parameters included; not those a ``frees_saved`` direct rule holds itself, e.g. the ResNet
+    block's); the backward runs, so they are freed again."""
     storages: dict[int, int] = {}
 
     def pack(t: Tensor) -> Tensor:

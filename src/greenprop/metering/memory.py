@@ -20,8 +20,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -32,7 +34,7 @@ try:
 except ImportError:  # not on Windows
     resource = None  # type: ignore[assignment]
 
-__all__ = ["MemoryReading", "PeakMemory", "release_free_heap"]
+__all__ = ["MemoryReading", "PeakMemory", "TensorBytes", "release_free_heap", "tensor_bytes"]
 
 #: Linux files the CPU meter reads and writes (module constants so tests can point them away).
 STATUS = Path("/proc/self/status")
@@ -170,3 +172,42 @@ class PeakMemory:
                 "when it rose during the span"
             )
         return f"no peak memory counter for device {self.device.type!r}"
+
+
+class TensorBytes(NamedTuple):
+    """CPU tensor bytes of a span above those held at its start: the most at once, and at its end."""
+
+    peak: int
+    held: int
+
+
+def tensor_bytes(fn: Callable[[], object]) -> TensorBytes | None:
+    """The most CPU tensor bytes held at once during ``fn()``, and those still held after it,
+    above what was held at its start.
+
+    Read from PyTorch's CPU allocator (``torch.profiler`` with ``profile_memory``: every
+    allocation and free in order), so unlike the RSS it does not depend on how the C
+    allocator lays out and returns its heap: the same work gives the same numbers. It counts
+    tensors (and kernels' workspaces) only, not the interpreter's or the allocator's own
+    memory; frees of older tensors count against the span. None when the profiler reports
+    no allocation at all.
+    """
+    from torch.profiler import ProfilerActivity, profile  # imported here: the profiler is heavy
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = prof.profiler.kineto_results.events() if prof.profiler is not None else []
+    changes = sorted(
+        ((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == _CPU),
+        key=lambda change: change[0],  # stable: events at the same instant keep their order
+    )
+    if not changes:
+        return None
+    held = peak = 0
+    for _, nbytes in changes:
+        held += nbytes
+        peak = max(peak, held)
+    return TensorBytes(peak, held)
+
+
+_CPU = torch.autograd.DeviceType.CPU

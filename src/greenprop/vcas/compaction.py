@@ -419,13 +419,19 @@ class _CompactedBlock(torch.autograd.Function):
 
 def _kept_rows(saved: list[Tensor], rows: Tensor | None, known: GradientRows | None = None) -> list[Tensor]:
     """The kept samples' rows of each saved (batch-first) tensor, as a list the rule owns; taken
-    from the later block's gathered input where a saved tensor is that input (``known``)."""
+    from the later block's gathered input where a saved tensor is that input (``known``).
+    ``saved`` is emptied, each tensor as soon as its rows are taken (none held twice for long)."""
     if rows is None:
-        return list(saved)
+        kept = list(saved)
+        saved.clear()
+        return kept
     kept = []
-    for t in saved:
+    for i, t in enumerate(saved):
         taken = None if known is None else known.input_rows(t, rows)
         kept.append(t.index_select(0, rows) if taken is None else taken)
+        saved[i] = None  # type: ignore[call-overload]
+        del t
+    saved.clear()
     return kept
 
 
@@ -477,6 +483,58 @@ class GradientRows:
         return self._subset(values, rows)
 
 
+class _Held:
+    """A direct block's saved tensors, for a rule that lets them go during its backward
+    (``frees_saved``): autograd's saved tensors would stay until the block's backward returns,
+    each beside its kept rows' copy. Kept whole for a backward that retains the graph.
+
+    Detached (no reference cycle through the block's output and its autograd node); their
+    versions are checked as autograd checks its saved tensors'.
+    """
+
+    def __init__(self, tensors: list[Tensor]) -> None:
+        self.tensors: list[Tensor] | None = [t.detach() for t in tensors]
+        self.versions = [t._version for t in tensors]
+
+    def take(self, block: str) -> list[Tensor]:
+        """The tensors; given away (this backward is their last) unless the graph is retained."""
+        tensors = self.tensors
+        if tensors is None:
+            raise RuntimeError(
+                f"VCAS compaction: block {block!r}'s backward ran a second time, but its saved tensors "
+                "were freed after the first (use retain_graph=True the first time)"
+            )
+        for t, version in zip(tensors, self.versions, strict=True):
+            if t._version != version:
+                raise RuntimeError(
+                    f"VCAS compaction: a tensor block {block!r} saved for its backward (shape "
+                    f"{tuple(t.shape)}) was modified by an in-place operation after its forward"
+                )
+        if _keeps_graph():
+            return list(tensors)
+        self.tensors = None
+        return tensors
+
+
+def _keeps_graph() -> bool:
+    """Whether the running backward retains the graph (``retain_graph=True``); True where torch
+    cannot tell, so that nothing is let go too early."""
+    keeps = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keeps is None else bool(keeps())
+
+
+def _drop_when_backward_ends(runtime: VCASRuntime, handoff: GradientRows) -> None:
+    """Let go of ``handoff`` when this backward ends, if no block took it: the first block's is
+    never taken (nothing compacted before it), and it would keep its input gradient, those rows
+    and its input alive until the next step's backward (memory dense autograd frees)."""
+
+    def drop() -> None:
+        if runtime.handoff is handoff:
+            runtime.handoff = None
+
+    torch.autograd.Variable._execution_engine.queue_callback(drop)
+
+
 class _DirectBlock(torch.autograd.Function):
     """Forward: a known block's rule, graph-free. Backward: sample rows, the rule's backward on them.
 
@@ -505,7 +563,11 @@ class _DirectBlock(torch.autograd.Function):
         ctx.owner, ctx.rule, ctx.params = owner, rule, params
         ctx.input = (x.shape, x.dtype, x.device)
         ctx.input_at = next((i for i, t in enumerate(saved) if t is x), None)  # where the rule keeps x
-        ctx.save_for_backward(*saved)
+        if getattr(rule, "frees_saved", False):
+            ctx.held = _Held(saved)
+        else:
+            ctx.held = None
+            ctx.save_for_backward(*saved)
         return out
 
     @staticmethod
@@ -514,7 +576,7 @@ class _DirectBlock(torch.autograd.Function):
         need_x = ctx.needs_input_grad[4]
         if grad is None:
             return (None,) * len(ctx.needs_input_grad)
-        saved = list(ctx.saved_tensors)
+        saved = list(ctx.saved_tensors) if ctx.held is None else ctx.held.take(owner.sampler.name)
         shape, dtype, device = ctx.input
         known = owner.handed_over(grad)
         rows, kept = owner.kept_gradient(grad, known)
@@ -532,9 +594,13 @@ class _DirectBlock(torch.autograd.Function):
         if getattr(rule, "gathers", False):
             kept_rows: KeptRows | list[Tensor] = KeptRows(saved, rows)
         else:
+            full_input = None if ctx.input_at is None else saved[ctx.input_at]
             kept_rows = _kept_rows(saved, rows, known)
-            if ctx.input_at is not None:
-                block_input = (saved[ctx.input_at], kept_rows[ctx.input_at])
+            if full_input is not None:
+                block_input = (full_input, kept_rows[ctx.input_at])
+        saved.clear()  # held tensors go once their kept rows are gathered (the rule's, when it frees them)
+        if kept is grad and getattr(rule, "changes_grad", False):
+            kept = grad.clone()  # autograd's gradient may be another node's too: the rule gets its own
         try:
             grad_x, grads = rule.backward(owner.block, kept_rows, kept, need_x)
         finally:
@@ -543,6 +609,7 @@ class _DirectBlock(torch.autograd.Function):
         if grad_x is not None and rows is not None:
             compact, grad_x = grad_x, scatter_rows(grad_x, rows, shape)
             runtime.handoff = GradientRows(grad_x, rows, compact, block_input)
+            _drop_when_backward_ends(runtime, runtime.handoff)
         return (None, None, None, None, grad_x if need_x else None, *(grads.get(p) for p in ctx.params))
 
 

@@ -81,7 +81,13 @@ class DirectRule(Protocol):
         trainable parameter (parameters left out get none).
 
         A rule whose class sets ``gathers = True`` gets a :class:`KeptRows` instead of the
-        list and takes each tensor's kept rows where it uses them.
+        list and takes each tensor's kept rows where it uses them. One that sets
+        ``changes_grad = True`` may write over ``grad`` (always a tensor of its own then:
+        the caller copies autograd's, which other nodes may hold too), so that its first
+        step's gradient needs no tensor of its own. One that sets ``frees_saved = True``
+        has its saved tensors let go as soon as their kept rows are gathered (or as it
+        empties ``saved``) instead of when its backward returns; they are not autograd's
+        saved tensors then, so ``saved_tensors_hooks`` do not see them.
         """
 
 

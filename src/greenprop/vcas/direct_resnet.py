@@ -11,7 +11,10 @@ ReLU over the kept rows, equal to the forward's within rounding): one activation
 block less to keep than dense autograd, as many as the re-run path keeps. Then, op by
 op on the kept rows: the output ReLU's mask from the output,
 ``native_group_norm_backward``, each conv's :func:`~greenprop.vcas.layers.conv_backward`,
-and the residual sum.
+and the residual sum. Its saved tensors are held beside autograd's (``frees_saved``): each
+goes as soon as its kept rows are gathered, not when the block's backward returns, so near
+ratio 1 the backward does not hold a full-size tensor beside its kept copy (the step's
+peak stays at or below dense autograd's: ``benchmarks/vcas_step.py``'s tensor peak).
 
 BatchNorm blocks never reach VCAS (:func:`~greenprop.vcas.apply_vcas` refuses them); any
 other structure (a norm other than GroupNorm, a shortcut other than those two, a conv
@@ -85,7 +88,12 @@ def _norm_backward(
     return dh, grads
 
 
-def _relu_backward(grad: Tensor, result: Tensor) -> Tensor:
+def _relu_backward_(grad: Tensor, result: Tensor) -> Tensor:
+    """The ReLU's input gradient, written over ``grad`` (one tensor fewer) where the two share a
+    layout; else a new tensor in the layout ``threshold_backward`` gives it (the norm backward
+    after it reads its gradient in its input's layout: NCHW against channels_last is wrong)."""
+    if grad.stride() == result.stride():
+        return torch.ops.aten.threshold_backward.grad_input(grad, result, 0, grad_input=grad)
     return torch.ops.aten.threshold_backward(grad, result, 0)
 
 
@@ -96,6 +104,11 @@ def _plain_norm(module: nn.Module) -> bool:
 
 class BasicBlockRule:
     """:class:`~greenprop.vcas.direct.DirectRule` of ``greenprop.models.resnet.BasicBlock`` with GroupNorm."""
+
+    #: The backward writes the output ReLU's gradient over ``grad`` (its caller's own copy).
+    changes_grad = True
+    #: Each saved tensor goes once its kept rows are gathered (not at the backward's end).
+    frees_saved = True
 
     def refuse(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         if kwargs or len(args) != 1 or not isinstance(args[0], Tensor) or args[0].dim() != 4:
@@ -137,8 +150,8 @@ class BasicBlockRule:
     ) -> tuple[Tensor | None, dict[nn.Parameter, Tensor]]:
         x, h1, mean1, rstd1, h2, mean2, rstd2, *shortcut, out = saved
         saved.clear()  # the kept rows are this call's own: each goes once used (lower peak memory)
-        dz = _relu_backward(grad, out)
-        del out
+        dz = _relu_backward_(grad, out)
+        del out, grad
         dh2, grads = _norm_backward(block.bn2, dz, h2, mean2, rstd2)
         del h2
         d_residual: Tensor | None = dz
@@ -153,8 +166,10 @@ class BasicBlockRule:
         r1 = _norm_apply(block.bn1, h1, mean1, rstd1).relu_()  # conv2's input, not kept
         dr1 = layer_grads(block.conv2, dh2, r1, True, grads)
         del dh2
-        dh1, grads1 = _norm_backward(block.bn1, _relu_backward(dr1, r1), h1, mean1, rstd1)
-        del dr1, r1, h1
+        dr1 = _relu_backward_(dr1, r1)
+        del r1
+        dh1, grads1 = _norm_backward(block.bn1, dr1, h1, mean1, rstd1)
+        del dr1, h1
         grads.update(grads1)
         dx = layer_grads(block.conv1, dh1, x, need_input, grads)
         return (dx.add_(d_residual) if need_input else None), grads
