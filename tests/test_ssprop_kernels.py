@@ -144,12 +144,15 @@ def test_selection_uses_the_topk_op_and_agrees_with_it_off(memory_format, any_si
     assert with_op.tolist() == without.tolist() == [2, 3, 6, 7, 10, 11]
 
 
+ALL_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
 @st.composite
-def views_and_indices(draw, inner_max=70):
+def views_and_indices(draw, inner_max=70, channels_max=40, dtypes=ALL_FLOATS):
     """A random ``(outer, C, inner)`` tensor and a random subset of its channels (any order)."""
-    outer, channels = draw(st.integers(0, 40)), draw(st.integers(1, 40))
+    outer, channels = draw(st.integers(0, 40)), draw(st.integers(1, channels_max))
     inner = draw(st.integers(1, inner_max))
-    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]))
+    dtype = draw(st.sampled_from(dtypes))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     perm = torch.randperm(channels, generator=gen)[: draw(st.integers(1, channels))]
     idx = perm.sort().values if draw(st.booleans()) else perm  # top-k indices come sorted
@@ -164,6 +167,15 @@ def test_the_gather_op_equals_index_select(case):
     got = kernels.gather_channels(view, idx)
     assert got.is_contiguous() and got.dtype == view.dtype
     assert torch.equal(got, view.index_select(1, idx))
+
+
+@needs_kernels
+@SETTINGS
+@given(case=views_and_indices(inner_max=1, channels_max=100, dtypes=(torch.float32,)))
+def test_the_gather_op_equals_index_select_on_float32_rows(case):
+    """The channels_last / Linear case, where ascending indices take the packed (AVX2) copy."""
+    view, idx = case
+    assert torch.equal(kernels.gather_channels(view, idx), view.index_select(1, idx))
 
 
 @needs_kernels

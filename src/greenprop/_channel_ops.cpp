@@ -12,7 +12,8 @@
 //   greenprop::gather_channels(t, idx) -> (outer, k, inner): channels idx of the same
 //   view, dense. Planes (inner > 1, NCHW) are copied as runs of consecutive kept
 //   channels, one memcpy per run and outer row (index_select over dim 1 copies them
-//   element by element); rows (inner == 1) element by element.
+//   element by element); rows (inner == 1) of 4-byte elements with ascending indices (top-k's)
+//   with AVX2 eight channels per load, a permute and a store, other rows element by element.
 //   greenprop::scatter_rows_(out, idx, rows) -> out: out[idx[j]] = rows[j] and zeros in
 //   every other row of a 2-D (n, m) matrix, each byte written once (what zeros_like
 //   followed by index_copy_ does in two passes, the second one element by element).
@@ -29,6 +30,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 #include <tuple>
 #include <vector>
 
@@ -200,6 +204,55 @@ void gather_columns(const void* src, void* dst, int64_t rows, int64_t c, const s
   });
 }
 
+#ifdef __AVX2__
+// 4-byte rows with strictly ascending indices (what top-k returns): each block of 8
+// channels is loaded once, its kept channels packed to the front with one permute and
+// stored together (masked where a full store would run past the row), instead of one
+// load and store per kept channel.
+bool gather_columns_packed(const uint32_t* s, uint32_t* d, int64_t rows, int64_t c,
+                           const std::vector<int64_t>& idx) {
+  const int64_t k = static_cast<int64_t>(idx.size());
+  for (int64_t j = 1; j < k; ++j) {
+    if (idx[j] <= idx[j - 1]) return false;
+  }
+  struct Block {
+    int64_t src, dst, count;
+    __m256i perm;
+  };
+  std::vector<Block> blocks;
+  int64_t j = 0;
+  for (int64_t b = 0; b + 8 <= c; b += 8) {
+    alignas(32) int32_t perm[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    const int64_t first = j;
+    for (; j < k && idx[j] < b + 8; ++j) perm[j - first] = static_cast<int32_t>(idx[j] - b);
+    if (j > first) {
+      blocks.push_back({b, first, j - first, _mm256_load_si256(reinterpret_cast<const __m256i*>(perm))});
+    }
+  }
+  const int64_t tail = j;  // idx[tail..] lie in the last, partial block of 8: copied one by one
+  alignas(32) int32_t lane_mask[16];
+  for (int l = 0; l < 16; ++l) lane_mask[l] = l < 8 ? -1 : 0;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, k)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const uint32_t* row = s + r * c;
+      uint32_t* out = d + r * k;
+      for (const Block& blk : blocks) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + blk.src));
+        const __m256i packed = _mm256_permutevar8x32_epi32(v, blk.perm);
+        if (blk.dst + 8 <= k) {  // later blocks overwrite the lanes past this block's count
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + blk.dst), packed);
+        } else {
+          const __m256i keep = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lane_mask + 8 - blk.count));
+          _mm256_maskstore_epi32(reinterpret_cast<int*>(out + blk.dst), keep, packed);
+        }
+      }
+      for (int64_t t = tail; t < k; ++t) out[t] = row[idx[t]];
+    }
+  });
+  return true;
+}
+#endif
+
 // Channels ix (already checked) of a contiguous (outer, C, inner) view, dense.
 at::Tensor gather_view(const at::Tensor& t, const std::vector<int64_t>& ix) {
   const int64_t outer = t.size(0), c = t.size(1), inner = t.size(2);
@@ -209,7 +262,13 @@ at::Tensor gather_view(const at::Tensor& t, const std::vector<int64_t>& ix) {
   const int64_t size = static_cast<int64_t>(t.element_size());
   if (inner == 1 && (size == 2 || size == 4 || size == 8)) {
     if (size == 2) gather_columns<uint16_t>(t.const_data_ptr(), out.mutable_data_ptr(), outer, c, ix);
-    if (size == 4) gather_columns<uint32_t>(t.const_data_ptr(), out.mutable_data_ptr(), outer, c, ix);
+    if (size == 4) {
+#ifdef __AVX2__
+      const auto* src = static_cast<const uint32_t*>(t.const_data_ptr());
+      if (gather_columns_packed(src, static_cast<uint32_t*>(out.mutable_data_ptr()), outer, c, ix)) return out;
+#endif
+      gather_columns<uint32_t>(t.const_data_ptr(), out.mutable_data_ptr(), outer, c, ix);
+    }
     if (size == 8) gather_columns<uint64_t>(t.const_data_ptr(), out.mutable_data_ptr(), outer, c, ix);
     return out;
   }
