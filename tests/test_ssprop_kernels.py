@@ -302,6 +302,10 @@ def test_keep_channels_is_one_call_of_the_fused_op(memory_format, any_size, monk
     strided = torch.randn(12, 4, 3, 3)[:, ::2]  # no row matrix: the gathers run one by one
     kept = keep_channels(dy, strided, 2, groups=3)
     assert used == ["topk_channels", "gather_channels"] and torch.equal(kept.weight, strided[kept.idx])
+    used.clear()
+    recording = weight.clone().requires_grad_()  # as in a create_graph backward: the graph stays
+    kept = keep_channels(dy, recording, 2, groups=3)
+    assert used == ["topk_channels", "gather_channels"] and kept.weight.grad_fn is not None
 
 
 @needs_kernels

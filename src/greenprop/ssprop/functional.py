@@ -241,14 +241,16 @@ def keep_channels(
     The same result as :func:`select_channels` followed by :func:`gather_channels` and the
     weight's row gather (in its own memory format). For top-k on CPU with the C++ ops built,
     one call of their ``select_gather`` op does all three (one crossing from Python; the
-    indices never come back in between).
+    indices never come back in between), unless ``weight`` records a graph.
     """
     if channel_dim < 0:
         channel_dim += grad_output.dim()
     if selection == "topk":
         _check_selection(selection, grad_output.shape[channel_dim], k, groups)
         view, use_kernel = _scoring_view(grad_output, channel_dim)
-        rows = row_matrix(weight) if use_kernel and weight.shape[0] == view.shape[1] else None
+        # a weight recording a graph (a create_graph backward) keeps it through index_select
+        fused = use_kernel and weight.shape[0] == view.shape[1] and not _records_graph(weight)
+        rows = row_matrix(weight) if fused else None
         if rows is not None:
             idx, kept, kept_rows = kernels.select_gather(view, k, groups, rows)
             assert kept_rows is not None
@@ -258,6 +260,10 @@ def keep_channels(
         grad_output, k, channel_dim=channel_dim, selection=selection, groups=groups, generator=generator
     )
     return Kept(idx, gather_channels(grad_output, idx, channel_dim), _take_rows(weight, idx))
+
+
+def _records_graph(t: Tensor) -> bool:
+    return t.requires_grad and torch.is_grad_enabled()
 
 
 def _gathered(grad_output: Tensor, weight: Tensor, idx: Tensor | None, channel_dim: int) -> Kept | None:
