@@ -10,8 +10,6 @@ summed over the network's 20 convolutions:
   path: scores, then a stable sort);
 * gathering the kept channels of ``dy`` (the C++ op, and ``index_select``) against the
   floor's copy of the first ``k`` channels;
-* choosing and gathering together, as the backward does it (``keep_channels``: one call of
-  the fused ``select_gather`` op) and as three calls (top-k, ``dy`` gather, weight rows);
 * gathering the kept weight rows (the floor takes a view);
 * writing grad_weight's kept rows into the full-size gradient (the C++ op, and
   ``zeros_like`` + ``index_copy_``) against the floor's zero-padding.
@@ -117,15 +115,6 @@ def layer_parts(
         "score (PyTorch ops)": lambda: functional.channel_scores_torch(view),
         "score + top-k (C++ op, one call)": lambda: kernels.topk_channels(view, k, 1),
         "score + top-k (PyTorch ops)": lambda: torch_select(),
-        "choose + gather dy, weight rows (fused op)": lambda: functional.keep_channels(dy, weight, k),
-        "choose + gather dy, weight rows (three calls)": lambda: (
-            functional.gather_channels(dy, functional.select_channels(dy, k)),
-            functional._take_rows(weight, idx),
-        ),
-        "floor: copy dy[:, :k] + weight view": lambda: (
-            dy.narrow(1, 0, k).contiguous(memory_format=fmt),
-            weight.narrow(0, 0, k),
-        ),
         "gather dy (C++ op)": lambda: kernels.gather_channels(view, idx),
         "gather dy (index_select)": lambda: view.index_select(1, idx),
         "floor: copy dy[:, :k]": lambda: dy.narrow(1, 0, k).contiguous(memory_format=fmt),

@@ -12,8 +12,7 @@
 //   greenprop::gather_channels(t, idx) -> (outer, k, inner): channels idx of the same
 //   view, dense. Planes (inner > 1, NCHW) are copied as runs of consecutive kept
 //   channels, one memcpy per run and outer row (index_select over dim 1 copies them
-//   element by element); rows (inner == 1) of 4-byte elements with ascending indices (top-k's)
-//   with AVX2 eight channels per load, a permute and a store, other rows element by element.
+//   element by element); rows (inner == 1) element by element.
 //   greenprop::scatter_rows_(out, idx, rows) -> out: out[idx[j]] = rows[j] and zeros in
 //   every other row of a 2-D (n, m) matrix, each byte written once (what zeros_like
 //   followed by index_copy_ does in two passes, the second one element by element).
@@ -30,10 +29,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
-#include <tuple>
 #include <vector>
 
 namespace {
@@ -131,33 +126,25 @@ struct RanksAbove {
   }
 };
 
-// The k top-ranked channels of each of `groups` equal blocks of `score`, ascending.
-std::vector<int64_t> top_channels(const float* score, int64_t c, int64_t k, int64_t groups) {
+at::Tensor topk_channels(const at::Tensor& t, int64_t k, int64_t groups) {
+  check_view(t);
+  const int64_t c = t.size(1);
   TORCH_CHECK(groups >= 1 && c % groups == 0, "groups=", groups, " does not divide ", c, " channels");
   const int64_t per_group = c / groups;
   TORCH_CHECK(k >= 1 && k <= per_group, "k must be in [1, ", per_group, "], got ", k);
-  std::vector<int64_t> chosen(groups * k);
+  const at::Tensor scores = channel_abs_sum(t);
+  const float* score = scores.const_data_ptr<float>();
+  at::Tensor out = at::empty({groups * k}, t.options().dtype(at::kLong));
+  int64_t* chosen = out.mutable_data_ptr<int64_t>();
   std::vector<int64_t> order(per_group);
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t first = g * per_group;
     for (int64_t j = 0; j < per_group; ++j) order[j] = first + j;
     if (k < per_group) std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), RanksAbove{score});
     std::sort(order.begin(), order.begin() + k);  // ascending indices keep the gathers cache-friendly
-    std::copy(order.begin(), order.begin() + k, chosen.begin() + g * k);
+    std::copy(order.begin(), order.begin() + k, chosen + g * k);
   }
-  return chosen;
-}
-
-at::Tensor index_tensor(const std::vector<int64_t>& ix, const at::Tensor& like) {
-  at::Tensor out = at::empty({static_cast<int64_t>(ix.size())}, like.options().dtype(at::kLong));
-  std::copy(ix.begin(), ix.end(), out.mutable_data_ptr<int64_t>());
   return out;
-}
-
-at::Tensor topk_channels(const at::Tensor& t, int64_t k, int64_t groups) {
-  check_view(t);
-  const at::Tensor scores = channel_abs_sum(t);
-  return index_tensor(top_channels(scores.const_data_ptr<float>(), t.size(1), k, groups), t);
 }
 
 // Checked int64 indices as a vector, each in [0, limit).
@@ -204,71 +191,17 @@ void gather_columns(const void* src, void* dst, int64_t rows, int64_t c, const s
   });
 }
 
-#ifdef __AVX2__
-// 4-byte rows with strictly ascending indices (what top-k returns): each block of 8
-// channels is loaded once, its kept channels packed to the front with one permute and
-// stored together (masked where a full store would run past the row), instead of one
-// load and store per kept channel.
-bool gather_columns_packed(const uint32_t* s, uint32_t* d, int64_t rows, int64_t c,
-                           const std::vector<int64_t>& idx) {
-  const int64_t k = static_cast<int64_t>(idx.size());
-  for (int64_t j = 1; j < k; ++j) {
-    if (idx[j] <= idx[j - 1]) return false;
-  }
-  struct Block {
-    int64_t src, dst, count;
-    __m256i perm;
-  };
-  std::vector<Block> blocks;
-  int64_t j = 0;
-  for (int64_t b = 0; b + 8 <= c; b += 8) {
-    alignas(32) int32_t perm[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    const int64_t first = j;
-    for (; j < k && idx[j] < b + 8; ++j) perm[j - first] = static_cast<int32_t>(idx[j] - b);
-    if (j > first) {
-      blocks.push_back({b, first, j - first, _mm256_load_si256(reinterpret_cast<const __m256i*>(perm))});
-    }
-  }
-  const int64_t tail = j;  // idx[tail..] lie in the last, partial block of 8: copied one by one
-  alignas(32) int32_t lane_mask[16];
-  for (int l = 0; l < 16; ++l) lane_mask[l] = l < 8 ? -1 : 0;
-  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, k)), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const uint32_t* row = s + r * c;
-      uint32_t* out = d + r * k;
-      for (const Block& blk : blocks) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + blk.src));
-        const __m256i packed = _mm256_permutevar8x32_epi32(v, blk.perm);
-        if (blk.dst + 8 <= k) {  // later blocks overwrite the lanes past this block's count
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + blk.dst), packed);
-        } else {
-          const __m256i keep = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lane_mask + 8 - blk.count));
-          _mm256_maskstore_epi32(reinterpret_cast<int*>(out + blk.dst), keep, packed);
-        }
-      }
-      for (int64_t t = tail; t < k; ++t) out[t] = row[idx[t]];
-    }
-  });
-  return true;
-}
-#endif
-
-// Channels ix (already checked) of a contiguous (outer, C, inner) view, dense.
-at::Tensor gather_view(const at::Tensor& t, const std::vector<int64_t>& ix) {
+at::Tensor gather_channels(const at::Tensor& t, const at::Tensor& idx) {
+  check_view(t);
   const int64_t outer = t.size(0), c = t.size(1), inner = t.size(2);
+  const std::vector<int64_t> ix = checked_indices(idx, c);
   const int64_t k = static_cast<int64_t>(ix.size());
   at::Tensor out = at::empty({outer, k, inner}, t.options());
   if (out.numel() == 0) return out;
   const int64_t size = static_cast<int64_t>(t.element_size());
   if (inner == 1 && (size == 2 || size == 4 || size == 8)) {
     if (size == 2) gather_columns<uint16_t>(t.const_data_ptr(), out.mutable_data_ptr(), outer, c, ix);
-    if (size == 4) {
-#ifdef __AVX2__
-      const auto* src = static_cast<const uint32_t*>(t.const_data_ptr());
-      if (gather_columns_packed(src, static_cast<uint32_t*>(out.mutable_data_ptr()), outer, c, ix)) return out;
-#endif
-      gather_columns<uint32_t>(t.const_data_ptr(), out.mutable_data_ptr(), outer, c, ix);
-    }
+    if (size == 4) gather_columns<uint32_t>(t.const_data_ptr(), out.mutable_data_ptr(), outer, c, ix);
     if (size == 8) gather_columns<uint64_t>(t.const_data_ptr(), out.mutable_data_ptr(), outer, c, ix);
     return out;
   }
@@ -284,43 +217,6 @@ at::Tensor gather_view(const at::Tensor& t, const std::vector<int64_t>& ix) {
     }
   });
   return out;
-}
-
-at::Tensor gather_channels(const at::Tensor& t, const at::Tensor& idx) {
-  check_view(t);
-  return gather_view(t, checked_indices(idx, t.size(1)));
-}
-
-// Rows ix (already checked) of a contiguous 2-D (n, m) matrix, one memcpy per row, in parallel.
-at::Tensor gather_rows(const at::Tensor& rows, const std::vector<int64_t>& ix) {
-  const int64_t k = static_cast<int64_t>(ix.size());
-  at::Tensor out = at::empty({k, rows.size(1)}, rows.options());
-  const int64_t bytes = rows.size(1) * static_cast<int64_t>(rows.element_size());
-  if (bytes == 0) return out;
-  const char* src = static_cast<const char*>(rows.const_data_ptr());
-  char* dst = static_cast<char*>(out.mutable_data_ptr());
-  at::parallel_for(0, k, std::max<int64_t>(1, 65536 / bytes), [&](int64_t b, int64_t e) {
-    for (int64_t j = b; j < e; ++j) std::memcpy(dst + j * bytes, src + ix[j] * bytes, bytes);
-  });
-  return out;
-}
-
-// The top-k channels of t (as topk_channels), t restricted to them (as gather_channels)
-// and, when `rows` is given, the same rows of that contiguous (C, m) matrix (the weight),
-// in one call: one crossing from Python and the indices never leave C++ in between.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> select_gather(const at::Tensor& t, int64_t k, int64_t groups,
-                                                             const c10::optional<at::Tensor>& rows) {
-  check_view(t);
-  const bool has_rows = rows.has_value() && rows->defined();
-  if (has_rows) {
-    TORCH_CHECK(rows->device().is_cpu() && rows->dim() == 2 && rows->is_contiguous() && rows->size(0) == t.size(1),
-                "rows must be a contiguous 2-D CPU tensor with one row per channel");
-  }
-  const at::Tensor scores = channel_abs_sum(t);
-  const std::vector<int64_t> ix = top_channels(scores.const_data_ptr<float>(), t.size(1), k, groups);
-  at::Tensor kept_rows;
-  if (has_rows) kept_rows = gather_rows(*rows, ix);
-  return {index_tensor(ix, t), gather_view(t, ix), kept_rows};
 }
 
 at::Tensor& scatter_rows_(at::Tensor& out, const at::Tensor& idx, const at::Tensor& rows) {
@@ -356,7 +252,6 @@ TORCH_LIBRARY(greenprop, m) {
   m.def("channel_abs_sum(Tensor t) -> Tensor");
   m.def("topk_channels(Tensor t, int k, int groups) -> Tensor");
   m.def("gather_channels(Tensor t, Tensor idx) -> Tensor");
-  m.def("select_gather(Tensor t, int k, int groups, Tensor? rows) -> (Tensor, Tensor, Tensor)");
   m.def("scatter_rows_(Tensor(a!) out, Tensor idx, Tensor rows) -> Tensor(a!)");
 }
 
@@ -364,6 +259,5 @@ TORCH_LIBRARY_IMPL(greenprop, CPU, m) {
   m.impl("channel_abs_sum", &channel_abs_sum);
   m.impl("topk_channels", &topk_channels);
   m.impl("gather_channels", &gather_channels);
-  m.impl("select_gather", &select_gather);
   m.impl("scatter_rows_", &scatter_rows_);
 }

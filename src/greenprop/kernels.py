@@ -5,8 +5,7 @@ ssProp's channel scoring and gather, and the row scatter that ssProp and VCAS sh
 ``torch.library``: ``greenprop.channel_abs_sum`` (``sum |dy|`` per channel in one read,
 no temporary ``|dy|`` tensor), ``greenprop.topk_channels`` (those scores and the top-k
 choice in one call), ``greenprop.gather_channels`` (the kept channels of ``dy``, copied
-as runs of consecutive channels), ``greenprop.select_gather`` (the top-k choice, that
-gather and the weight rows' gather in one call) and ``greenprop.scatter_rows_`` (kept rows written into
+as runs of consecutive channels) and ``greenprop.scatter_rows_`` (kept rows written into
 a full-size tensor, every other row zeroed, each byte written once). :func:`load`
 compiles it once with :func:`torch.utils.cpp_extension.load` (needs a C++ compiler and
 ninja; the build is cached in ``TORCH_EXTENSIONS_DIR``, by default
@@ -43,7 +42,6 @@ __all__ = [
     "gather_channels",
     "load",
     "scatter_rows_",
-    "select_gather",
     "topk_channels",
     "use_kernels",
 ]
@@ -52,7 +50,7 @@ log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("_channel_ops.cpp")
 #: The ops the library must register for :func:`load` to report success.
-_OPS = ("channel_abs_sum", "topk_channels", "gather_channels", "select_gather", "scatter_rows_")
+_OPS = ("channel_abs_sum", "topk_channels", "gather_channels", "scatter_rows_")
 #: Set to 1 to skip the build and always use the PyTorch ops.
 DISABLE_ENV = "GREENPROP_NO_KERNELS"
 #: Smaller gradients are scored with PyTorch ops (and do not trigger the build).
@@ -151,18 +149,6 @@ def topk_channels(view: Tensor, k: int, groups: int) -> Tensor:
 def gather_channels(view: Tensor, idx: Tensor) -> Tensor:
     """``view.index_select(1, idx)`` of a contiguous ``(outer, C, inner)`` CPU tensor, contiguous."""
     return torch.ops.greenprop.gather_channels(view, idx)
-
-
-def select_gather(
-    view: Tensor, k: int, groups: int, rows: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """:func:`topk_channels` of ``view``, :func:`gather_channels` of ``view`` at those indices and,
-    when given, the same rows of ``rows`` (a contiguous ``(C, m)`` CPU matrix: the weight), in one call.
-
-    Returns ``(idx, kept view (outer, k, inner), kept rows (k, m) or None)``.
-    """
-    idx, kept, kept_rows = torch.ops.greenprop.select_gather(view, k, groups, rows)
-    return idx, kept, kept_rows if rows is not None else None
 
 
 def scatter_rows_(out: Tensor, idx: Tensor, rows: Tensor) -> Tensor:

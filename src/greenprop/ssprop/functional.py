@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import lru_cache, partial
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -26,17 +26,15 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from greenprop import kernels
-from greenprop.rows import physical_channels_last, row_matrix, scatter_rows
+from greenprop.rows import physical_channels_last, scatter_rows
 
 __all__ = [
     "SELECTIONS",
     "ChannelSelector",
-    "Kept",
     "channel_scores",
     "channel_scores_torch",
     "conv2d_sparse_backward",
     "gather_channels",
-    "keep_channels",
     "keep_count",
     "linear_sparse_backward",
     "select_channels",
@@ -124,18 +122,6 @@ def top_k(scores: Tensor, k: int) -> Tensor:
     return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
 
 
-def _check_selection(selection: str, channels: int, k: int, groups: int) -> int:
-    """Raise on a bad selection, ``groups`` or ``k``; return the channels per group."""
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-    if groups < 1 or channels % groups:
-        raise ValueError(f"groups={groups} does not divide {channels} channels")
-    per_group = channels // groups
-    if not 1 <= k <= per_group:
-        raise ValueError(f"k must be in [1, {per_group}], got {k}")
-    return per_group
-
-
 def select_channels(
     grad_output: Tensor,
     k: int,
@@ -154,8 +140,14 @@ def select_channels(
     With ``groups > 1`` the channels split into ``groups`` equal blocks and ``k`` are
     kept in every block, so the gathered weight is again a valid grouped-conv weight.
     """
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     c = grad_output.shape[channel_dim]
-    per_group = _check_selection(selection, c, k, groups)
+    if groups < 1 or c % groups:
+        raise ValueError(f"groups={groups} does not divide {c} channels")
+    per_group = c // groups
+    if not 1 <= k <= per_group:
+        raise ValueError(f"k must be in [1, {per_group}], got {k}")
     if selection == "topk":
         view, use_kernel = _scoring_view(grad_output, channel_dim)
         if use_kernel:
@@ -185,16 +177,11 @@ def gather_channels(t: Tensor, idx: Tensor, channel_dim: int = 1) -> Tensor:
         kept = kernels.gather_channels(view, idx)
     else:
         kept = view.index_select(1, idx)
-    return _from_channel_view(kept, t, channel_dim)
-
-
-def _from_channel_view(kept: Tensor, t: Tensor, channel_dim: int) -> Tensor:
-    """``kept``, a gather of :func:`_channel_view` ``(t)``, shaped and laid out like ``t``."""
     if channel_dim == 1 and physical_channels_last(t):
         n, _, h, w = t.shape
         return kept.view(n, h, w, -1).permute(0, 3, 1, 2)
     shape = list(t.shape)
-    shape[channel_dim] = kept.shape[1]
+    shape[channel_dim] = idx.numel()
     return kept.view(shape)
 
 
@@ -208,69 +195,6 @@ def _take_rows(t: Tensor, idx: Tensor) -> Tensor:
     if physical_channels_last(t):
         return t.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
     return t.index_select(0, idx)
-
-
-def _rows_like(rows: Tensor, like: Tensor) -> Tensor:
-    """``rows``, a gather of ``row_matrix(like)``, shaped and laid out like ``like``."""
-    if physical_channels_last(like):
-        _, c, h, w = like.shape
-        return rows.view(-1, h, w, c).permute(0, 3, 1, 2)
-    return rows.view(-1, *like.shape[1:])
-
-
-class Kept(NamedTuple):
-    """The kept channels of one backward: their indices, and ``dy`` and the weight restricted to them."""
-
-    idx: Tensor
-    grad_output: Tensor
-    weight: Tensor
-
-
-def keep_channels(
-    grad_output: Tensor,
-    weight: Tensor,
-    k: int,
-    *,
-    channel_dim: int = 1,
-    selection: str = "topk",
-    groups: int = 1,
-    generator: torch.Generator | None = None,
-) -> Kept:
-    """:func:`select_channels`, then ``grad_output``'s kept channels and ``weight``'s kept rows.
-
-    The same result as :func:`select_channels` followed by :func:`gather_channels` and the
-    weight's row gather (in its own memory format). For top-k on CPU with the C++ ops built,
-    one call of their ``select_gather`` op does all three (one crossing from Python; the
-    indices never come back in between), unless ``weight`` records a graph.
-    """
-    if channel_dim < 0:
-        channel_dim += grad_output.dim()
-    if selection == "topk":
-        _check_selection(selection, grad_output.shape[channel_dim], k, groups)
-        view, use_kernel = _scoring_view(grad_output, channel_dim)
-        # a weight recording a graph (a create_graph backward) keeps it through index_select
-        fused = use_kernel and weight.shape[0] == view.shape[1] and not _records_graph(weight)
-        rows = row_matrix(weight) if fused else None
-        if rows is not None:
-            idx, kept, kept_rows = kernels.select_gather(view, k, groups, rows)
-            assert kept_rows is not None
-            dy = _from_channel_view(kept, grad_output, channel_dim)
-            return Kept(idx, dy, _rows_like(kept_rows, weight))
-    idx = select_channels(
-        grad_output, k, channel_dim=channel_dim, selection=selection, groups=groups, generator=generator
-    )
-    return Kept(idx, gather_channels(grad_output, idx, channel_dim), _take_rows(weight, idx))
-
-
-def _records_graph(t: Tensor) -> bool:
-    return t.requires_grad and torch.is_grad_enabled()
-
-
-def _gathered(grad_output: Tensor, weight: Tensor, idx: Tensor | None, channel_dim: int) -> Kept | None:
-    """:class:`Kept` for given indices (``None`` stays ``None``: all channels)."""
-    if idx is None:
-        return None
-    return Kept(idx, gather_channels(grad_output, idx, channel_dim), _take_rows(weight, idx))
 
 
 def _bias_sizes(bias_present: bool, channels: int) -> list[int] | None:
@@ -298,40 +222,16 @@ def conv2d_sparse_backward(
     gradient of the kept channels alone; grad_weight / grad_bias hold the kept rows and
     zeros elsewhere. ``padding`` must be numeric (resolve ``"same"`` beforehand).
     """
-    return _conv2d_backward(
-        grad_output,
-        input,
-        weight,
-        _gathered(grad_output, weight, idx, 1),
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
-        has_bias=has_bias,
-        output_mask=output_mask,
-    )
-
-
-def _conv2d_backward(
-    grad_output: Tensor,
-    input: Tensor,
-    weight: Tensor,
-    kept: Kept | None,
-    *,
-    stride: tuple[int, int] | list[int],
-    padding: tuple[int, int] | list[int],
-    dilation: tuple[int, int] | list[int],
-    groups: int = 1,
-    has_bias: bool = True,
-    output_mask: tuple[bool, bool, bool] = (True, True, True),
-) -> Grads:
-    """:func:`conv2d_sparse_backward` on channels gathered already (``kept``; ``None``: dense)."""
     need_in, need_w, need_b = output_mask
     need_b = need_b and has_bias
     if not (need_in or need_w or need_b):
         return None, None, None
     c_out = weight.shape[0]
-    dy, w = (grad_output, weight) if kept is None else (kept.grad_output, kept.weight)
+    if idx is None:
+        dy, w = grad_output, weight
+    else:
+        dy = gather_channels(grad_output, idx)
+        w = _take_rows(weight, idx)
     gi, gw, gb = torch.ops.aten.convolution_backward(
         dy,
         input,
@@ -345,11 +245,11 @@ def _conv2d_backward(
         groups,
         [need_in, need_w, need_b],
     )
-    if kept is not None:
+    if idx is not None:
         if need_w:
-            gw = scatter_rows(gw, kept.idx, weight)
+            gw = scatter_rows(gw, idx, weight)
         if need_b:
-            gb = scatter_rows(gb.to(weight.dtype), kept.idx, torch.Size([c_out]))
+            gb = scatter_rows(gb.to(weight.dtype), idx, torch.Size([c_out]))
     return (gi if need_in else None, gw if need_w else None, gb if need_b else None)
 
 
@@ -368,27 +268,15 @@ def linear_sparse_backward(
     ``in x k`` contraction), grad_weight rows ``idx`` = ``dy[:, idx]^T @ x``, zeros
     elsewhere. ``idx=None`` is the dense backward.
     """
-    kept = _gathered(grad_output, weight, idx, grad_output.dim() - 1)
-    return _linear_backward(grad_output, input, weight, kept, has_bias=has_bias, output_mask=output_mask)
-
-
-def _linear_backward(
-    grad_output: Tensor,
-    input: Tensor,
-    weight: Tensor,
-    kept: Kept | None,
-    *,
-    has_bias: bool = True,
-    output_mask: tuple[bool, bool, bool] = (True, True, True),
-) -> Grads:
-    """:func:`linear_sparse_backward` on features gathered already (``kept``; ``None``: dense)."""
     need_in, need_w, need_b = output_mask
     need_b = need_b and has_bias
     out_f, in_f = weight.shape
-    if kept is None:
-        dy, w = grad_output.reshape(-1, out_f), weight
+    dy = grad_output.reshape(-1, out_f)
+    if idx is not None:
+        dy = gather_channels(dy, idx)
+        w = weight.index_select(0, idx)
     else:
-        dy, w = kept.grad_output.reshape(-1, kept.idx.numel()), kept.weight
+        w = weight
     gi = gw = gb = None
     if need_in:
         gi = (dy @ w).view(*grad_output.shape[:-1], in_f)
@@ -396,17 +284,17 @@ def _linear_backward(
         gw = dy.t() @ input.reshape(-1, in_f)
     if need_b:
         gb = dy.sum(0)
-    if kept is not None:
+    if idx is not None:
         if gw is not None:
-            gw = scatter_rows(gw, kept.idx, weight)
+            gw = scatter_rows(gw, idx, weight)
         if gb is not None:
-            gb = scatter_rows(gb.to(weight.dtype), kept.idx, torch.Size([out_f]))
+            gb = scatter_rows(gb.to(weight.dtype), idx, torch.Size([out_f]))
     return gi, gw, gb
 
 
 Grads = tuple[Tensor | None, Tensor | None, Tensor | None]
-#: ``run(kept)``: the gradients through the kept output channels (``None`` = all, dense).
-Run = Callable[[Kept | None], Grads]
+#: ``run(idx)``: the gradients through output channels ``idx`` (``None`` = all, dense).
+Run = Callable[[Tensor | None], Grads]
 
 
 class ChannelSelector:
@@ -436,29 +324,15 @@ class ChannelSelector:
             generator=self.generator,
         )
 
-    def keep(self, grad_output: Tensor, weight: Tensor, k: int, groups: int, channel_dim: int) -> Kept:
-        """:func:`keep_channels` with this selector's selection and generator."""
-        return keep_channels(
-            grad_output,
-            weight,
-            k,
-            channel_dim=channel_dim,
-            selection=self.selection,
-            groups=groups,
-            generator=self.generator,
-        )
-
-    def __call__(
-        self, grad_output: Tensor, weight: Tensor, k: int, groups: int, channel_dim: int, run: Run
-    ) -> Grads:
-        return run(self.keep(grad_output, weight, k, groups, channel_dim))
+    def __call__(self, grad_output: Tensor, k: int, groups: int, channel_dim: int, run: Run) -> Grads:
+        return run(self.indices(grad_output, k, groups, channel_dim))
 
 
 class _Op(NamedTuple):
     """One layer type for :class:`_SparseFunction`: its forward, sparse backward and channel layout."""
 
     forward: Callable[[Tensor, Tensor, Tensor | None], Tensor]
-    backward: Callable[..., Grads]  # (dy, input, weight, kept, *, has_bias, output_mask)
+    backward: Callable[..., Grads]  # (dy, input, weight, idx, *, has_bias, output_mask)
     groups: int
     channel_dim: int
 
@@ -483,28 +357,28 @@ class _SparseFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         input, weight = ctx.saved_tensors
-        op = ctx.op
-        mask = ctx.needs_input_grad[:3]
-        run = partial(op.backward, grad_output, input, weight, has_bias=ctx.has_bias, output_mask=mask)
-        return (*ctx.selector(grad_output, weight, ctx.k, op.groups, op.channel_dim, run), None, None, None)
+        op, mask = ctx.op, tuple(ctx.needs_input_grad[:3])
+
+        def run(idx: Tensor | None) -> Grads:
+            return op.backward(grad_output, input, weight, idx, has_bias=ctx.has_bias, output_mask=mask)
+
+        grads = ctx.selector(grad_output, ctx.k, op.groups, op.channel_dim, run)
+        return (*grads, None, None, None)
 
 
-@lru_cache(maxsize=256)
 def _conv2d_op(
     stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], groups: int
 ) -> _Op:
-    """The conv2d :class:`_Op` of these settings (cached: a network has few distinct ones)."""
-
     def forward(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
 
     backward = partial(
-        _conv2d_backward, stride=stride, padding=padding, dilation=dilation, groups=groups
+        conv2d_sparse_backward, stride=stride, padding=padding, dilation=dilation, groups=groups
     )
     return _Op(forward, backward, groups, 1)
 
 
-_LINEAR_OP = _Op(F.linear, _linear_backward, 1, -1)
+_LINEAR_OP = _Op(F.linear, linear_sparse_backward, 1, -1)
 
 
 def _runs_plain(k: int, channels: int, selector: ChannelSelector | None) -> bool:

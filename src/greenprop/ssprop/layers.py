@@ -64,19 +64,17 @@ class _LayerSelector(ChannelSelector):
     def dense_at(self, k: int) -> bool:
         return self.decisions.get(k) is False
 
-    def __call__(
-        self, grad_output: Tensor, weight: Tensor, k: int, groups: int, channel_dim: int, run: Run
-    ) -> Grads:
+    def __call__(self, grad_output: Tensor, k: int, groups: int, channel_dim: int, run: Run) -> Grads:
         decision = self.decisions.get(k) if self.calibrate else True
         if decision is None and not _in_dispatch_mode():
 
             def sparse() -> Grads:
-                return run(self.keep(grad_output, weight, k, groups, channel_dim))
+                return run(self.indices(grad_output, k, groups, channel_dim))
 
             return self._calibrate(k, grad_output.device, sparse, lambda: run(None))
         if decision is False:  # a graph built before calibration decided for dense
             return run(None)
-        return super().__call__(grad_output, weight, k, groups, channel_dim, run)
+        return super().__call__(grad_output, k, groups, channel_dim, run)
 
     def _calibrate(
         self, k: int, device: torch.device, sparse: Callable[[], Grads], dense: Callable[[], Grads]
