@@ -379,3 +379,38 @@ def test_a_refused_call_re_runs_end_to_end(monkeypatch) -> None:
     got, expected = grad_dict(model), grad_dict(reference)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+_LIVE_AT_ONE = pytest.mark.xfail(
+    strict=True,
+    reason="known (session 30): at ratio 1 with a first-token loss the exact layers' live-token path "
+    "peaks at about 1.44x dense's tensor bytes at this size (eager attention); not yet explained",
+)
+
+
+@pytest.mark.parametrize("ratio", [pytest.param(1.0, marks=_LIVE_AT_ONE), 0.8, 0.5])
+def test_a_compacted_step_holds_no_more_tensor_bytes_than_dense(ratio: float) -> None:
+    """The step's peak of tensor bytes (the allocator's count) is at most dense autograd's, with
+    the default limits: the rule lets each saved tensor go once gathered (``frees_saved``), so
+    near ratio 1 no full-size tensor stays beside its kept rows, and nothing is held after."""
+    from greenprop.metering.memory import tensor_bytes
+
+    size = dict(hidden_size=64, intermediate_size=128, max_position_embeddings=32)
+    base = TinyBert(dropout=0.0, **size)
+    generator = torch.Generator().manual_seed(5)
+    batch = (torch.randint(1, 40, (16, 32), generator=generator), torch.ones(16, 32, dtype=torch.int64))
+    dense = copy.deepcopy(base)
+    model = apply_vcas(copy.deepcopy(base), VCASConfig(seed=3), block_types=(bert.BertLayer,))
+    for sampler in vcas_handle(model).samplers:
+        sampler.ratio = ratio
+
+    def step(net: nn.Module) -> int:
+        net.zero_grad(set_to_none=True)
+        counted = tensor_bytes(lambda: net(batch)[:, 0].square().sum().backward())
+        assert counted is not None
+        return counted.peak
+
+    for net in (dense, model):  # the compacted layers' first forward checks them
+        step(net)
+    assert step(model) <= step(dense)
+    assert vcas_handle(model).runtime.handoff is None

@@ -313,6 +313,8 @@ class BertLayerRule:
 
     #: The backward takes a :class:`~greenprop.vcas.direct.KeptRows` and gathers as it goes.
     gathers = True
+    #: Each saved tensor goes once taken (gathered), not when the backward returns (lower peak).
+    frees_saved = True
 
     def live_tokens(self, block: nn.Module, grad: Tensor) -> bool:
         """Whether :meth:`backward` runs the per-token ops on the live tokens only for this

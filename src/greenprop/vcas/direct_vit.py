@@ -94,6 +94,9 @@ class ViTBlockRule:
     backward instead of keeping them from the forward (less memory; on the CPU not slower).
     """
 
+    #: Each saved tensor goes once its kept rows are gathered, not when the backward returns.
+    frees_saved = True
+
     def __init__(self, recompute: bool = True) -> None:
         self.recompute = recompute
 
