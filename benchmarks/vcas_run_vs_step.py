@@ -20,7 +20,6 @@ pairs. Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import sys
@@ -28,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-TRAIN_PHASES = ("data", "hooks", "forward", "backward", "optimizer")
+import numpy as np
 
 
 def step_table(path: Path, model: str) -> list[tuple[float, float]]:
@@ -54,17 +53,18 @@ def parse_pairs(pairs: Sequence[str]) -> list[tuple[float, float]]:
 
 
 def interpolate(table: list[tuple[float, float]], r: float) -> float:
-    """Piecewise linear in the table; held constant beyond its ends."""
-    if r <= table[0][0]:
-        return table[0][1]
-    for (r0, c0), (r1, c1) in itertools.pairwise(table):
-        if r <= r1:
-            return c0 + (c1 - c0) * (r - r0) / (r1 - r0)
-    return table[-1][1]
+    """Piecewise linear in the table; held constant beyond its ends (``numpy.interp``)."""
+    ratios, costs = zip(*table, strict=True)
+    return float(np.interp(r, ratios, costs))
 
 
 def _seconds(epoch: dict[str, Any], *phases: str) -> float:
     return sum(epoch["time"].get(p, {}).get("value", 0.0) for p in phases)
+
+
+def _train_seconds(epoch: dict[str, Any]) -> float:
+    """Every phase but evaluation, as the run's summary counts train time (train/summary.py)."""
+    return sum(q["value"] for p, q in epoch["time"].items() if p != "eval")
 
 
 def compare_runs(folder: Path) -> dict[int, dict[str, dict[str, Any]]]:
@@ -89,7 +89,7 @@ def predict_seed(
     for e_exact, e_vcas in zip(exact["epochs"], vcas["epochs"], strict=True):
         kept = [r for r in e_vcas["vcas"]["realised_activation_ratio"].values() if r is not None]
         ratio = statistics.fmean(kept) if kept else 1.0
-        t_exact, t_vcas = _seconds(e_exact, *TRAIN_PHASES), _seconds(e_vcas, *TRAIN_PHASES)
+        t_exact, t_vcas = _train_seconds(e_exact), _train_seconds(e_vcas)
         t_hooks = _seconds(e_vcas, "hooks")
         guess = (
             interpolate(table, ratio) * _seconds(e_exact, "forward", "backward")
