@@ -17,7 +17,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from greenprop import kernels
+from greenprop import kernels, models
 from greenprop.ssprop import SparseConv2d
 from greenprop.vcas import VCASConfig
 from greenprop.vcas.layers import VCASRuntime
@@ -547,3 +547,15 @@ def test_vcas_run_vs_step_predicts_each_epoch_from_the_step_table(tmp_path) -> N
     assert result["predicted"] == pytest.approx(20.1 / 20)
     assert result["measured"] == pytest.approx(17.5 / 20)
     assert result["hooks_share"] == pytest.approx(1.0 / 17.5)
+
+
+def test_optimizer_step_benchmark_times_every_adamw_variant(tmp_path, capsys):
+    tiny = ["--threads", "1", "--models", "mlp", "--rounds", "2", "--warmup", "1"]
+    out = _import("optimizer_step").main([*tiny, "--json", str(tmp_path / "o.json")])
+    mlp = out["models"]["mlp"]
+    assert set(mlp["median_s"]) == {"loop", "foreach", "fused"}
+    assert all(v > 0 for v in mlp["median_s"].values())
+    model = models.create("mlp", **_import("optimizer_step").MODELS["mlp"])
+    assert mlp["parameters"] == sum(p.numel() for p in model.parameters())
+    assert "fused / loop" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o.json").read_text())["models"]["mlp"]["parameters"] == mlp["parameters"]

@@ -117,3 +117,32 @@ def test_gradsamp_fits_the_update_of_the_optimizer_in_use(spec):
         assert torch.allclose(delta, FIRST_STEPS[spec](g, lr), rtol=1e-4, atol=1e-7)
     if spec != "sgd:momentum=0":  # an SGD step would have been a different update
         assert not torch.allclose(stored["buffer"][0], -lr * grads[0], rtol=1e-2)
+
+
+def _fused(spec, params):
+    return make_optimizer(spec, params, lr=0.1, weight_decay=0.0, momentum=0.0).defaults["fused"]
+
+
+def test_adam_and_adamw_take_the_fused_kernel_where_the_parameters_allow():
+    floats = torch.nn.Linear(3, 2)
+    assert _fused("adamw", floats.parameters()) and _fused("adam", floats.parameters())
+    assert not _fused("adamw:fused=false", floats.parameters())
+    counts = torch.nn.Parameter(torch.zeros(3, dtype=torch.int64), requires_grad=False)
+    assert not _fused("adamw", [{"params": [floats.weight, counts]}])
+    with pytest.raises(GreenpropError, match=r"fused=True: a parameter is torch.int64"):
+        _fused("adam:fused=true", [counts])
+
+
+def test_the_fused_adamw_step_matches_the_plain_one():
+    results = []
+    for spec in ("adamw:fused=true", "adamw:fused=false"):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 4)
+        opt = make_optimizer(spec, model.parameters(), lr=0.01, weight_decay=0.05, momentum=0.0)
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(16, 8)).square().mean().backward()
+            opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
