@@ -22,7 +22,7 @@ from greenprop.vcas import VCASConfig, apply_vcas, compaction, remove_vcas
 from greenprop.vcas.compaction import CompactedForward, CompactionWarning
 from greenprop.vcas.estimation import pick_entries, two_backwards
 from greenprop.vcas.surgery import vcas_handle
-from vcas_helpers import draw, grads, saved_bytes, skewed, unbiased, z_scores
+from vcas_helpers import draw, grads, held_by_forward, skewed, unbiased, z_scores
 
 DRAWS = 1500  # sampled backward passes per unbiasedness check
 
@@ -311,15 +311,21 @@ def test_sampled_training_steps_draw_the_same_samples_compacted_or_not() -> None
 
 
 def test_compacted_blocks_keep_fewer_activations_than_dense() -> None:
+    """Counted by the allocator (what is really held between forward and backward)."""
+    depth, dim, hidden = 4, 16, 64
     torch.manual_seed(0)
-    dense = stack(depth=4, dim=16, hidden=64)
+    dense = stack(depth=depth, dim=dim, hidden=hidden)
     model = copy.deepcopy(dense)
     apply_vcas(model, ALWAYS)
-    x = skewed((32, 10, 16), seed=1).requires_grad_(True)
-    saved_bytes(model, x)  # the first forward checks the blocks
-    compact, plain = saved_bytes(model, x), saved_bytes(dense, x)
-    # Dense keeps each block's input, norm output, fc1 input and output, GELU output; the
-    # compacted block its input and its two Linears' outputs.
+    x = skewed((32, 10, dim), seed=1).requires_grad_(True)
+    held_by_forward(model, x)  # the first forward checks the blocks
+    compact, plain = held_by_forward(model, x), held_by_forward(dense, x)
+    # Dense keeps each block's norm output (fc1's input), the norm's means and rstds, fc1's output
+    # and GELU's output (fc2's input); the compacted block its two Linears' outputs. Both keep each
+    # block's output (the next one's input) and the scalar loss.
+    item = x.element_size()  # float64
+    row = x.numel() * item  # one (32, 10, dim) tensor
+    assert compact == depth * (row * hidden // dim + row + row) + item
     assert compact < 0.75 * plain
 
 

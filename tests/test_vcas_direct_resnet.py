@@ -24,7 +24,7 @@ from greenprop.models.resnet import BasicBlock
 from greenprop.vcas import VCASConfig, apply_vcas, direct_resnet
 from greenprop.vcas.direct_resnet import _norm_forward
 from greenprop.vcas.surgery import vcas_handle
-from vcas_helpers import fixed_ratios, grad_dict, graph_nodes, same_steps_direct_and_rerun
+from vcas_helpers import fixed_ratios, grad_dict, graph_nodes, held_by_forward, same_steps_direct_and_rerun
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -151,23 +151,13 @@ def test_it_keeps_no_more_than_the_rerun_path_and_less_than_dense(digits) -> Non
         "rerun": fixed_ratios(copy.deepcopy(base), 0.5, direct=False),
     }.items():
         model(x)  # the compacted blocks' first forward checks them
-        saved[name] = _held_by_forward(model, x)
+        saved[name] = held_by_forward(model, x)
     # The norms' means and rstds: per block two or three norms of (16 samples, groups) float64s.
     blocks = [m for m in base.modules() if isinstance(m, BasicBlock)]
     norms = [n for b in blocks for n in b.modules() if isinstance(n, nn.GroupNorm)]
     stats = sum(2 * 16 * n.num_groups * 8 for n in norms)
     assert saved["direct"] <= saved["rerun"] + stats
     assert saved["direct"] < saved["dense"]
-
-
-def _held_by_forward(model: nn.Module, x: Tensor) -> int:
-    """Tensor bytes a forward leaves held for its backward (the allocator's count: the direct rule's
-    tensors are not autograd's saved tensors, which ``saved_tensors_hooks`` would count)."""
-    outs = []
-    counted = tensor_bytes(lambda: outs.append(model(x).square().sum()))
-    assert counted is not None
-    outs.pop().backward()
-    return counted.held
 
 
 def _instance_norm(model: nn.Module) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from greenprop.metering.memory import tensor_bytes
 from greenprop.vcas import VCASConfig, apply_vcas
 from greenprop.vcas.surgery import vcas_handle
 
@@ -172,17 +173,12 @@ def same_steps_direct_and_rerun(
     return on
 
 
-def saved_bytes(model: nn.Module, x: Tensor) -> int:
-    """Bytes of the distinct storages autograd keeps between ``model(x)`` and its backward
-    (parameters included; not those a ``frees_saved`` direct rule holds itself, e.g. the ResNet
-    block's); the backward runs, so they are freed again."""
-    storages: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(x).square().sum()
-    loss.backward()
-    return sum(storages.values())
+def held_by_forward(model: nn.Module, x: Tensor) -> int:
+    """Tensor bytes ``model(x)`` leaves held for its backward (the allocator's count, so the tensors
+    a ``frees_saved`` direct rule holds outside autograd count too; parameters, which exist before,
+    do not); the backward then runs, so they are freed again."""
+    outs = []
+    counted = tensor_bytes(lambda: outs.append(model(x).square().sum()))
+    assert counted is not None
+    outs.pop().backward()
+    return counted.held
