@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from greenprop.metering.flops import count_flops, count_step_flops, flop_counter
+from greenprop.metering.flops import attention_backward_flops, count_flops, count_step_flops, flop_counter
 from greenprop.models import create
 
 FUSED = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -67,6 +67,18 @@ CASES = {
     "cross, fewer keys": ({"queries": 7, "keys": 12}, {}),
     "grouped-query": ({"kv_heads": 2}, {"enable_gqa": True}),
 }
+
+
+def test_attention_backward_flops_is_the_counters_count_at_every_shape() -> None:
+    """The tally's count (kept by shapes) is what the counter books for the fused backward, at
+    shapes that differ in one tensor only (the live path's queries, a kept-rows batch)."""
+    shapes = [{}, {"queries": 1}, {"keys": 5}, {"batch": 3}, {"head_dim": 4}, {"queries": 1, "keys": 5}]
+    for kwargs in shapes * 2:  # twice: the kept counts too
+        q, k, v = _qkv(**kwargs)
+        out = F.scaled_dot_product_attention(q.requires_grad_(), k.requires_grad_(), v.requires_grad_())
+        with flop_counter() as counter:
+            out.sum().backward()
+        assert attention_backward_flops(q, q, k, v) == counter.get_flop_counts()["Global"][FUSED_BACKWARD]
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -194,6 +194,15 @@ def test_live_tokens_only_in_a_training_backward(monkeypatch) -> None:
     live = direct_vit._Columns.of(block, grad)
     assert live is not None and live.columns.tolist() == [0] and live.among[0].tolist() == [0, 17, 34]
     assert direct_vit._Columns.of(block, torch.ones(3, 17, 32)) is None
+    # The union over the kept samples, whichever sample is live where (the first alone is not enough).
+    grad[1, 5, 3], grad[2, 9, 0] = 2.0, float("nan")
+    assert direct_vit._Columns.of(block, grad).columns.tolist() == [0, 5, 9]
+    first_dense = torch.zeros(3, 17, 32)
+    first_dense[0] = 1.0
+    assert direct_vit._Columns.of(block, first_dense) is None
+    grad[1, 1:13] = 1.0  # 13 of 17 positions live together (above 3/4), at most 3 in the first sample
+    assert direct_vit._Columns.of(block, grad) is None
+    grad[1, 1:13] = 0.0
     runtime = vcas_handle(model).runtime
     monkeypatch.setattr(runtime, "token_probe", lambda *args: None)
     assert direct_vit._Columns.of(block, grad) is None

@@ -180,6 +180,8 @@ class _Columns:
         """The live positions given the block's output gradient, or None to run on every token."""
         if block.attn.causal or not skips_zero_tokens(block.mlp.fc1.vcas_runtime):
             return None  # causal: every position is usually live
+        if grad.shape[0] > 1 and live_positions(nonzero_tokens(grad[0])) is None:
+            return None  # one sample is live at too many positions: so are all together (1/B of the scan)
         columns = live_positions(nonzero_tokens(grad).view(grad.shape[:2]).any(dim=0))
         return None if columns is None else cls(columns, grad.shape)
 
