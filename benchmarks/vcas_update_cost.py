@@ -44,10 +44,11 @@ def build(args: argparse.Namespace) -> Trainer:
 
 def time_update(trainer: Trainer, head: Any) -> float:
     """Seconds of one update, the estimation part cut by ``head`` (None: the first samples)."""
-    vcas = trainer.controllers[0]
-    trainer.run.batch_head = head
+    vcas, run = trainer.controllers[0], trainer.run
+    run.batch_head = head
+    batches = iter(lambda: run.draw_batch(vcas._estimation_generator), None)  # as on_step_start draws
     start_time = time.perf_counter()
-    vcas.on_step_start(0, 0)
+    vcas.update(batches, run.loss_fn)
     return time.perf_counter() - start_time
 
 
