@@ -559,3 +559,14 @@ def test_optimizer_step_benchmark_times_every_adamw_variant(tmp_path, capsys):
     assert mlp["parameters"] == sum(p.numel() for p in model.parameters())
     assert "fused / loop" in capsys.readouterr().out
     assert json.loads((tmp_path / "o.json").read_text())["models"]["mlp"]["parameters"] == mlp["parameters"]
+
+
+@pytest.mark.text
+def test_vcas_update_cost_script_times_both_parts_and_implies_a_share(capsys):
+    argv = ["--rounds", "1", "--steps", "1", "--subset", "64", "--threads", "1"]
+    result = _import("vcas_update_cost").main(argv)
+    assert "implied share" in capsys.readouterr().out
+    assert [r["variant"] for r in result["results"]] == ["trimmed", "untrimmed"]
+    for row in result["results"]:
+        assert len(row["updates_s"]) == 1 and row["median_update_s"] > 0 and 0 < row["share"] < 1
+        assert row["hooks_s"] == pytest.approx(result["first_update_s"] + 5 * row["median_update_s"])
