@@ -19,7 +19,11 @@ same weights run forward + ``loss.backward()`` (no optimizer) on one fixed batch
   at its shape first; layers where sampling at ``nu`` would not pay run exact tokens.
 
 Dropout is switched off (``p = 0``) in both copies: dropout masks would be random
-work, and the samplers act per sample either way. Forward and backward are timed
+work, and the samplers act per sample either way (``--keep-dropout`` keeps the model's
+own, MiniLM's 0.1, as the ``vcas-minilm`` preset trains). ``--seq-len`` takes several
+MiniLM lengths (the same models, each length in turn: the short, length-grouped batches of
+that preset); ``--times-only`` skips each row's FLOP count and memory step and
+``--skip-uncompacted`` the ``vcas`` variant, for a quick sweep. Forward and backward are timed
 separately; gradients are reset (``set_to_none``, untimed) after every step. The
 variants alternate and their order rotates every repeat, after untimed warm-up
 steps; Python's GC is off while timing. Besides times, each row reports the runtime's
@@ -39,6 +43,7 @@ import argparse
 import copy
 import functools
 import gc
+import math
 import statistics
 import sys
 import time
@@ -126,7 +131,7 @@ def load_batch(name: str, batch: int, seq_len: int, source: str, seed: int) -> t
     return torch.randn(batch, 1, 28, 28, generator=gen), torch.randint(0, 10, (batch,), generator=gen), note
 
 
-def build(name: str, seed: int) -> nn.Module:
+def build(name: str, seed: int, keep_dropout: bool = False) -> nn.Module:
     torch.manual_seed(seed)
     if name == "minilm":
         model = models.create("minilm", num_classes=2)
@@ -134,7 +139,7 @@ def build(name: str, seed: int) -> nn.Module:
         model = models.create("resnet18-gn", num_classes=10, in_channels=1, image_size=28, width=16)
     else:
         model = models.create("vit", num_classes=10, in_channels=1, image_size=28)
-    for module in model.modules():
+    for module in [] if keep_dropout else model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0  # BERT's eager attention reads its dropout module's p too
     return model.train()
@@ -187,8 +192,11 @@ def measure(
             timed_step(variants[v], x, y)
     for handle in handles.values():
         handle.runtime.take_tally()  # the account of the counted step only
-    flops_counted = {v: forward_backward_flops(variants[v], x, y) / dense_flops for v in sampled}
-    flops_account = {v: 1 - handles[v].runtime.take_tally().saved / dense_flops for v in sampled}
+    if args.times_only:
+        flops_counted = flops_account = {v: math.nan for v in sampled}
+    else:
+        flops_counted = {v: forward_backward_flops(variants[v], x, y) / dense_flops for v in sampled}
+        flops_account = {v: 1 - handles[v].runtime.take_tally().saved / dense_flops for v in sampled}
     times: dict[str, dict[str, list[float]]] = {v: {"fwd": [], "bwd": []} for v in names}
     gc.collect()
     gc_was_enabled = gc.isenabled()
@@ -203,8 +211,14 @@ def measure(
         if gc_was_enabled:
             gc.enable()
     tallies = {v: handles[v].runtime.take_tally() for v in sampled}
-    memory = step_memory({v: functools.partial(timed_step, variants[v], x, y) for v in names})
-    tensor_memory = {v: step_tensor_bytes(functools.partial(timed_step, variants[v], x, y)) for v in names}
+    if args.times_only:
+        memory = {v: {"growth_mib": None} for v in names}
+        tensor_memory: dict[str, dict[str, float] | None] = {v: None for v in names}
+    else:
+        memory = step_memory({v: functools.partial(timed_step, variants[v], x, y) for v in names})
+        tensor_memory = {
+            v: step_tensor_bytes(functools.partial(timed_step, variants[v], x, y)) for v in names
+        }
     for t in times.values():
         t["step"] = [f + b for f, b in zip(t["fwd"], t["bwd"], strict=True)]
     med = {v: {part: statistics.median(s) for part, s in t.items()} for v, t in times.items()}
@@ -304,7 +318,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--models", nargs="+", choices=("minilm", "vit", "resnet"), default=["minilm", "vit", "resnet"]
     )
     p.add_argument("--batch", type=int, default=None, help="batch size (default: minilm 32, vit 128)")
-    p.add_argument("--seq-len", type=int, default=56, help="MiniLM tokens per sample (default 56)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        nargs="+",
+        default=[56],
+        help="MiniLM tokens per sample (default 56); several: each length in turn, the same models",
+    )
     p.add_argument("--data", choices=("real", "random"), default="real", help="batch source (default real)")
     p.add_argument("--rs", type=float, nargs="+", default=[1.0, 0.5], help="block sampler ratios r")
     p.add_argument("--nus", type=float, nargs="+", default=[1.0, 0.3], help="Linear token ratios nu")
@@ -314,6 +334,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--policy", action="store_true", help="also time compact with the measured token policy")
     p.add_argument("--rerun", action="store_true", help="also time compact with direct=False")
+    p.add_argument(
+        "--skip-uncompacted", action="store_true", help="leave out the vcas (compact=False) variant"
+    )
+    p.add_argument(
+        "--keep-dropout",
+        action="store_true",
+        help="keep the model's dropout (MiniLM's encoder: 0.1, as the vcas-minilm preset trains); "
+        "default: off, p = 0",
+    )
+    p.add_argument(
+        "--times-only",
+        action="store_true",
+        help="time only: skip each row's FlopCounterMode count and memory step (much faster)",
+    )
     p.add_argument(
         "--compact-max-ratio",
         type=float,
@@ -343,7 +377,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "behind blocks that do not, as after VCAS's first update)",
     )
     args = p.parse_args(argv)
-    if args.seq_len < 1 or args.repeats < 1 or args.warmup < 0 or (args.batch or 1) < 1:
+    if min(args.seq_len) < 1 or args.repeats < 1 or args.warmup < 0 or (args.batch or 1) < 1:
         p.error("--batch, --seq-len and --repeats must be >= 1, --warmup >= 0")
     last = [] if args.last_r is None else [args.last_r]
     check_ratios(p, "--rs, --nus and --last-r", [*args.rs, *args.nus, *last])
@@ -387,11 +421,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"benchmark": "vcas_step", "environment": env, "models": {}, "results": []}
     for name in args.models:
         batch_size = args.batch or DEFAULT_BATCH[name]
-        x, y, source = load_batch(name, batch_size, args.seq_len, args.data, args.seed)
-        dense = build(name, args.seed)
+        dense = build(name, args.seed, args.keep_dropout)
         variants: dict[str, nn.Module] = {"dense": dense}
         handles: dict[str, VCASHandle] = {}
-        for v in VARIANTS[1:] + ((RERUN,) if args.rerun else ()) + ((POLICY,) if args.policy else ()):
+        sampled = ("compact",) if args.skip_uncompacted else VARIANTS[1:]
+        for v in sampled + ((RERUN,) if args.rerun else ()) + ((POLICY,) if args.policy else ()):
             variants[v] = copy.deepcopy(dense)
             config = VCASConfig(
                 seed=args.seed,
@@ -402,37 +436,43 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 sample_max_ratio=args.sample_max_ratio,
             )
             handles[v] = handle = vcas_handle(apply_vcas(variants[v], config))
-        break_even: dict[str, float] = {}
-        if args.policy:
-            with recorded_shapes(handles[POLICY].linears) as shapes:
-                variants[POLICY](x)
-            break_even = measured_break_evens(shapes)
-            set_break_evens(handles[POLICY].linears, break_even)
-        dense_flops = forward_backward_flops(dense, x, y)
-        rows = []
-        for r in args.rs:
-            for nu in args.nus:
-                print(f"  {name} r={r:g} nu={nu:g}", file=sys.stderr, flush=True)
-                rows.append(measure(name, variants, handles, (x, y), dense_flops, r, nu, args))
-        shape = " x ".join(str(s) for s in x.shape)
-        info = {
-            "input": shape,
-            "data": source,
-            "blocks": len(handle.samplers),
-            "linears": len(handle.linears),
-            "convs": len(handle.convs),
-        }
-        out["models"][name] = {**info, "dense_step_flops": dense_flops, "break_even": break_even}
-        out["results"] += [asdict(row) for row in rows]
-        lines += [
-            f"#### {name}: input {shape}, data {source}; {info['blocks']} sampled blocks, "
-            f"{info['linears']} VCAS Linears, {info['convs']} VCAS Conv2d; "
-            f"dense step {dense_flops / 1e9:.2f} GFLOP",
-            "",
-            *([f"Token policy's break-even ratios: {_break_even_text(break_even)}", ""] * bool(break_even)),
-            *result_table(rows),
-            "",
-        ]
+        for seq_len in args.seq_len if name == "minilm" else args.seq_len[:1]:
+            x, y, source = load_batch(name, batch_size, seq_len, args.data, args.seed)
+            break_even: dict[str, float] = {}
+            if args.policy:  # measured at this batch's shape
+                with recorded_shapes(handles[POLICY].linears) as shapes:
+                    variants[POLICY](x)
+                break_even = measured_break_evens(shapes)
+                set_break_evens(handles[POLICY].linears, break_even)
+            dense_flops = 1 if args.times_only else forward_backward_flops(dense, x, y)
+            rows = []
+            for r in args.rs:
+                for nu in args.nus:
+                    print(f"  {name} {list(x.shape)} r={r:g} nu={nu:g}", file=sys.stderr, flush=True)
+                    rows.append(measure(name, variants, handles, (x, y), dense_flops, r, nu, args))
+            shape = " x ".join(str(s) for s in x.shape)
+            info = {
+                "input": shape,
+                "data": source,
+                "blocks": len(handle.samplers),
+                "linears": len(handle.linears),
+                "convs": len(handle.convs),
+            }
+            key = name if len(args.seq_len) == 1 or name != "minilm" else f"{name}/{seq_len}"
+            out["models"][key] = {**info, "dense_step_flops": dense_flops, "break_even": break_even}
+            out["results"] += [asdict(row) for row in rows]
+            lines += [
+                f"#### {name}: input {shape}, data {source}; {info['blocks']} sampled blocks, "
+                f"{info['linears']} VCAS Linears, {info['convs']} VCAS Conv2d; "
+                f"dense step {'not counted' if args.times_only else f'{dense_flops / 1e9:.2f} GFLOP'}",
+                "",
+                *(
+                    [f"Token policy's break-even ratios: {_break_even_text(break_even)}", ""]
+                    * bool(break_even)
+                ),
+                *result_table(rows),
+                "",
+            ]
     print("\n".join(lines), flush=True)
     return save_results(out, args)
 

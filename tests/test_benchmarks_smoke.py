@@ -251,6 +251,27 @@ def test_vcas_step_benchmark_times_the_token_policy_too(capsys):
         assert set(row["per_repeat_s"]) == {"dense", "vcas", "compact", "rerun", "policy"}
 
 
+def test_vcas_step_benchmark_times_minilm_at_several_lengths_with_its_dropout(capsys):
+    argv = ["--models", "minilm", "--batch", "2", "--seq-len", "4", "6", "--rs", "0.5", "--nus", "1"]
+    argv += ["--data", "random", "--keep-dropout", "--skip-uncompacted", "--times-only"]
+    result = _import("vcas_step").main([*argv, "--repeats", "1", "--warmup", "0", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert "input 2 x 2 x 4" in printed and "input 2 x 2 x 6" in printed
+    assert set(result["models"]) == {"minilm/4", "minilm/6"}
+    rows = result["results"]
+    assert len(rows) == 2
+    for row in rows:
+        assert set(row["per_repeat_s"]) == {"dense", "compact"}  # no uncompacted variant
+        assert row["memory"]["compact"]["growth_mib"] is None and row["tensor_memory"]["compact"] is None
+        assert row["flops_tally"]["compact"] < 1.0  # the timed steps sampled
+    module = _import("vcas_step")
+    kept = module.build("minilm", 0, keep_dropout=True)
+    dropouts = [m.p for m in kept.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and max(dropouts) > 0  # the checkpoint's own dropout
+    off = module.build("minilm", 0)
+    assert all(m.p == 0 for m in off.modules() if isinstance(m, torch.nn.Dropout))
+
+
 def test_vcas_step_benchmark_reads_the_compact_max_ratio_and_refuses_a_bad_one(capsys):
     module = _import("vcas_step")
     assert module.parse_args([]).compact_max_ratio == 0.7  # VCASConfig's default
@@ -559,3 +580,14 @@ def test_optimizer_step_benchmark_times_every_adamw_variant(tmp_path, capsys):
     assert mlp["parameters"] == sum(p.numel() for p in model.parameters())
     assert "fused / loop" in capsys.readouterr().out
     assert json.loads((tmp_path / "o.json").read_text())["models"]["mlp"]["parameters"] == mlp["parameters"]
+
+
+@pytest.mark.text
+def test_vcas_update_cost_script_times_both_parts_and_implies_a_share(capsys):
+    argv = ["--rounds", "1", "--steps", "1", "--subset", "64", "--threads", "1"]
+    result = _import("vcas_update_cost").main(argv)
+    assert "implied share" in capsys.readouterr().out
+    assert [r["variant"] for r in result["results"]] == ["trimmed", "untrimmed"]
+    for row in result["results"]:
+        assert len(row["updates_s"]) == 1 and row["median_update_s"] > 0 and 0 < row["share"] < 1
+        assert row["hooks_s"] == pytest.approx(result["first_update_s"] + 5 * row["median_update_s"])

@@ -322,3 +322,21 @@ def test_the_pypi_ninja_is_put_on_path_when_none_is_installed(monkeypatch, tmp_p
     monkeypatch.setenv("PATH", "/usr/bin")
     kernels._ninja_on_path()
     assert kernels.os.environ["PATH"].split(kernels.os.pathsep) == [str(tmp_path), "/usr/bin"]
+
+
+def test_checkouts_with_the_same_source_build_from_one_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    sources = []
+    for checkout in ("a", "b"):
+        source = tmp_path / checkout / "_channel_ops.cpp"
+        source.parent.mkdir()
+        source.write_text("// the same source\n")
+        sources.append(kernels._build_source(source))
+    assert sources[0] == sources[1]
+    name, path = sources[0]
+    assert path.read_text() == "// the same source\n" and path.is_relative_to(tmp_path / "ext")
+    changed = tmp_path / "c" / "_channel_ops.cpp"
+    changed.parent.mkdir()
+    changed.write_text("// another source\n")
+    other_name, other_path = kernels._build_source(changed)
+    assert other_name != name and other_path != path and other_path.read_text() == "// another source\n"

@@ -300,3 +300,56 @@ def test_the_cli_turns_trimming_on_and_a_presets_off() -> None:
     off = _config_overrides(parser.parse_args(["compare", "--preset", "vcas-minilm", "--no-trim-padding"]))
     assert on["trim_padding"] is True and off["trim_padding"] is False
     assert "trim_padding" not in _config_overrides(parser.parse_args(["train"]))
+
+
+# ------------------------------------------------------------------ VCAS's estimation part
+_PART_SETTINGS = dict(model="minilm", dataset="rotten-tomatoes", epochs=1, batch_size=16, progress=False)
+_PART_SETTINGS.update(subset=64, test_subset=4)
+
+
+def test_the_trainers_batch_head_trims_a_part_only_where_the_run_trims() -> None:
+    """A part of a trimmed batch is cut to its own longest sequence (what its samples' batch
+    would be); an untrimmed run's part is plainly the first samples."""
+    trimmed = Trainer(TrainConfig(**_PART_SETTINGS, trim_padding=True))
+    x, y = trimmed.run.draw_batch(torch.Generator().manual_seed(0))
+    hx, hy = trimmed.run.batch_head((x, y), 4)
+    longest = int(x[:4, 1].sum(dim=1).max())
+    assert hx.shape == (4, 2, longest) and longest < x.shape[2]  # the part is shorter than its batch
+    assert torch.equal(hx, x[:4, :, :longest]) and torch.equal(hy, y[:4])
+    padded = Trainer(TrainConfig(**_PART_SETTINGS))
+    x, y = padded.run.draw_batch(torch.Generator().manual_seed(0))
+    hx, hy = padded.run.batch_head((x, y), 4)
+    assert torch.equal(hx, x[:4]) and hx.shape[2] == 56 and torch.equal(hy, y[:4])
+
+
+def test_vcas_estimates_on_trimmed_parts_and_books_them_at_their_length() -> None:
+    """In a trimmed run VCAS's estimation part (8 of 16 samples) is cut by the run's batch_head,
+    and its passes are booked at the part's own length (FLOPs counted per part shape)."""
+    method = "vcas:update_every=1,estimation_fraction=0.5,mc_repeats=3"
+    trainer = Trainer(TrainConfig(**_PART_SETTINGS, method=method, trim_padding=True, seed=1))
+    vcas = trainer.controllers[0]
+    fulls, parts = [], []
+    cut = trainer.run.batch_head
+
+    def spy(batch, n):
+        fulls.append(batch[0].shape[2])
+        parts.append(cut(batch, n))
+        return parts[-1]
+
+    trainer.run.batch_head = spy
+    vcas.on_train_start(trainer.run)
+    trainer.model.train()
+    vcas.on_step_start(0, 0)
+    assert len(parts) == 3
+    assert all(x.shape[2] == int(x[:, 1].sum(dim=1).max()) for x, _ in parts)  # each cut to its longest
+    assert any(x.shape[2] < full for (x, _), full in zip(parts, fulls, strict=True))
+    booked: dict = {}
+    for part in parts:
+        booked[sample_shapes(part)] = booked.get(sample_shapes(part), 0) + 8
+    account = vcas.flop_account
+    assert account._overhead_by_shape == booked
+    direct = FlopCount(0, 0)
+    for x, y in parts:
+        with account.counting():
+            direct = direct + count_flops(trainer.model, x, y, F.cross_entropy)
+    assert account.overhead_flops()["forward"] == pytest.approx(direct.forward, rel=1e-12)

@@ -92,7 +92,8 @@ def test_token_draw_is_the_sampled_weight_gradient_on_the_entries() -> None:
     dy, x = torch.randn(40, 5, generator=gen), torch.randn(40, 7, generator=gen)
     rows, cols = torch.tensor([0, 2, 4, 4]), torch.tensor([6, 0, 3, 6])
     want, _ = sampled_weight_grad(dy, x, 0.4, torch.Generator().manual_seed(9))
-    got = token_draw(dy, x, 0.4, rows, cols, torch.Generator().manual_seed(9))
+    got = token_draw(dy, x, 0.4, rows * 7 + cols, torch.Generator().manual_seed(9))
+    assert got.dtype == torch.float64
     torch.testing.assert_close(got, want[rows, cols].double(), rtol=1e-5, atol=1e-6)
 
 

@@ -22,6 +22,8 @@ __all__ = ["Controller", "RunContext", "TrainerControl"]
 BatchSampler = Callable[[torch.Generator], Any]
 #: ``loss_fn(model, batch)``: the scalar training loss of one batch.
 BatchLoss = Callable[[nn.Module, Any], torch.Tensor]
+#: ``batch_head(batch, n)``: the first ``n`` samples of a batch, cut as the loop cuts its batches.
+BatchHead = Callable[[Any, int], Any]
 
 
 @dataclass
@@ -46,6 +48,9 @@ class RunContext:
         draw_batch: a random training batch on the run's device, for controllers that
             estimate something on batches of their own (VCAS); None if the loop has none.
         loss_fn: turns a batch into its scalar loss: ``loss_fn(model, batch)``.
+        batch_head: the first ``n`` samples of a drawn batch as the loop would batch them
+            (a run that trims text cuts them to their longest sequence); None: plainly the
+            first ``n`` (:func:`greenprop.metering.flops.batch_head`).
         control: flags a controller sets to ask something of the loop.
     """
 
@@ -54,6 +59,7 @@ class RunContext:
     steps_per_epoch: int
     draw_batch: BatchSampler | None = None
     loss_fn: BatchLoss | None = None
+    batch_head: BatchHead | None = None
     control: TrainerControl = field(default_factory=TrainerControl)
 
 

@@ -64,6 +64,11 @@ class Task:
         (the global torch RNG when None, which the trainer seeds per epoch)."""
         raise NotImplementedError
 
+    def trimmed(self, batch: tuple[Any, Any]) -> tuple[Any, Any]:
+        """A step's batch cut to its longest sequence (``trim_padding``), for a part of a trimmed
+        batch; unchanged where the task knows no exact cut (the language tasks' batches)."""
+        return batch
+
     def train_sums(self, outputs: torch.Tensor, targets: Any) -> dict[str, float]:
         """Per-batch counts summed over the epoch for the train fields (e.g. correct answers)."""
         return {}
@@ -117,6 +122,11 @@ class ClassificationTask(Task):
         self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[Any, Any]:
         return x, y
+
+    def trimmed(self, batch: tuple[Any, Any]) -> tuple[Any, Any]:
+        """Token inputs ``(B, 2, L)`` cut to their longest sequence (``greenprop.data.trim_to_longest``)."""
+        inputs, targets = batch
+        return gp_data.trim_to_longest(inputs), targets
 
     def train_sums(self, outputs: torch.Tensor, targets: Any) -> dict[str, float]:
         return {"correct": float((outputs.argmax(1) == targets).sum())}

@@ -193,6 +193,7 @@ class Trainer:
             steps_per_epoch=self.steps_per_epoch,
             draw_batch=self._draw_batch,
             loss_fn=self._batch_loss,
+            batch_head=self._batch_head,
         )
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
@@ -253,6 +254,12 @@ class Trainer:
         return self.task.batch(
             prepare_inputs(x, self.device, self.config.channels_last), y.to(self.device), generator
         )
+
+    def _batch_head(self, batch: tuple[Any, Any], n: int) -> tuple[Any, Any]:
+        """The first ``n`` samples of a drawn batch, trimmed to their own longest sequence where
+        the run trims (exact, as every trimmed batch is: VCAS estimates on such a part)."""
+        head = batch_head(batch, n)
+        return self.task.trimmed(head) if self.config.trim_padding else head
 
     def _batch_loss(self, model: nn.Module, batch: tuple[Any, Any]) -> torch.Tensor:
         inputs, targets = batch

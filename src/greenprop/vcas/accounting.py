@@ -134,7 +134,7 @@ class VCASFlops(FlopAccount):
 
     @property
     def dense_per_sample(self) -> FlopCount | None:
-        """Dense forward/backward FLOPs of one sample of the first update's batch (None: none yet)."""
+        """Dense forward/backward FLOPs of one sample of the first estimation batch (None: none yet)."""
         return None if self._first_shape is None else self._dense_of(self._first_shape)
 
     def overhead_flops(self) -> dict[str, float]:

@@ -115,7 +115,7 @@ class VCAS(Controller):
 
     @property
     def dense_per_sample(self) -> FlopCount | None:
-        """Dense forward/backward FLOPs of one sample (counted on the first update's batch)."""
+        """Dense forward/backward FLOPs of one sample (counted on the first update's estimation batch)."""
         return self.flop_account.dense_per_sample
 
     def _trainable(self) -> dict[str, Any]:
@@ -158,11 +158,12 @@ class VCAS(Controller):
                 raise GreenpropError(
                     f"VCAS needs {self.config.mc_repeats} batches per update, the batch iterator ran out"
                 ) from None
-            # Counted later, on first use: FlopCounterMode is slow and this method is timed.
-            account.remember_batch(batch, loss_fn)
             if repeat == 0 and self.config.block_policy == "measured" and self.block_limits is None:
                 self._apply_block_policy(batch, loss_fn)
             full, batch = self._estimation_part(batch)
+            # Counted later, on first use: FlopCounterMode is slow and this method is timed. The
+            # part, not the batch: a trimmed part has a shape of its own.
+            account.remember_batch(batch, loss_fn)
             measure = repeat == 0 and self.config.token_policy == "measured" and self.token_break_even is None
             record = self.handle.linears if measure else {}
             with recorded_shapes(record, full / batch_size(batch)) as shapes:
@@ -178,10 +179,16 @@ class VCAS(Controller):
         return record
 
     def _estimation_part(self, batch: Any) -> tuple[int, Any]:
-        """The batch's size and the samples of it the variances are estimated on (estimation_fraction)."""
+        """The batch's size and the samples of it the variances are estimated on (estimation_fraction),
+        cut as the loop cuts its batches (the run's ``batch_head``: a trimmed run's text to the
+        part's own longest sequence)."""
         full = batch_size(batch)
         keep = max(min(full, _MIN_ESTIMATION_SAMPLES), math.ceil(self.config.estimation_fraction * full))
-        return full, (batch if keep >= full else batch_head(batch, keep))
+        if keep >= full:
+            return full, batch
+        run = self._run
+        head = batch_head if run is None or run.batch_head is None else run.batch_head
+        return full, head(batch, keep)
 
     def _apply_token_policy(self, shapes: dict[str, Any]) -> None:
         """Time each Linear shape (or read the timing cache), set every layer's break-even ratio.

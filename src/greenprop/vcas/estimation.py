@@ -12,7 +12,7 @@ Token sampling changes only a Linear's weight gradient, never the gradient it pa
 down, so a third backward with both samplers on and the activation draws replayed (what
 this module did before) computes the same ``dy`` and ``x`` for every Linear and draws
 the same tokens: ``W_m`` here is that pass's weight gradient, at the cost of one sampled
-weight gradient per layer, on the chosen entries only.
+weight gradient per layer (the training step's matmul on the drawn tokens).
 
 The SGD variance is the variance of ``E_m`` across the batches; the activation
 sampler's extra variance is the mean of ``(A_m - E_m)^2``; each Linear's token
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from greenprop.errors import GreenpropError
 from greenprop.vcas import control
 from greenprop.vcas.layers import Mode
-from greenprop.vcas.samplers import leverage_sample
+from greenprop.vcas.samplers import sampled_weight_grad
 from greenprop.vcas.surgery import VCASHandle
 
 __all__ = [
@@ -87,19 +87,17 @@ def pick_entries(
     return entries
 
 
-def token_draw(
-    dy: Tensor, x: Tensor, ratio: float, rows: Tensor, cols: Tensor, generator: torch.Generator
-) -> Tensor:
-    """Entries ``(rows[e], cols[e])`` of one token-sampled weight gradient ``dy^T x`` (float64).
+def token_draw(dy: Tensor, x: Tensor, ratio: float, entries: Tensor, generator: torch.Generator) -> Tensor:
+    """The chosen ``entries`` (flat, sorted) of one token-sampled weight gradient ``dy^T x`` (float64).
 
-    Draws the tokens as :func:`~greenprop.vcas.samplers.sampled_weight_grad` does (same
-    generator calls, same ``1/p`` scales), but sums their terms on the chosen entries
-    only instead of running the ``(out x k) @ (k x in)`` matmul.
+    The training step's own :func:`~greenprop.vcas.samplers.sampled_weight_grad` (same
+    generator calls, same ``1/p`` scales, same matmul), picked at the entries: on the CPU
+    its ``(out x k) @ (k x in)`` matmul costs less than summing the ``k`` tokens' terms on
+    1% of the entries in float64 (what this function did before, about 3x slower at MiniLM's
+    shapes, ``benchmarks/vcas_estimation.py``).
     """
-    idx, scale = leverage_sample(dy, x, ratio, generator)
-    dy_k = (dy.index_select(0, idx) * scale.unsqueeze(1)).to(dy.dtype)
-    x_k = x.index_select(0, idx)
-    return (dy_k.index_select(1, rows).double() * x_k.index_select(1, cols).double()).sum(0)
+    grad, _ = sampled_weight_grad(dy, x, ratio, generator)
+    return grad.reshape(-1)[entries.to(grad.device)].double()
 
 
 class _TokenProbe:
@@ -108,10 +106,7 @@ class _TokenProbe:
     def __init__(self, handle: VCASHandle, entries: Mapping[str, Tensor]) -> None:
         self.generator = handle.runtime.weight_generator
         self.names = {id(layer): name for name, layer in handle.linears.items() if name in entries}
-        self.coords = {}
-        for name in self.names.values():
-            flat, in_features = entries[name], handle.linears[name].in_features
-            self.coords[name] = (flat // in_features, flat % in_features)
+        self.entries = entries
         self.draws: dict[str, Tensor] = {}
 
     def __call__(self, layer: nn.Module, dy: Tensor, x: Tensor) -> None:
@@ -119,8 +114,7 @@ class _TokenProbe:
         ratio = getattr(layer, "vcas_weight_ratio", 1.0)
         if name is None or ratio >= 1.0 or dy.shape[0] == 0:  # exact: the activation pass's value
             return
-        rows, cols = (c.to(dy.device) for c in self.coords[name])
-        draw = token_draw(dy, x, ratio, rows, cols, self.generator).cpu()
+        draw = token_draw(dy, x, ratio, self.entries[name], self.generator).cpu()
         previous = self.draws.get(name)  # a layer used twice in the forward: its terms add up
         self.draws[name] = draw if previous is None else previous + draw
 
