@@ -340,3 +340,7 @@ def test_checkouts_with_the_same_source_build_from_one_path(tmp_path, monkeypatc
     changed.write_text("// another source\n")
     other_name, other_path = kernels._build_source(changed)
     assert other_name != name and other_path != path and other_path.read_text() == "// another source\n"
+    # another torch installation (another virtualenv: other include paths) builds apart
+    monkeypatch.setattr(kernels.torch, "__file__", str(tmp_path / "other-venv" / "torch" / "__init__.py"))
+    venv_name, venv_path = kernels._build_source(tmp_path / "a" / "_channel_ops.cpp")
+    assert venv_name != name and venv_path != path

@@ -18,11 +18,12 @@ tests never trigger the build.
 
 Scoring and gathering take a contiguous ``(outer, C, inner)`` view: NCHW ``(N, C, H*W)``,
 channels_last and Linear rows ``(rows, C, 1)``; the scatter a contiguous ``(rows, m)``
-matrix. They run on CPU tensors only. The build is named after a hash of the source and
-compiles a copy of it kept under that hash (:func:`_build_source`): checkouts with different
-sources never rebuild each other's library, and checkouts with the same source share one
-(ninja rebuilds whenever the source's path changes, which cost 8-9 s inside a timed phase
-when two worktrees took turns).
+matrix. They run on CPU tensors only. The build is named after a hash of the source and of
+the torch installation, and compiles a copy of the source kept under that hash
+(:func:`_build_source`): checkouts with different sources or virtualenvs never rebuild each
+other's library, and checkouts with the same source and torch share one (ninja rebuilds
+whenever the source's path or the include paths change: 8-9 s of compiling that landed in
+the first timed VCAS epoch of preset runs after another checkout had loaded the ops).
 """
 
 from __future__ import annotations
@@ -86,11 +87,17 @@ def _ninja_on_path() -> None:
 
 def _build_source(source: Path = _SOURCE) -> tuple[str, Path]:
     """The build's name and the copy of ``source`` it compiles, at a path that depends only
-    on the source's bytes and torch's version (written once, atomically)."""
+    on the source's bytes and the torch installation (written once, atomically).
+
+    The installation is part of the key because the build file names its include paths: two
+    virtualenvs sharing one build would rebuild it in turn (a CI checkout's, then the
+    development one's, 8-9 s of compiling in the next run's first timed epoch).
+    """
     text = source.read_bytes()
-    digest = hashlib.sha256(text).hexdigest()[:12]
+    installation = f"{torch.__version__}:{Path(torch.__file__).resolve().parent}".encode()
+    digest = hashlib.sha256(text + b"\0" + installation).hexdigest()[:12]
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    copy = root / "greenprop_sources" / f"torch-{torch.__version__}" / digest / source.name
+    copy = root / "greenprop_sources" / digest / source.name
     if not copy.exists() or copy.read_bytes() != text:
         copy.parent.mkdir(parents=True, exist_ok=True)
         partial = copy.with_name(f"{copy.name}.{os.getpid()}.tmp")
