@@ -11,6 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fixtures import digits_run, digits_subset
 from greenprop import kernels
 from greenprop.rows import scatter_rows
 from greenprop.ssprop import SparseConv2d
@@ -22,6 +23,7 @@ from greenprop.ssprop.functional import (
     sparse_linear,
     top_k,
 )
+from greenprop.train.trainer import Trainer
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CL = torch.channels_last
@@ -344,3 +346,17 @@ def test_checkouts_with_the_same_source_build_from_one_path(tmp_path, monkeypatc
     monkeypatch.setattr(kernels.torch, "__file__", str(tmp_path / "other-venv" / "torch" / "__init__.py"))
     venv_name, venv_path = kernels._build_source(tmp_path / "a" / "_channel_ops.cpp")
     assert venv_name != name and venv_path != path
+
+
+@pytest.mark.parametrize(("method", "builds"), [("ssprop:keep=0.5", True), ("baseline", False)])
+def test_the_trainer_builds_the_ops_before_timing_a_method_that_uses_them(method, builds, monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "load", lambda: calls.append("load") or True)
+    config = digits_run(
+        model="cnn", width=8, epochs=1, batch_size=64, subset=64, test_subset=32, method=method
+    )
+    trainer = Trainer(config, None, data=digits_subset(64, 32))
+    trainer._run_epoch = lambda epoch: pytest.fail("stop before the first epoch")  # only the set-up runs
+    with pytest.raises(pytest.fail.Exception, match="stop before the first epoch"):
+        trainer.fit()
+    assert calls == (["load"] if builds else [])

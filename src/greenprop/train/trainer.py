@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from greenprop import data as gp_data
+from greenprop import kernels
 from greenprop.controller import Controller, RunContext
 from greenprop.data.grouping import sequence_lengths
 from greenprop.errors import GreenpropError, TrainingDiverged
@@ -60,6 +61,8 @@ from greenprop.train.tasks import call_model, make_task
 from greenprop.train.tuning import apply_threads
 
 CHECKPOINT = "checkpoint.pt"
+#: Methods whose backward uses greenprop's C++ ops (greenprop.kernels), built before training.
+_KERNEL_USERS = frozenset({"ssprop", "vcas"})
 METRICS = "metrics.json"
 #: 2: controller state keyed by controller name (1: a list by position).
 CHECKPOINT_FORMAT = 2
@@ -373,6 +376,8 @@ class Trainer:
         c = self.config
         for controller in self.controllers:
             controller.on_train_start(self.run)
+        if self.device.type == "cpu" and any(ctl.name in _KERNEL_USERS for ctl in self.controllers):
+            kernels.load()  # a first build (8-9 s of gcc) before any timed phase: not the method's cost
         stop = min(until_epoch, c.epochs)
         for epoch in range(self.start_epoch, stop):
             torch.manual_seed(trainer_epoch_seed(c.seed, epoch))
