@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     torch.randperm(len(trainer.data.train), generator=vcas._estimation_generator)
                 times[variant].append(time_update(trainer, trim if variant == "trimmed" else None))
         batches = trainer.parallel.epoch_batches(
-            trainer.data.train, 32, args.seed, 0, lengths=trainer.train_lengths
+            trainer.data.train, trainer.config.batch_size, args.seed, 0, lengths=trainer.train_lengths
         )
         steps = []
         for _ in range(args.steps):
