@@ -10,7 +10,14 @@ pytest.importorskip("accelerate")
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from adapter_runner import BATCH, EPOCHS, SAMPLED, STEPS, cnn, digits, hf_trainer
-from fixtures import tiny_vit
+from fixtures import (
+    PaddedTexts,
+    check_parts_cut_to_longest,
+    estimation_parts,
+    pad_to_longest,
+    tiny_bert,
+    tiny_vit,
+)
 from greenprop.errors import GreenpropError
 from greenprop.integrations.hf import (
     STATE_FILE,
@@ -190,64 +197,13 @@ def test_with_gradient_accumulation_a_step_is_an_update_and_every_micro_batch_is
     assert trainer.state.global_step == EPOCHS * STEPS
 
 
-class _Texts(torch.utils.data.Dataset):
-    """Token id sequences of uneven lengths with a label each, as a tokenizer hands them out."""
-
-    def __init__(self, size: int, longest: int) -> None:
-        generator = torch.Generator().manual_seed(3)
-        lengths = torch.randint(2, longest // 2, (size,), generator=generator)
-        lengths[torch.randperm(size, generator=generator)[: size // 16]] = longest  # a few long ones
-        self.items = [
-            {"input_ids": torch.randint(1, 40, (int(n),), generator=generator), "labels": int(n) % 2}
-            for n in lengths
-        ]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.items[index]
-
-
-def _pad_to_longest(items: list[dict]) -> dict[str, torch.Tensor]:
-    """Dynamic padding (DataCollatorWithPadding's, without a tokenizer): right, to the batch's longest."""
-    longest = max(len(item["input_ids"]) for item in items)
-    ids = torch.zeros(len(items), longest, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, item in enumerate(items):
-        ids[row, : len(item["input_ids"])] = item["input_ids"]
-        mask[row, : len(item["input_ids"])] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([i["labels"] for i in items])}
-
 
 def test_vcas_estimates_on_parts_cut_to_their_longest_sequence(tmp_path, monkeypatch):
     """A dynamically padded BERT run: VCAS's estimation part (8 of 32 samples) loses the
     columns that are padding in all 8 rows, as the adapter's batch_head cuts it."""
-    import transformers
-
     from greenprop.integrations.hf import GreenpropTrainer
-    from greenprop.vcas import VCAS
 
-    config = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=24,
-        max_position_embeddings=32,
-        num_labels=2,
-    )
-    torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification(config)
-    parts = []
-    estimation_part = VCAS._estimation_part
-
-    def spy(self, batch):
-        full, part = estimation_part(self, batch)
-        parts.append((batch, part))
-        return full, part
-
-    monkeypatch.setattr(VCAS, "_estimation_part", spy)
+    parts = estimation_parts(monkeypatch)
     args = TrainingArguments(
         output_dir=str(tmp_path),
         num_train_epochs=1,
@@ -260,18 +216,11 @@ def test_vcas_estimates_on_parts_cut_to_their_longest_sequence(tmp_path, monkeyp
     )
     trainer = GreenpropTrainer(
         method="vcas:update_every=1,estimation_fraction=0.25,mc_repeats=2",
-        model=model,
+        model=tiny_bert(),
         args=args,
-        train_dataset=_Texts(64, longest=32),
-        data_collator=_pad_to_longest,
+        train_dataset=PaddedTexts(64, longest=32),
+        data_collator=pad_to_longest,
     )
     trainer.train()
     assert trainer.greenprop.controllers[0].updates == 2 and len(parts) == 4
-    for batch, part in parts:
-        mask = part["attention_mask"]
-        longest = int(mask.sum(dim=1).max())
-        assert mask.shape == (8, longest)  # no column that is padding in every row
-        for key in ("input_ids", "attention_mask"):
-            assert torch.equal(part[key], batch[key][:8, :longest])
-        assert torch.equal(part["labels"], batch["labels"][:8])
-    assert any(part["input_ids"].shape[1] < batch["input_ids"].shape[1] for batch, part in parts)
+    check_parts_cut_to_longest(parts, 8)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from fixtures import tiny_bert
 from greenprop.data import trim_mapping_to_longest
 from greenprop.integrations.driver import batch_head_to_longest
 from greenprop.metering.flops import batch_head
@@ -57,7 +58,7 @@ def _same(got: dict, want: dict) -> None:
 # ------------------------------------------------------------------------------------ the cut
 def test_the_head_loses_exactly_the_columns_that_are_padding_in_every_kept_row() -> None:
     token_labels = torch.where(_mask(LENGTHS) == 1, torch.arange(PADDED) % 3, -100)
-    other = torch.randn(len(LENGTHS), 4)  # a second dimension that is not the sequence's
+    other = torch.randn(len(LENGTHS), PADDED - 2)  # a second dimension that is not the sequence's
     batch = _batch(token_labels=token_labels, other=other, note="kept")
     head = batch_head_to_longest(batch, 3)  # rows of lengths 3, 5, 2
     plain = batch_head(batch, 3)
@@ -126,26 +127,6 @@ def test_batches_that_are_not_mappings_are_only_headed() -> None:
 
 
 # ---------------------------------------------------------------------------------- exactness
-def _tiny_bert(head: str) -> torch.nn.Module:
-    """A 2-layer BERT with a classification head, random weights, float64, no dropout."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=24,
-        max_position_embeddings=PADDED,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=3,
-    )
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model_type = getattr(transformers, f"BertFor{head}Classification")
-    return model_type(config).double().train()
-
-
 def _hf_loss(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return model(**batch).loss
 
@@ -154,7 +135,9 @@ def _hf_loss(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
 def test_vcas_estimates_the_same_gradients_and_norms_on_the_cut_part(head) -> None:
     """two_backwards (one VCAS estimation draw, blocks sampled at ratio 0.5) on the cut part
     equals the uncut part's: exact and sampled weight gradients, per-sample norms of every block."""
-    BertLayer = pytest.importorskip("transformers.models.bert.modeling_bert").BertLayer
+    pytest.importorskip("transformers")
+    from transformers.models.bert.modeling_bert import BertLayer
+
     from greenprop.vcas.estimation import pick_entries, two_backwards
     from greenprop.vcas.surgery import vcas_handle
     from vcas_helpers import fixed_ratios
@@ -167,7 +150,7 @@ def test_vcas_estimates_the_same_gradients_and_norms_on_the_cut_part(head) -> No
         batch["labels"] = batch["labels"] % 3
     uncut, cut = batch_head(batch, 8), batch_head_to_longest(batch, 8)
     assert cut["input_ids"].shape[1] == 6 < uncut["input_ids"].shape[1]
-    base = _tiny_bert(head)
+    base = tiny_bert(head, positions=PADDED, dropout=0.0).double().train()
     draws = []
     for part in (uncut, cut):
         model = fixed_ratios(copy.deepcopy(base), 0.5, 1.0, block_types=(BertLayer,))
