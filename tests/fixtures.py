@@ -65,6 +65,65 @@ def weighted_sum_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     return (model(x) * w).sum()
 
 
+class PaddedTexts(torch.utils.data.Dataset):
+    """Token id sequences of uneven lengths (ids 1..39) with a label each, as a tokenizer hands
+    them out: mostly short, ``size // 16`` of them ``longest`` long. Batch with :func:`pad_to_longest`."""
+
+    def __init__(self, size: int, longest: int) -> None:
+        generator = torch.Generator().manual_seed(3)
+        lengths = torch.randint(2, longest // 2, (size,), generator=generator)
+        lengths[torch.randperm(size, generator=generator)[: size // 16]] = longest
+        self.items = [
+            {"input_ids": torch.randint(1, 40, (int(n),), generator=generator), "labels": int(n) % 2}
+            for n in lengths
+        ]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.items[index]
+
+
+def pad_to_longest(items: list[dict[str, Any]]) -> dict[str, Tensor]:
+    """Dynamic padding (DataCollatorWithPadding's, without a tokenizer): right, to the batch's longest."""
+    longest = max(len(item["input_ids"]) for item in items)
+    ids = torch.zeros(len(items), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, item in enumerate(items):
+        ids[row, : len(item["input_ids"])] = item["input_ids"]
+        mask[row, : len(item["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([i["labels"] for i in items])}
+
+
+def estimation_parts(monkeypatch: Any) -> list[tuple[Any, Any]]:
+    """Record every ``(drawn batch, estimation part)`` VCAS's controller estimates on."""
+    from greenprop.vcas import VCAS
+
+    parts: list[tuple[Any, Any]] = []
+    estimation_part = VCAS._estimation_part
+
+    def spy(self: VCAS, batch: Any) -> tuple[int, Any]:
+        full, part = estimation_part(self, batch)
+        parts.append((batch, part))
+        return full, part
+
+    monkeypatch.setattr(VCAS, "_estimation_part", spy)
+    return parts
+
+
+def check_parts_cut_to_longest(parts: list[tuple[Any, Any]], size: int) -> None:
+    """Each part is the first ``size`` samples of its dict batch, cut to the part's own longest
+    sequence (no column that is padding in every row), and some part was shorter than its batch."""
+    for batch, part in parts:
+        longest = int(batch["attention_mask"][:size].sum(dim=1).max())
+        assert part["attention_mask"].shape == (size, longest)
+        for key in ("input_ids", "attention_mask"):
+            assert torch.equal(part[key], batch[key][:size, :longest])
+        assert torch.equal(part["labels"], batch["labels"][:size])
+    assert any(part["input_ids"].shape[1] < batch["input_ids"].shape[1] for batch, part in parts)
+
+
 # ---------------------------------------------------------------------------------------------
 # models
 
@@ -104,6 +163,27 @@ def tiny_vit(seed: int = 0, depth: int = 2) -> nn.Module:
     return gp_models.create(
         "vit", num_classes=10, in_channels=1, image_size=8, width=32, depth=depth, heads=2
     )
+
+
+def tiny_bert(head: str = "Sequence", positions: int = 32, dropout: float = 0.1) -> nn.Module:
+    """transformers' ``BertFor{head}Classification`` (2 layers, 16 wide, 4 heads, vocabulary 40,
+    3 labels, eager attention), random weights seeded 0."""
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=24,
+        max_position_embeddings=positions,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        num_labels=3,
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return getattr(transformers, f"BertFor{head}Classification")(config)
 
 
 class Block(nn.Module):

@@ -10,7 +10,14 @@ pytest.importorskip("accelerate")
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from adapter_runner import BATCH, EPOCHS, SAMPLED, STEPS, cnn, digits, hf_trainer
-from fixtures import tiny_vit
+from fixtures import (
+    PaddedTexts,
+    check_parts_cut_to_longest,
+    estimation_parts,
+    pad_to_longest,
+    tiny_bert,
+    tiny_vit,
+)
 from greenprop.errors import GreenpropError
 from greenprop.integrations.hf import (
     STATE_FILE,
@@ -188,3 +195,32 @@ def test_with_gradient_accumulation_a_step_is_an_update_and_every_micro_batch_is
     assert [r["samples"] for r in history] == [r["samples"] for r in full.greenprop.history]
     assert trainer.greenprop.total_flops() == full.greenprop.total_flops()
     assert trainer.state.global_step == EPOCHS * STEPS
+
+
+
+def test_vcas_estimates_on_parts_cut_to_their_longest_sequence(tmp_path, monkeypatch):
+    """A dynamically padded BERT run: VCAS's estimation part (8 of 32 samples) loses the
+    columns that are padding in all 8 rows, as the adapter's batch_head cuts it."""
+    from greenprop.integrations.hf import GreenpropTrainer
+
+    parts = estimation_parts(monkeypatch)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        num_train_epochs=1,
+        per_device_train_batch_size=32,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        seed=0,
+    )
+    trainer = GreenpropTrainer(
+        method="vcas:update_every=1,estimation_fraction=0.25,mc_repeats=2",
+        model=tiny_bert(),
+        args=args,
+        train_dataset=PaddedTexts(64, longest=32),
+        data_collator=pad_to_longest,
+    )
+    trainer.train()
+    assert trainer.greenprop.controllers[0].updates == 2 and len(parts) == 4
+    check_parts_cut_to_longest(parts, 8)

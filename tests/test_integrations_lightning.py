@@ -8,7 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fixtures import digits_subset
+from fixtures import (
+    PaddedTexts,
+    check_parts_cut_to_longest,
+    digits_subset,
+    estimation_parts,
+    pad_to_longest,
+    tiny_bert,
+)
 from greenprop import models as gp_models
 from greenprop.integrations.driver import EpochShuffle
 
@@ -127,3 +134,38 @@ def test_resume_across_a_sampled_epoch_gives_the_uninterrupted_weights(tmp_path)
         assert torch.equal(a, b), name
     assert resumed_cb.driver.sampled_epochs == sampled
     assert resumed_cb.total_flops() == full_cb.total_flops()
+
+
+class TextClassifier(pl.LightningModule):
+    """A Hugging Face model in Lightning, fed dict batches: ``self.model(**batch).loss``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = tiny_bert()
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_vcas_estimates_on_dict_parts_cut_to_their_longest_sequence(monkeypatch):
+    """Dynamically padded dict batches in Lightning: VCAS's estimation part (8 of 32 samples)
+    loses the columns that are padding in all 8 rows, as in the Hugging Face adapter."""
+    pytest.importorskip("transformers")
+    parts = estimation_parts(monkeypatch)
+    callback = GreenpropCallback(
+        "vcas:update_every=1,estimation_fraction=0.25,mc_repeats=2",
+        loss_fn=lambda module, batch: module.model(**batch).loss,
+    )
+    data = PaddedTexts(64, longest=32)
+    sampler = EpochShuffle(len(data), seed=0)
+    loader = DataLoader(data, batch_size=32, sampler=sampler, collate_fn=pad_to_longest)
+    trainer = pl.Trainer(
+        max_epochs=1, callbacks=[callback], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+    )
+    trainer.fit(TextClassifier(), loader)
+    assert callback.controllers[0].updates == 2 and len(parts) == 4
+    check_parts_cut_to_longest(parts, 8)

@@ -12,6 +12,7 @@ from greenprop.data.dataset import (
     ImageDataset,
     InMemoryDataset,
     TokenDataset,
+    trim_mapping_to_longest,
     trim_padding,
     trim_to_longest,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "locate_minilm",
     "locate_rotten_tomatoes",
     "read_idx",
+    "trim_mapping_to_longest",
     "trim_padding",
     "trim_to_longest",
     "write_idx",

@@ -8,8 +8,9 @@ directly, which lets a loop use
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,15 +119,56 @@ def check_right_padded(mask: torch.Tensor) -> None:
         raise GreenpropError(
             f"attention mask row {row} holds values other than 0 and 1: {mask[row].unique().tolist()}"
         )
-    lengths = mask.sum(dim=1)
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    right_padded = (mask == (positions < lengths[:, None])).all(dim=1) & (lengths > 0)
+    right_padded = _right_padded_rows(mask)
     if not right_padded.all():
         row = int((~right_padded).nonzero()[0])
         raise GreenpropError(
             f"attention mask row {row} is not right padding (1s then 0s, at least one 1): "
             f"{mask[row].tolist()}; only right-padded batches can be trimmed"
         )
+
+
+def _right_padded_rows(mask: torch.Tensor) -> torch.Tensor:
+    """Per row of an ``(N, L)`` attention mask: whether it is 1s then 0s, with at least one 1."""
+    lengths = mask.sum(dim=1)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return (mask == (positions < lengths[:, None])).all(dim=1) & (lengths > 0)
+
+
+#: The label Hugging Face's collators pad per-token labels with: the loss ignores it.
+IGNORE_INDEX = -100
+
+
+def trim_mapping_to_longest(batch: Any) -> Any:
+    """A Hugging Face batch (a mapping with an ``(B, L)`` ``attention_mask``) cut to its longest sequence.
+
+    :func:`trim_to_longest` for dict batches (``input_ids``, ``attention_mask``,
+    ``token_type_ids``, ``labels``, ...): every tensor of shape ``(B, L, ...)`` loses the
+    columns past the longest row of the mask, which for right padding are padding in
+    every row. Kept tokens keep their positions, so a model that honours the mask gives
+    the uncut batch's loss and gradients; ``(B, L)`` labels must hold only
+    :data:`IGNORE_INDEX` in the cut columns (as Hugging Face's collators pad them).
+    Returned as is: a batch that is not a mapping, has no 2-D mask, a mask that is not
+    right padding (left padding, a hole, an empty row), or labels the cut would lose.
+    """
+    if not isinstance(batch, Mapping):
+        return batch
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or mask.numel() == 0:
+        return batch
+    if not _right_padded_rows(mask).all():
+        return batch
+    rows, length = mask.shape
+    longest = int(mask.sum(dim=1).max())
+
+    def per_token(value: Any) -> bool:
+        return isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[:2] == (rows, length)
+
+    labels = batch.get("labels")
+    if longest == length or (per_token(labels) and bool((labels[:, longest:] != IGNORE_INDEX).any())):
+        return batch
+    # Contiguous: Hugging Face's losses view() their labels, which a column slice cannot.
+    return {k: v[:, :longest].contiguous() if per_token(v) else v for k, v in batch.items()}
 
 
 class TokenDataset(InMemoryDataset):

@@ -19,13 +19,14 @@ from torch import Tensor, nn
 from torch.utils.data import Sampler
 
 from greenprop.controller import BatchLoss, Controller, RunContext
+from greenprop.data.dataset import trim_mapping_to_longest
 from greenprop.errors import GreenpropError
 from greenprop.metering.accounting import flop_accounts
-from greenprop.metering.flops import FlopCount, count_flops_per_sample, sample_shapes
+from greenprop.metering.flops import FlopCount, batch_head, count_flops_per_sample, sample_shapes
 from greenprop.methods import MethodSpec, build_method, parse_method
 from greenprop.seeding import trainer_epoch_seed
 
-__all__ = ["EpochShuffle", "MethodDriver", "batch_size_of", "draw_from_dataset"]
+__all__ = ["EpochShuffle", "MethodDriver", "batch_head_to_longest", "batch_size_of", "draw_from_dataset"]
 
 _STATE_FORMAT = 1
 
@@ -53,6 +54,13 @@ def batch_size_of(batch: Any) -> int:
         except GreenpropError:
             continue
     raise GreenpropError(f"cannot tell the number of samples in a batch of type {type(batch).__name__}")
+
+
+def batch_head_to_longest(batch: Any, n: int) -> Any:
+    """The first ``n`` samples of a batch; a dict batch padded on the right is also cut to their
+    own longest sequence (:func:`greenprop.data.trim_mapping_to_longest`), as dynamic padding
+    would batch them: VCAS's estimation part then computes no padding columns."""
+    return trim_mapping_to_longest(batch_head(batch, n))
 
 
 def draw_from_dataset(
@@ -181,6 +189,7 @@ class MethodDriver:
             steps_per_epoch=steps_per_epoch,
             draw_batch=draw_batch,
             loss_fn=self.loss_fn,
+            batch_head=batch_head_to_longest,
         )
         for controller in self.controllers:
             controller.on_train_start(self.run)
