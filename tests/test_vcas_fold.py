@@ -34,7 +34,8 @@ def _vit(block_ratios: list[float], nu: float, sample_max_ratio: float = 1.0) ->
 
 def _states(handle) -> list[Tensor]:
     runtime = handle.runtime
-    return [runtime.activation_generator.get_state(), runtime.weight_generator.get_state(), torch.get_rng_state()]
+    generators = (runtime.activation_generator, runtime.weight_generator)
+    return [g.get_state() for g in generators] + [torch.get_rng_state()]
 
 
 def _set_states(handle, states: list[Tensor]) -> None:
@@ -100,7 +101,7 @@ def test_the_activation_pass_is_left_out_where_no_block_samples(
 ) -> None:
     model, handle = _vit(block_ratios, nu, sample_max_ratio)
     batch = digits_batches(digits, 1, size=32)[0]
-    old, new, passes = _both_ways(monkeypatch, model, handle, batch)
+    _, new, passes = _both_ways(monkeypatch, model, handle, batch)
     assert passes == (1 if folds else 2) and new.sampled_pass is not folds
     if folds:
         assert all(new.activation[name] is new.exact[name] for name in new.exact)
@@ -120,7 +121,7 @@ def test_a_zero_gradient_row_runs_the_activation_pass(monkeypatch, digits) -> No
         weights[0] = 0.0
         return (F.cross_entropy(model(x), y, reduction="none") * weights).mean()
 
-    old, new, passes = _both_ways(monkeypatch, model, handle, batch, first_ignored)
+    _, new, passes = _both_ways(monkeypatch, model, handle, batch, first_ignored)
     assert passes == 2 and new.sampled_pass
     assert any(bool((n == 0).any()) for n in new.norms if n is not None)
 
