@@ -134,7 +134,8 @@ def test_the_controller_takes_the_same_course_and_books_the_passes_it_ran(digits
     for fold in (False, True):
         torch.manual_seed(0)
         vcas = VCAS(apply_vcas(tiny_vit(), config).train())
-        vcas.fold_exact = fold
+        if not fold:  # the default folds
+            vcas.fold_exact = False
         batches = iter(digits_batches(digits, 6, size=24))
         overheads[fold] = []
         for _ in range(3):
