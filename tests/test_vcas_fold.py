@@ -155,3 +155,23 @@ def test_the_controller_takes_the_same_course_and_books_the_passes_it_ran(digits
     assert overheads[False][0] == {"forward": 48, "exact_backward": 48, "sampled_backward": 48}
     assert overheads[True][0] == {"forward": 48, "exact_backward": 48, "sampled_backward": 0}
     assert overheads[True][2] == {"forward": 144, "exact_backward": 144, "sampled_backward": 96}
+
+
+@pytest.mark.text
+@pytest.mark.parametrize(("ratio", "folds"), [(1.0, True), (0.5, False)])
+def test_a_bert_on_the_direct_path_with_dropout_gives_the_same_draws(monkeypatch, ratio, folds) -> None:
+    """MiniLM's path: HF BERT layers on the direct rule (here at every ratio), dropout drawing
+    from torch's generator, padded samples; tokens sampled."""
+    pytest.importorskip("transformers")
+    from test_vcas_direct_bert import TinyBert, _batch, _target, _vcas
+
+    model = _vcas(TinyBert(dropout=0.1), ratio, 0.5).train()
+    handle = model._greenprop_vcas
+    target = _target()
+
+    def loss_fn(net: torch.nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        return (net(batch) * target).sum()
+
+    _, new, passes = _both_ways(monkeypatch, model, handle, _batch(), loss_fn)
+    assert passes == (1 if folds else 2)
+    assert any(not torch.equal(new.full[n], new.activation[n]) for n in handle.linears)
