@@ -8,6 +8,7 @@ generators' states after; and for the pass to be left out exactly where no block
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -175,3 +176,23 @@ def test_a_bert_on_the_direct_path_with_dropout_gives_the_same_draws(monkeypatch
     _, new, passes = _both_ways(monkeypatch, model, handle, _batch(), loss_fn)
     assert passes == (1 if folds else 2)
     assert any(not torch.equal(new.full[n], new.activation[n]) for n in handle.linears)
+
+
+def test_the_account_state_keeps_the_sampled_passes(digits) -> None:
+    """A resumed account books what ran; a state saved before the fold (no sampled counts) had
+    every estimation run both backwards."""
+    vcas = VCAS(apply_vcas(tiny_vit(), VCASConfig(update_every=1)).train())
+    batches = iter(digits_batches(digits, 4, size=16))
+    vcas.update(batches, cross_entropy_loss)  # ratio 1: folded
+    for sampler in vcas.handle.samplers:
+        sampler.ratio = 0.5
+    vcas.update(batches, cross_entropy_loss)
+    account = vcas.flop_account
+    want = {"forward": 64, "exact_backward": 64, "sampled_backward": 32}
+    assert account.overhead_samples == want
+    state = account.state_dict()
+    account.load_state_dict(copy.deepcopy(state))
+    assert account.overhead_samples == want
+    del state["sampled_by_shape"]
+    account.load_state_dict(state)
+    assert account.overhead_samples == {**want, "sampled_backward": 64}
