@@ -583,11 +583,21 @@ def test_optimizer_step_benchmark_times_every_adamw_variant(tmp_path, capsys):
 
 
 @pytest.mark.text
-def test_vcas_update_cost_script_times_both_parts_and_implies_a_share(capsys):
-    argv = ["--rounds", "1", "--steps", "1", "--subset", "64", "--threads", "1"]
+@pytest.mark.parametrize(
+    ("ab", "variants", "states"),
+    [("trim", ["trimmed", "untrimmed"], {"later"}), ("fold", ["folded", "two passes"], {"step 0", "later"})],
+)
+def test_vcas_update_cost_script_times_both_variants_and_implies_a_share(capsys, ab, variants, states):
+    argv = ["--rounds", "1", "--steps", "1", "--subset", "64", "--threads", "1", "--ab", ab]
     result = _import("vcas_update_cost").main(argv)
     assert "implied share" in capsys.readouterr().out
-    assert [r["variant"] for r in result["results"]] == ["trimmed", "untrimmed"]
+    assert [r["variant"] for r in result["results"]] == variants
+    assert set(result["folds"]) == states and result["folds"].get("step 0", True)  # nothing samples at 0
     for row in result["results"]:
-        assert len(row["updates_s"]) == 1 and row["median_update_s"] > 0 and 0 < row["share"] < 1
-        assert row["hooks_s"] == pytest.approx(result["first_update_s"] + 5 * row["median_update_s"])
+        assert set(row["updates_s"]) == states and all(len(t) == 1 for t in row["updates_s"].values())
+        assert all(t > 0 for t in row["median_update_s"].values()) and 0 < row["share"] < 1
+        first = result["first_update_s"]
+        if ab == "fold":  # the policy's timing plus the variant's own update at step 0
+            first = result["policy_s"] + row["median_update_s"]["step 0"]
+        assert row["first_update_s"] == pytest.approx(first)
+        assert row["hooks_s"] == pytest.approx(first + 5 * row["median_update_s"]["later"])

@@ -111,11 +111,17 @@ def _batches(digits, size: int) -> Iterator[tuple[Tensor, Tensor]]:
 def test_estimation_fraction_estimates_on_the_first_samples(digits, fraction, size, estimated) -> None:
     model = apply_vcas(tiny_vit(), VCASConfig(update_every=1, estimation_fraction=fraction))
     vcas = VCAS(model)
-    vcas.update(_batches(digits, size), cross_entropy_loss)
+    batches = _batches(digits, size)
+    vcas.update(batches, cross_entropy_loss)
     overhead = vcas.flop_account.overhead_samples
-    assert overhead == {
-        "forward": 2 * estimated,
-        "exact_backward": 2 * estimated,
+    # the first update, at ratio 1, leaves its sampled backward out (estimation.two_backwards)
+    assert overhead == {"forward": 2 * estimated, "exact_backward": 2 * estimated, "sampled_backward": 0}
+    for sampler in vcas.handle.samplers:
+        sampler.ratio = 0.5
+    vcas.update(batches, cross_entropy_loss)
+    assert vcas.flop_account.overhead_samples == {
+        "forward": 4 * estimated,
+        "exact_backward": 4 * estimated,
         "sampled_backward": 2 * estimated,
     }
 

@@ -74,8 +74,10 @@ class VCASFlops(FlopAccount):
         self.runtime = runtime
         self.train = BackwardTally()
         self.overhead = BackwardTally()
-        #: Estimation samples by sample shape (each books a forward and two backwards).
+        #: Estimation samples by sample shape (each books a forward and an exact backward), and
+        #: those whose sampled backward ran too (left out where no block sampled: estimation.py).
         self._overhead_by_shape: dict[Shapes, int] = {}
+        self._sampled_by_shape: dict[Shapes, int] = {}
         self._dense: dict[Shapes, FlopCount] = {}  # per sample, by sample shape
         self._pending: dict[Shapes, tuple[Any, Callable[[nn.Module, Any], Tensor]]] = {}
         self._first_shape: Shapes | None = None
@@ -90,17 +92,20 @@ class VCASFlops(FlopAccount):
         """Move what the layers tallied since the last call into the training tally."""
         self.train.add(self.runtime.take_tally())
 
-    def collect_overhead(self, batch: Any) -> None:
-        """Book one estimation on ``batch``: a forward, an exact and a sampled backward."""
+    def collect_overhead(self, batch: Any, sampled_pass: bool = True) -> None:
+        """Book one estimation on ``batch``: a forward, an exact and (``sampled_pass``) a sampled backward."""
         self.overhead.add(self.runtime.take_tally())
         samples, shapes = batch_size(batch), sample_shapes(batch)
         self._overhead_by_shape[shapes] = self._overhead_by_shape.get(shapes, 0) + samples
+        if sampled_pass:
+            self._sampled_by_shape[shapes] = self._sampled_by_shape.get(shapes, 0) + samples
 
     @property
     def overhead_samples(self) -> dict[str, int]:
-        """Samples the estimation passes ran, per pass kind (each estimation runs all three)."""
+        """Samples the estimation passes ran, per pass kind."""
         samples = sum(self._overhead_by_shape.values())
-        return {"forward": samples, "exact_backward": samples, "sampled_backward": samples}
+        sampled = sum(self._sampled_by_shape.values())
+        return {"forward": samples, "exact_backward": samples, "sampled_backward": sampled}
 
     def remember_batch(self, batch: Any, loss_fn: Callable[[nn.Module, Any], Tensor]) -> None:
         """Keep a batch of a shape not counted yet for its dense count, which runs on first use, untimed."""
@@ -143,7 +148,8 @@ class VCASFlops(FlopAccount):
         for shapes, samples in self._overhead_by_shape.items():
             dense = self._dense_of(shapes)
             forward += samples * dense.forward
-            backward += 2 * samples * dense.backward  # the exact and the sampled backward
+            # the exact backward, and the sampled one where it ran
+            backward += (samples + self._sampled_by_shape.get(shapes, 0)) * dense.backward
         return {"forward": forward, "backward": backward - self.overhead.saved}
 
     # ------------------------------------------------------------------ FlopAccount
@@ -218,6 +224,7 @@ class VCASFlops(FlopAccount):
             ),
             "overhead_tally": (self.overhead.done, self.overhead.dense),
             "overhead_by_shape": [(_plain(k), n) for k, n in self._overhead_by_shape.items()],
+            "sampled_by_shape": [(_plain(k), n) for k, n in self._sampled_by_shape.items()],
             "dense_by_shape": [(_plain(k), d.forward, d.backward) for k, d in self._dense.items()],
             "first_shape": None if self._first_shape is None else _plain(self._first_shape),
             "booked": (self._booked.forward, self._booked.backward, self._booked_samples),
@@ -229,6 +236,9 @@ class VCASFlops(FlopAccount):
         self.train = BackwardTally(done, dense, samples, {int(k): list(v) for k, v in rows.items()})
         self.overhead = BackwardTally(*state["overhead_tally"])
         self._overhead_by_shape = {_shapes(k): int(n) for k, n in state["overhead_by_shape"]}
+        # absent from states saved before session 32, when every estimation ran both backwards
+        sampled = state.get("sampled_by_shape", state["overhead_by_shape"])
+        self._sampled_by_shape = {_shapes(k): int(n) for k, n in sampled}
         self._dense = {_shapes(k): FlopCount(f, b) for k, f, b in state["dense_by_shape"]}
         first = state["first_shape"]
         self._first_shape = None if first is None else _shapes(first)

@@ -99,6 +99,9 @@ class VCAS(Controller):
             torch.Generator().manual_seed(vcas_entries_seed(self.config.seed)),
         )
         self._estimation_generator = torch.Generator().manual_seed(vcas_estimation_seed(self.config.seed))
+        #: Leave the activation pass out where no block samples (estimation.two_backwards): the
+        #: same estimates, one backward fewer. False runs it anyway (A/B benchmarks, tests).
+        self.fold_exact = True
         self._run: RunContext | None = None
         #: Each Linear's break-even token ratio once the measured token policy has run (policy.py).
         self.token_break_even: dict[str, float] | None = None
@@ -167,8 +170,10 @@ class VCAS(Controller):
             measure = repeat == 0 and self.config.token_policy == "measured" and self.token_break_even is None
             record = self.handle.linears if measure else {}
             with recorded_shapes(record, full / batch_size(batch)) as shapes:
-                draw = two_backwards(self.model, self.handle, batch, loss_fn, layers, self._entries)
-            account.collect_overhead(batch)
+                draw = two_backwards(
+                    self.model, self.handle, batch, loss_fn, layers, self._entries, fold=self.fold_exact
+                )
+            account.collect_overhead(batch, draw.sampled_pass)
             draws.append(draw)
             if measure:
                 self._apply_token_policy(shapes)

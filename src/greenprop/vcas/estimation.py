@@ -19,12 +19,21 @@ sampler's extra variance is the mean of ``(A_m - E_m)^2``; each Linear's token
 sampler's is the mean of ``(W_m - A_m)^2`` on its own weight (the same activation
 sample, so only the token draw differs). All are measured on a fixed random subset of
 each layer's weight entries, to keep the estimation cheap.
+
+Where no block samples (every ``BlockSampler.drawn_ratio`` is 1: the first update, at
+ratio 1, is such a case) the activation pass would compute the exact pass again: at ratio
+1 a sampler draws nothing and keeps every non-zero row, and with every row non-zero each
+Linear sees the very ``dy`` and ``x`` of the exact pass. So the token probe draws on the
+exact pass and the second backward is left out (``A_m = E_m``, the same draws in the
+same order from the same generator); if a block's gradient has a zero row (the second
+pass would have left it out of its Linears' token draws) the draws are undone and the
+second pass runs as before.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,7 +55,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class GradientDraws:
     """One batch's exact, activation-sampled and fully sampled gradients on the chosen entries.
 
@@ -59,14 +68,16 @@ class GradientDraws:
     full: dict[str, Tensor]
     norms: list[Tensor | None]
     samples: int
+    #: Whether the activation pass ran (False: no block sampled, ``activation`` is ``exact``).
+    sampled_pass: bool = True
 
     def on_cpu(self) -> GradientDraws:
         """These draws with the norms on the CPU (the entries already are): sendable to other ranks."""
         norms = [None if n is None else n.detach().cpu() for n in self.norms]
-        return GradientDraws(self.exact, self.activation, self.full, norms, self.samples)
+        return dataclasses.replace(self, norms=norms)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class VarianceRatios:
     """The samplers' extra variance relative to the SGD variance."""
 
@@ -126,8 +137,15 @@ def two_backwards(
     loss_fn: Callable[[nn.Module, Any], Tensor],
     layers: Mapping[str, nn.Module],
     entries: Mapping[str, Tensor],
+    *,
+    fold: bool = True,
 ) -> GradientDraws:
-    """One forward, then the exact and activation-sampled gradients of ``layers``, token draws aside."""
+    """One forward, then the exact and activation-sampled gradients of ``layers``, token draws aside.
+
+    ``fold``: where no block samples, take the token draws on the exact pass and leave the
+    activation pass out (its gradients are the exact ones); False always runs both passes
+    (the same results, one backward more: for tests and benchmarks).
+    """
     runtime = handle.runtime
     names = list(layers)
     weights = [layers[name].weight for name in names]
@@ -143,11 +161,15 @@ def two_backwards(
         raise GreenpropError("loss_fn(model, batch) must return a scalar loss that requires grad")
     previous = runtime.mode
     probe = _TokenProbe(handle, {name: entries[name] for name in names})
+    # The samplers' sole_path is set by this forward: without it a layer finds zero rows itself.
+    fold = fold and all(s.drawn_ratio >= 1.0 and s.sole_path for s in handle.samplers)
+    before_draws = probe.generator.get_state() if fold else None
     try:
         runtime.mode, runtime.record_norms = Mode.EXACT, True
+        runtime.token_probe = probe if fold else None
         runtime.norms.clear()
         grads_exact = torch.autograd.grad(loss, weights, retain_graph=True)
-        runtime.record_norms = False
+        runtime.record_norms, runtime.token_probe = False, None
         missing = [s.name for s in handle.samplers if s.index not in runtime.norms]
         if len(missing) == len(handle.samplers):
             raise GreenpropError(
@@ -156,8 +178,15 @@ def two_backwards(
             )
         # Blocks below the lowest trainable layer get no backward at all: nothing to sample.
         block_norms = [runtime.norms.get(s.index) for s in handle.samplers]
-        runtime.mode, runtime.token_probe = Mode.ACTIVATION, probe
-        grads_act = torch.autograd.grad(loss, weights)
+        if fold and not all(bool((n > 0).all()) for n in block_norms if n is not None):
+            fold = False  # a zero row: the activation pass's Linears would draw without it
+            probe.generator.set_state(before_draws)
+            probe.draws.clear()
+        if fold:
+            grads_act = grads_exact
+        else:
+            runtime.mode, runtime.token_probe = Mode.ACTIVATION, probe
+            grads_act = torch.autograd.grad(loss, weights)
     finally:
         runtime.mode, runtime.record_norms, runtime.token_probe = previous, False, None
 
@@ -167,10 +196,11 @@ def two_backwards(
             for name, g in zip(names, grads, strict=True)
         }
 
-    activation = pick(grads_act)
+    exact = pick(grads_exact)
+    activation = exact if fold else pick(grads_act)
     full = {name: probe.draws.get(name, activation[name]) for name in names if name in handle.linears}
     samples = len(next(norm for norm in block_norms if norm is not None))
-    return GradientDraws(pick(grads_exact), activation, full, block_norms, samples)
+    return GradientDraws(exact, activation, full, block_norms, samples, sampled_pass=not fold)
 
 
 def variance_ratios(draws: Sequence[GradientDraws], token_sampled: Sequence[str]) -> VarianceRatios:

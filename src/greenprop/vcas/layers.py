@@ -103,8 +103,9 @@ class VCASRuntime:
     # The input gradient the last compacted block's backward returned, with its non-zero rows
     # still compact (greenprop.vcas.compaction.GradientRows): the block before reads those.
     handoff: Any = None
-    # Set by the variance estimation: called in mode ACTIVATION with each VCASLinear's
-    # (layer, dy, x) token matrices, to draw its token sampler on the side (estimation.py).
+    # Set by the variance estimation: called in its backward (mode ACTIVATION, or EXACT where no
+    # block samples) with each VCASLinear's (layer, dy, x) token matrices, to draw its token
+    # sampler on the side (estimation.py).
     token_probe: Callable[[VCASLinear, Tensor, Tensor], None] | None = None
     # The model's samplers, in block (forward) order: each registers itself.
     samplers: list[BlockSampler] = field(default_factory=list)
@@ -432,7 +433,7 @@ def _linear_grads(
         done += 2.0 * tokens * out_features * in_features
     dy2, x2 = dy.reshape(-1, out_features), x.reshape(-1, in_features)
     if need_w:
-        if runtime.token_probe is not None and runtime.mode is Mode.ACTIVATION:
+        if runtime.token_probe is not None:  # the estimation's side draw (exact or activation pass)
             runtime.token_probe(layer, dy2, x2)
         ratio = layer.token_ratio if runtime.mode is Mode.FULL else 1.0
         grad_w, kept_tokens = sampled_weight_grad(dy2, x2, ratio, runtime.weight_generator, among=among)
