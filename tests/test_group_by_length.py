@@ -175,3 +175,38 @@ def test_the_cli_turns_grouping_on_and_off() -> None:
     assert on["group_by_length"] is True and off["group_by_length"] is False
     assert "group_by_length" not in _config_overrides(parser.parse_args(["train"]))
     assert TrainConfig().group_by_length is False
+
+
+def test_estimation_batches_are_drawn_as_the_loop_draws_them() -> None:
+    """VCAS's own batches (``RunContext.draw_batch``): grouped when training is grouped.
+
+    The draw is one batch of a length-grouped order from the controller's generator (the
+    same generator state gives the same batch), so its lengths are as close as a training
+    batch's; ungrouped runs draw a plain random batch, as before."""
+    trainer = Trainer(_settings(subset=400, batch_size=16))
+    spreads = {}
+    for grouped in (True, False):
+        if not grouped:
+            trainer.train_lengths = None
+        draws = []
+        for seed in range(12):
+            x, _ = trainer.run.draw_batch(torch.Generator().manual_seed(seed))
+            assert x.shape[0] == 16
+            draws.append(x[:, 1].sum(1))
+        spreads[grouped] = sorted(int(d.max() - d.min()) for d in draws)[6]
+        # the same generator state draws the same batch
+        again = trainer.run.draw_batch(torch.Generator().manual_seed(0))[0]
+        first = trainer.run.draw_batch(torch.Generator().manual_seed(0))[0]
+        assert torch.equal(again, first)
+    assert spreads[True] < 0.5 * spreads[False]  # megabatches of 96 here (transformers': N // 4B)
+
+
+def test_a_grouped_estimation_batch_is_one_batch_of_the_grouped_order() -> None:
+    trainer = Trainer(_settings(subset=400, batch_size=16))
+    generator = torch.Generator().manual_seed(3)
+    replay = torch.Generator().manual_seed(3)
+    x, y = trainer.run.draw_batch(generator)
+    order = length_grouped_order(trainer.train_lengths, 16, replay)
+    start = int(torch.randint(400 // 16, (1,), generator=replay)) * 16
+    expected_x, expected_y = trainer.data.train[order[start : start + 16]]
+    assert torch.equal(x, expected_x) and torch.equal(y, expected_y)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from greenprop import data as gp_data
 from greenprop import kernels
 from greenprop.controller import Controller, RunContext
-from greenprop.data.grouping import sequence_lengths
+from greenprop.data.grouping import length_grouped_order, sequence_lengths
 from greenprop.errors import GreenpropError, TrainingDiverged
 from greenprop.metering import (
     EnergyMeter,
@@ -50,7 +50,7 @@ from greenprop.train.checkpoint import (
     write_json,
 )
 from greenprop.train.config import TrainConfig
-from greenprop.train.distributed import parallelism, with_rank_state
+from greenprop.train.distributed import Shard, parallelism, with_rank_state
 from greenprop.train.evaluate import prepare_inputs
 from greenprop.train.lock import OutputLock
 from greenprop.train.optimizers import make_optimizer
@@ -253,10 +253,23 @@ class Trainer:
         the task's ``(inputs, targets)``, its random draws (DDPM's noise) from ``generator`` too."""
         source = self.parallel.estimation_data(self.data.train)
         size = self.parallel.rank_batch_size(self.config.batch_size)
-        x, y = source[torch.randperm(len(source), generator=generator)[:size]]
+        x, y = source[self._estimation_indices(source, size, generator)]
         return self.task.batch(
             prepare_inputs(x, self.device, self.config.channels_last), y.to(self.device), generator
         )
+
+    def _estimation_indices(self, source: Any, size: int, generator: torch.Generator) -> torch.Tensor:
+        """The samples of one drawn batch, drawn as the loop draws its batches: a random ``size``
+        of ``source``, or with ``group_by_length`` one batch of a length-grouped order of it (VCAS
+        estimates the variance of the batches training runs on: random batches of mixed length
+        would measure another SGD variance, and cost more once trimmed)."""
+        if self.train_lengths is None:
+            return torch.randperm(len(source), generator=generator)[:size]
+        lengths = self.train_lengths[source.indices] if isinstance(source, Shard) else self.train_lengths
+        order = length_grouped_order(lengths, size, generator)
+        batches = max(1, len(order) // size)  # a full batch where there is one
+        start = int(torch.randint(batches, (1,), generator=generator)) * size
+        return order[start : start + size]
 
     def _batch_head(self, batch: tuple[Any, Any], n: int) -> tuple[Any, Any]:
         """The first ``n`` samples of a drawn batch, trimmed to their own longest sequence where
