@@ -210,3 +210,17 @@ def test_a_grouped_estimation_batch_is_one_batch_of_the_grouped_order() -> None:
     start = int(torch.randint(400 // 16, (1,), generator=replay)) * 16
     expected_x, expected_y = trainer.data.train[order[start : start + 16]]
     assert torch.equal(x, expected_x) and torch.equal(y, expected_y)
+
+
+def test_a_rank_s_estimation_batch_is_grouped_on_its_own_shard() -> None:
+    """Under DDP a rank draws from its static shard (``Parallelism.estimation_data``): the
+    grouped order must use the shard's lengths, position for position."""
+    from greenprop.train.distributed import Shard
+
+    trainer = Trainer(_settings(subset=400, batch_size=16))
+    shard = Shard(trainer.data.train, torch.arange(1, 400, 2))
+    generator, replay = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    picked = trainer._estimation_indices(shard, 16, generator)
+    order = length_grouped_order(trainer.train_lengths[shard.indices], 16, replay)
+    start = int(torch.randint(200 // 16, (1,), generator=replay)) * 16
+    assert torch.equal(picked, order[start : start + 16])
