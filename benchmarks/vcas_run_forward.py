@@ -191,6 +191,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--no-gc", action="store_true", help="Python's GC off while stepping (the trainer leaves it on)"
     )
+    p.add_argument(
+        "--block",
+        type=int,
+        default=1,
+        help="steps of one run before the other's steps (default 1; compare runs a whole epoch of each)",
+    )
     add_common_options(p)
     args = p.parse_args(argv)
     for option in ("epochs", "steps", "subset", "batch_size", "block"):
