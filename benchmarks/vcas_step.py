@@ -312,6 +312,11 @@ def _break_even_text(break_even: dict[str, float]) -> str:
     )
 
 
+def _dropout_text(keep_dropout: bool) -> str:
+    """The header's word on dropout: off (``p = 0``) unless ``--keep-dropout`` kept the model's."""
+    return "the model's dropout on (--keep-dropout)" if keep_dropout else "dropout off"
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument(
@@ -397,7 +402,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     lines = header_lines(env, "VCAS: whole training step (forward + backward), fixed ratios vs dense")
     lines += [
         f"Median of {args.repeats} interleaved steps per variant after {max(2, args.warmup)} warm-up steps, "
-        "fp32, dropout off, no optimizer; times in ms. vcas = `apply_vcas(compact=False)` (mode FULL), "
+        f"fp32, {_dropout_text(args.keep_dropout)}, no optimizer; times in ms. vcas = "
+        "`apply_vcas(compact=False)` (mode FULL), "
         f"compact = `apply_vcas(compact=True)` (compacted at "
         f"ratios <= {args.direct_max_ratio:g} on the direct path (known blocks), "
         f"<= {args.compact_max_ratio:g} re-run (others); blocks sample at ratios <= "

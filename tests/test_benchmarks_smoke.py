@@ -197,7 +197,7 @@ def test_vcas_step_benchmark_runs_tiny(tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "GLIBC_TUNABLES" in printed and "#### vit" in printed and "#### resnet" in printed
-    assert "| r | nu |" in printed
+    assert "| r | nu |" in printed and "fp32, dropout off," in printed
     rows = result["results"]
     grid = [(1, 1), (1, 0.5), (0.5, 1), (0.5, 0.5)]
     expected = [(m, *rn) for m in ("vit", "resnet") for rn in grid]
@@ -257,6 +257,7 @@ def test_vcas_step_benchmark_times_minilm_at_several_lengths_with_its_dropout(ca
     result = _import("vcas_step").main([*argv, "--repeats", "1", "--warmup", "0", "--threads", "1"])
     printed = capsys.readouterr().out
     assert "input 2 x 2 x 4" in printed and "input 2 x 2 x 6" in printed
+    assert "the model's dropout on (--keep-dropout)" in printed and "dropout off" not in printed
     assert set(result["models"]) == {"minilm/4", "minilm/6"}
     rows = result["results"]
     assert len(rows) == 2
@@ -601,3 +602,23 @@ def test_vcas_update_cost_script_times_both_variants_and_implies_a_share(capsys,
             first = result["policy_s"] + row["median_update_s"]["step 0"]
         assert row["first_update_s"] == pytest.approx(first)
         assert row["hooks_s"] == pytest.approx(first + 5 * row["median_update_s"]["later"])
+
+
+def test_vcas_run_forward_steps_the_presets_runs_on_the_same_batches(capsys):
+    argv = ["--preset", "vcas-minilm", "--subset", "48", "--batch-size", "8", "--epochs", "2", "--steps", "3"]
+    result = _import("vcas_run_forward").main([*argv, "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert "vcas-minilm preset's runs stepped side by side" in printed and "GC on" in printed
+    lengths = result["lengths"]
+    assert len(lengths["exact"]) == 6 and lengths["exact"] == lengths["vcas"]  # the same batch each step
+    assert len(set(lengths["exact"])) > 1  # trimmed, length-grouped: the token count changes
+    assert result["epoch_of"] == [0, 0, 0, 1, 1, 1]
+    for run in ("exact", "vcas"):
+        assert all(len(t) == 6 and min(t) > 0 for t in result["times"][run].values())
+    phases = result["result"]["phases"]
+    assert set(phases) == {"forward", "backward"} and set(phases["forward"]) == {"epoch 1", "epoch 2", "run"}
+    run = phases["forward"]["run"]
+    assert run["sum_exact_s"] == pytest.approx(sum(result["times"]["exact"]["forward"]))
+    assert run["sum_ratio"] == pytest.approx(run["sum_vcas_s"] / run["sum_exact_s"])
+    steps = sum(b["steps"] for b in result["result"]["by_length"].values())
+    assert steps == 6
