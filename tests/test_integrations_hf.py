@@ -224,3 +224,111 @@ def test_vcas_estimates_on_parts_cut_to_their_longest_sequence(tmp_path, monkeyp
     trainer.train()
     assert trainer.greenprop.controllers[0].updates == 2 and len(parts) == 4
     check_parts_cut_to_longest(parts, 8)
+
+
+def _bert_trainer(out, method="vcas", batch=8, **args):
+    """A dynamically padded BERT trainer over ``PaddedTexts(300)``, its training loader built
+    (as ``train`` builds it) so that ``draw_batch`` can draw without a run."""
+    from greenprop.integrations.hf import GreenpropTrainer
+
+    settings = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=batch,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        seed=0,
+    )
+    trainer = GreenpropTrainer(
+        method=method,
+        model=tiny_bert(),
+        args=TrainingArguments(**{**settings, **args}),
+        train_dataset=PaddedTexts(300, longest=32),
+        data_collator=pad_to_longest,
+    )
+    trainer.callback_handler.train_dataloader = trainer.get_train_dataloader()
+    return trainer
+
+
+def _spread(batch) -> int:
+    """Longest minus shortest real sequence in a padded batch."""
+    lengths = batch["attention_mask"].sum(dim=1)
+    return int(lengths.max() - lengths.min())
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_vcas_draws_one_batch_of_a_length_grouped_order_when_training_groups(tmp_path, accumulation):
+    """With ``train_sampling_strategy="group_by_length"`` an estimation batch is one batch of
+    the order HF's own ``LengthGroupedSampler`` gives (its lengths, grouped by batch size x
+    accumulation steps) from the draw's generator; random draws of mixed length would be
+    padded, and VCAS's token sampler keeps a share of the positions, padding included.
+    (300 samples: megabatches of 72 grouped by 8, of 64 by 16, so the group size shows.)"""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    trainer = _bert_trainer(
+        tmp_path, train_sampling_strategy="group_by_length", gradient_accumulation_steps=accumulation
+    )
+    dataset = trainer.train_dataset
+    for seed in (0, 7):
+        replay = torch.Generator().manual_seed(seed)
+        order = list(LengthGroupedSampler(8 * accumulation, dataset=dataset, generator=replay))
+        start = int(torch.randint(300 // 8, (1,), generator=replay)) * 8
+        expected = pad_to_longest([dataset[i] for i in order[start : start + 8]])
+        drawn = trainer.draw_batch(torch.Generator().manual_seed(seed))
+        assert drawn.keys() == expected.keys()
+        assert all(torch.equal(drawn[key], expected[key]) for key in expected)
+
+    random = _bert_trainer(tmp_path)  # the default strategy: random draws, as before
+    spreads = {
+        name: sorted(_spread(t.draw_batch(torch.Generator().manual_seed(seed))) for seed in range(12))[6]
+        for name, t in (("grouped", trainer), ("random", random))
+    }
+    assert spreads["grouped"] <= 0.25 * spreads["random"]
+
+
+@pytest.mark.parametrize("strategy", ["random", "sequential"])
+def test_without_grouping_vcas_draws_a_random_batch_as_before(tmp_path, strategy):
+    trainer = _bert_trainer(tmp_path, train_sampling_strategy=strategy)
+    dataset = trainer.train_dataset
+    index = torch.randperm(300, generator=torch.Generator().manual_seed(4))[:8]
+    expected = pad_to_longest([dataset[int(i)] for i in index])
+    drawn = trainer.draw_batch(torch.Generator().manual_seed(4))
+    assert all(torch.equal(drawn[key], expected[key]) for key in expected)
+
+
+def test_the_lengths_are_found_once_per_dataset(tmp_path, monkeypatch):
+    trainer = _bert_trainer(tmp_path, train_sampling_strategy="group_by_length")
+    built, sampler = [], trainer._get_train_sampler
+
+    def counted(dataset):
+        built.append(dataset)
+        return sampler(dataset)
+
+    monkeypatch.setattr(trainer, "_get_train_sampler", counted)
+    for seed in range(3):
+        trainer.draw_batch(torch.Generator().manual_seed(seed))
+    assert built == [trainer.train_dataset]
+    trainer.train_dataset = PaddedTexts(64, longest=16)  # another dataset: its own lengths
+    trainer.callback_handler.train_dataloader = trainer.get_train_dataloader()
+    built.clear()
+    for seed in range(2):
+        assert trainer.draw_batch(torch.Generator().manual_seed(seed))["input_ids"].shape[1] <= 16
+    assert built == [trainer.train_dataset]
+
+
+def test_a_grouped_run_estimates_on_grouped_batches(tmp_path, monkeypatch):
+    """In a training run the batches VCAS draws are the grouped ones (random ones of this
+    dataset spread many times more, see above)."""
+    parts = estimation_parts(monkeypatch)
+    trainer = _bert_trainer(
+        tmp_path,
+        method="vcas:update_every=10,estimation_fraction=0.5,mc_repeats=2",
+        train_sampling_strategy="group_by_length",
+        num_train_epochs=1,
+    )
+    trainer.train()
+    updates = trainer.greenprop.controllers[0].updates
+    assert updates >= 3 and len(parts) == 2 * updates
+    spreads = sorted(_spread(batch) for batch, _ in parts)
+    assert spreads[len(spreads) // 2] <= 3

@@ -16,7 +16,7 @@ import torch
 
 from greenprop.errors import GreenpropError
 
-__all__ = ["length_grouped_order", "sequence_lengths"]
+__all__ = ["grouped_batch", "length_grouped_order", "sequence_lengths"]
 
 
 def sequence_lengths(dataset: object, what: str = "this dataset") -> torch.Tensor:
@@ -55,3 +55,20 @@ def length_grouped_order(lengths: torch.Tensor, batch_size: int, generator: torc
 
     order = get_length_grouped_indices(lengths.tolist(), batch_size, generator=generator)
     return torch.tensor(order, dtype=torch.int64)
+
+
+def grouped_batch(
+    lengths: torch.Tensor, batch_size: int, generator: torch.Generator, group_size: int | None = None
+) -> torch.Tensor:
+    """The indices of one batch a loop over a length-grouped order takes, drawn with ``generator``.
+
+    The order is :func:`length_grouped_order` of ``lengths`` grouped by ``group_size`` (default
+    ``batch_size``; the Hugging Face Trainer groups by its batch size times the gradient
+    accumulation steps), and the batch is one of its consecutive ``batch_size`` slices, a full
+    one where there is one. VCAS estimates on such a batch when training is grouped: a random
+    batch of mixed lengths is padded otherwise, and would measure another sampler.
+    """
+    order = length_grouped_order(lengths, batch_size if group_size is None else group_size, generator)
+    batches = max(1, len(order) // batch_size)
+    start = int(torch.randint(batches, (1,), generator=generator)) * batch_size
+    return order[start : start + batch_size]

@@ -20,6 +20,7 @@ from torch.utils.data import Sampler
 
 from greenprop.controller import BatchLoss, Controller, RunContext
 from greenprop.data.dataset import trim_mapping_to_longest
+from greenprop.data.grouping import grouped_batch
 from greenprop.errors import GreenpropError
 from greenprop.metering.accounting import flop_accounts
 from greenprop.metering.flops import FlopCount, batch_head, count_flops_per_sample, sample_shapes
@@ -64,10 +65,22 @@ def batch_head_to_longest(batch: Any, n: int) -> Any:
 
 
 def draw_from_dataset(
-    dataset: Any, batch_size: int, collate: Callable[[list[Any]], Any], generator: torch.Generator
+    dataset: Any,
+    batch_size: int,
+    collate: Callable[[list[Any]], Any],
+    generator: torch.Generator,
+    grouping: tuple[Tensor, int] | None = None,
 ) -> Any:
-    """A random batch of ``batch_size`` items, the indices drawn as the reference trainer draws them."""
-    index = torch.randperm(len(dataset), generator=generator)[:batch_size]
+    """A random batch of ``batch_size`` items, the indices drawn as the reference trainer draws them.
+
+    With ``grouping``, ``(lengths, group_size)`` of a loop that trains on length-grouped batches,
+    it is one batch of such an order instead (:func:`greenprop.data.grouping.grouped_batch`).
+    """
+    if grouping is None:
+        index = torch.randperm(len(dataset), generator=generator)[:batch_size]
+    else:
+        lengths, group_size = grouping
+        index = grouped_batch(lengths, batch_size, generator, group_size)
     return collate([dataset[int(i)] for i in index])
 
 

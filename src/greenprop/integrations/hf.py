@@ -49,6 +49,7 @@ from greenprop.errors import GreenpropError
 try:
     import transformers
     from transformers import Trainer, TrainerCallback
+    from transformers.trainer_pt_utils import LengthGroupedSampler
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 except ModuleNotFoundError as err:  # pragma: no cover - depends on the install
     raise GreenpropError(
@@ -291,6 +292,8 @@ class GreenpropTrainer(Trainer):
         self.greenprop = callback
         self.reseed_epochs = reseed_epochs
         self._greenprop_epoch: int | None = None
+        #: The dataset VCAS last drew from and its length grouping (_length_grouping).
+        self._greenprop_grouping: tuple[Any, tuple[torch.Tensor, int] | None] | None = None
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), callback]
         super().__init__(*args, **kwargs)
 
@@ -298,10 +301,28 @@ class GreenpropTrainer(Trainer):
         return self.compute_loss(model, batch)
 
     def draw_batch(self, generator: torch.Generator) -> Any:
-        """A random training batch (VCAS's estimation), drawn as ``greenprop train`` draws it."""
+        """A training batch for VCAS's estimation, drawn as the training loop draws its batches:
+        random as ``greenprop train`` draws it, or, where the train sampler groups by length
+        (``train_sampling_strategy="group_by_length"``), one batch of a length-grouped order.
+        VCAS's token sampler keeps a share of all positions, padding included, so an estimate
+        on random (padded) batches measures a gentler sampler than grouped training runs."""
         loader = self.callback_handler.train_dataloader
-        batch = draw_from_dataset(loader.dataset, self._train_batch_size, loader.collate_fn, generator)
+        dataset = loader.dataset
+        grouping = self._length_grouping(dataset)
+        batch = draw_from_dataset(dataset, self._train_batch_size, loader.collate_fn, generator, grouping)
         return self._prepare_inputs(batch)
+
+    def _length_grouping(self, dataset: Any) -> tuple[torch.Tensor, int] | None:
+        """``(lengths, group size)`` of the ``LengthGroupedSampler`` the Trainer trains ``dataset``
+        with (its lengths: the ``length_column_name`` column, else each item's model input's
+        length), or None where the sampler does not group; found once per dataset."""
+        if self._greenprop_grouping is None or self._greenprop_grouping[0] is not dataset:
+            sampler = self._get_train_sampler(dataset)
+            grouping = None
+            if isinstance(sampler, LengthGroupedSampler):
+                grouping = (torch.as_tensor(sampler.lengths, dtype=torch.int64), int(sampler.batch_size))
+            self._greenprop_grouping = (dataset, grouping)
+        return self._greenprop_grouping[1]
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         dataset = self.train_dataset if train_dataset is None else train_dataset

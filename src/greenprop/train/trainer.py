@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from greenprop import data as gp_data
 from greenprop import kernels
 from greenprop.controller import Controller, RunContext
-from greenprop.data.grouping import length_grouped_order, sequence_lengths
+from greenprop.data.grouping import grouped_batch, sequence_lengths
 from greenprop.errors import GreenpropError, TrainingDiverged
 from greenprop.metering import (
     EnergyMeter,
@@ -266,10 +266,7 @@ class Trainer:
         if self.train_lengths is None:
             return torch.randperm(len(source), generator=generator)[:size]
         lengths = self.train_lengths[source.indices] if isinstance(source, Shard) else self.train_lengths
-        order = length_grouped_order(lengths, size, generator)
-        batches = max(1, len(order) // size)  # a full batch where there is one
-        start = int(torch.randint(batches, (1,), generator=generator)) * size
-        return order[start : start + size]
+        return grouped_batch(lengths, size, generator)
 
     def _batch_head(self, batch: tuple[Any, Any], n: int) -> tuple[Any, Any]:
         """The first ``n`` samples of a drawn batch, trimmed to their own longest sequence where
