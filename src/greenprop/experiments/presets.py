@@ -133,8 +133,9 @@ PRESETS: dict[str, Preset] = {
 # ratios x0.8 instead of x0.95) to reach its variance-bounded ratios within the run; the
 # thresholds tau_act = tau_w = 0.025, M = 2 repeats, EMA 0.6 and the 1% entries are the
 # paper's. The variance estimation measures on a quarter of each estimation batch (at least
-# 8 samples), which keeps its cost under 2% of training (7.5% on whole batches, measured in
-# docs/benchmarks.md). Since session 26 a Linear samples tokens only at ratios its timing on
+# 8 samples), which keeps its cost at 2-3% of training (7.5% on whole batches, measured in
+# docs/benchmarks.md; MiniLM 2.7-2.9% in session 32, its batches drawn length-grouped as it
+# trains). Since session 26 a Linear samples tokens only at ratios its timing on
 # this machine shows to pay (token_policy=measured: on the ViT's 128-wide layers only below
 # token ratios of 0.3-0.5), and the norm mass s starts at 0.85, where the controller of the
 # session-25 runs arrived after its first three updates (the paper starts at 1 in runs 100x
