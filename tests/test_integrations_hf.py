@@ -201,33 +201,21 @@ def test_with_gradient_accumulation_a_step_is_an_update_and_every_micro_batch_is
 def test_vcas_estimates_on_parts_cut_to_their_longest_sequence(tmp_path, monkeypatch):
     """A dynamically padded BERT run: VCAS's estimation part (8 of 32 samples) loses the
     columns that are padding in all 8 rows, as the adapter's batch_head cuts it."""
-    from greenprop.integrations.hf import GreenpropTrainer
-
     parts = estimation_parts(monkeypatch)
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        num_train_epochs=1,
-        per_device_train_batch_size=32,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        save_strategy="no",
-        seed=0,
-    )
-    trainer = GreenpropTrainer(
+    trainer = _bert_trainer(
+        tmp_path,
         method="vcas:update_every=1,estimation_fraction=0.25,mc_repeats=2",
-        model=tiny_bert(),
-        args=args,
-        train_dataset=PaddedTexts(64, longest=32),
-        data_collator=pad_to_longest,
+        batch=32,
+        texts=64,
+        num_train_epochs=1,
     )
     trainer.train()
     assert trainer.greenprop.controllers[0].updates == 2 and len(parts) == 4
     check_parts_cut_to_longest(parts, 8)
 
 
-def _bert_trainer(out, method="vcas", batch=8, **args):
-    """A dynamically padded BERT trainer over ``PaddedTexts(300)``, its training loader built
+def _bert_trainer(out, method="vcas", batch=8, texts=300, **args):
+    """A dynamically padded BERT trainer over ``PaddedTexts(texts)``, its training loader built
     (as ``train`` builds it) so that ``draw_batch`` can draw without a run."""
     from greenprop.integrations.hf import GreenpropTrainer
 
@@ -244,7 +232,7 @@ def _bert_trainer(out, method="vcas", batch=8, **args):
         method=method,
         model=tiny_bert(),
         args=TrainingArguments(**{**settings, **args}),
-        train_dataset=PaddedTexts(300, longest=32),
+        train_dataset=PaddedTexts(texts, longest=32),
         data_collator=pad_to_longest,
     )
     trainer.callback_handler.train_dataloader = trainer.get_train_dataloader()
