@@ -658,5 +658,8 @@ def test_vcas_run_forward_times_the_presets_runs_as_the_trainer_trains_them(caps
         assert len(stepped) == len(alone) == 2
         for ours, theirs in zip(stepped, alone, strict=True):
             assert len(ours["step_losses"]) == 4
-            for key in ("step_losses", "train_loss", "acc1", "loss"):
-                assert ours[key] == theirs[key], (label, ours["epoch"], key)
+            # Equal but for the last bits: a tiny VCAS run's loss was seen to move at 1e-7 from
+            # one process to another; the RNG and the schedule move it at 1e-3.
+            for key in ("step_losses", "train_loss", "loss"):
+                assert ours[key] == pytest.approx(theirs[key], rel=1e-5), (label, ours["epoch"], key)
+            assert ours["acc1"] == theirs["acc1"], (label, ours["epoch"])
