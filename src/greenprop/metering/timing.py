@@ -109,5 +109,6 @@ class PhaseTimer:
     def to_quantities(self) -> dict[str, Quantity]:
         """Totals as measured Quantities in seconds."""
         return {
-            name: Quantity(seconds, "s", "measured", self.source) for name, seconds in self._totals.items()
+            name: Quantity(seconds, "s", "measured", self.source)
+            for name, seconds in self._totals.items()
         }
