@@ -19,6 +19,7 @@ import torch
 
 from greenprop import kernels, models
 from greenprop.ssprop import SparseConv2d
+from greenprop.train.trainer import Trainer
 from greenprop.vcas import VCASConfig
 from greenprop.vcas.layers import VCASRuntime
 
@@ -604,21 +605,61 @@ def test_vcas_update_cost_script_times_both_variants_and_implies_a_share(capsys,
         assert row["hooks_s"] == pytest.approx(first + 5 * row["median_update_s"]["later"])
 
 
-def test_vcas_run_forward_steps_the_presets_runs_on_the_same_batches(capsys):
-    argv = ["--preset", "vcas-minilm", "--subset", "48", "--batch-size", "8", "--epochs", "2", "--steps", "3"]
-    result = _import("vcas_run_forward").main([*argv, "--threads", "1"])
+#: A tiny vcas-minilm: 32 samples in batches of 8 (4 steps an epoch), 16 test samples, 2 epochs.
+_TINY_MINILM = ["--preset", "vcas-minilm", "--subset", "32", "--batch-size", "8", "--test-subset", "16"]
+_TINY_MINILM += ["--epochs", "2"]
+_PHASES = ("data", "hooks", "forward", "backward", "optimizer")
+
+
+def test_vcas_run_forward_times_the_presets_runs_as_the_trainer_trains_them(capsys):
+    """Stepped side by side, on the same batches, each run's epochs are what Trainer.fit makes
+    of it alone (the same loss at every step, test accuracy and loss; MiniLM's dropout draws
+    from the global RNG, so each run needs its own stream, seeded per epoch), and every step's
+    phases add up to the epoch times the trainer books."""
+    module = _import("vcas_run_forward")
+    result = module.main([*_TINY_MINILM, "--threads", "1"])
     printed = capsys.readouterr().out
     assert "vcas-minilm preset's runs stepped side by side" in printed and "GC on" in printed
+    assert "Test set after each epoch" in printed
     lengths = result["lengths"]
-    assert len(lengths["exact"]) == 6 and lengths["exact"] == lengths["vcas"]  # the same batch each step
+    assert len(lengths["exact"]) == 8 and lengths["exact"] == lengths["vcas"]  # the same batch each step
     assert len(set(lengths["exact"])) > 1  # trimmed, length-grouped: the token count changes
-    assert result["epoch_of"] == [0, 0, 0, 1, 1, 1]
+    assert result["epoch_of"] == [0] * 4 + [1] * 4
     for run in ("exact", "vcas"):
-        assert all(len(t) == 6 and min(t) > 0 for t in result["times"][run].values())
+        times = result["times"][run]
+        assert set(times) == {*_PHASES, "train", "wall", "estimation"}
+        assert all(len(t) == 8 for t in times.values()) and all(min(times[p]) > 0 for p in _PHASES)
+        for i in range(8):  # a step's train time is its phases' sum, under its wall time
+            assert times["train"][i] == pytest.approx(sum(times[p][i] for p in _PHASES))
+            assert times["train"][i] < times["wall"][i]
+        for epoch, record in enumerate(result["records"][run]):  # the trainer's own epoch times
+            at = range(4 * epoch, 4 * epoch + 4)
+            booked = {k: v["value"] for k, v in record["time"].items() if k != "eval"}
+            assert booked == pytest.approx({p: sum(times[p][i] for i in at) for p in _PHASES})
+            assert record["time"]["eval"]["value"] == result["result"]["eval_s"][run][epoch]
+    estimation = result["times"]["vcas"]["estimation"]  # VCAS estimates at step 0 (update_every 50)
+    assert estimation[0] > 0 and estimation[1:] == [0.0] * 7
+    assert result["times"]["exact"]["estimation"] == [0.0] * 8
+    assert (
+        estimation[0] == result["result"]["estimation"]["updates_s"][0] < result["times"]["vcas"]["hooks"][0]
+    )
     phases = result["result"]["phases"]
-    assert set(phases) == {"forward", "backward"} and set(phases["forward"]) == {"epoch 1", "epoch 2", "run"}
-    run = phases["forward"]["run"]
-    assert run["sum_exact_s"] == pytest.approx(sum(result["times"]["exact"]["forward"]))
+    assert set(phases) == {*_PHASES, "train"} and set(phases["forward"]) == {"epoch 1", "epoch 2", "run"}
+    run = phases["train"]["run"]
+    assert run["sum_exact_s"] == pytest.approx(sum(result["times"]["exact"]["train"]))
     assert run["sum_ratio"] == pytest.approx(run["sum_vcas_s"] / run["sum_exact_s"])
-    steps = sum(b["steps"] for b in result["result"]["by_length"].values())
-    assert steps == 6
+    share = result["result"]["estimation"]["spans"]["run"]["share_of_vcas_train"]
+    assert share == pytest.approx(estimation[0] / run["sum_vcas_s"])
+    assert sum(b["steps"] for b in result["result"]["by_length"].values()) == 8
+    assert all(len(f) == 8 for f in result["faults"].values())  # training forwards, not estimation's
+
+    for label, config in module.run_configs(module.parse_args(_TINY_MINILM)):
+        stepped, alone = result["records"][label], Trainer(config).fit()["epochs"]
+        assert len(stepped) == len(alone) == 2
+        for ours, theirs in zip(stepped, alone, strict=True):
+            assert len(ours["step_losses"]) == 4
+            # Equal but for the last bits: a tiny VCAS run's loss was seen to move at 1e-7 from
+            # one process to another; the RNG and the schedule move it at 1e-3.
+            for key in ("step_losses", "train_loss", "loss"):
+                assert ours[key] == pytest.approx(theirs[key], rel=1e-5), (label, ours["epoch"], key)
+            assert ours["acc1"] == theirs["acc1"], (label, ours["epoch"])

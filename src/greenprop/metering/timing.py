@@ -87,6 +87,10 @@ class PhaseTimer:
         finally:
             self._open.discard(name)
 
+    def is_open(self, name: str) -> bool:
+        """Whether phase ``name`` is being timed now (a probe inside the work can tell whose it is)."""
+        return name in self._open
+
     def totals(self) -> dict[str, float]:
         """Seconds per phase, in the order phases were first entered."""
         return dict(self._totals)

@@ -12,10 +12,10 @@ import math
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Hashable
+from collections.abc import Generator, Hashable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -75,6 +75,17 @@ RECORD_FIELDS = frozenset(
         "ppl",  # the causal-LM task's (greenprop.lm.task)
     }
 )
+
+_Result = TypeVar("_Result")
+
+
+def _run_to_end(steps: Generator[Any, None, _Result]) -> _Result:
+    """Run a generator to its end; what it returns."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return end.value
 
 
 class Trainer:
@@ -421,7 +432,15 @@ class Trainer:
 
     def _run_epoch(self, epoch: int) -> dict[str, Any]:
         """One epoch. Energy and peak memory cover the same work as "train time": not the evaluation."""
-        timer = PhaseTimer(self.device)
+        return _run_to_end(self._epoch_steps(epoch, PhaseTimer(self.device)))
+
+    def _epoch_steps(self, epoch: int, timer: PhaseTimer) -> Generator[int, None, dict[str, Any]]:
+        """:meth:`_run_epoch`'s work, timed on ``timer``, pausing after each training step (it
+        yields the step's index) and returning the epoch's record: the epoch's start runs with
+        its first step, its end (scheduler, evaluation, ``on_epoch_end``) after its last.
+
+        ``benchmarks/vcas_run_forward.py`` steps two runs in turn through it, as this loop runs them.
+        """
         # None: the steps are a controller's own (MeZO), the run's optimizer is never stepped
         lr = None if self.step_replacers else self.optimizer.param_groups[0]["lr"]
         record: dict[str, Any] = {"epoch": epoch, "lr": lr}
@@ -429,7 +448,7 @@ class Trainer:
         self.memory_meter.start()
         self.load_meter.start()
         try:
-            flops, source = self._train_or_replace(epoch, timer, record)
+            flops, source = yield from self._train_or_replace(epoch, timer, record)
         finally:  # a failed epoch must not leave the meter running
             energy = self.energy_meter.stop()
             memory = self.memory_meter.stop()
@@ -469,8 +488,9 @@ class Trainer:
 
     def _train_or_replace(
         self, epoch: int, timer: PhaseTimer, record: dict[str, Any]
-    ) -> tuple[dict[str, float], str]:
-        """The epoch's work: the hooks, then real steps or a controller's replacement."""
+    ) -> Generator[int, None, tuple[dict[str, float], str]]:
+        """The epoch's work: the hooks, then real steps (yielding each one's index) or a
+        controller's replacement."""
         with timer.phase("hooks"):  # a method's own overhead counts in its train time
             for controller in self.controllers:
                 controller.on_epoch_start(epoch)
@@ -490,7 +510,7 @@ class Trainer:
             source = f"no steps executed (epoch replaced by {replacer.name})"
         else:
             record["replaced_by"] = None
-            flops, source = self._train_epoch(epoch, timer, record)
+            flops, source = yield from self._train_epoch(epoch, timer, record)
         return flops, source
 
     def _evaluate(self) -> dict[str, float]:
@@ -505,7 +525,7 @@ class Trainer:
 
     def _train_epoch(
         self, epoch: int, timer: PhaseTimer, record: dict[str, Any]
-    ) -> tuple[dict[str, float], str]:
+    ) -> Generator[int, None, tuple[dict[str, float], str]]:
         c = self.config
         model, optimizer = self.train_model, self.optimizer
         model.train()
@@ -574,6 +594,7 @@ class Trainer:
             if step % 10 == 0 or step + 1 == self.steps_per_epoch:
                 rate = samples / max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{rate:.0f}")
+            yield step
         bar.close()
         totals = self.parallel.sum_values(
             {**task_sums, "loss_sum": loss_sum, "samples": samples, "scored": scored}
