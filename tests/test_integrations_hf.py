@@ -28,23 +28,20 @@ from greenprop.integrations.hf import (
 )
 
 
+def _training_args(out, **args) -> TrainingArguments:
+    """Quiet CPU TrainingArguments writing to ``out`` (no reports, bars or checkpoints), seed 0."""
+    settings = dict(
+        output_dir=str(out), report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0
+    )
+    return TrainingArguments(**{**settings, **args})
+
+
 def _plain_trainer(out, callback, model=None, **args):
     pair = digits()
     model = model or Classifier(cnn())
-    settings = dict(
-        output_dir=str(out),
-        num_train_epochs=1,
-        per_device_train_batch_size=BATCH,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        save_strategy="no",
-        seed=0,
-    )
-    settings.update(args)
     return model, Trainer(
         model=model,
-        args=TrainingArguments(**settings),
+        args=_training_args(out, **{"num_train_epochs": 1, "per_device_train_batch_size": BATCH, **args}),
         train_dataset=LabelledDataset(pair.train),
         callbacks=[callback],
     )
@@ -219,19 +216,10 @@ def _bert_trainer(out, method="vcas", batch=8, texts=300, **args):
     (as ``train`` builds it) so that ``draw_batch`` can draw without a run."""
     from greenprop.integrations.hf import GreenpropTrainer
 
-    settings = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=batch,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        save_strategy="no",
-        seed=0,
-    )
     trainer = GreenpropTrainer(
         method=method,
         model=tiny_bert(),
-        args=TrainingArguments(**{**settings, **args}),
+        args=_training_args(out, **{"per_device_train_batch_size": batch, **args}),
         train_dataset=PaddedTexts(texts, longest=32),
         data_collator=pad_to_longest,
     )
