@@ -204,8 +204,10 @@ def run_configs(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
     config = {**preset.config, **overrides, "progress": False, "seed": args.seed}
     if args.epochs is not None:
         config["epochs"] = args.epochs
-    labels = ("exact", "vcas")
-    return [(label, TrainConfig(**config, method=m)) for label, m in zip(labels, preset.methods, strict=True)]
+    exact, vcas = preset.methods
+    if args.vcas_options:  # later options override the preset's (tau_act=0.05,...)
+        vcas = f"{vcas},{args.vcas_options}" if ":" in vcas else f"{vcas}:{args.vcas_options}"
+    return [("exact", TrainConfig(**config, method=exact)), ("vcas", TrainConfig(**config, method=vcas))]
 
 
 def build_runs(args: argparse.Namespace) -> list[RunSteps]:
@@ -356,6 +358,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--subset", type=int, default=None, help="training samples (default: the preset's)")
     p.add_argument("--test-subset", type=int, default=None, help="test samples (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
+    p.add_argument(
+        "--vcas-options",
+        default="",
+        help="options added to the preset's VCAS method, overriding its own (e.g. tau_act=0.05,tau_w=0.05)",
+    )
     p.add_argument(
         "--no-gc", action="store_true", help="Python's GC off while stepping (the trainer leaves it on)"
     )

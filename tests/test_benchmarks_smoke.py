@@ -18,6 +18,8 @@ import pytest
 import torch
 
 from greenprop import kernels, models
+from greenprop.errors import GreenpropError
+from greenprop.methods import parse_method
 from greenprop.ssprop import SparseConv2d
 from greenprop.train.trainer import Trainer
 from greenprop.vcas import VCASConfig
@@ -663,3 +665,20 @@ def test_vcas_run_forward_times_the_presets_runs_as_the_trainer_trains_them(caps
             for key in ("step_losses", "train_loss", "loss"):
                 assert ours[key] == pytest.approx(theirs[key], rel=1e-5), (label, ours["epoch"], key)
             assert ours["acc1"] == theirs["acc1"], (label, ours["epoch"])
+
+
+def test_vcas_run_forward_vcas_options_override_the_presets_method():
+    """--vcas-options reach the VCAS run's controller (overriding the preset's own values) and
+    leave the exact run alone; a bad value fails when the run is built, naming it."""
+    module = _import("vcas_run_forward")
+    args = module.parse_args([*_TINY_MINILM, "--vcas-options", "tau_act=0.05,update_every=7"])
+    (exact_label, exact), (vcas_label, vcas) = module.run_configs(args)
+    assert vcas_label == "vcas"
+    assert (exact_label, exact.method) == ("exact", "baseline")
+    options = parse_method(vcas.method).options
+    assert options["tau_act"] == "0.05" and options["update_every"] == "7"  # the preset says 50
+    (vcas_controller,) = Trainer(vcas).controllers
+    assert vcas_controller.config.tau_act == 0.05 and vcas_controller.config.update_every == 7
+    bad = module.run_configs(module.parse_args([*_TINY_MINILM, "--vcas-options", "tau_act=-1"]))[1][1]
+    with pytest.raises(GreenpropError, match="tau_act"):
+        Trainer(bad)
