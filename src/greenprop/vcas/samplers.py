@@ -31,6 +31,7 @@ import numbers
 import torch
 from torch import Tensor
 
+from greenprop import kernels
 from greenprop.errors import GreenpropError
 
 __all__ = [
@@ -195,16 +196,17 @@ def sample_mask(probs: Tensor, generator: torch.Generator | None = None) -> Tens
 
 def _bernoulli(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     """:func:`sample_mask` without checking ``probs`` (for probabilities this module made)."""
-    # Draw where the generator lives (greenprop's are CPU generators), then move: a CUDA
-    # gradient with a CPU generator would otherwise fail, and CPU and GPU draw alike.
-    return _uniform(probs, generator).to(probs.device) < probs
+    return _uniform(probs, generator) < probs
 
 
 def _uniform(like: Tensor, generator: torch.Generator | None, dtype: torch.dtype | None = None) -> Tensor:
     """The uniform numbers :func:`_bernoulli` compares probabilities shaped ``like`` with (in ``dtype``,
-    default ``like``'s), on the generator's device."""
+    default ``like``'s), on ``like``'s device."""
+    # Draw where the generator lives (greenprop's are CPU generators), then move: a CUDA
+    # gradient with a CPU generator would otherwise fail, and CPU and GPU draw alike.
     device = generator.device if generator is not None else like.device
-    return torch.rand(like.shape, generator=generator, device=device, dtype=dtype or like.dtype)
+    numbers = torch.rand(like.shape, generator=generator, device=device, dtype=dtype or like.dtype)
+    return numbers.to(like.device)
 
 
 def sample_rows(probs: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -380,6 +382,26 @@ def sampled_weight_grad(
     dy, x = _token_matrices(grad_out, inp)
     if ratio >= 1.0 or dy.shape[0] == 0:
         return dy.t() @ x, dy.shape[0]
+    dy_k, x_k = _kept_rows(dy, x, ratio, generator, among)
+    return dy_k.t() @ x_k, dy_k.shape[0]
+
+
+def _kept_rows(
+    dy: Tensor, x: Tensor, ratio: float, generator: torch.Generator | None, among: tuple[Tensor, int] | None
+) -> tuple[Tensor, Tensor]:
+    """:func:`sampled_weight_grad`'s drawn rows of ``dy`` and ``x`` (``x``'s in ``dy``'s dtype), the
+    narrower side scaled by ``1/p``.
+
+    Where :mod:`greenprop.kernels` serves, one C++ op scores, draws, gathers and scales (the
+    PyTorch ops below spend most of their time on per-op overhead); it compares the same uniform
+    numbers, drawn here from ``generator``, so the draw and the generator's state are the same.
+    """
+    if x.dtype == dy.dtype and kernels.available(dy, kernels.DRAW_MIN_NUMEL):
+        positions, total = among if among is not None else (None, dy.shape[0])
+        uniform = _uniform(dy.new_empty(total), generator, _prob_dtype(dy.dtype))
+        kept = kernels.leverage_rows(dy, x, uniform, ratio * total, positions)
+        if kept is not None:  # None: a score is not finite, which the draw below reports
+            return kept
     if among is None:
         idx, scale = leverage_sample(dy, x, ratio, generator)
     else:
@@ -387,4 +409,4 @@ def sampled_weight_grad(
     dy_k, x_k = dy.index_select(0, idx), x.index_select(0, idx).to(dy.dtype)
     # Scaling either side gives the same estimate; the narrower is fewer multiplications.
     (dy_k if dy_k.shape[1] <= x_k.shape[1] else x_k).mul_(scale.unsqueeze(1))
-    return dy_k.t() @ x_k, idx.numel()
+    return dy_k, x_k
