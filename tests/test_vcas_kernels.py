@@ -1,4 +1,5 @@
-"""VCAS's fused token draw (the C++ ``greenprop.leverage_rows`` op) against the PyTorch draw, and its fallback."""
+"""VCAS's fused token draw (the C++ ``greenprop.leverage_rows`` op) against the PyTorch draw, and
+its fallback."""
 
 from __future__ import annotations
 
@@ -104,15 +105,18 @@ def test_op_draws_as_the_pytorch_path(rows, widths, ratio, dtype, extra, seed, o
 @needs_kernels
 @pytest.mark.parametrize("among", [False, True])
 def test_op_sorts_where_the_fixed_point_does_not_settle(among, op_calls):
-    """Scores falling by 10x cap one more item each round: more rounds than the fixed point is
-    given, so the level comes from the sort (on both paths)."""
-    scores = 10.0 ** -torch.arange(30, dtype=torch.float64)
-    dy, x = scores.unsqueeze(1), torch.ones(30, 1, dtype=torch.float64)  # leverage = scores, exactly
-    ratio = (samplers._WATER_ROUNDS + 5.0) / 30
-    assert samplers._water_level(scores, ratio * 30) is None
-    positions = torch.arange(30) * 2
+    """Scores falling by 10x cap one or two more items each round: more rounds than the fixed
+    point is given, so the level comes from the sort (on both paths). The many small scores
+    after them make the sort's answer fewer capped items than its ``ceil(k) - 1`` guard."""
+    falling = 10.0 ** -torch.arange(30, dtype=torch.float64)
+    scores = torch.cat([falling, torch.full((100,), 3e-12, dtype=torch.float64)])
+    n, k = scores.numel(), samplers._WATER_ROUNDS + 5.0
+    assert samplers._water_level(scores, k) is None
+    assert int((samplers._water_level_sorted(scores, k) == 1).sum()) < k - 2
+    dy, x = scores.unsqueeze(1), torch.ones(n, 1, dtype=torch.float64)  # leverage = scores, exactly
+    positions = torch.arange(n) * 2
     for seed in range(20):
-        args = (dy, x, ratio / 2, seed, (positions, 60)) if among else (dy, x, ratio, seed, None)
+        args = (dy, x, k / (2 * n), seed, (positions, 2 * n)) if among else (dy, x, k / n, seed, None)
         want, want_state = _kept(*args, fused=False)
         got, got_state = _kept(*args, fused=True)
         _assert_same_rows(got, want, torch.float64)

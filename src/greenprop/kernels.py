@@ -18,7 +18,8 @@ ninja; the build is cached in ``TORCH_EXTENSIONS_DIR``, by default
 ops (``abs().sum()``, ``index_select``, ``zeros`` plus ``index_copy_``, the samplers'
 draw): the same results (tested), slower. Tensors under :data:`MIN_NUMEL` elements always take the
 PyTorch ops (what the ops save there is negligible), so small models and most unit
-tests never trigger the build.
+tests never trigger the build; the token draw's op saves per-call overhead rather than
+bandwidth and serves output gradients from :data:`DRAW_MIN_NUMEL` elements on.
 
 Scoring and gathering take a contiguous ``(outer, C, inner)`` view: NCHW ``(N, C, H*W)``,
 channels_last and Linear rows ``(rows, C, 1)``; the scatter a contiguous ``(rows, m)``
@@ -65,7 +66,10 @@ DISABLE_ENV = "GREENPROP_NO_KERNELS"
 #: Smaller gradients are scored with PyTorch ops (and do not trigger the build).
 MIN_NUMEL = 1 << 16
 #: Smaller output gradients are drawn from by the PyTorch ops of :mod:`greenprop.vcas.samplers`.
-DRAW_MIN_NUMEL = 1 << 16
+#: Lower than :data:`MIN_NUMEL`: the op saves per-op overhead, not bandwidth, 55-60 us a call
+#: at 50 tokens x 128 (``benchmarks/vcas_linear.py --draw``); below it the unit tests' tiny
+#: matrices keep the PyTorch ops and do not trigger the build.
+DRAW_MIN_NUMEL = 1 << 12
 
 _lock = threading.Lock()
 _state: dict[str, bool] = {}  # "loaded" -> outcome of the one build attempt
