@@ -66,9 +66,10 @@ DISABLE_ENV = "GREENPROP_NO_KERNELS"
 #: Smaller gradients are scored with PyTorch ops (and do not trigger the build).
 MIN_NUMEL = 1 << 16
 #: Smaller output gradients are drawn from by the PyTorch ops of :mod:`greenprop.vcas.samplers`.
-#: Lower than :data:`MIN_NUMEL`: the op saves per-op overhead, not bandwidth, 55-60 us a call
-#: at 50 tokens x 128 (``benchmarks/vcas_linear.py --draw``); below it the unit tests' tiny
-#: matrices keep the PyTorch ops and do not trigger the build.
+#: Lower than :data:`MIN_NUMEL`: the op saves per-op overhead, not bandwidth, about 50 us a call
+#: (0.3x the PyTorch ops' time) already at 50 tokens x 128 (``benchmarks/vcas_linear.py --draw``,
+#: docs/benchmarks.md); below it the unit tests' tiny matrices keep the PyTorch ops and do not
+#: trigger the build.
 DRAW_MIN_NUMEL = 1 << 12
 
 _lock = threading.Lock()
