@@ -9,7 +9,9 @@ fewer rows:
   expectation is unchanged while the dropped rows cost nothing further back.
 * **token dimension** (:func:`sampled_weight_grad`): a Linear layer's
   ``grad_W = dy^T x = sum_t dy_t^T x_t`` is a sum over tokens; keep token ``t`` with
-  probability ``p_t`` from its leverage score ``||dy_t|| * ||x_t||`` and rescale.
+  probability ``p_t`` from its leverage score ``||dy_t|| * ||x_t||`` and rescale. On CPU
+  this draw runs as one C++ op of :mod:`greenprop.kernels` where that serves, on the
+  same uniform numbers: the same draw up to the float rounding of the scores.
 
 Both are Horvitz-Thompson estimators: ``E[sum_{kept} a_i / p_i] = sum_i a_i`` for any
 ``p_i > 0`` (and ``p_i = 0`` is harmless where ``a_i = 0``). For an expected count
@@ -196,17 +198,16 @@ def sample_mask(probs: Tensor, generator: torch.Generator | None = None) -> Tens
 
 def _bernoulli(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     """:func:`sample_mask` without checking ``probs`` (for probabilities this module made)."""
-    return _uniform(probs, generator) < probs
+    # Draw where the generator lives (greenprop's are CPU generators), then move: a CUDA
+    # gradient with a CPU generator would otherwise fail, and CPU and GPU draw alike.
+    return _uniform(probs, generator).to(probs.device) < probs
 
 
 def _uniform(like: Tensor, generator: torch.Generator | None, dtype: torch.dtype | None = None) -> Tensor:
     """The uniform numbers :func:`_bernoulli` compares probabilities shaped ``like`` with (in ``dtype``,
-    default ``like``'s), on ``like``'s device."""
-    # Draw where the generator lives (greenprop's are CPU generators), then move: a CUDA
-    # gradient with a CPU generator would otherwise fail, and CPU and GPU draw alike.
+    default ``like``'s), on the generator's device."""
     device = generator.device if generator is not None else like.device
-    numbers = torch.rand(like.shape, generator=generator, device=device, dtype=dtype or like.dtype)
-    return numbers.to(like.device)
+    return torch.rand(like.shape, generator=generator, device=device, dtype=dtype or like.dtype)
 
 
 def sample_rows(probs: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -398,7 +399,7 @@ def _kept_rows(
     """
     if x.dtype == dy.dtype and kernels.available(dy, kernels.DRAW_MIN_NUMEL):
         positions, total = among if among is not None else (None, dy.shape[0])
-        uniform = _uniform(dy.new_empty(total), generator, _prob_dtype(dy.dtype))
+        uniform = _uniform(dy.new_empty(total), generator, _prob_dtype(dy.dtype)).to(dy.device)
         kept = kernels.leverage_rows(dy, x, uniform, ratio * total, positions)
         if kept is not None:  # None: a score is not finite, which the draw below reports
             return kept
