@@ -41,7 +41,14 @@ from greenprop.metering.memory import release_free_heap
 
 MIB = 2**20
 #: Environment variables that change CPU timings; printed in the header.
-TIMING_ENV = ("GLIBC_TUNABLES", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "LD_PRELOAD", "DNNL_MAX_CPU_ISA")
+TIMING_ENV = (
+    "GLIBC_TUNABLES",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "LD_PRELOAD",
+    "DNNL_MAX_CPU_ISA",
+    "GREENPROP_NO_KERNELS",
+)
 
 
 # --------------------------------------------------------------------------- options

@@ -21,6 +21,13 @@ token policy measures it (:mod:`greenprop.vcas.policy`, on the whole batch's tok
 and each row also shows what the layer runs under that policy: the sampled ratio where
 ``nu`` is below the break-even, else the same ``r``'s ``nu = 1`` row (tokens exact).
 
+With ``--draw`` only the token draw of the weight gradient is timed, per shape and token
+ratio ``nu < 1``, on the ``r*B*T`` tokens the block sampler leaves: the scores, soft top-k
+probabilities, Bernoulli draw, gather and ``1/p`` scale of the kept rows
+(``samplers._kept_rows``), through the fused C++ op (:func:`greenprop.kernels.leverage_rows`)
+and through PyTorch ops (``kernels.use_kernels(False)``), interleaved. ``--batch`` sets the
+samples per batch (smaller shapes, e.g. for the op's size threshold).
+
 Run from the repository root: ``python benchmarks/vcas_linear.py --help``.
 """
 
@@ -49,11 +56,13 @@ from _common import (
     save_results,
     start,
 )
-from greenprop import models
+from greenprop import kernels, models
+from greenprop.vcas import samplers
 from greenprop.vcas.layers import Mode, VCASLinear, VCASRuntime
 from greenprop.vcas.policy import WeightGradShape, break_even, time_weight_grad
 
 VARIANTS = ("dense", "sampled")
+DRAW_VARIANTS = ("pytorch ops", "fused op")
 
 
 @dataclass(frozen=True)
@@ -170,6 +179,93 @@ def measure(shape: LinearShape, r: float, nu: float, args: argparse.Namespace) -
     )
 
 
+@dataclass
+class DrawRow:
+    """One (shape, r, nu) timing of the token draw alone; times in seconds."""
+
+    model: str
+    layers: str
+    d_in: int
+    d_out: int
+    tokens: int  # r*B*T, the rows drawn from
+    nu: float
+    median_s: dict[str, float]
+    ratio: float  # fused / pytorch, of medians
+    per_repeat_s: dict[str, list[float]]
+
+
+def measure_draw(shape: LinearShape, r: float, nu: float, args: argparse.Namespace) -> DrawRow:
+    """Time ``samplers._kept_rows`` with and without the C++ op, interleaved, on one shape (the op
+    at every size: below ``kernels.DRAW_MIN_NUMEL`` too)."""
+    gen = torch.Generator().manual_seed(args.seed)
+    tokens = max(1, round(r * shape.batch)) * shape.tokens
+    dy = torch.randn(tokens, shape.d_out, generator=gen) * torch.rand(tokens, 1, generator=gen)
+    x = torch.randn(tokens, shape.d_in, generator=gen)
+    draws = torch.Generator().manual_seed(args.seed + 1)
+
+    def draw(name: str) -> float:
+        least, kernels.DRAW_MIN_NUMEL = kernels.DRAW_MIN_NUMEL, 0
+        try:
+            with kernels.use_kernels(name == "fused op"):
+                start = time.perf_counter()
+                samplers._kept_rows(dy, x, nu, draws, None)
+                return time.perf_counter() - start
+        finally:
+            kernels.DRAW_MIN_NUMEL = least
+
+    for i in range(args.warmup):
+        for name in rotated(DRAW_VARIANTS, i):
+            draw(name)
+    times: dict[str, list[float]] = {name: [] for name in DRAW_VARIANTS}
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(args.repeats):
+            for name in rotated(DRAW_VARIANTS, i):
+                times[name].append(draw(name))
+    finally:
+        gc.enable()
+    med = {name: statistics.median(t) for name, t in times.items()}
+    return DrawRow(
+        shape.model,
+        shape.layers,
+        shape.d_in,
+        shape.d_out,
+        tokens,
+        nu,
+        med,
+        med["fused op"] / med["pytorch ops"],
+        times,
+    )
+
+
+def draw_report(env: dict[str, Any], args: argparse.Namespace, rows: Sequence[DrawRow]) -> str:
+    lines = header_lines(env, "VCAS: the token draw of a Linear's weight gradient, C++ op vs PyTorch ops")
+    fused = "fused op" if kernels.load() else "fused op (NOT BUILT: PyTorch ops too)"
+    lines += [
+        f"Scores, soft top-k, draw, gather and 1/p scale of the kept rows (`samplers._kept_rows`), "
+        f"fp32, on the r*B*T tokens left by the block sampler; median of {args.repeats} interleaved "
+        f"repeats after {args.warmup} warm-up calls.",
+        "",
+        *markdown_table(
+            ["model: layers (in->out)", "tokens", "nu", "pytorch ops (us)", f"{fused} (us)", "fused/pytorch"],
+            [
+                [
+                    f"{r.model}: {r.layers} ({r.d_in}->{r.d_out})",
+                    str(r.tokens),
+                    f"{r.nu:g}",
+                    f"{1e6 * r.median_s['pytorch ops']:.0f}",
+                    f"{1e6 * r.median_s['fused op']:.0f}",
+                    f"{r.ratio:.3f}",
+                ]
+                for r in rows
+            ],
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def with_policy(shape: LinearShape, rows: Sequence[Row]) -> None:
     """Fill in the shape's break-even ratio and each row's ratio under the token policy."""
     timing = time_weight_grad(WeightGradShape(shape.batch * shape.tokens, shape.d_in, shape.d_out))
@@ -226,11 +322,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=30, help="timed repeats per variant (default 30)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per variant first (default 3)")
     p.add_argument("--policy", action="store_true", help="measure each shape's token policy (needs nu 1)")
+    p.add_argument("--draw", action="store_true", help="time only the token draw, C++ op vs PyTorch ops")
+    p.add_argument("--batch", type=int, default=None, help="samples per batch (default: MiniLM 32, ViT 128)")
     add_common_options(p)
     args = p.parse_args(argv)
-    if args.seq_len < 1 or args.repeats < 1 or args.warmup < 0:
-        p.error("--seq-len and --repeats must be >= 1, --warmup >= 0")
+    if args.seq_len < 1 or args.repeats < 1 or args.warmup < 0 or (args.batch is not None and args.batch < 1):
+        p.error("--seq-len, --batch and --repeats must be >= 1, --warmup >= 0")
     check_ratios(p, "--rs and --nus", [*args.rs, *args.nus])
+    if args.draw and (args.policy or all(nu >= 1 for nu in args.nus)):
+        p.error("--draw times token ratios below 1 (give --nus below 1) and takes no --policy")
     return args
 
 
@@ -238,8 +338,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the Markdown report, return (and optionally save) results."""
     args = parse_args(argv)
     env = start(args, __file__, argv)
-    shapes = minilm_shapes(args.seq_len) if args.shapes in ("minilm", "all") else []
-    shapes += vit_shapes() if args.shapes in ("vit", "all") else []
+    batch = {} if args.batch is None else {"batch": args.batch}
+    shapes = minilm_shapes(args.seq_len, **batch) if args.shapes in ("minilm", "all") else []
+    shapes += vit_shapes(**batch) if args.shapes in ("vit", "all") else []
+    if args.draw:
+        kernels.load()  # built before timing
+        draws = [
+            measure_draw(shape, r, nu, args) for shape in shapes for r in args.rs for nu in args.nus if nu < 1
+        ]
+        print(draw_report(env, args, draws), flush=True)
+        out = {"benchmark": "vcas_linear_draw", "environment": env, "results": [asdict(row) for row in draws]}
+        return save_results(out, args)
     rows = []
     for shape in shapes:
         shape_rows = []

@@ -13,7 +13,9 @@ outer one):
   back the kept rows of the recorded layer outputs) and the backpropagation through it;
   on both the VCAS Linear / Conv2d backwards (on the re-run path part of the
   backpropagation), of the Linears the token-sampled weight gradient, of that the
-  token scores, soft top-k and draw;
+  token draw with the gather and ``1/p`` scale of the kept rows (``samplers._kept_rows``:
+  one C++ op where :mod:`greenprop.kernels` serves), and of that, on the PyTorch path
+  only (``GREENPROP_NO_KERNELS=1``), the token scores, soft top-k and draw;
 * the rest of the step (embedding, head, loss, autograd's work between the blocks) is
   the step minus the blocks' forward and backward.
 
@@ -69,8 +71,9 @@ PHASES: tuple[tuple[str, Any, str], ...] = (
     ("- backprop through the re-run", torch.autograd, "grad"),
     ("- VCAS Linear backward (re-run: part of the backprop)", layers, "_linear_grads"),
     ("-- token-sampled weight gradient", layers, "sampled_weight_grad"),
-    ("--- token scores, soft top-k, draw", samplers, "_leverage_draw"),
-    ("--- token scores, soft top-k, draw", samplers, "_leverage_draw_among"),
+    ("--- token draw, gather and 1/p scale of the kept rows", samplers, "_kept_rows"),
+    ("---- token scores, soft top-k, draw (PyTorch path)", samplers, "_leverage_draw"),
+    ("---- token scores, soft top-k, draw (PyTorch path)", samplers, "_leverage_draw_among"),
     ("- VCAS Conv2d backward (re-run: part of the backprop)", layers, "_conv_grads"),
 )
 LABELS = tuple(dict.fromkeys(label for label, _, _ in PHASES))

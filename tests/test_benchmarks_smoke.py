@@ -192,6 +192,28 @@ def test_vcas_linear_benchmark_runs_tiny(tmp_path, capsys):
     assert len(json.loads(out.read_text())["results"]) == len(rows)
 
 
+def test_vcas_linear_benchmark_times_the_token_draw_tiny(capsys):
+    argv = [
+        "--draw",
+        "--shapes",
+        "minilm",
+        "--seq-len",
+        "4",
+        "--batch",
+        "2",
+        "--rs",
+        "1",
+        "--nus",
+        "1",
+        "0.5",
+    ]
+    result = _import("vcas_linear").main([*argv, "--repeats", "1", "--warmup", "0", "--threads", "1"])
+    assert "fused/pytorch" in capsys.readouterr().out
+    rows = result["results"]
+    assert len(rows) == 3  # three MiniLM Linear shapes; nu = 1 draws nothing, so is left out
+    assert all(row["tokens"] == 8 and row["nu"] == 0.5 and row["ratio"] > 0 for row in rows)
+
+
 def test_vcas_step_benchmark_runs_tiny(tmp_path, capsys):
     out = tmp_path / "vcas_step.json"
     argv = ["--models", "vit", "resnet", "--batch", "4", "--rs", "1", "0.5", "--nus", "1", "0.5"]
@@ -483,7 +505,7 @@ def test_vcas_phases_benchmark_splits_the_compacted_step(capsys, rerun):
         else:  # nothing re-runs where a direct rule knows the block (whichever rules are registered)
             assert med["- backprop through the re-run"] <= med["block backward, all of it"]
             assert 0 < layer <= med["block backward, all of it"]
-    assert by_model["vit"]["--- token scores, soft top-k, draw"] > 0  # nu = 0.3: tokens were sampled
+    assert by_model["vit"]["--- token draw, gather and 1/p scale of the kept rows"] > 0  # nu = 0.3: sampled
     assert by_model["resnet"][linear] == 0  # no Linear in the ResNet's blocks
     assert compaction_functions_restored()
 

@@ -9,6 +9,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from greenprop import kernels
 from greenprop.errors import GreenpropError
 from greenprop.metering.flops import flop_counter
 from greenprop.vcas import samplers
@@ -241,7 +242,16 @@ def test_activation_sample_is_unbiased() -> None:
     assert bool((err > 5 * (var / DRAWS).sqrt()).any())
 
 
-def test_sampled_weight_grad_is_unbiased() -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["pytorch", "fused-op"])
+def test_sampled_weight_grad_is_unbiased(fused: bool, monkeypatch) -> None:
+    """On the PyTorch path and through the fused C++ draw (:func:`greenprop.kernels.leverage_rows`)."""
+    if fused:
+        if not kernels.load():
+            pytest.skip("the C++ op could not be built here")
+        monkeypatch.setattr(kernels, "DRAW_MIN_NUMEL", 1)
+    calls: list[int] = []
+    op = kernels.leverage_rows
+    monkeypatch.setattr(kernels, "leverage_rows", lambda *args: calls.append(1) or op(*args))
     dy = torch.randn(4, 8, 3, generator=_gen(5), dtype=torch.float64)
     x = torch.randn(4, 8, 5, generator=_gen(6), dtype=torch.float64)
     dy = dy * torch.logspace(-2, 1, 32, dtype=torch.float64).view(4, 8, 1)
@@ -257,6 +267,7 @@ def test_sampled_weight_grad_is_unbiased() -> None:
     terms = d2.unsqueeze(2) * x2.unsqueeze(1)  # (T, out, in): token t's term of grad_W
     var = (terms.pow(2) * (1 / p - 1).view(-1, 1, 1)).sum(0)
     _assert_within(total / DRAWS, exact, var, DRAWS)
+    assert len(calls) == (DRAWS if fused else 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,17 @@
 //   greenprop::scatter_rows_(out, idx, rows) -> out: out[idx[j]] = rows[j] and zeros in
 //   every other row of a 2-D (n, m) matrix, each byte written once (what zeros_like
 //   followed by index_copy_ does in two passes, the second one element by element).
+//   greenprop::leverage_rows(dy, x, uniform, k, positions) -> (dy_k, x_k, finite): VCAS's
+//   token draw for a Linear's weight gradient in one call (what greenprop/vcas/samplers.py
+//   does in some twenty PyTorch ops, most of the time per-op overhead): the token scores
+//   ||dy_t|| * ||x_t||, the soft top-k probabilities p = min(1, c * s) with sum p = k (the
+//   same water level as samplers._water_level, in double, and its sort where that does not
+//   settle), the Bernoulli draw against the uniform numbers Python drew (uniform < p), and
+//   the kept rows of dy and x gathered, the narrower side scaled by 1/p. Zero scores are
+//   never kept; with no more positive scores than k every positive one is kept with scale
+//   1. positions (optional): the rows are tokens positions[t] of uniform.numel() tokens,
+//   every other one of score zero. finite is false (and nothing drawn) where a score is
+//   not finite: the Python path then raises its error.
 // Built and loaded by greenprop/kernels.py, which falls back to PyTorch ops.
 
 #include <ATen/Dispatch.h>
@@ -26,6 +37,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
+#include <numeric>
+#include <optional>
+#include <tuple>
+#include <type_traits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -246,6 +262,179 @@ at::Tensor& scatter_rows_(at::Tensor& out, const at::Tensor& idx, const at::Tens
   return out;
 }
 
+// ||row|| of n elements, summed in Acc (float, double for double) with kLanes partial sums
+// (within float rounding of torch's vector_norm, which also sums in the row's precision).
+template <typename Acc, typename T>
+Acc row_norm(const T* row, int64_t n) {
+  Acc lanes[kLanes] = {Acc(0)};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const Acc v = static_cast<Acc>(row[i + l]);
+      lanes[l] += v * v;
+    }
+  }
+  Acc s = Acc(0);
+  for (; i < n; ++i) s += static_cast<Acc>(row[i]) * static_cast<Acc>(row[i]);
+  for (int64_t l = 0; l < kLanes; ++l) s += lanes[l];
+  return std::sqrt(s);
+}
+
+constexpr int kWaterRounds = 8;  // samplers._WATER_ROUNDS
+constexpr double kUnsettled = -1.0;
+
+// samplers._water_level: the c of p = min(1, c * s), sum p = k, by the fixed point on the
+// capped set (k below the count of positive scores); kUnsettled where the sort must decide.
+double water_level(const std::vector<double>& s, double k, double sum, double highest) {
+  int64_t m = 0;
+  double tail = sum;
+  for (int round = 0; round < kWaterRounds; ++round) {
+    const double c = (k - static_cast<double>(m)) / tail;
+    if (m == 0 && highest * c < 1.0) return c;
+    int64_t count = 0;
+    double uncapped = 0.0;
+    for (double v : s) {
+      if (v * c >= 1.0) {
+        ++count;
+      } else {
+        uncapped += v;
+      }
+    }
+    if (count == m) return c;
+    if (count < m || static_cast<double>(count) >= k) return kUnsettled;
+    m = count;
+    tail = uncapped;
+    if (tail <= 0.0) return kUnsettled;
+  }
+  return kUnsettled;
+}
+
+// samplers._water_level_sorted: the level c and the m largest scores (capped at 1) through
+// one sort; `capped` marks those m.
+double water_level_sorted(const std::vector<double>& s, double k, std::vector<char>& capped) {
+  const int64_t n = static_cast<int64_t>(s.size());
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return s[a] > s[b]; });
+  std::vector<double> tail(n);  // tail[i]: sum of the sorted scores from i on, added from the end
+  double acc = 0.0;
+  for (int64_t i = n - 1; i >= 0; --i) tail[i] = acc += s[order[i]];
+  int64_t m = static_cast<int64_t>(std::ceil(k)) - 1;  // always fits
+  for (int64_t i = 0; i < m; ++i) {
+    if ((k - static_cast<double>(i)) * s[order[i]] <= tail[i]) {
+      m = i;
+      break;
+    }
+  }
+  for (int64_t i = 0; i < m; ++i) capped[order[i]] = 1;
+  return (k - static_cast<double>(m)) / tail[m];
+}
+
+// Rows `rows` of src (n wide) into dst, row j times scale[j] where scale is given.
+template <typename T, typename P>
+void gather_rows(const T* src, T* dst, int64_t n, const std::vector<int64_t>& rows, const P* scale) {
+  const int64_t kept = static_cast<int64_t>(rows.size());
+  at::parallel_for(0, kept, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, n)), [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) {
+      const T* from = src + rows[j] * n;
+      T* to = dst + j * n;
+      if (scale == nullptr) {
+        std::memcpy(to, from, n * sizeof(T));
+      } else {
+        const P f = scale[j];
+        for (int64_t i = 0; i < n; ++i) to[i] = static_cast<T>(static_cast<P>(from[i]) * f);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, bool> leverage_rows(const at::Tensor& dy_in, const at::Tensor& x_in,
+                                                       const at::Tensor& uniform, double k,
+                                                       const std::optional<at::Tensor>& positions) {
+  TORCH_CHECK(dy_in.device().is_cpu() && x_in.device().is_cpu() && uniform.device().is_cpu(),
+              "greenprop channel ops run on CPU tensors only");
+  TORCH_CHECK(dy_in.dim() == 2 && x_in.dim() == 2 && dy_in.size(0) == x_in.size(0),
+              "expected (T, out) and (T, in) token matrices");
+  TORCH_CHECK(dy_in.scalar_type() == x_in.scalar_type(), "dy and x differ in dtype");
+  const at::Tensor dy = dy_in.contiguous(), x = x_in.contiguous(), u = uniform.contiguous();
+  const int64_t tokens = dy.size(0), out = dy.size(1), in = x.size(1);
+  const int64_t total = u.numel();
+  TORCH_CHECK(u.dim() == 1, "uniform must be 1-D");
+  std::vector<int64_t> where;  // uniform number of each row
+  if (positions.has_value()) {
+    where = checked_indices(*positions, total);
+    TORCH_CHECK(static_cast<int64_t>(where.size()) == tokens, "positions must give one position per row");
+  } else {
+    TORCH_CHECK(total == tokens, "uniform must hold one number per row");
+    where.resize(tokens);
+    std::iota(where.begin(), where.end(), 0);
+  }
+  TORCH_CHECK(k > 0.0 && k <= static_cast<double>(total), "k must be in (0, ", total, "], got ", k);
+  at::Tensor dy_k, x_k;
+  bool finite = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "leverage_rows", [&] {
+    // The probabilities' dtype: float32, double for double (samplers._prob_dtype).
+    using P = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    TORCH_CHECK(u.scalar_type() == c10::CppTypeToScalarType<P>::value, "uniform must be ",
+                c10::CppTypeToScalarType<P>::value, " for ", dy.scalar_type(), " rows");
+    const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    // Scores as _token_leverage gives them: each norm rounded to P, their product in P.
+    std::vector<double> s(tokens);
+    at::parallel_for(0, tokens, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, out + in)), [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const P a = row_norm<P>(pdy + t * out, out), c = row_norm<P>(px + t * in, in);
+        s[t] = static_cast<double>(a * c);
+      }
+    });
+    double sum = 0.0, highest = 0.0;
+    int64_t positive = 0;
+    for (double v : s) {
+      if (!std::isfinite(v)) {
+        finite = false;
+        return;
+      }
+      sum += v;
+      highest = std::max(highest, v);
+      positive += v > 0.0;
+    }
+    std::vector<int64_t> kept;
+    std::vector<P> scale;
+    const P* use_scale = nullptr;
+    if (k >= static_cast<double>(positive)) {
+      // Every positive score kept surely (scale 1); the uniform numbers are drawn but not needed.
+      for (int64_t t = 0; t < tokens; ++t) {
+        if (s[t] > 0.0) kept.push_back(t);
+      }
+    } else {
+      std::vector<char> capped(tokens, 0);
+      double c = water_level(s, k, sum, highest);
+      if (c == kUnsettled) c = water_level_sorted(s, k, capped);
+      const P* pu = u.const_data_ptr<P>();
+      for (int64_t t = 0; t < tokens; ++t) {
+        const P p = capped[t] ? P(1) : static_cast<P>(std::min(1.0, c * s[t]));
+        if (pu[where[t]] < p) {  // p = 0 (a zero score) never passes: uniform numbers are >= 0
+          kept.push_back(t);
+          scale.push_back(P(1) / p);
+        }
+      }
+      use_scale = scale.data();
+    }
+    const int64_t n_kept = static_cast<int64_t>(kept.size());
+    dy_k = at::empty({n_kept, out}, dy.options());
+    x_k = at::empty({n_kept, in}, x.options());
+    // Either side scaled gives the same estimate; the narrower one is fewer multiplications.
+    const bool scale_dy = out <= in;
+    gather_rows<scalar_t, P>(pdy, dy_k.mutable_data_ptr<scalar_t>(), out, kept, scale_dy ? use_scale : nullptr);
+    gather_rows<scalar_t, P>(px, x_k.mutable_data_ptr<scalar_t>(), in, kept, scale_dy ? nullptr : use_scale);
+  });
+  if (!finite) {
+    dy_k = at::empty({0, out}, dy.options());
+    x_k = at::empty({0, in}, x.options());
+  }
+  return std::make_tuple(dy_k, x_k, finite);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(greenprop, m) {
@@ -253,6 +442,7 @@ TORCH_LIBRARY(greenprop, m) {
   m.def("topk_channels(Tensor t, int k, int groups) -> Tensor");
   m.def("gather_channels(Tensor t, Tensor idx) -> Tensor");
   m.def("scatter_rows_(Tensor(a!) out, Tensor idx, Tensor rows) -> Tensor(a!)");
+  m.def("leverage_rows(Tensor dy, Tensor x, Tensor uniform, float k, Tensor? positions) -> (Tensor, Tensor, bool)");
 }
 
 TORCH_LIBRARY_IMPL(greenprop, CPU, m) {
@@ -260,4 +450,5 @@ TORCH_LIBRARY_IMPL(greenprop, CPU, m) {
   m.impl("topk_channels", &topk_channels);
   m.impl("gather_channels", &gather_channels);
   m.impl("scatter_rows_", &scatter_rows_);
+  m.impl("leverage_rows", &leverage_rows);
 }

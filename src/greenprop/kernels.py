@@ -1,20 +1,25 @@
 """greenprop's C++ CPU ops, built on first use, with PyTorch fallbacks.
 
-ssProp's channel scoring and gather, and the row scatter that ssProp and VCAS share
-(:func:`greenprop.rows.scatter_rows`). ``_channel_ops.cpp`` registers through
+ssProp's channel scoring and gather, the row scatter that ssProp and VCAS share
+(:func:`greenprop.rows.scatter_rows`) and VCAS's token draw for a Linear's weight gradient
+(:func:`greenprop.vcas.samplers.sampled_weight_grad`). ``_channel_ops.cpp`` registers through
 ``torch.library``: ``greenprop.channel_abs_sum`` (``sum |dy|`` per channel in one read,
 no temporary ``|dy|`` tensor), ``greenprop.topk_channels`` (those scores and the top-k
 choice in one call), ``greenprop.gather_channels`` (the kept channels of ``dy``, copied
 as runs of consecutive channels) and ``greenprop.scatter_rows_`` (kept rows written into
-a full-size tensor, every other row zeroed, each byte written once). :func:`load`
+a full-size tensor, every other row zeroed, each byte written once) and
+``greenprop.leverage_rows`` (token scores, soft top-k probabilities, Bernoulli draw against
+uniform numbers drawn by torch, and the gather and ``1/p`` scale of the kept rows, in one
+call instead of some twenty PyTorch ops whose per-op overhead was most of the draw's time). :func:`load`
 compiles it once with :func:`torch.utils.cpp_extension.load` (needs a C++ compiler and
 ninja; the build is cached in ``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``). Where that fails, or with ``GREENPROP_NO_KERNELS=1``,
 :func:`load` logs one line and returns False and the callers compute through PyTorch
-ops (``abs().sum()``, ``index_select``, ``zeros`` plus ``index_copy_``): the same
-results (tested), slower. Tensors under :data:`MIN_NUMEL` elements always take the
+ops (``abs().sum()``, ``index_select``, ``zeros`` plus ``index_copy_``, the samplers'
+draw): the same results (tested), slower. Tensors under :data:`MIN_NUMEL` elements always take the
 PyTorch ops (what the ops save there is negligible), so small models and most unit
-tests never trigger the build.
+tests never trigger the build; the token draw's op saves per-call overhead rather than
+bandwidth and serves output gradients from :data:`DRAW_MIN_NUMEL` elements on.
 
 Scoring and gathering take a contiguous ``(outer, C, inner)`` view: NCHW ``(N, C, H*W)``,
 channels_last and Linear rows ``(rows, C, 1)``; the scatter a contiguous ``(rows, m)``
@@ -44,6 +49,7 @@ __all__ = [
     "available",
     "channel_abs_sum",
     "gather_channels",
+    "leverage_rows",
     "load",
     "scatter_rows_",
     "topk_channels",
@@ -54,11 +60,17 @@ log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("_channel_ops.cpp")
 #: The ops the library must register for :func:`load` to report success.
-_OPS = ("channel_abs_sum", "topk_channels", "gather_channels", "scatter_rows_")
+_OPS = ("channel_abs_sum", "topk_channels", "gather_channels", "scatter_rows_", "leverage_rows")
 #: Set to 1 to skip the build and always use the PyTorch ops.
 DISABLE_ENV = "GREENPROP_NO_KERNELS"
 #: Smaller gradients are scored with PyTorch ops (and do not trigger the build).
 MIN_NUMEL = 1 << 16
+#: Smaller output gradients are drawn from by the PyTorch ops of :mod:`greenprop.vcas.samplers`.
+#: Lower than :data:`MIN_NUMEL`: the op saves per-op overhead, not bandwidth, about 50 us a call
+#: (0.3x the PyTorch ops' time) already at 50 tokens x 128 (``benchmarks/vcas_linear.py --draw``,
+#: docs/benchmarks.md); below it the unit tests' tiny matrices keep the PyTorch ops and do not
+#: trigger the build.
+DRAW_MIN_NUMEL = 1 << 12
 
 _lock = threading.Lock()
 _state: dict[str, bool] = {}  # "loaded" -> outcome of the one build attempt
@@ -152,9 +164,11 @@ def use_kernels(enabled: bool) -> Iterator[None]:
         _use[0] = previous
 
 
-def available(t: Tensor) -> bool:
-    """Whether the C++ ops will serve ``t`` (a large CPU floating tensor; builds on first call)."""
-    return _use[0] and t.device.type == "cpu" and t.is_floating_point() and t.numel() >= MIN_NUMEL and load()
+def available(t: Tensor, min_numel: int | None = None) -> bool:
+    """Whether the C++ ops will serve ``t`` (a CPU floating tensor of at least ``min_numel``, by
+    default :data:`MIN_NUMEL`, elements; builds on first call)."""
+    least = MIN_NUMEL if min_numel is None else min_numel
+    return _use[0] and t.device.type == "cpu" and t.is_floating_point() and t.numel() >= least and load()
 
 
 def channel_abs_sum(view: Tensor) -> Tensor:
@@ -179,3 +193,18 @@ def gather_channels(view: Tensor, idx: Tensor) -> Tensor:
 def scatter_rows_(out: Tensor, idx: Tensor, rows: Tensor) -> Tensor:
     """``out`` := zeros with ``out[idx] = rows``; both contiguous 2-D CPU tensors of one dtype."""
     return torch.ops.greenprop.scatter_rows_(out, idx, rows)
+
+
+def leverage_rows(
+    dy: Tensor, x: Tensor, uniform: Tensor, k: float, positions: Tensor | None = None
+) -> tuple[Tensor, Tensor] | None:
+    """The kept tokens' rows of ``(T, out)`` ``dy`` and ``(T, in)`` ``x`` (one dtype), the narrower
+    side scaled by ``1/p``: VCAS's soft top-k draw (expected count ``k``) on the leverage scores
+    ``||dy_t|| * ||x_t||``, keeping token ``t`` where ``uniform[t] < p_t``.
+
+    ``uniform`` (float32, float64 for float64 rows) holds one number per token, or per position
+    of ``positions`` (int64, the tokens the rows are, of ``uniform.numel()``; every other token
+    scores zero). None where a score is not finite (nothing drawn).
+    """
+    dy_k, x_k, finite = torch.ops.greenprop.leverage_rows(dy, x, uniform, k, positions)
+    return (dy_k, x_k) if finite else None

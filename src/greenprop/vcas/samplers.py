@@ -9,7 +9,9 @@ fewer rows:
   expectation is unchanged while the dropped rows cost nothing further back.
 * **token dimension** (:func:`sampled_weight_grad`): a Linear layer's
   ``grad_W = dy^T x = sum_t dy_t^T x_t`` is a sum over tokens; keep token ``t`` with
-  probability ``p_t`` from its leverage score ``||dy_t|| * ||x_t||`` and rescale.
+  probability ``p_t`` from its leverage score ``||dy_t|| * ||x_t||`` and rescale. On CPU
+  this draw runs as one C++ op of :mod:`greenprop.kernels` where that serves, on the
+  same uniform numbers: the same draw up to the float rounding of the scores.
 
 Both are Horvitz-Thompson estimators: ``E[sum_{kept} a_i / p_i] = sum_i a_i`` for any
 ``p_i > 0`` (and ``p_i = 0`` is harmless where ``a_i = 0``). For an expected count
@@ -31,6 +33,7 @@ import numbers
 import torch
 from torch import Tensor
 
+from greenprop import kernels
 from greenprop.errors import GreenpropError
 
 __all__ = [
@@ -380,6 +383,26 @@ def sampled_weight_grad(
     dy, x = _token_matrices(grad_out, inp)
     if ratio >= 1.0 or dy.shape[0] == 0:
         return dy.t() @ x, dy.shape[0]
+    dy_k, x_k = _kept_rows(dy, x, ratio, generator, among)
+    return dy_k.t() @ x_k, dy_k.shape[0]
+
+
+def _kept_rows(
+    dy: Tensor, x: Tensor, ratio: float, generator: torch.Generator | None, among: tuple[Tensor, int] | None
+) -> tuple[Tensor, Tensor]:
+    """:func:`sampled_weight_grad`'s drawn rows of ``dy`` and ``x`` (``x``'s in ``dy``'s dtype), the
+    narrower side scaled by ``1/p``.
+
+    Where :mod:`greenprop.kernels` serves, one C++ op scores, draws, gathers and scales (the
+    PyTorch ops below spend most of their time on per-op overhead); it compares the same uniform
+    numbers, drawn here from ``generator``, so the draw and the generator's state are the same.
+    """
+    if x.dtype == dy.dtype and kernels.available(dy, kernels.DRAW_MIN_NUMEL):
+        positions, total = among if among is not None else (None, dy.shape[0])
+        uniform = _uniform(dy.new_empty(total), generator, _prob_dtype(dy.dtype)).to(dy.device)
+        kept = kernels.leverage_rows(dy, x, uniform, ratio * total, positions)
+        if kept is not None:  # None: a score is not finite, which the draw below reports
+            return kept
     if among is None:
         idx, scale = leverage_sample(dy, x, ratio, generator)
     else:
@@ -387,4 +410,4 @@ def sampled_weight_grad(
     dy_k, x_k = dy.index_select(0, idx), x.index_select(0, idx).to(dy.dtype)
     # Scaling either side gives the same estimate; the narrower is fewer multiplications.
     (dy_k if dy_k.shape[1] <= x_k.shape[1] else x_k).mul_(scale.unsqueeze(1))
-    return dy_k.t() @ x_k, idx.numel()
+    return dy_k, x_k
