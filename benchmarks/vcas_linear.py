@@ -39,7 +39,7 @@ import gc
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -148,18 +148,7 @@ def measure(shape: LinearShape, r: float, nu: float, args: argparse.Namespace) -
         torch.autograd.grad(out, (x, layer.weight, layer.bias), grad)
         return time.perf_counter() - start
 
-    for i in range(args.warmup):
-        for name in rotated(VARIANTS, i):
-            backward(name)
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    gc.collect()
-    gc.disable()
-    try:
-        for i in range(args.repeats):
-            for name in rotated(VARIANTS, i):
-                times[name].append(backward(name))
-    finally:
-        gc.enable()
+    times = time_interleaved(VARIANTS, backward, args)
     tally = runtime.take_tally()
     med = {name: statistics.median(t) for name, t in times.items()}
     per_repeat = [s / d for s, d in zip(times["sampled"], times["dense"], strict=True)]
@@ -177,6 +166,26 @@ def measure(shape: LinearShape, r: float, nu: float, args: argparse.Namespace) -
         flops_tally=tally.done / tally.dense,
         per_repeat_s=times,
     )
+
+
+def time_interleaved(
+    variants: Sequence[str], timed: Callable[[str], float], args: argparse.Namespace
+) -> dict[str, list[float]]:
+    """``args.warmup`` untimed then ``args.repeats`` timed calls of ``timed(name)`` per variant, in
+    rotated order (so no variant always runs first), GC off while timing."""
+    for i in range(args.warmup):
+        for name in rotated(variants, i):
+            timed(name)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(args.repeats):
+            for name in rotated(variants, i):
+                times[name].append(timed(name))
+    finally:
+        gc.enable()
+    return times
 
 
 @dataclass
@@ -213,18 +222,7 @@ def measure_draw(shape: LinearShape, r: float, nu: float, args: argparse.Namespa
         finally:
             kernels.DRAW_MIN_NUMEL = least
 
-    for i in range(args.warmup):
-        for name in rotated(DRAW_VARIANTS, i):
-            draw(name)
-    times: dict[str, list[float]] = {name: [] for name in DRAW_VARIANTS}
-    gc.collect()
-    gc.disable()
-    try:
-        for i in range(args.repeats):
-            for name in rotated(DRAW_VARIANTS, i):
-                times[name].append(draw(name))
-    finally:
-        gc.enable()
+    times = time_interleaved(DRAW_VARIANTS, draw, args)
     med = {name: statistics.median(t) for name, t in times.items()}
     return DrawRow(
         shape.model,
